@@ -1,0 +1,218 @@
+//! The training sampler of the CF reference repositories (cf-seeds.md [S2]):
+//! an epoch has `n_obs` = number of train interactions draws, shuffled; draw `idx` picks user
+//! `train_users[idx mod n_users]` (so users, not interactions, are uniform), a positive uniformly
+//! from the user's train items, and `n_neg` negatives uniformly over all items **with
+//! replacement**, rejecting only the user's own train items. Batches of `batch_size`, the last
+//! partial batch dropped unless `drop_last = false`.
+//!
+//! Reproducible across threads: the epoch permutation comes from the stream `(seed, epoch)` and
+//! each batch draws from its own stream `(seed, epoch, batch)`.
+
+use crate::error::{DataError, Result};
+use crate::interactions::Interactions;
+use crate::rng::stream;
+use rand::Rng as _;
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplerConfig {
+    pub batch_size: usize,
+    /// Negatives per positive: 1 for BPR, N for sampled InfoNCE.
+    pub n_neg: usize,
+    pub drop_last: bool,
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig { batch_size: 2048, n_neg: 1, drop_last: true, seed: 101 }
+    }
+}
+
+/// One mini-batch: `users[b]`, `pos[b]` and `neg[b * n_neg .. (b + 1) * n_neg]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub users: Vec<u32>,
+    pub pos: Vec<u32>,
+    pub neg: Vec<u32>,
+    pub n_neg: usize,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+    pub fn negs(&self, b: usize) -> &[u32] {
+        &self.neg[b * self.n_neg..(b + 1) * self.n_neg]
+    }
+}
+
+pub struct Sampler {
+    cfg: SamplerConfig,
+    n_items: u32,
+    n_obs: usize,
+    users: Vec<u32>,
+    train: Interactions,
+    /// sorted, de-duplicated train items per user, for rejection
+    sets: Vec<Vec<u32>>,
+}
+
+impl Sampler {
+    pub fn new(train: &Interactions, cfg: SamplerConfig) -> Result<Sampler> {
+        if cfg.batch_size == 0 {
+            return Err(DataError::Config("batch size must be positive".into()));
+        }
+        let users = train.active_users();
+        if users.is_empty() {
+            return Err(DataError::Config("the train split has no interactions to sample".into()));
+        }
+        let sets = train.sorted_sets();
+        if cfg.n_neg > 0 {
+            if let Some(&u) = users.iter().find(|&&u| sets[u as usize].len() >= train.n_items()) {
+                return Err(DataError::Config(format!(
+                    "user {u} has interacted with every item: no negative can be sampled"
+                )));
+            }
+        }
+        Ok(Sampler {
+            n_items: train.n_items() as u32,
+            n_obs: train.len(),
+            users,
+            train: train.clone(),
+            sets,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &SamplerConfig {
+        &self.cfg
+    }
+
+    /// Draws per epoch (= train interactions).
+    pub fn n_obs(&self) -> usize {
+        self.n_obs
+    }
+
+    pub fn n_batches(&self) -> usize {
+        if self.cfg.drop_last {
+            self.n_obs / self.cfg.batch_size
+        } else {
+            self.n_obs.div_ceil(self.cfg.batch_size)
+        }
+    }
+
+    /// The shuffled draw order of an epoch.
+    pub fn permutation(&self, epoch: u64) -> Vec<u32> {
+        let mut perm: Vec<u32> = (0..self.n_obs as u32).collect();
+        perm.shuffle(&mut stream(self.cfg.seed, &[0xE90C, epoch]));
+        perm
+    }
+
+    /// Batch `b` of an epoch given the epoch's permutation.
+    pub fn batch(&self, perm: &[u32], epoch: u64, b: usize) -> Batch {
+        let bs = self.cfg.batch_size;
+        let idx = &perm[b * bs..((b + 1) * bs).min(perm.len())];
+        let mut rng = stream(self.cfg.seed, &[0xBA7C, epoch, b as u64]);
+        let n_neg = self.cfg.n_neg;
+        let mut users = Vec::with_capacity(idx.len());
+        let mut pos = Vec::with_capacity(idx.len());
+        let mut neg = Vec::with_capacity(idx.len() * n_neg);
+        for &k in idx {
+            let u = self.users[k as usize % self.users.len()];
+            let items = self.train.items(u);
+            users.push(u);
+            pos.push(items[rng.random_range(0..items.len())]);
+            let set = &self.sets[u as usize];
+            let mut got = 0;
+            while got < n_neg {
+                let j = rng.random_range(0..self.n_items);
+                if set.binary_search(&j).is_err() {
+                    neg.push(j);
+                    got += 1;
+                }
+            }
+        }
+        Batch { users, pos, neg, n_neg }
+    }
+
+    /// All batches of an epoch, generated in parallel.
+    pub fn epoch(&self, epoch: u64) -> Vec<Batch> {
+        let perm = self.permutation(epoch);
+        (0..self.n_batches()).into_par_iter().map(|b| self.batch(&perm, epoch, b)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn train() -> Interactions {
+        let lists: Vec<Vec<u32>> = (0..30u32).map(|u| (0..(1 + u % 5)).map(|k| (u * 7 + k * 3) % 50).collect()).collect();
+        Interactions::from_lists(50, &lists)
+    }
+
+    #[test]
+    fn same_batches_for_any_thread_count() {
+        let t = train();
+        let s = Sampler::new(&t, SamplerConfig { batch_size: 8, n_neg: 4, drop_last: true, seed: 3 }).unwrap();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| s.epoch(2));
+        let four = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap().install(|| s.epoch(2));
+        assert_eq!(one, four);
+        assert_ne!(s.epoch(2), s.epoch(3));
+    }
+
+    #[test]
+    fn draws_follow_the_reference_rules() {
+        let t = train();
+        let sets = t.sorted_sets();
+        let s = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 3, drop_last: false, seed: 1 }).unwrap();
+        let batches = s.epoch(0);
+        assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), t.len());
+        let mut per_user = vec![0usize; 30];
+        for b in &batches {
+            for k in 0..b.len() {
+                let u = b.users[k] as usize;
+                per_user[u] += 1;
+                assert!(sets[u].binary_search(&b.pos[k]).is_ok(), "positive from the user's train items");
+                for &j in b.negs(k) {
+                    assert!(sets[u].binary_search(&j).is_err(), "negative never a train item");
+                }
+            }
+        }
+        // user-uniform: each user drawn floor or ceil of n_obs / n_users times
+        let (lo, hi) = (t.len() / 30, t.len().div_ceil(30));
+        assert!(per_user.iter().all(|&c| c == lo || c == hi), "{per_user:?}");
+        // drop_last drops the partial batch
+        let s2 = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 1, drop_last: true, seed: 1 }).unwrap();
+        assert_eq!(s2.epoch(0).len(), t.len() / 7);
+    }
+
+    #[test]
+    fn negatives_are_uniform_over_non_train_items() {
+        // one user with items 0..10 of 20: negatives uniform over 10..20
+        let t = Interactions::from_lists(20, &[(0..10).collect()]);
+        let s = Sampler::new(&t, SamplerConfig { batch_size: 10, n_neg: 1000, drop_last: true, seed: 9 }).unwrap();
+        let mut counts = vec![0usize; 20];
+        for b in s.epoch(0) {
+            for &j in &b.neg {
+                counts[j as usize] += 1;
+            }
+        }
+        let total: usize = counts.iter().sum();
+        assert_eq!(total, 10_000);
+        assert!(counts[..10].iter().all(|&c| c == 0));
+        for &c in &counts[10..] {
+            assert!((800..1200).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn user_with_every_item_is_an_error() {
+        let t = Interactions::from_lists(3, &[vec![0, 1, 2]]);
+        assert!(Sampler::new(&t, SamplerConfig::default()).is_err());
+    }
+}
