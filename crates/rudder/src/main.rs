@@ -1,1 +1,78 @@
-fn main(){}
+//! The `rudder` command line: flags → configs → library calls. Errors are printed as one
+//! message (with its causes) and a non-zero exit code, never a panic.
+
+mod assets_cmd;
+mod data_cmd;
+mod demo_cmd;
+mod progress;
+mod runs;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "rudder",
+    version,
+    about = "Language-model-era recommender systems in one binary",
+    long_about = "rudder re-implements graph collaborative filtering that reads language \
+representations, adversarial contrastive and debiasing losses, language-model recommenders tuned \
+with preference losses, generative-agent simulation and activation steering — on CPU, from one \
+binary.\n\nData arguments (--data, DATA) accept a folder or file in any supported format, the \
+name of a fetched asset (e.g. ml-1m; see `rudder assets list`), or `synth` for the embedded \
+synthetic world (`synth:SEED` for another seed).",
+    after_help = "Start with:  rudder demo        (runs on the embedded synthetic world)\n            rudder assets list"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug). RUDDER_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate, inspect, convert and split datasets.
+    #[command(subcommand)]
+    Data(data_cmd::DataCmd),
+    /// List and fetch named datasets and models into the cache ($RUDDER_HOME).
+    #[command(subcommand)]
+    Assets(assets_cmd::AssetsCmd),
+    /// The main job: split a dataset and rank it with baselines through the one evaluator,
+    /// printing a comparison table and writing a run folder.
+    Demo(demo_cmd::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUDDER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let r = match cli.command {
+        Command::Data(c) => data_cmd::run(c),
+        Command::Assets(c) => assets_cmd::run(c),
+        Command::Demo(a) => demo_cmd::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

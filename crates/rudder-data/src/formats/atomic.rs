@@ -123,13 +123,18 @@ pub fn read_meta(path: &Path, id_col: &str, title_cols: &[&str]) -> Result<MetaR
 /// Title columns recognised in `.item` files.
 pub const TITLE_COLUMNS: [&str; 4] = ["title", "movie_title", "name", "item_name"];
 
-/// Find `<stem>.inter` in a folder. Split files (`*.train.inter`) are not handled here.
+/// RecBole benchmark split files: `<stem>.train.inter`, `<stem>.valid.inter`, `<stem>.test.inter`.
+pub const SPLIT_PARTS: [&str; 3] = ["train", "valid", "test"];
+
+/// Find `<stem>.inter` in a folder (benchmark split files `<stem>.train.inter` are skipped).
 pub fn find_inter(dir: &Path) -> Result<PathBuf> {
     let mut found = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
     for e in rd {
         let p = e.map_err(|e| DataError::io(dir, e))?.path();
-        if p.extension().is_some_and(|x| x == "inter") {
+        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let is_part = SPLIT_PARTS.iter().any(|part| stem.ends_with(&format!(".{part}")));
+        if p.extension().is_some_and(|x| x == "inter") && !is_part {
             found.push(p);
         }
     }
@@ -191,7 +196,43 @@ pub fn read(path: &Path) -> Result<Dataset> {
     } else {
         None
     };
-    Ok(b.finish(&stem, items.as_ref(), users.as_ref()))
+    let mut ds = b.finish(&stem, items.as_ref(), users.as_ref());
+    let part_paths: Vec<PathBuf> = SPLIT_PARTS.iter().map(|p| dir.join(format!("{stem}.{p}.inter"))).collect();
+    if part_paths.iter().all(|p| p.exists()) {
+        let mut parts = Vec::new();
+        for p in &part_paths {
+            parts.push(read_part(p, &ds)?);
+        }
+        let test = parts.pop().unwrap();
+        let valid = parts.pop().unwrap();
+        let train = parts.pop().unwrap();
+        ds.split = Some(crate::dataset::Split { train, valid, test, extra_tests: Vec::new() });
+    } else if let Some(p) = part_paths.iter().find(|p| p.exists()) {
+        return Err(DataError::invalid(p, "a benchmark split needs all of .train.inter, .valid.inter and .test.inter"));
+    }
+    Ok(ds)
+}
+
+/// One benchmark split file, in the id space of the full dataset.
+fn read_part(path: &Path, ds: &Dataset) -> Result<crate::interactions::Interactions> {
+    let t = AtomicTable::read(path)?;
+    let uc = t.require("user_id")?;
+    let ic = t.require("item_id")?;
+    let rc = t.column("rating");
+    let tc = t.column("timestamp");
+    let mut list = Vec::with_capacity(t.rows.len());
+    for (ln, r) in &t.rows {
+        let user = ds.users.get(&r[uc]).ok_or_else(|| {
+            DataError::parse(path, *ln, format!("user `{}` is not in the full .inter file", r[uc]))
+        })?;
+        let item = ds.items.get(&r[ic]).ok_or_else(|| {
+            DataError::parse(path, *ln, format!("item `{}` is not in the full .inter file", r[ic]))
+        })?;
+        let rating = rc.and_then(|c| r[c].trim().parse::<f32>().ok());
+        let timestamp = tc.and_then(|c| r[c].trim().parse::<f64>().ok()).map(|x| x as i64);
+        list.push(crate::interactions::Interaction { user, item, rating, timestamp });
+    }
+    Ok(crate::interactions::Interactions::from_interactions(ds.n_users(), ds.n_items(), &list))
 }
 
 fn field_type(values: &[String]) -> &'static str {
@@ -230,8 +271,23 @@ pub fn write_meta(path: &Path, id_col: &str, ids: &IdMap, table: &Table) -> Resu
 /// are written from `ds.interactions` in external ids.
 pub fn write(ds: &Dataset, dir: &Path, name: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let x = &ds.interactions;
-    write_atomic(&dir.join(format!("{name}.inter")), |f| {
+    write_inter(ds, &ds.interactions, &dir.join(format!("{name}.inter")))?;
+    if let Some(s) = &ds.split {
+        write_inter(ds, &s.train, &dir.join(format!("{name}.train.inter")))?;
+        write_inter(ds, &s.valid, &dir.join(format!("{name}.valid.inter")))?;
+        write_inter(ds, &s.test, &dir.join(format!("{name}.test.inter")))?;
+    }
+    if !ds.item_table.is_empty() {
+        write_meta(&dir.join(format!("{name}.item")), "item_id", &ds.items, &ds.item_table)?;
+    }
+    if !ds.user_table.is_empty() {
+        write_meta(&dir.join(format!("{name}.user")), "user_id", &ds.users, &ds.user_table)?;
+    }
+    Ok(())
+}
+
+fn write_inter(ds: &Dataset, x: &crate::interactions::Interactions, path: &Path) -> Result<()> {
+    write_atomic(path, |f| {
         let mut header = vec!["user_id:token", "item_id:token"];
         if x.has_ratings() {
             header.push("rating:float");
@@ -251,12 +307,5 @@ pub fn write(ds: &Dataset, dir: &Path, name: &str) -> Result<()> {
             writeln!(f)?;
         }
         Ok(())
-    })?;
-    if !ds.item_table.is_empty() {
-        write_meta(&dir.join(format!("{name}.item")), "item_id", &ds.items, &ds.item_table)?;
-    }
-    if !ds.user_table.is_empty() {
-        write_meta(&dir.join(format!("{name}.user")), "user_id", &ds.users, &ds.user_table)?;
-    }
-    Ok(())
+    })
 }

@@ -1,0 +1,24 @@
+//! Progress display helpers (indicatif), silent when stderr is not a terminal.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::time::Duration;
+
+/// A spinner with a message, for work of unknown length.
+pub fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap());
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+/// A bar with ETA for `n` steps.
+#[allow(dead_code)]
+pub fn bar(n: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]").unwrap(),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
