@@ -346,3 +346,111 @@ impl Scorer for DenseScores<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L3: f64 = 0.6309297535714575; // 1/log2(3)
+    const L5: f64 = 0.43067655807339306; // 1/log2(5)
+
+    fn close(a: f64, b: f64) {
+        assert!((a - b).abs() < 1e-9, "{a} != {b}");
+    }
+
+    fn scores() -> Vec<f32> {
+        // user 0: descending in item id; user 1: all tied; user 2: NaN for item 0
+        let mut s = vec![0.9, 0.8, 0.7, 0.6, 0.5, 0.4];
+        s.extend([0.5; 6]);
+        s.extend([f32::NAN, 0.1, 0.2, 0.3, 0.4, 0.5]);
+        s
+    }
+
+    #[test]
+    fn hand_computed_metrics() {
+        let truth = Interactions::from_lists(6, &[vec![1, 3], vec![], vec![]]);
+        let s = scores();
+        let sc = DenseScores { scores: &s, n_items: 6 };
+        let r = Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![2, 4], batch_size: 2, per_user: true }).unwrap();
+        assert_eq!(r.n_users, 1, "users without truth are not evaluated");
+        close(r.get("precision", 2), 0.5);
+        close(r.get("recall", 2), 0.5);
+        close(r.get("hit", 2), 1.0);
+        close(r.get("ndcg", 2), L3 / (1.0 + L3));
+        close(r.get("mrr", 2), 0.5);
+        close(r.get("map", 2), 0.5);
+        close(r.get("precision", 4), 0.5);
+        close(r.get("recall", 4), 1.0);
+        close(r.get("ndcg", 4), (L3 + L5) / (1.0 + L3));
+        close(r.get("map", 4), 0.5);
+        assert_eq!(r.per_user[0].top, vec![0, 1, 2, 3]);
+        let js = r.per_user_jsonl();
+        assert!(js.contains("\"recall@4\":1.0"), "{js}");
+    }
+
+    #[test]
+    fn recall_denominator_is_truth_size_and_ndcg_ideal_is_min_k() {
+        let truth = Interactions::from_lists(6, &[vec![0, 1, 2]]);
+        let s = scores();
+        let sc = DenseScores { scores: &s[..6], n_items: 6 };
+        let r = Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![2], ..Default::default() }).unwrap();
+        close(r.get("recall", 2), 2.0 / 3.0);
+        close(r.get("precision", 2), 1.0);
+        close(r.get("ndcg", 2), 1.0);
+    }
+
+    #[test]
+    fn masking_removes_other_splits_but_not_truth() {
+        let truth = Interactions::from_lists(6, &[vec![1, 3]]);
+        let train = Interactions::from_lists(6, &[vec![0, 1]]); // 1 is also truth: stays rankable
+        let s = scores();
+        let sc = DenseScores { scores: &s[..6], n_items: 6 };
+        let r = Evaluator::new(&truth).mask(&train).run(&sc, &EvalConfig { ks: vec![2], per_user: true, ..Default::default() }).unwrap();
+        assert_eq!(r.per_user[0].top, vec![1, 2]);
+        close(r.get("ndcg", 2), 1.0 / (1.0 + L3));
+        close(r.get("mrr", 2), 1.0);
+        // a global mask removes items for everyone
+        let r = Evaluator::new(&truth).global_mask(vec![0, 2]).run(&sc, &EvalConfig { ks: vec![2], per_user: true, ..Default::default() }).unwrap();
+        assert_eq!(r.per_user[0].top, vec![1, 3]);
+        close(r.get("recall", 2), 1.0);
+    }
+
+    #[test]
+    fn ties_break_by_item_id_and_nan_ranks_last() {
+        let truth = Interactions::from_lists(6, &[vec![], vec![4], vec![0]]);
+        let s = scores();
+        let sc = DenseScores { scores: &s, n_items: 6 };
+        let r = Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![6], per_user: true, ..Default::default() }).unwrap();
+        assert_eq!(r.per_user[0].top, vec![0, 1, 2, 3, 4, 5]); // user 1, all tied
+        assert_eq!(r.per_user[1].top, vec![5, 4, 3, 2, 1, 0]); // user 2, NaN last
+        close(r.per_user[1].metrics[0][4], 1.0 / 6.0);
+    }
+
+    #[test]
+    fn candidate_mode_ranks_only_candidates() {
+        let truth = Interactions::from_lists(6, &[vec![3]]);
+        let cands = vec![vec![5, 3, 4]];
+        let s = scores();
+        let sc = DenseScores { scores: &s[..6], n_items: 6 };
+        let r = Evaluator::new(&truth).candidates(&cands).run(&sc, &EvalConfig { ks: vec![1, 3], per_user: true, ..Default::default() }).unwrap();
+        assert_eq!(r.per_user[0].top, vec![3, 4, 5]);
+        close(r.get("hit", 1), 1.0);
+        let bad = vec![vec![9]];
+        assert!(Evaluator::new(&truth).candidates(&bad).run(&sc, &EvalConfig::default()).is_err());
+    }
+
+    #[test]
+    fn batch_size_and_threads_do_not_change_results() {
+        let n_users = 37;
+        let n_items = 50;
+        let lists: Vec<Vec<u32>> = (0..n_users).map(|u| (0..(u % 4)).map(|k| ((u * 13 + k * 7) % n_items) as u32).collect()).collect();
+        let truth = Interactions::from_lists(n_items, &lists);
+        let sc = RandomScorer { seed: 5 };
+        let a = Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![5, 10], batch_size: 1, per_user: true }).unwrap();
+        let b = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| {
+            Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![5, 10], batch_size: 16, per_user: true }).unwrap()
+        });
+        assert_eq!(a, b);
+        assert!(Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![0], ..Default::default() }).is_err());
+    }
+}

@@ -22,7 +22,9 @@ pub type Lines = Vec<(u32, Vec<u32>, usize)>;
 
 fn parse_id(path: &Path, line: usize, col: usize, tok: &str) -> Result<u32> {
     tok.parse::<u32>().map_err(|_| {
-        let why = if tok.parse::<i64>().is_ok() || tok.chars().all(|c| c.is_ascii_digit()) {
+        let why = if tok.starts_with('-') && tok[1..].chars().all(|c| c.is_ascii_digit()) {
+            "negative; ids must be non-negative integers"
+        } else if !tok.is_empty() && tok.chars().all(|c| c.is_ascii_digit()) {
             "out of the range of a 32-bit id"
         } else {
             "not a non-negative integer id"
