@@ -1,0 +1,113 @@
+//! The binary as a person uses it: help texts, clear errors without panics, run folders.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn rudder(args: &[&str], home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rudder"))
+        .args(args)
+        .env("RUDDER_HOME", home)
+        .output()
+        .expect("rudder runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    let home = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["--help"],
+        vec!["data", "--help"],
+        vec!["data", "synth", "--help"],
+        vec!["data", "stats", "--help"],
+        vec!["data", "convert", "--help"],
+        vec!["data", "split", "--help"],
+        vec!["assets", "--help"],
+        vec!["assets", "list", "--help"],
+        vec!["assets", "fetch", "--help"],
+        vec!["assets", "path", "--help"],
+        vec!["demo", "--help"],
+    ] {
+        let o = rudder(&args, home.path());
+        let (out, _) = text(&o);
+        assert!(o.status.success(), "{args:?}");
+        assert!(out.contains("Usage:"), "{args:?}: {out}");
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let home = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("train.txt"), "0 1 2\n1 two\n").unwrap();
+    let dp = d.path().to_str().unwrap();
+    for args in [
+        vec!["data", "stats", dp],
+        vec!["data", "stats", "no-such-dataset"],
+        vec!["data", "stats", "ml-1m"], // not fetched in this empty home
+        vec!["data", "convert", dp, "--to", "parquet", "--out", "/tmp/x"],
+        vec!["data", "split", "synth", "--out", "/tmp/x", "--method", "sideways"],
+        vec!["assets", "fetch", "nonexistent"],
+        vec!["assets", "path", "ml-1m"],
+        vec!["demo", "--data", dp],
+    ] {
+        let o = rudder(&args, home.path());
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let o = rudder(&["data", "stats", dp], home.path());
+    assert!(text(&o).1.contains("train.txt:2: column 2: `two` is not a non-negative integer id"));
+    let o = rudder(&["data", "stats", "ml-1m"], home.path());
+    assert!(text(&o).1.contains("rudder assets fetch ml-1m"));
+}
+
+#[test]
+fn synth_split_convert_and_stats_chain() {
+    let home = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let world = t.path().join("world");
+    let split = t.path().join("split");
+    let back = t.path().join("back");
+    let w = world.to_str().unwrap();
+    let o = rudder(&["data", "synth", "--users", "200", "--items", "300", "--out", w], home.path());
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(world.join("synth.inter").exists() && world.join("synth.item").exists());
+    let o = rudder(&["data", "split", w, "--min-rating", "3", "--kcore", "3", "--out", split.to_str().unwrap()], home.path());
+    assert!(o.status.success(), "{}", text(&o).1);
+    for f in ["train.txt", "valid.txt", "test.txt", "user_list.txt", "item_list.txt", "items.item"] {
+        assert!(split.join(f).exists(), "{f}");
+    }
+    let o = rudder(&["data", "convert", split.to_str().unwrap(), "--to", "atomic", "--out", back.to_str().unwrap()], home.path());
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o = rudder(&["data", "stats", back.to_str().unwrap(), "--json"], home.path());
+    let js: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o2 = rudder(&["data", "stats", split.to_str().unwrap(), "--json"], home.path());
+    let js2: serde_json::Value = serde_json::from_slice(&o2.stdout).unwrap();
+    assert_eq!(js["interactions"], js2["interactions"]);
+    assert_eq!(js["splits"][0]["interactions"], js2["splits"][0]["interactions"]);
+}
+
+#[test]
+fn demo_writes_a_run_folder() {
+    let home = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("run");
+    let o = rudder(&["demo", "--out", run.to_str().unwrap()], home.path());
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("| most-popular |"), "{out}");
+    let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(cfg.contains("data = \"synth\""));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    let recall = |m: &str| lines.iter().find(|l| l["model"] == m).unwrap()["recall@20"].as_f64().unwrap();
+    assert!(recall("oracle (true tastes)") > recall("most-popular"));
+    assert!(recall("most-popular") > recall("random"));
+    assert!(std::fs::read_to_string(run.join("summary.md")).unwrap().contains("Recall@20"));
+}

