@@ -6,7 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUDDER_HOME="${RUDDER_HOME:-$PWD/.rudder}"
 export RUDDER_SHARED_DATA="${RUDDER_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
-cargo build --locked -q -p rudder
+# build the tests (and with them target/debug/rudder) once, with the test feature set
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --workspace --no-run
+else
+  cargo test --locked --workspace --no-run
+fi
 target/debug/rudder assets fetch ml-100k ml-1m smollm2-135m-instruct all-minilm-l6-v2
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -1,0 +1,223 @@
+//! CSR sparse matrices and `Y = A · X` (A sparse `m × n`, X dense `n × d`) as a candle custom
+//! op whose backward is `∂X = Aᵀ · ∂Y` (the same kernel on the stored transpose).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// A CSR matrix of f32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Csr {
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub indptr: Vec<usize>,
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl Csr {
+    /// Build from (row, col, value) triples; duplicates are summed, columns sorted per row.
+    pub fn from_triples(n_rows: usize, n_cols: usize, triples: &[(u32, u32, f32)]) -> Csr {
+        let mut t = triples.to_vec();
+        t.sort_unstable_by_key(|&(r, c, _)| (r, c));
+        let mut indptr = vec![0usize; n_rows + 1];
+        let mut indices: Vec<u32> = Vec::with_capacity(t.len());
+        let mut values: Vec<f32> = Vec::with_capacity(t.len());
+        let mut last: Option<(u32, u32)> = None;
+        for (r, c, v) in t {
+            assert!((r as usize) < n_rows && (c as usize) < n_cols, "index out of range");
+            if last == Some((r, c)) {
+                *values.last_mut().unwrap() += v;
+                continue;
+            }
+            last = Some((r, c));
+            indptr[r as usize + 1] += 1;
+            indices.push(c);
+            values.push(v);
+        }
+        for r in 0..n_rows {
+            indptr[r + 1] += indptr[r];
+        }
+        Csr { n_rows, n_cols, indptr, indices, values }
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn transpose(&self) -> Csr {
+        let mut t = Vec::with_capacity(self.nnz());
+        for r in 0..self.n_rows {
+            for p in self.indptr[r]..self.indptr[r + 1] {
+                t.push((self.indices[p], r as u32, self.values[p]));
+            }
+        }
+        Csr::from_triples(self.n_cols, self.n_rows, &t)
+    }
+
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut d = vec![0f32; self.n_rows * self.n_cols];
+        for r in 0..self.n_rows {
+            for p in self.indptr[r]..self.indptr[r + 1] {
+                d[r * self.n_cols + self.indices[p] as usize] += self.values[p];
+            }
+        }
+        d
+    }
+
+    /// `out = self · x` with `x` row-major `n_cols × d`, `out` row-major `n_rows × d`.
+    pub fn matmul_into(&self, x: &[f32], d: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), self.n_cols * d);
+        assert_eq!(out.len(), self.n_rows * d);
+        // chunks of rows of roughly equal work
+        let rows_per_chunk = (self.n_rows / (rayon::current_num_threads() * 8)).max(64);
+        out.par_chunks_mut(rows_per_chunk * d).enumerate().for_each(|(c, chunk)| {
+            let r0 = c * rows_per_chunk;
+            for (k, orow) in chunk.chunks_mut(d).enumerate() {
+                let r = r0 + k;
+                orow.iter_mut().for_each(|v| *v = 0.0);
+                for p in self.indptr[r]..self.indptr[r + 1] {
+                    let w = self.values[p];
+                    let xr = &x[self.indices[p] as usize * d..][..d];
+                    for (o, &xv) in orow.iter_mut().zip(xr) {
+                        *o += w * xv;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A sparse matrix together with its transpose, shared by forward and backward.
+#[derive(Debug, Clone)]
+pub struct SparseOperator {
+    pub a: Arc<Csr>,
+    pub at: Arc<Csr>,
+}
+
+impl SparseOperator {
+    pub fn new(a: Csr) -> SparseOperator {
+        let at = Arc::new(a.transpose());
+        SparseOperator { a: Arc::new(a), at }
+    }
+
+    /// For a symmetric matrix the transpose is the matrix itself (no copy).
+    pub fn symmetric(a: Csr) -> SparseOperator {
+        let a = Arc::new(a);
+        SparseOperator { at: a.clone(), a }
+    }
+
+    /// `A · x`, differentiable with respect to `x`.
+    pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(SpMM { a: self.a.clone(), at: self.at.clone() })
+    }
+}
+
+struct SpMM {
+    a: Arc<Csr>,
+    at: Arc<Csr>,
+}
+
+impl CustomOp1 for SpMM {
+    fn name(&self) -> &'static str {
+        "csr-spmm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims();
+        if dims.len() != 2 || dims[0] != self.a.n_cols {
+            candle_core::bail!("csr-spmm: expected a {} × d matrix, got {:?}", self.a.n_cols, dims);
+        }
+        let d = dims[1];
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("csr-spmm: input must be contiguous".into()))?;
+        let x = match storage {
+            CpuStorage::F32(v) => &v[start..end],
+            _ => candle_core::bail!("csr-spmm: only f32 is supported"),
+        };
+        let mut out = vec![0f32; self.a.n_rows * d];
+        self.a.matmul_into(x, d, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((self.a.n_rows, d))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?.apply_op1(SpMM { a: self.at.clone(), at: self.a.clone() })?;
+        Ok(Some(g))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random_csr(m: usize, n: usize, seed: u64) -> Csr {
+        let mut t = Vec::new();
+        let mut s = seed;
+        for r in 0..m {
+            for c in 0..n {
+                s = rudder_data::rng::mix64(s);
+                if s % 3 == 0 {
+                    t.push((r as u32, c as u32, ((s >> 20) % 1000) as f32 / 500.0 - 1.0));
+                }
+            }
+        }
+        Csr::from_triples(m, n, &t)
+    }
+
+    #[test]
+    fn matches_dense_matmul_forward_and_backward() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let a = random_csr(70, 50, 1);
+        let op = SparseOperator::new(a.clone());
+        let xs: Vec<f32> = (0..50 * 8).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+        let x = Var::from_slice(&xs, (50, 8), &dev)?;
+        let dense = Tensor::from_vec(a.to_dense(), (70, 50), &dev)?;
+        let ys = op.matmul(x.as_tensor())?;
+        let yd = dense.matmul(x.as_tensor())?;
+        let diff = (ys.clone() - yd.clone())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        // gradient of a weighted sum through both paths
+        let w = Tensor::from_vec((0..70 * 8).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(), (70, 8), &dev)?;
+        let gs = (ys * &w)?.sum_all()?.backward()?;
+        let gd = (yd * &w)?.sum_all()?.backward()?;
+        let diff = (gs.get(x.as_tensor()).unwrap() - gd.get(x.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn finite_difference_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let a = random_csr(12, 9, 2);
+        let op = SparseOperator::new(a);
+        let xs: Vec<f32> = (0..9 * 3).map(|i| ((i * 13 % 17) as f32) / 8.0 - 1.0).collect();
+        // f(x) = sum((A x)^2)
+        let f = |v: &[f32]| -> candle_core::Result<f32> {
+            let t = Tensor::from_slice(v, (9, 3), &dev)?;
+            op.matmul(&t)?.sqr()?.sum_all()?.to_scalar::<f32>()
+        };
+        let x = Var::from_slice(&xs, (9, 3), &dev)?;
+        let g = op.matmul(x.as_tensor())?.sqr()?.sum_all()?.backward()?;
+        let g = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let eps = 1e-2f32;
+        for k in 0..xs.len() {
+            let mut p = xs.clone();
+            p[k] += eps;
+            let mut m = xs.clone();
+            m[k] -= eps;
+            let fd = (f(&p)? - f(&m)?) / (2.0 * eps);
+            assert!((fd - g[k]).abs() < 1e-2 * (1.0 + fd.abs()), "k={k} fd={fd} g={}", g[k]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn duplicates_are_summed_and_transpose_is_exact() {
+        let a = Csr::from_triples(2, 3, &[(0, 1, 1.0), (0, 1, 2.0), (1, 0, 4.0)]);
+        assert_eq!(a.nnz(), 2);
+        assert_eq!(a.to_dense(), vec![0.0, 3.0, 0.0, 4.0, 0.0, 0.0]);
+        assert_eq!(a.transpose().transpose(), a);
+    }
+}
