@@ -1,0 +1,22 @@
+//! The backbone contract: final user/item embeddings from trainable parameters.
+
+use crate::config::{CfConfig, ModelKind};
+use crate::{lightgcn::LightGcn, mf::Mf, Result};
+use candle_core::{Device, Tensor, Var};
+use rudder_data::Interactions;
+
+pub trait Backbone {
+    /// Final user and item embeddings (`n_users × d`, `n_items × d`).
+    fn forward(&self) -> Result<(Tensor, Tensor)>;
+    /// Layer-0 (ego) user and item tables, for L2 regularisation.
+    fn ego(&self) -> (Tensor, Tensor);
+    fn params(&self) -> Vec<(String, Var)>;
+}
+
+/// Build the configured backbone for a train split.
+pub fn build(cfg: &CfConfig, train: &Interactions, dev: &Device) -> Result<Box<dyn Backbone>> {
+    Ok(match cfg.model {
+        ModelKind::Mf => Box::new(Mf::new(train.n_users(), train.n_items(), cfg.dim, cfg.seed, dev)?),
+        ModelKind::Lightgcn => Box::new(LightGcn::new(train, cfg.dim, cfg.n_layers, cfg.seed, dev)?),
+    })
+}

@@ -1,0 +1,299 @@
+//! The one CF training loop (cf-seeds.md [S6]): per epoch, an optional adversarial phase, one
+//! pass of the [S2] sampler through the loss and Adam; every `eval_every` epochs, validation
+//! Recall@K selects the best weights and drives early stopping; at the end the best weights are
+//! restored and every test set is evaluated.
+
+use crate::config::{CfConfig, LossConfig};
+use crate::loss::{self, BatchEmb, BatchIdx, Hardness};
+use crate::model::{self, Backbone};
+use crate::scorer::EmbeddingScorer;
+use crate::{CfError, Result};
+use candle_core::{Device, Tensor};
+use rudder_data::eval::{EvalConfig, EvalReport, Evaluator};
+use rudder_data::sampler::{Sampler, SamplerConfig};
+use rudder_data::{Interactions, Split};
+use rudder_nn::optim::{Adam, AdamConfig};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// Callbacks for progress display.
+pub trait TrainObserver {
+    fn epoch_start(&mut self, _epoch: usize, _n_batches: usize) {}
+    fn batch_done(&mut self, _loss: f64) {}
+    fn epoch_done(&mut self, _rec: &EpochRecord) {}
+}
+
+pub struct Silent;
+impl TrainObserver for Silent {}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub loss: f64,
+    pub seconds: f64,
+    /// Adversarial passes run in this epoch (AdvInfoNCE) and the KL(p‖uniform) after them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adv_kl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid: Option<BTreeMap<String, f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_seconds: Option<f64>,
+}
+
+pub struct TrainReport {
+    pub config: CfConfig,
+    pub history: Vec<EpochRecord>,
+    pub best_epoch: Option<usize>,
+    pub best_valid: Option<EvalReport>,
+    pub tests: Vec<(String, EvalReport)>,
+    pub params: Vec<(String, Tensor)>,
+    pub user_emb: Tensor,
+    pub item_emb: Tensor,
+}
+
+impl TrainReport {
+    pub fn mean_epoch_seconds(&self) -> f64 {
+        let v: Vec<f64> = self.history.iter().map(|r| r.seconds).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
+    pub fn mean_eval_seconds(&self) -> Option<f64> {
+        let v: Vec<f64> = self.history.iter().filter_map(|r| r.eval_seconds).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
+    pub fn scorer(&self) -> Result<EmbeddingScorer> {
+        EmbeddingScorer::new(&self.user_emb, &self.item_emb, self.config.loss.cosine())
+    }
+}
+
+fn evaluate(
+    users: &Tensor,
+    items: &Tensor,
+    cosine: bool,
+    truth: &Interactions,
+    masks: &[&Interactions],
+    ks: &[usize],
+) -> Result<EvalReport> {
+    let sc = EmbeddingScorer::new(users, items, cosine)?;
+    let mut ev = Evaluator::new(truth);
+    for m in masks {
+        ev = ev.mask(m);
+    }
+    Ok(ev.run(&sc, &EvalConfig { ks: ks.to_vec(), batch_size: 256, per_user: false })?)
+}
+
+/// Whether AdvInfoNCE runs its adversarial phase at `epoch` (reference schedule).
+pub fn adversarial_epoch(epoch: usize, interval: usize, done: usize, eta_epochs: usize, warm_up: usize) -> bool {
+    (epoch + 3) % interval == 0 && done < eta_epochs && epoch > warm_up
+}
+
+pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Result<TrainReport> {
+    cfg.validate()?;
+    let dev = Device::Cpu;
+    let train = &split.train;
+    if train.is_empty() {
+        return Err(CfError::Config("the train split is empty".into()));
+    }
+    let model: Box<dyn Backbone> = model::build(cfg, train, &dev)?;
+    let params = model.params();
+    let mut opt = Adam::new(params.iter().map(|(_, v)| v.clone()).collect(), AdamConfig::adam(cfg.lr))?;
+    let sampler = Sampler::new(
+        train,
+        SamplerConfig { batch_size: cfg.batch_size.min(train.len()), n_neg: cfg.loss.n_neg(), drop_last: true, seed: cfg.seed },
+    )?;
+    let cosine = cfg.loss.cosine();
+    let (adv, mut adv_opt) = match &cfg.loss {
+        LossConfig::Advinfonce(a) => {
+            let h = Hardness::new(train.n_users(), train.n_items(), a, cfg.seed, &dev)?;
+            let o = Adam::new(h.params().into_iter().map(|(_, v)| v).collect(), AdamConfig::adam(a.adv_lr))?;
+            (Some(h), Some(o))
+        }
+        _ => (None, None),
+    };
+    let mut adv_done = 0usize;
+    let k_sel = cfg.selection_k();
+    let has_valid = !split.valid.is_empty();
+    let mut best: Option<(f64, usize, Vec<Tensor>, EvalReport)> = None;
+    let mut since_best = 0usize;
+    let mut history = Vec::new();
+
+    let batch_loss = |m: &dyn Backbone, idx: &BatchIdx, hard: Option<&Hardness>| -> Result<Tensor> {
+        let (users, items) = m.forward()?;
+        let emb = BatchEmb::gather(&users, &items, idx, cosine)?;
+        let (pos, neg) = emb.scores()?;
+        let (ego_u, ego_i) = m.ego();
+        let (main, reg) = match &cfg.loss {
+            LossConfig::Bpr { reg } => (loss::bpr(&pos, &neg)?, loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?),
+            LossConfig::Infonce { tau, reg, .. } => (loss::infonce(&pos, &neg, *tau)?, loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?),
+            LossConfig::Advinfonce(a) => {
+                let h = hard.expect("hardness present for AdvInfoNCE").logits(idx)?;
+                (loss::advinfonce(&pos, &neg, &h, a.tau, a.k_neg)?, loss::l2_reg(&ego_u, &ego_i, idx, a.reg, a.faithful_reg_typo)?)
+            }
+        };
+        Ok(match reg {
+            Some(r) => (main + r)?,
+            None => main,
+        })
+    };
+
+    for epoch in 0..cfg.epochs {
+        let t0 = Instant::now();
+        let mut adv_kl = None;
+        // adversarial phase: gradient ascent on the loss w.r.t. the hardness embeddings only
+        if let (LossConfig::Advinfonce(a), Some(h), Some(ao)) = (&cfg.loss, &adv, adv_opt.as_mut()) {
+            if adversarial_epoch(epoch, a.adv_interval, adv_done, a.eta_epochs, a.warm_up_epochs) {
+                for rep in 0..a.adv_epochs {
+                    // fresh negatives: a distinct stream from the main pass
+                    let batches = sampler.epoch((1u64 << 40) + (epoch * a.adv_epochs.max(1) + rep) as u64);
+                    for b in &batches {
+                        let idx = BatchIdx::new(b, &dev)?;
+                        let l = batch_loss(model.as_ref(), &idx, Some(h))?;
+                        let grads = l.neg()?.backward()?;
+                        ao.step(&grads)?;
+                    }
+                    adv_done += 1;
+                    if let Some(b) = batches.first() {
+                        adv_kl = Some(h.kl_to_uniform(&BatchIdx::new(b, &dev)?)?);
+                    }
+                }
+            }
+        }
+        let batches = sampler.epoch(epoch as u64);
+        obs.epoch_start(epoch, batches.len());
+        let mut total = 0.0;
+        for b in &batches {
+            let idx = BatchIdx::new(b, &dev)?;
+            let l = batch_loss(model.as_ref(), &idx, adv.as_ref())?;
+            let v = l.to_scalar::<f32>()? as f64;
+            if !v.is_finite() {
+                return Err(CfError::Config(format!("loss became {v} at epoch {epoch}; lower the learning rate")));
+            }
+            total += v;
+            let grads = l.backward()?;
+            opt.step(&grads)?;
+            obs.batch_done(v);
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let mut rec = EpochRecord { epoch, loss: total / batches.len().max(1) as f64, seconds, adv_kl, valid: None, eval_seconds: None };
+        let last = epoch + 1 == cfg.epochs;
+        if has_valid && ((epoch + 1) % cfg.eval_every == 0 || last) {
+            let te = Instant::now();
+            let (u, i) = model.forward()?;
+            let r = evaluate(&u, &i, cosine, &split.valid, &[train], &cfg.ks)?;
+            rec.eval_seconds = Some(te.elapsed().as_secs_f64());
+            let score = r.get("recall", k_sel);
+            rec.valid = Some(r.means.clone());
+            if best.as_ref().is_none_or(|b| score > b.0) {
+                let snap = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+                best = Some((score, epoch, snap, r));
+                since_best = 0;
+            } else {
+                since_best += 1;
+            }
+        }
+        obs.epoch_done(&rec);
+        history.push(rec);
+        if since_best >= cfg.patience && cfg.patience > 0 {
+            break;
+        }
+    }
+    let (best_epoch, best_valid) = match best {
+        Some((_, e, snap, r)) => {
+            for ((_, v), t) in params.iter().zip(snap) {
+                v.set(&t)?;
+            }
+            (Some(e), Some(r))
+        }
+        None => (None, None),
+    };
+    let (users, items) = model.forward()?;
+    let (users, items) = (users.detach(), items.detach());
+    let mut tests = Vec::new();
+    let parts: Vec<(String, &Interactions)> = std::iter::once(("test".to_string(), &split.test))
+        .chain(split.extra_tests.iter().map(|(n, x)| (n.clone(), x)))
+        .filter(|(_, x)| !x.is_empty())
+        .collect();
+    for (name, truth) in &parts {
+        let mut masks: Vec<&Interactions> = vec![train, &split.valid];
+        for (other, x) in &parts {
+            if other != name && *x != *truth {
+                masks.push(x);
+            }
+        }
+        tests.push((name.clone(), evaluate(&users, &items, cosine, truth, &masks, &cfg.ks)?));
+    }
+    Ok(TrainReport {
+        config: cfg.clone(),
+        history,
+        best_epoch,
+        best_valid,
+        tests,
+        params: params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect(),
+        user_emb: users,
+        item_emb: items,
+    })
+}
+
+/// Markdown table row of a report's headline metrics at K.
+pub fn metrics_row(name: &str, r: &EvalReport, k: usize) -> String {
+    format!(
+        "| {name} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+        r.get("recall", k),
+        r.get("ndcg", k),
+        r.get("hit", k),
+        r.get("precision", k),
+        r.get("mrr", k)
+    )
+}
+
+/// Write the run folder: `config.toml`, `metrics.jsonl`, `summary.md`, `best.safetensors`.
+pub fn write_run(dir: &Path, data: &str, report: &TrainReport) -> Result<()> {
+    use rudder_data::io::write_bytes_atomic;
+    std::fs::create_dir_all(dir).map_err(|e| rudder_data::DataError::io(dir, e))?;
+    #[derive(serde::Serialize)]
+    struct Saved<'a> {
+        data: &'a str,
+        #[serde(flatten)]
+        cfg: &'a CfConfig,
+    }
+    let cfg_text = toml::to_string_pretty(&Saved { data, cfg: &report.config }).map_err(|e| CfError::Config(e.to_string()))?;
+    write_bytes_atomic(&dir.join("config.toml"), cfg_text.as_bytes())?;
+    let mut lines = String::new();
+    for r in &report.history {
+        lines.push_str(&serde_json::to_string(r).unwrap());
+        lines.push('\n');
+    }
+    for (n, r) in &report.tests {
+        let mut m = serde_json::json!({ "split": n, "users": r.n_users, "best_epoch": report.best_epoch });
+        for (k, v) in &r.means {
+            m[k] = (*v).into();
+        }
+        lines.push_str(&m.to_string());
+        lines.push('\n');
+    }
+    write_bytes_atomic(&dir.join("metrics.jsonl"), lines.as_bytes())?;
+    rudder_nn::checkpoint::save(&report.params, &dir.join("best.safetensors"))?;
+    let k = report.config.selection_k();
+    let mut md = format!(
+        "# {} + {} on `{data}`\n\n{} epochs run (best at epoch {}), {:.2} s per epoch{}.\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
+        match report.config.model {
+            crate::ModelKind::Mf => "MF",
+            crate::ModelKind::Lightgcn => "LightGCN",
+        },
+        report.config.loss.name(),
+        report.history.len(),
+        report.best_epoch.map_or("—".to_string(), |e| (e + 1).to_string()),
+        report.mean_epoch_seconds(),
+        report.mean_eval_seconds().map_or(String::new(), |s| format!(", {s:.2} s per validation pass")),
+    );
+    if let Some(v) = &report.best_valid {
+        md.push_str(&metrics_row("valid (best)", v, k));
+        md.push('\n');
+    }
+    for (n, r) in &report.tests {
+        md.push_str(&metrics_row(n, r, k));
+        md.push('\n');
+    }
+    write_bytes_atomic(&dir.join("summary.md"), md.as_bytes())?;
+    Ok(())
+}
