@@ -12,6 +12,7 @@ pub mod lightgcn;
 pub mod loss;
 pub mod mf;
 pub mod model;
+pub mod presets;
 pub mod scorer;
 pub mod trainer;
 

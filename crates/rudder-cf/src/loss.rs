@@ -28,31 +28,50 @@ impl BatchIdx {
     }
 }
 
-/// Gathered batch embeddings: `u (B×d)`, `i (B×d)`, `j (B×N×d)`.
+/// Batch embeddings: `u (B×d)`, `i (B×d)` and the negatives, either gathered as `j (B×N×d)`
+/// or, when the catalogue is small relative to N, scored against every item and gathered from
+/// the `B×I` score matrix (less memory traffic for large N).
 pub struct BatchEmb {
     pub u: Tensor,
     pub i: Tensor,
-    pub j: Tensor,
+    neg: NegScores,
+    idx_neg: Tensor,
+    b: usize,
+    n: usize,
+}
+
+enum NegScores {
+    Gathered(Tensor),
+    Full(Tensor),
 }
 
 impl BatchEmb {
     pub fn gather(users: &Tensor, items: &Tensor, idx: &BatchIdx, cosine: bool) -> Result<BatchEmb> {
         let d = users.dim(1)?;
-        let mut u = users.index_select(&idx.users, 0)?;
-        let mut i = items.index_select(&idx.pos, 0)?;
-        let mut j = items.index_select(&idx.neg, 0)?;
-        if cosine {
-            u = l2_normalize(&u, 1e-12)?;
-            i = l2_normalize(&i, 1e-12)?;
-            j = l2_normalize(&j, 1e-12)?;
-        }
-        Ok(BatchEmb { u, i, j: j.reshape((idx.b, idx.n, d))? })
+        let n_items = items.dim(0)?;
+        // normalising the tables once and then gathering equals gathering then normalising
+        let (users, items) = if cosine {
+            (l2_normalize(users, 1e-12)?, l2_normalize(items, 1e-12)?)
+        } else {
+            (users.clone(), items.clone())
+        };
+        let u = users.index_select(&idx.users, 0)?;
+        let i = items.index_select(&idx.pos, 0)?;
+        let neg = if idx.n > 1 && n_items <= 64 * idx.n {
+            NegScores::Full(u.matmul(&items.t()?)?)
+        } else {
+            NegScores::Gathered(items.index_select(&idx.neg, 0)?.reshape((idx.b, idx.n, d))?)
+        };
+        Ok(BatchEmb { u, i, neg, idx_neg: idx.neg.clone(), b: idx.b, n: idx.n })
     }
 
     /// Positive scores `(B)` and negative scores `(B×N)`.
     pub fn scores(&self) -> Result<(Tensor, Tensor)> {
         let pos = (&self.u * &self.i)?.sum(D::Minus1)?;
-        let neg = self.j.matmul(&self.u.unsqueeze(2)?)?.squeeze(2)?;
+        let neg = match &self.neg {
+            NegScores::Gathered(j) => j.matmul(&self.u.unsqueeze(2)?)?.squeeze(2)?,
+            NegScores::Full(s) => s.gather(&self.idx_neg.reshape((self.b, self.n))?.contiguous()?, 1)?,
+        };
         Ok((pos, neg))
     }
 }

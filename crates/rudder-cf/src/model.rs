@@ -20,3 +20,27 @@ pub fn build(cfg: &CfConfig, train: &Interactions, dev: &Device) -> Result<Box<d
         ModelKind::Lightgcn => Box::new(LightGcn::new(train, cfg.dim, cfg.n_layers, cfg.seed, dev)?),
     })
 }
+
+/// Rebuild a trained backbone from its config, train split and checkpoint tensors.
+pub fn restore(
+    cfg: &CfConfig,
+    train: &Interactions,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    dev: &Device,
+) -> Result<Box<dyn Backbone>> {
+    let m = build(cfg, train, dev)?;
+    for (name, var) in m.params() {
+        let t = tensors
+            .get(&name)
+            .ok_or_else(|| crate::CfError::Config(format!("checkpoint has no tensor `{name}`")))?;
+        if t.dims() != var.as_tensor().dims() {
+            return Err(crate::CfError::Config(format!(
+                "checkpoint tensor `{name}` has shape {:?}, the model expects {:?} (different data or config?)",
+                t.dims(),
+                var.as_tensor().dims()
+            )));
+        }
+        var.set(t)?;
+    }
+    Ok(m)
+}

@@ -246,17 +246,15 @@ pub fn metrics_row(name: &str, r: &EvalReport, k: usize) -> String {
     )
 }
 
-/// Write the run folder: `config.toml`, `metrics.jsonl`, `summary.md`, `best.safetensors`.
-pub fn write_run(dir: &Path, data: &str, report: &TrainReport) -> Result<()> {
+/// Write the run folder: `config.toml` (the caller's resolved configuration, or the model
+/// config when `None`), `metrics.jsonl`, `summary.md`, `best.safetensors`.
+pub fn write_run(dir: &Path, data: &str, config_toml: Option<&str>, report: &TrainReport) -> Result<()> {
     use rudder_data::io::write_bytes_atomic;
     std::fs::create_dir_all(dir).map_err(|e| rudder_data::DataError::io(dir, e))?;
-    #[derive(serde::Serialize)]
-    struct Saved<'a> {
-        data: &'a str,
-        #[serde(flatten)]
-        cfg: &'a CfConfig,
-    }
-    let cfg_text = toml::to_string_pretty(&Saved { data, cfg: &report.config }).map_err(|e| CfError::Config(e.to_string()))?;
+    let cfg_text = match config_toml {
+        Some(t) => t.to_string(),
+        None => toml::to_string_pretty(&report.config).map_err(|e| CfError::Config(e.to_string()))?,
+    };
     write_bytes_atomic(&dir.join("config.toml"), cfg_text.as_bytes())?;
     let mut lines = String::new();
     for r in &report.history {

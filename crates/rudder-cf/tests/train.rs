@@ -70,7 +70,7 @@ fn lightgcn_learns_and_is_reproducible() {
     let best = a.best_valid.as_ref().unwrap();
     assert!(best.get("recall", 20) > pop.get("recall", 20), "LightGCN {} vs popularity {}", best.get("recall", 20), pop.get("recall", 20));
     let dir = tempfile::tempdir().unwrap();
-    write_run(dir.path(), "synth", &a).unwrap();
+    write_run(dir.path(), "synth", None, &a).unwrap();
     for f in ["config.toml", "metrics.jsonl", "summary.md", "best.safetensors"] {
         assert!(dir.path().join(f).exists(), "{f}");
     }

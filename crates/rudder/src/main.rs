@@ -2,12 +2,19 @@
 //! message (with its causes) and a non-zero exit code, never a panic.
 
 mod assets_cmd;
+mod cf_cmd;
+mod plots;
 mod data_cmd;
 mod demo_cmd;
 mod progress;
 mod runs;
 
 use clap::{Parser, Subcommand};
+
+// Training allocates and frees many large tensors per step; glibc's malloc returns them to the
+// kernel each time (mmap/munmap + page faults), mimalloc reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -27,6 +34,9 @@ struct Cli {
     /// More log output (-v info, -vv debug). RUDDER_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Worker threads for training and evaluation (default: all cores; RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +49,9 @@ enum Command {
     /// List and fetch named datasets and models into the cache ($RUDDER_HOME).
     #[command(subcommand)]
     Assets(assets_cmd::AssetsCmd),
+    /// Graph collaborative filtering: MF / LightGCN with BPR, InfoNCE, AdvInfoNCE.
+    #[command(subcommand)]
+    Cf(cf_cmd::CfCmd),
     /// The main job: split a dataset and rank it with baselines through the one evaluator,
     /// printing a comparison table and writing a run folder.
     Demo(demo_cmd::DemoArgs),
@@ -52,6 +65,10 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
+    if let Some(t) = cli.threads {
+        // candle's kernels read RAYON_NUM_THREADS; set it before any thread pool exists
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string()) };
+    }
     let default = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -63,6 +80,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Data(c) => data_cmd::run(c),
         Command::Assets(c) => assets_cmd::run(c),
+        Command::Cf(c) => cf_cmd::run(c),
         Command::Demo(a) => demo_cmd::run(a),
     };
     match r {

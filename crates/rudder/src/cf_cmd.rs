@@ -1,0 +1,445 @@
+use crate::runs::RunDir;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use rudder_cf::config::AdvConfig;
+use rudder_cf::presets::{preset, PRESETS};
+use rudder_cf::trainer::{metrics_row, train, write_run, EpochRecord, TrainObserver};
+use rudder_cf::{CfConfig, LossConfig, ModelKind};
+use rudder_data::assets::Store;
+use rudder_data::eval::{top_k, EvalConfig, Evaluator, Scorer};
+use rudder_data::formats::{Format, Loaded};
+use rudder_data::split::{split, SplitMethod};
+use rudder_data::{preprocess, resolve, Dataset};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum CfCmd {
+    /// Train MF or LightGCN with BPR, InfoNCE or AdvInfoNCE; writes a run folder
+    /// (config.toml, metrics.jsonl, summary.md, best.safetensors).
+    Train(Box<TrainArgs>),
+    /// Re-evaluate a run folder's best weights on validation and every test set.
+    Eval {
+        /// Run folder written by `rudder cf train`.
+        #[arg(long)]
+        run: PathBuf,
+    },
+    /// Top-K recommendations for one user of a trained run, in the user's original ids, with
+    /// item titles when known (items the user trained on are excluded).
+    Recommend {
+        #[arg(long)]
+        run: PathBuf,
+        /// The user's original id (as in the data files).
+        #[arg(long)]
+        user: String,
+        #[arg(short, long, default_value_t = 10)]
+        k: usize,
+    },
+    /// List the hyper-parameter presets.
+    Presets,
+}
+
+/// Every training option. Flags override a `--config` file, which overrides a `--preset`,
+/// which overrides the defaults. The resolved options are saved as the run's config.toml, so
+/// `rudder cf train --config RUN/config.toml` repeats a run.
+#[derive(Args, Serialize, Deserialize, Default, Clone, Debug)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML file with any of these options (snake_case keys).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Run folder to write.
+    #[arg(long)]
+    #[serde(skip)]
+    out: Option<PathBuf>,
+    /// Dataset: folder/file in any supported format, a fetched asset name, or `synth`.
+    #[arg(long)]
+    data: Option<String>,
+    /// Input format when detection is not wanted.
+    #[arg(long)]
+    format: Option<String>,
+    /// Start from a preset (see `rudder cf presets`).
+    #[arg(long)]
+    preset: Option<String>,
+    /// mf or lightgcn.
+    #[arg(long)]
+    model: Option<String>,
+    /// bpr, infonce or advinfonce.
+    #[arg(long)]
+    loss: Option<String>,
+    /// LightGCN layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Embedding size.
+    #[arg(long)]
+    dim: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Evaluate on validation every N epochs.
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Stop after N evaluations without improvement (0 = never).
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Cut-offs; the last selects the model.
+    #[arg(long, value_delimiter = ',')]
+    ks: Option<Vec<usize>>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Temperature (InfoNCE, AdvInfoNCE).
+    #[arg(long)]
+    tau: Option<f64>,
+    /// Negatives per positive (InfoNCE, AdvInfoNCE).
+    #[arg(long)]
+    n_neg: Option<usize>,
+    /// L2 weight on the batch's layer-0 embeddings.
+    #[arg(long)]
+    reg: Option<f64>,
+    /// AdvInfoNCE: adversary learning rate.
+    #[arg(long)]
+    adv_lr: Option<f64>,
+    /// AdvInfoNCE: maximum adversarial passes.
+    #[arg(long)]
+    eta_epochs: Option<usize>,
+    /// AdvInfoNCE: adversarial pass when (epoch + 3) % adv_interval == 0.
+    #[arg(long)]
+    adv_interval: Option<usize>,
+    /// AdvInfoNCE: negative-term multiplier.
+    #[arg(long)]
+    k_neg: Option<f64>,
+    /// AdvInfoNCE: reproduce the reference's regulariser typo (0.5 ** ‖E_neg‖).
+    #[arg(long)]
+    faithful: Option<bool>,
+    /// Seed of the train/valid/test split when the data is not split already (RecBole ratio 8:1:1).
+    #[arg(long)]
+    split_seed: Option<u64>,
+    /// Keep only interactions rated at least this before splitting.
+    #[arg(long)]
+    min_rating: Option<f32>,
+}
+
+macro_rules! merge {
+    ($dst:ident, $src:ident, $($f:ident),*) => { $( if $src.$f.is_some() { $dst.$f = $src.$f.clone(); } )* };
+}
+
+impl TrainArgs {
+    fn merged(flags: &TrainArgs) -> Result<TrainArgs> {
+        let mut a = match &flags.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str::<TrainArgs>(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?
+            }
+            None => TrainArgs::default(),
+        };
+        merge!(a, flags, data, format, preset, model, loss, layers, dim, lr, batch_size, epochs, eval_every, patience, ks, seed, tau, n_neg, reg, adv_lr, eta_epochs, adv_interval, k_neg, faithful, split_seed, min_rating);
+        Ok(a)
+    }
+
+    /// The model configuration these options describe.
+    fn resolve(&self) -> Result<CfConfig> {
+        let mut c = match &self.preset {
+            Some(p) => preset(p).ok_or_else(|| anyhow!("unknown preset `{p}` (see `rudder cf presets`)"))?,
+            None => CfConfig::new(ModelKind::Lightgcn, LossConfig::Bpr { reg: 1e-5 }),
+        };
+        if let Some(m) = &self.model {
+            let kind = match m.as_str() {
+                "mf" => ModelKind::Mf,
+                "lightgcn" => ModelKind::Lightgcn,
+                _ => bail!("unknown model `{m}` (mf, lightgcn)"),
+            };
+            if kind != c.model {
+                c.n_layers = if kind == ModelKind::Lightgcn { 3 } else { 0 };
+            }
+            c.model = kind;
+        }
+        if let Some(l) = &self.loss {
+            if l != c.loss.name() {
+                c.loss = match l.as_str() {
+                    "bpr" => LossConfig::Bpr { reg: 1e-5 },
+                    "infonce" => LossConfig::Infonce { tau: 0.2, n_neg: 64, reg: 1e-5 },
+                    "advinfonce" => LossConfig::Advinfonce(AdvConfig::default()),
+                    _ => bail!("unknown loss `{l}` (bpr, infonce, advinfonce)"),
+                };
+            }
+        }
+        if let Some(v) = self.layers {
+            if c.model == ModelKind::Mf && v > 0 {
+                bail!("--layers applies to lightgcn; MF has no graph layers");
+            }
+            c.n_layers = v;
+        }
+        macro_rules! set { ($($f:ident => $g:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$g = v; } )* } }
+        set!(dim => dim, lr => lr, batch_size => batch_size, epochs => epochs, eval_every => eval_every, patience => patience, ks => ks, seed => seed);
+        match &mut c.loss {
+            LossConfig::Bpr { reg } => {
+                if self.tau.is_some() || self.n_neg.is_some() {
+                    bail!("--tau and --n-neg apply to infonce/advinfonce, not bpr");
+                }
+                if let Some(v) = self.reg {
+                    *reg = v;
+                }
+            }
+            LossConfig::Infonce { tau, n_neg, reg } => {
+                if let Some(v) = self.tau { *tau = v; }
+                if let Some(v) = self.n_neg { *n_neg = v; }
+                if let Some(v) = self.reg { *reg = v; }
+            }
+            LossConfig::Advinfonce(a) => {
+                if let Some(v) = self.tau { a.tau = v; }
+                if let Some(v) = self.n_neg { a.n_neg = v; }
+                if let Some(v) = self.reg { a.reg = v; }
+                if let Some(v) = self.adv_lr { a.adv_lr = v; }
+                if let Some(v) = self.eta_epochs { a.eta_epochs = v; }
+                if let Some(v) = self.adv_interval { a.adv_interval = v; }
+                if let Some(v) = self.k_neg { a.k_neg = v; }
+                if let Some(v) = self.faithful { a.faithful_reg_typo = v; }
+            }
+        }
+        if !matches!(c.loss, LossConfig::Advinfonce(_))
+            && (self.adv_lr.is_some() || self.eta_epochs.is_some() || self.adv_interval.is_some() || self.k_neg.is_some())
+        {
+            bail!("adversarial options apply to --loss advinfonce only");
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Fully resolved, flat options (what the run folder records).
+    fn resolved(&self, c: &CfConfig) -> TrainArgs {
+        let mut r = TrainArgs {
+            data: self.data.clone(),
+            format: self.format.clone(),
+            preset: None,
+            model: Some(match c.model { ModelKind::Mf => "mf", ModelKind::Lightgcn => "lightgcn" }.into()),
+            loss: Some(c.loss.name().into()),
+            layers: Some(c.n_layers),
+            dim: Some(c.dim),
+            lr: Some(c.lr),
+            batch_size: Some(c.batch_size),
+            epochs: Some(c.epochs),
+            eval_every: Some(c.eval_every),
+            patience: Some(c.patience),
+            ks: Some(c.ks.clone()),
+            seed: Some(c.seed),
+            split_seed: Some(self.split_seed.unwrap_or(2020)),
+            min_rating: self.min_rating,
+            ..Default::default()
+        };
+        match &c.loss {
+            LossConfig::Bpr { reg } => r.reg = Some(*reg),
+            LossConfig::Infonce { tau, n_neg, reg } => {
+                r.tau = Some(*tau);
+                r.n_neg = Some(*n_neg);
+                r.reg = Some(*reg);
+            }
+            LossConfig::Advinfonce(a) => {
+                r.tau = Some(a.tau);
+                r.n_neg = Some(a.n_neg);
+                r.reg = Some(a.reg);
+                r.adv_lr = Some(a.adv_lr);
+                r.eta_epochs = Some(a.eta_epochs);
+                r.adv_interval = Some(a.adv_interval);
+                r.k_neg = Some(a.k_neg);
+                r.faithful = Some(a.faithful_reg_typo);
+            }
+        }
+        r
+    }
+}
+
+/// Load the data an options set names and make sure it is split.
+pub fn load_split(data: &str, format: Option<&str>, min_rating: Option<f32>, split_seed: u64) -> Result<Dataset> {
+    let fmt = format.map(|f| Format::parse(f).ok_or_else(|| anyhow!("unknown format `{f}`"))).transpose()?;
+    let Loaded::Interactions(mut ds) = resolve::load(data, fmt, &Store::from_env())? else {
+        bail!("`{data}` holds sequences or prompts, not user–item interactions");
+    };
+    if let Some(t) = min_rating {
+        if ds.split.is_some() {
+            bail!("--min-rating applies to unsplit data; `{data}` is already split");
+        }
+        ds = preprocess::implicit(&ds, t)?;
+    }
+    if ds.split.is_none() {
+        ds = split(&ds, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, split_seed)?;
+    }
+    Ok(ds)
+}
+
+pub struct Bar {
+    pub pb: ProgressBar,
+    loss_sum: f64,
+    n: usize,
+    k: usize,
+}
+
+impl TrainObserver for Bar {
+    fn epoch_start(&mut self, epoch: usize, _n_batches: usize) {
+        self.loss_sum = 0.0;
+        self.n = 0;
+        self.pb.set_message(format!("epoch {}", epoch + 1));
+    }
+    fn batch_done(&mut self, loss: f64) {
+        self.loss_sum += loss;
+        self.n += 1;
+        if self.n % 8 == 0 {
+            self.pb.set_message(format!("loss {:.4}", self.loss_sum / self.n as f64));
+        }
+    }
+    fn epoch_done(&mut self, rec: &EpochRecord) {
+        self.pb.inc(1);
+        if let Some(v) = &rec.valid {
+            let k = self.k;
+            self.pb.println(format!(
+                "epoch {:>4}  loss {:.4}  valid Recall@{k} {:.4}  NDCG@{k} {:.4}  ({:.2} s/epoch)",
+                rec.epoch + 1,
+                rec.loss,
+                v.get(&format!("recall@{k}")).copied().unwrap_or(f64::NAN),
+                v.get(&format!("ndcg@{k}")).copied().unwrap_or(f64::NAN),
+                rec.seconds
+            ));
+        }
+    }
+}
+
+pub fn progress_bar(epochs: usize, k: usize) -> Bar {
+    let pb = ProgressBar::new(epochs as u64);
+    pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} epochs {msg} [{elapsed} < {eta}]").unwrap());
+    Bar { pb, loss_sum: 0.0, n: 0, k }
+}
+
+pub fn run(cmd: CfCmd) -> Result<()> {
+    match cmd {
+        CfCmd::Train(flags) => {
+            let a = TrainArgs::merged(&flags)?;
+            let out = flags.out.clone().ok_or_else(|| anyhow!("--out RUN_DIR is required"))?;
+            let data = a.data.clone().ok_or_else(|| anyhow!("--data is required (a folder, an asset name, or synth)"))?;
+            let cfg = a.resolve()?;
+            let resolved = a.resolved(&cfg);
+            let ds = load_split(&data, a.format.as_deref(), a.min_rating, resolved.split_seed.unwrap())?;
+            let s = ds.split.as_ref().unwrap();
+            println!(
+                "{} × {} · train {} / valid {} / test {} · {} + {}",
+                ds.n_users(),
+                ds.n_items(),
+                s.train.len(),
+                s.valid.len(),
+                s.test.len(),
+                resolved.model.as_deref().unwrap(),
+                cfg.loss.name()
+            );
+            let run = RunDir::create(&out)?;
+            let cfg_text = toml::to_string_pretty(&resolved)?;
+            let mut bar = progress_bar(cfg.epochs, cfg.selection_k());
+            let report = train(&cfg, s, &mut bar)?;
+            bar.pb.finish_and_clear();
+            write_run(&run.path, &data, Some(&cfg_text), &report)?;
+            crate::plots::training_curves(&run.path, &report);
+            let summary = std::fs::read_to_string(run.path.join("summary.md"))?;
+            println!("\n{summary}\nrun folder: {}", run.path.display());
+            Ok(())
+        }
+        CfCmd::Eval { run } => eval(&run),
+        CfCmd::Recommend { run, user, k } => recommend(&run, &user, k),
+        CfCmd::Presets => {
+            for (n, d) in PRESETS {
+                println!("{n:<30} {d}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A trained run: its options, data and model.
+struct TrainedRun {
+    args: TrainArgs,
+    cfg: CfConfig,
+    ds: Dataset,
+    users: candle_core::Tensor,
+    items: candle_core::Tensor,
+}
+
+fn load_run(run: &Path) -> Result<TrainedRun> {
+    let cfg_path = run.join("config.toml");
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {} (is this a run folder?)", cfg_path.display()))?;
+    let args: TrainArgs = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
+    let cfg = args.resolve()?;
+    let data = args.data.clone().ok_or_else(|| anyhow!("{}: no `data`", cfg_path.display()))?;
+    let ds = load_split(&data, args.format.as_deref(), args.min_rating, args.split_seed.unwrap_or(2020))?;
+    let ck = run.join("best.safetensors");
+    let tensors = rudder_nn::checkpoint::load(&ck, &candle_core::Device::Cpu).with_context(|| format!("reading {}", ck.display()))?;
+    let m = rudder_cf::model::restore(&cfg, &ds.split.as_ref().unwrap().train, &tensors, &candle_core::Device::Cpu)?;
+    let (users, items) = m.forward()?;
+    Ok(TrainedRun { args, cfg, ds, users, items })
+}
+
+fn eval(run: &Path) -> Result<()> {
+    let l = load_run(run)?;
+    let s = l.ds.split.as_ref().unwrap();
+    let sc = rudder_cf::scorer::EmbeddingScorer::new(&l.users, &l.items, l.cfg.loss.cosine())?;
+    let k = l.cfg.selection_k();
+    let ecfg = EvalConfig { ks: l.cfg.ks.clone(), ..Default::default() };
+    let mut md = format!(
+        "# Evaluation of {}\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
+        run.display()
+    );
+    let mut lines = Vec::new();
+    let mut parts: Vec<(String, &rudder_data::Interactions, Vec<&rudder_data::Interactions>)> = Vec::new();
+    if !s.valid.is_empty() {
+        parts.push(("valid".into(), &s.valid, vec![&s.train]));
+    }
+    parts.push(("test".into(), &s.test, vec![&s.train, &s.valid]));
+    for (n, x) in &s.extra_tests {
+        parts.push((n.clone(), x, vec![&s.train, &s.valid]));
+    }
+    for (name, truth, masks) in parts {
+        let mut ev = Evaluator::new(truth);
+        for m in masks {
+            ev = ev.mask(m);
+        }
+        let r = ev.run(&sc, &ecfg)?;
+        md.push_str(&metrics_row(&name, &r, k));
+        md.push('\n');
+        let mut m = serde_json::json!({"split": name, "users": r.n_users});
+        for (key, v) in &r.means {
+            m[key] = (*v).into();
+        }
+        lines.push(m);
+    }
+    let mut s = String::new();
+    for l in &lines {
+        s.push_str(&l.to_string());
+        s.push('\n');
+    }
+    rudder_data::io::write_bytes_atomic(&run.join("eval.jsonl"), s.as_bytes())?;
+    rudder_data::io::write_bytes_atomic(&run.join("eval.md"), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}
+
+fn recommend(run: &Path, user: &str, k: usize) -> Result<()> {
+    let l = load_run(run)?;
+    let u = l.ds.users.get(user).ok_or_else(|| {
+        anyhow!("user `{user}` is not in {} (ids are the data's own, e.g. `{}`)", l.args.data.as_deref().unwrap_or("?"), l.ds.users.ext(0))
+    })?;
+    let s = l.ds.split.as_ref().unwrap();
+    let sc = rudder_cf::scorer::EmbeddingScorer::new(&l.users, &l.items, l.cfg.loss.cosine())?;
+    let n = l.ds.n_items();
+    let mut row = vec![0f32; n];
+    sc.score_users(&[u], n, &mut row);
+    let seen: std::collections::HashSet<u32> = s.train.items(u).iter().copied().collect();
+    let cand: Vec<(f32, u32)> = row.iter().enumerate().filter(|(i, _)| !seen.contains(&(*i as u32))).map(|(i, &v)| (v, i as u32)).collect();
+    let top = top_k(cand, k);
+    println!("top {k} for user {user} ({} items seen in training):", seen.len());
+    for (rank, i) in top.iter().enumerate() {
+        let title = l.ds.item_table.title(*i).map(|t| format!("  {t}")).unwrap_or_default();
+        let genres = l.ds.item_table.field("genres", *i).filter(|g| !g.is_empty()).map(|g| format!("  [{g}]")).unwrap_or_default();
+        println!("{:>3}. {:<12} {:>8.4}{title}{genres}", rank + 1, l.ds.items.ext(*i), row[*i as usize]);
+    }
+    Ok(())
+}
