@@ -6,12 +6,15 @@ use candle_core::{Device, Tensor, Var, D};
 use rudder_data::sampler::Batch;
 use rudder_nn::init::xavier_normal;
 use rudder_nn::ops::{l2_normalize, log_sigmoid, log_softmax};
+use rudder_nn::sampled::sampled_dot;
+use std::sync::Arc;
 
 /// Index tensors of a batch.
 pub struct BatchIdx {
     pub users: Tensor,
     pub pos: Tensor,
     pub neg: Tensor,
+    pub neg_ids: Arc<Vec<u32>>,
     pub b: usize,
     pub n: usize,
 }
@@ -22,33 +25,24 @@ impl BatchIdx {
             users: Tensor::from_slice(&batch.users, batch.len(), dev)?,
             pos: Tensor::from_slice(&batch.pos, batch.len(), dev)?,
             neg: Tensor::from_slice(&batch.neg, batch.neg.len(), dev)?,
+            neg_ids: Arc::new(batch.neg.clone()),
             b: batch.len(),
             n: batch.n_neg,
         })
     }
 }
 
-/// Batch embeddings: `u (B×d)`, `i (B×d)` and the negatives, either gathered as `j (B×N×d)`
-/// or, when the catalogue is small relative to N, scored against every item and gathered from
-/// the `B×I` score matrix (less memory traffic for large N).
+/// Batch embeddings `u (B×d)`, `i (B×d)` and the tables the negatives are scored against.
 pub struct BatchEmb {
     pub u: Tensor,
     pub i: Tensor,
-    neg: NegScores,
-    idx_neg: Tensor,
-    b: usize,
+    items: Tensor,
+    neg_ids: Arc<Vec<u32>>,
     n: usize,
-}
-
-enum NegScores {
-    Gathered(Tensor),
-    Full(Tensor),
 }
 
 impl BatchEmb {
     pub fn gather(users: &Tensor, items: &Tensor, idx: &BatchIdx, cosine: bool) -> Result<BatchEmb> {
-        let d = users.dim(1)?;
-        let n_items = items.dim(0)?;
         // normalising the tables once and then gathering equals gathering then normalising
         let (users, items) = if cosine {
             (l2_normalize(users, 1e-12)?, l2_normalize(items, 1e-12)?)
@@ -57,21 +51,13 @@ impl BatchEmb {
         };
         let u = users.index_select(&idx.users, 0)?;
         let i = items.index_select(&idx.pos, 0)?;
-        let neg = if idx.n > 1 && n_items <= 64 * idx.n {
-            NegScores::Full(u.matmul(&items.t()?)?)
-        } else {
-            NegScores::Gathered(items.index_select(&idx.neg, 0)?.reshape((idx.b, idx.n, d))?)
-        };
-        Ok(BatchEmb { u, i, neg, idx_neg: idx.neg.clone(), b: idx.b, n: idx.n })
+        Ok(BatchEmb { u, i, items, neg_ids: idx.neg_ids.clone(), n: idx.n })
     }
 
     /// Positive scores `(B)` and negative scores `(B×N)`.
     pub fn scores(&self) -> Result<(Tensor, Tensor)> {
         let pos = (&self.u * &self.i)?.sum(D::Minus1)?;
-        let neg = match &self.neg {
-            NegScores::Gathered(j) => j.matmul(&self.u.unsqueeze(2)?)?.squeeze(2)?,
-            NegScores::Full(s) => s.gather(&self.idx_neg.reshape((self.b, self.n))?.contiguous()?, 1)?,
-        };
+        let neg = sampled_dot(&self.u, &self.items, self.neg_ids.clone(), self.n)?;
         Ok((pos, neg))
     }
 }
@@ -106,7 +92,19 @@ pub fn l2_reg(ego_users: &Tensor, ego_items: &Tensor, idx: &BatchIdx, reg: f64, 
     }
     let u = ego_users.index_select(&idx.users, 0)?.sqr()?.sum_all()?;
     let i = ego_items.index_select(&idx.pos, 0)?.sqr()?.sum_all()?;
-    let jsq = ego_items.index_select(&idx.neg, 0)?.sqr()?.sum_all()?;
+    // Σ over the B·N negative rows of ‖E_j‖²; for many negatives as Σ_items count_j · ‖E_j‖²
+    // (no B×N×d gather)
+    let jsq = if idx.n <= 4 {
+        ego_items.index_select(&idx.neg, 0)?.sqr()?.sum_all()?
+    } else {
+        let n_items = ego_items.dim(0)?;
+        let mut counts = vec![0f32; n_items];
+        for &j in idx.neg_ids.iter() {
+            counts[j as usize] += 1.0;
+        }
+        let counts = Tensor::from_vec(counts, n_items, ego_items.device())?;
+        (ego_items.sqr()?.sum(D::Minus1)? * counts)?.sum_all()?
+    };
     let j = if faithful_typo {
         // 0.5 ** ‖E_j‖_F = exp(ln 0.5 · ‖E_j‖_F)
         jsq.sqrt()?.affine(0.5f64.ln(), 0.0)?.exp()?
@@ -133,10 +131,8 @@ impl Hardness {
 
     /// Raw dot products `P_U[u] · P_I[j]`, shape `(B×N)`.
     pub fn logits(&self, idx: &BatchIdx) -> Result<Tensor> {
-        let w = self.users.as_tensor().dim(1)?;
         let pu = self.users.as_tensor().index_select(&idx.users, 0)?;
-        let pj = self.items.as_tensor().index_select(&idx.neg, 0)?.reshape((idx.b, idx.n, w))?;
-        Ok(pj.matmul(&pu.unsqueeze(2)?)?.squeeze(2)?)
+        Ok(sampled_dot(&pu, self.items.as_tensor(), idx.neg_ids.clone(), idx.n)?)
     }
 
     /// Mean KL(p ‖ uniform) = Σ_j p_j log(p_j N) over the batch (the reference's "eta").

@@ -15,6 +15,7 @@ pub mod graph;
 pub mod init;
 pub mod ops;
 pub mod optim;
+pub mod sampled;
 pub mod sparse;
 
 pub use candle_core::{DType, Device, Tensor, Var};

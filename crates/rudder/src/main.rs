@@ -65,6 +65,12 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
+    // Transparent huge pages make every fresh tensor allocation fault in and zero 2 MiB;
+    // autograd allocates many mid-sized tensors per step, so opt this process out.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
     if let Some(t) = cli.threads {
         // candle's kernels read RAYON_NUM_THREADS; set it before any thread pool exists
         unsafe { std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string()) };
