@@ -97,7 +97,7 @@ fn demo_writes_a_run_folder() {
     let home = tempfile::tempdir().unwrap();
     let t = tempfile::tempdir().unwrap();
     let run = t.path().join("run");
-    let o = rudder(&["demo", "--out", run.to_str().unwrap()], home.path());
+    let o = rudder(&["demo", "--epochs", "5", "--out", run.to_str().unwrap()], home.path());
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("| most-popular |"), "{out}");
@@ -105,9 +105,68 @@ fn demo_writes_a_run_folder() {
     assert!(cfg.contains("data = \"synth\""));
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.len(), 9, "3 baselines + MF/LightGCN × 3 losses");
+    for sub in ["mf-bpr", "lightgcn-infonce", "lightgcn-advinfonce"] {
+        for f in ["config.toml", "metrics.jsonl", "summary.md", "best.safetensors"] {
+            assert!(run.join(sub).join(f).exists(), "{sub}/{f}");
+        }
+    }
+    assert!(lines.iter().all(|l| l["recall@20"].as_f64().unwrap() > 0.0));
     let recall = |m: &str| lines.iter().find(|l| l["model"] == m).unwrap()["recall@20"].as_f64().unwrap();
     assert!(recall("oracle (true tastes)") > recall("most-popular"));
     assert!(recall("most-popular") > recall("random"));
     assert!(std::fs::read_to_string(run.join("summary.md")).unwrap().contains("Recall@20"));
+}
+
+#[test]
+fn cf_train_eval_recommend_on_synth() {
+    let home = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("run");
+    let r = run.to_str().unwrap();
+    let o = rudder(&["cf", "train", "--data", "synth", "--model", "lightgcn", "--loss", "infonce", "--epochs", "4", "--eval-every", "2", "--out", r], home.path());
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(text(&o).0.contains("| test |"), "{}", text(&o).0);
+    let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(cfg.contains("loss = \"infonce\"") && cfg.contains("tau = 0.2"), "{cfg}");
+    // the saved config repeats the run exactly
+    let run2 = t.path().join("run2");
+    let o = rudder(&["cf", "train", "--config", run.join("config.toml").to_str().unwrap(), "--out", run2.to_str().unwrap()], home.path());
+    assert!(o.status.success(), "{}", text(&o).1);
+    let m1 = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let m2 = std::fs::read_to_string(run2.join("metrics.jsonl")).unwrap();
+    let strip = |s: &str| s.lines().map(|l| {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v.as_object_mut().unwrap().retain(|k, _| !k.contains("seconds"));
+        v
+    }).collect::<Vec<_>>();
+    assert_eq!(strip(&m1), strip(&m2));
+    let o = rudder(&["cf", "eval", "--run", r], home.path());
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(text(&o).0.contains("| valid |") && run.join("eval.jsonl").exists());
+    let o = rudder(&["cf", "recommend", "--run", r, "--user", "7", "-k", "5"], home.path());
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out.lines().filter(|l| l.contains(". ")).count(), 5, "{out}");
+    assert!(out.contains("(19") || out.contains("(20"), "titles with years: {out}");
+    let o = rudder(&["cf", "recommend", "--run", r, "--user", "nobody"], home.path());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("user `nobody` is not in"));
+}
+
+#[test]
+fn cf_rejects_inconsistent_options() {
+    let home = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["cf", "train", "--data", "synth", "--loss", "bpr", "--tau", "0.1", "--out", "/tmp/never"],
+        vec!["cf", "train", "--data", "synth", "--model", "gru", "--out", "/tmp/never"],
+        vec!["cf", "train", "--data", "synth", "--preset", "nope", "--out", "/tmp/never"],
+        vec!["cf", "train", "--data", "synth", "--lr", "0", "--out", "/tmp/never"],
+        vec!["cf", "eval", "--run", "/tmp/definitely-not-a-run"],
+    ] {
+        let o = rudder(&args, home.path());
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.starts_with("error: ") && !err.contains("panicked"), "{args:?}: {err}");
+    }
 }
