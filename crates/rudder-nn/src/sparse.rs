@@ -96,21 +96,21 @@ fn rows_kernel(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f3
 }
 
 #[inline(always)]
-fn rows_blocked(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f32]) {
-    // 16 accumulators per block stay in registers while the row's non-zeros stream by
+fn rows_blocked<const B: usize>(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f32]) {
+    // B accumulators per block stay in registers while the row's non-zeros stream by
     for r in r0..r1 {
         let (p0, p1) = (a.indptr[r], a.indptr[r + 1]);
         let orow = &mut out[(r - r0) * d..(r - r0 + 1) * d];
-        for c in (0..d).step_by(16) {
-            let mut acc = [0f32; 16];
+        for c in (0..d).step_by(B) {
+            let mut acc = [0f32; B];
             for p in p0..p1 {
                 let w = a.values[p];
-                let xr = &x[a.indices[p] as usize * d + c..][..16];
-                for k in 0..16 {
+                let xr = &x[a.indices[p] as usize * d + c..][..B];
+                for k in 0..B {
                     acc[k] = w.mul_add(xr[k], acc[k]);
                 }
             }
-            orow[c..c + 16].copy_from_slice(&acc);
+            orow[c..c + B].copy_from_slice(&acc);
         }
     }
 }
@@ -118,7 +118,13 @@ fn rows_blocked(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f32]) {
-    rows_blocked(a, x, d, r0, r1, out)
+    if d % 64 == 0 {
+        rows_blocked::<64>(a, x, d, r0, r1, out)
+    } else if d % 32 == 0 {
+        rows_blocked::<32>(a, x, d, r0, r1, out)
+    } else {
+        rows_blocked::<16>(a, x, d, r0, r1, out)
+    }
 }
 
 fn rows_generic(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f32]) {
