@@ -12,7 +12,7 @@ def rss(path):
 def rudder(name):
     recs = [json.loads(l) for l in open(f"{out}/rudder-{name}/metrics.jsonl")]
     epochs = [r for r in recs if "epoch" in r]
-    last = epochs[-1]["valid"]
+    last = max((r["valid"] for r in epochs), key=lambda v: v["recall@20"])
     return {
         "epoch": sum(r["seconds"] for r in epochs) / len(epochs),
         "eval": sum(r["eval_seconds"] for r in epochs if "eval_seconds" in r) / len(epochs),
@@ -24,14 +24,11 @@ def rudder(name):
 
 def recbole(name):
     d = json.load(open(f"{out}/recbole-{name}.json"))
-    text = open(f"{out}/recbole-{name}.log").read()
-    # valid result of the last epoch
-    vals = re.findall(r"valid result: \n?.*?recall@20 : ([0-9.]+).*?ndcg@20 : ([0-9.]+)", text, re.S)
-    rec, nd = (float(vals[-1][0]), float(vals[-1][1])) if vals else (d["best_valid"]["recall@20"], d["best_valid"]["ndcg@20"])
+    rec, nd = d["best_valid"]["recall@20"], d["best_valid"]["ndcg@20"]
     return {"epoch": d["seconds_per_epoch"], "eval": d["seconds_per_eval"], "rss": rss(f"{out}/recbole-{name}.time"),
             "recall": rec, "ndcg": nd, "epochs": d["epochs"]}
 
-print("| model | tool | epochs | s/epoch | s/full eval | peak RSS MB | valid Recall@20 (last epoch) | valid NDCG@20 |")
+print("| model | tool | epochs | s/epoch | s/full eval | peak RSS MB | best valid Recall@20 | its valid NDCG@20 |")
 print("|---|---|---|---|---|---|---|---|")
 for ours, theirs, label in [("lightgcn", "LightGCN", "LightGCN"), ("mf", "BPR", "BPR-MF")]:
     a, b = rudder(ours), recbole(theirs)

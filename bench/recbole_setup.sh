@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check "recbole==1.2.1" "numpy<2" "scipy>=1.12,<1.13" torch "ray<3" 2>&1 | tail -3
+.venv/bin/pip install -q --disable-pip-version-check "recbole==1.2.1" "numpy<2" "scipy>=1.12,<1.13" torch "ray<3" "setuptools<70" 2>&1 | tail -3
 .venv/bin/python -c "import recbole, torch; print('recbole', recbole.__version__, 'torch', torch.__version__)"

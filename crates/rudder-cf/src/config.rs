@@ -99,6 +99,10 @@ pub struct CfConfig {
     /// Cut-offs; the last one selects the model.
     pub ks: Vec<usize>,
     pub seed: u64,
+    /// How an epoch draws its positives: `user` (the CF reference repositories) or
+    /// `interaction` (RecBole).
+    #[serde(default)]
+    pub sampler: rudder_data::sampler::SampleMode,
 }
 
 impl CfConfig {
@@ -115,6 +119,7 @@ impl CfConfig {
             patience: 10,
             ks: vec![10, 20],
             seed: 101,
+            sampler: rudder_data::sampler::SampleMode::User,
         }
     }
 

@@ -5,8 +5,8 @@ use crate::config::{AdvConfig, CfConfig, LossConfig, ModelKind};
 
 /// (name, description) of every preset.
 pub const PRESETS: [(&str, &str); 12] = [
-    ("recbole-lightgcn", "RecBole-comparable LightGCN: d=64, 3 layers, BPR, batch 2048, lr 1e-3, reg 1e-5, eval every epoch"),
-    ("recbole-bpr", "RecBole-comparable BPR-MF: d=64, batch 2048, lr 1e-3, reg 1e-5, eval every epoch"),
+    ("recbole-lightgcn", "RecBole-comparable LightGCN: d=64, 3 layers, BPR, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch"),
+    ("recbole-bpr", "RecBole-comparable BPR-MF: d=64, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch"),
     ("advinfonce-coat-lightgcn", "AdvInfoNCE README, Coat, LightGCN L=2: lr 1e-3, B 1024, N 64, τ 0.75, adv_lr 1e-2, 20 passes every 15 epochs"),
     ("advinfonce-coat-mf", "AdvInfoNCE README, Coat, MF: as above with 18 adversarial passes"),
     ("infonce-coat-lightgcn", "InfoNCE baseline on Coat, LightGCN L=2: lr 1e-3, B 1024, N 64, τ 0.75"),
@@ -49,6 +49,7 @@ pub fn preset(name: &str) -> Option<CfConfig> {
             c.epochs = 300;
             c.ks = vec![10, 20];
             c.seed = 2020;
+            c.sampler = rudder_data::sampler::SampleMode::Interaction;
             c
         }
         "advinfonce-coat-lightgcn" => base(L, adv(0.75, 64, 1e-2, 20, 15), 1e-3, 1024, 10),

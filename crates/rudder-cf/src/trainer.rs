@@ -99,7 +99,7 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
     let mut opt = Adam::new(params.iter().map(|(_, v)| v.clone()).collect(), AdamConfig::adam(cfg.lr))?;
     let sampler = Sampler::new(
         train,
-        SamplerConfig { batch_size: cfg.batch_size.min(train.len()), n_neg: cfg.loss.n_neg(), drop_last: true, seed: cfg.seed },
+        SamplerConfig { batch_size: cfg.batch_size.min(train.len()), n_neg: cfg.loss.n_neg(), drop_last: true, seed: cfg.seed, mode: cfg.sampler },
     )?;
     let cosine = cfg.loss.cosine();
     let (adv, mut adv_opt) = match &cfg.loss {

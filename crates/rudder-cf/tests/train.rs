@@ -27,7 +27,7 @@ fn every_parameter_receives_a_gradient() {
         let cfg = CfConfig::new(kind, LossConfig::Advinfonce(AdvConfig { n_neg: 8, ..Default::default() }));
         let m = model::build(&cfg, &s.train, &dev).unwrap();
         let h = Hardness::new(s.train.n_users(), s.train.n_items(), &AdvConfig::default(), 1, &dev).unwrap();
-        let b = &Sampler::new(&s.train, SamplerConfig { batch_size: 256, n_neg: 8, drop_last: true, seed: 1 }).unwrap().epoch(0)[0];
+        let b = &Sampler::new(&s.train, SamplerConfig { batch_size: 256, n_neg: 8, drop_last: true, seed: 1, ..Default::default() }).unwrap().epoch(0)[0];
         let idx = BatchIdx::new(b, &dev).unwrap();
         let (u, i) = m.forward().unwrap();
         let (pos, neg) = BatchEmb::gather(&u, &i, &idx, true).unwrap().scores().unwrap();

@@ -15,6 +15,19 @@ use rand::Rng as _;
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
+/// Which draws make an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleMode {
+    /// The CF reference repositories ([S2]): draw `idx` takes user `idx mod n_users` and a
+    /// uniformly random positive of that user (users are uniform).
+    #[default]
+    User,
+    /// RecBole: every train interaction is the positive of exactly one draw per epoch
+    /// (interactions are uniform).
+    Interaction,
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplerConfig {
     pub batch_size: usize,
@@ -22,11 +35,13 @@ pub struct SamplerConfig {
     pub n_neg: usize,
     pub drop_last: bool,
     pub seed: u64,
+    #[serde(default)]
+    pub mode: SampleMode,
 }
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { batch_size: 2048, n_neg: 1, drop_last: true, seed: 101 }
+        SamplerConfig { batch_size: 2048, n_neg: 1, drop_last: true, seed: 101, mode: SampleMode::User }
     }
 }
 
@@ -59,6 +74,8 @@ pub struct Sampler {
     train: Interactions,
     /// sorted, de-duplicated train items per user, for rejection
     sets: Vec<Vec<u32>>,
+    /// user of every train interaction (CSR order), for interaction-uniform epochs
+    row_of: Vec<u32>,
 }
 
 impl Sampler {
@@ -78,7 +95,12 @@ impl Sampler {
                 )));
             }
         }
+        let mut row_of = Vec::with_capacity(train.len());
+        for u in 0..train.n_users() as u32 {
+            row_of.extend(std::iter::repeat_n(u, train.degree(u)));
+        }
         Ok(Sampler {
+            row_of,
             n_items: train.n_items() as u32,
             n_obs: train.len(),
             users,
@@ -122,10 +144,16 @@ impl Sampler {
         let mut pos = Vec::with_capacity(idx.len());
         let mut neg = Vec::with_capacity(idx.len() * n_neg);
         for &k in idx {
-            let u = self.users[k as usize % self.users.len()];
-            let items = self.train.items(u);
+            let (u, p) = match self.cfg.mode {
+                SampleMode::User => {
+                    let u = self.users[k as usize % self.users.len()];
+                    let items = self.train.items(u);
+                    (u, items[rng.random_range(0..items.len())])
+                }
+                SampleMode::Interaction => (self.row_of[k as usize], self.train.indices()[k as usize]),
+            };
             users.push(u);
-            pos.push(items[rng.random_range(0..items.len())]);
+            pos.push(p);
             let set = &self.sets[u as usize];
             let mut got = 0;
             while got < n_neg {
@@ -158,7 +186,7 @@ mod tests {
     #[test]
     fn same_batches_for_any_thread_count() {
         let t = train();
-        let s = Sampler::new(&t, SamplerConfig { batch_size: 8, n_neg: 4, drop_last: true, seed: 3 }).unwrap();
+        let s = Sampler::new(&t, SamplerConfig { batch_size: 8, n_neg: 4, drop_last: true, seed: 3, ..Default::default() }).unwrap();
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| s.epoch(2));
         let four = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap().install(|| s.epoch(2));
         assert_eq!(one, four);
@@ -169,7 +197,7 @@ mod tests {
     fn draws_follow_the_reference_rules() {
         let t = train();
         let sets = t.sorted_sets();
-        let s = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 3, drop_last: false, seed: 1 }).unwrap();
+        let s = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 3, drop_last: false, seed: 1, ..Default::default() }).unwrap();
         let batches = s.epoch(0);
         assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), t.len());
         let mut per_user = vec![0usize; 30];
@@ -187,7 +215,7 @@ mod tests {
         let (lo, hi) = (t.len() / 30, t.len().div_ceil(30));
         assert!(per_user.iter().all(|&c| c == lo || c == hi), "{per_user:?}");
         // drop_last drops the partial batch
-        let s2 = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 1, drop_last: true, seed: 1 }).unwrap();
+        let s2 = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 1, drop_last: true, seed: 1, ..Default::default() }).unwrap();
         assert_eq!(s2.epoch(0).len(), t.len() / 7);
     }
 
@@ -195,7 +223,7 @@ mod tests {
     fn negatives_are_uniform_over_non_train_items() {
         // one user with items 0..10 of 20: negatives uniform over 10..20
         let t = Interactions::from_lists(20, &[(0..10).collect()]);
-        let s = Sampler::new(&t, SamplerConfig { batch_size: 10, n_neg: 1000, drop_last: true, seed: 9 }).unwrap();
+        let s = Sampler::new(&t, SamplerConfig { batch_size: 10, n_neg: 1000, drop_last: true, seed: 9, ..Default::default() }).unwrap();
         let mut counts = vec![0usize; 20];
         for b in s.epoch(0) {
             for &j in &b.neg {
@@ -208,6 +236,17 @@ mod tests {
         for &c in &counts[10..] {
             assert!((800..1200).contains(&c), "{counts:?}");
         }
+    }
+
+    #[test]
+    fn interaction_mode_visits_every_interaction_once() {
+        let t = train();
+        let s = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 2, drop_last: false, seed: 4, mode: SampleMode::Interaction }).unwrap();
+        let mut seen: Vec<(u32, u32)> = s.epoch(0).iter().flat_map(|b| b.users.iter().copied().zip(b.pos.iter().copied()).collect::<Vec<_>>()).collect();
+        let mut all: Vec<(u32, u32)> = t.iter().map(|x| (x.user, x.item)).collect();
+        seen.sort_unstable();
+        all.sort_unstable();
+        assert_eq!(seen, all);
     }
 
     #[test]

@@ -116,6 +116,10 @@ pub struct TrainArgs {
     /// AdvInfoNCE: reproduce the reference's regulariser typo (0.5 ** ‖E_neg‖).
     #[arg(long)]
     faithful: Option<bool>,
+    /// Epoch draws: `user` (uniform users, the CF reference repositories) or `interaction`
+    /// (every train interaction once, RecBole).
+    #[arg(long)]
+    sampler: Option<String>,
     /// Seed of the train/valid/test split when the data is not split already (RecBole ratio 8:1:1).
     #[arg(long)]
     split_seed: Option<u64>,
@@ -137,7 +141,7 @@ impl TrainArgs {
             }
             None => TrainArgs::default(),
         };
-        merge!(a, flags, data, format, preset, model, loss, layers, dim, lr, batch_size, epochs, eval_every, patience, ks, seed, tau, n_neg, reg, adv_lr, eta_epochs, adv_interval, k_neg, faithful, split_seed, min_rating);
+        merge!(a, flags, data, format, preset, sampler, model, loss, layers, dim, lr, batch_size, epochs, eval_every, patience, ks, seed, tau, n_neg, reg, adv_lr, eta_epochs, adv_interval, k_neg, faithful, split_seed, min_rating);
         Ok(a)
     }
 
@@ -175,6 +179,13 @@ impl TrainArgs {
             c.n_layers = v;
         }
         macro_rules! set { ($($f:ident => $g:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$g = v; } )* } }
+        if let Some(sm) = &self.sampler {
+            c.sampler = match sm.as_str() {
+                "user" => rudder_data::sampler::SampleMode::User,
+                "interaction" => rudder_data::sampler::SampleMode::Interaction,
+                _ => bail!("unknown sampler `{sm}` (user, interaction)"),
+            };
+        }
         set!(dim => dim, lr => lr, batch_size => batch_size, epochs => epochs, eval_every => eval_every, patience => patience, ks => ks, seed => seed);
         match &mut c.loss {
             LossConfig::Bpr { reg } => {
@@ -227,6 +238,7 @@ impl TrainArgs {
             patience: Some(c.patience),
             ks: Some(c.ks.clone()),
             seed: Some(c.seed),
+            sampler: Some(match c.sampler { rudder_data::sampler::SampleMode::User => "user", rudder_data::sampler::SampleMode::Interaction => "interaction" }.into()),
             split_seed: Some(self.split_seed.unwrap_or(2020)),
             min_rating: self.min_rating,
             ..Default::default()
