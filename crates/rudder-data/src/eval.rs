@@ -150,6 +150,44 @@ pub fn top_k(mut cand: Vec<(f32, u32)>, k: usize) -> Vec<u32> {
     cand.into_iter().map(|c| c.1).collect()
 }
 
+/// The top `k` entries of a score row, skipping `skip[i]` and `-inf` scores, ranked (higher
+/// score first, NaN last, ties by lower item id). One pass with a bounded insertion list: no
+/// allocation proportional to the number of items.
+pub fn top_k_row(row: &[f32], k: usize, skip: &[bool]) -> Vec<u32> {
+    if k == 0 {
+        return Vec::new();
+    }
+    // `best` holds up to k (score, item) pairs sorted best-first; NaN is treated as -inf but
+    // still ranked after every finite score
+    let key = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    let mut nan_items: Vec<u32> = Vec::new();
+    for (i, &s) in row.iter().enumerate() {
+        if skip.get(i).copied().unwrap_or(false) || s == f32::NEG_INFINITY {
+            continue;
+        }
+        if s.is_nan() {
+            if nan_items.len() < k {
+                nan_items.push(i as u32);
+            }
+            continue;
+        }
+        if best.len() == k && key(s) <= best[k - 1].0 {
+            continue; // not better than the current k-th (ties: the earlier, lower id wins)
+        }
+        let pos = best.partition_point(|&(bs, _)| bs >= s);
+        best.insert(pos, (s, i as u32));
+        best.truncate(k);
+    }
+    let mut out: Vec<u32> = best.into_iter().map(|(_, i)| i).collect();
+    for i in nan_items {
+        if out.len() < k {
+            out.push(i);
+        }
+    }
+    out
+}
+
 /// Ground truth, masks and (optionally) candidate lists for one evaluation.
 pub struct Evaluator<'a> {
     truth: &'a Interactions,
@@ -249,23 +287,18 @@ impl<'a> Evaluator<'a> {
                         scorer.score_users(chunk, n_items, &mut buf);
                         for (r, &u) in chunk.iter().enumerate() {
                             let row = &mut buf[r * n_items..(r + 1) * n_items];
-                            let truth = self.truth.items(u);
+                            let mut truth = self.truth.items(u).to_vec();
+                            truth.sort_unstable();
                             for m in &self.masks {
                                 if (u as usize) < m.n_users() {
                                     for &i in m.items(u) {
-                                        if !truth.contains(&i) {
+                                        if truth.binary_search(&i).is_err() {
                                             row[i as usize] = f32::NEG_INFINITY;
                                         }
                                     }
                                 }
                             }
-                            let pairs: Vec<(f32, u32)> = row
-                                .iter()
-                                .enumerate()
-                                .filter(|(i, s)| !global[*i] && **s != f32::NEG_INFINITY)
-                                .map(|(i, &s)| (s, i as u32))
-                                .collect();
-                            out.push(self.finish(u, top_k(pairs, kmax), &cfg.ks));
+                            out.push(self.finish(u, top_k_row(row, kmax, &global), &cfg.ks));
                         }
                     }
                 }
@@ -424,6 +457,34 @@ mod tests {
         assert_eq!(r.per_user[0].top, vec![0, 1, 2, 3, 4, 5]); // user 1, all tied
         assert_eq!(r.per_user[1].top, vec![5, 4, 3, 2, 1, 0]); // user 2, NaN last
         close(r.per_user[1].metrics[0][4], 1.0 / 6.0);
+    }
+
+    #[test]
+    fn streaming_top_k_equals_sorting() {
+        let mut st = 7u64;
+        for n in [1usize, 5, 50, 300] {
+            for k in [1usize, 3, 20] {
+                let row: Vec<f32> = (0..n)
+                    .map(|_| {
+                        st = crate::rng::mix64(st);
+                        match st % 13 {
+                            0 => f32::NAN,
+                            1 => f32::NEG_INFINITY,
+                            2 => 0.5, // ties
+                            _ => (st >> 40) as f32 / 1e6,
+                        }
+                    })
+                    .collect();
+                let skip: Vec<bool> = (0..n).map(|i| i % 11 == 3).collect();
+                let pairs: Vec<(f32, u32)> = row
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, s)| !skip[*i] && **s != f32::NEG_INFINITY)
+                    .map(|(i, &s)| (s, i as u32))
+                    .collect();
+                assert_eq!(top_k_row(&row, k, &skip), top_k(pairs, k), "n={n} k={k}");
+            }
+        }
     }
 
     #[test]
