@@ -140,6 +140,60 @@ pub fn split(ds: &Dataset, method: &SplitMethod, seed: u64) -> Result<Dataset> {
     Ok(out)
 }
 
+/// Carve a popularity-shifted out-of-distribution test set out of `ds` before splitting the
+/// rest: `fraction` of all interactions, drawn without replacement with probability ∝
+/// `pop_i^(−gamma)` (pop = the item's interaction count), so the OOD test over-represents
+/// unpopular items the way the debiasing papers' shifted tests do. The rest is split with
+/// `method`; the OOD set becomes the extra test set `test_ood`. At most half of any item's
+/// interactions go to the OOD set, so every item keeps training signal.
+pub fn split_with_ood(ds: &Dataset, method: &SplitMethod, fraction: f64, gamma: f64, seed: u64) -> Result<Dataset> {
+    if !(0.0..1.0).contains(&fraction) {
+        return Err(DataError::Config(format!("OOD fraction {fraction} must be in [0, 1)")));
+    }
+    let x = &ds.interactions;
+    let pop = x.item_degrees();
+    let n_ood = (fraction * x.len() as f64).round() as usize;
+    let mut keys: Vec<(f64, usize)> = x
+        .iter()
+        .enumerate()
+        .map(|(p, it)| {
+            // Gumbel-top-k = weighted sampling without replacement, log w = −γ ln pop
+            let u = crate::rng::unit(seed, &[0x00D, p as u64]).max(1e-300);
+            (-gamma * (pop[it.item as usize] as f64).ln() - (-u.ln()).ln(), p)
+        })
+        .collect();
+    // take the highest keys, but never more than half of an item's interactions, so every
+    // item keeps training signal
+    keys.sort_unstable_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+    let mut taken = vec![0usize; pop.len()];
+    let mut in_ood = vec![false; x.len()];
+    let items = x.indices();
+    let mut n = 0;
+    for &(_, p) in &keys {
+        if n == n_ood {
+            break;
+        }
+        let i = items[p] as usize;
+        if 2 * (taken[i] + 1) <= pop[i] {
+            taken[i] += 1;
+            in_ood[p] = true;
+            n += 1;
+        }
+    }
+    let all: Vec<Interaction> = x.iter().collect();
+    let (nu, ni) = (x.n_users(), x.n_items());
+    let rest: Vec<Interaction> = all.iter().zip(&in_ood).filter(|(_, o)| !**o).map(|(i, _)| *i).collect();
+    let ood: Vec<Interaction> = all.iter().zip(&in_ood).filter(|(_, o)| **o).map(|(i, _)| *i).collect();
+    let mut base = ds.clone();
+    base.interactions = Interactions::from_interactions(nu, ni, &rest);
+    let mut out = split(&base, method, seed)?;
+    out.interactions = ds.interactions.clone();
+    if let Some(s) = out.split.as_mut() {
+        s.extra_tests.push(("test_ood".into(), Interactions::from_interactions(nu, ni, &ood)));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +243,26 @@ mod tests {
             assert_eq!(s.valid.degree(u), 1);
             assert!(s.train.timestamps(u).unwrap().iter().all(|&x| x < *s.valid.timestamps(u).unwrap().first().unwrap()));
         }
+    }
+
+    #[test]
+    fn ood_test_favours_unpopular_items() {
+        let w = crate::synth::SynthWorld::generate(&crate::synth::SynthConfig { n_users: 200, n_items: 300, ..Default::default() });
+        let ds = split_with_ood(&w.dataset, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 0.1, 1.0, 3).unwrap();
+        let s = ds.split.as_ref().unwrap();
+        let (name, ood) = &s.extra_tests[0];
+        assert_eq!(name, "test_ood");
+        let total = s.train.len() + s.valid.len() + s.test.len() + ood.len();
+        assert_eq!(total, ds.interactions.len());
+        assert_eq!(ood.len(), (0.1 * total as f64).round() as usize);
+        let ood_deg = ood.item_degrees();
+        let pop = ds.interactions.item_degrees();
+        assert!(ood_deg.iter().zip(&pop).all(|(&o, &p)| 2 * o <= p), "at most half of an item goes to OOD");
+        let mean_pop = |x: &Interactions| x.iter().map(|i| pop[i.item as usize] as f64).sum::<f64>() / x.len() as f64;
+        assert!(mean_pop(ood) < 0.75 * mean_pop(&s.test), "ood {} vs id {}", mean_pop(ood), mean_pop(&s.test));
+        let strong = split_with_ood(&w.dataset, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 0.1, 2.0, 3).unwrap();
+        let strong_ood = &strong.split.as_ref().unwrap().extra_tests[0].1;
+        assert!(mean_pop(strong_ood) < mean_pop(ood), "a larger gamma shifts further");
     }
 
     #[test]

@@ -112,6 +112,13 @@ pub struct SplitArgs {
     /// k-core filter: drop users and items with fewer than K interactions (iterated).
     #[arg(long)]
     kcore: Option<usize>,
+    /// Also carve out a popularity-shifted OOD test set (`test_ood`) of this fraction of all
+    /// interactions, drawn ∝ popularity^(−gamma), before splitting the rest.
+    #[arg(long)]
+    ood_fraction: Option<f64>,
+    /// Strength of the OOD popularity shift.
+    #[arg(long, default_value_t = 1.0)]
+    ood_gamma: f64,
 }
 
 fn store() -> Store {
@@ -188,7 +195,11 @@ fn split_cmd(a: SplitArgs) -> Result<()> {
     if let Some(k) = a.kcore {
         ds = preprocess::kcore(&ds, k, k);
     }
-    let ds = split(&ds, &method, a.seed).with_context(|| format!("splitting {}", a.data))?;
+    let ds = match a.ood_fraction {
+        Some(f) => rudder_data::split::split_with_ood(&ds, &method, f, a.ood_gamma, a.seed),
+        None => split(&ds, &method, a.seed),
+    }
+    .with_context(|| format!("splitting {}", a.data))?;
     println!("{}", stats::interaction_stats(&ds));
     formats::save(&Loaded::Interactions(ds), to, &a.out)?;
     println!("\nwrote the split ({to}) to {}", a.out.display());
