@@ -41,6 +41,12 @@ pub struct AdvConfig {
     pub warm_up_epochs: usize,
     /// Reproduce the reference's `0.5 ** ‖E_neg‖_F` regulariser typo.
     pub faithful_reg_typo: bool,
+    /// L2 weight on the batch's hardness rows in the adversarial step (the reference computes
+    /// such a term but, by a bug, regularises with the main model's loss, which has no gradient
+    /// for the adversary).
+    pub adv_reg: f64,
+    /// Reproduce that bug: no regulariser on the adversary (plain gradient ascent).
+    pub faithful_adv_reg: bool,
 }
 
 impl Default for AdvConfig {
@@ -57,6 +63,8 @@ impl Default for AdvConfig {
             adv_epochs: 1,
             warm_up_epochs: 0,
             faithful_reg_typo: false,
+            adv_reg: 1e-5,
+            faithful_adv_reg: false,
         }
     }
 }

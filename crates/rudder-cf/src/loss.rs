@@ -32,17 +32,26 @@ impl BatchIdx {
     }
 }
 
-/// Batch embeddings `u (B×d)`, `i (B×d)` and the tables the negatives are scored against.
+/// Batch embeddings `u (B×d)`, `i (B×d)` and the negatives: for a few negatives (BPR) their
+/// rows are gathered together with the positives in one `index_select` (one table-sized
+/// gradient in backward instead of several); for many, they are scored with the sampled-dot op.
 pub struct BatchEmb {
     pub u: Tensor,
     pub i: Tensor,
-    items: Tensor,
-    neg_ids: Arc<Vec<u32>>,
+    neg: Neg,
     n: usize,
+}
+
+enum Neg {
+    /// `B×N×d` gathered rows
+    Rows(Tensor),
+    /// the (normalised) item table and the negative ids
+    Table(Tensor, Arc<Vec<u32>>),
 }
 
 impl BatchEmb {
     pub fn gather(users: &Tensor, items: &Tensor, idx: &BatchIdx, cosine: bool) -> Result<BatchEmb> {
+        let d = users.dim(1)?;
         // normalising the tables once and then gathering equals gathering then normalising
         let (users, items) = if cosine {
             (l2_normalize(users, 1e-12)?, l2_normalize(items, 1e-12)?)
@@ -50,15 +59,35 @@ impl BatchEmb {
             (users.clone(), items.clone())
         };
         let u = users.index_select(&idx.users, 0)?;
-        let i = items.index_select(&idx.pos, 0)?;
-        Ok(BatchEmb { u, i, items, neg_ids: idx.neg_ids.clone(), n: idx.n })
+        if idx.n <= 4 {
+            let both = Tensor::cat(&[&idx.pos, &idx.neg], 0)?;
+            let rows = items.index_select(&both, 0)?;
+            let i = rows.narrow(0, 0, idx.b)?;
+            let j = rows.narrow(0, idx.b, idx.b * idx.n)?.reshape((idx.b, idx.n, d))?;
+            Ok(BatchEmb { u, i, neg: Neg::Rows(j), n: idx.n })
+        } else {
+            let i = items.index_select(&idx.pos, 0)?;
+            Ok(BatchEmb { u, i, neg: Neg::Table(items, idx.neg_ids.clone()), n: idx.n })
+        }
     }
 
     /// Positive scores `(B)` and negative scores `(B×N)`.
     pub fn scores(&self) -> Result<(Tensor, Tensor)> {
         let pos = (&self.u * &self.i)?.sum(D::Minus1)?;
-        let neg = sampled_dot(&self.u, &self.items, self.neg_ids.clone(), self.n)?;
+        let neg = match &self.neg {
+            Neg::Rows(j) => j.matmul(&self.u.unsqueeze(2)?)?.squeeze(2)?,
+            Neg::Table(items, ids) => sampled_dot(&self.u, items, ids.clone(), self.n)?,
+        };
         Ok((pos, neg))
+    }
+
+    /// `reg · ½(‖u‖² + ‖i‖² + Σ‖j‖²) / B` on these rows, when they are the layer-0 rows
+    /// themselves (MF without normalisation) and the negatives were gathered.
+    pub fn l2_on_rows(&self, reg: f64) -> Result<Option<Tensor>> {
+        let Neg::Rows(j) = &self.neg else { return Ok(None) };
+        let b = self.u.dim(0)? as f64;
+        let s = ((self.u.sqr()?.sum_all()? + self.i.sqr()?.sum_all()?)? + j.sqr()?.sum_all()?)?;
+        Ok(Some(s.affine(0.5 * reg / b, 0.0)?))
     }
 }
 
@@ -141,6 +170,19 @@ impl Hardness {
         let n = idx.n as f64;
         let kl = (logp.exp()? * logp.affine(1.0, n.ln())?)?.sum(D::Minus1)?.mean_all()?;
         Ok(kl.to_scalar::<f32>()? as f64)
+    }
+
+    /// `reg · ½(‖P_U[u]‖² + Σ_j ‖P_I[j]‖²) / B` over the batch's hardness rows.
+    pub fn l2(&self, idx: &BatchIdx, reg: f64) -> Result<Tensor> {
+        let u = self.users.as_tensor().index_select(&idx.users, 0)?.sqr()?.sum_all()?;
+        let n_items = self.items.as_tensor().dim(0)?;
+        let mut counts = vec![0f32; n_items];
+        for &j in idx.neg_ids.iter() {
+            counts[j as usize] += 1.0;
+        }
+        let counts = Tensor::from_vec(counts, n_items, self.items.as_tensor().device())?;
+        let j = (self.items.as_tensor().sqr()?.sum(D::Minus1)? * counts)?.sum_all()?;
+        Ok((u + j)?.affine(0.5 * reg / idx.b as f64, 0.0)?)
     }
 
     pub fn params(&self) -> Vec<(String, Var)> {

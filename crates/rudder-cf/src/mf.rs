@@ -30,4 +30,7 @@ impl Backbone for Mf {
     fn params(&self) -> Vec<(String, Var)> {
         vec![("user_emb".into(), self.users.clone()), ("item_emb".into(), self.items.clone())]
     }
+    fn ego_is_final(&self) -> bool {
+        true
+    }
 }

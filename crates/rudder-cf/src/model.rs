@@ -11,6 +11,10 @@ pub trait Backbone {
     /// Layer-0 (ego) user and item tables, for L2 regularisation.
     fn ego(&self) -> (Tensor, Tensor);
     fn params(&self) -> Vec<(String, Var)>;
+    /// Whether `forward` returns the layer-0 tables themselves (MF).
+    fn ego_is_final(&self) -> bool {
+        false
+    }
 }
 
 /// Build the configured backbone for a train split.

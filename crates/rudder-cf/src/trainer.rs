@@ -123,7 +123,17 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
         let (pos, neg) = emb.scores()?;
         let (ego_u, ego_i) = m.ego();
         let (main, reg) = match &cfg.loss {
-            LossConfig::Bpr { reg } => (loss::bpr(&pos, &neg)?, loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?),
+            LossConfig::Bpr { reg } => {
+                let r = match m.ego_is_final() {
+                    true if *reg != 0.0 => emb.l2_on_rows(*reg)?,
+                    _ => None,
+                };
+                let r = match r {
+                    Some(r) => Some(r),
+                    None => loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
+                };
+                (loss::bpr(&pos, &neg)?, r)
+            }
             LossConfig::Infonce { tau, reg, .. } => (loss::infonce(&pos, &neg, *tau)?, loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?),
             LossConfig::Advinfonce(a) => {
                 let h = hard.expect("hardness present for AdvInfoNCE").logits(idx)?;
@@ -148,7 +158,9 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
                     for b in &batches {
                         let idx = BatchIdx::new(b, &dev)?;
                         let l = batch_loss(model.as_ref(), &idx, Some(h))?;
-                        let grads = l.neg()?.backward()?;
+                        // ascend the loss; the fixed behaviour also keeps the adversary's rows small
+                        let objective = if a.faithful_adv_reg || a.adv_reg == 0.0 { l.neg()? } else { (l.neg()? + h.l2(&idx, a.adv_reg)?)? };
+                        let grads = objective.backward()?;
                         ao.step(&grads)?;
                     }
                     adv_done += 1;
@@ -246,6 +258,15 @@ pub fn metrics_row(name: &str, r: &EvalReport, k: usize) -> String {
     )
 }
 
+/// A report's means as a JSON object (`"recall@20": …`) with the number of users.
+pub fn metrics_json(r: &EvalReport) -> serde_json::Value {
+    let mut m = serde_json::json!({ "users": r.n_users });
+    for (k, v) in &r.means {
+        m[k] = (*v).into();
+    }
+    m
+}
+
 /// Write the run folder: `config.toml` (the caller's resolved configuration, or the model
 /// config when `None`), `metrics.jsonl`, `summary.md`, `best.safetensors`.
 pub fn write_run(dir: &Path, data: &str, config_toml: Option<&str>, report: &TrainReport) -> Result<()> {
@@ -262,10 +283,9 @@ pub fn write_run(dir: &Path, data: &str, config_toml: Option<&str>, report: &Tra
         lines.push('\n');
     }
     for (n, r) in &report.tests {
-        let mut m = serde_json::json!({ "split": n, "users": r.n_users, "best_epoch": report.best_epoch });
-        for (k, v) in &r.means {
-            m[k] = (*v).into();
-        }
+        let mut m = metrics_json(r);
+        m["split"] = n.clone().into();
+        m["best_epoch"] = report.best_epoch.into();
         lines.push_str(&m.to_string());
         lines.push('\n');
     }

@@ -88,42 +88,91 @@ impl Adam {
             let eps = c.eps as f32;
             let wd = c.weight_decay as f32;
             let decay = (1.0 - c.lr * c.weight_decay) as f32;
+            let h = Hyper { b1, b2, step_size, inv_bc2, eps, l2: if wd != 0.0 && !c.decoupled { wd } else { 0.0 }, dw: if wd != 0.0 && c.decoupled { decay } else { 1.0 } };
             for slot in &mut g.params {
                 let theta_t = slot.var.as_tensor();
-                let dims = theta_t.dims().to_vec();
-                let dtype = theta_t.dtype();
-                let mut theta = theta_t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
                 let grad = match grads.get(theta_t) {
-                    Some(gr) => Some(gr.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
-                    None => None,
+                    Some(gr) if gr.dtype() == candle_core::DType::F32 => gr.clone(),
+                    Some(gr) => gr.to_dtype(candle_core::DType::F32)?,
+                    None => theta_t.zeros_like()?.to_dtype(candle_core::DType::F32)?,
                 };
-                let zeros;
-                let grad: &[f32] = match &grad {
-                    Some(g) => g,
-                    None => {
-                        zeros = vec![0f32; theta.len()];
-                        &zeros
-                    }
-                };
-                let (l2, dw) = if wd != 0.0 && !c.decoupled { (wd, 1.0) } else if wd != 0.0 { (0.0, decay) } else { (0.0, 1.0) };
-                const CHUNK: usize = 1 << 14;
-                theta
-                    .par_chunks_mut(CHUNK)
-                    .zip(slot.m.par_chunks_mut(CHUNK))
-                    .zip(slot.v.par_chunks_mut(CHUNK))
-                    .zip(grad.par_chunks(CHUNK))
-                    .for_each(|(((th, m), v), g)| {
-                        for k in 0..th.len() {
-                            let gk = g[k] + l2 * th[k];
-                            m[k] = b1 * m[k] + (1.0 - b1) * gk;
-                            v[k] = b2 * v[k] + (1.0 - b2) * gk * gk;
-                            th[k] = th[k] * dw - step_size * m[k] / ((v[k] * inv_bc2).sqrt() + eps);
-                        }
-                    });
-                let new = Tensor::from_vec(theta, dims, theta_t.device())?.to_dtype(dtype)?;
-                slot.var.set(&new)?;
+                if theta_t.dtype() == candle_core::DType::F32 && theta_t.device().is_cpu() {
+                    // update θ, m, v in place: no copies of the table
+                    let op = AdamKernel { h, mv: std::sync::Mutex::new((&mut slot.m, &mut slot.v)) };
+                    theta_t.inplace_op2(&grad.contiguous()?, &op)?;
+                } else {
+                    let mut theta = theta_t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                    let gv = grad.flatten_all()?.to_vec1::<f32>()?;
+                    h.update(&mut theta, &mut slot.m, &mut slot.v, &gv);
+                    let new = Tensor::from_vec(theta, theta_t.dims(), theta_t.device())?.to_dtype(theta_t.dtype())?;
+                    slot.var.set(&new)?;
+                }
             }
         }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Hyper {
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    inv_bc2: f32,
+    eps: f32,
+    /// L2 added to the gradient (Adam's weight decay)
+    l2: f32,
+    /// multiplicative decay of the weights (AdamW)
+    dw: f32,
+}
+
+impl Hyper {
+    fn update(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32]) {
+        const CHUNK: usize = 1 << 14;
+        let h = *self;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(((th, m), v), g)| {
+                for k in 0..th.len() {
+                    let gk = g[k] + h.l2 * th[k];
+                    m[k] = h.b1 * m[k] + (1.0 - h.b1) * gk;
+                    v[k] = h.b2 * v[k] + (1.0 - h.b2) * gk * gk;
+                    th[k] = th[k] * h.dw - h.step_size * m[k] / ((v[k] * h.inv_bc2).sqrt() + h.eps);
+                }
+            });
+    }
+}
+
+type Moments<'a> = (&'a mut Vec<f32>, &'a mut Vec<f32>);
+
+struct AdamKernel<'a> {
+    h: Hyper,
+    mv: std::sync::Mutex<Moments<'a>>,
+}
+
+impl candle_core::InplaceOp2 for AdamKernel<'_> {
+    fn name(&self) -> &'static str {
+        "adam-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<()> {
+        let (a1, b1) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adam: parameter not contiguous".into()))?;
+        let (a2, b2) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adam: gradient not contiguous".into()))?;
+        let (candle_core::CpuStorage::F32(theta), candle_core::CpuStorage::F32(grad)) = (s1, s2) else {
+            candle_core::bail!("adam: f32 parameters and gradients expected");
+        };
+        let mut mv = self.mv.lock().expect("adam moments");
+        let (m, v) = &mut *mv;
+        self.h.update(&mut theta[a1..b1], m, v, &grad[a2..b2]);
         Ok(())
     }
 }

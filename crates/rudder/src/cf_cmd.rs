@@ -113,9 +113,13 @@ pub struct TrainArgs {
     /// AdvInfoNCE: negative-term multiplier.
     #[arg(long)]
     k_neg: Option<f64>,
-    /// AdvInfoNCE: reproduce the reference's regulariser typo (0.5 ** ‖E_neg‖).
+    /// AdvInfoNCE: reproduce the reference's two bugs (the 0.5 ** ‖E_neg‖ regulariser typo and
+    /// the adversary step without its own regulariser).
     #[arg(long)]
     faithful: Option<bool>,
+    /// AdvInfoNCE: L2 weight on the hardness embeddings in the adversarial step.
+    #[arg(long)]
+    adv_reg: Option<f64>,
     /// Epoch draws: `user` (uniform users, the CF reference repositories) or `interaction`
     /// (every train interaction once, RecBole).
     #[arg(long)]
@@ -141,7 +145,7 @@ impl TrainArgs {
             }
             None => TrainArgs::default(),
         };
-        merge!(a, flags, data, format, preset, sampler, model, loss, layers, dim, lr, batch_size, epochs, eval_every, patience, ks, seed, tau, n_neg, reg, adv_lr, eta_epochs, adv_interval, k_neg, faithful, split_seed, min_rating);
+        merge!(a, flags, data, format, preset, sampler, model, loss, layers, dim, lr, batch_size, epochs, eval_every, patience, ks, seed, tau, n_neg, reg, adv_lr, adv_reg, eta_epochs, adv_interval, k_neg, faithful, split_seed, min_rating);
         Ok(a)
     }
 
@@ -209,11 +213,15 @@ impl TrainArgs {
                 if let Some(v) = self.eta_epochs { a.eta_epochs = v; }
                 if let Some(v) = self.adv_interval { a.adv_interval = v; }
                 if let Some(v) = self.k_neg { a.k_neg = v; }
-                if let Some(v) = self.faithful { a.faithful_reg_typo = v; }
+                if let Some(v) = self.faithful {
+                    a.faithful_reg_typo = v;
+                    a.faithful_adv_reg = v;
+                }
+                if let Some(v) = self.adv_reg { a.adv_reg = v; }
             }
         }
         if !matches!(c.loss, LossConfig::Advinfonce(_))
-            && (self.adv_lr.is_some() || self.eta_epochs.is_some() || self.adv_interval.is_some() || self.k_neg.is_some())
+            && (self.adv_lr.is_some() || self.adv_reg.is_some() || self.eta_epochs.is_some() || self.adv_interval.is_some() || self.k_neg.is_some())
         {
             bail!("adversarial options apply to --loss advinfonce only");
         }
@@ -258,7 +266,8 @@ impl TrainArgs {
                 r.eta_epochs = Some(a.eta_epochs);
                 r.adv_interval = Some(a.adv_interval);
                 r.k_neg = Some(a.k_neg);
-                r.faithful = Some(a.faithful_reg_typo);
+                r.faithful = Some(a.faithful_reg_typo && a.faithful_adv_reg);
+                r.adv_reg = Some(a.adv_reg);
             }
         }
         r
@@ -417,10 +426,8 @@ fn eval(run: &Path) -> Result<()> {
         let r = ev.run(&sc, &ecfg)?;
         md.push_str(&metrics_row(&name, &r, k));
         md.push('\n');
-        let mut m = serde_json::json!({"split": name, "users": r.n_users});
-        for (key, v) in &r.means {
-            m[key] = (*v).into();
-        }
+        let mut m = rudder_cf::trainer::metrics_json(&r);
+        m["split"] = name.clone().into();
         lines.push(m);
     }
     let mut s = String::new();

@@ -7,6 +7,7 @@ use rudder_data::formats::Loaded;
 use rudder_data::resolve::{self, DataRef};
 use rudder_data::split::{split, SplitMethod};
 use rudder_data::synth::SynthWorld;
+use rudder_cf::trainer::{metrics_json, metrics_row};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -122,35 +123,22 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let t = Instant::now();
         let r = ev.run(sc.as_ref(), &cfg)?;
         let secs = t.elapsed().as_secs_f64();
-        table.push_str(&format!(
-            "| {name} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {secs:.2} |\n",
-            r.get("recall", kmax),
-            r.get("ndcg", kmax),
-            r.get("hit", kmax),
-            r.get("precision", kmax),
-            r.get("mrr", kmax)
-        ));
-        let mut m = serde_json::json!({"model": name, "split": a.eval_split, "users": r.n_users, "eval_seconds": secs});
-        for (k, v) in &r.means {
-            m[k] = (*v).into();
-        }
+        table.push_str(&format!("{} {secs:.2} |\n", metrics_row(name, &r, kmax)));
+        let mut m = metrics_json(&r);
+        m["model"] = (*name).into();
+        m["split"] = a.eval_split.clone().into();
+        m["eval_seconds"] = secs.into();
         lines.push(m);
     }
     for (name, report, secs) in &trained {
         let r = if a.eval_split == "valid" { report.best_valid.as_ref().unwrap_or(&report.tests[0].1) } else { &report.tests[0].1 };
-        table.push_str(&format!(
-            "| {name} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} |\n",
-            r.get("recall", kmax),
-            r.get("ndcg", kmax),
-            r.get("hit", kmax),
-            r.get("precision", kmax),
-            r.get("mrr", kmax),
-            report.mean_eval_seconds().unwrap_or(0.0)
-        ));
-        let mut m = serde_json::json!({"model": name, "split": a.eval_split, "users": r.n_users, "train_seconds": secs, "epochs": report.history.len(), "best_epoch": report.best_epoch});
-        for (k, v) in &r.means {
-            m[k] = (*v).into();
-        }
+        table.push_str(&format!("{} {:.2} |\n", metrics_row(name, r, kmax), report.mean_eval_seconds().unwrap_or(0.0)));
+        let mut m = metrics_json(r);
+        m["model"] = name.clone().into();
+        m["split"] = a.eval_split.clone().into();
+        m["train_seconds"] = (*secs).into();
+        m["epochs"] = report.history.len().into();
+        m["best_epoch"] = report.best_epoch.into();
         lines.push(m);
     }
     run.write_metrics(&lines)?;
