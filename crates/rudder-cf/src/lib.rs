@@ -8,6 +8,7 @@
 //! - [`scorer`]: full-ranking scores from final embeddings (dot or cosine) for the evaluator.
 
 pub mod config;
+pub mod fused;
 pub mod lightgcn;
 pub mod loss;
 pub mod mf;

@@ -15,6 +15,8 @@ pub struct BatchIdx {
     pub pos: Tensor,
     pub neg: Tensor,
     pub neg_ids: Arc<Vec<u32>>,
+    pub user_ids: Arc<Vec<u32>>,
+    pub pos_ids: Arc<Vec<u32>>,
     pub b: usize,
     pub n: usize,
 }
@@ -26,6 +28,8 @@ impl BatchIdx {
             pos: Tensor::from_slice(&batch.pos, batch.len(), dev)?,
             neg: Tensor::from_slice(&batch.neg, batch.neg.len(), dev)?,
             neg_ids: Arc::new(batch.neg.clone()),
+            user_ids: Arc::new(batch.users.clone()),
+            pos_ids: Arc::new(batch.pos.clone()),
             b: batch.len(),
             n: batch.n_neg,
         })

@@ -119,6 +119,10 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
 
     let batch_loss = |m: &dyn Backbone, idx: &BatchIdx, hard: Option<&Hardness>| -> Result<Tensor> {
         let (users, items) = m.forward()?;
+        // MF + BPR: one fused op (same value and gradients as the generic path)
+        if let (LossConfig::Bpr { reg }, true) = (&cfg.loss, m.ego_is_final() && idx.n == 1 && users.device().is_cpu()) {
+            return Ok(crate::fused::fused_bpr(&users, &items, idx.user_ids.clone(), idx.pos_ids.clone(), idx.neg_ids.clone(), *reg)?);
+        }
         let emb = BatchEmb::gather(&users, &items, idx, cosine)?;
         let (pos, neg) = emb.scores()?;
         let (ego_u, ego_i) = m.ego();
