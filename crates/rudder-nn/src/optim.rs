@@ -135,15 +135,38 @@ impl Hyper {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .zip(grad.par_chunks(CHUNK))
-            .for_each(|(((th, m), v), g)| {
-                for k in 0..th.len() {
-                    let gk = g[k] + h.l2 * th[k];
-                    m[k] = h.b1 * m[k] + (1.0 - h.b1) * gk;
-                    v[k] = h.b2 * v[k] + (1.0 - h.b2) * gk * gk;
-                    th[k] = th[k] * h.dw - h.step_size * m[k] / ((v[k] * h.inv_bc2).sqrt() + h.eps);
-                }
-            });
+            .for_each(|(((th, m), v), g)| h.chunk(th, m, v, g));
     }
+
+    fn chunk(&self, th: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                unsafe { chunk_avx2(self, th, m, v, g) };
+                return;
+            }
+        }
+        chunk_body(self, th, m, v, g)
+    }
+}
+
+#[inline(always)]
+fn chunk_body(h: &Hyper, th: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+    let n = th.len().min(m.len()).min(v.len()).min(g.len());
+    let (th, m, v, g) = (&mut th[..n], &mut m[..n], &mut v[..n], &g[..n]);
+    for k in 0..n {
+        let gk = g[k] + h.l2 * th[k];
+        m[k] = h.b1 * m[k] + (1.0 - h.b1) * gk;
+        v[k] = h.b2 * v[k] + (1.0 - h.b2) * gk * gk;
+        th[k] = th[k] * h.dw - h.step_size * m[k] / ((v[k] * h.inv_bc2).sqrt() + h.eps);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_avx2(h: &Hyper, th: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+    chunk_body(h, th, m, v, g)
 }
 
 type Moments<'a> = (&'a mut Vec<f32>, &'a mut Vec<f32>);
