@@ -150,7 +150,9 @@ impl CfConfig {
             return bad("learning rate must be positive");
         }
         match &self.loss {
-            LossConfig::Infonce { tau, n_neg, .. } if *tau <= 0.0 || *n_neg == 0 => bad("InfoNCE needs tau > 0 and n_neg ≥ 1"),
+            LossConfig::Infonce { tau, n_neg, .. } if *tau <= 0.0 || *n_neg == 0 => {
+                bad("InfoNCE needs tau > 0 and n_neg ≥ 1")
+            }
             LossConfig::Advinfonce(a) if a.tau <= 0.0 || a.n_neg == 0 || a.adv_interval == 0 => {
                 bad("AdvInfoNCE needs tau > 0, n_neg ≥ 1 and adv_interval ≥ 1")
             }

@@ -13,7 +13,9 @@ struct FusedBpr {
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fused-bpr: tables must be contiguous".into()))?;
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused-bpr: tables must be contiguous".into()))?;
     match s {
         CpuStorage::F32(v) => Ok(&v[a..b]),
         _ => candle_core::bail!("fused-bpr: only f32 is supported"),
@@ -28,7 +30,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// −log σ(x), stably.
 #[inline]
 fn neg_log_sigmoid(x: f32) -> f32 {
-    if x >= 0.0 { (-x).exp().ln_1p() } else { -x + x.exp().ln_1p() }
+    if x >= 0.0 {
+        (-x).exp().ln_1p()
+    } else {
+        -x + x.exp().ln_1p()
+    }
 }
 
 impl CustomOp2 for FusedBpr {
@@ -36,7 +42,13 @@ impl CustomOp2 for FusedBpr {
         "fused-bpr"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (_, d) = l1.shape().dims2()?;
         let u = slice(s1, l1)?;
         let it = slice(s2, l2)?;
@@ -54,7 +66,13 @@ impl CustomOp2 for FusedBpr {
         Ok((CpuStorage::F32(vec![v as f32]), Shape::from(())))
     }
 
-    fn bwd(&self, u: &Tensor, items: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        u: &Tensor,
+        items: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (nu, d) = u.dims2()?;
         let (ni, _) = items.dims2()?;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
@@ -72,7 +90,11 @@ impl CustomOp2 for FusedBpr {
         let mut gu = vec![0f32; nu * d];
         let mut gi = vec![0f32; ni * d];
         for k in 0..b {
-            let (uu, pi, nj) = (self.users[k] as usize, self.pos[k] as usize, self.neg[k] as usize);
+            let (uu, pi, nj) = (
+                self.users[k] as usize,
+                self.pos[k] as usize,
+                self.neg[k] as usize,
+            );
             let ur = &uv[uu * d..][..d];
             let ir = &iv[pi * d..][..d];
             let jr = &iv[nj * d..][..d];
@@ -87,20 +109,38 @@ impl CustomOp2 for FusedBpr {
             }
         }
         let dev = u.device();
-        Ok((Some(Tensor::from_vec(gu, (nu, d), dev)?), Some(Tensor::from_vec(gi, (ni, d), dev)?)))
+        Ok((
+            Some(Tensor::from_vec(gu, (nu, d), dev)?),
+            Some(Tensor::from_vec(gi, (ni, d), dev)?),
+        ))
     }
 }
 
 /// Mean BPR loss `−log σ(⟨u,i⟩ − ⟨u,j⟩)` plus `reg · ½(‖u‖² + ‖i‖² + ‖j‖²) / B` over a batch with
 /// one negative per row, differentiable in both tables.
-pub fn fused_bpr(users: &Tensor, items: &Tensor, u: Arc<Vec<u32>>, i: Arc<Vec<u32>>, j: Arc<Vec<u32>>, reg: f64) -> Result<Tensor> {
-    users.contiguous()?.apply_op2(&items.contiguous()?, FusedBpr { users: u, pos: i, neg: j, reg: reg as f32 })
+pub fn fused_bpr(
+    users: &Tensor,
+    items: &Tensor,
+    u: Arc<Vec<u32>>,
+    i: Arc<Vec<u32>>,
+    j: Arc<Vec<u32>>,
+    reg: f64,
+) -> Result<Tensor> {
+    users.contiguous()?.apply_op2(
+        &items.contiguous()?,
+        FusedBpr {
+            users: u,
+            pos: i,
+            neg: j,
+            reg: reg as f32,
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loss::{bpr, l2_reg, BatchEmb, BatchIdx};
+    use crate::loss::{BatchEmb, BatchIdx, bpr, l2_reg};
     use candle_core::{Device, Var};
     use rudder_data::sampler::Batch;
 
@@ -108,24 +148,54 @@ mod tests {
     fn equals_the_generic_path() -> Result<()> {
         let dev = Device::Cpu;
         let (nu, ni, d) = (6, 9, 8);
-        let uv: Vec<f32> = (0..nu * d).map(|x| ((x * 7 % 13) as f32) / 6.0 - 1.0).collect();
-        let iv: Vec<f32> = (0..ni * d).map(|x| ((x * 5 % 11) as f32) / 5.0 - 1.0).collect();
-        let batch = Batch { users: vec![0, 3, 3, 5], pos: vec![1, 2, 8, 1], neg: vec![4, 4, 0, 7], n_neg: 1 };
+        let uv: Vec<f32> = (0..nu * d)
+            .map(|x| ((x * 7 % 13) as f32) / 6.0 - 1.0)
+            .collect();
+        let iv: Vec<f32> = (0..ni * d)
+            .map(|x| ((x * 5 % 11) as f32) / 5.0 - 1.0)
+            .collect();
+        let batch = Batch {
+            users: vec![0, 3, 3, 5],
+            pos: vec![1, 2, 8, 1],
+            neg: vec![4, 4, 0, 7],
+            n_neg: 1,
+        };
         let reg = 0.3;
-        let mk = || -> Result<(Var, Var)> { Ok((Var::from_slice(&uv, (nu, d), &dev)?, Var::from_slice(&iv, (ni, d), &dev)?)) };
+        let mk = || -> Result<(Var, Var)> {
+            Ok((
+                Var::from_slice(&uv, (nu, d), &dev)?,
+                Var::from_slice(&iv, (ni, d), &dev)?,
+            ))
+        };
         let (u1, i1) = mk()?;
-        let idx = BatchIdx::new(&batch, &dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let emb = BatchEmb::gather(u1.as_tensor(), i1.as_tensor(), &idx, false).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let (p, n) = emb.scores().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let idx =
+            BatchIdx::new(&batch, &dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let emb = BatchEmb::gather(u1.as_tensor(), i1.as_tensor(), &idx, false)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (p, n) = emb
+            .scores()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let generic = (bpr(&p, &n).map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            + l2_reg(u1.as_tensor(), i1.as_tensor(), &idx, reg, false).map_err(|e| candle_core::Error::Msg(e.to_string()))?.unwrap())?;
+            + l2_reg(u1.as_tensor(), i1.as_tensor(), &idx, reg, false)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .unwrap())?;
         let (u2, i2) = mk()?;
-        let fused = fused_bpr(u2.as_tensor(), i2.as_tensor(), Arc::new(batch.users.clone()), Arc::new(batch.pos.clone()), Arc::new(batch.neg.clone()), reg)?;
+        let fused = fused_bpr(
+            u2.as_tensor(),
+            i2.as_tensor(),
+            Arc::new(batch.users.clone()),
+            Arc::new(batch.pos.clone()),
+            Arc::new(batch.neg.clone()),
+            reg,
+        )?;
         let (a, b) = (generic.to_scalar::<f32>()?, fused.to_scalar::<f32>()?);
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         let (ga, gb) = (generic.backward()?, fused.backward()?);
         for (x, y) in [(&u1, &u2), (&i1, &i2)] {
-            let diff = (ga.get(x.as_tensor()).unwrap() - gb.get(y.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (ga.get(x.as_tensor()).unwrap() - gb.get(y.as_tensor()).unwrap())?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{diff}");
         }
         Ok(())

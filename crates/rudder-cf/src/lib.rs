@@ -18,7 +18,7 @@ pub mod scorer;
 pub mod trainer;
 
 pub use config::{CfConfig, LossConfig, ModelKind};
-pub use trainer::{train, TrainObserver, TrainReport};
+pub use trainer::{TrainObserver, TrainReport, train};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CfError {

@@ -2,8 +2,8 @@
 //! train split, no self-loops) and averaged over layers 0..L (cf-seeds.md [S3]). The whole
 //! graph is propagated for every batch, as in the reference code.
 
-use crate::model::Backbone;
 use crate::Result;
+use crate::model::Backbone;
 use candle_core::{Device, Tensor, Var};
 use rudder_data::Interactions;
 use rudder_nn::graph::{lightgcn, norm_adj};
@@ -19,7 +19,13 @@ pub struct LightGcn {
 }
 
 impl LightGcn {
-    pub fn new(train: &Interactions, dim: usize, n_layers: usize, seed: u64, dev: &Device) -> Result<LightGcn> {
+    pub fn new(
+        train: &Interactions,
+        dim: usize,
+        n_layers: usize,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<LightGcn> {
         Ok(LightGcn {
             users: Var::from_tensor(&xavier_normal(train.n_users(), dim, seed, 1, dev)?)?,
             items: Var::from_tensor(&xavier_normal(train.n_items(), dim, seed, 2, dev)?)?,
@@ -35,12 +41,21 @@ impl Backbone for LightGcn {
         let e0 = Tensor::cat(&[self.users.as_tensor(), self.items.as_tensor()], 0)?;
         let e = lightgcn(&e0, &self.adj, self.n_layers)?;
         let n_items = e.dim(0)? - self.n_users;
-        Ok((e.narrow(0, 0, self.n_users)?, e.narrow(0, self.n_users, n_items)?))
+        Ok((
+            e.narrow(0, 0, self.n_users)?,
+            e.narrow(0, self.n_users, n_items)?,
+        ))
     }
     fn ego(&self) -> (Tensor, Tensor) {
-        (self.users.as_tensor().clone(), self.items.as_tensor().clone())
+        (
+            self.users.as_tensor().clone(),
+            self.items.as_tensor().clone(),
+        )
     }
     fn params(&self) -> Vec<(String, Var)> {
-        vec![("user_emb".into(), self.users.clone()), ("item_emb".into(), self.items.clone())]
+        vec![
+            ("user_emb".into(), self.users.clone()),
+            ("item_emb".into(), self.items.clone()),
+        ]
     }
 }

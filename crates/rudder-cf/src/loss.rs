@@ -1,8 +1,8 @@
 //! BPR, sampled InfoNCE and AdvInfoNCE on one batch of (user, positive, N negatives).
 
-use crate::config::AdvConfig;
 use crate::Result;
-use candle_core::{Device, Tensor, Var, D};
+use crate::config::AdvConfig;
+use candle_core::{D, Device, Tensor, Var};
 use rudder_data::sampler::Batch;
 use rudder_nn::init::xavier_normal;
 use rudder_nn::ops::{l2_normalize, log_sigmoid, log_softmax};
@@ -54,7 +54,12 @@ enum Neg {
 }
 
 impl BatchEmb {
-    pub fn gather(users: &Tensor, items: &Tensor, idx: &BatchIdx, cosine: bool) -> Result<BatchEmb> {
+    pub fn gather(
+        users: &Tensor,
+        items: &Tensor,
+        idx: &BatchIdx,
+        cosine: bool,
+    ) -> Result<BatchEmb> {
         let d = users.dim(1)?;
         // normalising the tables once and then gathering equals gathering then normalising
         let (users, items) = if cosine {
@@ -67,11 +72,23 @@ impl BatchEmb {
             let both = Tensor::cat(&[&idx.pos, &idx.neg], 0)?;
             let rows = items.index_select(&both, 0)?;
             let i = rows.narrow(0, 0, idx.b)?;
-            let j = rows.narrow(0, idx.b, idx.b * idx.n)?.reshape((idx.b, idx.n, d))?;
-            Ok(BatchEmb { u, i, neg: Neg::Rows(j), n: idx.n })
+            let j = rows
+                .narrow(0, idx.b, idx.b * idx.n)?
+                .reshape((idx.b, idx.n, d))?;
+            Ok(BatchEmb {
+                u,
+                i,
+                neg: Neg::Rows(j),
+                n: idx.n,
+            })
         } else {
             let i = items.index_select(&idx.pos, 0)?;
-            Ok(BatchEmb { u, i, neg: Neg::Table(items, idx.neg_ids.clone()), n: idx.n })
+            Ok(BatchEmb {
+                u,
+                i,
+                neg: Neg::Table(items, idx.neg_ids.clone()),
+                n: idx.n,
+            })
         }
     }
 
@@ -88,7 +105,9 @@ impl BatchEmb {
     /// `reg · ½(‖u‖² + ‖i‖² + Σ‖j‖²) / B` on these rows, when they are the layer-0 rows
     /// themselves (MF without normalisation) and the negatives were gathered.
     pub fn l2_on_rows(&self, reg: f64) -> Result<Option<Tensor>> {
-        let Neg::Rows(j) = &self.neg else { return Ok(None) };
+        let Neg::Rows(j) = &self.neg else {
+            return Ok(None);
+        };
         let b = self.u.dim(0)? as f64;
         let s = ((self.u.sqr()?.sum_all()? + self.i.sqr()?.sum_all()?)? + j.sqr()?.sum_all()?)?;
         Ok(Some(s.affine(0.5 * reg / b, 0.0)?))
@@ -109,7 +128,13 @@ pub fn infonce(pos: &Tensor, neg: &Tensor, tau: f64) -> Result<Tensor> {
 
 /// AdvInfoNCE: `mean[ −log( e^{s⁺} / (e^{s⁺} + k_neg·N·Σ_j p_j e^{s_j}) ) ]` with
 /// `p = softmax_j(hardness logits)` and scores divided by τ. Computed in log space.
-pub fn advinfonce(pos: &Tensor, neg: &Tensor, hard_logits: &Tensor, tau: f64, k_neg: f64) -> Result<Tensor> {
+pub fn advinfonce(
+    pos: &Tensor,
+    neg: &Tensor,
+    hard_logits: &Tensor,
+    tau: f64,
+    k_neg: f64,
+) -> Result<Tensor> {
     let n = neg.dim(1)? as f64;
     let logp = log_softmax(hard_logits)?;
     let neg_term = (neg.affine(1.0 / tau, (k_neg * n).ln())? + logp)?;
@@ -119,7 +144,13 @@ pub fn advinfonce(pos: &Tensor, neg: &Tensor, hard_logits: &Tensor, tau: f64, k_
 
 /// `reg · ½(‖e_u⁰‖² + ‖e_i⁰‖² + ‖e_j⁰‖²) / B` over the batch's layer-0 rows. With
 /// `faithful_typo`, the negatives' term is `0.5^{‖E_j⁰‖_F}` as in the AdvInfoNCE reference.
-pub fn l2_reg(ego_users: &Tensor, ego_items: &Tensor, idx: &BatchIdx, reg: f64, faithful_typo: bool) -> Result<Option<Tensor>> {
+pub fn l2_reg(
+    ego_users: &Tensor,
+    ego_items: &Tensor,
+    idx: &BatchIdx,
+    reg: f64,
+    faithful_typo: bool,
+) -> Result<Option<Tensor>> {
     if reg == 0.0 {
         return Ok(None);
     }
@@ -155,7 +186,13 @@ pub struct Hardness {
 }
 
 impl Hardness {
-    pub fn new(n_users: usize, n_items: usize, cfg: &AdvConfig, seed: u64, dev: &Device) -> Result<Hardness> {
+    pub fn new(
+        n_users: usize,
+        n_items: usize,
+        cfg: &AdvConfig,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<Hardness> {
         Ok(Hardness {
             users: Var::from_tensor(&xavier_normal(n_users, cfg.w_dim, seed, 11, dev)?)?,
             items: Var::from_tensor(&xavier_normal(n_items, cfg.w_dim, seed, 12, dev)?)?,
@@ -165,20 +202,32 @@ impl Hardness {
     /// Raw dot products `P_U[u] · P_I[j]`, shape `(B×N)`.
     pub fn logits(&self, idx: &BatchIdx) -> Result<Tensor> {
         let pu = self.users.as_tensor().index_select(&idx.users, 0)?;
-        Ok(sampled_dot(&pu, self.items.as_tensor(), idx.neg_ids.clone(), idx.n)?)
+        Ok(sampled_dot(
+            &pu,
+            self.items.as_tensor(),
+            idx.neg_ids.clone(),
+            idx.n,
+        )?)
     }
 
     /// Mean KL(p ‖ uniform) = Σ_j p_j log(p_j N) over the batch (the reference's "eta").
     pub fn kl_to_uniform(&self, idx: &BatchIdx) -> Result<f64> {
         let logp = log_softmax(&self.logits(idx)?)?;
         let n = idx.n as f64;
-        let kl = (logp.exp()? * logp.affine(1.0, n.ln())?)?.sum(D::Minus1)?.mean_all()?;
+        let kl = (logp.exp()? * logp.affine(1.0, n.ln())?)?
+            .sum(D::Minus1)?
+            .mean_all()?;
         Ok(kl.to_scalar::<f32>()? as f64)
     }
 
     /// `reg · ½(‖P_U[u]‖² + Σ_j ‖P_I[j]‖²) / B` over the batch's hardness rows.
     pub fn l2(&self, idx: &BatchIdx, reg: f64) -> Result<Tensor> {
-        let u = self.users.as_tensor().index_select(&idx.users, 0)?.sqr()?.sum_all()?;
+        let u = self
+            .users
+            .as_tensor()
+            .index_select(&idx.users, 0)?
+            .sqr()?
+            .sum_all()?;
         let n_items = self.items.as_tensor().dim(0)?;
         let mut counts = vec![0f32; n_items];
         for &j in idx.neg_ids.iter() {
@@ -190,7 +239,10 @@ impl Hardness {
     }
 
     pub fn params(&self) -> Vec<(String, Var)> {
-        vec![("hard_user_emb".into(), self.users.clone()), ("hard_item_emb".into(), self.items.clone())]
+        vec![
+            ("hard_user_emb".into(), self.users.clone()),
+            ("hard_item_emb".into(), self.items.clone()),
+        ]
     }
 }
 
@@ -208,17 +260,25 @@ mod tests {
         let pos = Tensor::from_slice(&[2.0f32, 0.0], 2, &dev)?;
         let neg = t(&[1.0, 0.0, 0.5, -1.0], (2, 2));
         // BPR on the first negative: −mean(log σ(1), log σ(−0.5))
-        let want = -(((1.0f64 / (1.0 + (-1.0f64).exp())).ln() + (1.0 / (1.0 + 0.5f64.exp())).ln()) / 2.0);
+        let want =
+            -(((1.0f64 / (1.0 + (-1.0f64).exp())).ln() + (1.0 / (1.0 + 0.5f64.exp())).ln()) / 2.0);
         let got = bpr(&pos, &neg)?.to_scalar::<f32>()? as f64;
         assert!((got - want).abs() < 1e-6, "bpr {got} vs {want}");
         // InfoNCE with τ = 0.5
-        let row = |p: f64, n: &[f64]| -((p / 0.5).exp() / ((p / 0.5).exp() + n.iter().map(|x| (x / 0.5).exp()).sum::<f64>())).ln();
+        let row = |p: f64, n: &[f64]| {
+            -((p / 0.5).exp() / ((p / 0.5).exp() + n.iter().map(|x| (x / 0.5).exp()).sum::<f64>()))
+                .ln()
+        };
         let want = (row(2.0, &[1.0, 0.0]) + row(0.0, &[0.5, -1.0])) / 2.0;
         let got = infonce(&pos, &neg, 0.5)?.to_scalar::<f32>()? as f64;
         assert!((got - want).abs() < 1e-5, "infonce {got} vs {want}");
         // AdvInfoNCE with uniform hardness equals InfoNCE with the negative term scaled by k_neg
         let h = t(&[0.0, 0.0, 0.0, 0.0], (2, 2));
-        let rowk = |p: f64, n: &[f64], k: f64| -((p / 0.5).exp() / ((p / 0.5).exp() + k * n.iter().map(|x| (x / 0.5).exp()).sum::<f64>())).ln();
+        let rowk = |p: f64, n: &[f64], k: f64| {
+            -((p / 0.5).exp()
+                / ((p / 0.5).exp() + k * n.iter().map(|x| (x / 0.5).exp()).sum::<f64>()))
+            .ln()
+        };
         let want = (rowk(2.0, &[1.0, 0.0], 3.0) + rowk(0.0, &[0.5, -1.0], 3.0)) / 2.0;
         let got = advinfonce(&pos, &neg, &h, 0.5, 3.0)?.to_scalar::<f32>()? as f64;
         assert!((got - want).abs() < 1e-5, "adv {got} vs {want}");

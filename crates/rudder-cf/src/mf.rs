@@ -1,8 +1,8 @@
 //! Matrix factorisation: a user table and an item table (xavier-normal), score = ⟨e_u, e_i⟩
 //! (or cosine with the InfoNCE family).
 
-use crate::model::Backbone;
 use crate::Result;
+use crate::model::Backbone;
 use candle_core::{Device, Tensor, Var};
 use rudder_nn::init::xavier_normal;
 
@@ -22,13 +22,22 @@ impl Mf {
 
 impl Backbone for Mf {
     fn forward(&self) -> Result<(Tensor, Tensor)> {
-        Ok((self.users.as_tensor().clone(), self.items.as_tensor().clone()))
+        Ok((
+            self.users.as_tensor().clone(),
+            self.items.as_tensor().clone(),
+        ))
     }
     fn ego(&self) -> (Tensor, Tensor) {
-        (self.users.as_tensor().clone(), self.items.as_tensor().clone())
+        (
+            self.users.as_tensor().clone(),
+            self.items.as_tensor().clone(),
+        )
     }
     fn params(&self) -> Vec<(String, Var)> {
-        vec![("user_emb".into(), self.users.clone()), ("item_emb".into(), self.items.clone())]
+        vec![
+            ("user_emb".into(), self.users.clone()),
+            ("item_emb".into(), self.items.clone()),
+        ]
     }
     fn ego_is_final(&self) -> bool {
         true

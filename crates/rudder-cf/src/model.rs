@@ -1,7 +1,7 @@
 //! The backbone contract: final user/item embeddings from trainable parameters.
 
 use crate::config::{CfConfig, ModelKind};
-use crate::{lightgcn::LightGcn, mf::Mf, Result};
+use crate::{Result, lightgcn::LightGcn, mf::Mf};
 use candle_core::{Device, Tensor, Var};
 use rudder_data::Interactions;
 
@@ -20,8 +20,16 @@ pub trait Backbone {
 /// Build the configured backbone for a train split.
 pub fn build(cfg: &CfConfig, train: &Interactions, dev: &Device) -> Result<Box<dyn Backbone>> {
     Ok(match cfg.model {
-        ModelKind::Mf => Box::new(Mf::new(train.n_users(), train.n_items(), cfg.dim, cfg.seed, dev)?),
-        ModelKind::Lightgcn => Box::new(LightGcn::new(train, cfg.dim, cfg.n_layers, cfg.seed, dev)?),
+        ModelKind::Mf => Box::new(Mf::new(
+            train.n_users(),
+            train.n_items(),
+            cfg.dim,
+            cfg.seed,
+            dev,
+        )?),
+        ModelKind::Lightgcn => {
+            Box::new(LightGcn::new(train, cfg.dim, cfg.n_layers, cfg.seed, dev)?)
+        }
     })
 }
 

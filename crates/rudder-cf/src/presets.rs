@@ -5,22 +5,65 @@ use crate::config::{AdvConfig, CfConfig, LossConfig, ModelKind};
 
 /// (name, description) of every preset.
 pub const PRESETS: [(&str, &str); 12] = [
-    ("recbole-lightgcn", "RecBole-comparable LightGCN: d=64, 3 layers, BPR, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch"),
-    ("recbole-bpr", "RecBole-comparable BPR-MF: d=64, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch"),
-    ("advinfonce-coat-lightgcn", "AdvInfoNCE README, Coat, LightGCN L=2: lr 1e-3, B 1024, N 64, τ 0.75, adv_lr 1e-2, 20 passes every 15 epochs"),
-    ("advinfonce-coat-mf", "AdvInfoNCE README, Coat, MF: as above with 18 adversarial passes"),
-    ("infonce-coat-lightgcn", "InfoNCE baseline on Coat, LightGCN L=2: lr 1e-3, B 1024, N 64, τ 0.75"),
-    ("infonce-coat-mf", "InfoNCE baseline on Coat, MF: lr 1e-3, B 1024, N 64, τ 0.75"),
-    ("advinfonce-yahoo-lightgcn", "AdvInfoNCE README, Yahoo!R3, LightGCN L=2: lr 5e-4, B 1024, N 64, τ 0.28, adv_lr 1e-4, 13 passes every 5 epochs"),
-    ("advinfonce-yahoo-mf", "AdvInfoNCE README, Yahoo!R3, MF: lr 5e-4, B 1024, N 64, τ 0.28, adv_lr 1e-4, 12 passes"),
-    ("advinfonce-tencent-lightgcn", "AdvInfoNCE README, Tencent, LightGCN L=2: lr 1e-3, B 2048, N 128, τ 0.09, adv_lr 5e-5, 7 passes, patience 20"),
-    ("advinfonce-tencent-mf", "AdvInfoNCE README, Tencent, MF: lr 1e-3, B 2048, N 128, τ 0.09, adv_lr 5e-5, 8 passes, patience 20"),
-    ("advinfonce-kuairec-lightgcn", "AdvInfoNCE README, KuaiRec, LightGCN L=2: lr 3e-5, B 2048, N 128, τ 2.0, adv_lr 5e-5, 12 passes"),
-    ("infonce-kuairec-lightgcn", "InfoNCE baseline on KuaiRec, LightGCN L=2: lr 3e-5, B 2048, N 128, τ 2.0"),
+    (
+        "recbole-lightgcn",
+        "RecBole-comparable LightGCN: d=64, 3 layers, BPR, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch",
+    ),
+    (
+        "recbole-bpr",
+        "RecBole-comparable BPR-MF: d=64, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch",
+    ),
+    (
+        "advinfonce-coat-lightgcn",
+        "AdvInfoNCE README, Coat, LightGCN L=2: lr 1e-3, B 1024, N 64, τ 0.75, adv_lr 1e-2, 20 passes every 15 epochs",
+    ),
+    (
+        "advinfonce-coat-mf",
+        "AdvInfoNCE README, Coat, MF: as above with 18 adversarial passes",
+    ),
+    (
+        "infonce-coat-lightgcn",
+        "InfoNCE baseline on Coat, LightGCN L=2: lr 1e-3, B 1024, N 64, τ 0.75",
+    ),
+    (
+        "infonce-coat-mf",
+        "InfoNCE baseline on Coat, MF: lr 1e-3, B 1024, N 64, τ 0.75",
+    ),
+    (
+        "advinfonce-yahoo-lightgcn",
+        "AdvInfoNCE README, Yahoo!R3, LightGCN L=2: lr 5e-4, B 1024, N 64, τ 0.28, adv_lr 1e-4, 13 passes every 5 epochs",
+    ),
+    (
+        "advinfonce-yahoo-mf",
+        "AdvInfoNCE README, Yahoo!R3, MF: lr 5e-4, B 1024, N 64, τ 0.28, adv_lr 1e-4, 12 passes",
+    ),
+    (
+        "advinfonce-tencent-lightgcn",
+        "AdvInfoNCE README, Tencent, LightGCN L=2: lr 1e-3, B 2048, N 128, τ 0.09, adv_lr 5e-5, 7 passes, patience 20",
+    ),
+    (
+        "advinfonce-tencent-mf",
+        "AdvInfoNCE README, Tencent, MF: lr 1e-3, B 2048, N 128, τ 0.09, adv_lr 5e-5, 8 passes, patience 20",
+    ),
+    (
+        "advinfonce-kuairec-lightgcn",
+        "AdvInfoNCE README, KuaiRec, LightGCN L=2: lr 3e-5, B 2048, N 128, τ 2.0, adv_lr 5e-5, 12 passes",
+    ),
+    (
+        "infonce-kuairec-lightgcn",
+        "InfoNCE baseline on KuaiRec, LightGCN L=2: lr 3e-5, B 2048, N 128, τ 2.0",
+    ),
 ];
 
 fn adv(tau: f64, n_neg: usize, adv_lr: f64, eta_epochs: usize, adv_interval: usize) -> LossConfig {
-    LossConfig::Advinfonce(AdvConfig { tau, n_neg, adv_lr, eta_epochs, adv_interval, ..AdvConfig::default() })
+    LossConfig::Advinfonce(AdvConfig {
+        tau,
+        n_neg,
+        adv_lr,
+        eta_epochs,
+        adv_interval,
+        ..AdvConfig::default()
+    })
 }
 
 fn base(model: ModelKind, loss: LossConfig, lr: f64, batch: usize, patience: usize) -> CfConfig {
@@ -38,7 +81,11 @@ fn base(model: ModelKind, loss: LossConfig, lr: f64, batch: usize, patience: usi
 
 pub fn preset(name: &str) -> Option<CfConfig> {
     use ModelKind::{Lightgcn as L, Mf as M};
-    let infonce = |tau, n_neg| LossConfig::Infonce { tau, n_neg, reg: 1e-5 };
+    let infonce = |tau, n_neg| LossConfig::Infonce {
+        tau,
+        n_neg,
+        reg: 1e-5,
+    };
     Some(match name {
         "recbole-lightgcn" | "recbole-bpr" => {
             let model = if name == "recbole-lightgcn" { L } else { M };

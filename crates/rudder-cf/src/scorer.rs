@@ -13,7 +13,10 @@ pub struct EmbeddingScorer {
 impl EmbeddingScorer {
     pub fn new(users: &Tensor, items: &Tensor, cosine: bool) -> crate::Result<EmbeddingScorer> {
         let (users, items) = if cosine {
-            (rudder_nn::ops::l2_normalize(users, 1e-12)?, rudder_nn::ops::l2_normalize(items, 1e-12)?)
+            (
+                rudder_nn::ops::l2_normalize(users, 1e-12)?,
+                rudder_nn::ops::l2_normalize(items, 1e-12)?,
+            )
         } else {
             (users.clone(), items.clone())
         };

@@ -79,11 +79,24 @@ fn evaluate(
     for m in masks {
         ev = ev.mask(m);
     }
-    Ok(ev.run(&sc, &EvalConfig { ks: ks.to_vec(), batch_size: 256, per_user: false })?)
+    Ok(ev.run(
+        &sc,
+        &EvalConfig {
+            ks: ks.to_vec(),
+            batch_size: 256,
+            per_user: false,
+        },
+    )?)
 }
 
 /// Whether AdvInfoNCE runs its adversarial phase at `epoch` (reference schedule).
-pub fn adversarial_epoch(epoch: usize, interval: usize, done: usize, eta_epochs: usize, warm_up: usize) -> bool {
+pub fn adversarial_epoch(
+    epoch: usize,
+    interval: usize,
+    done: usize,
+    eta_epochs: usize,
+    warm_up: usize,
+) -> bool {
     (epoch + 3) % interval == 0 && done < eta_epochs && epoch > warm_up
 }
 
@@ -96,16 +109,28 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
     }
     let model: Box<dyn Backbone> = model::build(cfg, train, &dev)?;
     let params = model.params();
-    let mut opt = Adam::new(params.iter().map(|(_, v)| v.clone()).collect(), AdamConfig::adam(cfg.lr))?;
+    let mut opt = Adam::new(
+        params.iter().map(|(_, v)| v.clone()).collect(),
+        AdamConfig::adam(cfg.lr),
+    )?;
     let sampler = Sampler::new(
         train,
-        SamplerConfig { batch_size: cfg.batch_size.min(train.len()), n_neg: cfg.loss.n_neg(), drop_last: true, seed: cfg.seed, mode: cfg.sampler },
+        SamplerConfig {
+            batch_size: cfg.batch_size.min(train.len()),
+            n_neg: cfg.loss.n_neg(),
+            drop_last: true,
+            seed: cfg.seed,
+            mode: cfg.sampler,
+        },
     )?;
     let cosine = cfg.loss.cosine();
     let (adv, mut adv_opt) = match &cfg.loss {
         LossConfig::Advinfonce(a) => {
             let h = Hardness::new(train.n_users(), train.n_items(), a, cfg.seed, &dev)?;
-            let o = Adam::new(h.params().into_iter().map(|(_, v)| v).collect(), AdamConfig::adam(a.adv_lr))?;
+            let o = Adam::new(
+                h.params().into_iter().map(|(_, v)| v).collect(),
+                AdamConfig::adam(a.adv_lr),
+            )?;
             (Some(h), Some(o))
         }
         _ => (None, None),
@@ -117,53 +142,82 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
     let mut since_best = 0usize;
     let mut history = Vec::new();
 
-    let batch_loss = |m: &dyn Backbone, idx: &BatchIdx, hard: Option<&Hardness>| -> Result<Tensor> {
-        let (users, items) = m.forward()?;
-        // MF + BPR: one fused op (same value and gradients as the generic path)
-        if let (LossConfig::Bpr { reg }, true) = (&cfg.loss, m.ego_is_final() && idx.n == 1 && users.device().is_cpu()) {
-            return Ok(crate::fused::fused_bpr(&users, &items, idx.user_ids.clone(), idx.pos_ids.clone(), idx.neg_ids.clone(), *reg)?);
-        }
-        let emb = BatchEmb::gather(&users, &items, idx, cosine)?;
-        let (pos, neg) = emb.scores()?;
-        let (ego_u, ego_i) = m.ego();
-        let (main, reg) = match &cfg.loss {
-            LossConfig::Bpr { reg } => {
-                let r = match m.ego_is_final() {
-                    true if *reg != 0.0 => emb.l2_on_rows(*reg)?,
-                    _ => None,
-                };
-                let r = match r {
-                    Some(r) => Some(r),
-                    None => loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
-                };
-                (loss::bpr(&pos, &neg)?, r)
+    let batch_loss =
+        |m: &dyn Backbone, idx: &BatchIdx, hard: Option<&Hardness>| -> Result<Tensor> {
+            let (users, items) = m.forward()?;
+            // MF + BPR: one fused op (same value and gradients as the generic path)
+            if let (LossConfig::Bpr { reg }, true) = (
+                &cfg.loss,
+                m.ego_is_final() && idx.n == 1 && users.device().is_cpu(),
+            ) {
+                return Ok(crate::fused::fused_bpr(
+                    &users,
+                    &items,
+                    idx.user_ids.clone(),
+                    idx.pos_ids.clone(),
+                    idx.neg_ids.clone(),
+                    *reg,
+                )?);
             }
-            LossConfig::Infonce { tau, reg, .. } => (loss::infonce(&pos, &neg, *tau)?, loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?),
-            LossConfig::Advinfonce(a) => {
-                let h = hard.expect("hardness present for AdvInfoNCE").logits(idx)?;
-                (loss::advinfonce(&pos, &neg, &h, a.tau, a.k_neg)?, loss::l2_reg(&ego_u, &ego_i, idx, a.reg, a.faithful_reg_typo)?)
-            }
+            let emb = BatchEmb::gather(&users, &items, idx, cosine)?;
+            let (pos, neg) = emb.scores()?;
+            let (ego_u, ego_i) = m.ego();
+            let (main, reg) = match &cfg.loss {
+                LossConfig::Bpr { reg } => {
+                    let r = match m.ego_is_final() {
+                        true if *reg != 0.0 => emb.l2_on_rows(*reg)?,
+                        _ => None,
+                    };
+                    let r = match r {
+                        Some(r) => Some(r),
+                        None => loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
+                    };
+                    (loss::bpr(&pos, &neg)?, r)
+                }
+                LossConfig::Infonce { tau, reg, .. } => (
+                    loss::infonce(&pos, &neg, *tau)?,
+                    loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
+                ),
+                LossConfig::Advinfonce(a) => {
+                    let h = hard.expect("hardness present for AdvInfoNCE").logits(idx)?;
+                    (
+                        loss::advinfonce(&pos, &neg, &h, a.tau, a.k_neg)?,
+                        loss::l2_reg(&ego_u, &ego_i, idx, a.reg, a.faithful_reg_typo)?,
+                    )
+                }
+            };
+            Ok(match reg {
+                Some(r) => (main + r)?,
+                None => main,
+            })
         };
-        Ok(match reg {
-            Some(r) => (main + r)?,
-            None => main,
-        })
-    };
 
     for epoch in 0..cfg.epochs {
         let t0 = Instant::now();
         let mut adv_kl = None;
         // adversarial phase: gradient ascent on the loss w.r.t. the hardness embeddings only
-        if let (LossConfig::Advinfonce(a), Some(h), Some(ao)) = (&cfg.loss, &adv, adv_opt.as_mut()) {
-            if adversarial_epoch(epoch, a.adv_interval, adv_done, a.eta_epochs, a.warm_up_epochs) {
+        if let (LossConfig::Advinfonce(a), Some(h), Some(ao)) = (&cfg.loss, &adv, adv_opt.as_mut())
+        {
+            if adversarial_epoch(
+                epoch,
+                a.adv_interval,
+                adv_done,
+                a.eta_epochs,
+                a.warm_up_epochs,
+            ) {
                 for rep in 0..a.adv_epochs {
                     // fresh negatives: a distinct stream from the main pass
-                    let batches = sampler.epoch((1u64 << 40) + (epoch * a.adv_epochs.max(1) + rep) as u64);
+                    let batches =
+                        sampler.epoch((1u64 << 40) + (epoch * a.adv_epochs.max(1) + rep) as u64);
                     for b in &batches {
                         let idx = BatchIdx::new(b, &dev)?;
                         let l = batch_loss(model.as_ref(), &idx, Some(h))?;
                         // ascend the loss; the fixed behaviour also keeps the adversary's rows small
-                        let objective = if a.faithful_adv_reg || a.adv_reg == 0.0 { l.neg()? } else { (l.neg()? + h.l2(&idx, a.adv_reg)?)? };
+                        let objective = if a.faithful_adv_reg || a.adv_reg == 0.0 {
+                            l.neg()?
+                        } else {
+                            (l.neg()? + h.l2(&idx, a.adv_reg)?)?
+                        };
                         let grads = objective.backward()?;
                         ao.step(&grads)?;
                     }
@@ -182,7 +236,9 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
             let l = batch_loss(model.as_ref(), &idx, adv.as_ref())?;
             let v = l.to_scalar::<f32>()? as f64;
             if !v.is_finite() {
-                return Err(CfError::Config(format!("loss became {v} at epoch {epoch}; lower the learning rate")));
+                return Err(CfError::Config(format!(
+                    "loss became {v} at epoch {epoch}; lower the learning rate"
+                )));
             }
             total += v;
             let grads = l.backward()?;
@@ -190,7 +246,14 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
             obs.batch_done(v);
         }
         let seconds = t0.elapsed().as_secs_f64();
-        let mut rec = EpochRecord { epoch, loss: total / batches.len().max(1) as f64, seconds, adv_kl, valid: None, eval_seconds: None };
+        let mut rec = EpochRecord {
+            epoch,
+            loss: total / batches.len().max(1) as f64,
+            seconds,
+            adv_kl,
+            valid: None,
+            eval_seconds: None,
+        };
         let last = epoch + 1 == cfg.epochs;
         if has_valid && ((epoch + 1) % cfg.eval_every == 0 || last) {
             let te = Instant::now();
@@ -200,7 +263,10 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
             let score = r.get("recall", k_sel);
             rec.valid = Some(r.means.clone());
             if best.as_ref().is_none_or(|b| score > b.0) {
-                let snap = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+                let snap = params
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 best = Some((score, epoch, snap, r));
                 since_best = 0;
             } else {
@@ -236,7 +302,10 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
                 masks.push(x);
             }
         }
-        tests.push((name.clone(), evaluate(&users, &items, cosine, truth, &masks, &cfg.ks)?));
+        tests.push((
+            name.clone(),
+            evaluate(&users, &items, cosine, truth, &masks, &cfg.ks)?,
+        ));
     }
     Ok(TrainReport {
         config: cfg.clone(),
@@ -244,7 +313,10 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
         best_epoch,
         best_valid,
         tests,
-        params: params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect(),
+        params: params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect(),
         user_emb: users,
         item_emb: items,
     })
@@ -273,12 +345,19 @@ pub fn metrics_json(r: &EvalReport) -> serde_json::Value {
 
 /// Write the run folder: `config.toml` (the caller's resolved configuration, or the model
 /// config when `None`), `metrics.jsonl`, `summary.md`, `best.safetensors`.
-pub fn write_run(dir: &Path, data: &str, config_toml: Option<&str>, report: &TrainReport) -> Result<()> {
+pub fn write_run(
+    dir: &Path,
+    data: &str,
+    config_toml: Option<&str>,
+    report: &TrainReport,
+) -> Result<()> {
     use rudder_data::io::write_bytes_atomic;
     std::fs::create_dir_all(dir).map_err(|e| rudder_data::DataError::io(dir, e))?;
     let cfg_text = match config_toml {
         Some(t) => t.to_string(),
-        None => toml::to_string_pretty(&report.config).map_err(|e| CfError::Config(e.to_string()))?,
+        None => {
+            toml::to_string_pretty(&report.config).map_err(|e| CfError::Config(e.to_string()))?
+        }
     };
     write_bytes_atomic(&dir.join("config.toml"), cfg_text.as_bytes())?;
     let mut lines = String::new();
@@ -304,9 +383,13 @@ pub fn write_run(dir: &Path, data: &str, config_toml: Option<&str>, report: &Tra
         },
         report.config.loss.name(),
         report.history.len(),
-        report.best_epoch.map_or("—".to_string(), |e| (e + 1).to_string()),
+        report
+            .best_epoch
+            .map_or("—".to_string(), |e| (e + 1).to_string()),
         report.mean_epoch_seconds(),
-        report.mean_eval_seconds().map_or(String::new(), |s| format!(", {s:.2} s per validation pass")),
+        report
+            .mean_eval_seconds()
+            .map_or(String::new(), |s| format!(", {s:.2} s per validation pass")),
     );
     if let Some(v) = &report.best_valid {
         md.push_str(&metrics_row("valid (best)", v, k));

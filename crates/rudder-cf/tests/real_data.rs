@@ -1,7 +1,7 @@
 //! The CF engine on real data (Coat from the shared data folder; `RUDDER_SHARED_DATA`, default
 //! `../shared/data`). Absent data skips with a message unless `RUDDER_REQUIRE_ASSETS=1` (CI).
 
-use rudder_cf::trainer::{train, Silent};
+use rudder_cf::trainer::{Silent, train};
 use rudder_cf::{CfConfig, LossConfig, ModelKind};
 use rudder_data::eval::{EvalConfig, Evaluator, Popularity};
 use rudder_data::formats;
@@ -36,14 +36,27 @@ fn lightgcn_beats_mf_and_popularity_on_coat() {
         c.eval_every = 5;
         c.patience = 10;
         c.ks = vec![20];
-        train(&c, s, &mut Silent).unwrap().best_valid.unwrap().get("recall", 20)
+        train(&c, s, &mut Silent)
+            .unwrap()
+            .best_valid
+            .unwrap()
+            .get("recall", 20)
     };
     let lgn = run(ModelKind::Lightgcn, 2);
     let mf = run(ModelKind::Mf, 0);
     let pop = Evaluator::new(&s.valid)
         .mask(&s.train)
-        .run(&Popularity::new(&s.train), &EvalConfig { ks: vec![20], ..Default::default() })
+        .run(
+            &Popularity::new(&s.train),
+            &EvalConfig {
+                ks: vec![20],
+                ..Default::default()
+            },
+        )
         .unwrap()
         .get("recall", 20);
-    assert!(lgn > mf && lgn > pop, "valid Recall@20: LightGCN {lgn:.4}, MF {mf:.4}, most-popular {pop:.4}");
+    assert!(
+        lgn > mf && lgn > pop,
+        "valid Recall@20: LightGCN {lgn:.4}, MF {mf:.4}, most-popular {pop:.4}"
+    );
 }

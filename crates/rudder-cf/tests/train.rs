@@ -5,18 +5,32 @@ use candle_core::Device;
 use rudder_cf::config::AdvConfig;
 use rudder_cf::loss::{BatchEmb, BatchIdx, Hardness};
 use rudder_cf::model;
-use rudder_cf::trainer::{adversarial_epoch, train, write_run, Silent};
+use rudder_cf::trainer::{Silent, adversarial_epoch, train, write_run};
 use rudder_cf::{CfConfig, LossConfig, ModelKind};
+use rudder_data::Split;
 use rudder_data::eval::{EvalConfig, Evaluator, Popularity};
 use rudder_data::sampler::{Sampler, SamplerConfig};
-use rudder_data::split::{split, SplitMethod};
+use rudder_data::split::{SplitMethod, split};
 use rudder_data::synth::{SynthConfig, SynthWorld};
-use rudder_data::Split;
 use rudder_nn::grad::assert_all_receive_gradient;
 
 fn world() -> Split {
-    let w = SynthWorld::generate(&SynthConfig { n_users: 300, n_items: 400, mean_interactions: 30.0, ..Default::default() });
-    split(&w.dataset, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 3).unwrap().split.unwrap()
+    let w = SynthWorld::generate(&SynthConfig {
+        n_users: 300,
+        n_items: 400,
+        mean_interactions: 30.0,
+        ..Default::default()
+    });
+    split(
+        &w.dataset,
+        &SplitMethod::Ratio {
+            ratios: [0.8, 0.1, 0.1],
+        },
+        3,
+    )
+    .unwrap()
+    .split
+    .unwrap()
 }
 
 #[test]
@@ -24,14 +38,42 @@ fn every_parameter_receives_a_gradient() {
     let s = world();
     let dev = Device::Cpu;
     for kind in [ModelKind::Mf, ModelKind::Lightgcn] {
-        let cfg = CfConfig::new(kind, LossConfig::Advinfonce(AdvConfig { n_neg: 8, ..Default::default() }));
+        let cfg = CfConfig::new(
+            kind,
+            LossConfig::Advinfonce(AdvConfig {
+                n_neg: 8,
+                ..Default::default()
+            }),
+        );
         let m = model::build(&cfg, &s.train, &dev).unwrap();
-        let h = Hardness::new(s.train.n_users(), s.train.n_items(), &AdvConfig::default(), 1, &dev).unwrap();
-        let b = &Sampler::new(&s.train, SamplerConfig { batch_size: 256, n_neg: 8, drop_last: true, seed: 1, ..Default::default() }).unwrap().epoch(0)[0];
+        let h = Hardness::new(
+            s.train.n_users(),
+            s.train.n_items(),
+            &AdvConfig::default(),
+            1,
+            &dev,
+        )
+        .unwrap();
+        let b = &Sampler::new(
+            &s.train,
+            SamplerConfig {
+                batch_size: 256,
+                n_neg: 8,
+                drop_last: true,
+                seed: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .epoch(0)[0];
         let idx = BatchIdx::new(b, &dev).unwrap();
         let (u, i) = m.forward().unwrap();
-        let (pos, neg) = BatchEmb::gather(&u, &i, &idx, true).unwrap().scores().unwrap();
-        let l = rudder_cf::loss::advinfonce(&pos, &neg, &h.logits(&idx).unwrap(), 0.5, 64.0).unwrap();
+        let (pos, neg) = BatchEmb::gather(&u, &i, &idx, true)
+            .unwrap()
+            .scores()
+            .unwrap();
+        let l =
+            rudder_cf::loss::advinfonce(&pos, &neg, &h.logits(&idx).unwrap(), 0.5, 64.0).unwrap();
         let grads = l.backward().unwrap();
         let mut params = m.params();
         params.extend(h.params());
@@ -51,7 +93,11 @@ fn adversarial_schedule_matches_the_reference() {
         }
     }
     assert_eq!(at, vec![2, 7, 12, 17, 22, 27, 32]);
-    assert!(adversarial_epoch(12, 15, 0, 20, 0) && adversarial_epoch(27, 15, 1, 20, 0) && !adversarial_epoch(13, 15, 1, 20, 0));
+    assert!(
+        adversarial_epoch(12, 15, 0, 20, 0)
+            && adversarial_epoch(27, 15, 1, 20, 0)
+            && !adversarial_epoch(13, 15, 1, 20, 0)
+    );
 }
 
 #[test]
@@ -64,24 +110,51 @@ fn lightgcn_learns_and_is_reproducible() {
     cfg.eval_every = 5;
     let a = train(&cfg, &s, &mut Silent).unwrap();
     let b = train(&cfg, &s, &mut Silent).unwrap();
-    assert_eq!(a.history.iter().map(|r| r.loss).collect::<Vec<_>>(), b.history.iter().map(|r| r.loss).collect::<Vec<_>>());
-    assert!(a.history.last().unwrap().loss < 0.5 * a.history[0].loss, "loss falls");
-    let pop = Evaluator::new(&s.valid).mask(&s.train).run(&Popularity::new(&s.train), &EvalConfig::default()).unwrap();
+    assert_eq!(
+        a.history.iter().map(|r| r.loss).collect::<Vec<_>>(),
+        b.history.iter().map(|r| r.loss).collect::<Vec<_>>()
+    );
+    assert!(
+        a.history.last().unwrap().loss < 0.5 * a.history[0].loss,
+        "loss falls"
+    );
+    let pop = Evaluator::new(&s.valid)
+        .mask(&s.train)
+        .run(&Popularity::new(&s.train), &EvalConfig::default())
+        .unwrap();
     let best = a.best_valid.as_ref().unwrap();
-    assert!(best.get("recall", 20) > pop.get("recall", 20), "LightGCN {} vs popularity {}", best.get("recall", 20), pop.get("recall", 20));
+    assert!(
+        best.get("recall", 20) > pop.get("recall", 20),
+        "LightGCN {} vs popularity {}",
+        best.get("recall", 20),
+        pop.get("recall", 20)
+    );
     let dir = tempfile::tempdir().unwrap();
     write_run(dir.path(), "synth", None, &a).unwrap();
-    for f in ["config.toml", "metrics.jsonl", "summary.md", "best.safetensors"] {
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.md",
+        "best.safetensors",
+    ] {
         assert!(dir.path().join(f).exists(), "{f}");
     }
-    let ck = rudder_nn::checkpoint::load(&dir.path().join("best.safetensors"), &Device::Cpu).unwrap();
+    let ck =
+        rudder_nn::checkpoint::load(&dir.path().join("best.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(ck["user_emb"].dims(), &[300, 64]);
 }
 
 #[test]
 fn advinfonce_runs_its_adversary() {
     let s = world();
-    let adv = AdvConfig { n_neg: 16, tau: 0.2, adv_interval: 2, eta_epochs: 3, adv_lr: 5e-2, ..Default::default() };
+    let adv = AdvConfig {
+        n_neg: 16,
+        tau: 0.2,
+        adv_interval: 2,
+        eta_epochs: 3,
+        adv_lr: 5e-2,
+        ..Default::default()
+    };
     let mut cfg = CfConfig::new(ModelKind::Mf, LossConfig::Advinfonce(adv));
     cfg.epochs = 8;
     cfg.batch_size = 512;

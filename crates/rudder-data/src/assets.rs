@@ -23,14 +23,29 @@ pub struct FileSpec {
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Source {
-    Pypi { package: String, version: String, member: String, format: String, files: Vec<FileSpec>, note: Option<String> },
-    Http { url: String, archive: Option<String>, member: Option<String>, format: String, files: Vec<FileSpec> },
+    Pypi {
+        package: String,
+        version: String,
+        member: String,
+        format: String,
+        files: Vec<FileSpec>,
+        note: Option<String>,
+    },
+    Http {
+        url: String,
+        archive: Option<String>,
+        member: Option<String>,
+        format: String,
+        files: Vec<FileSpec>,
+    },
 }
 
 impl Source {
     pub fn label(&self) -> String {
         match self {
-            Source::Pypi { package, version, .. } => format!("pypi:{package}=={version}"),
+            Source::Pypi {
+                package, version, ..
+            } => format!("pypi:{package}=={version}"),
             Source::Http { url, .. } => url.clone(),
         }
     }
@@ -111,7 +126,11 @@ pub struct FetchOptions {
 
 impl Default for FetchOptions {
     fn default() -> Self {
-        FetchOptions { from: None, source: SourcePref::Auto, force: false }
+        FetchOptions {
+            from: None,
+            source: SourcePref::Auto,
+            force: false,
+        }
     }
 }
 
@@ -127,7 +146,11 @@ impl Store {
         let root = std::env::var_os("RUDDER_HOME")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(|| dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("rudder"));
+            .unwrap_or_else(|| {
+                dirs::cache_dir()
+                    .unwrap_or_else(std::env::temp_dir)
+                    .join("rudder")
+            });
         Store { root }
     }
 
@@ -160,7 +183,12 @@ impl Store {
     }
 
     /// Fetch an asset (no-op when present unless `force`). `log` receives progress lines.
-    pub fn fetch(&self, spec: &AssetSpec, opts: &FetchOptions, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    pub fn fetch(
+        &self,
+        spec: &AssetSpec,
+        opts: &FetchOptions,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<PathBuf> {
         let dest = self.asset_dir(&spec.name);
         if !opts.force && self.marker(&spec.name).is_some() {
             log(&format!("{} is already in {}", spec.name, dest.display()));
@@ -176,7 +204,10 @@ impl Store {
             })
             .collect();
         if candidates.is_empty() {
-            return Err(DataError::asset(&spec.name, "no source of the requested kind"));
+            return Err(DataError::asset(
+                &spec.name,
+                "no source of the requested kind",
+            ));
         }
         let parent = self.root.join("assets");
         std::fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
@@ -198,7 +229,8 @@ impl Store {
                         .unwrap_or(0),
                 };
                 let mp = staging.join(MARKER);
-                std::fs::write(&mp, serde_json::to_vec_pretty(&marker).unwrap()).map_err(|e| DataError::io(&mp, e))?;
+                std::fs::write(&mp, serde_json::to_vec_pretty(&marker).unwrap())
+                    .map_err(|e| DataError::io(&mp, e))?;
                 install(&staging, &dest)
             });
             match r {
@@ -213,14 +245,21 @@ impl Store {
                 }
             }
         }
-        Err(DataError::asset(&spec.name, format!("every source failed:\n  {}", errors.join("\n  "))))
+        Err(DataError::asset(
+            &spec.name,
+            format!("every source failed:\n  {}", errors.join("\n  ")),
+        ))
     }
 }
 
 /// Move a complete staging folder into place, replacing any previous copy.
 fn install(staging: &Path, dest: &Path) -> Result<()> {
     if dest.exists() {
-        let old = dest.with_file_name(format!(".old-{}-{}", dest.file_name().unwrap().to_string_lossy(), std::process::id()));
+        let old = dest.with_file_name(format!(
+            ".old-{}-{}",
+            dest.file_name().unwrap().to_string_lossy(),
+            std::process::id()
+        ));
         std::fs::rename(dest, &old).map_err(|e| DataError::io(dest, e))?;
         std::fs::rename(staging, dest).map_err(|e| DataError::io(dest, e))?;
         let _ = std::fs::remove_dir_all(&old);
@@ -263,20 +302,38 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 fn verify(spec: &FileSpec, size: u64, sha: &str, log: &mut dyn FnMut(&str)) -> Result<FileSpec> {
     if let Some(s) = spec.size {
         if s != size {
-            return Err(DataError::Config(format!("{}: size {size} bytes, expected {s}", spec.path)));
+            return Err(DataError::Config(format!(
+                "{}: size {size} bytes, expected {s}",
+                spec.path
+            )));
         }
     }
     match &spec.sha256 {
         Some(want) if want != sha => {
-            return Err(DataError::Config(format!("{}: SHA-256 {sha} does not match the pinned {want}", spec.path)));
+            return Err(DataError::Config(format!(
+                "{}: SHA-256 {sha} does not match the pinned {want}",
+                spec.path
+            )));
         }
         Some(_) => {}
-        None => log(&format!("  note: {} has no pinned checksum; recorded {sha}", spec.path)),
+        None => log(&format!(
+            "  note: {} has no pinned checksum; recorded {sha}",
+            spec.path
+        )),
     }
-    Ok(FileSpec { path: spec.path.clone(), size: Some(size), sha256: Some(sha.to_string()) })
+    Ok(FileSpec {
+        path: spec.path.clone(),
+        size: Some(size),
+        sha256: Some(sha.to_string()),
+    })
 }
 
-fn obtain(src: &Source, from: Option<&Path>, staging: &Path, log: &mut dyn FnMut(&str)) -> Result<Vec<FileSpec>> {
+fn obtain(
+    src: &Source,
+    from: Option<&Path>,
+    staging: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<FileSpec>> {
     // A local folder may hold the files themselves.
     if let Some(dir) = from {
         if src.files().iter().all(|f| dir.join(&f.path).is_file()) {
@@ -294,7 +351,13 @@ fn obtain(src: &Source, from: Option<&Path>, staging: &Path, log: &mut dyn FnMut
         }
     }
     match src {
-        Source::Pypi { package, version, member, files, .. } => {
+        Source::Pypi {
+            package,
+            version,
+            member,
+            files,
+            ..
+        } => {
             let wheel = match from.and_then(|d| find_wheel(d, package, version)) {
                 Some(w) => w,
                 None if from.is_some() => {
@@ -311,9 +374,17 @@ fn obtain(src: &Source, from: Option<&Path>, staging: &Path, log: &mut dyn FnMut
             }
             r
         }
-        Source::Http { url, archive, member, files, .. } => {
+        Source::Http {
+            url,
+            archive,
+            member,
+            files,
+            ..
+        } => {
             if from.is_some() {
-                return Err(DataError::Config("--from folder does not hold the files".into()));
+                return Err(DataError::Config(
+                    "--from folder does not hold the files".into(),
+                ));
             }
             let client = reqwest::blocking::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(15))
@@ -321,9 +392,15 @@ fn obtain(src: &Source, from: Option<&Path>, staging: &Path, log: &mut dyn FnMut
                 .build()
                 .map_err(|e| DataError::Config(format!("HTTP client: {e}")))?;
             let get = |u: &str| -> Result<reqwest::blocking::Response> {
-                let resp = client.get(u).send().map_err(|e| DataError::Config(format!("GET {u}: {e}")))?;
+                let resp = client
+                    .get(u)
+                    .send()
+                    .map_err(|e| DataError::Config(format!("GET {u}: {e}")))?;
                 if !resp.status().is_success() {
-                    return Err(DataError::Config(format!("GET {u}: HTTP {}", resp.status())));
+                    return Err(DataError::Config(format!(
+                        "GET {u}: HTTP {}",
+                        resp.status()
+                    )));
                 }
                 Ok(resp)
             };
@@ -336,7 +413,9 @@ fn obtain(src: &Source, from: Option<&Path>, staging: &Path, log: &mut dyn FnMut
                     let _ = std::fs::remove_file(&tmp);
                     r
                 }
-                Some(other) => Err(DataError::Config(format!("unsupported archive kind `{other}`"))),
+                Some(other) => Err(DataError::Config(format!(
+                    "unsupported archive kind `{other}`"
+                ))),
                 None => files
                     .iter()
                     .map(|f| {
@@ -352,7 +431,10 @@ fn obtain(src: &Source, from: Option<&Path>, staging: &Path, log: &mut dyn FnMut
 }
 
 fn wheel_prefix(package: &str, version: &str) -> String {
-    format!("{}-{version}-", package.to_lowercase().replace(['-', '.'], "_"))
+    format!(
+        "{}-{version}-",
+        package.to_lowercase().replace(['-', '.'], "_")
+    )
 }
 
 fn find_wheel(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
@@ -362,7 +444,10 @@ fn find_wheel(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
             n.starts_with(&prefix) && n.ends_with(".whl")
         })
         .collect();
@@ -371,23 +456,43 @@ fn find_wheel(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
 }
 
 /// `python3 -m pip download --no-deps --only-binary=:all: package==version` into a temp folder.
-fn pip_download(package: &str, version: &str, staging: &Path, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+fn pip_download(
+    package: &str,
+    version: &str,
+    staging: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
     let dl = staging.join(".pip");
     std::fs::create_dir_all(&dl).map_err(|e| DataError::io(&dl, e))?;
     let spec = format!("{package}=={version}");
     log(&format!("  pip download --no-deps {spec}"));
     let mut last_err = String::new();
-    for (prog, pre) in [("python3", vec!["-m", "pip"]), ("pip3", vec![]), ("pip", vec![])] {
+    for (prog, pre) in [
+        ("python3", vec!["-m", "pip"]),
+        ("pip3", vec![]),
+        ("pip", vec![]),
+    ] {
         let out = Command::new(prog)
             .args(&pre)
-            .args(["download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
+            .args([
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
             .arg(&dl)
             .arg(&spec)
             .output();
         match out {
             Ok(o) if o.status.success() => {
-                return find_wheel(&dl, package, version)
-                    .ok_or_else(|| DataError::Config(format!("pip reported success but no {spec} wheel is in {}", dl.display())));
+                return find_wheel(&dl, package, version).ok_or_else(|| {
+                    DataError::Config(format!(
+                        "pip reported success but no {spec} wheel is in {}",
+                        dl.display()
+                    ))
+                });
             }
             Ok(o) => {
                 last_err = format!("{prog}: {}", String::from_utf8_lossy(&o.stderr).trim());
@@ -396,13 +501,22 @@ fn pip_download(package: &str, version: &str, staging: &Path, log: &mut dyn FnMu
             Err(e) => last_err = format!("{prog}: {e}"),
         }
     }
-    Err(DataError::Config(format!("could not download {spec} with pip ({last_err})")))
+    Err(DataError::Config(format!(
+        "could not download {spec} with pip ({last_err})"
+    )))
 }
 
 /// Extract `files` (paths relative to `member`) from a zip archive into `staging`, verifying.
-fn extract_zip(zip_path: &Path, member: &str, files: &[FileSpec], staging: &Path, log: &mut dyn FnMut(&str)) -> Result<Vec<FileSpec>> {
+fn extract_zip(
+    zip_path: &Path,
+    member: &str,
+    files: &[FileSpec],
+    staging: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<FileSpec>> {
     let f = std::fs::File::open(zip_path).map_err(|e| DataError::io(zip_path, e))?;
-    let mut z = zip::ZipArchive::new(f).map_err(|e| DataError::invalid(zip_path, format!("not a valid zip/wheel: {e}")))?;
+    let mut z = zip::ZipArchive::new(f)
+        .map_err(|e| DataError::invalid(zip_path, format!("not a valid zip/wheel: {e}")))?;
     let mut out = Vec::new();
     for spec in files {
         let name = format!("{member}{}", spec.path);
@@ -422,12 +536,27 @@ mod tests {
     #[test]
     fn manifest_parses_and_names_required_assets() {
         let m = Manifest::builtin();
-        for n in ["ml-100k", "ml-1m", "smollm2-135m-instruct", "all-minilm-l6-v2"] {
+        for n in [
+            "ml-100k",
+            "ml-1m",
+            "smollm2-135m-instruct",
+            "all-minilm-l6-v2",
+        ] {
             let a = m.get(n).unwrap();
-            assert!(a.sources.iter().any(|s| s.kind() == "pypi"), "{n} has a PyPI mirror");
-            assert!(a.sources.iter().any(|s| s.kind() == "hub"), "{n} has its usual home");
+            assert!(
+                a.sources.iter().any(|s| s.kind() == "pypi"),
+                "{n} has a PyPI mirror"
+            );
+            assert!(
+                a.sources.iter().any(|s| s.kind() == "hub"),
+                "{n} has its usual home"
+            );
             let pypi = a.sources.iter().find(|s| s.kind() == "pypi").unwrap();
-            assert!(pypi.files().iter().all(|f| f.sha256.as_ref().is_some_and(|h| h.len() == 64)));
+            assert!(
+                pypi.files()
+                    .iter()
+                    .all(|f| f.sha256.as_ref().is_some_and(|h| h.len() == 64))
+            );
         }
     }
 
@@ -435,7 +564,11 @@ mod tests {
         let p = dir.join("demo_pkg-1.0-py3-none-any.whl");
         let f = std::fs::File::create(&p).unwrap();
         let mut z = zip::ZipWriter::new(f);
-        z.start_file("demo_pkg/data/a.txt", zip::write::SimpleFileOptions::default()).unwrap();
+        z.start_file(
+            "demo_pkg/data/a.txt",
+            zip::write::SimpleFileOptions::default(),
+        )
+        .unwrap();
         z.write_all(content).unwrap();
         z.finish().unwrap();
         p
@@ -453,7 +586,11 @@ mod tests {
                 member: "demo_pkg/data/".into(),
                 format: "atomic".into(),
                 note: None,
-                files: vec![FileSpec { path: "a.txt".into(), size: Some(5), sha256: Some(sha.into()) }],
+                files: vec![FileSpec {
+                    path: "a.txt".into(),
+                    size: Some(5),
+                    sha256: Some(sha.into()),
+                }],
             }],
         }
     }
@@ -466,20 +603,31 @@ mod tests {
         fake_wheel(&wheels, b"hello");
         let good = format!("{:x}", Sha256::digest(b"hello"));
         let store = Store::new(tmp.path().join("home"));
-        let opts = FetchOptions { from: Some(wheels.clone()), ..Default::default() };
+        let opts = FetchOptions {
+            from: Some(wheels.clone()),
+            ..Default::default()
+        };
         // a wrong checksum fails and leaves nothing behind
         let bad = spec(&"0".repeat(64));
         assert!(store.fetch(&bad, &opts, &mut |_| {}).is_err());
         assert!(store.marker("demo").is_none());
         assert!(!store.asset_dir("demo").exists());
-        let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("home/assets")).unwrap().collect();
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("home/assets"))
+            .unwrap()
+            .collect();
         assert!(leftovers.is_empty());
         // the right one lands with a marker
         let dir = store.fetch(&spec(&good), &opts, &mut |_| {}).unwrap();
         assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello");
-        assert_eq!(store.marker("demo").unwrap().files[0].sha256.as_deref(), Some(good.as_str()));
+        assert_eq!(
+            store.marker("demo").unwrap().files[0].sha256.as_deref(),
+            Some(good.as_str())
+        );
         // a failed re-fetch keeps the good copy
-        let opts_force = FetchOptions { force: true, ..opts };
+        let opts_force = FetchOptions {
+            force: true,
+            ..opts
+        };
         assert!(store.fetch(&bad, &opts_force, &mut |_| {}).is_err());
         assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello");
     }

@@ -29,12 +29,18 @@ impl MetaRows {
             }
         }
         let col = |c: &Vec<String>| -> Vec<String> {
-            pos.iter().map(|p| p.map(|r| c[r].clone()).unwrap_or_default()).collect()
+            pos.iter()
+                .map(|p| p.map(|r| c[r].clone()).unwrap_or_default())
+                .collect()
         };
         (
             Table {
                 title: self.title.as_ref().map(col),
-                fields: self.fields.iter().map(|(k, v)| (k.clone(), col(v))).collect(),
+                fields: self
+                    .fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), col(v)))
+                    .collect(),
             },
             dropped,
         )
@@ -48,7 +54,10 @@ impl MetaRows {
                 return Err(DataError::parse(
                     path,
                     line_of(row),
-                    format!("duplicate id `{id}` (first seen on line {})", line_of(first)),
+                    format!(
+                        "duplicate id `{id}` (first seen on line {})",
+                        line_of(first)
+                    ),
                 ));
             }
         }
@@ -72,7 +81,12 @@ impl DatasetBuilder {
     pub fn add(&mut self, user: &str, item: &str, rating: Option<f32>, timestamp: Option<i64>) {
         let u = self.users.insert(user);
         let i = self.items.insert(item);
-        self.list.push(Interaction { user: u, item: i, rating, timestamp });
+        self.list.push(Interaction {
+            user: u,
+            item: i,
+            rating,
+            timestamp,
+        });
     }
 
     pub fn len(&self) -> usize {

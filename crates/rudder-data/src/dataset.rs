@@ -20,11 +20,18 @@ impl Table {
 
     /// Title of row `i` when known and non-empty.
     pub fn title(&self, i: u32) -> Option<&str> {
-        self.title.as_ref().and_then(|t| t.get(i as usize)).map(|s| s.as_str()).filter(|s| !s.is_empty())
+        self.title
+            .as_ref()
+            .and_then(|t| t.get(i as usize))
+            .map(|s| s.as_str())
+            .filter(|s| !s.is_empty())
     }
 
     pub fn field(&self, name: &str, i: u32) -> Option<&str> {
-        self.fields.get(name).and_then(|c| c.get(i as usize)).map(|s| s.as_str())
+        self.fields
+            .get(name)
+            .and_then(|c| c.get(i as usize))
+            .map(|s| s.as_str())
     }
 
     /// Add or replace a column (length must match the id space).
@@ -45,7 +52,11 @@ impl Table {
         };
         Table {
             title: self.title.as_ref().map(col),
-            fields: self.fields.iter().map(|(k, v)| (k.clone(), col(v))).collect(),
+            fields: self
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), col(v)))
+                .collect(),
         }
     }
 
@@ -73,7 +84,11 @@ pub struct Split {
 impl Split {
     /// Every named part in a fixed order: train, valid, test, extras.
     pub fn parts(&self) -> Vec<(&str, &Interactions)> {
-        let mut v = vec![("train", &self.train), ("valid", &self.valid), ("test", &self.test)];
+        let mut v = vec![
+            ("train", &self.train),
+            ("valid", &self.valid),
+            ("test", &self.test),
+        ];
         for (n, x) in &self.extra_tests {
             v.push((n.as_str(), x));
         }
@@ -81,7 +96,10 @@ impl Split {
     }
 
     pub fn part(&self, name: &str) -> Option<&Interactions> {
-        self.parts().into_iter().find(|(n, _)| *n == name).map(|(_, x)| x)
+        self.parts()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, x)| x)
     }
 
     /// Union of every part (the whole dataset).
@@ -135,7 +153,11 @@ impl Dataset {
                 train: rm(&s.train),
                 valid: rm(&s.valid),
                 test: rm(&s.test),
-                extra_tests: s.extra_tests.iter().map(|(n, x)| (n.clone(), rm(x))).collect(),
+                extra_tests: s
+                    .extra_tests
+                    .iter()
+                    .map(|(n, x)| (n.clone(), rm(x)))
+                    .collect(),
             }),
             users,
             items,
@@ -144,7 +166,11 @@ impl Dataset {
 
     /// Replace the interactions (e.g. after filtering) and compact ids. Any split is dropped.
     pub fn with_interactions(&self, interactions: Interactions) -> Dataset {
-        let d = Dataset { interactions, split: None, ..self.clone() };
+        let d = Dataset {
+            interactions,
+            split: None,
+            ..self.clone()
+        };
         d.compact()
     }
 

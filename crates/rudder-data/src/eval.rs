@@ -47,7 +47,11 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { ks: vec![10, 20], batch_size: 256, per_user: false }
+        EvalConfig {
+            ks: vec![10, 20],
+            batch_size: 256,
+            per_user: false,
+        }
     }
 }
 
@@ -74,7 +78,10 @@ pub struct EvalReport {
 
 impl EvalReport {
     pub fn get(&self, metric: &str, k: usize) -> f64 {
-        self.means.get(&format!("{metric}@{k}")).copied().unwrap_or(f64::NAN)
+        self.means
+            .get(&format!("{metric}@{k}"))
+            .copied()
+            .unwrap_or(f64::NAN)
     }
 
     /// Per-user results as JSON lines (external ids are the caller's business).
@@ -132,7 +139,10 @@ pub fn rank_metrics(ranked: &[u32], truth_sorted: &[u32], ks: &[usize]) -> Vec<[
 /// Order for ranking: higher score first, NaN last, ties by lower item id.
 #[inline]
 fn better(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
-    let (sa, sb) = (if a.0.is_nan() { f32::NEG_INFINITY } else { a.0 }, if b.0.is_nan() { f32::NEG_INFINITY } else { b.0 });
+    let (sa, sb) = (
+        if a.0.is_nan() { f32::NEG_INFINITY } else { a.0 },
+        if b.0.is_nan() { f32::NEG_INFINITY } else { b.0 },
+    );
     sb.partial_cmp(&sa).unwrap().then(a.1.cmp(&b.1))
 }
 
@@ -199,7 +209,12 @@ pub struct Evaluator<'a> {
 impl<'a> Evaluator<'a> {
     /// Evaluate against `truth` (e.g. the test split).
     pub fn new(truth: &'a Interactions) -> Self {
-        Evaluator { truth, masks: Vec::new(), global_mask: Vec::new(), candidates: None }
+        Evaluator {
+            truth,
+            masks: Vec::new(),
+            global_mask: Vec::new(),
+            candidates: None,
+        }
     }
 
     /// Remove the items of `split` from each user's ranking (except the user's truth).
@@ -238,8 +253,15 @@ impl<'a> Evaluator<'a> {
                     self.truth.n_users()
                 )));
             }
-            if let Some(i) = c.iter().flatten().find(|&&i| i as usize >= self.truth.n_items()) {
-                return Err(DataError::Config(format!("candidate item {i} out of range ({} items)", self.truth.n_items())));
+            if let Some(i) = c
+                .iter()
+                .flatten()
+                .find(|&&i| i as usize >= self.truth.n_items())
+            {
+                return Err(DataError::Config(format!(
+                    "candidate item {i} out of range ({} items)",
+                    self.truth.n_items()
+                )));
             }
         }
         Ok(())
@@ -326,7 +348,12 @@ impl<'a> Evaluator<'a> {
         truth.sort_unstable();
         truth.dedup();
         let metrics = rank_metrics(&top, &truth, ks);
-        UserResult { user: u, n_truth: truth.len(), top, metrics }
+        UserResult {
+            user: u,
+            n_truth: truth.len(),
+            top,
+            metrics,
+        }
     }
 }
 
@@ -337,7 +364,9 @@ pub struct Popularity {
 
 impl Popularity {
     pub fn new(train: &Interactions) -> Self {
-        Popularity { counts: train.item_degrees().into_iter().map(|c| c as f32).collect() }
+        Popularity {
+            counts: train.item_degrees().into_iter().map(|c| c as f32).collect(),
+        }
     }
 }
 
@@ -375,7 +404,8 @@ impl Scorer for DenseScores<'_> {
     fn score_users(&self, users: &[u32], n_items: usize, out: &mut [f32]) {
         for (r, &u) in users.iter().enumerate() {
             let u = u as usize;
-            out[r * n_items..(r + 1) * n_items].copy_from_slice(&self.scores[u * self.n_items..u * self.n_items + n_items]);
+            out[r * n_items..(r + 1) * n_items]
+                .copy_from_slice(&self.scores[u * self.n_items..u * self.n_items + n_items]);
         }
     }
 }
@@ -403,8 +433,20 @@ mod tests {
     fn hand_computed_metrics() {
         let truth = Interactions::from_lists(6, &[vec![1, 3], vec![], vec![]]);
         let s = scores();
-        let sc = DenseScores { scores: &s, n_items: 6 };
-        let r = Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![2, 4], batch_size: 2, per_user: true }).unwrap();
+        let sc = DenseScores {
+            scores: &s,
+            n_items: 6,
+        };
+        let r = Evaluator::new(&truth)
+            .run(
+                &sc,
+                &EvalConfig {
+                    ks: vec![2, 4],
+                    batch_size: 2,
+                    per_user: true,
+                },
+            )
+            .unwrap();
         assert_eq!(r.n_users, 1, "users without truth are not evaluated");
         close(r.get("precision", 2), 0.5);
         close(r.get("recall", 2), 0.5);
@@ -425,8 +467,19 @@ mod tests {
     fn recall_denominator_is_truth_size_and_ndcg_ideal_is_min_k() {
         let truth = Interactions::from_lists(6, &[vec![0, 1, 2]]);
         let s = scores();
-        let sc = DenseScores { scores: &s[..6], n_items: 6 };
-        let r = Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![2], ..Default::default() }).unwrap();
+        let sc = DenseScores {
+            scores: &s[..6],
+            n_items: 6,
+        };
+        let r = Evaluator::new(&truth)
+            .run(
+                &sc,
+                &EvalConfig {
+                    ks: vec![2],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         close(r.get("recall", 2), 2.0 / 3.0);
         close(r.get("precision", 2), 1.0);
         close(r.get("ndcg", 2), 1.0);
@@ -437,13 +490,36 @@ mod tests {
         let truth = Interactions::from_lists(6, &[vec![1, 3]]);
         let train = Interactions::from_lists(6, &[vec![0, 1]]); // 1 is also truth: stays rankable
         let s = scores();
-        let sc = DenseScores { scores: &s[..6], n_items: 6 };
-        let r = Evaluator::new(&truth).mask(&train).run(&sc, &EvalConfig { ks: vec![2], per_user: true, ..Default::default() }).unwrap();
+        let sc = DenseScores {
+            scores: &s[..6],
+            n_items: 6,
+        };
+        let r = Evaluator::new(&truth)
+            .mask(&train)
+            .run(
+                &sc,
+                &EvalConfig {
+                    ks: vec![2],
+                    per_user: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(r.per_user[0].top, vec![1, 2]);
         close(r.get("ndcg", 2), 1.0 / (1.0 + L3));
         close(r.get("mrr", 2), 1.0);
         // a global mask removes items for everyone
-        let r = Evaluator::new(&truth).global_mask(vec![0, 2]).run(&sc, &EvalConfig { ks: vec![2], per_user: true, ..Default::default() }).unwrap();
+        let r = Evaluator::new(&truth)
+            .global_mask(vec![0, 2])
+            .run(
+                &sc,
+                &EvalConfig {
+                    ks: vec![2],
+                    per_user: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(r.per_user[0].top, vec![1, 3]);
         close(r.get("recall", 2), 1.0);
     }
@@ -452,8 +528,20 @@ mod tests {
     fn ties_break_by_item_id_and_nan_ranks_last() {
         let truth = Interactions::from_lists(6, &[vec![], vec![4], vec![0]]);
         let s = scores();
-        let sc = DenseScores { scores: &s, n_items: 6 };
-        let r = Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![6], per_user: true, ..Default::default() }).unwrap();
+        let sc = DenseScores {
+            scores: &s,
+            n_items: 6,
+        };
+        let r = Evaluator::new(&truth)
+            .run(
+                &sc,
+                &EvalConfig {
+                    ks: vec![6],
+                    per_user: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(r.per_user[0].top, vec![0, 1, 2, 3, 4, 5]); // user 1, all tied
         assert_eq!(r.per_user[1].top, vec![5, 4, 3, 2, 1, 0]); // user 2, NaN last
         close(r.per_user[1].metrics[0][4], 1.0 / 6.0);
@@ -492,26 +580,82 @@ mod tests {
         let truth = Interactions::from_lists(6, &[vec![3]]);
         let cands = vec![vec![5, 3, 4]];
         let s = scores();
-        let sc = DenseScores { scores: &s[..6], n_items: 6 };
-        let r = Evaluator::new(&truth).candidates(&cands).run(&sc, &EvalConfig { ks: vec![1, 3], per_user: true, ..Default::default() }).unwrap();
+        let sc = DenseScores {
+            scores: &s[..6],
+            n_items: 6,
+        };
+        let r = Evaluator::new(&truth)
+            .candidates(&cands)
+            .run(
+                &sc,
+                &EvalConfig {
+                    ks: vec![1, 3],
+                    per_user: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(r.per_user[0].top, vec![3, 4, 5]);
         close(r.get("hit", 1), 1.0);
         let bad = vec![vec![9]];
-        assert!(Evaluator::new(&truth).candidates(&bad).run(&sc, &EvalConfig::default()).is_err());
+        assert!(
+            Evaluator::new(&truth)
+                .candidates(&bad)
+                .run(&sc, &EvalConfig::default())
+                .is_err()
+        );
     }
 
     #[test]
     fn batch_size_and_threads_do_not_change_results() {
         let n_users = 37;
         let n_items = 50;
-        let lists: Vec<Vec<u32>> = (0..n_users).map(|u| (0..(u % 4)).map(|k| ((u * 13 + k * 7) % n_items) as u32).collect()).collect();
+        let lists: Vec<Vec<u32>> = (0..n_users)
+            .map(|u| {
+                (0..(u % 4))
+                    .map(|k| ((u * 13 + k * 7) % n_items) as u32)
+                    .collect()
+            })
+            .collect();
         let truth = Interactions::from_lists(n_items, &lists);
         let sc = RandomScorer { seed: 5 };
-        let a = Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![5, 10], batch_size: 1, per_user: true }).unwrap();
-        let b = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| {
-            Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![5, 10], batch_size: 16, per_user: true }).unwrap()
-        });
+        let a = Evaluator::new(&truth)
+            .run(
+                &sc,
+                &EvalConfig {
+                    ks: vec![5, 10],
+                    batch_size: 1,
+                    per_user: true,
+                },
+            )
+            .unwrap();
+        let b = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap()
+            .install(|| {
+                Evaluator::new(&truth)
+                    .run(
+                        &sc,
+                        &EvalConfig {
+                            ks: vec![5, 10],
+                            batch_size: 16,
+                            per_user: true,
+                        },
+                    )
+                    .unwrap()
+            });
         assert_eq!(a, b);
-        assert!(Evaluator::new(&truth).run(&sc, &EvalConfig { ks: vec![0], ..Default::default() }).is_err());
+        assert!(
+            Evaluator::new(&truth)
+                .run(
+                    &sc,
+                    &EvalConfig {
+                        ks: vec![0],
+                        ..Default::default()
+                    }
+                )
+                .is_err()
+        );
     }
 }

@@ -60,12 +60,18 @@ impl IdMap {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.ext.iter().enumerate().map(|(i, s)| (i as u32, s.as_str()))
+        self.ext
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u32, s.as_str()))
     }
 
     /// True when external id i is the decimal string of i for every i.
     pub fn is_identity(&self) -> bool {
-        self.ext.iter().enumerate().all(|(i, s)| *s == i.to_string())
+        self.ext
+            .iter()
+            .enumerate()
+            .all(|(i, s)| *s == i.to_string())
     }
 
     /// Keep only the dense ids for which `keep[id]`, renumbering them in order.

@@ -12,7 +12,12 @@ pub struct Interaction {
 
 impl Interaction {
     pub fn new(user: u32, item: u32) -> Self {
-        Interaction { user, item, rating: None, timestamp: None }
+        Interaction {
+            user,
+            item,
+            rating: None,
+            timestamp: None,
+        }
     }
 }
 
@@ -48,7 +53,10 @@ impl Interactions {
     pub fn from_interactions(n_users: usize, n_items: usize, list: &[Interaction]) -> Self {
         let mut counts = vec![0usize; n_users + 1];
         for x in list {
-            assert!((x.user as usize) < n_users && (x.item as usize) < n_items, "id out of range");
+            assert!(
+                (x.user as usize) < n_users && (x.item as usize) < n_items,
+                "id out of range"
+            );
             counts[x.user as usize + 1] += 1;
         }
         for u in 0..n_users {
@@ -59,8 +67,16 @@ impl Interactions {
         let mut items = vec![0u32; list.len()];
         let has_r = !list.is_empty() && list.iter().all(|x| x.rating.is_some());
         let has_t = !list.is_empty() && list.iter().all(|x| x.timestamp.is_some());
-        let mut ratings = if has_r { vec![0f32; list.len()] } else { Vec::new() };
-        let mut ts = if has_t { vec![0i64; list.len()] } else { Vec::new() };
+        let mut ratings = if has_r {
+            vec![0f32; list.len()]
+        } else {
+            Vec::new()
+        };
+        let mut ts = if has_t {
+            vec![0i64; list.len()]
+        } else {
+            Vec::new()
+        };
         for x in list {
             let p = next[x.user as usize];
             next[x.user as usize] += 1;
@@ -88,11 +104,21 @@ impl Interactions {
         indptr.push(0);
         let mut items = Vec::new();
         for l in lists {
-            assert!(l.iter().all(|&i| (i as usize) < n_items), "item id out of range");
+            assert!(
+                l.iter().all(|&i| (i as usize) < n_items),
+                "item id out of range"
+            );
             items.extend_from_slice(l);
             indptr.push(items.len());
         }
-        Interactions { n_users: lists.len(), n_items, indptr, items, ratings: None, timestamps: None }
+        Interactions {
+            n_users: lists.len(),
+            n_items,
+            indptr,
+            items,
+            ratings: None,
+            timestamps: None,
+        }
     }
 
     pub fn n_users(&self) -> usize {
@@ -134,11 +160,15 @@ impl Interactions {
     }
     pub fn ratings(&self, u: u32) -> Option<&[f32]> {
         let u = u as usize;
-        self.ratings.as_ref().map(|r| &r[self.indptr[u]..self.indptr[u + 1]])
+        self.ratings
+            .as_ref()
+            .map(|r| &r[self.indptr[u]..self.indptr[u + 1]])
     }
     pub fn timestamps(&self, u: u32) -> Option<&[i64]> {
         let u = u as usize;
-        self.timestamps.as_ref().map(|r| &r[self.indptr[u]..self.indptr[u + 1]])
+        self.timestamps
+            .as_ref()
+            .map(|r| &r[self.indptr[u]..self.indptr[u + 1]])
     }
     pub fn degree(&self, u: u32) -> usize {
         self.indptr[u as usize + 1] - self.indptr[u as usize]
@@ -173,7 +203,9 @@ impl Interactions {
 
     /// Users with at least one interaction, ascending.
     pub fn active_users(&self) -> Vec<u32> {
-        (0..self.n_users as u32).filter(|&u| self.degree(u) > 0).collect()
+        (0..self.n_users as u32)
+            .filter(|&u| self.degree(u) > 0)
+            .collect()
     }
 
     /// Number of interactions of each item.
@@ -193,7 +225,11 @@ impl Interactions {
     pub fn transpose(&self) -> Interactions {
         let list: Vec<Interaction> = self
             .iter()
-            .map(|x| Interaction { user: x.item, item: x.user, ..x })
+            .map(|x| Interaction {
+                user: x.item,
+                item: x.user,
+                ..x
+            })
             .collect();
         Interactions::from_interactions(self.n_items, self.n_users, &list)
     }
@@ -215,7 +251,11 @@ impl Interactions {
         let list: Vec<Interaction> = self
             .iter()
             .filter_map(|x| {
-                Some(Interaction { user: users[x.user as usize]?, item: items[x.item as usize]?, ..x })
+                Some(Interaction {
+                    user: users[x.user as usize]?,
+                    item: items[x.item as usize]?,
+                    ..x
+                })
             })
             .collect();
         Interactions::from_interactions(n_users, n_items, &list)
@@ -289,9 +329,24 @@ mod tests {
     #[test]
     fn csr_roundtrip_and_transpose() {
         let list = vec![
-            Interaction { user: 1, item: 2, rating: Some(5.0), timestamp: Some(10) },
-            Interaction { user: 0, item: 1, rating: Some(3.0), timestamp: Some(5) },
-            Interaction { user: 1, item: 0, rating: Some(4.0), timestamp: Some(7) },
+            Interaction {
+                user: 1,
+                item: 2,
+                rating: Some(5.0),
+                timestamp: Some(10),
+            },
+            Interaction {
+                user: 0,
+                item: 1,
+                rating: Some(3.0),
+                timestamp: Some(5),
+            },
+            Interaction {
+                user: 1,
+                item: 0,
+                rating: Some(4.0),
+                timestamp: Some(7),
+            },
         ];
         let x = Interactions::from_interactions(3, 3, &list);
         assert_eq!(x.len(), 3);
@@ -312,8 +367,18 @@ mod tests {
     #[test]
     fn optional_fields_only_when_complete() {
         let list = vec![
-            Interaction { user: 0, item: 0, rating: Some(1.0), timestamp: None },
-            Interaction { user: 0, item: 1, rating: None, timestamp: None },
+            Interaction {
+                user: 0,
+                item: 0,
+                rating: Some(1.0),
+                timestamp: None,
+            },
+            Interaction {
+                user: 0,
+                item: 1,
+                rating: None,
+                timestamp: None,
+            },
         ];
         let x = Interactions::from_interactions(1, 2, &list);
         assert!(!x.has_ratings());

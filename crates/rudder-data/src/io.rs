@@ -58,15 +58,24 @@ impl AtomicFile {
                 std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
             }
         }
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dest.with_file_name(format!(".{name}.{}.partial", std::process::id()));
         let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-        Ok(AtomicFile { tmp, dest, file: Some(std::io::BufWriter::new(file)) })
+        Ok(AtomicFile {
+            tmp,
+            dest,
+            file: Some(std::io::BufWriter::new(file)),
+        })
     }
 
     pub fn commit(mut self) -> Result<()> {
         let w = self.file.take().expect("file present until commit");
-        let f = w.into_inner().map_err(|e| DataError::io(&self.tmp, e.into_error()))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| DataError::io(&self.tmp, e.into_error()))?;
         f.sync_all().map_err(|e| DataError::io(&self.tmp, e))?;
         drop(f);
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| DataError::io(&self.dest, e))

@@ -12,7 +12,9 @@ pub fn implicit(ds: &Dataset, threshold: f32) -> Result<Dataset> {
             ds.name
         )));
     }
-    let x = ds.interactions.filter(|it| it.rating.is_some_and(|r| r >= threshold));
+    let x = ds
+        .interactions
+        .filter(|it| it.rating.is_some_and(|r| r >= threshold));
     Ok(ds.with_interactions(x))
 }
 
@@ -42,7 +44,14 @@ mod tests {
     fn kcore_reaches_fixed_point() {
         let mut b = DatasetBuilder::new();
         // u1 has two items, i3 only one user: removing i3 leaves u2 with one item, which goes too.
-        for (u, i) in [("u1", "i1"), ("u1", "i2"), ("u2", "i1"), ("u2", "i3"), ("u3", "i1"), ("u3", "i2")] {
+        for (u, i) in [
+            ("u1", "i1"),
+            ("u1", "i2"),
+            ("u2", "i1"),
+            ("u2", "i3"),
+            ("u3", "i1"),
+            ("u3", "i2"),
+        ] {
             b.add(u, i, Some(5.0), None);
         }
         let ds = b.finish("t", None, None);

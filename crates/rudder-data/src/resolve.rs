@@ -24,15 +24,20 @@ pub fn resolve(arg: &str, store: &Store) -> Result<DataRef> {
     if arg == "synth" || arg.starts_with("synth:") {
         let mut cfg = SynthConfig::default();
         if let Some(seed) = arg.strip_prefix("synth:") {
-            cfg.seed = seed
-                .parse()
-                .map_err(|_| DataError::Config(format!("`{arg}`: expected synth or synth:SEED with an integer seed")))?;
+            cfg.seed = seed.parse().map_err(|_| {
+                DataError::Config(format!(
+                    "`{arg}`: expected synth or synth:SEED with an integer seed"
+                ))
+            })?;
         }
         return Ok(DataRef::Synth(cfg));
     }
     let manifest = Manifest::builtin();
     if manifest.get(arg).is_some() {
-        return Ok(DataRef::Asset { name: arg.to_string(), dir: store.require(arg)? });
+        return Ok(DataRef::Asset {
+            name: arg.to_string(),
+            dir: store.require(arg)?,
+        });
     }
     Err(DataError::Config(format!(
         "`{arg}` is neither an existing file or folder nor a known dataset (assets: {}; or `synth`)",

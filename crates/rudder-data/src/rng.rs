@@ -28,7 +28,9 @@ pub fn stream(seed: u64, keys: &[u64]) -> Rng {
     let h = hash_keys(seed, keys);
     let mut s = [0u8; 32];
     for (k, chunk) in s.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&mix64(h ^ (k as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)).to_le_bytes());
+        chunk.copy_from_slice(
+            &mix64(h ^ (k as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)).to_le_bytes(),
+        );
     }
     Rng::from_seed(s)
 }

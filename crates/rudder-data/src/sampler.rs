@@ -41,7 +41,13 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { batch_size: 2048, n_neg: 1, drop_last: true, seed: 101, mode: SampleMode::User }
+        SamplerConfig {
+            batch_size: 2048,
+            n_neg: 1,
+            drop_last: true,
+            seed: 101,
+            mode: SampleMode::User,
+        }
     }
 }
 
@@ -85,11 +91,16 @@ impl Sampler {
         }
         let users = train.active_users();
         if users.is_empty() {
-            return Err(DataError::Config("the train split has no interactions to sample".into()));
+            return Err(DataError::Config(
+                "the train split has no interactions to sample".into(),
+            ));
         }
         let sets = train.sorted_sets();
         if cfg.n_neg > 0 {
-            if let Some(&u) = users.iter().find(|&&u| sets[u as usize].len() >= train.n_items()) {
+            if let Some(&u) = users
+                .iter()
+                .find(|&&u| sets[u as usize].len() >= train.n_items())
+            {
                 return Err(DataError::Config(format!(
                     "user {u} has interacted with every item: no negative can be sampled"
                 )));
@@ -150,7 +161,9 @@ impl Sampler {
                     let items = self.train.items(u);
                     (u, items[rng.random_range(0..items.len())])
                 }
-                SampleMode::Interaction => (self.row_of[k as usize], self.train.indices()[k as usize]),
+                SampleMode::Interaction => {
+                    (self.row_of[k as usize], self.train.indices()[k as usize])
+                }
             };
             users.push(u);
             pos.push(p);
@@ -164,13 +177,21 @@ impl Sampler {
                 }
             }
         }
-        Batch { users, pos, neg, n_neg }
+        Batch {
+            users,
+            pos,
+            neg,
+            n_neg,
+        }
     }
 
     /// All batches of an epoch, generated in parallel.
     pub fn epoch(&self, epoch: u64) -> Vec<Batch> {
         let perm = self.permutation(epoch);
-        (0..self.n_batches()).into_par_iter().map(|b| self.batch(&perm, epoch, b)).collect()
+        (0..self.n_batches())
+            .into_par_iter()
+            .map(|b| self.batch(&perm, epoch, b))
+            .collect()
     }
 }
 
@@ -179,16 +200,36 @@ mod tests {
     use super::*;
 
     fn train() -> Interactions {
-        let lists: Vec<Vec<u32>> = (0..30u32).map(|u| (0..(1 + u % 5)).map(|k| (u * 7 + k * 3) % 50).collect()).collect();
+        let lists: Vec<Vec<u32>> = (0..30u32)
+            .map(|u| (0..(1 + u % 5)).map(|k| (u * 7 + k * 3) % 50).collect())
+            .collect();
         Interactions::from_lists(50, &lists)
     }
 
     #[test]
     fn same_batches_for_any_thread_count() {
         let t = train();
-        let s = Sampler::new(&t, SamplerConfig { batch_size: 8, n_neg: 4, drop_last: true, seed: 3, ..Default::default() }).unwrap();
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| s.epoch(2));
-        let four = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap().install(|| s.epoch(2));
+        let s = Sampler::new(
+            &t,
+            SamplerConfig {
+                batch_size: 8,
+                n_neg: 4,
+                drop_last: true,
+                seed: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| s.epoch(2));
+        let four = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap()
+            .install(|| s.epoch(2));
         assert_eq!(one, four);
         assert_ne!(s.epoch(2), s.epoch(3));
     }
@@ -197,7 +238,17 @@ mod tests {
     fn draws_follow_the_reference_rules() {
         let t = train();
         let sets = t.sorted_sets();
-        let s = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 3, drop_last: false, seed: 1, ..Default::default() }).unwrap();
+        let s = Sampler::new(
+            &t,
+            SamplerConfig {
+                batch_size: 7,
+                n_neg: 3,
+                drop_last: false,
+                seed: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let batches = s.epoch(0);
         assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), t.len());
         let mut per_user = vec![0usize; 30];
@@ -205,9 +256,15 @@ mod tests {
             for k in 0..b.len() {
                 let u = b.users[k] as usize;
                 per_user[u] += 1;
-                assert!(sets[u].binary_search(&b.pos[k]).is_ok(), "positive from the user's train items");
+                assert!(
+                    sets[u].binary_search(&b.pos[k]).is_ok(),
+                    "positive from the user's train items"
+                );
                 for &j in b.negs(k) {
-                    assert!(sets[u].binary_search(&j).is_err(), "negative never a train item");
+                    assert!(
+                        sets[u].binary_search(&j).is_err(),
+                        "negative never a train item"
+                    );
                 }
             }
         }
@@ -215,7 +272,17 @@ mod tests {
         let (lo, hi) = (t.len() / 30, t.len().div_ceil(30));
         assert!(per_user.iter().all(|&c| c == lo || c == hi), "{per_user:?}");
         // drop_last drops the partial batch
-        let s2 = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 1, drop_last: true, seed: 1, ..Default::default() }).unwrap();
+        let s2 = Sampler::new(
+            &t,
+            SamplerConfig {
+                batch_size: 7,
+                n_neg: 1,
+                drop_last: true,
+                seed: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(s2.epoch(0).len(), t.len() / 7);
     }
 
@@ -223,7 +290,17 @@ mod tests {
     fn negatives_are_uniform_over_non_train_items() {
         // one user with items 0..10 of 20: negatives uniform over 10..20
         let t = Interactions::from_lists(20, &[(0..10).collect()]);
-        let s = Sampler::new(&t, SamplerConfig { batch_size: 10, n_neg: 1000, drop_last: true, seed: 9, ..Default::default() }).unwrap();
+        let s = Sampler::new(
+            &t,
+            SamplerConfig {
+                batch_size: 10,
+                n_neg: 1000,
+                drop_last: true,
+                seed: 9,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut counts = vec![0usize; 20];
         for b in s.epoch(0) {
             for &j in &b.neg {
@@ -241,8 +318,28 @@ mod tests {
     #[test]
     fn interaction_mode_visits_every_interaction_once() {
         let t = train();
-        let s = Sampler::new(&t, SamplerConfig { batch_size: 7, n_neg: 2, drop_last: false, seed: 4, mode: SampleMode::Interaction }).unwrap();
-        let mut seen: Vec<(u32, u32)> = s.epoch(0).iter().flat_map(|b| b.users.iter().copied().zip(b.pos.iter().copied()).collect::<Vec<_>>()).collect();
+        let s = Sampler::new(
+            &t,
+            SamplerConfig {
+                batch_size: 7,
+                n_neg: 2,
+                drop_last: false,
+                seed: 4,
+                mode: SampleMode::Interaction,
+            },
+        )
+        .unwrap();
+        let mut seen: Vec<(u32, u32)> = s
+            .epoch(0)
+            .iter()
+            .flat_map(|b| {
+                b.users
+                    .iter()
+                    .copied()
+                    .zip(b.pos.iter().copied())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let mut all: Vec<(u32, u32)> = t.iter().map(|x| (x.user, x.item)).collect();
         seen.sort_unstable();
         all.sort_unstable();

@@ -15,7 +15,12 @@ pub struct SeqSample {
 impl SeqSample {
     /// The real (unpadded) history: the first `len_seq` entries that are not the pad id.
     pub fn history(&self, pad: Option<u32>) -> Vec<u32> {
-        self.seq.iter().take(self.len_seq).copied().filter(|&i| Some(i) != pad).collect()
+        self.seq
+            .iter()
+            .take(self.len_seq)
+            .copied()
+            .filter(|&i| Some(i) != pad)
+            .collect()
     }
 }
 
@@ -59,6 +64,10 @@ mod double_colon {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         let s = String::deserialize(d)?;
-        Ok(if s.is_empty() { Vec::new() } else { s.split("::").map(str::to_string).collect() })
+        Ok(if s.is_empty() {
+            Vec::new()
+        } else {
+            s.split("::").map(str::to_string).collect()
+        })
     }
 }

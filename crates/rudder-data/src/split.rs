@@ -35,7 +35,9 @@ impl SplitMethod {
 fn check_ratios(r: &[f64; 3]) -> Result<()> {
     let s: f64 = r.iter().sum();
     if r.iter().any(|&x| !(0.0..=1.0).contains(&x)) || (s - 1.0).abs() > 1e-6 {
-        return Err(DataError::Config(format!("split ratios {r:?} must be in [0,1] and sum to 1")));
+        return Err(DataError::Config(format!(
+            "split ratios {r:?} must be in [0,1] and sum to 1"
+        )));
     }
     Ok(())
 }
@@ -126,7 +128,13 @@ pub fn split(ds: &Dataset, method: &SplitMethod, seed: u64) -> Result<Dataset> {
             let n_valid = ((ratios[0] + ratios[1]) * n as f64).round() as usize - n_train;
             let mut which = vec![0u8; n];
             for (rank, &p) in order.iter().enumerate() {
-                which[p] = if rank < n_train { 0 } else if rank < n_train + n_valid { 1 } else { 2 };
+                which[p] = if rank < n_train {
+                    0
+                } else if rank < n_train + n_valid {
+                    1
+                } else {
+                    2
+                };
             }
             for (p, it) in x.iter().enumerate() {
                 parts[which[p] as usize].push(it);
@@ -136,7 +144,12 @@ pub fn split(ds: &Dataset, method: &SplitMethod, seed: u64) -> Result<Dataset> {
     let (nu, ni) = (x.n_users(), x.n_items());
     let mk = |l: &Vec<Interaction>| Interactions::from_interactions(nu, ni, l);
     let mut out = ds.clone();
-    out.split = Some(Split { train: mk(&parts[0]), valid: mk(&parts[1]), test: mk(&parts[2]), extra_tests: Vec::new() });
+    out.split = Some(Split {
+        train: mk(&parts[0]),
+        valid: mk(&parts[1]),
+        test: mk(&parts[2]),
+        extra_tests: Vec::new(),
+    });
     Ok(out)
 }
 
@@ -146,9 +159,17 @@ pub fn split(ds: &Dataset, method: &SplitMethod, seed: u64) -> Result<Dataset> {
 /// unpopular items the way the debiasing papers' shifted tests do. The rest is split with
 /// `method`; the OOD set becomes the extra test set `test_ood`. At most half of any item's
 /// interactions go to the OOD set, so every item keeps training signal.
-pub fn split_with_ood(ds: &Dataset, method: &SplitMethod, fraction: f64, gamma: f64, seed: u64) -> Result<Dataset> {
+pub fn split_with_ood(
+    ds: &Dataset,
+    method: &SplitMethod,
+    fraction: f64,
+    gamma: f64,
+    seed: u64,
+) -> Result<Dataset> {
     if !(0.0..1.0).contains(&fraction) {
-        return Err(DataError::Config(format!("OOD fraction {fraction} must be in [0, 1)")));
+        return Err(DataError::Config(format!(
+            "OOD fraction {fraction} must be in [0, 1)"
+        )));
     }
     let x = &ds.interactions;
     let pop = x.item_degrees();
@@ -159,7 +180,10 @@ pub fn split_with_ood(ds: &Dataset, method: &SplitMethod, fraction: f64, gamma: 
         .map(|(p, it)| {
             // Gumbel-top-k = weighted sampling without replacement, log w = −γ ln pop
             let u = crate::rng::unit(seed, &[0x00D, p as u64]).max(1e-300);
-            (-gamma * (pop[it.item as usize] as f64).ln() - (-u.ln()).ln(), p)
+            (
+                -gamma * (pop[it.item as usize] as f64).ln() - (-u.ln()).ln(),
+                p,
+            )
         })
         .collect();
     // take the highest keys, but never more than half of an item's interactions, so every
@@ -182,14 +206,27 @@ pub fn split_with_ood(ds: &Dataset, method: &SplitMethod, fraction: f64, gamma: 
     }
     let all: Vec<Interaction> = x.iter().collect();
     let (nu, ni) = (x.n_users(), x.n_items());
-    let rest: Vec<Interaction> = all.iter().zip(&in_ood).filter(|(_, o)| !**o).map(|(i, _)| *i).collect();
-    let ood: Vec<Interaction> = all.iter().zip(&in_ood).filter(|(_, o)| **o).map(|(i, _)| *i).collect();
+    let rest: Vec<Interaction> = all
+        .iter()
+        .zip(&in_ood)
+        .filter(|(_, o)| !**o)
+        .map(|(i, _)| *i)
+        .collect();
+    let ood: Vec<Interaction> = all
+        .iter()
+        .zip(&in_ood)
+        .filter(|(_, o)| **o)
+        .map(|(i, _)| *i)
+        .collect();
     let mut base = ds.clone();
     base.interactions = Interactions::from_interactions(nu, ni, &rest);
     let mut out = split(&base, method, seed)?;
     out.interactions = ds.interactions.clone();
     if let Some(s) = out.split.as_mut() {
-        s.extra_tests.push(("test_ood".into(), Interactions::from_interactions(nu, ni, &ood)));
+        s.extra_tests.push((
+            "test_ood".into(),
+            Interactions::from_interactions(nu, ni, &ood),
+        ));
     }
     Ok(out)
 }
@@ -203,7 +240,12 @@ mod tests {
         let mut b = DatasetBuilder::new();
         for u in 0..20 {
             for i in 0..(3 + u % 7) {
-                b.add(&format!("u{u}"), &format!("i{i}"), Some(4.0), Some((100 * u + 10 * i) as i64));
+                b.add(
+                    &format!("u{u}"),
+                    &format!("i{i}"),
+                    Some(4.0),
+                    Some((100 * u + 10 * i) as i64),
+                );
             }
         }
         b.finish("toy", None, None)
@@ -220,13 +262,37 @@ mod tests {
     #[test]
     fn ratio_split_partitions_and_is_seeded() {
         let ds = toy();
-        let a = split(&ds, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 7).unwrap();
-        let b = split(&ds, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 7).unwrap();
-        let c = split(&ds, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 8).unwrap();
+        let a = split(
+            &ds,
+            &SplitMethod::Ratio {
+                ratios: [0.8, 0.1, 0.1],
+            },
+            7,
+        )
+        .unwrap();
+        let b = split(
+            &ds,
+            &SplitMethod::Ratio {
+                ratios: [0.8, 0.1, 0.1],
+            },
+            7,
+        )
+        .unwrap();
+        let c = split(
+            &ds,
+            &SplitMethod::Ratio {
+                ratios: [0.8, 0.1, 0.1],
+            },
+            8,
+        )
+        .unwrap();
         let (sa, sb, sc) = (a.split.unwrap(), b.split.unwrap(), c.split.unwrap());
         assert_eq!(sa, sb);
         assert_ne!(sa.train, sc.train);
-        assert_eq!(sa.train.len() + sa.valid.len() + sa.test.len(), ds.interactions.len());
+        assert_eq!(
+            sa.train.len() + sa.valid.len() + sa.test.len(),
+            ds.interactions.len()
+        );
         let mut all = sa.all().sorted_sets();
         all.iter_mut().for_each(|v| v.sort());
         assert_eq!(all, ds.interactions.sorted_sets());
@@ -235,20 +301,43 @@ mod tests {
     #[test]
     fn leave_one_out_takes_latest() {
         let ds = toy();
-        let s = split(&ds, &SplitMethod::LeaveOneOut, 0).unwrap().split.unwrap();
+        let s = split(&ds, &SplitMethod::LeaveOneOut, 0)
+            .unwrap()
+            .split
+            .unwrap();
         for u in 0..ds.n_users() as u32 {
             let t = ds.interactions.timestamps(u).unwrap();
             let max = *t.iter().max().unwrap();
             assert_eq!(s.test.timestamps(u).unwrap(), &[max]);
             assert_eq!(s.valid.degree(u), 1);
-            assert!(s.train.timestamps(u).unwrap().iter().all(|&x| x < *s.valid.timestamps(u).unwrap().first().unwrap()));
+            assert!(
+                s.train.timestamps(u).unwrap().iter().all(|&x| x < *s
+                    .valid
+                    .timestamps(u)
+                    .unwrap()
+                    .first()
+                    .unwrap())
+            );
         }
     }
 
     #[test]
     fn ood_test_favours_unpopular_items() {
-        let w = crate::synth::SynthWorld::generate(&crate::synth::SynthConfig { n_users: 200, n_items: 300, ..Default::default() });
-        let ds = split_with_ood(&w.dataset, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 0.1, 1.0, 3).unwrap();
+        let w = crate::synth::SynthWorld::generate(&crate::synth::SynthConfig {
+            n_users: 200,
+            n_items: 300,
+            ..Default::default()
+        });
+        let ds = split_with_ood(
+            &w.dataset,
+            &SplitMethod::Ratio {
+                ratios: [0.8, 0.1, 0.1],
+            },
+            0.1,
+            1.0,
+            3,
+        )
+        .unwrap();
         let s = ds.split.as_ref().unwrap();
         let (name, ood) = &s.extra_tests[0];
         assert_eq!(name, "test_ood");
@@ -257,21 +346,69 @@ mod tests {
         assert_eq!(ood.len(), (0.1 * total as f64).round() as usize);
         let ood_deg = ood.item_degrees();
         let pop = ds.interactions.item_degrees();
-        assert!(ood_deg.iter().zip(&pop).all(|(&o, &p)| 2 * o <= p), "at most half of an item goes to OOD");
-        let mean_pop = |x: &Interactions| x.iter().map(|i| pop[i.item as usize] as f64).sum::<f64>() / x.len() as f64;
-        assert!(mean_pop(ood) < 0.75 * mean_pop(&s.test), "ood {} vs id {}", mean_pop(ood), mean_pop(&s.test));
-        let strong = split_with_ood(&w.dataset, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 0.1, 2.0, 3).unwrap();
+        assert!(
+            ood_deg.iter().zip(&pop).all(|(&o, &p)| 2 * o <= p),
+            "at most half of an item goes to OOD"
+        );
+        let mean_pop = |x: &Interactions| {
+            x.iter().map(|i| pop[i.item as usize] as f64).sum::<f64>() / x.len() as f64
+        };
+        assert!(
+            mean_pop(ood) < 0.75 * mean_pop(&s.test),
+            "ood {} vs id {}",
+            mean_pop(ood),
+            mean_pop(&s.test)
+        );
+        let strong = split_with_ood(
+            &w.dataset,
+            &SplitMethod::Ratio {
+                ratios: [0.8, 0.1, 0.1],
+            },
+            0.1,
+            2.0,
+            3,
+        )
+        .unwrap();
         let strong_ood = &strong.split.as_ref().unwrap().extra_tests[0].1;
-        assert!(mean_pop(strong_ood) < mean_pop(ood), "a larger gamma shifts further");
+        assert!(
+            mean_pop(strong_ood) < mean_pop(ood),
+            "a larger gamma shifts further"
+        );
     }
 
     #[test]
     fn temporal_cut_is_global() {
         let ds = toy();
-        let s = split(&ds, &SplitMethod::Temporal { ratios: [0.7, 0.15, 0.15] }, 0).unwrap().split.unwrap();
-        let max_train = s.train.all_timestamps().unwrap().iter().max().copied().unwrap();
-        let min_test = s.test.all_timestamps().unwrap().iter().min().copied().unwrap();
+        let s = split(
+            &ds,
+            &SplitMethod::Temporal {
+                ratios: [0.7, 0.15, 0.15],
+            },
+            0,
+        )
+        .unwrap()
+        .split
+        .unwrap();
+        let max_train = s
+            .train
+            .all_timestamps()
+            .unwrap()
+            .iter()
+            .max()
+            .copied()
+            .unwrap();
+        let min_test = s
+            .test
+            .all_timestamps()
+            .unwrap()
+            .iter()
+            .min()
+            .copied()
+            .unwrap();
         assert!(max_train <= min_test);
-        assert_eq!(s.train.len() + s.valid.len() + s.test.len(), ds.interactions.len());
+        assert_eq!(
+            s.train.len() + s.valid.len() + s.test.len(),
+            ds.interactions.len()
+        );
     }
 }

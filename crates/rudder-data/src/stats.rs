@@ -18,12 +18,28 @@ pub struct Summary {
 impl Summary {
     pub fn of(mut v: Vec<f64>) -> Summary {
         if v.is_empty() {
-            return Summary { count: 0, min: 0.0, median: 0.0, mean: 0.0, max: 0.0 };
+            return Summary {
+                count: 0,
+                min: 0.0,
+                median: 0.0,
+                mean: 0.0,
+                max: 0.0,
+            };
         }
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let n = v.len();
-        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-        Summary { count: n, min: v[0], median, mean: v.iter().sum::<f64>() / n as f64, max: v[n - 1] }
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Summary {
+            count: n,
+            min: v[0],
+            median,
+            mean: v.iter().sum::<f64>() / n as f64,
+            max: v[n - 1],
+        }
     }
 }
 
@@ -36,7 +52,11 @@ pub fn gini(counts: &[usize]) -> f64 {
     if n == 0.0 || s == 0.0 {
         return 0.0;
     }
-    let w: f64 = v.iter().enumerate().map(|(i, x)| (i as f64 + 1.0) * x).sum();
+    let w: f64 = v
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (i as f64 + 1.0) * x)
+        .sum();
     (2.0 * w) / (n * s) - (n + 1.0) / n
 }
 
@@ -94,14 +114,22 @@ pub fn interaction_stats(ds: &Dataset) -> InteractionStats {
         per_user: Summary::of(ud.iter().map(|&d| d as f64).collect()),
         per_item: Summary::of(id.iter().map(|&d| d as f64).collect()),
         item_gini: gini(&id),
-        ratings: x.all_ratings().map(|r| Summary::of(r.iter().map(|&v| v as f64).collect())),
+        ratings: x
+            .all_ratings()
+            .map(|r| Summary::of(r.iter().map(|&v| v as f64).collect())),
         time_range: x
             .all_timestamps()
             .and_then(|t| Some((*t.iter().min()?, *t.iter().max()?))),
-        items_with_title: (0..ds.n_items() as u32).filter(|&i| ds.item_table.title(i).is_some()).count(),
+        items_with_title: (0..ds.n_items() as u32)
+            .filter(|&i| ds.item_table.title(i).is_some())
+            .count(),
         item_fields: ds.item_table.fields.keys().cloned().collect(),
         user_fields: ds.user_table.fields.keys().cloned().collect(),
-        splits: ds.split.as_ref().map(|s| s.parts().into_iter().map(|(n, x)| part(n, x)).collect()).unwrap_or_default(),
+        splits: ds
+            .split
+            .as_ref()
+            .map(|s| s.parts().into_iter().map(|(n, x)| part(n, x)).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -140,7 +168,8 @@ impl std::fmt::Display for InteractionStats {
         writeln!(s, "items          {}", thousands(self.items))?;
         writeln!(s, "interactions   {}", thousands(self.interactions))?;
         writeln!(s, "density        {:.4}%", self.density * 100.0)?;
-        if self.users_with_interactions != self.users || self.items_with_interactions != self.items {
+        if self.users_with_interactions != self.users || self.items_with_interactions != self.items
+        {
             writeln!(
                 s,
                 "active         {} users, {} items with ≥1 interaction",
@@ -149,28 +178,60 @@ impl std::fmt::Display for InteractionStats {
             )?;
         }
         let p = &self.per_user;
-        writeln!(s, "per user       min {} · median {} · mean {:.1} · max {}", p.min, p.median, p.mean, p.max)?;
+        writeln!(
+            s,
+            "per user       min {} · median {} · mean {:.1} · max {}",
+            p.min, p.median, p.mean, p.max
+        )?;
         let p = &self.per_item;
-        writeln!(s, "per item       min {} · median {} · mean {:.1} · max {} · Gini {:.3}", p.min, p.median, p.mean, p.max, self.item_gini)?;
+        writeln!(
+            s,
+            "per item       min {} · median {} · mean {:.1} · max {} · Gini {:.3}",
+            p.min, p.median, p.mean, p.max, self.item_gini
+        )?;
         if let Some(r) = &self.ratings {
-            writeln!(s, "ratings        min {} · median {} · mean {:.3} · max {}", r.min, r.median, r.mean, r.max)?;
+            writeln!(
+                s,
+                "ratings        min {} · median {} · mean {:.3} · max {}",
+                r.min, r.median, r.mean, r.max
+            )?;
         }
         if let Some((a, b)) = self.time_range {
             writeln!(s, "time           {} … {}", date(a), date(b))?;
         }
         if self.duplicate_pairs > 0 {
-            writeln!(s, "duplicates     {} repeated (user, item) pairs", thousands(self.duplicate_pairs))?;
+            writeln!(
+                s,
+                "duplicates     {} repeated (user, item) pairs",
+                thousands(self.duplicate_pairs)
+            )?;
         }
         if self.items_with_title > 0 || !self.item_fields.is_empty() {
-            writeln!(s, "item metadata  {} titles; fields: {}", thousands(self.items_with_title), self.item_fields.join(", "))?;
+            writeln!(
+                s,
+                "item metadata  {} titles; fields: {}",
+                thousands(self.items_with_title),
+                self.item_fields.join(", ")
+            )?;
         }
         if !self.user_fields.is_empty() {
             writeln!(s, "user metadata  {}", self.user_fields.join(", "))?;
         }
         if !self.splits.is_empty() {
-            writeln!(s, "\n{:<14} {:>13} {:>8} {:>8}", "split", "interactions", "users", "items")?;
+            writeln!(
+                s,
+                "\n{:<14} {:>13} {:>8} {:>8}",
+                "split", "interactions", "users", "items"
+            )?;
             for p in &self.splits {
-                writeln!(s, "{:<14} {:>13} {:>8} {:>8}", p.name, thousands(p.interactions), thousands(p.users), thousands(p.items))?;
+                writeln!(
+                    s,
+                    "{:<14} {:>13} {:>8} {:>8}",
+                    p.name,
+                    thousands(p.interactions),
+                    thousands(p.users),
+                    thousands(p.items)
+                )?;
             }
         }
         f.write_str(s.trim_end())
@@ -191,7 +252,17 @@ pub fn seq_stats(ds: &SeqDataset) -> SeqStats {
         splits: ds
             .splits
             .iter()
-            .map(|(n, v)| (n.clone(), v.len(), Summary::of(v.iter().map(|s| s.history(ds.pad_id()).len() as f64).collect())))
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    v.len(),
+                    Summary::of(
+                        v.iter()
+                            .map(|s| s.history(ds.pad_id()).len() as f64)
+                            .collect(),
+                    ),
+                )
+            })
             .collect(),
     }
 }
@@ -204,7 +275,16 @@ impl std::fmt::Display for SeqStats {
         }
         writeln!(f, "\n{:<8} {:>9}  history length", "split", "samples")?;
         for (n, c, s) in &self.splits {
-            writeln!(f, "{:<8} {:>9}  min {} · median {} · mean {:.2} · max {}", n, thousands(*c), s.min, s.median, s.mean, s.max)?;
+            writeln!(
+                f,
+                "{:<8} {:>9}  min {} · median {} · mean {:.2} · max {}",
+                n,
+                thousands(*c),
+                s.min,
+                s.median,
+                s.mean,
+                s.max
+            )?;
         }
         Ok(())
     }
@@ -246,10 +326,28 @@ pub fn prompt_stats(ds: &PromptDataset) -> PromptStats {
 impl std::fmt::Display for PromptStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "dataset        {} (S-DPO prompts)", self.name)?;
-        writeln!(f, "titles         {} distinct", thousands(self.distinct_titles))?;
-        writeln!(f, "\n{:<8} {:>9}  history length · candidates", "split", "records")?;
+        writeln!(
+            f,
+            "titles         {} distinct",
+            thousands(self.distinct_titles)
+        )?;
+        writeln!(
+            f,
+            "\n{:<8} {:>9}  history length · candidates",
+            "split", "records"
+        )?;
         for (n, c, h, k) in &self.splits {
-            writeln!(f, "{:<8} {:>9}  {}–{} (mean {:.2}) · {}–{}", n, thousands(*c), h.min, h.max, h.mean, k.min, k.max)?;
+            writeln!(
+                f,
+                "{:<8} {:>9}  {}–{} (mean {:.2}) · {}–{}",
+                n,
+                thousands(*c),
+                h.min,
+                h.max,
+                h.mean,
+                k.min,
+                k.max
+            )?;
         }
         Ok(())
     }

@@ -19,22 +19,109 @@ use rand_distr::{Distribution, Exp, Gamma, LogNormal, Normal};
 use rayon::prelude::*;
 
 pub const GENRES: [&str; 18] = [
-    "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
     "Western",
 ];
 
 const ADJ: [&str; 40] = [
-    "Silent", "Crimson", "Hidden", "Broken", "Golden", "Last", "Midnight", "Wild", "Frozen", "Lost",
-    "Burning", "Secret", "Distant", "Electric", "Quiet", "Savage", "Gentle", "Iron", "Paper", "Velvet",
-    "Hollow", "Bright", "Restless", "Northern", "Endless", "Little", "Dark", "Lucky", "Strange", "Rising",
-    "Falling", "Painted", "Shattered", "Wandering", "Scarlet", "Invisible", "Sleeping", "Forgotten", "Brave", "Final",
+    "Silent",
+    "Crimson",
+    "Hidden",
+    "Broken",
+    "Golden",
+    "Last",
+    "Midnight",
+    "Wild",
+    "Frozen",
+    "Lost",
+    "Burning",
+    "Secret",
+    "Distant",
+    "Electric",
+    "Quiet",
+    "Savage",
+    "Gentle",
+    "Iron",
+    "Paper",
+    "Velvet",
+    "Hollow",
+    "Bright",
+    "Restless",
+    "Northern",
+    "Endless",
+    "Little",
+    "Dark",
+    "Lucky",
+    "Strange",
+    "Rising",
+    "Falling",
+    "Painted",
+    "Shattered",
+    "Wandering",
+    "Scarlet",
+    "Invisible",
+    "Sleeping",
+    "Forgotten",
+    "Brave",
+    "Final",
 ];
 const NOUN: [&str; 40] = [
-    "Harbor", "Empire", "River", "Garden", "Frontier", "Witness", "Orchard", "Signal", "Kingdom", "Voyage",
-    "Station", "Mirror", "Horizon", "Detective", "Summer", "Machine", "Island", "Letter", "Crown", "Storm",
-    "Canyon", "Circus", "Ghost", "Promise", "Engine", "Valley", "Lantern", "Highway", "Melody", "Shadow",
-    "Compass", "Fortress", "Carnival", "Orbit", "Winter", "Bridge", "Stranger", "Tide", "Prophecy", "Heist",
+    "Harbor",
+    "Empire",
+    "River",
+    "Garden",
+    "Frontier",
+    "Witness",
+    "Orchard",
+    "Signal",
+    "Kingdom",
+    "Voyage",
+    "Station",
+    "Mirror",
+    "Horizon",
+    "Detective",
+    "Summer",
+    "Machine",
+    "Island",
+    "Letter",
+    "Crown",
+    "Storm",
+    "Canyon",
+    "Circus",
+    "Ghost",
+    "Promise",
+    "Engine",
+    "Valley",
+    "Lantern",
+    "Highway",
+    "Melody",
+    "Shadow",
+    "Compass",
+    "Fortress",
+    "Carnival",
+    "Orbit",
+    "Winter",
+    "Bridge",
+    "Stranger",
+    "Tide",
+    "Prophecy",
+    "Heist",
 ];
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -124,9 +211,17 @@ impl SynthWorld {
             quality.push(Normal::new(0.0, 0.6).unwrap().sample(&mut r) as f32);
             let year = 1950 + (r.random::<f64>().powf(0.5) * 70.0) as u32;
             let base = if r.random::<f64>() < 0.3 {
-                format!("The {} of the {}", NOUN[r.random_range(0..NOUN.len())], NOUN[r.random_range(0..NOUN.len())])
+                format!(
+                    "The {} of the {}",
+                    NOUN[r.random_range(0..NOUN.len())],
+                    NOUN[r.random_range(0..NOUN.len())]
+                )
             } else {
-                format!("{} {}", ADJ[r.random_range(0..ADJ.len())], NOUN[r.random_range(0..NOUN.len())])
+                format!(
+                    "{} {}",
+                    ADJ[r.random_range(0..ADJ.len())],
+                    NOUN[r.random_range(0..NOUN.len())]
+                )
             };
             let mut title = format!("{base} ({year})");
             let mut n = 2;
@@ -137,8 +232,10 @@ impl SynthWorld {
             titles.push(title);
             years.push(year);
         }
-        let popularity: Vec<f32> =
-            ranks.iter().map(|&rk| (1.0 / ((rk + 1) as f64).powf(cfg.pop_exponent)) as f32).collect();
+        let popularity: Vec<f32> = ranks
+            .iter()
+            .map(|&rk| (1.0 / ((rk + 1) as f64).powf(cfg.pop_exponent)) as f32)
+            .collect();
 
         // users (each from its own stream, in parallel)
         let users: Vec<(Vec<f32>, Vec<Interaction>)> = (0..cfg.n_users)
@@ -152,12 +249,15 @@ impl SynthWorld {
                 let taste: Vec<f32> = t.iter().map(|&x| x as f32).collect();
                 let sigma = 0.7f64;
                 let mu = cfg.mean_interactions.max(1.0).ln() - sigma * sigma / 2.0;
-                let n = (LogNormal::new(mu, sigma).unwrap().sample(&mut r).round() as usize)
-                    .clamp(5.min(cfg.n_items), (cfg.n_items / 3).max(5).min(cfg.n_items));
+                let n = (LogNormal::new(mu, sigma).unwrap().sample(&mut r).round() as usize).clamp(
+                    5.min(cfg.n_items),
+                    (cfg.n_items / 3).max(5).min(cfg.n_items),
+                );
                 // Gumbel top-n = sampling without replacement ∝ exp(logit)
                 let mut keys: Vec<(f64, u32)> = (0..cfg.n_items)
                     .map(|i| {
-                        let l = logit(cfg, &taste, &item_genres[i], quality[i], popularity[i]) as f64;
+                        let l =
+                            logit(cfg, &taste, &item_genres[i], quality[i], popularity[i]) as f64;
                         let g = -(-(r.random::<f64>().max(1e-300)).ln()).ln();
                         (l + g, i as u32)
                     })
@@ -175,8 +275,16 @@ impl SynthWorld {
                     .map(|&(_, i)| {
                         ts += 60 + gap.sample(&mut r) as i64;
                         let p = pref(&taste, &item_genres[i as usize]) as f64;
-                        let raw = 3.0 + 1.5 * (p - 1.0).clamp(-1.5, 3.0) + quality[i as usize] as f64 + noise.sample(&mut r);
-                        Interaction { user: u as u32, item: i, rating: Some(raw.round().clamp(1.0, 5.0) as f32), timestamp: Some(ts) }
+                        let raw = 3.0
+                            + 1.5 * (p - 1.0).clamp(-1.5, 3.0)
+                            + quality[i as usize] as f64
+                            + noise.sample(&mut r);
+                        Interaction {
+                            user: u as u32,
+                            item: i,
+                            rating: Some(raw.round().clamp(1.0, 5.0) as f32),
+                            timestamp: Some(ts),
+                        }
                     })
                     .collect();
                 (taste, list)
@@ -190,10 +298,21 @@ impl SynthWorld {
         }
         let interactions = Interactions::from_interactions(cfg.n_users, cfg.n_items, &all);
         let genres: Vec<String> = GENRES[..ng].iter().map(|s| s.to_string()).collect();
-        let mut item_table = Table { title: Some(titles), ..Default::default() };
+        let mut item_table = Table {
+            title: Some(titles),
+            ..Default::default()
+        };
         item_table.set_field(
             "genres",
-            item_genres.iter().map(|gs| gs.iter().map(|&g| genres[g as usize].as_str()).collect::<Vec<_>>().join("|")).collect(),
+            item_genres
+                .iter()
+                .map(|gs| {
+                    gs.iter()
+                        .map(|&g| genres[g as usize].as_str())
+                        .collect::<Vec<_>>()
+                        .join("|")
+                })
+                .collect(),
         );
         item_table.set_field("year", years.iter().map(|y| y.to_string()).collect());
         let mut user_table = Table::default();
@@ -204,7 +323,11 @@ impl SynthWorld {
                 .map(|t| {
                     let mut g: Vec<usize> = (0..ng).collect();
                     g.sort_by(|&a, &b| t[b].partial_cmp(&t[a]).unwrap());
-                    g.iter().take(2).map(|&g| genres[g].as_str()).collect::<Vec<_>>().join("|")
+                    g.iter()
+                        .take(2)
+                        .map(|&g| genres[g].as_str())
+                        .collect::<Vec<_>>()
+                        .join("|")
                 })
                 .collect(),
         );
@@ -217,13 +340,27 @@ impl SynthWorld {
             interactions,
             split: None,
         };
-        SynthWorld { config: cfg.clone(), dataset, genres, taste, item_genres, quality, popularity }
+        SynthWorld {
+            config: cfg.clone(),
+            dataset,
+            genres,
+            taste,
+            item_genres,
+            quality,
+            popularity,
+        }
     }
 
     /// The true choice logit of user u for item i.
     pub fn logit(&self, u: u32, i: u32) -> f32 {
         let i = i as usize;
-        logit(&self.config, &self.taste[u as usize], &self.item_genres[i], self.quality[i], self.popularity[i])
+        logit(
+            &self.config,
+            &self.taste[u as usize],
+            &self.item_genres[i],
+            self.quality[i],
+            self.popularity[i],
+        )
     }
 
     /// Taste match of user u with item i (1 = indifferent, larger = closer to u's taste).
@@ -243,12 +380,18 @@ fn pref(taste: &[f32], genres: &[u8]) -> f32 {
 }
 
 fn logit(cfg: &SynthConfig, taste: &[f32], genres: &[u8], q: f32, pop: f32) -> f32 {
-    (cfg.pop_weight * (pop as f64).ln() + cfg.taste_weight * (1.0 + pref(taste, genres) as f64).ln() * 3.0
+    (cfg.pop_weight * (pop as f64).ln()
+        + cfg.taste_weight * (1.0 + pref(taste, genres) as f64).ln() * 3.0
         + cfg.quality_weight * q as f64) as f32
 }
 
 fn roman(n: usize) -> &'static str {
-    ["", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X"].get(n).copied().unwrap_or("X+")
+    [
+        "", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X",
+    ]
+    .get(n)
+    .copied()
+    .unwrap_or("X+")
 }
 
 pub struct Oracle<'a> {
@@ -269,10 +412,15 @@ impl Scorer for Oracle<'_> {
 mod tests {
     use super::*;
     use crate::eval::{EvalConfig, Evaluator, Popularity, RandomScorer};
-    use crate::split::{split, SplitMethod};
+    use crate::split::{SplitMethod, split};
 
     fn small() -> SynthConfig {
-        SynthConfig { n_users: 300, n_items: 400, mean_interactions: 30.0, ..Default::default() }
+        SynthConfig {
+            n_users: 300,
+            n_items: 400,
+            mean_interactions: 30.0,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -297,7 +445,11 @@ mod tests {
         let mut d = x.item_degrees();
         d.sort_unstable_by(|a, b| b.cmp(a));
         let top: usize = d[..d.len() / 10].iter().sum();
-        assert!(top as f64 > 0.25 * x.len() as f64, "top decile share {}", top as f64 / x.len() as f64);
+        assert!(
+            top as f64 > 0.25 * x.len() as f64,
+            "top decile share {}",
+            top as f64 / x.len() as f64
+        );
         // titles unique and readable
         let t = w.dataset.item_table.title.as_ref().unwrap();
         let set: std::collections::HashSet<_> = t.iter().collect();
@@ -306,7 +458,13 @@ mod tests {
         let (mut hi, mut lo, mut nh, mut nl) = (0.0, 0.0, 0, 0);
         for it in x.iter() {
             let p = w.preference(it.user, it.item) as f64;
-            if it.rating.unwrap() >= 4.0 { hi += p; nh += 1 } else if it.rating.unwrap() <= 2.0 { lo += p; nl += 1 }
+            if it.rating.unwrap() >= 4.0 {
+                hi += p;
+                nh += 1
+            } else if it.rating.unwrap() <= 2.0 {
+                lo += p;
+                nl += 1
+            }
         }
         assert!(hi / nh as f64 > lo / nl as f64);
     }
@@ -314,13 +472,29 @@ mod tests {
     #[test]
     fn oracle_beats_popularity_beats_random() {
         let w = SynthWorld::generate(&small());
-        let ds = split(&w.dataset, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, 1).unwrap();
+        let ds = split(
+            &w.dataset,
+            &SplitMethod::Ratio {
+                ratios: [0.8, 0.1, 0.1],
+            },
+            1,
+        )
+        .unwrap();
         let s = ds.split.as_ref().unwrap();
         let ev = Evaluator::new(&s.test).mask(&s.train).mask(&s.valid);
-        let cfg = EvalConfig { ks: vec![20], ..Default::default() };
+        let cfg = EvalConfig {
+            ks: vec![20],
+            ..Default::default()
+        };
         let o = ev.run(&w.oracle(), &cfg).unwrap().get("recall", 20);
-        let p = ev.run(&Popularity::new(&s.train), &cfg).unwrap().get("recall", 20);
-        let r = ev.run(&RandomScorer { seed: 1 }, &cfg).unwrap().get("recall", 20);
+        let p = ev
+            .run(&Popularity::new(&s.train), &cfg)
+            .unwrap()
+            .get("recall", 20);
+        let r = ev
+            .run(&RandomScorer { seed: 1 }, &cfg)
+            .unwrap()
+            .get("recall", 20);
         assert!(o > p && p > r, "oracle {o} popularity {p} random {r}");
     }
 }

@@ -4,7 +4,7 @@
 //! absence is a failure.
 
 use rudder_data::assets::Store;
-use rudder_data::formats::{self, lightgcn, Loaded};
+use rudder_data::formats::{self, Loaded, lightgcn};
 use rudder_data::resolve;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -13,14 +13,24 @@ fn shared() -> Option<PathBuf> {
     let p = std::env::var_os("RUDDER_SHARED_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
-    present(p.join("README.md").exists(), &format!("shared data at {}", p.display())).then_some(p)
+    present(
+        p.join("README.md").exists(),
+        &format!("shared data at {}", p.display()),
+    )
+    .then_some(p)
 }
 
 fn asset(name: &str) -> Option<PathBuf> {
     let store = Store::from_env();
     let ok = store.marker(name).is_some();
-    present(ok, &format!("asset {name} in {} (run `rudder assets fetch {name}`)", store.root.display()))
-        .then(|| store.asset_dir(name))
+    present(
+        ok,
+        &format!(
+            "asset {name} in {} (run `rudder assets fetch {name}`)",
+            store.root.display()
+        ),
+    )
+    .then(|| store.asset_dir(name))
 }
 
 fn present(ok: bool, what: &str) -> bool {
@@ -36,8 +46,13 @@ fn present(ok: bool, what: &str) -> bool {
 #[test]
 fn ml1m_from_the_wheel_has_the_published_counts() {
     let Some(_) = asset("ml-1m") else { return };
-    let Loaded::Interactions(d) = resolve::load("ml-1m", None, &Store::from_env()).unwrap() else { panic!() };
-    assert_eq!((d.n_users(), d.n_items(), d.interactions.len()), (6040, 3706, 1_000_209));
+    let Loaded::Interactions(d) = resolve::load("ml-1m", None, &Store::from_env()).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (d.n_users(), d.n_items(), d.interactions.len()),
+        (6040, 3706, 1_000_209)
+    );
     assert_eq!(d.users.ext(0), "1m_1");
     let toy = d.items.get("Toy Story (1995)").unwrap();
     assert_eq!(d.item_table.title(toy), Some("Toy Story"));
@@ -48,17 +63,32 @@ fn ml1m_from_the_wheel_has_the_published_counts() {
 fn ml100k_to_lightgcn_and_back_preserves_every_interaction() {
     let Some(dir) = asset("ml-100k") else { return };
     let d = formats::load_interactions(&dir, None).unwrap();
-    assert_eq!((d.n_users(), d.n_items(), d.interactions.len()), (943, 1682, 100_000));
+    assert_eq!(
+        (d.n_users(), d.n_items(), d.interactions.len()),
+        (943, 1682, 100_000)
+    );
     let tmp = tempfile::tempdir().unwrap();
     lightgcn::write_dir(&d, tmp.path()).unwrap();
     let back = lightgcn::read_dir(tmp.path()).unwrap();
     let pairs = |d: &rudder_data::Dataset| -> Vec<(String, String)> {
-        let mut v: Vec<_> = d.interactions.iter().map(|it| (d.users.ext(it.user).to_string(), d.items.ext(it.item).to_string())).collect();
+        let mut v: Vec<_> = d
+            .interactions
+            .iter()
+            .map(|it| {
+                (
+                    d.users.ext(it.user).to_string(),
+                    d.items.ext(it.item).to_string(),
+                )
+            })
+            .collect();
         v.sort();
         v
     };
     assert_eq!(pairs(&d), pairs(&back));
-    assert_eq!(back.item_table.title(back.items.get("50").unwrap()), Some("Star Wars"));
+    assert_eq!(
+        back.item_table.title(back.items.get("50").unwrap()),
+        Some("Star Wars")
+    );
 }
 
 #[test]
@@ -67,7 +97,11 @@ fn agent4rec_subset() {
     let d = formats::load_interactions(&s.join("agent4rec-ml1m"), None).unwrap();
     assert_eq!((d.n_users(), d.n_items()), (1000, 3292));
     assert_eq!(d.item_table.title(0), Some("Toy Story (1995)"));
-    assert!(d.user_table.field("persona_taste", 0).is_some_and(|t| t.contains("animated")));
+    assert!(
+        d.user_table
+            .field("persona_taste", 0)
+            .is_some_and(|t| t.contains("animated"))
+    );
     assert_eq!(d.user_table.field("activity", 1), Some("2"));
     let s = d.split.as_ref().unwrap();
     assert_eq!(s.train.active_users().len(), 1000);
@@ -78,7 +112,10 @@ fn coat_matches_the_reference_counts() {
     let Some(s) = shared() else { return };
     let d = formats::load_interactions(&s.join("cf/coat"), None).unwrap();
     let sp = d.split.as_ref().unwrap();
-    assert_eq!((sp.train.len(), sp.valid.len(), sp.test.len()), (1363, 553, 860));
+    assert_eq!(
+        (sp.train.len(), sp.valid.len(), sp.test.len()),
+        (1363, 553, 860)
+    );
     assert_eq!(sp.test.active_users().len(), 237);
     assert_eq!(d.n_users(), 290);
     assert_eq!(d.n_items(), 295);
@@ -87,15 +124,35 @@ fn coat_matches_the_reference_counts() {
 #[test]
 fn llara_and_sdpo_files() {
     let Some(s) = shared() else { return };
-    let Loaded::Sequences(lf) = formats::load(&s.join("llara/lastfm"), None).unwrap() else { panic!() };
+    let Loaded::Sequences(lf) = formats::load(&s.join("llara/lastfm"), None).unwrap() else {
+        panic!()
+    };
     assert_eq!(lf.pad_id(), Some(4606));
     let test = &lf.splits.iter().find(|(n, _)| n == "test").unwrap().1;
-    assert!(test.iter().all(|x| x.next < 4606 && x.history(lf.pad_id()).len() <= 10));
-    let Loaded::Sequences(ml) = formats::load(&s.join("llara/movielens"), None).unwrap() else { panic!() };
+    assert!(
+        test.iter()
+            .all(|x| x.next < 4606 && x.history(lf.pad_id()).len() <= 10)
+    );
+    let Loaded::Sequences(ml) = formats::load(&s.join("llara/movielens"), None).unwrap() else {
+        panic!()
+    };
     assert_eq!(ml.pad_id(), Some(1682));
     assert!(ml.splits[0].1[0].seq_ratings.is_some());
-    let Loaded::Prompts(p) = formats::load(&s.join("llara/sdpo-lastfm"), None).unwrap() else { panic!() };
-    let sizes: BTreeSet<(String, usize)> = p.splits.iter().map(|(n, v)| (n.clone(), v.len())).collect();
-    assert_eq!(sizes, [("test".to_string(), 2495), ("val".to_string(), 2767)].into_iter().collect());
-    assert!(p.splits[0].1.iter().all(|r| r.candidates.len() == 20 && (3..=10).contains(&r.history.len())));
+    let Loaded::Prompts(p) = formats::load(&s.join("llara/sdpo-lastfm"), None).unwrap() else {
+        panic!()
+    };
+    let sizes: BTreeSet<(String, usize)> =
+        p.splits.iter().map(|(n, v)| (n.clone(), v.len())).collect();
+    assert_eq!(
+        sizes,
+        [("test".to_string(), 2495), ("val".to_string(), 2767)]
+            .into_iter()
+            .collect()
+    );
+    assert!(
+        p.splits[0]
+            .1
+            .iter()
+            .all(|r| r.candidates.len() == 20 && (3..=10).contains(&r.history.len()))
+    );
 }

@@ -2,14 +2,17 @@
 
 use proptest::prelude::*;
 use rudder_data::builder::DatasetBuilder;
-use rudder_data::formats::{self, atomic, lightgcn, llara, Format, Loaded};
+use rudder_data::formats::{self, Format, Loaded, atomic, lightgcn, llara};
 use rudder_data::sequences::{PromptSample, SeqDataset, SeqSample};
-use rudder_data::split::{split, SplitMethod};
+use rudder_data::split::{SplitMethod, split};
 use rudder_data::{Dataset, Interactions, Table};
 use std::collections::BTreeSet;
 
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 48, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    }
 }
 
 /// Interactions in external ids, as a set of (user, item, rating, timestamp).
@@ -150,7 +153,11 @@ proptest! {
 
 #[test]
 fn convert_via_generic_api() {
-    let w = rudder_data::synth::SynthWorld::generate(&rudder_data::synth::SynthConfig { n_users: 50, n_items: 80, ..Default::default() });
+    let w = rudder_data::synth::SynthWorld::generate(&rudder_data::synth::SynthConfig {
+        n_users: 50,
+        n_items: 80,
+        ..Default::default()
+    });
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     let l = tmp.path().join("l");
@@ -158,10 +165,23 @@ fn convert_via_generic_api() {
     let back = formats::load_interactions(&a, None).unwrap();
     formats::save(&Loaded::Interactions(back.clone()), Format::Lightgcn, &l).unwrap();
     let back2 = formats::load_interactions(&l, None).unwrap();
-    assert_eq!(ext_set(&w.dataset, &w.dataset.interactions).len(), w.dataset.interactions.len());
+    assert_eq!(
+        ext_set(&w.dataset, &w.dataset.interactions).len(),
+        w.dataset.interactions.len()
+    );
     let strip = |d: &Dataset, x: &Interactions| -> BTreeSet<(String, String)> {
-        x.iter().map(|it| (d.users.ext(it.user).to_string(), d.items.ext(it.item).to_string())).collect()
+        x.iter()
+            .map(|it| {
+                (
+                    d.users.ext(it.user).to_string(),
+                    d.items.ext(it.item).to_string(),
+                )
+            })
+            .collect()
     };
-    assert_eq!(strip(&w.dataset, &w.dataset.interactions), strip(&back2, &back2.interactions));
+    assert_eq!(
+        strip(&w.dataset, &w.dataset.interactions),
+        strip(&back2, &back2.interactions)
+    );
     assert!(formats::save(&Loaded::Interactions(back), Format::Ml1m, &l).is_err());
 }

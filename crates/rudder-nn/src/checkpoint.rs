@@ -10,10 +10,15 @@ pub fn save(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     }
     let tmp = path.with_file_name(format!(
         ".{}.{}.partial",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
-    let map: HashMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
     let r = candle_core::safetensors::save(&map, &tmp).and_then(|_| {
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -40,7 +45,11 @@ mod tests {
         save(&[("w".into(), t.clone())], &p)?;
         let back = load(&p, &Device::Cpu)?;
         assert_eq!(back["w"].to_vec2::<f32>()?, t.to_vec2::<f32>()?);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
         Ok(())
     }
 }

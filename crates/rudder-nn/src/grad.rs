@@ -11,7 +11,11 @@ pub fn missing_gradients(grads: &GradStore, params: &[(String, Var)]) -> Result<
         match grads.get(v.as_tensor()) {
             None => missing.push(name.clone()),
             Some(g) => {
-                let m = g.abs()?.max_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+                let m = g
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_scalar::<f32>()?;
                 if !(m > 0.0) {
                     missing.push(name.clone());
                 }
@@ -24,5 +28,8 @@ pub fn missing_gradients(grads: &GradStore, params: &[(String, Var)]) -> Result<
 /// Panics (for tests) naming every parameter without a gradient.
 pub fn assert_all_receive_gradient(grads: &GradStore, params: &[(String, Var)]) {
     let missing = missing_gradients(grads, params).expect("gradient check");
-    assert!(missing.is_empty(), "parameters without a non-zero gradient: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "parameters without a non-zero gradient: {missing:?}"
+    );
 }

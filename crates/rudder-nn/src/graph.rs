@@ -19,7 +19,10 @@ pub fn norm_adj(train: &Interactions) -> SparseOperator {
             deg[nu + i as usize] += 1.0;
         }
     }
-    let inv: Vec<f32> = deg.iter().map(|&d| if d > 0.0 { 1.0 / d.sqrt() } else { 0.0 }).collect();
+    let inv: Vec<f32> = deg
+        .iter()
+        .map(|&d| if d > 0.0 { 1.0 / d.sqrt() } else { 0.0 })
+        .collect();
     let mut t = Vec::with_capacity(2 * sets.iter().map(|s| s.len()).sum::<usize>());
     for (u, s) in sets.iter().enumerate() {
         for &i in s {
@@ -75,7 +78,11 @@ mod tests {
         let train = Interactions::from_lists(3, &[vec![0, 2], vec![1]]);
         let adj = norm_adj(&train);
         let dev = Device::Cpu;
-        let e = Tensor::from_vec((0..5 * 2).map(|x| x as f32).collect::<Vec<_>>(), (5, 2), &dev)?;
+        let e = Tensor::from_vec(
+            (0..5 * 2).map(|x| x as f32).collect::<Vec<_>>(),
+            (5, 2),
+            &dev,
+        )?;
         let out = lightgcn(&e, &adj, 2)?;
         let a = Tensor::from_vec(adj.a.to_dense(), (5, 5), &dev)?;
         let e1 = a.matmul(&e)?;
@@ -83,7 +90,10 @@ mod tests {
         let want = ((e.clone() + e1)? + e2)?.affine(1.0 / 3.0, 0.0)?;
         let diff = (out - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5);
-        assert_eq!(lightgcn(&e, &adj, 0)?.to_vec2::<f32>()?, e.to_vec2::<f32>()?);
+        assert_eq!(
+            lightgcn(&e, &adj, 0)?.to_vec2::<f32>()?,
+            e.to_vec2::<f32>()?
+        );
         Ok(())
     }
 }

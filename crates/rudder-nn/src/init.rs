@@ -18,11 +18,22 @@ pub fn normal(n: usize, d: usize, sigma: f64, seed: u64, key: u64, dev: &Device)
 }
 
 /// PyTorch `nn.Linear` default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-pub fn linear_uniform(out_dim: usize, in_dim: usize, seed: u64, key: u64, dev: &Device) -> Result<(Tensor, Tensor)> {
+pub fn linear_uniform(
+    out_dim: usize,
+    in_dim: usize,
+    seed: u64,
+    key: u64,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let mut r = rudder_data::rng::stream(seed, &[0x11EA, key]);
     let b = 1.0 / (in_dim as f64).sqrt();
     let u = rand_distr::Uniform::new(-b, b).unwrap();
-    let w: Vec<f32> = (0..out_dim * in_dim).map(|_| u.sample(&mut r) as f32).collect();
+    let w: Vec<f32> = (0..out_dim * in_dim)
+        .map(|_| u.sample(&mut r) as f32)
+        .collect();
     let bias: Vec<f32> = (0..out_dim).map(|_| u.sample(&mut r) as f32).collect();
-    Ok((Tensor::from_vec(w, (out_dim, in_dim), dev)?, Tensor::from_vec(bias, out_dim, dev)?))
+    Ok((
+        Tensor::from_vec(w, (out_dim, in_dim), dev)?,
+        Tensor::from_vec(bias, out_dim, dev)?,
+    ))
 }

@@ -18,10 +18,21 @@ pub struct AdamConfig {
 
 impl AdamConfig {
     pub fn adam(lr: f64) -> Self {
-        AdamConfig { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false }
+        AdamConfig {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled: false,
+        }
     }
     pub fn adamw(lr: f64, weight_decay: f64) -> Self {
-        AdamConfig { weight_decay, decoupled: true, ..Self::adam(lr) }
+        AdamConfig {
+            weight_decay,
+            decoupled: true,
+            ..Self::adam(lr)
+        }
     }
 }
 
@@ -46,7 +57,10 @@ pub struct Adam {
 
 impl Adam {
     pub fn new(params: Vec<Var>, cfg: AdamConfig) -> Result<Adam> {
-        let mut a = Adam { groups: Vec::new(), step: 0 };
+        let mut a = Adam {
+            groups: Vec::new(),
+            step: 0,
+        };
         a.add_group(params, cfg)?;
         Ok(a)
     }
@@ -56,7 +70,11 @@ impl Adam {
             .into_iter()
             .map(|var| {
                 let n = var.as_tensor().elem_count();
-                Slot { var, m: vec![0.0; n], v: vec![0.0; n] }
+                Slot {
+                    var,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }
             })
             .collect();
         self.groups.push(Group { cfg, params });
@@ -88,7 +106,15 @@ impl Adam {
             let eps = c.eps as f32;
             let wd = c.weight_decay as f32;
             let decay = (1.0 - c.lr * c.weight_decay) as f32;
-            let h = Hyper { b1, b2, step_size, inv_bc2, eps, l2: if wd != 0.0 && !c.decoupled { wd } else { 0.0 }, dw: if wd != 0.0 && c.decoupled { decay } else { 1.0 } };
+            let h = Hyper {
+                b1,
+                b2,
+                step_size,
+                inv_bc2,
+                eps,
+                l2: if wd != 0.0 && !c.decoupled { wd } else { 0.0 },
+                dw: if wd != 0.0 && c.decoupled { decay } else { 1.0 },
+            };
             for slot in &mut g.params {
                 let theta_t = slot.var.as_tensor();
                 let grad = match grads.get(theta_t) {
@@ -98,13 +124,20 @@ impl Adam {
                 };
                 if theta_t.dtype() == candle_core::DType::F32 && theta_t.device().is_cpu() {
                     // update θ, m, v in place: no copies of the table
-                    let op = AdamKernel { h, mv: std::sync::Mutex::new((&mut slot.m, &mut slot.v)) };
+                    let op = AdamKernel {
+                        h,
+                        mv: std::sync::Mutex::new((&mut slot.m, &mut slot.v)),
+                    };
                     theta_t.inplace_op2(&grad.contiguous()?, &op)?;
                 } else {
-                    let mut theta = theta_t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                    let mut theta = theta_t
+                        .flatten_all()?
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_vec1::<f32>()?;
                     let gv = grad.flatten_all()?.to_vec1::<f32>()?;
                     h.update(&mut theta, &mut slot.m, &mut slot.v, &gv);
-                    let new = Tensor::from_vec(theta, theta_t.dims(), theta_t.device())?.to_dtype(theta_t.dtype())?;
+                    let new = Tensor::from_vec(theta, theta_t.dims(), theta_t.device())?
+                        .to_dtype(theta_t.dtype())?;
                     slot.var.set(&new)?;
                 }
             }
@@ -188,9 +221,14 @@ impl candle_core::InplaceOp2 for AdamKernel<'_> {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<()> {
-        let (a1, b1) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adam: parameter not contiguous".into()))?;
-        let (a2, b2) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adam: gradient not contiguous".into()))?;
-        let (candle_core::CpuStorage::F32(theta), candle_core::CpuStorage::F32(grad)) = (s1, s2) else {
+        let (a1, b1) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adam: parameter not contiguous".into()))?;
+        let (a2, b2) = l2
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adam: gradient not contiguous".into()))?;
+        let (candle_core::CpuStorage::F32(theta), candle_core::CpuStorage::F32(grad)) = (s1, s2)
+        else {
             candle_core::bail!("adam: f32 parameters and gradients expected");
         };
         let mut mv = self.mv.lock().expect("adam moments");
@@ -214,7 +252,10 @@ mod tests {
         let g = p.as_tensor().sqr()?.sum_all()?.backward()?;
         opt.step(&g)?;
         let v = p.as_tensor().to_vec1::<f32>()?;
-        assert!((v[0] - 0.9).abs() < 1e-6 && (v[1] + 1.9).abs() < 1e-6, "{v:?}");
+        assert!(
+            (v[0] - 0.9).abs() < 1e-6 && (v[1] + 1.9).abs() < 1e-6,
+            "{v:?}"
+        );
         // second step, hand-computed with bias correction
         let g = p.as_tensor().sqr()?.sum_all()?.backward()?;
         opt.step(&g)?;

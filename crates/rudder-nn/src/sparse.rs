@@ -25,7 +25,10 @@ impl Csr {
         let mut values: Vec<f32> = Vec::with_capacity(t.len());
         let mut last: Option<(u32, u32)> = None;
         for (r, c, v) in t {
-            assert!((r as usize) < n_rows && (c as usize) < n_cols, "index out of range");
+            assert!(
+                (r as usize) < n_rows && (c as usize) < n_cols,
+                "index out of range"
+            );
             if last == Some((r, c)) {
                 *values.last_mut().unwrap() += v;
                 continue;
@@ -38,7 +41,13 @@ impl Csr {
         for r in 0..n_rows {
             indptr[r + 1] += indptr[r];
         }
-        Csr { n_rows, n_cols, indptr, indices, values }
+        Csr {
+            n_rows,
+            n_cols,
+            indptr,
+            indices,
+            values,
+        }
     }
 
     pub fn nnz(&self) -> usize {
@@ -74,11 +83,13 @@ impl Csr {
         }
         // chunks of rows; rayon's work stealing evens out rows of very different degrees
         let rows_per_chunk = (self.n_rows / (rayon::current_num_threads() * 8)).max(16);
-        out.par_chunks_mut(rows_per_chunk * d).enumerate().for_each(|(c, chunk)| {
-            let r0 = c * rows_per_chunk;
-            let r1 = r0 + chunk.len() / d;
-            rows_kernel(self, x, d, r0, r1, chunk);
-        });
+        out.par_chunks_mut(rows_per_chunk * d)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let r0 = c * rows_per_chunk;
+                let r1 = r0 + chunk.len() / d;
+                rows_kernel(self, x, d, r0, r1, chunk);
+            });
     }
 }
 
@@ -86,7 +97,10 @@ impl Csr {
 fn rows_kernel(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if d % 16 == 0 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if d % 16 == 0
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             unsafe { rows_avx2(a, x, d, r0, r1, out) };
             return;
@@ -96,7 +110,14 @@ fn rows_kernel(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f3
 }
 
 #[inline(always)]
-fn rows_blocked<const B: usize>(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f32]) {
+fn rows_blocked<const B: usize>(
+    a: &Csr,
+    x: &[f32],
+    d: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
     // B accumulators per block stay in registers while the row's non-zeros stream by
     for r in r0..r1 {
         let (p0, p1) = (a.indptr[r], a.indptr[r + 1]);
@@ -171,7 +192,10 @@ impl SparseOperator {
 
     /// `A · x`, differentiable with respect to `x`.
     pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1(SpMM { a: self.a.clone(), at: self.at.clone() })
+        x.contiguous()?.apply_op1(SpMM {
+            a: self.a.clone(),
+            at: self.at.clone(),
+        })
     }
 }
 
@@ -185,10 +209,18 @@ impl CustomOp1 for SpMM {
         "csr-spmm"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims();
         if dims.len() != 2 || dims[0] != self.a.n_cols {
-            candle_core::bail!("csr-spmm: expected a {} × d matrix, got {:?}", self.a.n_cols, dims);
+            candle_core::bail!(
+                "csr-spmm: expected a {} × d matrix, got {:?}",
+                self.a.n_cols,
+                dims
+            );
         }
         let d = dims[1];
         let (start, end) = layout
@@ -203,8 +235,16 @@ impl CustomOp1 for SpMM {
         Ok((CpuStorage::F32(out), Shape::from((self.a.n_rows, d))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?.apply_op1(SpMM { a: self.at.clone(), at: self.a.clone() })?;
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?.apply_op1(SpMM {
+            a: self.at.clone(),
+            at: self.a.clone(),
+        })?;
         Ok(Some(g))
     }
 }
@@ -233,18 +273,32 @@ mod tests {
         let dev = Device::Cpu;
         let a = random_csr(70, 50, 1);
         let op = SparseOperator::new(a.clone());
-        let xs: Vec<f32> = (0..50 * 8).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+        let xs: Vec<f32> = (0..50 * 8)
+            .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+            .collect();
         let x = Var::from_slice(&xs, (50, 8), &dev)?;
         let dense = Tensor::from_vec(a.to_dense(), (70, 50), &dev)?;
         let ys = op.matmul(x.as_tensor())?;
         let yd = dense.matmul(x.as_tensor())?;
-        let diff = (ys.clone() - yd.clone())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (ys.clone() - yd.clone())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         // gradient of a weighted sum through both paths
-        let w = Tensor::from_vec((0..70 * 8).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(), (70, 8), &dev)?;
+        let w = Tensor::from_vec(
+            (0..70 * 8)
+                .map(|i| (i % 7) as f32 - 3.0)
+                .collect::<Vec<_>>(),
+            (70, 8),
+            &dev,
+        )?;
         let gs = (ys * &w)?.sum_all()?.backward()?;
         let gd = (yd * &w)?.sum_all()?.backward()?;
-        let diff = (gs.get(x.as_tensor()).unwrap() - gd.get(x.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (gs.get(x.as_tensor()).unwrap() - gd.get(x.as_tensor()).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-4, "{diff}");
         Ok(())
     }
@@ -254,7 +308,9 @@ mod tests {
         let dev = Device::Cpu;
         let a = random_csr(12, 9, 2);
         let op = SparseOperator::new(a);
-        let xs: Vec<f32> = (0..9 * 3).map(|i| ((i * 13 % 17) as f32) / 8.0 - 1.0).collect();
+        let xs: Vec<f32> = (0..9 * 3)
+            .map(|i| ((i * 13 % 17) as f32) / 8.0 - 1.0)
+            .collect();
         // f(x) = sum((A x)^2)
         let f = |v: &[f32]| -> candle_core::Result<f32> {
             let t = Tensor::from_slice(v, (9, 3), &dev)?;
@@ -262,7 +318,11 @@ mod tests {
         };
         let x = Var::from_slice(&xs, (9, 3), &dev)?;
         let g = op.matmul(x.as_tensor())?.sqr()?.sum_all()?.backward()?;
-        let g = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let g = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let eps = 1e-2f32;
         for k in 0..xs.len() {
             let mut p = xs.clone();
@@ -270,7 +330,11 @@ mod tests {
             let mut m = xs.clone();
             m[k] -= eps;
             let fd = (f(&p)? - f(&m)?) / (2.0 * eps);
-            assert!((fd - g[k]).abs() < 1e-2 * (1.0 + fd.abs()), "k={k} fd={fd} g={}", g[k]);
+            assert!(
+                (fd - g[k]).abs() < 1e-2 * (1.0 + fd.abs()),
+                "k={k} fd={fd} g={}",
+                g[k]
+            );
         }
         Ok(())
     }
@@ -279,7 +343,9 @@ mod tests {
     fn simd_kernel_matches_portable_kernel() {
         for d in [16usize, 64, 7] {
             let a = random_csr(90, 40, 7);
-            let x: Vec<f32> = (0..40 * d).map(|i| ((i * 31 % 97) as f32) / 40.0 - 1.0).collect();
+            let x: Vec<f32> = (0..40 * d)
+                .map(|i| ((i * 31 % 97) as f32) / 40.0 - 1.0)
+                .collect();
             let mut fast = vec![0f32; 90 * d];
             a.matmul_into(&x, d, &mut fast);
             let slow = a.matmul_generic(&x, d);

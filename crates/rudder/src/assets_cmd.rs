@@ -1,4 +1,4 @@
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use clap::{Subcommand, ValueEnum};
 use rudder_data::assets::{FetchOptions, Manifest, SourcePref, Store};
 use std::path::PathBuf;
@@ -49,14 +49,28 @@ pub fn run(cmd: AssetsCmd) -> Result<()> {
                 println!("  licence: {}", a.licence);
                 for s in &a.sources {
                     let size: u64 = s.files().iter().filter_map(|f| f.size).sum();
-                    let size = if size > 0 { format!(", {:.1} MB", size as f64 / 1e6) } else { String::new() };
-                    println!("  source {:<5} {} ({} format{size})", s.kind(), s.label(), s.format());
+                    let size = if size > 0 {
+                        format!(", {:.1} MB", size as f64 / 1e6)
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "  source {:<5} {} ({} format{size})",
+                        s.kind(),
+                        s.label(),
+                        s.format()
+                    );
                 }
                 println!();
             }
             Ok(())
         }
-        AssetsCmd::Fetch { names, from, source, force } => {
+        AssetsCmd::Fetch {
+            names,
+            from,
+            source,
+            force,
+        } => {
             let names: Vec<String> = if names.iter().any(|n| n == "all") {
                 manifest.names().into_iter().map(str::to_string).collect()
             } else {
@@ -64,7 +78,10 @@ pub fn run(cmd: AssetsCmd) -> Result<()> {
             };
             for n in &names {
                 if manifest.get(n).is_none() {
-                    bail!("unknown asset `{n}` (known: {})", manifest.names().join(", "));
+                    bail!(
+                        "unknown asset `{n}` (known: {})",
+                        manifest.names().join(", ")
+                    );
                 }
             }
             let opts = FetchOptions {
@@ -89,7 +106,10 @@ pub fn run(cmd: AssetsCmd) -> Result<()> {
         }
         AssetsCmd::Path { name } => {
             if manifest.get(&name).is_none() {
-                bail!("unknown asset `{name}` (known: {})", manifest.names().join(", "));
+                bail!(
+                    "unknown asset `{name}` (known: {})",
+                    manifest.names().join(", ")
+                );
             }
             println!("{}", store.require(&name)?.display());
             Ok(())

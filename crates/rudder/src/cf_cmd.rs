@@ -1,16 +1,16 @@
 use crate::runs::RunDir;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use rudder_cf::config::AdvConfig;
-use rudder_cf::presets::{preset, PRESETS};
-use rudder_cf::trainer::{metrics_row, train, write_run, EpochRecord, TrainObserver};
+use rudder_cf::presets::{PRESETS, preset};
+use rudder_cf::trainer::{EpochRecord, TrainObserver, metrics_row, train, write_run};
 use rudder_cf::{CfConfig, LossConfig, ModelKind};
 use rudder_data::assets::Store;
-use rudder_data::eval::{top_k, EvalConfig, Evaluator, Scorer};
+use rudder_data::eval::{EvalConfig, Evaluator, Scorer, top_k};
 use rudder_data::formats::{Format, Loaded};
-use rudder_data::split::{split, SplitMethod};
-use rudder_data::{preprocess, resolve, Dataset};
+use rudder_data::split::{SplitMethod, split};
+use rudder_data::{Dataset, preprocess, resolve};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -140,19 +140,50 @@ impl TrainArgs {
     fn merged(flags: &TrainArgs) -> Result<TrainArgs> {
         let mut a = match &flags.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 toml::from_str::<TrainArgs>(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?
             }
             None => TrainArgs::default(),
         };
-        merge!(a, flags, data, format, preset, sampler, model, loss, layers, dim, lr, batch_size, epochs, eval_every, patience, ks, seed, tau, n_neg, reg, adv_lr, adv_reg, eta_epochs, adv_interval, k_neg, faithful, split_seed, min_rating);
+        merge!(
+            a,
+            flags,
+            data,
+            format,
+            preset,
+            sampler,
+            model,
+            loss,
+            layers,
+            dim,
+            lr,
+            batch_size,
+            epochs,
+            eval_every,
+            patience,
+            ks,
+            seed,
+            tau,
+            n_neg,
+            reg,
+            adv_lr,
+            adv_reg,
+            eta_epochs,
+            adv_interval,
+            k_neg,
+            faithful,
+            split_seed,
+            min_rating
+        );
         Ok(a)
     }
 
     /// The model configuration these options describe.
     fn resolve(&self) -> Result<CfConfig> {
         let mut c = match &self.preset {
-            Some(p) => preset(p).ok_or_else(|| anyhow!("unknown preset `{p}` (see `rudder cf presets`)"))?,
+            Some(p) => preset(p)
+                .ok_or_else(|| anyhow!("unknown preset `{p}` (see `rudder cf presets`)"))?,
             None => CfConfig::new(ModelKind::Lightgcn, LossConfig::Bpr { reg: 1e-5 }),
         };
         if let Some(m) = &self.model {
@@ -170,7 +201,11 @@ impl TrainArgs {
             if l != c.loss.name() {
                 c.loss = match l.as_str() {
                     "bpr" => LossConfig::Bpr { reg: 1e-5 },
-                    "infonce" => LossConfig::Infonce { tau: 0.2, n_neg: 64, reg: 1e-5 },
+                    "infonce" => LossConfig::Infonce {
+                        tau: 0.2,
+                        n_neg: 64,
+                        reg: 1e-5,
+                    },
                     "advinfonce" => LossConfig::Advinfonce(AdvConfig::default()),
                     _ => bail!("unknown loss `{l}` (bpr, infonce, advinfonce)"),
                 };
@@ -201,27 +236,53 @@ impl TrainArgs {
                 }
             }
             LossConfig::Infonce { tau, n_neg, reg } => {
-                if let Some(v) = self.tau { *tau = v; }
-                if let Some(v) = self.n_neg { *n_neg = v; }
-                if let Some(v) = self.reg { *reg = v; }
+                if let Some(v) = self.tau {
+                    *tau = v;
+                }
+                if let Some(v) = self.n_neg {
+                    *n_neg = v;
+                }
+                if let Some(v) = self.reg {
+                    *reg = v;
+                }
             }
             LossConfig::Advinfonce(a) => {
-                if let Some(v) = self.tau { a.tau = v; }
-                if let Some(v) = self.n_neg { a.n_neg = v; }
-                if let Some(v) = self.reg { a.reg = v; }
-                if let Some(v) = self.adv_lr { a.adv_lr = v; }
-                if let Some(v) = self.eta_epochs { a.eta_epochs = v; }
-                if let Some(v) = self.adv_interval { a.adv_interval = v; }
-                if let Some(v) = self.k_neg { a.k_neg = v; }
+                if let Some(v) = self.tau {
+                    a.tau = v;
+                }
+                if let Some(v) = self.n_neg {
+                    a.n_neg = v;
+                }
+                if let Some(v) = self.reg {
+                    a.reg = v;
+                }
+                if let Some(v) = self.adv_lr {
+                    a.adv_lr = v;
+                }
+                if let Some(v) = self.eta_epochs {
+                    a.eta_epochs = v;
+                }
+                if let Some(v) = self.adv_interval {
+                    a.adv_interval = v;
+                }
+                if let Some(v) = self.k_neg {
+                    a.k_neg = v;
+                }
                 if let Some(v) = self.faithful {
                     a.faithful_reg_typo = v;
                     a.faithful_adv_reg = v;
                 }
-                if let Some(v) = self.adv_reg { a.adv_reg = v; }
+                if let Some(v) = self.adv_reg {
+                    a.adv_reg = v;
+                }
             }
         }
         if !matches!(c.loss, LossConfig::Advinfonce(_))
-            && (self.adv_lr.is_some() || self.adv_reg.is_some() || self.eta_epochs.is_some() || self.adv_interval.is_some() || self.k_neg.is_some())
+            && (self.adv_lr.is_some()
+                || self.adv_reg.is_some()
+                || self.eta_epochs.is_some()
+                || self.adv_interval.is_some()
+                || self.k_neg.is_some())
         {
             bail!("adversarial options apply to --loss advinfonce only");
         }
@@ -235,7 +296,13 @@ impl TrainArgs {
             data: self.data.clone(),
             format: self.format.clone(),
             preset: None,
-            model: Some(match c.model { ModelKind::Mf => "mf", ModelKind::Lightgcn => "lightgcn" }.into()),
+            model: Some(
+                match c.model {
+                    ModelKind::Mf => "mf",
+                    ModelKind::Lightgcn => "lightgcn",
+                }
+                .into(),
+            ),
             loss: Some(c.loss.name().into()),
             layers: Some(c.n_layers),
             dim: Some(c.dim),
@@ -246,7 +313,13 @@ impl TrainArgs {
             patience: Some(c.patience),
             ks: Some(c.ks.clone()),
             seed: Some(c.seed),
-            sampler: Some(match c.sampler { rudder_data::sampler::SampleMode::User => "user", rudder_data::sampler::SampleMode::Interaction => "interaction" }.into()),
+            sampler: Some(
+                match c.sampler {
+                    rudder_data::sampler::SampleMode::User => "user",
+                    rudder_data::sampler::SampleMode::Interaction => "interaction",
+                }
+                .into(),
+            ),
             split_seed: Some(self.split_seed.unwrap_or(2020)),
             min_rating: self.min_rating,
             ..Default::default()
@@ -275,8 +348,15 @@ impl TrainArgs {
 }
 
 /// Load the data an options set names and make sure it is split.
-pub fn load_split(data: &str, format: Option<&str>, min_rating: Option<f32>, split_seed: u64) -> Result<Dataset> {
-    let fmt = format.map(|f| Format::parse(f).ok_or_else(|| anyhow!("unknown format `{f}`"))).transpose()?;
+pub fn load_split(
+    data: &str,
+    format: Option<&str>,
+    min_rating: Option<f32>,
+    split_seed: u64,
+) -> Result<Dataset> {
+    let fmt = format
+        .map(|f| Format::parse(f).ok_or_else(|| anyhow!("unknown format `{f}`")))
+        .transpose()?;
     let Loaded::Interactions(mut ds) = resolve::load(data, fmt, &Store::from_env())? else {
         bail!("`{data}` holds sequences or prompts, not user–item interactions");
     };
@@ -287,7 +367,13 @@ pub fn load_split(data: &str, format: Option<&str>, min_rating: Option<f32>, spl
         ds = preprocess::implicit(&ds, t)?;
     }
     if ds.split.is_none() {
-        ds = split(&ds, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, split_seed)?;
+        ds = split(
+            &ds,
+            &SplitMethod::Ratio {
+                ratios: [0.8, 0.1, 0.1],
+            },
+            split_seed,
+        )?;
     }
     Ok(ds)
 }
@@ -309,7 +395,8 @@ impl TrainObserver for Bar {
         self.loss_sum += loss;
         self.n += 1;
         if self.n % 8 == 0 {
-            self.pb.set_message(format!("loss {:.4}", self.loss_sum / self.n as f64));
+            self.pb
+                .set_message(format!("loss {:.4}", self.loss_sum / self.n as f64));
         }
     }
     fn epoch_done(&mut self, rec: &EpochRecord) {
@@ -330,19 +417,38 @@ impl TrainObserver for Bar {
 
 pub fn progress_bar(epochs: usize, k: usize) -> Bar {
     let pb = ProgressBar::new(epochs as u64);
-    pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} epochs {msg} [{elapsed} < {eta}]").unwrap());
-    Bar { pb, loss_sum: 0.0, n: 0, k }
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} epochs {msg} [{elapsed} < {eta}]")
+            .unwrap(),
+    );
+    Bar {
+        pb,
+        loss_sum: 0.0,
+        n: 0,
+        k,
+    }
 }
 
 pub fn run(cmd: CfCmd) -> Result<()> {
     match cmd {
         CfCmd::Train(flags) => {
             let a = TrainArgs::merged(&flags)?;
-            let out = flags.out.clone().ok_or_else(|| anyhow!("--out RUN_DIR is required"))?;
-            let data = a.data.clone().ok_or_else(|| anyhow!("--data is required (a folder, an asset name, or synth)"))?;
+            let out = flags
+                .out
+                .clone()
+                .ok_or_else(|| anyhow!("--out RUN_DIR is required"))?;
+            let data = a
+                .data
+                .clone()
+                .ok_or_else(|| anyhow!("--data is required (a folder, an asset name, or synth)"))?;
             let cfg = a.resolve()?;
             let resolved = a.resolved(&cfg);
-            let ds = load_split(&data, a.format.as_deref(), a.min_rating, resolved.split_seed.unwrap())?;
+            let ds = load_split(
+                &data,
+                a.format.as_deref(),
+                a.min_rating,
+                resolved.split_seed.unwrap(),
+            )?;
             let s = ds.split.as_ref().unwrap();
             println!(
                 "{} × {} · train {} / valid {} / test {} · {} + {}",
@@ -387,16 +493,38 @@ struct TrainedRun {
 
 fn load_run(run: &Path) -> Result<TrainedRun> {
     let cfg_path = run.join("config.toml");
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {} (is this a run folder?)", cfg_path.display()))?;
-    let args: TrainArgs = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {} (is this a run folder?)", cfg_path.display()))?;
+    let args: TrainArgs =
+        toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
     let cfg = args.resolve()?;
-    let data = args.data.clone().ok_or_else(|| anyhow!("{}: no `data`", cfg_path.display()))?;
-    let ds = load_split(&data, args.format.as_deref(), args.min_rating, args.split_seed.unwrap_or(2020))?;
+    let data = args
+        .data
+        .clone()
+        .ok_or_else(|| anyhow!("{}: no `data`", cfg_path.display()))?;
+    let ds = load_split(
+        &data,
+        args.format.as_deref(),
+        args.min_rating,
+        args.split_seed.unwrap_or(2020),
+    )?;
     let ck = run.join("best.safetensors");
-    let tensors = rudder_nn::checkpoint::load(&ck, &candle_core::Device::Cpu).with_context(|| format!("reading {}", ck.display()))?;
-    let m = rudder_cf::model::restore(&cfg, &ds.split.as_ref().unwrap().train, &tensors, &candle_core::Device::Cpu)?;
+    let tensors = rudder_nn::checkpoint::load(&ck, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading {}", ck.display()))?;
+    let m = rudder_cf::model::restore(
+        &cfg,
+        &ds.split.as_ref().unwrap().train,
+        &tensors,
+        &candle_core::Device::Cpu,
+    )?;
     let (users, items) = m.forward()?;
-    Ok(TrainedRun { args, cfg, ds, users, items })
+    Ok(TrainedRun {
+        args,
+        cfg,
+        ds,
+        users,
+        items,
+    })
 }
 
 fn eval(run: &Path) -> Result<()> {
@@ -404,13 +532,20 @@ fn eval(run: &Path) -> Result<()> {
     let s = l.ds.split.as_ref().unwrap();
     let sc = rudder_cf::scorer::EmbeddingScorer::new(&l.users, &l.items, l.cfg.loss.cosine())?;
     let k = l.cfg.selection_k();
-    let ecfg = EvalConfig { ks: l.cfg.ks.clone(), ..Default::default() };
+    let ecfg = EvalConfig {
+        ks: l.cfg.ks.clone(),
+        ..Default::default()
+    };
     let mut md = format!(
         "# Evaluation of {}\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
         run.display()
     );
     let mut lines = Vec::new();
-    let mut parts: Vec<(String, &rudder_data::Interactions, Vec<&rudder_data::Interactions>)> = Vec::new();
+    let mut parts: Vec<(
+        String,
+        &rudder_data::Interactions,
+        Vec<&rudder_data::Interactions>,
+    )> = Vec::new();
     if !s.valid.is_empty() {
         parts.push(("valid".into(), &s.valid, vec![&s.train]));
     }
@@ -444,7 +579,11 @@ fn eval(run: &Path) -> Result<()> {
 fn recommend(run: &Path, user: &str, k: usize) -> Result<()> {
     let l = load_run(run)?;
     let u = l.ds.users.get(user).ok_or_else(|| {
-        anyhow!("user `{user}` is not in {} (ids are the data's own, e.g. `{}`)", l.args.data.as_deref().unwrap_or("?"), l.ds.users.ext(0))
+        anyhow!(
+            "user `{user}` is not in {} (ids are the data's own, e.g. `{}`)",
+            l.args.data.as_deref().unwrap_or("?"),
+            l.ds.users.ext(0)
+        )
     })?;
     let s = l.ds.split.as_ref().unwrap();
     let sc = rudder_cf::scorer::EmbeddingScorer::new(&l.users, &l.items, l.cfg.loss.cosine())?;
@@ -452,13 +591,35 @@ fn recommend(run: &Path, user: &str, k: usize) -> Result<()> {
     let mut row = vec![0f32; n];
     sc.score_users(&[u], n, &mut row);
     let seen: std::collections::HashSet<u32> = s.train.items(u).iter().copied().collect();
-    let cand: Vec<(f32, u32)> = row.iter().enumerate().filter(|(i, _)| !seen.contains(&(*i as u32))).map(|(i, &v)| (v, i as u32)).collect();
+    let cand: Vec<(f32, u32)> = row
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !seen.contains(&(*i as u32)))
+        .map(|(i, &v)| (v, i as u32))
+        .collect();
     let top = top_k(cand, k);
-    println!("top {k} for user {user} ({} items seen in training):", seen.len());
+    println!(
+        "top {k} for user {user} ({} items seen in training):",
+        seen.len()
+    );
     for (rank, i) in top.iter().enumerate() {
-        let title = l.ds.item_table.title(*i).map(|t| format!("  {t}")).unwrap_or_default();
-        let genres = l.ds.item_table.field("genres", *i).filter(|g| !g.is_empty()).map(|g| format!("  [{g}]")).unwrap_or_default();
-        println!("{:>3}. {:<12} {:>8.4}{title}{genres}", rank + 1, l.ds.items.ext(*i), row[*i as usize]);
+        let title =
+            l.ds.item_table
+                .title(*i)
+                .map(|t| format!("  {t}"))
+                .unwrap_or_default();
+        let genres =
+            l.ds.item_table
+                .field("genres", *i)
+                .filter(|g| !g.is_empty())
+                .map(|g| format!("  [{g}]"))
+                .unwrap_or_default();
+        println!(
+            "{:>3}. {:<12} {:>8.4}{title}{genres}",
+            rank + 1,
+            l.ds.items.ext(*i),
+            row[*i as usize]
+        );
     }
     Ok(())
 }

@@ -1,10 +1,10 @@
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use rudder_data::assets::Store;
 use rudder_data::formats::{self, Format, Loaded};
 use rudder_data::preprocess;
 use rudder_data::resolve;
-use rudder_data::split::{split, SplitMethod};
+use rudder_data::split::{SplitMethod, split};
 use rudder_data::stats;
 use rudder_data::synth::{SynthConfig, SynthWorld};
 use std::path::PathBuf;
@@ -57,7 +57,14 @@ impl FormatArg {
 
 fn parse_format(s: &str) -> Result<Format> {
     Format::parse(s).ok_or_else(|| {
-        anyhow!("unknown format `{s}` (known: {})", Format::ALL.iter().map(|f| f.name()).collect::<Vec<_>>().join(", "))
+        anyhow!(
+            "unknown format `{s}` (known: {})",
+            Format::ALL
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     })
 }
 
@@ -182,12 +189,19 @@ fn split_cmd(a: SplitArgs) -> Result<()> {
     if !matches!(to, Format::Lightgcn | Format::Atomic) {
         bail!("split output must be lightgcn or atomic, not {to}");
     }
-    let ratios: [f64; 3] = a.ratios.clone().try_into().map_err(|_| anyhow!("--ratios takes three numbers"))?;
+    let ratios: [f64; 3] = a
+        .ratios
+        .clone()
+        .try_into()
+        .map_err(|_| anyhow!("--ratios takes three numbers"))?;
     let method = SplitMethod::parse(&a.method, ratios)
         .ok_or_else(|| anyhow!("unknown split method `{}` (ratio, loo, temporal)", a.method))?;
     let loaded = resolve::load(&a.data, a.fmt.get()?, &store())?;
     let Loaded::Interactions(mut ds) = loaded else {
-        bail!("`{}` holds sequences or prompts; only interaction data can be split", a.data);
+        bail!(
+            "`{}` holds sequences or prompts; only interaction data can be split",
+            a.data
+        );
     };
     if let Some(t) = a.min_rating {
         ds = preprocess::implicit(&ds, t)?;

@@ -1,13 +1,13 @@
 use crate::runs::RunDir;
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use clap::Args;
+use rudder_cf::trainer::{metrics_json, metrics_row};
 use rudder_data::assets::Store;
 use rudder_data::eval::{EvalConfig, Evaluator, Popularity, RandomScorer, Scorer};
 use rudder_data::formats::Loaded;
 use rudder_data::resolve::{self, DataRef};
-use rudder_data::split::{split, SplitMethod};
+use rudder_data::split::{SplitMethod, split};
 use rudder_data::synth::SynthWorld;
-use rudder_cf::trainer::{metrics_json, metrics_row};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -53,7 +53,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let ds = if ds.split.is_some() {
         ds
     } else {
-        split(&ds, &SplitMethod::Ratio { ratios: [0.8, 0.1, 0.1] }, a.seed)?
+        split(
+            &ds,
+            &SplitMethod::Ratio {
+                ratios: [0.8, 0.1, 0.1],
+            },
+            a.seed,
+        )?
     };
     let s = ds.split.as_ref().unwrap();
     let ev = match a.eval_split.as_str() {
@@ -61,10 +67,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "valid" => Evaluator::new(&s.valid).mask(&s.train),
         other => bail!("--eval-split must be test or valid, not `{other}`"),
     };
-    let cfg = EvalConfig { ks: a.ks.clone(), ..Default::default() };
+    let cfg = EvalConfig {
+        ks: a.ks.clone(),
+        ..Default::default()
+    };
     let pop = Popularity::new(&s.train);
     let rnd = RandomScorer { seed: a.seed };
-    let mut scorers: Vec<(&str, Box<dyn Scorer + '_>)> = vec![("random", Box::new(rnd)), ("most-popular", Box::new(pop))];
+    let mut scorers: Vec<(&str, Box<dyn Scorer + '_>)> =
+        vec![("random", Box::new(rnd)), ("most-popular", Box::new(pop))];
     if let Some(w) = &world {
         scorers.push(("oracle (true tastes)", Box::new(w.oracle())));
     }
@@ -79,15 +89,31 @@ pub fn run(a: DemoArgs) -> Result<()> {
         use rudder_cf::{CfConfig, LossConfig, ModelKind};
         let losses = [
             LossConfig::Bpr { reg: 1e-5 },
-            LossConfig::Infonce { tau: 0.2, n_neg: 64, reg: 1e-5 },
-            LossConfig::Advinfonce(AdvConfig { tau: 0.2, n_neg: 64, adv_lr: 1e-3, eta_epochs: 6, adv_interval: 5, ..AdvConfig::default() }),
+            LossConfig::Infonce {
+                tau: 0.2,
+                n_neg: 64,
+                reg: 1e-5,
+            },
+            LossConfig::Advinfonce(AdvConfig {
+                tau: 0.2,
+                n_neg: 64,
+                adv_lr: 1e-3,
+                eta_epochs: 6,
+                adv_interval: 5,
+                ..AdvConfig::default()
+            }),
         ];
         let runs: Vec<(ModelKind, LossConfig)> = [ModelKind::Mf, ModelKind::Lightgcn]
             .into_iter()
             .flat_map(|m| losses.iter().cloned().map(move |l| (m, l)))
             .collect();
         let pb = indicatif::ProgressBar::new((runs.len() * a.epochs) as u64);
-        pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} epochs {msg} [{elapsed} < {eta}]").unwrap());
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} epochs {msg} [{elapsed} < {eta}]",
+            )
+            .unwrap(),
+        );
         struct Tick<'p>(&'p indicatif::ProgressBar);
         impl rudder_cf::TrainObserver for Tick<'_> {
             fn epoch_done(&mut self, _r: &rudder_cf::trainer::EpochRecord) {
@@ -104,7 +130,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
             cfg.patience = 4;
             cfg.ks = a.ks.clone();
             cfg.seed = a.seed;
-            let name = format!("{} + {}", if m == ModelKind::Mf { "MF" } else { "LightGCN" }, cfg.loss.name());
+            let name = format!(
+                "{} + {}",
+                if m == ModelKind::Mf { "MF" } else { "LightGCN" },
+                cfg.loss.name()
+            );
             pb.set_message(name.clone());
             let t = Instant::now();
             let report = rudder_cf::train(&cfg, s, &mut Tick(&pb))?;
@@ -131,8 +161,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
         lines.push(m);
     }
     for (name, report, secs) in &trained {
-        let r = if a.eval_split == "valid" { report.best_valid.as_ref().unwrap_or(&report.tests[0].1) } else { &report.tests[0].1 };
-        table.push_str(&format!("{} {:.2} |\n", metrics_row(name, r, kmax), report.mean_eval_seconds().unwrap_or(0.0)));
+        let r = if a.eval_split == "valid" {
+            report.best_valid.as_ref().unwrap_or(&report.tests[0].1)
+        } else {
+            &report.tests[0].1
+        };
+        table.push_str(&format!(
+            "{} {:.2} |\n",
+            metrics_row(name, r, kmax),
+            report.mean_eval_seconds().unwrap_or(0.0)
+        ));
         let mut m = metrics_json(r);
         m["model"] = name.clone().into();
         m["split"] = a.eval_split.clone().into();

@@ -3,9 +3,9 @@
 
 mod assets_cmd;
 mod cf_cmd;
-mod plots;
 mod data_cmd;
 mod demo_cmd;
+mod plots;
 mod progress;
 mod runs;
 
@@ -62,7 +62,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     // Transparent huge pages make every fresh tensor allocation fault in and zero 2 MiB;
@@ -82,7 +86,10 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUDDER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let r = match cli.command {
         Command::Data(c) => data_cmd::run(c),
         Command::Assets(c) => assets_cmd::run(c),

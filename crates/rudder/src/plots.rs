@@ -33,7 +33,12 @@ fn font_ready() -> bool {
 }
 
 /// Line chart of several named series over x values.
-pub fn lines(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<(), String> {
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<(), String> {
     if !font_ready() {
         return Err("no TrueType font found (set RUDDER_FONT to a .ttf file)".into());
     }
@@ -41,8 +46,12 @@ pub fn lines(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(f64,
     if pts.is_empty() {
         return Ok(());
     }
-    let (x0, x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let (y0, y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let (x0, x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(p.0), a.1.max(p.0))
+    });
+    let (y0, y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(p.1), a.1.max(p.1))
+    });
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
     let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
@@ -55,7 +64,12 @@ pub fn lines(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(f64,
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
         .map_err(|x| e(&x))?;
-    chart.configure_mesh().x_desc(x_label).label_style(("sans-serif", 14)).draw().map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(&x))?;
     let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (k, (name, s)) in series.iter().enumerate() {
         let c = colours[k % colours.len()];
@@ -80,19 +94,39 @@ pub fn lines(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(f64,
 
 /// `loss.png` and `valid.png` in a run folder; failures are warnings.
 pub fn training_curves(dir: &Path, r: &TrainReport) {
-    let loss: Vec<(f64, f64)> = r.history.iter().map(|h| ((h.epoch + 1) as f64, h.loss)).collect();
+    let loss: Vec<(f64, f64)> = r
+        .history
+        .iter()
+        .map(|h| ((h.epoch + 1) as f64, h.loss))
+        .collect();
     let k = r.config.selection_k();
     let get = |m: &str| -> Vec<(f64, f64)> {
         r.history
             .iter()
-            .filter_map(|h| h.valid.as_ref().and_then(|v| v.get(&format!("{m}@{k}"))).map(|v| ((h.epoch + 1) as f64, *v)))
+            .filter_map(|h| {
+                h.valid
+                    .as_ref()
+                    .and_then(|v| v.get(&format!("{m}@{k}")))
+                    .map(|v| ((h.epoch + 1) as f64, *v))
+            })
             .collect()
     };
-    let res = lines(&dir.join("loss.png"), "training loss", "epoch", &[("loss", loss)]).and_then(|_| {
-        lines(&dir.join("valid.png"), &format!("validation Recall@{k} and NDCG@{k}"), "epoch", &[
-            (&format!("Recall@{k}"), get("recall")),
-            (&format!("NDCG@{k}"), get("ndcg")),
-        ])
+    let res = lines(
+        &dir.join("loss.png"),
+        "training loss",
+        "epoch",
+        &[("loss", loss)],
+    )
+    .and_then(|_| {
+        lines(
+            &dir.join("valid.png"),
+            &format!("validation Recall@{k} and NDCG@{k}"),
+            "epoch",
+            &[
+                (&format!("Recall@{k}"), get("recall")),
+                (&format!("NDCG@{k}"), get("ndcg")),
+            ],
+        )
     });
     if let Err(e) = res {
         tracing::warn!("plots skipped: {e}");

@@ -11,8 +11,11 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn create(path: &Path) -> Result<RunDir> {
-        std::fs::create_dir_all(path).with_context(|| format!("creating run folder {}", path.display()))?;
-        Ok(RunDir { path: path.to_path_buf() })
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("creating run folder {}", path.display()))?;
+        Ok(RunDir {
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn write_config<T: serde::Serialize>(&self, cfg: &T) -> Result<()> {
@@ -35,5 +38,4 @@ impl RunDir {
         write_bytes_atomic(&self.path.join("summary.md"), md.as_bytes())?;
         Ok(())
     }
-
 }

@@ -12,7 +12,10 @@ fn rudder(args: &[&str], home: &Path) -> Output {
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -49,7 +52,9 @@ fn bad_input_is_an_error_not_a_panic() {
         vec!["data", "stats", "no-such-dataset"],
         vec!["data", "stats", "ml-1m"], // not fetched in this empty home
         vec!["data", "convert", dp, "--to", "parquet", "--out", "/tmp/x"],
-        vec!["data", "split", "synth", "--out", "/tmp/x", "--method", "sideways"],
+        vec![
+            "data", "split", "synth", "--out", "/tmp/x", "--method", "sideways",
+        ],
         vec!["assets", "fetch", "nonexistent"],
         vec!["assets", "path", "ml-1m"],
         vec!["demo", "--data", dp],
@@ -61,7 +66,11 @@ fn bad_input_is_an_error_not_a_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
     let o = rudder(&["data", "stats", dp], home.path());
-    assert!(text(&o).1.contains("train.txt:2: column 2: `two` is not a non-negative integer id"));
+    assert!(
+        text(&o)
+            .1
+            .contains("train.txt:2: column 2: `two` is not a non-negative integer id")
+    );
     let o = rudder(&["data", "stats", "ml-1m"], home.path());
     assert!(text(&o).1.contains("rudder assets fetch ml-1m"));
 }
@@ -74,22 +83,67 @@ fn synth_split_convert_and_stats_chain() {
     let split = t.path().join("split");
     let back = t.path().join("back");
     let w = world.to_str().unwrap();
-    let o = rudder(&["data", "synth", "--users", "200", "--items", "300", "--out", w], home.path());
+    let o = rudder(
+        &[
+            "data", "synth", "--users", "200", "--items", "300", "--out", w,
+        ],
+        home.path(),
+    );
     assert!(o.status.success(), "{}", text(&o).1);
     assert!(world.join("synth.inter").exists() && world.join("synth.item").exists());
-    let o = rudder(&["data", "split", w, "--min-rating", "3", "--kcore", "3", "--out", split.to_str().unwrap()], home.path());
+    let o = rudder(
+        &[
+            "data",
+            "split",
+            w,
+            "--min-rating",
+            "3",
+            "--kcore",
+            "3",
+            "--out",
+            split.to_str().unwrap(),
+        ],
+        home.path(),
+    );
     assert!(o.status.success(), "{}", text(&o).1);
-    for f in ["train.txt", "valid.txt", "test.txt", "user_list.txt", "item_list.txt", "items.item"] {
+    for f in [
+        "train.txt",
+        "valid.txt",
+        "test.txt",
+        "user_list.txt",
+        "item_list.txt",
+        "items.item",
+    ] {
         assert!(split.join(f).exists(), "{f}");
     }
-    let o = rudder(&["data", "convert", split.to_str().unwrap(), "--to", "atomic", "--out", back.to_str().unwrap()], home.path());
+    let o = rudder(
+        &[
+            "data",
+            "convert",
+            split.to_str().unwrap(),
+            "--to",
+            "atomic",
+            "--out",
+            back.to_str().unwrap(),
+        ],
+        home.path(),
+    );
     assert!(o.status.success(), "{}", text(&o).1);
-    let o = rudder(&["data", "stats", back.to_str().unwrap(), "--json"], home.path());
+    let o = rudder(
+        &["data", "stats", back.to_str().unwrap(), "--json"],
+        home.path(),
+    );
     let js: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let o2 = rudder(&["data", "stats", split.to_str().unwrap(), "--json"], home.path());
+    let o2 = rudder(
+        &["data", "stats", split.to_str().unwrap(), "--json"],
+        home.path(),
+    );
     let js2: serde_json::Value = serde_json::from_slice(&o2.stdout).unwrap();
     assert_eq!(js["interactions"], js2["interactions"]);
-    assert_eq!(js["splits"][0]["interactions"], js2["splits"][0]["interactions"]);
+    assert_eq!(
+        js["splits"][0]["interactions"],
+        js2["splits"][0]["interactions"]
+    );
 }
 
 #[test]
@@ -97,25 +151,44 @@ fn demo_writes_a_run_folder() {
     let home = tempfile::tempdir().unwrap();
     let t = tempfile::tempdir().unwrap();
     let run = t.path().join("run");
-    let o = rudder(&["demo", "--epochs", "5", "--out", run.to_str().unwrap()], home.path());
+    let o = rudder(
+        &["demo", "--epochs", "5", "--out", run.to_str().unwrap()],
+        home.path(),
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("| most-popular |"), "{out}");
     let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(cfg.contains("data = \"synth\""));
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 9, "3 baselines + MF/LightGCN × 3 losses");
     for sub in ["mf-bpr", "lightgcn-infonce", "lightgcn-advinfonce"] {
-        for f in ["config.toml", "metrics.jsonl", "summary.md", "best.safetensors"] {
+        for f in [
+            "config.toml",
+            "metrics.jsonl",
+            "summary.md",
+            "best.safetensors",
+        ] {
             assert!(run.join(sub).join(f).exists(), "{sub}/{f}");
         }
     }
     assert!(lines.iter().all(|l| l["recall@20"].as_f64().unwrap() > 0.0));
-    let recall = |m: &str| lines.iter().find(|l| l["model"] == m).unwrap()["recall@20"].as_f64().unwrap();
+    let recall = |m: &str| {
+        lines.iter().find(|l| l["model"] == m).unwrap()["recall@20"]
+            .as_f64()
+            .unwrap()
+    };
     assert!(recall("oracle (true tastes)") > recall("most-popular"));
     assert!(recall("most-popular") > recall("random"));
-    assert!(std::fs::read_to_string(run.join("summary.md")).unwrap().contains("Recall@20"));
+    assert!(
+        std::fs::read_to_string(run.join("summary.md"))
+            .unwrap()
+            .contains("Recall@20")
+    );
 }
 
 #[test]
@@ -124,32 +197,78 @@ fn cf_train_eval_recommend_on_synth() {
     let t = tempfile::tempdir().unwrap();
     let run = t.path().join("run");
     let r = run.to_str().unwrap();
-    let o = rudder(&["cf", "train", "--data", "synth", "--model", "lightgcn", "--loss", "infonce", "--epochs", "4", "--eval-every", "2", "--out", r], home.path());
+    let o = rudder(
+        &[
+            "cf",
+            "train",
+            "--data",
+            "synth",
+            "--model",
+            "lightgcn",
+            "--loss",
+            "infonce",
+            "--epochs",
+            "4",
+            "--eval-every",
+            "2",
+            "--out",
+            r,
+        ],
+        home.path(),
+    );
     assert!(o.status.success(), "{}", text(&o).1);
     assert!(text(&o).0.contains("| test |"), "{}", text(&o).0);
     let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(cfg.contains("loss = \"infonce\"") && cfg.contains("tau = 0.2"), "{cfg}");
+    assert!(
+        cfg.contains("loss = \"infonce\"") && cfg.contains("tau = 0.2"),
+        "{cfg}"
+    );
     // the saved config repeats the run exactly
     let run2 = t.path().join("run2");
-    let o = rudder(&["cf", "train", "--config", run.join("config.toml").to_str().unwrap(), "--out", run2.to_str().unwrap()], home.path());
+    let o = rudder(
+        &[
+            "cf",
+            "train",
+            "--config",
+            run.join("config.toml").to_str().unwrap(),
+            "--out",
+            run2.to_str().unwrap(),
+        ],
+        home.path(),
+    );
     assert!(o.status.success(), "{}", text(&o).1);
     let m1 = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let m2 = std::fs::read_to_string(run2.join("metrics.jsonl")).unwrap();
-    let strip = |s: &str| s.lines().map(|l| {
-        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-        v.as_object_mut().unwrap().retain(|k, _| !k.contains("seconds"));
-        v
-    }).collect::<Vec<_>>();
+    let strip = |s: &str| {
+        s.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| !k.contains("seconds"));
+                v
+            })
+            .collect::<Vec<_>>()
+    };
     assert_eq!(strip(&m1), strip(&m2));
     let o = rudder(&["cf", "eval", "--run", r], home.path());
     assert!(o.status.success(), "{}", text(&o).1);
     assert!(text(&o).0.contains("| valid |") && run.join("eval.jsonl").exists());
-    let o = rudder(&["cf", "recommend", "--run", r, "--user", "7", "-k", "5"], home.path());
+    let o = rudder(
+        &["cf", "recommend", "--run", r, "--user", "7", "-k", "5"],
+        home.path(),
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert_eq!(out.lines().filter(|l| l.contains(". ")).count(), 5, "{out}");
-    assert!(out.contains("(19") || out.contains("(20"), "titles with years: {out}");
-    let o = rudder(&["cf", "recommend", "--run", r, "--user", "nobody"], home.path());
+    assert!(
+        out.contains("(19") || out.contains("(20"),
+        "titles with years: {out}"
+    );
+    let o = rudder(
+        &["cf", "recommend", "--run", r, "--user", "nobody"],
+        home.path(),
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("user `nobody` is not in"));
 }
@@ -158,15 +277,56 @@ fn cf_train_eval_recommend_on_synth() {
 fn cf_rejects_inconsistent_options() {
     let home = tempfile::tempdir().unwrap();
     for args in [
-        vec!["cf", "train", "--data", "synth", "--loss", "bpr", "--tau", "0.1", "--out", "/tmp/never"],
-        vec!["cf", "train", "--data", "synth", "--model", "gru", "--out", "/tmp/never"],
-        vec!["cf", "train", "--data", "synth", "--preset", "nope", "--out", "/tmp/never"],
-        vec!["cf", "train", "--data", "synth", "--lr", "0", "--out", "/tmp/never"],
+        vec![
+            "cf",
+            "train",
+            "--data",
+            "synth",
+            "--loss",
+            "bpr",
+            "--tau",
+            "0.1",
+            "--out",
+            "/tmp/never",
+        ],
+        vec![
+            "cf",
+            "train",
+            "--data",
+            "synth",
+            "--model",
+            "gru",
+            "--out",
+            "/tmp/never",
+        ],
+        vec![
+            "cf",
+            "train",
+            "--data",
+            "synth",
+            "--preset",
+            "nope",
+            "--out",
+            "/tmp/never",
+        ],
+        vec![
+            "cf",
+            "train",
+            "--data",
+            "synth",
+            "--lr",
+            "0",
+            "--out",
+            "/tmp/never",
+        ],
         vec!["cf", "eval", "--run", "/tmp/definitely-not-a-run"],
     ] {
         let o = rudder(&args, home.path());
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.starts_with("error: ") && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
     }
 }

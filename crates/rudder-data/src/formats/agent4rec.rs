@@ -15,9 +15,16 @@ struct Csv {
 fn read_csv(path: &Path, required: &[&str]) -> Result<Csv> {
     let bytes = crate::io::read_bytes(path)?;
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(DataError::parse(path, 1, "empty file: expected a header line"));
+        return Err(DataError::parse(
+            path,
+            1,
+            "empty file: expected a header line",
+        ));
     }
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(&bytes[..]);
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(false)
+        .from_reader(&bytes[..]);
     let header: Vec<String> = rdr
         .headers()
         .map_err(|e| csv_err(path, e))?
@@ -46,7 +53,9 @@ fn csv_err(path: &Path, e: csv::Error) -> DataError {
     let line = e.position().map_or(0, |p| p.line() as usize);
     let reason = match e.kind() {
         csv::ErrorKind::Utf8 { .. } => "invalid UTF-8; this file must be UTF-8".to_string(),
-        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => {
             format!("expected {expected_len} fields, found {len} (truncated line?)")
         }
         _ => e.to_string(),
@@ -69,7 +78,11 @@ pub fn read_movie_detail(path: &Path) -> Result<(Table, usize)> {
     let mut ids = Vec::with_capacity(csv.rows.len());
     for (ln, r) in &csv.rows {
         let id: usize = r[idc].trim().parse().map_err(|_| {
-            DataError::parse(path, *ln, format!("movie_id `{}` is not a non-negative integer", r[idc]))
+            DataError::parse(
+                path,
+                *ln,
+                format!("movie_id `{}` is not a non-negative integer", r[idc]),
+            )
         })?;
         ids.push(id);
     }
@@ -85,7 +98,10 @@ pub fn read_movie_detail(path: &Path) -> Result<(Table, usize)> {
         }
         seen[id] = csv.rows[k].0;
     }
-    let mut t = Table { title: Some(vec![String::new(); n]), ..Default::default() };
+    let mut t = Table {
+        title: Some(vec![String::new(); n]),
+        ..Default::default()
+    };
     for (c, name) in csv.header.iter().enumerate() {
         if c == idc || c == tc {
             continue;
@@ -113,13 +129,25 @@ pub fn attach_user_files(dir: &Path, n_users: usize, table: &mut Table) -> Resul
         let mut seen = vec![false; n_users];
         for (ln, r) in &csv.rows {
             let u: usize = r[idc].trim().parse().map_err(|_| {
-                DataError::parse(&stat, *ln, format!("user_id `{}` is not a non-negative integer", r[idc]))
+                DataError::parse(
+                    &stat,
+                    *ln,
+                    format!("user_id `{}` is not a non-negative integer", r[idc]),
+                )
             })?;
             if u >= n_users {
-                return Err(DataError::parse(&stat, *ln, format!("user_id {u} out of range: the dataset has {n_users} users")));
+                return Err(DataError::parse(
+                    &stat,
+                    *ln,
+                    format!("user_id {u} out of range: the dataset has {n_users} users"),
+                ));
             }
             if std::mem::replace(&mut seen[u], true) {
-                return Err(DataError::parse(&stat, *ln, format!("duplicate user_id {u}")));
+                return Err(DataError::parse(
+                    &stat,
+                    *ln,
+                    format!("duplicate user_id {u}"),
+                ));
             }
             for (c, v) in r.iter().enumerate() {
                 cols[c][u] = v.clone();
@@ -127,7 +155,9 @@ pub fn attach_user_files(dir: &Path, n_users: usize, table: &mut Table) -> Resul
         }
         for (c, name) in csv.header.iter().enumerate() {
             if c != idc {
-                table.fields.insert(name.clone(), std::mem::take(&mut cols[c]));
+                table
+                    .fields
+                    .insert(name.clone(), std::mem::take(&mut cols[c]));
             }
         }
     }
@@ -138,7 +168,10 @@ pub fn attach_user_files(dir: &Path, n_users: usize, table: &mut Table) -> Resul
             return Err(DataError::parse(
                 &personas,
                 csv.rows[n_users].0,
-                format!("{} persona rows but the dataset has {n_users} users (row k = user k)", csv.rows.len()),
+                format!(
+                    "{} persona rows but the dataset has {n_users} users (row k = user k)",
+                    csv.rows.len()
+                ),
             ));
         }
         for (c, name) in csv.header.iter().enumerate() {

@@ -32,17 +32,27 @@ impl AtomicTable {
         let mut types = Vec::new();
         for (k, col) in header.split('\t').enumerate() {
             let (n, t) = col.split_once(':').ok_or_else(|| {
-                DataError::parse(path, hl, format!("header column {} `{col}` is not `name:type`", k + 1))
+                DataError::parse(
+                    path,
+                    hl,
+                    format!("header column {} `{col}` is not `name:type`", k + 1),
+                )
             })?;
             if !TYPES.contains(&t) {
                 return Err(DataError::parse(
                     path,
                     hl,
-                    format!("header column `{col}`: unknown type `{t}` (expected one of {TYPES:?})"),
+                    format!(
+                        "header column `{col}`: unknown type `{t}` (expected one of {TYPES:?})"
+                    ),
                 ));
             }
             if names.iter().any(|x| x == n) {
-                return Err(DataError::parse(path, hl, format!("duplicate column `{n}`")));
+                return Err(DataError::parse(
+                    path,
+                    hl,
+                    format!("duplicate column `{n}`"),
+                ));
             }
             names.push(n.to_string());
             types.push(t.to_string());
@@ -76,7 +86,12 @@ impl AtomicTable {
             }
             rows.push((ln, cells));
         }
-        Ok(AtomicTable { path: path.to_path_buf(), names, types, rows })
+        Ok(AtomicTable {
+            path: path.to_path_buf(),
+            names,
+            types,
+            rows,
+        })
     }
 
     pub fn column(&self, name: &str) -> Option<usize> {
@@ -88,7 +103,10 @@ impl AtomicTable {
             DataError::parse(
                 &self.path,
                 1,
-                format!("missing column `{name}` (header has: {})", self.names.join(", ")),
+                format!(
+                    "missing column `{name}` (header has: {})",
+                    self.names.join(", ")
+                ),
             )
         })
     }
@@ -104,11 +122,18 @@ impl AtomicTable {
         };
         for (k, n) in self.names.iter().enumerate() {
             if k != idc && Some(k) != tc {
-                m.fields.insert(n.clone(), self.rows.iter().map(|(_, r)| r[k].clone()).collect());
+                m.fields.insert(
+                    n.clone(),
+                    self.rows.iter().map(|(_, r)| r[k].clone()).collect(),
+                );
             }
         }
         if let Some((ln, _)) = self.rows.iter().find(|(_, r)| r[idc].is_empty()) {
-            return Err(DataError::parse(&self.path, *ln, format!("empty `{id_col}`")));
+            return Err(DataError::parse(
+                &self.path,
+                *ln,
+                format!("empty `{id_col}`"),
+            ));
         }
         m.check_unique(&self.path, |row| self.rows[row].0)?;
         Ok(m)
@@ -132,8 +157,13 @@ pub fn find_inter(dir: &Path) -> Result<PathBuf> {
     let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
     for e in rd {
         let p = e.map_err(|e| DataError::io(dir, e))?.path();
-        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let is_part = SPLIT_PARTS.iter().any(|part| stem.ends_with(&format!(".{part}")));
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let is_part = SPLIT_PARTS
+            .iter()
+            .any(|part| stem.ends_with(&format!(".{part}")));
         if p.extension().is_some_and(|x| x == "inter") && !is_part {
             found.push(p);
         }
@@ -146,7 +176,11 @@ pub fn find_inter(dir: &Path) -> Result<PathBuf> {
             dir,
             format!(
                 "several `.inter` files ({}); point at one of them",
-                found.iter().map(|p| p.file_name().unwrap().to_string_lossy()).collect::<Vec<_>>().join(", ")
+                found
+                    .iter()
+                    .map(|p| p.file_name().unwrap().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
@@ -154,15 +188,26 @@ pub fn find_inter(dir: &Path) -> Result<PathBuf> {
 
 /// Read `<stem>.inter` (+ `.item`, `.user` next to it when present).
 pub fn read(path: &Path) -> Result<Dataset> {
-    let inter = if path.is_dir() { find_inter(path)? } else { path.to_path_buf() };
-    let stem = inter.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let inter = if path.is_dir() {
+        find_inter(path)?
+    } else {
+        path.to_path_buf()
+    };
+    let stem = inter
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let t = AtomicTable::read(&inter)?;
     let uc = t.require("user_id")?;
     let ic = t.require("item_id")?;
     let rc = t.column("rating");
     let tc = t.column("timestamp");
     if t.rows.is_empty() {
-        return Err(DataError::parse(&inter, 2, "no interactions after the header"));
+        return Err(DataError::parse(
+            &inter,
+            2,
+            "no interactions after the header",
+        ));
     }
     let mut b = DatasetBuilder::new();
     for (ln, r) in &t.rows {
@@ -197,7 +242,10 @@ pub fn read(path: &Path) -> Result<Dataset> {
         None
     };
     let mut ds = b.finish(&stem, items.as_ref(), users.as_ref());
-    let part_paths: Vec<PathBuf> = SPLIT_PARTS.iter().map(|p| dir.join(format!("{stem}.{p}.inter"))).collect();
+    let part_paths: Vec<PathBuf> = SPLIT_PARTS
+        .iter()
+        .map(|p| dir.join(format!("{stem}.{p}.inter")))
+        .collect();
     if part_paths.iter().all(|p| p.exists()) {
         let mut parts = Vec::new();
         for p in &part_paths {
@@ -206,9 +254,17 @@ pub fn read(path: &Path) -> Result<Dataset> {
         let test = parts.pop().unwrap();
         let valid = parts.pop().unwrap();
         let train = parts.pop().unwrap();
-        ds.split = Some(crate::dataset::Split { train, valid, test, extra_tests: Vec::new() });
+        ds.split = Some(crate::dataset::Split {
+            train,
+            valid,
+            test,
+            extra_tests: Vec::new(),
+        });
     } else if let Some(p) = part_paths.iter().find(|p| p.exists()) {
-        return Err(DataError::invalid(p, "a benchmark split needs all of .train.inter, .valid.inter and .test.inter"));
+        return Err(DataError::invalid(
+            p,
+            "a benchmark split needs all of .train.inter, .valid.inter and .test.inter",
+        ));
     }
     Ok(ds)
 }
@@ -223,20 +279,43 @@ fn read_part(path: &Path, ds: &Dataset) -> Result<crate::interactions::Interacti
     let mut list = Vec::with_capacity(t.rows.len());
     for (ln, r) in &t.rows {
         let user = ds.users.get(&r[uc]).ok_or_else(|| {
-            DataError::parse(path, *ln, format!("user `{}` is not in the full .inter file", r[uc]))
+            DataError::parse(
+                path,
+                *ln,
+                format!("user `{}` is not in the full .inter file", r[uc]),
+            )
         })?;
         let item = ds.items.get(&r[ic]).ok_or_else(|| {
-            DataError::parse(path, *ln, format!("item `{}` is not in the full .inter file", r[ic]))
+            DataError::parse(
+                path,
+                *ln,
+                format!("item `{}` is not in the full .inter file", r[ic]),
+            )
         })?;
         let rating = rc.and_then(|c| r[c].trim().parse::<f32>().ok());
-        let timestamp = tc.and_then(|c| r[c].trim().parse::<f64>().ok()).map(|x| x as i64);
-        list.push(crate::interactions::Interaction { user, item, rating, timestamp });
+        let timestamp = tc
+            .and_then(|c| r[c].trim().parse::<f64>().ok())
+            .map(|x| x as i64);
+        list.push(crate::interactions::Interaction {
+            user,
+            item,
+            rating,
+            timestamp,
+        });
     }
-    Ok(crate::interactions::Interactions::from_interactions(ds.n_users(), ds.n_items(), &list))
+    Ok(crate::interactions::Interactions::from_interactions(
+        ds.n_users(),
+        ds.n_items(),
+        &list,
+    ))
 }
 
 fn field_type(values: &[String]) -> &'static str {
-    if values.iter().any(|v| v.contains(' ')) { "token_seq" } else { "token" }
+    if values.iter().any(|v| v.contains(' ')) {
+        "token_seq"
+    } else {
+        "token"
+    }
 }
 
 fn clean(s: &str) -> String {
@@ -278,10 +357,20 @@ pub fn write(ds: &Dataset, dir: &Path, name: &str) -> Result<()> {
         write_inter(ds, &s.test, &dir.join(format!("{name}.test.inter")))?;
     }
     if !ds.item_table.is_empty() {
-        write_meta(&dir.join(format!("{name}.item")), "item_id", &ds.items, &ds.item_table)?;
+        write_meta(
+            &dir.join(format!("{name}.item")),
+            "item_id",
+            &ds.items,
+            &ds.item_table,
+        )?;
     }
     if !ds.user_table.is_empty() {
-        write_meta(&dir.join(format!("{name}.user")), "user_id", &ds.users, &ds.user_table)?;
+        write_meta(
+            &dir.join(format!("{name}.user")),
+            "user_id",
+            &ds.users,
+            &ds.user_table,
+        )?;
     }
     Ok(())
 }
@@ -297,7 +386,12 @@ fn write_inter(ds: &Dataset, x: &crate::interactions::Interactions, path: &Path)
         }
         writeln!(f, "{}", header.join("\t"))?;
         for it in x.iter() {
-            write!(f, "{}\t{}", clean(ds.users.ext(it.user)), clean(ds.items.ext(it.item)))?;
+            write!(
+                f,
+                "{}\t{}",
+                clean(ds.users.ext(it.user)),
+                clean(ds.items.ext(it.item))
+            )?;
             if let Some(r) = it.rating {
                 write!(f, "\t{r}")?;
             }

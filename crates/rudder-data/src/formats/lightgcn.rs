@@ -84,13 +84,18 @@ fn read_id_list(path: &Path) -> Result<IdMap> {
     let mut pairs = Vec::new();
     for (ln, line) in numbered_lines(&text) {
         let line = line.trim();
-        if line.is_empty() || (ln == 1 && line.split_ascii_whitespace().eq(["org_id", "remap_id"])) {
+        if line.is_empty() || (ln == 1 && line.split_ascii_whitespace().eq(["org_id", "remap_id"]))
+        {
             continue;
         }
         // the org id may itself hold spaces (ML-1M uses titles as ids): the remap id is the
         // last field
         let Some((ext, d)) = line.rsplit_once(|c: char| c.is_ascii_whitespace()) else {
-            return Err(DataError::parse(path, ln, "expected `org_id remap_id`, found one field"));
+            return Err(DataError::parse(
+                path,
+                ln,
+                "expected `org_id remap_id`, found one field",
+            ));
         };
         let d = parse_id(path, ln, 2, d)?;
         pairs.push((d, ext.trim_end().to_string(), ln));
@@ -102,27 +107,46 @@ fn read_id_list(path: &Path) -> Result<IdMap> {
             return Err(DataError::parse(
                 path,
                 *ln,
-                format!("remap ids must be 0..n-1 without gaps or repeats; {d} found where {k} expected"),
+                format!(
+                    "remap ids must be 0..n-1 without gaps or repeats; {d} found where {k} expected"
+                ),
             ));
         }
         if m.insert_new(ext).is_none() {
-            return Err(DataError::parse(path, *ln, format!("duplicate org_id `{ext}`")));
+            return Err(DataError::parse(
+                path,
+                *ln,
+                format!("duplicate org_id `{ext}`"),
+            ));
         }
     }
     Ok(m)
 }
 
 /// Check every id of `lines` is below the bound given by a companion file.
-fn check_bound(path: &Path, lines: &Lines, n_users: Option<(usize, &str)>, n_items: Option<(usize, &str)>) -> Result<()> {
+fn check_bound(
+    path: &Path,
+    lines: &Lines,
+    n_users: Option<(usize, &str)>,
+    n_items: Option<(usize, &str)>,
+) -> Result<()> {
     for (u, items, ln) in lines {
         if let Some((n, src)) = n_users {
             if *u as usize >= n {
-                return Err(DataError::parse(path, *ln, format!("user id {u} out of range: {src} lists {n} users")));
+                return Err(DataError::parse(
+                    path,
+                    *ln,
+                    format!("user id {u} out of range: {src} lists {n} users"),
+                ));
             }
         }
         if let Some((n, src)) = n_items {
             if let Some(i) = items.iter().find(|&&i| i as usize >= n) {
-                return Err(DataError::parse(path, *ln, format!("item id {i} out of range: {src} lists {n} items")));
+                return Err(DataError::parse(
+                    path,
+                    *ln,
+                    format!("item id {i} out of range: {src} lists {n} items"),
+                ));
             }
         }
     }
@@ -133,13 +157,19 @@ fn check_bound(path: &Path, lines: &Lines, n_users: Option<(usize, &str)>, n_ite
 pub fn read_dir(dir: &Path) -> Result<Dataset> {
     let train_p = dir.join("train.txt");
     if !train_p.exists() {
-        return Err(DataError::invalid(dir, "no `train.txt` in this folder (LightGCN lines format)"));
+        return Err(DataError::invalid(
+            dir,
+            "no `train.txt` in this folder (LightGCN lines format)",
+        ));
     }
     let train = read_lines(&train_p)?;
     if train.iter().all(|(_, it, _)| it.is_empty()) {
         return Err(DataError::parse(&train_p, 1, "empty file: no interactions"));
     }
-    let valid_p = ["valid.txt", "val.txt"].iter().map(|n| dir.join(n)).find(|p| p.exists());
+    let valid_p = ["valid.txt", "val.txt"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists());
     let valid = match &valid_p {
         Some(p) => read_lines(p)?,
         None => Vec::new(),
@@ -148,8 +178,14 @@ pub fn read_dir(dir: &Path) -> Result<Dataset> {
     let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
     for e in rd {
         let p = e.map_err(|e| DataError::io(dir, e))?.path();
-        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        if p.extension().is_some_and(|x| x == "txt") && stem.starts_with("test") && !stem.ends_with("_neg") {
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if p.extension().is_some_and(|x| x == "txt")
+            && stem.starts_with("test")
+            && !stem.ends_with("_neg")
+        {
             tests.push((stem, p));
         }
     }
@@ -162,16 +198,30 @@ pub fn read_dir(dir: &Path) -> Result<Dataset> {
     // companions that fix the id spaces
     let user_list = dir.join("user_list.txt");
     let item_list = dir.join("item_list.txt");
-    let users_map = if user_list.exists() { Some(read_id_list(&user_list)?) } else { None };
-    let items_map = if item_list.exists() { Some(read_id_list(&item_list)?) } else { None };
+    let users_map = if user_list.exists() {
+        Some(read_id_list(&user_list)?)
+    } else {
+        None
+    };
+    let items_map = if item_list.exists() {
+        Some(read_id_list(&item_list)?)
+    } else {
+        None
+    };
     let movie_detail = dir.join("movie_detail.csv");
-    let a4r_items = if movie_detail.exists() { Some(agent4rec::read_movie_detail(&movie_detail)?) } else { None };
+    let a4r_items = if movie_detail.exists() {
+        Some(agent4rec::read_movie_detail(&movie_detail)?)
+    } else {
+        None
+    };
 
     let ub = users_map.as_ref().map(|m| (m.len(), "user_list.txt"));
     let ib = items_map
         .as_ref()
         .map(|m| (m.len(), "item_list.txt"))
-        .or(a4r_items.as_ref().map(|(t, _)| (t.title.as_ref().map_or(0, |v| v.len()), "movie_detail.csv")));
+        .or(a4r_items
+            .as_ref()
+            .map(|(t, _)| (t.title.as_ref().map_or(0, |v| v.len()), "movie_detail.csv")));
     let mut all_files: Vec<(&Path, &Lines)> = vec![(&train_p, &train)];
     if let Some(p) = &valid_p {
         all_files.push((p, &valid));
@@ -182,7 +232,11 @@ pub fn read_dir(dir: &Path) -> Result<Dataset> {
     for (p, l) in &all_files {
         check_bound(p, l, ub, ib)?;
     }
-    let max_u = all_files.iter().flat_map(|(_, l)| l.iter().map(|x| x.0 as usize + 1)).max().unwrap_or(0);
+    let max_u = all_files
+        .iter()
+        .flat_map(|(_, l)| l.iter().map(|x| x.0 as usize + 1))
+        .max()
+        .unwrap_or(0);
     let max_i = all_files
         .iter()
         .flat_map(|(_, l)| l.iter().flat_map(|x| x.1.iter().map(|&i| i as usize + 1)))
@@ -196,20 +250,35 @@ pub fn read_dir(dir: &Path) -> Result<Dataset> {
 
     let train_x = to_interactions(&train, n_users, n_items);
     let valid_x = to_interactions(&valid, n_users, n_items);
-    let mut tests_x: Vec<(String, Interactions)> =
-        test_lines.iter().map(|(s, l)| (s.clone(), to_interactions(l, n_users, n_items))).collect();
-    let test_x = if tests_x.is_empty() { Interactions::empty(n_users, n_items) } else { tests_x.remove(0).1 };
-    let split = Split { train: train_x, valid: valid_x, test: test_x, extra_tests: tests_x };
+    let mut tests_x: Vec<(String, Interactions)> = test_lines
+        .iter()
+        .map(|(s, l)| (s.clone(), to_interactions(l, n_users, n_items)))
+        .collect();
+    let test_x = if tests_x.is_empty() {
+        Interactions::empty(n_users, n_items)
+    } else {
+        tests_x.remove(0).1
+    };
+    let split = Split {
+        train: train_x,
+        valid: valid_x,
+        test: test_x,
+        extra_tests: tests_x,
+    };
 
     let mut item_table = Table::default();
     let mut user_table = Table::default();
     let items_item = dir.join("items.item");
     if items_item.exists() {
-        item_table = atomic::read_meta(&items_item, "item_id", &atomic::TITLE_COLUMNS)?.join(&items).0;
+        item_table = atomic::read_meta(&items_item, "item_id", &atomic::TITLE_COLUMNS)?
+            .join(&items)
+            .0;
     }
     let users_user = dir.join("users.user");
     if users_user.exists() {
-        user_table = atomic::read_meta(&users_user, "user_id", &[])?.join(&users).0;
+        user_table = atomic::read_meta(&users_user, "user_id", &[])?
+            .join(&users)
+            .0;
     }
     if let Some((t, _)) = a4r_items {
         item_table = t;
@@ -217,7 +286,10 @@ pub fn read_dir(dir: &Path) -> Result<Dataset> {
     }
     agent4rec::attach_user_files(dir, n_users, &mut user_table)?;
 
-    let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dataset".into());
     Ok(Dataset {
         name,
         interactions: split.all(),
@@ -276,10 +348,20 @@ pub fn write_dir(ds: &Dataset, dir: &Path) -> Result<()> {
     write_id_list(&dir.join("user_list.txt"), &ds.users)?;
     write_id_list(&dir.join("item_list.txt"), &ds.items)?;
     if !ds.item_table.is_empty() {
-        atomic::write_meta(&dir.join("items.item"), "item_id", &ds.items, &ds.item_table)?;
+        atomic::write_meta(
+            &dir.join("items.item"),
+            "item_id",
+            &ds.items,
+            &ds.item_table,
+        )?;
     }
     if !ds.user_table.is_empty() {
-        atomic::write_meta(&dir.join("users.user"), "user_id", &ds.users, &ds.user_table)?;
+        atomic::write_meta(
+            &dir.join("users.user"),
+            "user_id",
+            &ds.users,
+            &ds.user_table,
+        )?;
     }
     Ok(())
 }

@@ -12,7 +12,10 @@ use std::path::Path;
 
 fn as_id(v: &Value) -> Option<(u32, Option<i64>)> {
     match v {
-        Value::Number(n) => n.as_u64().and_then(|x| u32::try_from(x).ok()).map(|x| (x, None)),
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .map(|x| (x, None)),
         Value::Array(a) if a.len() == 2 => {
             let i = a[0].as_u64().and_then(|x| u32::try_from(x).ok())?;
             let r = a[1].as_i64()?;
@@ -30,16 +33,28 @@ pub fn read_jsonl(path: &Path, n_items: Option<u32>) -> Result<Vec<SeqSample>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| DataError::parse(path, ln, format!("invalid JSON: {e} (truncated line?)")))?;
-        let obj = v.as_object().ok_or_else(|| DataError::parse(path, ln, "expected a JSON object"))?;
-        let get = |k: &str| obj.get(k).ok_or_else(|| DataError::parse(path, ln, format!("missing field `{k}`")));
-        let seq_v = get("seq")?.as_array().ok_or_else(|| DataError::parse(path, ln, "`seq` is not an array"))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| {
+            DataError::parse(path, ln, format!("invalid JSON: {e} (truncated line?)"))
+        })?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| DataError::parse(path, ln, "expected a JSON object"))?;
+        let get = |k: &str| {
+            obj.get(k)
+                .ok_or_else(|| DataError::parse(path, ln, format!("missing field `{k}`")))
+        };
+        let seq_v = get("seq")?
+            .as_array()
+            .ok_or_else(|| DataError::parse(path, ln, "`seq` is not an array"))?;
         let mut seq = Vec::with_capacity(seq_v.len());
         let mut rs = Vec::new();
         for (k, e) in seq_v.iter().enumerate() {
             let (i, r) = as_id(e).ok_or_else(|| {
-                DataError::parse(path, ln, format!("`seq[{k}]` = {e} is neither an item id nor an [item, rating] pair"))
+                DataError::parse(
+                    path,
+                    ln,
+                    format!("`seq[{k}]` = {e} is neither an item id nor an [item, rating] pair"),
+                )
             })?;
             seq.push(i);
             if let Some(r) = r {
@@ -47,17 +62,30 @@ pub fn read_jsonl(path: &Path, n_items: Option<u32>) -> Result<Vec<SeqSample>> {
             }
         }
         if !rs.is_empty() && rs.len() != seq.len() {
-            return Err(DataError::parse(path, ln, "`seq` mixes plain ids and [item, rating] pairs"));
+            return Err(DataError::parse(
+                path,
+                ln,
+                "`seq` mixes plain ids and [item, rating] pairs",
+            ));
         }
         let len_seq = get("len_seq")?
             .as_u64()
-            .ok_or_else(|| DataError::parse(path, ln, "`len_seq` is not a non-negative integer"))? as usize;
+            .ok_or_else(|| DataError::parse(path, ln, "`len_seq` is not a non-negative integer"))?
+            as usize;
         if len_seq > seq.len() {
-            return Err(DataError::parse(path, ln, format!("`len_seq` = {len_seq} exceeds the length of `seq` ({})", seq.len())));
+            return Err(DataError::parse(
+                path,
+                ln,
+                format!(
+                    "`len_seq` = {len_seq} exceeds the length of `seq` ({})",
+                    seq.len()
+                ),
+            ));
         }
         let nv = get("next")?;
-        let (next, next_rating) =
-            as_id(nv).ok_or_else(|| DataError::parse(path, ln, format!("`next` = {nv} is not an item id")))?;
+        let (next, next_rating) = as_id(nv).ok_or_else(|| {
+            DataError::parse(path, ln, format!("`next` = {nv} is not an item id"))
+        })?;
         if let Some(n) = n_items {
             if let Some(bad) = seq.iter().chain(std::iter::once(&next)).find(|&&i| i > n) {
                 return Err(DataError::parse(
@@ -67,10 +95,20 @@ pub fn read_jsonl(path: &Path, n_items: Option<u32>) -> Result<Vec<SeqSample>> {
                 ));
             }
             if next == n {
-                return Err(DataError::parse(path, ln, format!("`next` is the pad id {n}")));
+                return Err(DataError::parse(
+                    path,
+                    ln,
+                    format!("`next` is the pad id {n}"),
+                ));
             }
         }
-        out.push(SeqSample { seq, seq_ratings: (!rs.is_empty()).then_some(rs), len_seq, next, next_rating });
+        out.push(SeqSample {
+            seq,
+            seq_ratings: (!rs.is_empty()).then_some(rs),
+            len_seq,
+            next,
+            next_rating,
+        });
     }
     if out.is_empty() {
         return Err(DataError::parse(path, 1, "empty file: no samples"));
@@ -89,9 +127,19 @@ pub fn read_id2name(path: &Path) -> Result<Vec<String>> {
         let (id, name) = line
             .split_once("::")
             .ok_or_else(|| DataError::parse(path, ln, "expected `id::name`"))?;
-        let id: usize = id.trim().parse().map_err(|_| DataError::parse(path, ln, format!("id `{id}` is not an integer")))?;
+        let id: usize = id
+            .trim()
+            .parse()
+            .map_err(|_| DataError::parse(path, ln, format!("id `{id}` is not an integer")))?;
         if id != names.len() {
-            return Err(DataError::parse(path, ln, format!("ids must run 0..n-1 in order; found {id} where {} expected", names.len())));
+            return Err(DataError::parse(
+                path,
+                ln,
+                format!(
+                    "ids must run 0..n-1 in order; found {id} where {} expected",
+                    names.len()
+                ),
+            ));
         }
         names.push(name.to_string());
     }
@@ -113,9 +161,15 @@ fn read_uitem_names(path: &Path) -> Result<Vec<String>> {
         if f.len() < 2 {
             return Err(DataError::parse(path, ln, "expected `id|title|…`"));
         }
-        let id: usize = f[0].parse().map_err(|_| DataError::parse(path, ln, format!("id `{}` is not an integer", f[0])))?;
+        let id: usize = f[0]
+            .parse()
+            .map_err(|_| DataError::parse(path, ln, format!("id `{}` is not an integer", f[0])))?;
         if id != names.len() + 1 {
-            return Err(DataError::parse(path, ln, format!("ids must run 1..n in order; found {id}")));
+            return Err(DataError::parse(
+                path,
+                ln,
+                format!("ids must run 1..n in order; found {id}"),
+            ));
         }
         names.push(f[1].to_string());
     }
@@ -144,10 +198,20 @@ pub fn read_dir(dir: &Path) -> Result<SeqDataset> {
         }
     }
     if splits.is_empty() {
-        return Err(DataError::invalid(dir, "no train.jsonl, val.jsonl or test.jsonl in this folder"));
+        return Err(DataError::invalid(
+            dir,
+            "no train.jsonl, val.jsonl or test.jsonl in this folder",
+        ));
     }
-    let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(SeqDataset { name, splits, item_names })
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(SeqDataset {
+        name,
+        splits,
+        item_names,
+    })
 }
 
 fn sample_json(s: &SeqSample) -> Value {
@@ -198,7 +262,11 @@ pub fn write_dir(ds: &SeqDataset, dir: &Path) -> Result<()> {
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptSample>> {
     let text = read_utf8(path)?;
     if text.trim().is_empty() {
-        return Err(DataError::parse(path, 1, "empty file: expected a JSON array of prompt records"));
+        return Err(DataError::parse(
+            path,
+            1,
+            "empty file: expected a JSON array of prompt records",
+        ));
     }
     let recs: Vec<PromptSample> = serde_json::from_str(&text)
         .map_err(|e| DataError::parse(path, e.line(), format!("{e}")))?;
@@ -206,7 +274,10 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptSample>> {
         if !r.candidates.contains(&r.target) {
             return Err(DataError::invalid(
                 path,
-                format!("record {k}: trueSelection `{}` is not in itemList", r.target),
+                format!(
+                    "record {k}: trueSelection `{}` is not in itemList",
+                    r.target
+                ),
             ));
         }
     }
@@ -215,7 +286,10 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptSample>> {
 
 pub fn write_prompts(path: &Path, recs: &[PromptSample]) -> Result<()> {
     write_atomic(path, |f| {
-        let mut ser = serde_json::Serializer::with_formatter(&mut *f, serde_json::ser::PrettyFormatter::with_indent(b"    "));
+        let mut ser = serde_json::Serializer::with_formatter(
+            &mut *f,
+            serde_json::ser::PrettyFormatter::with_indent(b"    "),
+        );
         serde::Serialize::serialize(recs, &mut ser).map_err(std::io::Error::other)?;
         writeln!(f)
     })
@@ -223,9 +297,15 @@ pub fn write_prompts(path: &Path, recs: &[PromptSample]) -> Result<()> {
 
 /// Read an S-DPO folder (`train/val/test.json`, any present) or a single file.
 pub fn read_prompt_dir(path: &Path) -> Result<PromptDataset> {
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if path.is_file() {
-        return Ok(PromptDataset { name, splits: vec![("test".into(), read_prompts(path)?)] });
+        return Ok(PromptDataset {
+            name,
+            splits: vec![("test".into(), read_prompts(path)?)],
+        });
     }
     let mut splits = Vec::new();
     for s in SEQ_SPLITS {
@@ -235,7 +315,10 @@ pub fn read_prompt_dir(path: &Path) -> Result<PromptDataset> {
         }
     }
     if splits.is_empty() {
-        return Err(DataError::invalid(path, "no train.json, val.json or test.json in this folder"));
+        return Err(DataError::invalid(
+            path,
+            "no train.json, val.json or test.json in this folder",
+        ));
     }
     Ok(PromptDataset { name, splits })
 }

@@ -30,8 +30,14 @@ pub enum Format {
 }
 
 impl Format {
-    pub const ALL: [Format; 6] =
-        [Format::Lightgcn, Format::Atomic, Format::Ml100k, Format::Ml1m, Format::Llara, Format::Sdpo];
+    pub const ALL: [Format; 6] = [
+        Format::Lightgcn,
+        Format::Atomic,
+        Format::Ml100k,
+        Format::Ml1m,
+        Format::Llara,
+        Format::Sdpo,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -45,7 +51,9 @@ impl Format {
     }
 
     pub fn parse(s: &str) -> Option<Format> {
-        Format::ALL.into_iter().find(|f| f.name() == s || (s == "recbole" && *f == Format::Atomic))
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name() == s || (s == "recbole" && *f == Format::Atomic))
     }
 
     /// Whether writing this format is supported.
@@ -69,13 +77,19 @@ pub fn detect(path: &Path) -> Result<Format> {
         return match path.extension().and_then(|e| e.to_str()) {
             Some("inter") => Ok(Format::Atomic),
             Some("json") => Ok(Format::Sdpo),
-            _ => Err(DataError::invalid(path, "cannot tell the format of this file; point at its folder or name --format")),
+            _ => Err(DataError::invalid(
+                path,
+                "cannot tell the format of this file; point at its folder or name --format",
+            )),
         };
     }
     let has = |n: &str| path.join(n).exists();
     let any_ext = |ext: &str| -> bool {
         std::fs::read_dir(path)
-            .map(|rd| rd.flatten().any(|e| e.path().extension().is_some_and(|x| x == ext)))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == ext))
+            })
             .unwrap_or(false)
     };
     if has("train.txt") {
@@ -127,7 +141,10 @@ pub fn load(path: &Path, format: Option<Format>) -> Result<Loaded> {
 pub fn load_interactions(path: &Path, format: Option<Format>) -> Result<Dataset> {
     match load(path, format)? {
         Loaded::Interactions(d) => Ok(d),
-        _ => Err(DataError::invalid(path, "holds sequences or prompts, not user–item interactions")),
+        _ => Err(DataError::invalid(
+            path,
+            "holds sequences or prompts, not user–item interactions",
+        )),
     }
 }
 
@@ -136,14 +153,26 @@ pub fn save(data: &Loaded, format: Format, out: &Path) -> Result<()> {
     match (data, format) {
         (Loaded::Interactions(d), Format::Lightgcn) => lightgcn::write_dir(d, out),
         (Loaded::Interactions(d), Format::Atomic) => {
-            let name = if d.name.is_empty() { "dataset" } else { d.name.as_str() };
+            let name = if d.name.is_empty() {
+                "dataset"
+            } else {
+                d.name.as_str()
+            };
             atomic::write(d, out, name)
         }
         (Loaded::Sequences(s), Format::Llara) => llara::write_dir(s, out),
         (Loaded::Prompts(p), Format::Sdpo) => llara::write_prompt_dir(p, out),
-        (_, f) if !f.writable() => Err(DataError::Config(format!("writing the raw `{f}` format is not supported; use atomic or lightgcn"))),
-        (Loaded::Interactions(_), f) => Err(DataError::Config(format!("interactions cannot be written as `{f}`; use atomic or lightgcn"))),
-        (Loaded::Sequences(_), f) => Err(DataError::Config(format!("sequence samples can only be written as llara, not `{f}`"))),
-        (Loaded::Prompts(_), f) => Err(DataError::Config(format!("prompt records can only be written as sdpo, not `{f}`"))),
+        (_, f) if !f.writable() => Err(DataError::Config(format!(
+            "writing the raw `{f}` format is not supported; use atomic or lightgcn"
+        ))),
+        (Loaded::Interactions(_), f) => Err(DataError::Config(format!(
+            "interactions cannot be written as `{f}`; use atomic or lightgcn"
+        ))),
+        (Loaded::Sequences(_), f) => Err(DataError::Config(format!(
+            "sequence samples can only be written as llara, not `{f}`"
+        ))),
+        (Loaded::Prompts(_), f) => Err(DataError::Config(format!(
+            "prompt records can only be written as sdpo, not `{f}`"
+        ))),
     }
 }

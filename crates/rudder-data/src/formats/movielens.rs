@@ -12,9 +12,25 @@ use std::path::Path;
 
 /// The 19 ML-100K genres in `u.item` flag order (also listed in `u.genre`).
 pub const ML100K_GENRES: [&str; 19] = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-    "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ];
 
 fn read_latin1(path: &Path) -> Result<String> {
@@ -22,20 +38,33 @@ fn read_latin1(path: &Path) -> Result<String> {
 }
 
 /// Split a line into exactly `n` fields by `sep`, with a clear error otherwise.
-fn fields<'a>(path: &Path, ln: usize, line: &'a str, sep: &str, n: usize, what: &str) -> Result<Vec<&'a str>> {
+fn fields<'a>(
+    path: &Path,
+    ln: usize,
+    line: &'a str,
+    sep: &str,
+    n: usize,
+    what: &str,
+) -> Result<Vec<&'a str>> {
     let f: Vec<&str> = line.split(sep).collect();
     if f.len() != n {
         return Err(DataError::parse(
             path,
             ln,
-            format!("expected {n} `{}`-separated fields ({what}), found {} (truncated line?)", sep.escape_default(), f.len()),
+            format!(
+                "expected {n} `{}`-separated fields ({what}), found {} (truncated line?)",
+                sep.escape_default(),
+                f.len()
+            ),
         ));
     }
     Ok(f)
 }
 
 fn int(path: &Path, ln: usize, name: &str, v: &str) -> Result<i64> {
-    v.trim().parse::<i64>().map_err(|_| DataError::parse(path, ln, format!("{name} `{v}` is not an integer")))
+    v.trim()
+        .parse::<i64>()
+        .map_err(|_| DataError::parse(path, ln, format!("{name} `{v}` is not an integer")))
 }
 
 fn ratings(path: &Path, sep: &str, b: &mut DatasetBuilder) -> Result<()> {
@@ -47,7 +76,9 @@ fn ratings(path: &Path, sep: &str, b: &mut DatasetBuilder) -> Result<()> {
         let f = fields(path, ln, line, sep, 4, "user, item, rating, timestamp")?;
         let u = int(path, ln, "user id", f[0])?;
         let i = int(path, ln, "item id", f[1])?;
-        let r = f[2].trim().parse::<f32>().map_err(|_| DataError::parse(path, ln, format!("rating `{}` is not a number", f[2])))?;
+        let r = f[2].trim().parse::<f32>().map_err(|_| {
+            DataError::parse(path, ln, format!("rating `{}` is not a number", f[2]))
+        })?;
         let t = int(path, ln, "timestamp", f[3])?;
         b.add(&u.to_string(), &i.to_string(), Some(r), Some(t));
     }
@@ -64,7 +95,10 @@ pub fn read_100k(dir: &Path) -> Result<Dataset> {
     let item_p = dir.join("u.item");
     let items = if item_p.exists() {
         let text = read_latin1(&item_p)?;
-        let mut m = MetaRows { title: Some(Vec::new()), ..Default::default() };
+        let mut m = MetaRows {
+            title: Some(Vec::new()),
+            ..Default::default()
+        };
         let mut lines_of = Vec::new();
         let mut genres_col = Vec::new();
         let mut release = Vec::new();
@@ -72,14 +106,27 @@ pub fn read_100k(dir: &Path) -> Result<Dataset> {
             if line.trim().is_empty() {
                 continue;
             }
-            let f = fields(&item_p, ln, line, "|", 24, "id, title, release date, video date, url, 19 genre flags")?;
+            let f = fields(
+                &item_p,
+                ln,
+                line,
+                "|",
+                24,
+                "id, title, release date, video date, url, 19 genre flags",
+            )?;
             let id = int(&item_p, ln, "movie id", f[0])?;
             let mut g = Vec::new();
             for (k, flag) in f[5..].iter().enumerate() {
                 match *flag {
                     "1" => g.push(ML100K_GENRES[k]),
                     "0" => {}
-                    other => return Err(DataError::parse(&item_p, ln, format!("genre flag {} is `{other}`, expected 0 or 1", k + 1))),
+                    other => {
+                        return Err(DataError::parse(
+                            &item_p,
+                            ln,
+                            format!("genre flag {} is `{other}`, expected 0 or 1", k + 1),
+                        ));
+                    }
                 }
             }
             m.ids.push(id.to_string());
@@ -97,7 +144,11 @@ pub fn read_100k(dir: &Path) -> Result<Dataset> {
     };
     let user_p = dir.join("u.user");
     let users = if user_p.exists() {
-        Some(read_users(&user_p, "|", &["age", "gender", "occupation", "zip_code"])?)
+        Some(read_users(
+            &user_p,
+            "|",
+            &["age", "gender", "occupation", "zip_code"],
+        )?)
     } else {
         None
     };
@@ -113,7 +164,14 @@ fn read_users(path: &Path, sep: &str, names: &[&str]) -> Result<MetaRows> {
         if line.trim().is_empty() {
             continue;
         }
-        let f = fields(path, ln, line, sep, names.len() + 1, &format!("id, {}", names.join(", ")))?;
+        let f = fields(
+            path,
+            ln,
+            line,
+            sep,
+            names.len() + 1,
+            &format!("id, {}", names.join(", ")),
+        )?;
         let id = int(path, ln, "user id", f[0])?;
         m.ids.push(id.to_string());
         for (k, v) in f[1..].iter().enumerate() {
@@ -135,7 +193,10 @@ pub fn read_1m(dir: &Path) -> Result<Dataset> {
     let mp = dir.join("movies.dat");
     let items = if mp.exists() {
         let text = read_latin1(&mp)?;
-        let mut m = MetaRows { title: Some(Vec::new()), ..Default::default() };
+        let mut m = MetaRows {
+            title: Some(Vec::new()),
+            ..Default::default()
+        };
         let mut genres = Vec::new();
         let mut lines_of = Vec::new();
         for (ln, line) in numbered_lines(&text) {
@@ -157,7 +218,11 @@ pub fn read_1m(dir: &Path) -> Result<Dataset> {
     };
     let up = dir.join("users.dat");
     let users = if up.exists() {
-        Some(read_users(&up, "::", &["gender", "age", "occupation", "zip_code"])?)
+        Some(read_users(
+            &up,
+            "::",
+            &["gender", "age", "occupation", "zip_code"],
+        )?)
     } else {
         None
     };
