@@ -3,6 +3,7 @@
 //! tensor ops. Mathematically identical to `loss::bpr` + `loss::l2_reg` (tested below).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rudder_nn::cpu::{f32_slice, with_f32};
 use std::sync::Arc;
 
 struct FusedBpr {
@@ -10,16 +11,6 @@ struct FusedBpr {
     pos: Arc<Vec<u32>>,
     neg: Arc<Vec<u32>>,
     reg: f32,
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused-bpr: tables must be contiguous".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => candle_core::bail!("fused-bpr: only f32 is supported"),
-    }
 }
 
 #[inline]
@@ -37,6 +28,44 @@ fn neg_log_sigmoid(x: f32) -> f32 {
     }
 }
 
+impl FusedBpr {
+    /// (∂U, ∂I) for output gradient `g`.
+    fn grads(
+        &self,
+        uv: &[f32],
+        iv: &[f32],
+        g: f32,
+        nu: usize,
+        ni: usize,
+        d: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let b = self.users.len();
+        let scale = g / b as f32;
+        let mut gu = vec![0f32; nu * d];
+        let mut gi = vec![0f32; ni * d];
+        for k in 0..b {
+            let (uu, pi, nj) = (
+                self.users[k] as usize,
+                self.pos[k] as usize,
+                self.neg[k] as usize,
+            );
+            let ur = &uv[uu * d..][..d];
+            let ir = &iv[pi * d..][..d];
+            let jr = &iv[nj * d..][..d];
+            let x = dot(ur, ir) - dot(ur, jr);
+            // d(−log σ(x))/dx = σ(x) − 1
+            let c = scale * (1.0 / (1.0 + (-x).exp()) - 1.0);
+            let r = scale * self.reg;
+            for t in 0..d {
+                gu[uu * d + t] += c * (ir[t] - jr[t]) + r * ur[t];
+                gi[pi * d + t] += c * ur[t] + r * ir[t];
+                gi[nj * d + t] += -c * ur[t] + r * jr[t];
+            }
+        }
+        (gu, gi)
+    }
+}
+
 impl CustomOp2 for FusedBpr {
     fn name(&self) -> &'static str {
         "fused-bpr"
@@ -50,8 +79,8 @@ impl CustomOp2 for FusedBpr {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, d) = l1.shape().dims2()?;
-        let u = slice(s1, l1)?;
-        let it = slice(s2, l2)?;
+        let u = f32_slice(s1, l1, "fused-bpr")?;
+        let it = f32_slice(s2, l2, "fused-bpr")?;
         let b = self.users.len();
         let mut loss = 0f64;
         let mut sq = 0f64;
@@ -77,37 +106,13 @@ impl CustomOp2 for FusedBpr {
         let (ni, _) = items.dims2()?;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         // borrow the tables' storage instead of copying them
-        let (u, items) = (u.contiguous()?, items.contiguous()?);
-        let (us, ul) = u.storage_and_layout();
-        let (is, il) = items.storage_and_layout();
-        let (candle_core::Storage::Cpu(us), candle_core::Storage::Cpu(is)) = (&*us, &*is) else {
-            candle_core::bail!("fused-bpr: CPU tensors expected");
-        };
-        let uv = slice(us, ul)?;
-        let iv = slice(is, il)?;
-        let b = self.users.len();
-        let scale = g / b as f32;
-        let mut gu = vec![0f32; nu * d];
-        let mut gi = vec![0f32; ni * d];
-        for k in 0..b {
-            let (uu, pi, nj) = (
-                self.users[k] as usize,
-                self.pos[k] as usize,
-                self.neg[k] as usize,
-            );
-            let ur = &uv[uu * d..][..d];
-            let ir = &iv[pi * d..][..d];
-            let jr = &iv[nj * d..][..d];
-            let x = dot(ur, ir) - dot(ur, jr);
-            // d(−log σ(x))/dx = σ(x) − 1
-            let c = scale * (1.0 / (1.0 + (-x).exp()) - 1.0);
-            let r = scale * self.reg;
-            for t in 0..d {
-                gu[uu * d + t] += c * (ir[t] - jr[t]) + r * ur[t];
-                gi[pi * d + t] += c * ur[t] + r * ir[t];
-                gi[nj * d + t] += -c * ur[t] + r * jr[t];
-            }
-        }
+        let (gu, gi) = with_f32(u, "fused-bpr", |uv| {
+            with_f32(
+                items,
+                "fused-bpr",
+                |iv| Ok(self.grads(uv, iv, g, nu, ni, d)),
+            )
+        })?;
         let dev = u.device();
         Ok((
             Some(Tensor::from_vec(gu, (nu, d), dev)?),

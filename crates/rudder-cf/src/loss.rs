@@ -101,17 +101,6 @@ impl BatchEmb {
         };
         Ok((pos, neg))
     }
-
-    /// `reg · ½(‖u‖² + ‖i‖² + Σ‖j‖²) / B` on these rows, when they are the layer-0 rows
-    /// themselves (MF without normalisation) and the negatives were gathered.
-    pub fn l2_on_rows(&self, reg: f64) -> Result<Option<Tensor>> {
-        let Neg::Rows(j) = &self.neg else {
-            return Ok(None);
-        };
-        let b = self.u.dim(0)? as f64;
-        let s = ((self.u.sqr()?.sum_all()? + self.i.sqr()?.sum_all()?)? + j.sqr()?.sum_all()?)?;
-        Ok(Some(s.affine(0.5 * reg / b, 0.0)?))
-    }
 }
 
 /// `−mean log σ(s⁺ − s⁻)` with one negative per row.
@@ -161,13 +150,7 @@ pub fn l2_reg(
     let jsq = if idx.n <= 4 {
         ego_items.index_select(&idx.neg, 0)?.sqr()?.sum_all()?
     } else {
-        let n_items = ego_items.dim(0)?;
-        let mut counts = vec![0f32; n_items];
-        for &j in idx.neg_ids.iter() {
-            counts[j as usize] += 1.0;
-        }
-        let counts = Tensor::from_vec(counts, n_items, ego_items.device())?;
-        (ego_items.sqr()?.sum(D::Minus1)? * counts)?.sum_all()?
+        count_weighted_sq(ego_items, &idx.neg_ids)?
     };
     let j = if faithful_typo {
         // 0.5 ** ‖E_j‖_F = exp(ln 0.5 · ‖E_j‖_F)
@@ -177,6 +160,17 @@ pub fn l2_reg(
     };
     let s = ((u.affine(0.5, 0.0)? + i.affine(0.5, 0.0)?)? + j)?;
     Ok(Some(s.affine(reg / idx.b as f64, 0.0)?))
+}
+
+/// `Σ_k ‖table[ids[k]]‖²` as `Σ_rows count · ‖row‖²`, without gathering a `len(ids)×d` tensor.
+fn count_weighted_sq(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let n = table.dim(0)?;
+    let mut counts = vec![0f32; n];
+    for &j in ids {
+        counts[j as usize] += 1.0;
+    }
+    let counts = Tensor::from_vec(counts, n, table.device())?;
+    Ok((table.sqr()?.sum(D::Minus1)? * counts)?.sum_all()?)
 }
 
 /// The AdvInfoNCE adversary: hardness embeddings `P_U`, `P_I` (xavier-normal, width w).
@@ -228,13 +222,7 @@ impl Hardness {
             .index_select(&idx.users, 0)?
             .sqr()?
             .sum_all()?;
-        let n_items = self.items.as_tensor().dim(0)?;
-        let mut counts = vec![0f32; n_items];
-        for &j in idx.neg_ids.iter() {
-            counts[j as usize] += 1.0;
-        }
-        let counts = Tensor::from_vec(counts, n_items, self.items.as_tensor().device())?;
-        let j = (self.items.as_tensor().sqr()?.sum(D::Minus1)? * counts)?.sum_all()?;
+        let j = count_weighted_sq(self.items.as_tensor(), &idx.neg_ids)?;
         Ok((u + j)?.affine(0.5 * reg / idx.b as f64, 0.0)?)
     }
 

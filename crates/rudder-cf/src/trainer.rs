@@ -67,26 +67,50 @@ impl TrainReport {
 }
 
 fn evaluate(
-    users: &Tensor,
-    items: &Tensor,
-    cosine: bool,
+    sc: &EmbeddingScorer,
     truth: &Interactions,
     masks: &[&Interactions],
     ks: &[usize],
 ) -> Result<EvalReport> {
-    let sc = EmbeddingScorer::new(users, items, cosine)?;
     let mut ev = Evaluator::new(truth);
     for m in masks {
         ev = ev.mask(m);
     }
-    Ok(ev.run(
-        &sc,
-        &EvalConfig {
-            ks: ks.to_vec(),
-            batch_size: 256,
-            per_user: false,
-        },
-    )?)
+    let cfg = EvalConfig {
+        ks: ks.to_vec(),
+        batch_size: 256,
+        per_user: false,
+    };
+    Ok(ev.run(sc, &cfg)?)
+}
+
+/// The validation split ranked with train items masked (what model selection reads).
+pub fn evaluate_valid(sc: &EmbeddingScorer, split: &Split, ks: &[usize]) -> Result<EvalReport> {
+    evaluate(sc, &split.valid, &[&split.train], ks)
+}
+
+/// Every non-empty test set of a split, ranked with train, validation and the other test sets
+/// masked (a test set identical to this one, like `test_id` ≡ `test_ood`, is not masked).
+pub fn evaluate_tests(
+    sc: &EmbeddingScorer,
+    split: &Split,
+    ks: &[usize],
+) -> Result<Vec<(String, EvalReport)>> {
+    let parts: Vec<(String, &Interactions)> = std::iter::once(("test".to_string(), &split.test))
+        .chain(split.extra_tests.iter().map(|(n, x)| (n.clone(), x)))
+        .filter(|(_, x)| !x.is_empty())
+        .collect();
+    let mut out = Vec::with_capacity(parts.len());
+    for (name, truth) in &parts {
+        let mut masks: Vec<&Interactions> = vec![&split.train, &split.valid];
+        for (other, x) in &parts {
+            if other != name && *x != *truth {
+                masks.push(x);
+            }
+        }
+        out.push((name.clone(), evaluate(sc, truth, &masks, ks)?));
+    }
+    Ok(out)
 }
 
 /// Whether AdvInfoNCE runs its adversarial phase at `epoch` (reference schedule).
@@ -163,17 +187,10 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
             let (pos, neg) = emb.scores()?;
             let (ego_u, ego_i) = m.ego();
             let (main, reg) = match &cfg.loss {
-                LossConfig::Bpr { reg } => {
-                    let r = match m.ego_is_final() {
-                        true if *reg != 0.0 => emb.l2_on_rows(*reg)?,
-                        _ => None,
-                    };
-                    let r = match r {
-                        Some(r) => Some(r),
-                        None => loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
-                    };
-                    (loss::bpr(&pos, &neg)?, r)
-                }
+                LossConfig::Bpr { reg } => (
+                    loss::bpr(&pos, &neg)?,
+                    loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
+                ),
                 LossConfig::Infonce { tau, reg, .. } => (
                     loss::infonce(&pos, &neg, *tau)?,
                     loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
@@ -207,10 +224,10 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
             ) {
                 for rep in 0..a.adv_epochs {
                     // fresh negatives: a distinct stream from the main pass
-                    let batches =
-                        sampler.epoch((1u64 << 40) + (epoch * a.adv_epochs.max(1) + rep) as u64);
-                    for b in &batches {
-                        let idx = BatchIdx::new(b, &dev)?;
+                    let mut first = None;
+                    let stream = (1u64 << 40) + (epoch * a.adv_epochs.max(1) + rep) as u64;
+                    for b in sampler.iter_epoch(stream) {
+                        let idx = BatchIdx::new(&b, &dev)?;
                         let l = batch_loss(model.as_ref(), &idx, Some(h))?;
                         // ascend the loss; the fixed behaviour also keeps the adversary's rows small
                         let objective = if a.faithful_adv_reg || a.adv_reg == 0.0 {
@@ -220,19 +237,20 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
                         };
                         let grads = objective.backward()?;
                         ao.step(&grads)?;
+                        first.get_or_insert(idx);
                     }
                     adv_done += 1;
-                    if let Some(b) = batches.first() {
-                        adv_kl = Some(h.kl_to_uniform(&BatchIdx::new(b, &dev)?)?);
+                    if let Some(idx) = &first {
+                        adv_kl = Some(h.kl_to_uniform(idx)?);
                     }
                 }
             }
         }
-        let batches = sampler.epoch(epoch as u64);
-        obs.epoch_start(epoch, batches.len());
+        let n_batches = sampler.n_batches();
+        obs.epoch_start(epoch, n_batches);
         let mut total = 0.0;
-        for b in &batches {
-            let idx = BatchIdx::new(b, &dev)?;
+        for b in sampler.iter_epoch(epoch as u64) {
+            let idx = BatchIdx::new(&b, &dev)?;
             let l = batch_loss(model.as_ref(), &idx, adv.as_ref())?;
             let v = l.to_scalar::<f32>()? as f64;
             if !v.is_finite() {
@@ -248,7 +266,7 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
         let seconds = t0.elapsed().as_secs_f64();
         let mut rec = EpochRecord {
             epoch,
-            loss: total / batches.len().max(1) as f64,
+            loss: total / n_batches.max(1) as f64,
             seconds,
             adv_kl,
             valid: None,
@@ -258,7 +276,7 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
         if has_valid && ((epoch + 1) % cfg.eval_every == 0 || last) {
             let te = Instant::now();
             let (u, i) = model.forward()?;
-            let r = evaluate(&u, &i, cosine, &split.valid, &[train], &cfg.ks)?;
+            let r = evaluate_valid(&EmbeddingScorer::new(&u, &i, cosine)?, split, &cfg.ks)?;
             rec.eval_seconds = Some(te.elapsed().as_secs_f64());
             let score = r.get("recall", k_sel);
             rec.valid = Some(r.means.clone());
@@ -290,23 +308,11 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
     };
     let (users, items) = model.forward()?;
     let (users, items) = (users.detach(), items.detach());
-    let mut tests = Vec::new();
-    let parts: Vec<(String, &Interactions)> = std::iter::once(("test".to_string(), &split.test))
-        .chain(split.extra_tests.iter().map(|(n, x)| (n.clone(), x)))
-        .filter(|(_, x)| !x.is_empty())
-        .collect();
-    for (name, truth) in &parts {
-        let mut masks: Vec<&Interactions> = vec![train, &split.valid];
-        for (other, x) in &parts {
-            if other != name && *x != *truth {
-                masks.push(x);
-            }
-        }
-        tests.push((
-            name.clone(),
-            evaluate(&users, &items, cosine, truth, &masks, &cfg.ks)?,
-        ));
-    }
+    let tests = evaluate_tests(
+        &EmbeddingScorer::new(&users, &items, cosine)?,
+        split,
+        &cfg.ks,
+    )?;
     Ok(TrainReport {
         config: cfg.clone(),
         history,

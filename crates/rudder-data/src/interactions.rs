@@ -176,14 +176,7 @@ impl Interactions {
 
     /// Every interaction in row order.
     pub fn iter(&self) -> impl Iterator<Item = Interaction> + '_ {
-        (0..self.n_users).flat_map(move |u| {
-            (self.indptr[u]..self.indptr[u + 1]).map(move |p| Interaction {
-                user: u as u32,
-                item: self.items[p],
-                rating: self.ratings.as_ref().map(|r| r[p]),
-                timestamp: self.timestamps.as_ref().map(|t| t[p]),
-            })
-        })
+        (0..self.n_users as u32).flat_map(move |u| self.iter_user(u))
     }
 
     /// Interactions of one user, in row order.
@@ -280,16 +273,7 @@ impl Interactions {
         for u in 0..n_users as u32 {
             for p in parts {
                 if (u as usize) < p.n_users {
-                    let r = p.ratings(u);
-                    let t = p.timestamps(u);
-                    for (k, &i) in p.items(u).iter().enumerate() {
-                        list.push(Interaction {
-                            user: u,
-                            item: i,
-                            rating: r.map(|r| r[k]),
-                            timestamp: t.map(|t| t[k]),
-                        });
-                    }
+                    list.extend(p.iter_user(u));
                 }
             }
         }

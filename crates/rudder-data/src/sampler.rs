@@ -185,6 +185,23 @@ impl Sampler {
         }
     }
 
+    /// The batches of an epoch one at a time (the same batches as [`Sampler::epoch`], without
+    /// holding all of them in memory: with many negatives an epoch's batches are hundreds of MB).
+    pub fn iter_epoch(&self, epoch: u64) -> impl Iterator<Item = Batch> + '_ {
+        // generated in parallel a few batches at a time, so memory stays bounded
+        const WINDOW: usize = 64;
+        let perm = self.permutation(epoch);
+        let n = self.n_batches();
+        (0..n.div_ceil(WINDOW)).flat_map(move |w| {
+            let lo = w * WINDOW;
+            let hi = (lo + WINDOW).min(n);
+            (lo..hi)
+                .into_par_iter()
+                .map(|b| self.batch(&perm, epoch, b))
+                .collect::<Vec<_>>()
+        })
+    }
+
     /// All batches of an epoch, generated in parallel.
     pub fn epoch(&self, epoch: u64) -> Vec<Batch> {
         let perm = self.permutation(epoch);
@@ -231,6 +248,7 @@ mod tests {
             .unwrap()
             .install(|| s.epoch(2));
         assert_eq!(one, four);
+        assert_eq!(s.iter_epoch(2).collect::<Vec<_>>(), one);
         assert_ne!(s.epoch(2), s.epoch(3));
     }
 

@@ -10,6 +10,7 @@
 //! - [`grad`]: the gradient-coverage check every trainable model is tested with.
 
 pub mod checkpoint;
+pub mod cpu;
 pub mod grad;
 pub mod graph;
 pub mod init;

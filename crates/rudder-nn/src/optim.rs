@@ -221,19 +221,11 @@ impl candle_core::InplaceOp2 for AdamKernel<'_> {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<()> {
-        let (a1, b1) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("adam: parameter not contiguous".into()))?;
-        let (a2, b2) = l2
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("adam: gradient not contiguous".into()))?;
-        let (candle_core::CpuStorage::F32(theta), candle_core::CpuStorage::F32(grad)) = (s1, s2)
-        else {
-            candle_core::bail!("adam: f32 parameters and gradients expected");
-        };
+        let theta = crate::cpu::f32_slice_mut(s1, l1, "adam")?;
+        let grad = crate::cpu::f32_slice(s2, l2, "adam")?;
         let mut mv = self.mv.lock().expect("adam moments");
         let (m, v) = &mut *mv;
-        self.h.update(&mut theta[a1..b1], m, v, &grad[a2..b2]);
+        self.h.update(theta, m, v, grad);
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! backward (∂U[b] = Σ_n ∂S[b,n]·V[idx], ∂V[idx] += ∂S[b,n]·U[b]). It replaces gathering a
 //! `B×N×d` tensor (or scoring all items) for every batch of the contrastive losses.
 
+use crate::cpu::{f32_slice, with_f32};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -11,69 +12,18 @@ struct SampledDot {
     n: usize,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg(format!("sampled-dot: {what} must be contiguous"))
-    })?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => candle_core::bail!("sampled-dot: only f32 is supported"),
-    }
-}
-
-impl CustomOp2 for SampledDot {
-    fn name(&self) -> &'static str {
-        "sampled-dot"
-    }
-
-    fn cpu_fwd(
+impl SampledDot {
+    /// (∂U, ∂V) for output gradient `g`.
+    fn grads(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (b, d) = l1.shape().dims2()?;
-        let (ni, d2) = l2.shape().dims2()?;
-        if d != d2 || self.idx.len() != b * self.n {
-            candle_core::bail!(
-                "sampled-dot: shapes {:?} / {:?} with {} indices, N = {}",
-                l1.shape(),
-                l2.shape(),
-                self.idx.len(),
-                self.n
-            );
-        }
-        if let Some(&bad) = self.idx.iter().find(|&&i| i as usize >= ni) {
-            candle_core::bail!("sampled-dot: index {bad} out of range ({ni} rows)");
-        }
-        let u = slice(s1, l1, "U")?;
-        let v = slice(s2, l2, "V")?;
+        uv: &[f32],
+        vv: &[f32],
+        g: &[f32],
+        b: usize,
+        ni: usize,
+        d: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let n = self.n;
-        let mut out = vec![0f32; b * n];
-        out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
-            let ur = &u[r * d..(r + 1) * d];
-            for (k, ok) in o.iter_mut().enumerate() {
-                let vr = &v[self.idx[r * n + k] as usize * d..][..d];
-                *ok = ur.iter().zip(vr).map(|(a, b)| a * b).sum();
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((b, n))))
-    }
-
-    fn bwd(
-        &self,
-        u: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, d) = u.dims2()?;
-        let (ni, _) = v.dims2()?;
-        let n = self.n;
-        let uv = u.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let vv = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut gu = vec![0f32; b * d];
         gu.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
             for k in 0..n {
@@ -106,6 +56,64 @@ impl CustomOp2 for SampledDot {
                     }
                 }
             });
+        (gu, gv)
+    }
+}
+
+impl CustomOp2 for SampledDot {
+    fn name(&self) -> &'static str {
+        "sampled-dot"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, d) = l1.shape().dims2()?;
+        let (ni, d2) = l2.shape().dims2()?;
+        if d != d2 || self.idx.len() != b * self.n {
+            candle_core::bail!(
+                "sampled-dot: shapes {:?} / {:?} with {} indices, N = {}",
+                l1.shape(),
+                l2.shape(),
+                self.idx.len(),
+                self.n
+            );
+        }
+        if let Some(&bad) = self.idx.iter().find(|&&i| i as usize >= ni) {
+            candle_core::bail!("sampled-dot: index {bad} out of range ({ni} rows)");
+        }
+        let u = f32_slice(s1, l1, "sampled-dot")?;
+        let v = f32_slice(s2, l2, "sampled-dot")?;
+        let n = self.n;
+        let mut out = vec![0f32; b * n];
+        out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
+            let ur = &u[r * d..(r + 1) * d];
+            for (k, ok) in o.iter_mut().enumerate() {
+                let vr = &v[self.idx[r * n + k] as usize * d..][..d];
+                *ok = ur.iter().zip(vr).map(|(a, b)| a * b).sum();
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, n))))
+    }
+
+    fn bwd(
+        &self,
+        u: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, d) = u.dims2()?;
+        let (ni, _) = v.dims2()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // borrow U and V instead of copying them
+        let (gu, gv) = with_f32(u, "sampled-dot", |uv| {
+            with_f32(v, "sampled-dot", |vv| Ok(self.grads(uv, vv, &g, b, ni, d)))
+        })?;
         let dev = u.device();
         Ok((
             Some(Tensor::from_vec(gu, (b, d), dev)?),

@@ -223,13 +223,7 @@ impl CustomOp1 for SpMM {
             );
         }
         let d = dims[1];
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("csr-spmm: input must be contiguous".into()))?;
-        let x = match storage {
-            CpuStorage::F32(v) => &v[start..end],
-            _ => candle_core::bail!("csr-spmm: only f32 is supported"),
-        };
+        let x = crate::cpu::f32_slice(storage, layout, "csr-spmm")?;
         let mut out = vec![0f32; self.a.n_rows * d];
         self.a.matmul_into(x, d, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((self.a.n_rows, d))))

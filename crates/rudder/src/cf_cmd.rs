@@ -1,13 +1,15 @@
 use crate::runs::RunDir;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rudder_cf::config::AdvConfig;
 use rudder_cf::presets::{PRESETS, preset};
-use rudder_cf::trainer::{EpochRecord, TrainObserver, metrics_row, train, write_run};
+use rudder_cf::trainer::{
+    EpochRecord, TrainObserver, evaluate_tests, evaluate_valid, metrics_row, train, write_run,
+};
 use rudder_cf::{CfConfig, LossConfig, ModelKind};
 use rudder_data::assets::Store;
-use rudder_data::eval::{EvalConfig, Evaluator, Scorer, top_k};
+use rudder_data::eval::{Scorer, top_k_row};
 use rudder_data::formats::{Format, Loaded};
 use rudder_data::split::{SplitMethod, split};
 use rudder_data::{Dataset, preprocess, resolve};
@@ -416,13 +418,8 @@ impl TrainObserver for Bar {
 }
 
 pub fn progress_bar(epochs: usize, k: usize) -> Bar {
-    let pb = ProgressBar::new(epochs as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} epochs {msg} [{elapsed} < {eta}]")
-            .unwrap(),
-    );
     Bar {
-        pb,
+        pb: crate::progress::epochs(epochs as u64),
         loss_sum: 0.0,
         n: 0,
         k,
@@ -532,36 +529,20 @@ fn eval(run: &Path) -> Result<()> {
     let s = l.ds.split.as_ref().unwrap();
     let sc = rudder_cf::scorer::EmbeddingScorer::new(&l.users, &l.items, l.cfg.loss.cosine())?;
     let k = l.cfg.selection_k();
-    let ecfg = EvalConfig {
-        ks: l.cfg.ks.clone(),
-        ..Default::default()
-    };
     let mut md = format!(
         "# Evaluation of {}\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
         run.display()
     );
-    let mut lines = Vec::new();
-    let mut parts: Vec<(
-        String,
-        &rudder_data::Interactions,
-        Vec<&rudder_data::Interactions>,
-    )> = Vec::new();
+    let mut results = Vec::new();
     if !s.valid.is_empty() {
-        parts.push(("valid".into(), &s.valid, vec![&s.train]));
+        results.push(("valid".to_string(), evaluate_valid(&sc, s, &l.cfg.ks)?));
     }
-    parts.push(("test".into(), &s.test, vec![&s.train, &s.valid]));
-    for (n, x) in &s.extra_tests {
-        parts.push((n.clone(), x, vec![&s.train, &s.valid]));
-    }
-    for (name, truth, masks) in parts {
-        let mut ev = Evaluator::new(truth);
-        for m in masks {
-            ev = ev.mask(m);
-        }
-        let r = ev.run(&sc, &ecfg)?;
-        md.push_str(&metrics_row(&name, &r, k));
+    results.extend(evaluate_tests(&sc, s, &l.cfg.ks)?);
+    let mut lines = Vec::new();
+    for (name, r) in &results {
+        md.push_str(&metrics_row(name, r, k));
         md.push('\n');
-        let mut m = rudder_cf::trainer::metrics_json(&r);
+        let mut m = rudder_cf::trainer::metrics_json(r);
         m["split"] = name.clone().into();
         lines.push(m);
     }
@@ -590,17 +571,14 @@ fn recommend(run: &Path, user: &str, k: usize) -> Result<()> {
     let n = l.ds.n_items();
     let mut row = vec![0f32; n];
     sc.score_users(&[u], n, &mut row);
-    let seen: std::collections::HashSet<u32> = s.train.items(u).iter().copied().collect();
-    let cand: Vec<(f32, u32)> = row
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !seen.contains(&(*i as u32)))
-        .map(|(i, &v)| (v, i as u32))
-        .collect();
-    let top = top_k(cand, k);
+    let mut seen = vec![false; n];
+    for &i in s.train.items(u) {
+        seen[i as usize] = true;
+    }
+    let top = top_k_row(&row, k, &seen);
     println!(
         "top {k} for user {user} ({} items seen in training):",
-        seen.len()
+        seen.iter().filter(|&&x| x).count()
     );
     for (rank, i) in top.iter().enumerate() {
         let title =

@@ -107,13 +107,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             .into_iter()
             .flat_map(|m| losses.iter().cloned().map(move |l| (m, l)))
             .collect();
-        let pb = indicatif::ProgressBar::new((runs.len() * a.epochs) as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} epochs {msg} [{elapsed} < {eta}]",
-            )
-            .unwrap(),
-        );
+        let pb = crate::progress::epochs((runs.len() * a.epochs) as u64);
         struct Tick<'p>(&'p indicatif::ProgressBar);
         impl rudder_cf::TrainObserver for Tick<'_> {
             fn epoch_done(&mut self, _r: &rudder_cf::trainer::EpochRecord) {

@@ -12,13 +12,12 @@ pub fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-/// A bar with ETA for `n` steps.
-#[allow(dead_code)]
-pub fn bar(n: u64, msg: &str) -> ProgressBar {
+/// A bar over `n` epochs with a message and ETA.
+pub fn epochs(n: u64) -> ProgressBar {
     let pb = ProgressBar::new(n);
     pb.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]").unwrap(),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} epochs {msg} [{elapsed} < {eta}]")
+            .unwrap(),
     );
-    pb.set_message(msg.to_string());
     pb
 }
