@@ -3,16 +3,14 @@
 //! graph is propagated for every batch, as in the reference code.
 
 use crate::Result;
-use crate::model::Backbone;
+use crate::model::{Backbone, IdTables};
 use candle_core::{Device, Tensor, Var};
 use rudder_data::Interactions;
 use rudder_nn::graph::{lightgcn, norm_adj};
-use rudder_nn::init::xavier_normal;
 use rudder_nn::sparse::SparseOperator;
 
 pub struct LightGcn {
-    pub users: Var,
-    pub items: Var,
+    pub tables: IdTables,
     pub adj: SparseOperator,
     pub n_layers: usize,
     n_users: usize,
@@ -27,8 +25,7 @@ impl LightGcn {
         dev: &Device,
     ) -> Result<LightGcn> {
         Ok(LightGcn {
-            users: Var::from_tensor(&xavier_normal(train.n_users(), dim, seed, 1, dev)?)?,
-            items: Var::from_tensor(&xavier_normal(train.n_items(), dim, seed, 2, dev)?)?,
+            tables: IdTables::new(train.n_users(), train.n_items(), dim, seed, dev)?,
             adj: norm_adj(train),
             n_layers,
             n_users: train.n_users(),
@@ -38,7 +35,10 @@ impl LightGcn {
 
 impl Backbone for LightGcn {
     fn forward(&self) -> Result<(Tensor, Tensor)> {
-        let e0 = Tensor::cat(&[self.users.as_tensor(), self.items.as_tensor()], 0)?;
+        let e0 = Tensor::cat(
+            &[self.tables.users.as_tensor(), self.tables.items.as_tensor()],
+            0,
+        )?;
         let e = lightgcn(&e0, &self.adj, self.n_layers)?;
         let n_items = e.dim(0)? - self.n_users;
         Ok((
@@ -47,15 +47,9 @@ impl Backbone for LightGcn {
         ))
     }
     fn ego(&self) -> (Tensor, Tensor) {
-        (
-            self.users.as_tensor().clone(),
-            self.items.as_tensor().clone(),
-        )
+        self.tables.tensors()
     }
     fn params(&self) -> Vec<(String, Var)> {
-        vec![
-            ("user_emb".into(), self.users.clone()),
-            ("item_emb".into(), self.items.clone()),
-        ]
+        self.tables.params()
     }
 }

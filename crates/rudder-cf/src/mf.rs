@@ -2,42 +2,30 @@
 //! (or cosine with the InfoNCE family).
 
 use crate::Result;
-use crate::model::Backbone;
+use crate::model::{Backbone, IdTables};
 use candle_core::{Device, Tensor, Var};
-use rudder_nn::init::xavier_normal;
 
 pub struct Mf {
-    pub users: Var,
-    pub items: Var,
+    pub tables: IdTables,
 }
 
 impl Mf {
     pub fn new(n_users: usize, n_items: usize, dim: usize, seed: u64, dev: &Device) -> Result<Mf> {
         Ok(Mf {
-            users: Var::from_tensor(&xavier_normal(n_users, dim, seed, 1, dev)?)?,
-            items: Var::from_tensor(&xavier_normal(n_items, dim, seed, 2, dev)?)?,
+            tables: IdTables::new(n_users, n_items, dim, seed, dev)?,
         })
     }
 }
 
 impl Backbone for Mf {
     fn forward(&self) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.users.as_tensor().clone(),
-            self.items.as_tensor().clone(),
-        ))
+        Ok(self.tables.tensors())
     }
     fn ego(&self) -> (Tensor, Tensor) {
-        (
-            self.users.as_tensor().clone(),
-            self.items.as_tensor().clone(),
-        )
+        self.tables.tensors()
     }
     fn params(&self) -> Vec<(String, Var)> {
-        vec![
-            ("user_emb".into(), self.users.clone()),
-            ("item_emb".into(), self.items.clone()),
-        ]
+        self.tables.params()
     }
     fn ego_is_final(&self) -> bool {
         true

@@ -17,6 +17,43 @@ pub trait Backbone {
     }
 }
 
+/// A user table and an item table of ID embeddings (xavier-normal, as the references), the
+/// layer-0 parameters of MF and LightGCN.
+pub struct IdTables {
+    pub users: Var,
+    pub items: Var,
+}
+
+impl IdTables {
+    pub fn new(
+        n_users: usize,
+        n_items: usize,
+        dim: usize,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<IdTables> {
+        use rudder_nn::init::xavier_normal;
+        Ok(IdTables {
+            users: Var::from_tensor(&xavier_normal(n_users, dim, seed, 1, dev)?)?,
+            items: Var::from_tensor(&xavier_normal(n_items, dim, seed, 2, dev)?)?,
+        })
+    }
+
+    pub fn tensors(&self) -> (Tensor, Tensor) {
+        (
+            self.users.as_tensor().clone(),
+            self.items.as_tensor().clone(),
+        )
+    }
+
+    pub fn params(&self) -> Vec<(String, Var)> {
+        vec![
+            ("user_emb".into(), self.users.clone()),
+            ("item_emb".into(), self.items.clone()),
+        ]
+    }
+}
+
 /// Build the configured backbone for a train split.
 pub fn build(cfg: &CfConfig, train: &Interactions, dev: &Device) -> Result<Box<dyn Backbone>> {
     Ok(match cfg.model {

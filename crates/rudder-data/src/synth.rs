@@ -18,26 +18,8 @@ use rand::Rng as _;
 use rand_distr::{Distribution, Exp, Gamma, LogNormal, Normal};
 use rayon::prelude::*;
 
-pub const GENRES: [&str; 18] = [
-    "Action",
-    "Adventure",
-    "Animation",
-    "Children's",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Fantasy",
-    "Film-Noir",
-    "Horror",
-    "Musical",
-    "Mystery",
-    "Romance",
-    "Sci-Fi",
-    "Thriller",
-    "War",
-    "Western",
-];
+/// The 18 MovieLens genres (ML-100K's list without "unknown").
+pub const GENRES: &[&str] = crate::formats::movielens::ML100K_GENRES.split_at(1).1;
 
 const ADJ: [&str; 40] = [
     "Silent",
