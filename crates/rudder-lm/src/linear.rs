@@ -1,0 +1,102 @@
+//! Linear layers over dense f32 or quantized GGUF weights.
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{D, Device, Module, Tensor};
+
+use crate::Result;
+use crate::quant::{QFormat, QMatrix};
+
+/// A `[out, in]` weight matrix.
+pub enum Weight {
+    Dense(Tensor),
+    /// Q4_0 / Q4_1 / Q8_0, run by our own integer kernels.
+    Quant(QMatrix),
+    /// Any other GGUF type (K-quants, F16…), run by candle's quantized matmul.
+    Candle(QMatMul, (usize, usize)),
+}
+
+impl Weight {
+    pub fn from_qtensor(q: QTensor) -> Result<Self> {
+        let (out, inp) = q.shape().dims2()?;
+        match QFormat::from_ggml(q.dtype()) {
+            Some(f) => Ok(Weight::Quant(
+                QMatrix::new(f, out, inp, q.data()?.into_owned()).map_err(crate::LmError::Config)?,
+            )),
+            None => Ok(Weight::Candle(QMatMul::from_qtensor(q)?, (out, inp))),
+        }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense(t) => t.dims2().unwrap_or((0, 0)),
+            Weight::Quant(q) => (q.rows, q.cols),
+            Weight::Candle(_, d) => *d,
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self, Weight::Dense(_))
+    }
+
+    /// The f32 `[out, in]` matrix (dequantized if needed).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Dense(t) => t.clone(),
+            Weight::Quant(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), &Device::Cpu)?,
+            Weight::Candle(m, _) => match m {
+                QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+                QMatMul::Tensor(t) => t.clone(),
+                QMatMul::TensorF16(t) => t.to_dtype(candle_core::DType::F32)?,
+            },
+        })
+    }
+}
+
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    /// `x [.., in] → [.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().unwrap_or(&0);
+        let n = x.elem_count() / inp.max(1);
+        let (out_dim, _) = self.weight.dims();
+        let mut out_shape = dims.clone();
+        *out_shape.last_mut().unwrap() = out_dim;
+        let y = match &self.weight {
+            Weight::Dense(w) => {
+                let x2 = x.reshape((n, inp))?;
+                x2.matmul(&w.t()?)?.reshape(out_shape)?
+            }
+            Weight::Quant(q) => {
+                let x2 = x.reshape((n, inp))?.contiguous()?;
+                let y = rudder_nn::cpu::with_f32(&x2, "quantized matmul", |xs| Ok(q.matmul(xs, n)))?;
+                Tensor::from_vec(y, out_shape, x.device())?
+            }
+            Weight::Candle(m, _) => m.forward(&x.contiguous()?)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Root-mean-square norm with a learned scale. `differentiable` selects the slow op path that
+/// records gradients (candle's fused `rms_norm` has no backward).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(w)?)
+    } else {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+    }
+}
