@@ -15,6 +15,8 @@ pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod error;
+#[doc(hidden)]
+pub mod fixtures;
 pub mod generate;
 pub mod hooks;
 pub mod linear;

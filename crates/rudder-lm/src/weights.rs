@@ -18,6 +18,8 @@ use crate::{LmError, Result};
 pub enum Weights {
     Safetensors { st: MmapedSafetensors, files: Vec<PathBuf>, names: HashMap<String, usize> },
     Gguf { content: gguf_file::Content, file: File, path: PathBuf },
+    /// Tensors already in memory under Hugging Face names (tests, trainable copies).
+    Memory(HashMap<String, Tensor>),
 }
 
 /// llama.cpp tensor name of a Hugging Face decoder tensor name.
@@ -108,6 +110,7 @@ impl Weights {
         match self {
             Weights::Safetensors { files, .. } => &files[0],
             Weights::Gguf { path, .. } => path,
+            Weights::Memory(_) => Path::new("<memory>"),
         }
     }
 
@@ -122,10 +125,8 @@ impl Weights {
                     names.contains_key(short).then(|| short.to_string())
                 }
             }
-            Weights::Gguf { content, .. } => {
-                let g = gguf_name(hf)?;
-                content.tensor_infos.contains_key(&g).then_some(g)
-            }
+            Weights::Gguf { content, .. } => self_key_gguf(content, hf),
+            Weights::Memory(m) => m.contains_key(hf).then(|| hf.to_string()),
         }
     }
 
@@ -160,6 +161,7 @@ impl Weights {
                 .tensor(file, &key, &Device::Cpu)
                 .map_err(|e| LmError::file(&*path, format!("tensor {key}: {e}")))?
                 .dequantize(&Device::Cpu)?,
+            Weights::Memory(m) => m[&key].clone(),
         };
         self.check_shape(hf, t.dims(), shape)?;
         Ok(t)
