@@ -27,6 +27,7 @@ pub mod sequences;
 pub mod split;
 pub mod stats;
 pub mod synth;
+pub mod texts;
 
 pub use dataset::{Dataset, Split, Table};
 pub use error::{DataError, Result};

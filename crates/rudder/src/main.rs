@@ -5,6 +5,8 @@ mod assets_cmd;
 mod cf_cmd;
 mod data_cmd;
 mod demo_cmd;
+mod embed_cmd;
+mod lm_cmd;
 mod plots;
 mod progress;
 mod runs;
@@ -55,6 +57,12 @@ enum Command {
     /// The main job: split a dataset and rank it with baselines through the one evaluator,
     /// printing a comparison table and writing a run folder.
     Demo(demo_cmd::DemoArgs),
+    /// Language models (Llama/Qwen2 families, safetensors or GGUF): generate, chat, score,
+    /// capture activations.
+    #[command(subcommand)]
+    Lm(lm_cmd::LmCmd),
+    /// Sentence embeddings of a text column (item titles…) with a BERT-family encoder.
+    Embed(embed_cmd::EmbedArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +103,8 @@ fn main() -> ExitCode {
         Command::Assets(c) => assets_cmd::run(c),
         Command::Cf(c) => cf_cmd::run(c),
         Command::Demo(a) => demo_cmd::run(a),
+        Command::Lm(c) => lm_cmd::run(c),
+        Command::Embed(a) => embed_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

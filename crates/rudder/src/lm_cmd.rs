@@ -1,0 +1,526 @@
+//! `rudder lm …`: run a language model (Hugging Face folder, .gguf file or fetched asset):
+//! generate, chat, score continuations, capture activations, show model facts.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use rudder_lm::chat::Message;
+use rudder_lm::generate::{GenConfig, generate};
+use rudder_lm::hooks::{Capture, Interventions, NoHook, Phase, Positions, Site};
+use rudder_lm::loader::{LanguageModel, LoadOptions, load};
+
+#[derive(Subcommand)]
+pub enum LmCmd {
+    /// Generate text from one prompt (streamed) or a file of prompts (JSONL out).
+    Generate(GenerateArgs),
+    /// Talk to a chat model on the terminal (/reset clears the history, /exit or EOF quits).
+    Chat(ChatArgs),
+    /// Log-probabilities of continuations given prompts (the quantity DPO-family losses use).
+    Score(ScoreArgs),
+    /// Capture residual-stream activations at chosen sites and positions to safetensors.
+    Capture(CaptureArgs),
+    /// Print what a model is: architecture, sizes, format, template hash.
+    Info(ModelArgs),
+    /// Prefill and greedy-decode speed on a fixed 256-token prompt (the peer-baseline protocol).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Measured repetitions (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+}
+
+/// The benchmark paragraph of peer-baselines.md §6 (repeated, tokenized without BOS).
+pub const BENCH_PARAGRAPH: &str = "Collaborative filtering predicts what a user will like from the preferences of many users. Graph neural networks propagate embeddings over the user-item bipartite graph, and models such as LightGCN drop feature transforms and nonlinearities to keep only neighborhood aggregation. ";
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A model folder (config.json + safetensors + tokenizer.json), a .gguf file, or the name
+    /// of a fetched asset (e.g. smollm2-135m-instruct).
+    #[arg(long, short)]
+    pub model: String,
+    /// Dequantize GGUF weights to f32 (exact parity with f32 tools; slower decoding).
+    #[arg(long)]
+    pub dequantize: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Penalty on tokens already seen (1 = off; 1.1–1.3 typical).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// JSON intervention list applied while generating (see docs/lm.md).
+    #[arg(long)]
+    pub interventions: Option<PathBuf>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> GenConfig {
+        GenConfig {
+            max_new_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt.
+    #[arg(long, short, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// A file of prompts: JSON lines with a "prompt" field, or one prompt per line.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Wrap each prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Prompts per batch (left-padded).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Output JSONL (one object per prompt); default: stdout.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSON lines with "prompt" and "continuation" fields.
+    #[arg(long, conflicts_with_all = ["prompt", "continuation"])]
+    pub input: Option<PathBuf>,
+    #[arg(long, requires = "continuation")]
+    pub prompt: Option<String>,
+    #[arg(long, requires = "prompt")]
+    pub continuation: Option<String>,
+    /// Render prompts as user messages in the chat template (continuation = assistant text).
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Output JSONL; default: stdout.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompts: JSON lines with a "prompt" field, or one prompt per line.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Sites: `hf` (embeddings + every block input + final norm, like Hugging Face
+    /// output_hidden_states), `resid_pre`, `resid_post`, or comma-separated names such as
+    /// blocks.5.hook_resid_pre,ln_final.hook_normalized.
+    #[arg(long, default_value = "hf")]
+    pub sites: String,
+    /// Positions: last (last prompt token), prompt, all, from:K.
+    #[arg(long, default_value = "last")]
+    pub positions: String,
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 20)]
+    pub batch_size: usize,
+    /// Interventions applied before capturing.
+    #[arg(long)]
+    pub interventions: Option<PathBuf>,
+    /// Output safetensors (an index `<out>.json` is written next to it).
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+/// A path, or the name of a fetched asset.
+pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+    let p = Path::new(arg);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    let manifest = rudder_data::assets::Manifest::builtin();
+    if manifest.get(arg).is_some() {
+        return Ok(rudder_data::assets::Store::from_env().require(arg)?);
+    }
+    bail!("`{arg}` is neither an existing model file or folder nor a known asset ({})", manifest.names().join(", "))
+}
+
+fn open(m: &ModelArgs) -> Result<LanguageModel> {
+    let path = resolve_model(&m.model)?;
+    let sp = crate::progress::spinner(&format!("loading {}", path.display()));
+    let lm = load(&path, &LoadOptions { dequantize: m.dequantize })?;
+    sp.finish_and_clear();
+    Ok(lm)
+}
+
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if jsonl {
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let p = v.get("prompt").and_then(|p| p.as_str());
+            let Some(p) = p else { bail!("{}:{}: no string field \"prompt\"", path.display(), i + 1) };
+            out.push(p.to_string());
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// Token ids of a prompt, through the chat template when asked.
+fn encode(lm: &LanguageModel, text: &str, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
+    if chat {
+        let t = lm.chat.as_ref().context("this model has no chat template; drop --chat")?;
+        let mut msgs = Vec::new();
+        if let Some(s) = system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", text));
+        Ok(lm.tok.encode(&t.render(&msgs, true)?, false)?)
+    } else {
+        Ok(lm.tok.encode(text, true)?)
+    }
+}
+
+fn interventions(lm: &LanguageModel, path: &Option<PathBuf>) -> Result<Interventions> {
+    let Some(p) = path else { return Ok(Interventions::default()) };
+    let iv = Interventions::from_json_file(p)?;
+    iv.validate(lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size)
+        .with_context(|| format!("{}", p.display()))?;
+    Ok(iv)
+}
+
+fn writer(out: &Option<PathBuf>) -> Result<Box<dyn Write>> {
+    Ok(match out {
+        Some(p) => Box::new(rudder_data::io::AtomicFile::create(p)?),
+        None => Box::new(std::io::stdout().lock()),
+    })
+}
+
+pub fn run(cmd: LmCmd) -> Result<()> {
+    match cmd {
+        LmCmd::Generate(a) => run_generate(a),
+        LmCmd::Chat(a) => run_chat(a),
+        LmCmd::Score(a) => run_score(a),
+        LmCmd::Capture(a) => run_capture(a),
+        LmCmd::Bench(a) => run_bench(a),
+        LmCmd::Info(m) => {
+            let lm = open(&m)?;
+            println!("{}", serde_json::to_string_pretty(&lm.info)?);
+            println!("weights: {:.1} MB in memory", lm.decoder.weight_bytes() as f64 / 1e6);
+            Ok(())
+        }
+    }
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let lm = open(&a.model)?;
+    let cfg = a.sampling.config();
+    let mut iv = interventions(&lm, &a.sampling.interventions)?;
+    if let Some(p) = &a.prompt {
+        let ids = encode(&lm, p, a.chat, a.system.as_deref())?;
+        let mut stdout = std::io::stdout();
+        let t0 = std::time::Instant::now();
+        let g = generate(&lm, &[ids], &cfg, &mut iv, &mut |_, s| {
+            let _ = write!(stdout, "{s}");
+            let _ = stdout.flush();
+        })?;
+        println!();
+        let dt = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "[{} prompt + {} new tokens in {:.2} s, {:.1} tok/s, finish: {:?}]",
+            g[0].prompt_tokens,
+            g[0].tokens.len(),
+            dt,
+            g[0].tokens.len() as f64 / dt,
+            g[0].finish
+        );
+        return Ok(());
+    }
+    let Some(file) = &a.prompts else { bail!("give --prompt TEXT or --prompts FILE") };
+    let prompts = read_prompts(file)?;
+    let pb = indicatif::ProgressBar::new(prompts.len() as u64);
+    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed} < {eta}]")?);
+    let mut w = writer(&a.out)?;
+    let record = serde_json::to_value(&iv.interventions)?;
+    for (bi, chunk) in prompts.chunks(a.batch_size.max(1)).enumerate() {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| encode(&lm, p, a.chat, a.system.as_deref())).collect::<Result<_>>()?;
+        let gens = generate(&lm, &ids, &cfg, &mut iv, &mut |_, _| {})?;
+        for (k, g) in gens.iter().enumerate() {
+            let row = serde_json::json!({
+                "index": bi * a.batch_size.max(1) + k,
+                "prompt": chunk[k],
+                "text": g.text,
+                "prompt_tokens": g.prompt_tokens,
+                "new_tokens": g.tokens.len(),
+                "finish": g.finish,
+                "config": cfg,
+                "interventions": record,
+            });
+            writeln!(w, "{row}")?;
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    drop(w);
+    Ok(())
+}
+
+fn run_chat(a: ChatArgs) -> Result<()> {
+    let lm = open(&a.model)?;
+    let t = lm.chat.as_ref().context("this model has no chat template")?;
+    let cfg = a.sampling.config();
+    let mut iv = interventions(&lm, &a.sampling.interventions)?;
+    let tty = std::io::stdin().is_terminal();
+    let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    if tty {
+        eprintln!("chatting with {} ({} layers); /reset clears, /exit quits", lm.info.path.display(), lm.info.layers);
+    }
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        if tty {
+            eprint!("you> ");
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        let ids = lm.tok.encode(&t.render(&history, true)?, false)?;
+        let ctx = lm.decoder.cfg.max_position_embeddings;
+        if ids.len() + 1 >= ctx {
+            eprintln!("[the conversation ({} tokens) fills the context window of {ctx}; /reset to start over]", ids.len());
+            history.pop();
+            continue;
+        }
+        if tty {
+            print!("assistant> ");
+        }
+        let g = generate(&lm, &[ids], &cfg, &mut iv, &mut |_, s| {
+            let _ = write!(stdout, "{s}");
+            let _ = stdout.flush();
+        })?;
+        println!();
+        history.push(Message::new("assistant", g[0].text.trim()));
+    }
+    Ok(())
+}
+
+fn run_score(a: ScoreArgs) -> Result<()> {
+    let lm = open(&a.model)?;
+    let mut items: Vec<(String, String)> = Vec::new();
+    if let (Some(p), Some(c)) = (&a.prompt, &a.continuation) {
+        items.push((p.clone(), c.clone()));
+    } else if let Some(f) = &a.input {
+        let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", f.display(), i + 1))?;
+            let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+            match (get("prompt"), get("continuation")) {
+                (Some(p), Some(c)) => items.push((p, c)),
+                _ => bail!("{}:{}: needs string fields \"prompt\" and \"continuation\"", f.display(), i + 1),
+            }
+        }
+    } else {
+        bail!("give --prompt and --continuation, or --input FILE");
+    }
+    let mut pairs = Vec::with_capacity(items.len());
+    for (p, c) in &items {
+        let pi = encode(&lm, p, a.chat, None)?;
+        let ci = lm.tok.encode(c, false)?;
+        if ci.is_empty() {
+            bail!("continuation {c:?} has no tokens");
+        }
+        pairs.push((pi, ci));
+    }
+    let scores = rudder_lm::score::score(&lm.decoder, &pairs, lm.tok.pad, a.batch_size, &mut NoHook)?;
+    let mut w = writer(&a.out)?;
+    for ((p, c), s) in items.iter().zip(&scores) {
+        let n = s.token_logprobs.len();
+        writeln!(
+            w,
+            "{}",
+            serde_json::json!({"prompt": p, "continuation": c, "sum_logprob": s.sum_logprob,
+                "mean_logprob": s.sum_logprob / n as f64, "tokens": n, "token_logprobs": s.token_logprobs})
+        )?;
+    }
+    Ok(())
+}
+
+pub fn parse_sites(spec: &str, layers: usize) -> Result<Vec<Site>> {
+    Ok(match spec {
+        "hf" => Site::hf_hidden_states(layers),
+        "resid_pre" => (0..layers).map(Site::ResidPre).collect(),
+        "resid_post" => (0..layers).map(Site::ResidPost).collect(),
+        _ => {
+            let v: Vec<Site> = spec.split(',').map(|s| s.trim().parse()).collect::<std::result::Result<_, _>>()?;
+            for s in &v {
+                s.check(layers)?;
+            }
+            v
+        }
+    })
+}
+
+fn run_capture(a: CaptureArgs) -> Result<()> {
+    let lm = open(&a.model)?;
+    let prompts = read_prompts(&a.prompts)?;
+    let sites = parse_sites(&a.sites, lm.decoder.cfg.num_layers)?;
+    let positions: Positions = a.positions.parse()?;
+    let mut iv = interventions(&lm, &a.interventions)?;
+    let mut cap = Capture::new(sites, positions);
+    let pb = indicatif::ProgressBar::new(prompts.len() as u64);
+    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed} < {eta}]")?);
+    let t0 = std::time::Instant::now();
+    for (bi, chunk) in prompts.chunks(a.batch_size.max(1)).enumerate() {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| encode(&lm, p, a.chat, None)).collect::<Result<_>>()?;
+        let (t, pads) = rudder_lm::generate::left_pad(&ids, lm.tok.pad)?;
+        let mut cache = lm.decoder.new_cache(pads);
+        cap.set_prompt_offset(bi * a.batch_size.max(1));
+        let mut hook = rudder_lm::hooks::Chain(&mut iv, &mut cap);
+        lm.decoder.forward(&t, &mut cache, Phase::Prefill, &mut hook)?;
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let dt = t0.elapsed().as_secs_f64();
+    let meta = serde_json::json!({
+        "model": lm.info,
+        "chat": a.chat,
+        "padding_side": "left",
+        "dtype": "f32",
+        "layer_convention": "resid_pre(l) = input of block l = HF hidden_states[l]",
+        "interventions": iv.interventions,
+        "prompts_file": a.prompts,
+    });
+    cap.save(&a.out, meta)?;
+    eprintln!(
+        "captured {} rows × {} sites from {} prompts in {:.2} s ({:.1} prompts/s) → {}",
+        cap.rows().len(),
+        cap.sites().len(),
+        prompts.len(),
+        dt,
+        prompts.len() as f64 / dt,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    use candle_core::{Device, IndexOp, Tensor};
+    let lm = open(&a.model)?;
+    let mut ids = lm.tok.encode(&BENCH_PARAGRAPH.repeat(12), false)?;
+    while ids.len() < a.prompt_tokens {
+        ids.extend(ids.clone());
+    }
+    ids.truncate(a.prompt_tokens);
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&x, &y| v[x].total_cmp(&v[y])).unwrap_or(0) as u32;
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    let mut first = Vec::new();
+    for rep in 0..=a.reps {
+        let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
+        let mut cache = lm.decoder.new_cache(vec![0]);
+        let t0 = std::time::Instant::now();
+        let h = lm.decoder.forward(&t, &mut cache, Phase::Prefill, &mut NoHook)?;
+        let logits = lm.decoder.logits(&h.i((.., ids.len() - 1.., ..))?)?.flatten_all()?.to_vec1::<f32>()?;
+        let t_pre = t0.elapsed().as_secs_f64();
+        let mut tok = argmax(&logits);
+        let mut out = vec![tok];
+        let t1 = std::time::Instant::now();
+        for _ in 1..a.decode_tokens {
+            let x = Tensor::from_slice(&[tok], (1, 1), &Device::Cpu)?;
+            let h = lm.decoder.forward(&x, &mut cache, Phase::Decode, &mut NoHook)?;
+            tok = argmax(&lm.decoder.logits(&h)?.flatten_all()?.to_vec1::<f32>()?);
+            out.push(tok);
+        }
+        let t_dec = t1.elapsed().as_secs_f64();
+        if rep > 0 {
+            pre.push(ids.len() as f64 / t_pre);
+            dec.push((a.decode_tokens - 1) as f64 / t_dec);
+        }
+        first = out;
+    }
+    let report = serde_json::json!({
+        "model": lm.info.path, "quantized": lm.info.quantized,
+        "threads": rayon::current_num_threads(),
+        "prompt_tokens": ids.len(), "decode_tokens": a.decode_tokens,
+        "prefill_tok_s": median(pre.clone()), "decode_tok_s": median(dec.clone()),
+        "prefill_all": pre, "decode_all": dec,
+        "greedy_first16": &first[..first.len().min(16)],
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
