@@ -12,7 +12,7 @@ use candle_core::{D, Device, Tensor};
 
 use crate::config::DecoderConfig;
 use crate::hooks::{Hook, HookCtx, Phase, Site};
-use crate::linear::{Linear, Weight, rms_norm};
+use crate::linear::{Linear, Weight, forward_many, rms_norm};
 use crate::weights::Weights;
 use crate::{LmError, Result};
 
@@ -196,9 +196,12 @@ impl Decoder {
         let layer = &self.layers[l];
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let q = layer.q.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)?;
-        let k = layer.k.forward(x)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
-        let v = layer.v.forward(x)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+        let [q, k, v]: [Tensor; 3] = forward_many(&[&layer.q, &layer.k, &layer.v], x)?
+            .try_into()
+            .map_err(|_| LmError::Config("q/k/v projection count".into()))?;
+        let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let q = self.rope(&q, &rope.0, &rope.1)?;
         let k = self.rope(&k, &rope.0, &rope.1)?;
         let (k, v) = match cache.kv[l].take() {
@@ -222,9 +225,9 @@ impl Decoder {
 
     fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
         let layer = &self.layers[l];
-        let g = layer.gate.forward(x)?;
-        let u = layer.up.forward(x)?;
-        layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)
+        let gu = forward_many(&[&layer.gate, &layer.up], x)?;
+        let (g, u) = (&gu[0], &gu[1]);
+        layer.down.forward(&(candle_nn::ops::silu(g)? * u)?)
     }
 
     /// Run `ids` (`[b, t]`, u32) through the model, appending to `cache`. Returns the final-norm

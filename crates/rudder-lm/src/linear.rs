@@ -89,6 +89,37 @@ impl Linear {
     }
 }
 
+/// Apply several linears to the same input. Quantized weights share one activation
+/// quantization and one parallel pass (Q/K/V, gate/up); anything else runs one by one.
+pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    let qs: Vec<&crate::quant::QMatrix> = ls
+        .iter()
+        .filter_map(|l| match &l.weight {
+            Weight::Quant(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    if qs.len() != ls.len() || ls.len() < 2 {
+        return ls.iter().map(|l| l.forward(x)).collect();
+    }
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap_or(&0);
+    let n = x.elem_count() / inp.max(1);
+    let x2 = x.reshape((n, inp))?.contiguous()?;
+    let ys = rudder_nn::cpu::with_f32(&x2, "quantized matmul", |xs| Ok(crate::quant::matmul_many(&qs, xs, n)))?;
+    let mut out = Vec::with_capacity(ls.len());
+    for ((y, q), l) in ys.into_iter().zip(&qs).zip(ls) {
+        let mut shape = dims.clone();
+        *shape.last_mut().unwrap() = q.rows;
+        let t = Tensor::from_vec(y, shape, x.device())?;
+        out.push(match &l.bias {
+            Some(b) => t.broadcast_add(b)?,
+            None => t,
+        });
+    }
+    Ok(out)
+}
+
 /// Root-mean-square norm with a learned scale. `differentiable` selects the slow op path that
 /// records gradients (candle's fused `rms_norm` has no backward).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {

@@ -40,70 +40,93 @@ impl QFormat {
     }
 }
 
-/// A quantized `[rows, cols]` matrix in one of the supported block formats.
+/// A quantized `[rows, cols]` matrix, repacked at load time into three planes so that the
+/// kernels convert scales eight at a time: the packed quants of every block, the f16 block
+/// scales `d`, and (Q4_1) the f16 block minimums `m`.
 #[derive(Clone)]
 pub struct QMatrix {
     pub format: QFormat,
     pub rows: usize,
     pub cols: usize,
-    data: Vec<u8>,
+    qs: Vec<u8>,
+    d: Vec<u16>,
+    m: Vec<u16>,
 }
 
 /// One activation row quantized to 8-bit blocks.
 pub struct Q8Row {
     scale: Vec<f32>,
-    /// Integer sum of each block's quantized values (Q4_0's −8 offset and Q4_1's minimum:
-    /// using the quantized sum makes the product exactly `W·x̃` for the dequantized `W`, whose
-    /// error is much smaller than mixing in the exact sum of `x`).
-    isum: Vec<i32>,
+    /// `scale · Σq` of each block. Q4_0's −8 offset and Q4_1's minimum multiply it: using the
+    /// quantized sum makes the product exactly `W·x̃` for the dequantized `W`, whose error is
+    /// much smaller than mixing in the exact sum of `x`.
+    sx: Vec<f32>,
     q: Vec<i8>,
 }
 
-fn f16_at(b: &[u8], o: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[o], b[o + 1]])).to_f32()
+fn f16_to_f32(b: u16) -> f32 {
+    f16::from_bits(b).to_f32()
+}
+
+impl QFormat {
+    fn quant_bytes(self) -> usize {
+        match self {
+            QFormat::Q4_0 | QFormat::Q4_1 => 16,
+            QFormat::Q8_0 => 32,
+        }
+    }
+    fn header_bytes(self) -> usize {
+        self.block_bytes() - self.quant_bytes()
+    }
 }
 
 impl QMatrix {
+    /// From ggml block data (`rows · cols/32` blocks, row-major).
     pub fn new(format: QFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         if cols % QK != 0 {
             return Err(format!("{cols} columns are not a multiple of the block size {QK}"));
         }
-        let want = rows * cols / QK * format.block_bytes();
+        let nblocks = rows * cols / QK;
+        let want = nblocks * format.block_bytes();
         if data.len() != want {
             return Err(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
         }
-        Ok(QMatrix { format, rows, cols, data })
+        let (bb, qb, hb) = (format.block_bytes(), format.quant_bytes(), format.header_bytes());
+        let mut qs = Vec::with_capacity(nblocks * qb);
+        let mut d = Vec::with_capacity(nblocks);
+        let mut m = Vec::with_capacity(if format == QFormat::Q4_1 { nblocks } else { 0 });
+        for blk in data.chunks_exact(bb) {
+            d.push(u16::from_le_bytes([blk[0], blk[1]]));
+            if format == QFormat::Q4_1 {
+                m.push(u16::from_le_bytes([blk[2], blk[3]]));
+            }
+            qs.extend_from_slice(&blk[hb..]);
+        }
+        Ok(QMatrix { format, rows, cols, qs, d, m })
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / QK * self.format.block_bytes()
+    fn nb(&self) -> usize {
+        self.cols / QK
     }
 
     /// Dequantize row `r` into `out` (length `cols`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let bb = self.format.block_bytes();
-        let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
+        let (nb, qb) = (self.nb(), self.format.quant_bytes());
         for (b, chunk) in out.chunks_mut(QK).enumerate() {
-            let blk = &row[b * bb..(b + 1) * bb];
+            let i = r * nb + b;
+            let q = &self.qs[i * qb..(i + 1) * qb];
+            let d = f16_to_f32(self.d[i]);
             match self.format {
-                QFormat::Q4_0 => {
-                    let d = f16_at(blk, 0);
+                QFormat::Q4_0 | QFormat::Q4_1 => {
+                    let (scale, off) =
+                        if self.format == QFormat::Q4_0 { (d, -8.0 * d) } else { (d, f16_to_f32(self.m[i])) };
                     for j in 0..16 {
-                        chunk[j] = d * ((blk[2 + j] & 15) as f32 - 8.0);
-                        chunk[j + 16] = d * ((blk[2 + j] >> 4) as f32 - 8.0);
-                    }
-                }
-                QFormat::Q4_1 => {
-                    let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
-                    for j in 0..16 {
-                        chunk[j] = d * (blk[4 + j] & 15) as f32 + m;
-                        chunk[j + 16] = d * (blk[4 + j] >> 4) as f32 + m;
+                        chunk[j] = scale * (q[j] & 15) as f32 + off;
+                        chunk[j + 16] = scale * (q[j] >> 4) as f32 + off;
                     }
                 }
                 QFormat::Q8_0 => {
-                    let d = f16_at(blk, 0);
                     for j in 0..32 {
-                        chunk[j] = d * (blk[2 + j] as i8) as f32;
+                        chunk[j] = d * (q[j] as i8) as f32;
                     }
                 }
             }
@@ -118,48 +141,60 @@ impl QMatrix {
 
     /// `y[n, rows] = x[n, cols] · Wᵀ`, with `x` row-major.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
-        assert_eq!(x.len(), n * self.cols);
-        let qx: Vec<Q8Row> = if n > 8 {
-            x.par_chunks(self.cols).map(quantize_row).collect()
-        } else {
-            x.chunks(self.cols).map(quantize_row).collect()
-        };
-        let mut y = vec![0f32; n * self.rows];
-        let rows = self.rows;
-        let ptr = SyncPtr(y.as_mut_ptr());
-        // Enough chunks to balance the pool, few enough to keep rayon's overhead small.
-        let chunk = (rows / (rayon::current_num_threads() * 4)).clamp(8, 256);
-        let avx2 = simd_available();
-        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-            let p = &ptr;
-            let r0 = c * chunk;
-            let r1 = (r0 + chunk).min(rows);
-            for r in r0..r1 {
-                let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-                for n0 in (0..n).step_by(4) {
-                    let t = (n - n0).min(4);
-                    let mut out = [0f32; 4];
-                    self.dot_tile(row, &qx[n0..n0 + t], &mut out[..t], avx2);
-                    for (k, v) in out[..t].iter().enumerate() {
-                        // SAFETY: each (token, row) cell is written by exactly one task.
-                        unsafe { *p.0.add((n0 + k) * rows + r) = *v };
-                    }
-                }
-            }
-        });
-        y
+        matmul_many(&[self], x, n).pop().unwrap_or_default()
     }
 
-    fn dot_tile(&self, row: &[u8], xs: &[Q8Row], out: &mut [f32], avx2: bool) {
+    fn dot_tile(&self, r: usize, xs: &[Q8Row], out: &mut [f32], simd: bool) {
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: AVX2 and FMA were detected at run time.
-            unsafe { avx::dot_tile(self.format, row, xs, out) };
+        if simd {
+            // SAFETY: AVX2, FMA and F16C were detected at run time.
+            unsafe { avx::dot_tile(self, r, xs, out) };
             return;
         }
-        let _ = avx2;
-        dot_tile_scalar(self.format, row, xs, out);
+        let _ = simd;
+        dot_tile_scalar(self, r, xs, out);
     }
+}
+
+/// Several matrices with the same input width applied to the same activations in one parallel
+/// pass (Q/K/V, gate/up): one activation quantization and one fork-join instead of several.
+pub fn matmul_many(ms: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    let Some(first) = ms.first() else { return Vec::new() };
+    let cols = first.cols;
+    assert!(ms.iter().all(|m| m.cols == cols));
+    assert_eq!(x.len(), n * cols);
+    let qx: Vec<Q8Row> =
+        if n > 8 { x.par_chunks(cols).map(quantize_row).collect() } else { x.chunks(cols).map(quantize_row).collect() };
+    let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; n * m.rows]).collect();
+    let ptrs: Vec<SyncPtr> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
+    let total: usize = ms.iter().map(|m| m.rows).sum();
+    // Enough chunks to balance the pool, few enough to keep rayon's overhead small.
+    let chunk = (total / (rayon::current_num_threads() * 4)).clamp(16, 512);
+    let mut tasks = Vec::new();
+    for (i, m) in ms.iter().enumerate() {
+        let mut r = 0;
+        while r < m.rows {
+            tasks.push((i, r, (r + chunk).min(m.rows)));
+            r += chunk;
+        }
+    }
+    let simd = simd_available();
+    tasks.into_par_iter().for_each(|(i, r0, r1)| {
+        let (m, p) = (ms[i], &ptrs[i]);
+        let rows = m.rows;
+        for r in r0..r1 {
+            for n0 in (0..n).step_by(4) {
+                let t = (n - n0).min(4);
+                let mut out = [0f32; 4];
+                m.dot_tile(r, &qx[n0..n0 + t], &mut out[..t], simd);
+                for (k, v) in out[..t].iter().enumerate() {
+                    // SAFETY: each (token, row) cell of each output is written by one task.
+                    unsafe { *p.0.add((n0 + k) * rows + r) = *v };
+                }
+            }
+        }
+    });
+    ys
 }
 
 struct SyncPtr(*mut f32);
@@ -174,6 +209,7 @@ pub fn simd_available() -> bool {
             std::env::var_os("RUDDER_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -182,7 +218,7 @@ pub fn simd_available() -> bool {
 
 pub fn quantize_row(x: &[f32]) -> Q8Row {
     let nb = x.len() / QK;
-    let mut r = Q8Row { scale: vec![0.0; nb], isum: vec![0; nb], q: vec![0; x.len()] };
+    let mut r = Q8Row { scale: vec![0.0; nb], sx: vec![0.0; nb], q: vec![0; x.len()] };
     for b in 0..nb {
         let xs = &x[b * QK..(b + 1) * QK];
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -195,43 +231,39 @@ pub fn quantize_row(x: &[f32]) -> Q8Row {
             isum += q;
         }
         r.scale[b] = d;
-        r.isum[b] = isum;
+        r.sx[b] = d * isum as f32;
     }
     r
 }
 
-fn dot_tile_scalar(format: QFormat, row: &[u8], xs: &[Q8Row], out: &mut [f32]) {
-    let bb = format.block_bytes();
-    let nb = row.len() / bb;
+/// Offset coefficient of block `i` (multiplies the activation block's `sx`).
+fn offset(m: &QMatrix, i: usize) -> f32 {
+    match m.format {
+        QFormat::Q4_0 => -8.0 * f16_to_f32(m.d[i]),
+        QFormat::Q4_1 => f16_to_f32(m.m[i]),
+        QFormat::Q8_0 => 0.0,
+    }
+}
+
+fn dot_tile_scalar(m: &QMatrix, r: usize, xs: &[Q8Row], out: &mut [f32]) {
+    let (nb, qb) = (m.nb(), m.format.quant_bytes());
     for (o, x) in out.iter_mut().zip(xs) {
         let mut acc = 0f32;
         for b in 0..nb {
-            let blk = &row[b * bb..(b + 1) * bb];
+            let i = r * nb + b;
+            let w = &m.qs[i * qb..(i + 1) * qb];
             let q = &x.q[b * QK..(b + 1) * QK];
-            let dx = x.scale[b];
-            match format {
-                QFormat::Q4_0 | QFormat::Q4_1 => {
-                    let off = if format == QFormat::Q4_0 { 2 } else { 4 };
-                    let mut dot = 0i32;
-                    for j in 0..16 {
-                        dot += (blk[off + j] & 15) as i32 * q[j] as i32;
-                        dot += (blk[off + j] >> 4) as i32 * q[j + 16] as i32;
-                    }
-                    let d = f16_at(blk, 0);
-                    if format == QFormat::Q4_0 {
-                        acc += d * dx * (dot - 8 * x.isum[b]) as f32;
-                    } else {
-                        acc += d * dx * dot as f32 + f16_at(blk, 2) * dx * x.isum[b] as f32;
-                    }
+            let mut dot = 0i32;
+            if m.format == QFormat::Q8_0 {
+                for j in 0..32 {
+                    dot += (w[j] as i8) as i32 * q[j] as i32;
                 }
-                QFormat::Q8_0 => {
-                    let mut dot = 0i32;
-                    for j in 0..32 {
-                        dot += (blk[2 + j] as i8) as i32 * q[j] as i32;
-                    }
-                    acc += f16_at(blk, 0) * dx * dot as f32;
+            } else {
+                for j in 0..16 {
+                    dot += (w[j] & 15) as i32 * q[j] as i32 + (w[j] >> 4) as i32 * q[j + 16] as i32;
                 }
             }
+            acc += f16_to_f32(m.d[i]) * x.scale[b] * dot as f32 + offset(m, i) * x.sx[b];
         }
         *o = acc;
     }
@@ -244,81 +276,95 @@ mod avx {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        {
+    fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
-        }
     }
 
-    /// Unsigned 4-bit weights (0..15) of one block as 32 bytes in element order.
+    /// The 32 weights of one block as bytes in element order: unsigned 0..15 for the 4-bit
+    /// formats, |w| for Q8_0 (its signs are moved onto the activations).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn unpack4(p: *const u8) -> __m256i {
+    unsafe fn load_block(fmt: QFormat, p: *const u8) -> (__m256i, __m256i) {
         unsafe {
-        let raw = _mm_loadu_si128(p as *const __m128i);
-        let m = _mm_set1_epi8(15);
-        let lo = _mm_and_si128(raw, m);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
-        _mm256_set_m128i(hi, lo)
+            if fmt == QFormat::Q8_0 {
+                let w = _mm256_loadu_si256(p as *const __m256i);
+                (_mm256_sign_epi8(w, w), w)
+            } else {
+                let raw = _mm_loadu_si128(p as *const __m128i);
+                let m = _mm_set1_epi8(15);
+                let lo = _mm_and_si128(raw, m);
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
+                (_mm256_set_m128i(hi, lo), _mm256_setzero_si256())
+            }
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_tile(format: QFormat, row: &[u8], xs: &[Q8Row], out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_tile(m: &QMatrix, r: usize, xs: &[Q8Row], out: &mut [f32]) {
         unsafe {
-        let bb = format.block_bytes();
-        let nb = row.len() / bb;
-        let ones = _mm256_set1_epi16(1);
-        let t = xs.len();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut extra = [0f32; 4];
-        let rp = row.as_ptr();
-        for b in 0..nb {
-            let blk = rp.add(b * bb);
-            let d = f16::from_bits(u16::from_le_bytes([*blk, *blk.add(1)])).to_f32();
-            match format {
-                QFormat::Q4_0 | QFormat::Q4_1 => {
-                    let (w, m) = if format == QFormat::Q4_0 {
-                        (unpack4(blk.add(2)), 0.0)
-                    } else {
-                        let m = f16::from_bits(u16::from_le_bytes([*blk.add(2), *blk.add(3)])).to_f32();
-                        (unpack4(blk.add(4)), m)
-                    };
-                    for k in 0..t {
-                        let x = xs.get_unchecked(k);
-                        let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-                        let s = d * *x.scale.get_unchecked(b);
-                        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[k]);
-                        extra[k] += if format == QFormat::Q4_0 {
-                            -8.0 * s * *x.isum.get_unchecked(b) as f32
-                        } else {
-                            m * *x.scale.get_unchecked(b) * *x.isum.get_unchecked(b) as f32
-                        };
-                    }
+            let fmt = m.format;
+            let (nb, qb) = (m.nb(), fmt.quant_bytes());
+            let t = xs.len();
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut eacc = [_mm256_setzero_ps(); 4];
+            let base = r * nb;
+            let qp = m.qs.as_ptr().add(base * qb);
+            let mut s = [[0f32; 8]; 4];
+            let groups = nb / 8;
+            for g in 0..groups {
+                let b0 = g * 8;
+                let dv = _mm256_cvtph_ps(_mm_loadu_si128(m.d.as_ptr().add(base + b0) as *const __m128i));
+                let cv = match fmt {
+                    QFormat::Q4_0 => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
+                    QFormat::Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(m.m.as_ptr().add(base + b0) as *const __m128i)),
+                    QFormat::Q8_0 => _mm256_setzero_ps(),
+                };
+                for k in 0..t {
+                    let x = xs.get_unchecked(k);
+                    let sv = _mm256_mul_ps(dv, _mm256_loadu_ps(x.scale.as_ptr().add(b0)));
+                    _mm256_storeu_ps(s[k].as_mut_ptr(), sv);
+                    eacc[k] = _mm256_fmadd_ps(cv, _mm256_loadu_ps(x.sx.as_ptr().add(b0)), eacc[k]);
                 }
-                QFormat::Q8_0 => {
-                    let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let aw = _mm256_sign_epi8(w, w);
+                for j in 0..8 {
+                    let b = b0 + j;
+                    let (w, sign) = load_block(fmt, qp.add(b * qb));
                     for k in 0..t {
                         let x = xs.get_unchecked(k);
-                        let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
-                        let sx = _mm256_sign_epi8(xv, w);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                        let s = d * *x.scale.get_unchecked(b);
-                        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[k]);
+                        let mut xv = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+                        if fmt == QFormat::Q8_0 {
+                            xv = _mm256_sign_epi8(xv, sign);
+                        }
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[k][j]), acc[k]);
                     }
                 }
             }
-        }
-        for k in 0..t {
-            out[k] = hsum(acc[k]) + extra[k];
-        }
+            let mut tail = [0f32; 4];
+            for b in groups * 8..nb {
+                let i = base + b;
+                let d = f16_to_f32(*m.d.get_unchecked(i));
+                let c = offset(m, i);
+                let (w, sign) = load_block(fmt, qp.add(b * qb));
+                for k in 0..t {
+                    let x = xs.get_unchecked(k);
+                    let mut xv = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+                    if fmt == QFormat::Q8_0 {
+                        xv = _mm256_sign_epi8(xv, sign);
+                    }
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x.scale[b]), acc[k]);
+                    tail[k] += c * x.sx[b];
+                }
+            }
+            for k in 0..t {
+                out[k] = hsum(acc[k]) + hsum(eacc[k]) + tail[k];
+            }
         }
     }
 }
@@ -329,7 +375,7 @@ mod tests {
     use candle_core::{Device, Tensor, quantized::QTensor};
 
     fn check(dtype: GgmlDType) {
-        let (rows, cols, n) = (37, 96, 6);
+        let (rows, cols, n) = (37, 576, 6);
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
         let m = QMatrix::new(QFormat::from_ggml(dtype).unwrap(), rows, cols, q.data().unwrap().to_vec()).unwrap();
@@ -351,9 +397,8 @@ mod tests {
         let y = m.matmul(&x, n);
         let qx: Vec<Q8Row> = x.chunks(cols).map(quantize_row).collect();
         for r in 0..rows {
-            let row = &m.data[r * m.row_bytes()..(r + 1) * m.row_bytes()];
             let mut s = vec![0f32; n];
-            dot_tile_scalar(m.format, row, &qx, &mut s[..n.min(4)]);
+            dot_tile_scalar(&m, r, &qx[..n.min(4)], &mut s[..n.min(4)]);
             for k in 0..n.min(4) {
                 assert!((s[k] - y[k * rows + r]).abs() < 1e-3, "simd vs scalar {dtype:?}");
             }
