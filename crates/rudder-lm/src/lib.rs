@@ -25,6 +25,7 @@ pub mod loader;
 pub mod quant;
 pub mod qwen2;
 pub mod score;
+pub mod team;
 pub mod tokenizer;
 pub mod weights;
 

@@ -179,7 +179,8 @@ pub fn matmul_many(ms: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         }
     }
     let simd = simd_available();
-    tasks.into_par_iter().for_each(|(i, r0, r1)| {
+    let task = |ti: usize| {
+        let (i, r0, r1) = tasks[ti];
         let (m, p) = (ms[i], &ptrs[i]);
         let rows = m.rows;
         for r in r0..r1 {
@@ -193,7 +194,14 @@ pub fn matmul_many(ms: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
                 }
             }
         }
-    });
+    };
+    if n <= 8 {
+        // Decoding: many short products with serial work between them.
+        crate::team::Team::global().run(tasks.len(), &task);
+    } else {
+        // Prefill: long products while candle's own ops use rayon too.
+        (0..tasks.len()).into_par_iter().for_each(task);
+    }
     ys
 }
 
