@@ -23,8 +23,28 @@ pub enum LmCmd {
     Capture(CaptureArgs),
     /// Print what a model is: architecture, sizes, format, template hash.
     Info(ModelArgs),
+    /// Teacher-forced logits (and optionally every HF hidden state) of one token sequence, to
+    /// safetensors: tensors "ids" [T], "logits" [T, vocab], site names [T, d]. For parity checks.
+    Dump(DumpArgs),
     /// Prefill and greedy-decode speed on a fixed 256-token prompt (the peer-baseline protocol).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text to tokenize (no BOS added).
+    #[arg(long, conflicts_with = "ids")]
+    pub text: Option<String>,
+    /// A JSON array of token ids.
+    #[arg(long)]
+    pub ids: Option<PathBuf>,
+    /// Also write the HF hidden states (block inputs + final norm) at every position.
+    #[arg(long)]
+    pub hidden: bool,
+    #[arg(long, short)]
+    pub out: PathBuf,
 }
 
 #[derive(Args)]
@@ -262,6 +282,7 @@ pub fn run(cmd: LmCmd) -> Result<()> {
         LmCmd::Score(a) => run_score(a),
         LmCmd::Capture(a) => run_capture(a),
         LmCmd::Bench(a) => run_bench(a),
+        LmCmd::Dump(a) => run_dump(a),
         LmCmd::Info(m) => {
             let lm = open(&m)?;
             println!("{}", serde_json::to_string_pretty(&lm.info)?);
@@ -522,5 +543,36 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         "greedy_first16": &first[..first.len().min(16)],
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn run_dump(a: DumpArgs) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    let lm = open(&a.model)?;
+    let ids: Vec<u32> = match (&a.text, &a.ids) {
+        (Some(t), _) => lm.tok.encode(t, false)?,
+        (None, Some(p)) => serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?)
+            .with_context(|| format!("{}: expected a JSON array of token ids", p.display()))?,
+        _ => bail!("give --text or --ids"),
+    };
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= lm.decoder.cfg.vocab_size) {
+        bail!("token id {bad} is outside the vocabulary of {}", lm.decoder.cfg.vocab_size);
+    }
+    let n = ids.len();
+    let t = Tensor::from_slice(&ids, (1, n), &Device::Cpu)?;
+    let sites = if a.hidden { Site::hf_hidden_states(lm.decoder.cfg.num_layers) } else { Vec::new() };
+    let mut cap = Capture::new(sites.clone(), Positions::All);
+    let mut cache = lm.decoder.new_cache(vec![0]);
+    let h = lm.decoder.forward(&t, &mut cache, Phase::Prefill, &mut cap)?;
+    let logits = lm.decoder.logits(&h)?.squeeze(0)?;
+    let mut tensors = vec![
+        ("ids".to_string(), Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), n, &Device::Cpu)?),
+        ("logits".to_string(), logits),
+    ];
+    for s in sites {
+        tensors.push((s.to_string(), cap.get(s)?));
+    }
+    rudder_nn::checkpoint::save(&tensors, &a.out)?;
+    eprintln!("{} positions → {}", n, a.out.display());
     Ok(())
 }
