@@ -41,7 +41,11 @@ pub struct Decoder {
 /// Per-sequence state across forward calls: keys/values of every layer, the padding of each
 /// row, and how many columns have been processed.
 pub struct KvCache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Preallocated per-layer key/value buffers (grown when full), so that a decode step
+    /// writes one column instead of copying the whole history.
+    kv: Vec<Option<candle_nn::kv_cache::KvCache>>,
+    /// The differentiable path concatenates instead (in-place writes record no gradient).
+    kv_grad: Vec<Option<(Tensor, Tensor)>>,
     pub pad: Vec<usize>,
     /// Columns processed so far (padding included).
     pub len: usize,
@@ -51,7 +55,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(layers: usize, pad: Vec<usize>) -> Self {
-        KvCache { kv: vec![None; layers], pad, len: 0, prompt_cols: 0 }
+        KvCache { kv: (0..layers).map(|_| None).collect(), kv_grad: vec![None; layers], pad, len: 0, prompt_cols: 0 }
     }
     pub fn batch(&self) -> usize {
         self.pad.len()
@@ -204,11 +208,17 @@ impl Decoder {
         let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let q = self.rope(&q, &rope.0, &rope.1)?;
         let k = self.rope(&k, &rope.0, &rope.1)?;
-        let (k, v) = match cache.kv[l].take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        let (k, v) = if self.differentiable {
+            let kv = match cache.kv_grad[l].take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            cache.kv_grad[l] = Some(kv.clone());
+            kv
+        } else {
+            let kv = cache.kv[l].get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, t + 128));
+            kv.append(&k.contiguous()?, &v)?
         };
-        cache.kv[l] = Some((k.clone(), v.clone()));
         let total = k.dim(2)?;
         let rep = h / kvh;
         let q = q.reshape((b, kvh, rep * t, hd))?;

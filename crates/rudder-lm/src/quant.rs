@@ -147,8 +147,14 @@ impl QMatrix {
     fn dot_tile(&self, r: usize, xs: &[Q8Row], out: &mut [f32], simd: bool) {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: AVX2, FMA and F16C were detected at run time.
-            unsafe { avx::dot_tile(self, r, xs, out) };
+            // SAFETY: AVX2, FMA and F16C (and AVX-VNNI when used) were detected at run time.
+            unsafe {
+                if vnni_available() {
+                    avx::dot_tile_vnni(self, r, xs, out)
+                } else {
+                    avx::dot_tile(self, r, xs, out)
+                }
+            };
             return;
         }
         let _ = simd;
@@ -219,6 +225,16 @@ pub fn simd_available() -> bool {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
         })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *V.get_or_init(|| std::env::var_os("RUDDER_NO_VNNI").is_none() && is_x86_feature_detected!("avxvnni"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -312,13 +328,35 @@ mod avx {
         }
     }
 
+    /// Integer dot product of one block: 32 u8 × i8 products summed into 8 i32 lanes
+    /// (`vpdpbusd` with AVX-VNNI, `maddubs` + `madd` otherwise).
+    #[inline(always)]
+    unsafe fn block_dot<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
+        unsafe {
+            if VNNI {
+                _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x)
+            } else {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_tile(m: &QMatrix, r: usize, xs: &[Q8Row], out: &mut [f32]) {
+        unsafe { dot_tile_impl::<false>(m, r, xs, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn dot_tile_vnni(m: &QMatrix, r: usize, xs: &[Q8Row], out: &mut [f32]) {
+        unsafe { dot_tile_impl::<true>(m, r, xs, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_tile_impl<const VNNI: bool>(m: &QMatrix, r: usize, xs: &[Q8Row], out: &mut [f32]) {
         unsafe {
             let fmt = m.format;
             let (nb, qb) = (m.nb(), fmt.quant_bytes());
             let t = xs.len();
-            let ones = _mm256_set1_epi16(1);
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut eacc = [_mm256_setzero_ps(); 4];
             let base = r * nb;
@@ -348,7 +386,7 @@ mod avx {
                         if fmt == QFormat::Q8_0 {
                             xv = _mm256_sign_epi8(xv, sign);
                         }
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                        let p = block_dot::<VNNI>(w, xv);
                         acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[k][j]), acc[k]);
                     }
                 }
@@ -365,7 +403,7 @@ mod avx {
                     if fmt == QFormat::Q8_0 {
                         xv = _mm256_sign_epi8(xv, sign);
                     }
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                    let p = block_dot::<VNNI>(w, xv);
                     acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x.scale[b]), acc[k]);
                     tail[k] += c * x.sx[b];
                 }
@@ -383,7 +421,12 @@ mod tests {
     use candle_core::{Device, Tensor, quantized::QTensor};
 
     fn check(dtype: GgmlDType) {
-        let (rows, cols, n) = (37, 576, 6);
+        check_n(dtype, 6);
+        check_n(dtype, 1);
+    }
+
+    fn check_n(dtype: GgmlDType, n: usize) {
+        let (rows, cols) = (37, 576);
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
         let m = QMatrix::new(QFormat::from_ggml(dtype).unwrap(), rows, cols, q.data().unwrap().to_vec()).unwrap();
