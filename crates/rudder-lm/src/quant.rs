@@ -144,22 +144,48 @@ impl QMatrix {
         matmul_many(&[self], x, n).pop().unwrap_or_default()
     }
 
-    fn dot_tile(&self, r: usize, xs: &[Q8Row], out: &mut [f32], simd: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: AVX2, FMA and F16C (and AVX-VNNI when used) were detected at run time.
-            unsafe {
-                if vnni_available() {
-                    avx::dot_tile_vnni(self, r, xs, out)
-                } else {
-                    avx::dot_tile(self, r, xs, out)
+    /// Rows `r0..r1` against every activation row, written into `y` (`[n, rows]`).
+    ///
+    /// # Safety
+    /// `y` must point to `n · rows` floats, and no other thread may write rows `r0..r1`.
+    unsafe fn rows_into(&self, r0: usize, r1: usize, qx: &[Q8Row], y: *mut f32, kernel: Kernel) {
+        match kernel {
+            // SAFETY: the kernel was chosen from features detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx::rows_into::<false>(self, r0, r1, qx, y) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => unsafe { avx::rows_into::<true>(self, r0, r1, qx, y) },
+            Kernel::Scalar => {
+                for r in r0..r1 {
+                    for n0 in (0..qx.len()).step_by(4) {
+                        let t = (qx.len() - n0).min(4);
+                        let mut out = [0f32; 4];
+                        dot_tile_scalar(self, r, &qx[n0..n0 + t], &mut out[..t]);
+                        for (k, v) in out[..t].iter().enumerate() {
+                            unsafe { *y.add((n0 + k) * self.rows + r) = *v };
+                        }
+                    }
                 }
-            };
-            return;
+            }
         }
-        let _ = simd;
-        dot_tile_scalar(self, r, xs, out);
     }
+}
+
+#[derive(Clone, Copy)]
+enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+fn kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        return if vnni_available() { Kernel::Vnni } else { Kernel::Avx2 };
+    }
+    Kernel::Scalar
 }
 
 /// Several matrices with the same input width applied to the same activations in one parallel
@@ -184,22 +210,11 @@ pub fn matmul_many(ms: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
             r += chunk;
         }
     }
-    let simd = simd_available();
+    let kern = kernel();
     let task = |ti: usize| {
         let (i, r0, r1) = tasks[ti];
-        let (m, p) = (ms[i], &ptrs[i]);
-        let rows = m.rows;
-        for r in r0..r1 {
-            for n0 in (0..n).step_by(4) {
-                let t = (n - n0).min(4);
-                let mut out = [0f32; 4];
-                m.dot_tile(r, &qx[n0..n0 + t], &mut out[..t], simd);
-                for (k, v) in out[..t].iter().enumerate() {
-                    // SAFETY: each (token, row) cell of each output is written by one task.
-                    unsafe { *p.0.add((n0 + k) * rows + r) = *v };
-                }
-            }
-        }
+        // SAFETY: each task owns rows r0..r1 of output i.
+        unsafe { ms[i].rows_into(r0, r1, &qx, ptrs[i].0, kern) };
     };
     if n <= 8 {
         // Decoding: many short products with serial work between them.
@@ -341,14 +356,35 @@ mod avx {
         }
     }
 
+    #[inline(always)]
+    unsafe fn rows_loop<const VNNI: bool>(m: &QMatrix, r0: usize, r1: usize, qx: &[Q8Row], y: *mut f32) {
+        unsafe {
+            let n = qx.len();
+            for r in r0..r1 {
+                for n0 in (0..n).step_by(4) {
+                    let t = (n - n0).min(4);
+                    let mut out = [0f32; 4];
+                    dot_tile_impl::<VNNI>(m, r, &qx[n0..n0 + t], &mut out[..t]);
+                    for k in 0..t {
+                        *y.add((n0 + k) * m.rows + r) = out[k];
+                    }
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_tile(m: &QMatrix, r: usize, xs: &[Q8Row], out: &mut [f32]) {
-        unsafe { dot_tile_impl::<false>(m, r, xs, out) }
+    unsafe fn rows_avx2(m: &QMatrix, r0: usize, r1: usize, qx: &[Q8Row], y: *mut f32) {
+        unsafe { rows_loop::<false>(m, r0, r1, qx, y) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub unsafe fn dot_tile_vnni(m: &QMatrix, r: usize, xs: &[Q8Row], out: &mut [f32]) {
-        unsafe { dot_tile_impl::<true>(m, r, xs, out) }
+    unsafe fn rows_vnni(m: &QMatrix, r0: usize, r1: usize, qx: &[Q8Row], y: *mut f32) {
+        unsafe { rows_loop::<true>(m, r0, r1, qx, y) }
+    }
+
+    pub unsafe fn rows_into<const VNNI: bool>(m: &QMatrix, r0: usize, r1: usize, qx: &[Q8Row], y: *mut f32) {
+        unsafe { if VNNI { rows_vnni(m, r0, r1, qx, y) } else { rows_avx2(m, r0, r1, qx, y) } }
     }
 
     #[inline(always)]
