@@ -42,9 +42,8 @@ struct LayerNorm {
 }
 
 struct BertLayer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Query, key and value projections fused into one `[3d, d]` matrix (one GEMM).
+    qkv: Linear,
     o: Linear,
     ln1: LayerNorm,
     up: Linear,
@@ -123,9 +122,10 @@ impl TextEncoder {
                     Some(dense(&format!("{p}.{name}.bias"), &[out])?),
                 ))
             };
-            let q = lin("attention.self.query", d, d)?;
-            let k = lin("attention.self.key", d, d)?;
-            let v = lin("attention.self.value", d, d)?;
+            let parts = [lin("attention.self.query", d, d)?, lin("attention.self.key", d, d)?, lin("attention.self.value", d, d)?];
+            let w: Vec<Tensor> = parts.iter().map(|l| l.weight.to_dense()).collect::<Result<_>>()?;
+            let b: Vec<Tensor> = parts.iter().filter_map(|l| l.bias.clone()).collect();
+            let qkv = Linear::new(Weight::Dense(Tensor::cat(&w, 0)?), Some(Tensor::cat(&b, 0)?));
             let o = lin("attention.output.dense", d, d)?;
             let up = lin("intermediate.dense", f, d)?;
             let down = lin("output.dense", d, f)?;
@@ -137,7 +137,7 @@ impl TextEncoder {
                 w: dense(&format!("{p}.output.LayerNorm.weight"), &[d])?,
                 b: dense(&format!("{p}.output.LayerNorm.bias"), &[d])?,
             };
-            layers.push(BertLayer { q, k, v, o, ln1, up, down, ln2 });
+            layers.push(BertLayer { qkv, o, ln1, up, down, ln2 });
         }
         Ok(TextEncoder { cfg, tok, word, pos, typ, ln, layers, max_len, normalize })
     }
@@ -176,14 +176,15 @@ impl TextEncoder {
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
             let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
-            let q = split(l.q.forward(&x)?)?;
-            let k = split(l.k.forward(&x)?)?;
-            let v = split(l.v.forward(&x)?)?;
+            let qkv = l.qkv.forward(&x)?;
+            let q = split(qkv.narrow(2, 0, d)?)?;
+            let k = split(qkv.narrow(2, d, d)?)?;
+            let v = split(qkv.narrow(2, 2 * d, d)?)?;
             let s = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
             let p = candle_nn::ops::softmax_last_dim(&s)?;
             let c = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
             x = self.layer_norm(&(l.o.forward(&c)? + &x)?, &l.ln1)?;
-            let m = l.down.forward(&l.up.forward(&x)?.gelu_erf()?)?;
+            let m = l.down.forward(&gelu_erf(&l.up.forward(&x)?)?)?;
             x = self.layer_norm(&(m + &x)?, &l.ln2)?;
         }
         let m = mask_t.unsqueeze(2)?;
@@ -228,3 +229,77 @@ impl TextEncoder {
     }
 }
 
+
+/// GELU with the exact (erf) form, fast: erf by Abramowitz & Stegun 7.1.26 (absolute error
+/// below 1.5e-7) with a polynomial exp, in loops the compiler vectorises; candle's version
+/// calls libm's scalar erf per element. Inference only (no gradient).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let shape = x.dims().to_vec();
+    let v = rudder_nn::cpu::with_f32(x, "gelu", |xs| {
+        let mut out = xs.to_vec();
+        out.par_chunks_mut(16 * 1024).for_each(gelu_slice);
+        Ok(out)
+    })?;
+    Ok(Tensor::from_vec(v, shape, x.device())?)
+}
+
+fn gelu_slice(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::simd_available() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        unsafe { gelu_avx2(v) };
+        return;
+    }
+    gelu_generic(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(v: &mut [f32]) {
+    gelu_generic(v)
+}
+
+#[inline(always)]
+fn gelu_generic(v: &mut [f32]) {
+    for x in v.iter_mut() {
+        *x = gelu1(*x);
+    }
+}
+
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    // e^x for x ≤ 0: x = n·ln2 + r, |r| ≤ ln2/2, e^r by a degree-6 Taylor polynomial.
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + 12582912.0) - 12582912.0;
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn gelu1(x: f32) -> f32 {
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let a = z.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let erf_abs = 1.0 - poly * exp_neg(-a * a);
+    let erf = if z < 0.0 { -erf_abs } else { erf_abs };
+    0.5 * x * (1.0 + erf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_gelu_matches_candle() {
+        let xs: Vec<f32> = (-2000..2000).map(|i| i as f32 / 200.0).collect();
+        let t = Tensor::from_vec(xs, 4000, &Device::Cpu).unwrap();
+        let ours = gelu_erf(&t).unwrap().to_vec1::<f32>().unwrap();
+        let theirs = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() < 2e-6, "{a} vs {b}");
+        }
+    }
+}
