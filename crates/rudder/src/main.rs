@@ -83,6 +83,12 @@ fn main() -> ExitCode {
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
+    // candle's elementwise ops run on its own spinning thread pool; with the default spin limit
+    // (25,000 rounds) those threads keep spinning while gemm's rayon workers compute and steal
+    // their cores (measured: MiniLM embedding 920 → 1,320 texts/s on 2 cores with 200).
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200") };
+    }
     if let Some(t) = cli.threads {
         // candle's kernels read RAYON_NUM_THREADS; set it before any thread pool exists
         unsafe { std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string()) };
