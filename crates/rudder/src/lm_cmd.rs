@@ -268,11 +268,32 @@ fn interventions(lm: &LanguageModel, path: &Option<PathBuf>) -> Result<Intervent
     Ok(iv)
 }
 
-fn writer(out: &Option<PathBuf>) -> Result<Box<dyn Write>> {
-    Ok(match out {
-        Some(p) => Box::new(rudder_data::io::AtomicFile::create(p)?),
-        None => Box::new(std::io::stdout().lock()),
-    })
+/// JSONL output: a file that appears only when complete (atomic rename), or stdout.
+enum Sink {
+    File(rudder_data::io::AtomicFile),
+    Stdout(std::io::Stdout),
+}
+
+impl Sink {
+    fn open(out: &Option<PathBuf>) -> Result<Self> {
+        Ok(match out {
+            Some(p) => Sink::File(rudder_data::io::AtomicFile::create(p)?),
+            None => Sink::Stdout(std::io::stdout()),
+        })
+    }
+    fn line(&mut self, v: &serde_json::Value) -> Result<()> {
+        match self {
+            Sink::File(f) => writeln!(f, "{v}")?,
+            Sink::Stdout(s) => writeln!(s, "{v}")?,
+        }
+        Ok(())
+    }
+    fn finish(self) -> Result<()> {
+        if let Sink::File(f) = self {
+            f.commit()?;
+        }
+        Ok(())
+    }
 }
 
 pub fn run(cmd: LmCmd) -> Result<()> {
@@ -320,7 +341,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let prompts = read_prompts(file)?;
     let pb = indicatif::ProgressBar::new(prompts.len() as u64);
     pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed} < {eta}]")?);
-    let mut w = writer(&a.out)?;
+    let mut w = Sink::open(&a.out)?;
     let record = serde_json::to_value(&iv.interventions)?;
     for (bi, chunk) in prompts.chunks(a.batch_size.max(1)).enumerate() {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|p| encode(&lm, p, a.chat, a.system.as_deref())).collect::<Result<_>>()?;
@@ -336,13 +357,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
                 "config": cfg,
                 "interventions": record,
             });
-            writeln!(w, "{row}")?;
+            w.line(&row)?;
         }
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
-    drop(w);
-    Ok(())
+    w.finish()
 }
 
 fn run_chat(a: ChatArgs) -> Result<()> {
@@ -424,17 +444,13 @@ fn run_score(a: ScoreArgs) -> Result<()> {
         pairs.push((pi, ci));
     }
     let scores = rudder_lm::score::score(&lm.decoder, &pairs, lm.tok.pad, a.batch_size, &mut NoHook)?;
-    let mut w = writer(&a.out)?;
+    let mut w = Sink::open(&a.out)?;
     for ((p, c), s) in items.iter().zip(&scores) {
         let n = s.token_logprobs.len();
-        writeln!(
-            w,
-            "{}",
-            serde_json::json!({"prompt": p, "continuation": c, "sum_logprob": s.sum_logprob,
-                "mean_logprob": s.sum_logprob / n as f64, "tokens": n, "token_logprobs": s.token_logprobs})
-        )?;
+        w.line(&serde_json::json!({"prompt": p, "continuation": c, "sum_logprob": s.sum_logprob,
+            "mean_logprob": s.sum_logprob / n as f64, "tokens": n, "token_logprobs": s.token_logprobs}))?;
     }
-    Ok(())
+    w.finish()
 }
 
 pub fn parse_sites(spec: &str, layers: usize) -> Result<Vec<Site>> {
