@@ -70,42 +70,68 @@ impl TextEncoder {
     pub fn load(dir: &Path) -> Result<Self> {
         let cp = dir.join("config.json");
         let text = std::fs::read_to_string(&cp).map_err(|e| LmError::file(&cp, e))?;
-        let cfg: BertConfig =
-            serde_json::from_str(&text).map_err(|e| LmError::file(&cp, format!("invalid BERT config: {e}")))?;
+        let cfg: BertConfig = serde_json::from_str(&text)
+            .map_err(|e| LmError::file(&cp, format!("invalid BERT config: {e}")))?;
         match cfg.model_type.as_deref() {
             Some("bert") | None => {}
             Some(other) => {
-                return Err(LmError::file(&cp, format!("field model_type: {other:?} is not a BERT-family encoder")));
+                return Err(LmError::file(
+                    &cp,
+                    format!("field model_type: {other:?} is not a BERT-family encoder"),
+                ));
             }
         }
         if cfg.hidden_act != "gelu" && cfg.hidden_act != "gelu_new" {
-            return Err(LmError::file(&cp, format!("field hidden_act: {:?} is not supported (gelu)", cfg.hidden_act)));
+            return Err(LmError::file(
+                &cp,
+                format!(
+                    "field hidden_act: {:?} is not supported (gelu)",
+                    cfg.hidden_act
+                ),
+            ));
         }
         let mut max_len = cfg.max_position_embeddings;
         let sb = dir.join("sentence_bert_config.json");
         if let Ok(t) = std::fs::read_to_string(&sb) {
-            let v: serde_json::Value = serde_json::from_str(&t).map_err(|e| LmError::file(&sb, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&t)
+                .map_err(|e| LmError::file(&sb, format!("invalid JSON: {e}")))?;
             if let Some(m) = v.get("max_seq_length").and_then(|m| m.as_u64()) {
                 max_len = max_len.min(m as usize);
             }
         }
-        let normalize = std::fs::read_to_string(dir.join("modules.json")).map(|t| t.contains("Normalize")).unwrap_or(true);
+        let normalize = std::fs::read_to_string(dir.join("modules.json"))
+            .map(|t| t.contains("Normalize"))
+            .unwrap_or(true);
         let tp = dir.join("tokenizer.json");
         if !tp.exists() {
             return Err(LmError::file(&tp, "tokenizer missing"));
         }
-        let mut tok = Tokenizer::from_file(&tp).map_err(|e| LmError::file(&tp, format!("invalid tokenizer: {e}")))?;
+        let mut tok = Tokenizer::from_file(&tp)
+            .map_err(|e| LmError::file(&tp, format!("invalid tokenizer: {e}")))?;
         tok.with_padding(None);
-        tok.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-            .map_err(|e| LmError::file(&tp, e))?;
+        tok.with_truncation(Some(TruncationParams {
+            max_length: max_len,
+            ..Default::default()
+        }))
+        .map_err(|e| LmError::file(&tp, e))?;
         let mut w = Weights::open_safetensors_dir(dir)?;
-        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         let mut dense = |name: &str, shape: &[usize]| w.dense(&format!("{prefix}{name}"), shape);
         let word = dense("embeddings.word_embeddings.weight", &[cfg.vocab_size, d])?;
-        let pos = dense("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, d])?;
+        let pos = dense(
+            "embeddings.position_embeddings.weight",
+            &[cfg.max_position_embeddings, d],
+        )?;
         let typ = if cfg.type_vocab_size > 0 {
-            Some(dense("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, d])?)
+            Some(dense(
+                "embeddings.token_type_embeddings.weight",
+                &[cfg.type_vocab_size, d],
+            )?)
         } else {
             None
         };
@@ -122,10 +148,20 @@ impl TextEncoder {
                     Some(dense(&format!("{p}.{name}.bias"), &[out])?),
                 ))
             };
-            let parts = [lin("attention.self.query", d, d)?, lin("attention.self.key", d, d)?, lin("attention.self.value", d, d)?];
-            let w: Vec<Tensor> = parts.iter().map(|l| l.weight.to_dense()).collect::<Result<_>>()?;
+            let parts = [
+                lin("attention.self.query", d, d)?,
+                lin("attention.self.key", d, d)?,
+                lin("attention.self.value", d, d)?,
+            ];
+            let w: Vec<Tensor> = parts
+                .iter()
+                .map(|l| l.weight.to_dense())
+                .collect::<Result<_>>()?;
             let b: Vec<Tensor> = parts.iter().filter_map(|l| l.bias.clone()).collect();
-            let qkv = Linear::new(Weight::Dense(Tensor::cat(&w, 0)?), Some(Tensor::cat(&b, 0)?));
+            let qkv = Linear::new(
+                Weight::Dense(Tensor::cat(&w, 0)?),
+                Some(Tensor::cat(&b, 0)?),
+            );
             let o = lin("attention.output.dense", d, d)?;
             let up = lin("intermediate.dense", f, d)?;
             let down = lin("output.dense", d, f)?;
@@ -137,9 +173,26 @@ impl TextEncoder {
                 w: dense(&format!("{p}.output.LayerNorm.weight"), &[d])?,
                 b: dense(&format!("{p}.output.LayerNorm.bias"), &[d])?,
             };
-            layers.push(BertLayer { qkv, o, ln1, up, down, ln2 });
+            layers.push(BertLayer {
+                qkv,
+                o,
+                ln1,
+                up,
+                down,
+                ln2,
+            });
         }
-        Ok(TextEncoder { cfg, tok, word, pos, typ, ln, layers, max_len, normalize })
+        Ok(TextEncoder {
+            cfg,
+            tok,
+            word,
+            pos,
+            typ,
+            ln,
+            layers,
+            max_len,
+            normalize,
+        })
     }
 
     pub fn dim(&self) -> usize {
@@ -147,7 +200,12 @@ impl TextEncoder {
     }
 
     fn layer_norm(&self, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &ln.w, &ln.b, self.cfg.layer_norm_eps as f32)?)
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &ln.w,
+            &ln.b,
+            self.cfg.layer_norm_eps as f32,
+        )?)
     }
 
     /// Embeddings of one padded batch of token ids.
@@ -155,13 +213,18 @@ impl TextEncoder {
         let dev = Device::Cpu;
         let b = ids.len();
         let t = ids.iter().map(|v| v.len()).max().unwrap_or(1).max(1);
-        let (h, hd) = (self.cfg.num_attention_heads, self.cfg.hidden_size / self.cfg.num_attention_heads);
+        let (h, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.hidden_size / self.cfg.num_attention_heads,
+        );
         let d = self.cfg.hidden_size;
         let mut flat = vec![0u32; b * t];
         let mut mask = vec![0f32; b * t];
         for (r, v) in ids.iter().enumerate() {
             flat[r * t..r * t + v.len()].copy_from_slice(v);
-            mask[r * t..r * t + v.len()].iter_mut().for_each(|m| *m = 1.0);
+            mask[r * t..r * t + v.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1.0);
         }
         let ids_t = Tensor::from_vec(flat, b * t, &dev)?;
         let mut x = self.word.index_select(&ids_t, 0)?.reshape((b, t, d))?;
@@ -175,7 +238,9 @@ impl TextEncoder {
         let bias = ((mask_t.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
-            let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
+            let split = |y: Tensor| -> Result<Tensor> {
+                Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?)
+            };
             let qkv = l.qkv.forward(&x)?;
             let q = split(qkv.narrow(2, 0, d)?)?;
             let k = split(qkv.narrow(2, d, d)?)?;
@@ -202,14 +267,22 @@ impl TextEncoder {
         texts
             .iter()
             .map(|t| {
-                self.tok.encode_fast(*t, true).map(|e| e.get_ids().to_vec()).map_err(|e| LmError::Tokenizer(e.to_string()))
+                self.tok
+                    .encode_fast(*t, true)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| LmError::Tokenizer(e.to_string()))
             })
             .collect()
     }
 
     /// `[n, dim]` embeddings of `texts`, in input order. Texts are sorted by length into
     /// batches of `batch` to limit padding; `progress(done)` is called after every batch.
-    pub fn embed(&self, texts: &[&str], batch: usize, progress: &mut dyn FnMut(usize)) -> Result<Tensor> {
+    pub fn embed(
+        &self,
+        texts: &[&str],
+        batch: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
         let ids = self.tokenize(texts)?;
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
@@ -228,7 +301,6 @@ impl TextEncoder {
         Ok(Tensor::from_vec(out, (ids.len(), d), &Device::Cpu)?)
     }
 }
-
 
 /// GELU with the exact (erf) form, fast: erf by Abramowitz & Stegun 7.1.26 (absolute error
 /// below 1.5e-7) with a polynomial exp, in loops the compiler vectorises; candle's version
@@ -273,7 +345,10 @@ fn exp_neg(x: f32) -> f32 {
     let x = x.max(-87.0);
     let n = (x * std::f32::consts::LOG2_E + 12582912.0) - 12582912.0;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
@@ -282,7 +357,9 @@ fn gelu1(x: f32) -> f32 {
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
     let erf_abs = 1.0 - poly * exp_neg(-a * a);
     let erf = if z < 0.0 { -erf_abs } else { erf_abs };
     0.5 * x * (1.0 + erf)

@@ -14,7 +14,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -36,12 +39,20 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat".to_string(), source.to_string())
             .map_err(|e| LmError::Template(format!("cannot parse the template: {e}")))?;
-        Ok(ChatTemplate { env, source: source.into(), bos: bos.into(), eos: eos.into() })
+        Ok(ChatTemplate {
+            env,
+            source: source.into(),
+            bos: bos.into(),
+            eos: eos.into(),
+        })
     }
 
     /// Render a conversation; `add_generation_prompt` opens the assistant's turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let t = self.env.get_template("chat").map_err(|e| LmError::Template(e.to_string()))?;
+        let t = self
+            .env
+            .get_template("chat")
+            .map_err(|e| LmError::Template(e.to_string()))?;
         t.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -87,8 +98,14 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  x  ")], false).unwrap(), "x|");
-        let e = t.render(&[Message::new("bad", "x")], false).unwrap_err().to_string();
+        assert_eq!(
+            t.render(&[Message::new("user", "  x  ")], false).unwrap(),
+            "x|"
+        );
+        let e = t
+            .render(&[Message::new("bad", "x")], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad role"), "{e}");
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
     }

@@ -56,16 +56,22 @@ impl DecoderConfig {
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(crate::LmError::Config(m));
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
-            return bad(format!("config has zero layers, hidden size or vocabulary: {self:?}"));
+            return bad(format!(
+                "config has zero layers, hidden size or vocabulary: {self:?}"
+            ));
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        {
             return bad(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be even and positive", self.head_dim));
+            return bad(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
         }
         Ok(())
     }
@@ -79,8 +85,10 @@ impl DecoderConfig {
                 let f = match &self.rope_scaling {
                     None => f,
                     Some(s) => {
-                        let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
-                        let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
+                        let low_wavelen =
+                            s.original_max_position_embeddings as f64 / s.low_freq_factor;
+                        let high_wavelen =
+                            s.original_max_position_embeddings as f64 / s.high_freq_factor;
                         let wavelen = 2.0 * std::f64::consts::PI / f;
                         if wavelen < high_wavelen {
                             f

@@ -55,16 +55,33 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(layers: usize, pad: Vec<usize>) -> Self {
-        KvCache { kv: (0..layers).map(|_| None).collect(), kv_grad: vec![None; layers], pad, len: 0, prompt_cols: 0 }
+        KvCache {
+            kv: (0..layers).map(|_| None).collect(),
+            kv_grad: vec![None; layers],
+            pad,
+            len: 0,
+            prompt_cols: 0,
+        }
     }
     pub fn batch(&self) -> usize {
         self.pad.len()
     }
 }
 
-fn lin(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool, deq: bool) -> Result<Linear> {
+fn lin(
+    w: &mut Weights,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    deq: bool,
+) -> Result<Linear> {
     let weight = w.matrix(&format!("{name}.weight"), out, inp, deq)?;
-    let bias = if bias { Some(w.dense(&format!("{name}.bias"), &[out])?) } else { None };
+    let bias = if bias {
+        Some(w.dense(&format!("{name}.bias"), &[out])?)
+    } else {
+        None
+    };
     Ok(Linear::new(weight, bias))
 }
 
@@ -79,10 +96,38 @@ impl Decoder {
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             layers.push(Layer {
-                q: lin(w, &format!("{p}.self_attn.q_proj"), qd, d, cfg.qkv_bias, dequantize)?,
-                k: lin(w, &format!("{p}.self_attn.k_proj"), kvd, d, cfg.qkv_bias, dequantize)?,
-                v: lin(w, &format!("{p}.self_attn.v_proj"), kvd, d, cfg.qkv_bias, dequantize)?,
-                o: lin(w, &format!("{p}.self_attn.o_proj"), d, qd, false, dequantize)?,
+                q: lin(
+                    w,
+                    &format!("{p}.self_attn.q_proj"),
+                    qd,
+                    d,
+                    cfg.qkv_bias,
+                    dequantize,
+                )?,
+                k: lin(
+                    w,
+                    &format!("{p}.self_attn.k_proj"),
+                    kvd,
+                    d,
+                    cfg.qkv_bias,
+                    dequantize,
+                )?,
+                v: lin(
+                    w,
+                    &format!("{p}.self_attn.v_proj"),
+                    kvd,
+                    d,
+                    cfg.qkv_bias,
+                    dequantize,
+                )?,
+                o: lin(
+                    w,
+                    &format!("{p}.self_attn.o_proj"),
+                    d,
+                    qd,
+                    false,
+                    dequantize,
+                )?,
                 gate: lin(w, &format!("{p}.mlp.gate_proj"), f, d, false, dequantize)?,
                 up: lin(w, &format!("{p}.mlp.up_proj"), f, d, false, dequantize)?,
                 down: lin(w, &format!("{p}.mlp.down_proj"), d, f, false, dequantize)?,
@@ -93,15 +138,29 @@ impl Decoder {
         let embed = w.dense("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let norm = w.dense("model.norm.weight", &[d])?;
         let lm_head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-            Linear::new(w.matrix("lm_head.weight", cfg.vocab_size, d, dequantize)?, None)
+            Linear::new(
+                w.matrix("lm_head.weight", cfg.vocab_size, d, dequantize)?,
+                None,
+            )
         } else if dequantize || !matches!(w, Weights::Gguf { .. }) {
             Linear::new(Weight::Dense(embed.clone()), None)
         } else {
             // Tied GGUF head: keep the (quantized) token embedding matrix as the head.
-            Linear::new(w.matrix("model.embed_tokens.weight", cfg.vocab_size, d, false)?, None)
+            Linear::new(
+                w.matrix("model.embed_tokens.weight", cfg.vocab_size, d, false)?,
+                None,
+            )
         };
         let inv_freq = cfg.inv_freq();
-        Ok(Decoder { cfg, embed, layers, norm, lm_head, inv_freq, differentiable: false })
+        Ok(Decoder {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            differentiable: false,
+        })
     }
 
     pub fn new_cache(&self, pad: Vec<usize>) -> KvCache {
@@ -109,7 +168,13 @@ impl Decoder {
     }
 
     /// cos/sin tables `[b, t, hd/2]` for the columns of this call.
-    fn rope_tables(&self, b: usize, t: usize, cache: &KvCache, dev: &Device) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(
+        &self,
+        b: usize,
+        t: usize,
+        cache: &KvCache,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.cfg.head_dim / 2;
         let mut cos = Vec::with_capacity(b * t * half);
         let mut sin = Vec::with_capacity(b * t * half);
@@ -123,7 +188,10 @@ impl Decoder {
                 }
             }
         }
-        Ok((Tensor::from_vec(cos, (b, t, half), dev)?, Tensor::from_vec(sin, (b, t, half), dev)?))
+        Ok((
+            Tensor::from_vec(cos, (b, t, half), dev)?,
+            Tensor::from_vec(sin, (b, t, half), dev)?,
+        ))
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -156,7 +224,13 @@ impl Decoder {
     }
 
     /// Additive attention mask `[b, 1, 1, t, T]`, or `None` when nothing is masked.
-    fn attn_mask(&self, b: usize, t: usize, cache: &KvCache, dev: &Device) -> Result<Option<Tensor>> {
+    fn attn_mask(
+        &self,
+        b: usize,
+        t: usize,
+        cache: &KvCache,
+        dev: &Device,
+    ) -> Result<Option<Tensor>> {
         let total = cache.len + t;
         if t == 1 && cache.pad.iter().all(|&p| p == 0) {
             return Ok(None);
@@ -216,7 +290,8 @@ impl Decoder {
             cache.kv_grad[l] = Some(kv.clone());
             kv
         } else {
-            let kv = cache.kv[l].get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, t + 128));
+            let kv =
+                cache.kv[l].get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, t + 128));
             kv.append(&k.contiguous()?, &v)?
         };
         let total = k.dim(2)?;
@@ -224,12 +299,18 @@ impl Decoder {
         let q = q.reshape((b, kvh, rep * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = match mask {
-            Some(m) => scores.reshape((b, kvh, rep, t, total))?.broadcast_add(m)?.reshape((b, kvh, rep * t, total))?,
+            Some(m) => scores
+                .reshape((b, kvh, rep, t, total))?
+                .broadcast_add(m)?
+                .reshape((b, kvh, rep * t, total))?,
             None => scores,
         };
         let p = self.softmax(&scores)?;
         let y = p.matmul(&v)?; // [b, kvh, rep*t, hd]
-        let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let y = y
+            .reshape((b, h, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * hd))?;
         layer.o.forward(&y)
     }
 
@@ -242,10 +323,19 @@ impl Decoder {
 
     /// Run `ids` (`[b, t]`, u32) through the model, appending to `cache`. Returns the final-norm
     /// hidden states `[b, t, d]` (feed them to [`Decoder::logits`]).
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, phase: Phase, hook: &mut dyn Hook) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        phase: Phase,
+        hook: &mut dyn Hook,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if b != cache.batch() {
-            return Err(LmError::Config(format!("batch of {b} rows but the cache has {}", cache.batch())));
+            return Err(LmError::Config(format!(
+                "batch of {b} rows but the cache has {}",
+                cache.batch()
+            )));
         }
         let limit = self.cfg.max_position_embeddings;
         if cache.len + t > limit {
@@ -260,8 +350,17 @@ impl Decoder {
         }
         let dev = ids.device().clone();
         let pad = cache.pad.clone();
-        let ctx = HookCtx { phase, start: cache.len, pad: &pad, prompt_cols: cache.prompt_cols };
-        let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let ctx = HookCtx {
+            phase,
+            start: cache.len,
+            pad: &pad,
+            prompt_cols: cache.prompt_cols,
+        };
+        let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         let rope = self.rope_tables(b, t, cache, &dev)?;
         let mask = self.attn_mask(b, t, cache, &dev)?;
         for l in 0..self.cfg.num_layers {
@@ -297,9 +396,11 @@ impl Decoder {
         };
         let mut s = self.embed.elem_count() * 4 + w(&self.lm_head);
         for l in &self.layers {
-            s += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|x| w(x)).sum::<usize>();
+            s += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .iter()
+                .map(|x| w(x))
+                .sum::<usize>();
         }
         s
     }
 }
-

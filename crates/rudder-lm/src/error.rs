@@ -13,7 +13,11 @@ pub enum LmError {
     #[error("chat template: {0}")]
     Template(String),
     #[error("prompt of {len} tokens does not fit the context window of {ctx} tokens ({detail})")]
-    TooLong { len: usize, ctx: usize, detail: String },
+    TooLong {
+        len: usize,
+        ctx: usize,
+        detail: String,
+    },
     #[error("hook: {0}")]
     Hook(String),
     #[error(transparent)]
@@ -26,6 +30,9 @@ pub type Result<T> = std::result::Result<T, LmError>;
 
 impl LmError {
     pub fn file(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
-        LmError::File { path: path.into(), reason: reason.to_string() }
+        LmError::File {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
     }
 }

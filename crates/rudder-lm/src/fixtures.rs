@@ -34,7 +34,17 @@ pub struct TinySpec {
 
 impl TinySpec {
     pub fn new(arch: Arch) -> Self {
-        TinySpec { arch, tied: true, seed: 7, layers: 2, hidden: 64, intermediate: 128, heads: 4, kv_heads: 2, context: 96 }
+        TinySpec {
+            arch,
+            tied: true,
+            seed: 7,
+            layers: 2,
+            hidden: 64,
+            intermediate: 128,
+            heads: 4,
+            kv_heads: 2,
+            context: 96,
+        }
     }
     fn head_dim(&self) -> usize {
         self.hidden / self.heads
@@ -55,7 +65,11 @@ fn vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
         tokens.push(s.to_string());
         types.push(3);
     }
-    (tokens, merges.iter().map(|s| s.to_string()).collect(), types)
+    (
+        tokens,
+        merges.iter().map(|s| s.to_string()).collect(),
+        types,
+    )
 }
 
 fn gguf_tokenizer_metadata() -> Vec<(String, gguf_file::Value)> {
@@ -65,9 +79,18 @@ fn gguf_tokenizer_metadata() -> Vec<(String, gguf_file::Value)> {
     vec![
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), V::String("default".into())),
-        ("tokenizer.ggml.tokens".into(), V::Array(tokens.into_iter().map(V::String).collect())),
-        ("tokenizer.ggml.merges".into(), V::Array(merges.into_iter().map(V::String).collect())),
-        ("tokenizer.ggml.token_type".into(), V::Array(types.into_iter().map(V::I32).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            V::Array(tokens.into_iter().map(V::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            V::Array(merges.into_iter().map(V::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            V::Array(types.into_iter().map(V::I32).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), V::U32(n - 3)),
         ("tokenizer.ggml.eos_token_id".into(), V::U32(n - 1)),
         ("tokenizer.ggml.padding_token_id".into(), V::U32(n - 3)),
@@ -96,13 +119,30 @@ pub fn tensors(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
     let (d, f, hd) = (spec.hidden, spec.intermediate, spec.head_dim());
     let (qd, kvd) = (spec.heads * hd, spec.kv_heads * hd);
     let v = vocab_size();
-    let mut out = vec![("model.embed_tokens.weight".to_string(), normal(&[v, d], 0.5)?)];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        normal(&[v, d], 0.5)?,
+    )];
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), (normal(&[d], 0.1)? + 1.0)?));
-        out.push((format!("{p}.post_attention_layernorm.weight"), (normal(&[d], 0.1)? + 1.0)?));
-        for (name, o, i) in [("q_proj", qd, d), ("k_proj", kvd, d), ("v_proj", kvd, d), ("o_proj", d, qd)] {
-            out.push((format!("{p}.self_attn.{name}.weight"), normal(&[o, i], 0.15)?));
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            (normal(&[d], 0.1)? + 1.0)?,
+        ));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            (normal(&[d], 0.1)? + 1.0)?,
+        ));
+        for (name, o, i) in [
+            ("q_proj", qd, d),
+            ("k_proj", kvd, d),
+            ("v_proj", kvd, d),
+            ("o_proj", d, qd),
+        ] {
+            out.push((
+                format!("{p}.self_attn.{name}.weight"),
+                normal(&[o, i], 0.15)?,
+            ));
             if spec.arch == Arch::Qwen2 && name != "o_proj" {
                 out.push((format!("{p}.self_attn.{name}.bias"), normal(&[o], 0.1)?));
             }
@@ -141,7 +181,10 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
         "eos_token_id": v - 1,
         "bos_token_id": v - 3,
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap_or_default())?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+    )?;
     let md: HashMap<String, gguf_file::Value> = gguf_tokenizer_metadata().into_iter().collect();
     let tok = Tok::from_gguf(&md, dir)?;
     tok.inner
@@ -153,7 +196,10 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
         "pad_token": "<|endoftext|>",
         "chat_template": CHATML,
     });
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc).unwrap_or_default())?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc).unwrap_or_default(),
+    )?;
     Ok(())
 }
 
@@ -161,7 +207,10 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
 fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let (o, i) = t.dims2()?;
     let hd = o / heads;
-    Ok(t.reshape((heads, 2, hd / 2, i))?.transpose(1, 2)?.reshape((o, i))?.contiguous()?)
+    Ok(t.reshape((heads, 2, hd / 2, i))?
+        .transpose(1, 2)?
+        .reshape((o, i))?
+        .contiguous()?)
 }
 
 /// Write the same model as one GGUF file; matrices in `dtype`, norms and biases in F32.
@@ -171,18 +220,37 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, dtype: GgmlDType) -> Result<()> 
     let mut md: Vec<(String, V)> = vec![
         ("general.architecture".into(), V::String(arch.into())),
         (format!("{arch}.block_count"), V::U32(spec.layers as u32)),
-        (format!("{arch}.embedding_length"), V::U32(spec.hidden as u32)),
-        (format!("{arch}.feed_forward_length"), V::U32(spec.intermediate as u32)),
-        (format!("{arch}.attention.head_count"), V::U32(spec.heads as u32)),
-        (format!("{arch}.attention.head_count_kv"), V::U32(spec.kv_heads as u32)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), V::F32(1e-5)),
+        (
+            format!("{arch}.embedding_length"),
+            V::U32(spec.hidden as u32),
+        ),
+        (
+            format!("{arch}.feed_forward_length"),
+            V::U32(spec.intermediate as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            V::U32(spec.heads as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            V::U32(spec.kv_heads as u32),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            V::F32(1e-5),
+        ),
         (format!("{arch}.rope.freq_base"), V::F32(10000.0)),
-        (format!("{arch}.context_length"), V::U32(spec.context as u32)),
+        (
+            format!("{arch}.context_length"),
+            V::U32(spec.context as u32),
+        ),
     ];
     md.extend(gguf_tokenizer_metadata());
     let mut qt: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in tensors(spec)? {
-        let g = gguf_name(&name).ok_or_else(|| LmError::Config(format!("no GGUF name for {name}")))?;
+        let g =
+            gguf_name(&name).ok_or_else(|| LmError::Config(format!("no GGUF name for {name}")))?;
         let t = if spec.arch == Arch::Llama && name.ends_with("q_proj.weight") {
             permute_rows(&t, spec.heads)?
         } else if spec.arch == Arch::Llama && name.ends_with("k_proj.weight") {
@@ -190,7 +258,11 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, dtype: GgmlDType) -> Result<()> 
         } else {
             t
         };
-        let q = if t.rank() == 2 { QTensor::quantize(&t, dtype)? } else { QTensor::quantize(&t, GgmlDType::F32)? };
+        let q = if t.rank() == 2 {
+            QTensor::quantize(&t, dtype)?
+        } else {
+            QTensor::quantize(&t, GgmlDType::F32)?
+        };
         qt.push((g, q));
     }
     let tmp = path.with_extension("gguf.partial");

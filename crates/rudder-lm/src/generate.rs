@@ -69,7 +69,11 @@ pub fn sample(logits: &mut [f32], history: &[u32], cfg: &GenConfig, rng: &mut Ch
         seen.dedup();
         for &t in &seen {
             if let Some(l) = logits.get_mut(t as usize) {
-                *l = if *l > 0.0 { *l / cfg.repetition_penalty } else { *l * cfg.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / cfg.repetition_penalty
+                } else {
+                    *l * cfg.repetition_penalty
+                };
             }
         }
     }
@@ -91,7 +95,10 @@ pub fn sample(logits: &mut [f32], history: &[u32], cfg: &GenConfig, rng: &mut Ch
         idx.truncate(cfg.top_k);
     }
     let m = logits[idx[0] as usize];
-    let mut p: Vec<f64> = idx.iter().map(|&i| (((logits[i as usize] - m) / cfg.temperature) as f64).exp()).collect();
+    let mut p: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i as usize] - m) / cfg.temperature) as f64).exp())
+        .collect();
     let z: f64 = p.iter().sum();
     p.iter_mut().for_each(|v| *v /= z);
     if cfg.top_p < 1.0 {
@@ -128,7 +135,10 @@ pub fn left_pad(prompts: &[Vec<u32>], pad_id: u32) -> Result<(Tensor, Vec<usize>
         ids.extend(std::iter::repeat_n(pad_id, t - p.len()));
         ids.extend_from_slice(p);
     }
-    Ok((Tensor::from_vec(ids, (prompts.len(), t), &Device::Cpu)?, pads))
+    Ok((
+        Tensor::from_vec(ids, (prompts.len(), t), &Device::Cpu)?,
+        pads,
+    ))
 }
 
 /// Generate continuations of a batch of tokenized prompts. `on_text(row, piece)` receives
@@ -151,19 +161,38 @@ pub fn generate(
     let ctx = lm.decoder.cfg.max_position_embeddings;
     let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     if t >= ctx {
-        return Err(LmError::TooLong { len: t, ctx, detail: "no room left to generate".into() });
+        return Err(LmError::TooLong {
+            len: t,
+            ctx,
+            detail: "no room left to generate".into(),
+        });
     }
     let max_new = cfg.max_new_tokens.min(ctx - t);
     let (ids, pads) = left_pad(prompts, lm.tok.pad)?;
     let mut cache = lm.decoder.new_cache(pads);
     let h = lm.decoder.forward(&ids, &mut cache, Phase::Prefill, hook)?;
-    let mut logits = lm.decoder.logits(&h.i((.., t - 1..t, ..))?)?.squeeze(1)?.to_vec2::<f32>()?;
+    let mut logits = lm
+        .decoder
+        .logits(&h.i((.., t - 1..t, ..))?)?
+        .squeeze(1)?
+        .to_vec2::<f32>()?;
     let mut rngs: Vec<ChaCha8Rng> = (0..b)
-        .map(|r| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(r as u64)))
+        .map(|r| {
+            ChaCha8Rng::seed_from_u64(
+                cfg.seed
+                    .wrapping_mul(0x9E3779B97F4A7C15)
+                    .wrapping_add(r as u64),
+            )
+        })
         .collect();
     let mut out: Vec<Generation> = prompts
         .iter()
-        .map(|p| Generation { prompt_tokens: p.len(), tokens: Vec::new(), text: String::new(), finish: Finish::Length })
+        .map(|p| Generation {
+            prompt_tokens: p.len(),
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: Finish::Length,
+        })
         .collect();
     let mut done = vec![false; b];
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
@@ -183,10 +212,18 @@ pub fn generate(
             history[r].push(tok);
             out[r].tokens.push(tok);
             let text = lm.tok.decode(&out[r].tokens, true)?;
-            if !text.ends_with('\u{FFFD}') && text.len() > out[r].text.len() && text.starts_with(&out[r].text) {
+            if !text.ends_with('\u{FFFD}')
+                && text.len() > out[r].text.len()
+                && text.starts_with(&out[r].text)
+            {
                 let mut new_text = text;
                 let mut stopped = false;
-                if let Some(cut) = cfg.stop.iter().filter_map(|s| new_text.find(s.as_str())).min() {
+                if let Some(cut) = cfg
+                    .stop
+                    .iter()
+                    .filter_map(|s| new_text.find(s.as_str()))
+                    .min()
+                {
                     new_text.truncate(cut);
                     stopped = true;
                 }

@@ -35,7 +35,11 @@ pub enum Site {
 impl Site {
     pub fn layer(self) -> Option<usize> {
         match self {
-            Site::ResidPre(l) | Site::AttnOut(l) | Site::ResidMid(l) | Site::MlpOut(l) | Site::ResidPost(l) => Some(l),
+            Site::ResidPre(l)
+            | Site::AttnOut(l)
+            | Site::ResidMid(l)
+            | Site::MlpOut(l)
+            | Site::ResidPost(l) => Some(l),
             Site::FinalNorm => None,
         }
     }
@@ -49,7 +53,10 @@ impl Site {
 
     pub fn check(self, layers: usize) -> Result<()> {
         match self.layer() {
-            Some(l) if l >= layers => Err(LmError::Hook(format!("{self}: the model has {layers} layers (0..{})", layers - 1))),
+            Some(l) if l >= layers => Err(LmError::Hook(format!(
+                "{self}: the model has {layers} layers (0..{})",
+                layers - 1
+            ))),
             _ => Ok(()),
         }
     }
@@ -123,7 +130,10 @@ pub enum Phases {
 
 impl Phases {
     pub fn matches(self, p: Phase) -> bool {
-        matches!((self, p), (Phases::Both, _) | (Phases::Prefill, Phase::Prefill) | (Phases::Decode, Phase::Decode))
+        matches!(
+            (self, p),
+            (Phases::Both, _) | (Phases::Prefill, Phase::Prefill) | (Phases::Decode, Phase::Decode)
+        )
     }
 }
 
@@ -301,7 +311,10 @@ pub struct Interventions {
 
 impl Interventions {
     pub fn new(interventions: Vec<Intervention>) -> Self {
-        Interventions { interventions, cache: Vec::new() }
+        Interventions {
+            interventions,
+            cache: Vec::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -311,11 +324,15 @@ impl Interventions {
     /// Read a JSON list (or `{"interventions": [...]}`) from a file.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| LmError::file(path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| LmError::file(path, format!("invalid JSON: {e}")))?;
-        let list = if v.is_array() { v } else { v.get("interventions").cloned().unwrap_or(v) };
-        let iv: Vec<Intervention> =
-            serde_json::from_value(list).map_err(|e| LmError::file(path, format!("not an intervention list: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LmError::file(path, format!("invalid JSON: {e}")))?;
+        let list = if v.is_array() {
+            v
+        } else {
+            v.get("interventions").cloned().unwrap_or(v)
+        };
+        let iv: Vec<Intervention> = serde_json::from_value(list)
+            .map_err(|e| LmError::file(path, format!("not an intervention list: {e}")))?;
         Ok(Interventions::new(iv))
     }
 
@@ -354,7 +371,12 @@ impl Interventions {
             Edit::AddVector { vector } => Tensor::from_slice(vector, (1, 1, d), dev)?,
             Edit::MatrixAdd { matrix } => Tensor::from_slice(matrix, (d, d), dev)?,
             Edit::ProjectOut { direction } => {
-                let n = direction.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                let n = direction
+                    .iter()
+                    .map(|v| v * v)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(1e-12);
                 let u: Vec<f32> = direction.iter().map(|v| v / n).collect();
                 Tensor::from_vec(u, (d, 1), dev)?
             }
@@ -380,10 +402,16 @@ impl Hook for Interventions {
             let p = self.tensor(i, x.device())?;
             let delta = match &self.interventions[i].edit {
                 Edit::AddVector { .. } => p.affine(alpha, 0.0)?.broadcast_as((b, t, d))?,
-                Edit::MatrixAdd { .. } => x.reshape((b * t, d))?.matmul(&p)?.reshape((b, t, d))?.affine(alpha, 0.0)?,
+                Edit::MatrixAdd { .. } => x
+                    .reshape((b * t, d))?
+                    .matmul(&p)?
+                    .reshape((b, t, d))?
+                    .affine(alpha, 0.0)?,
                 Edit::ProjectOut { .. } => {
                     let proj = x.reshape((b * t, d))?.matmul(&p)?; // [bt, 1]
-                    proj.matmul(&p.t()?)?.reshape((b, t, d))?.affine(-alpha, 0.0)?
+                    proj.matmul(&p.t()?)?
+                        .reshape((b, t, d))?
+                        .affine(-alpha, 0.0)?
                 }
             };
             let delta = match mask {
@@ -447,8 +475,15 @@ impl Capture {
     /// The `[N, d]` matrix captured at `site`.
     pub fn get(&self, site: Site) -> Result<Tensor> {
         let d = self.hidden.unwrap_or(0);
-        let v = self.data.get(&site).ok_or_else(|| LmError::Hook(format!("nothing captured at {site}")))?;
-        Ok(Tensor::from_slice(v, (v.len() / d.max(1), d), &Device::Cpu)?)
+        let v = self
+            .data
+            .get(&site)
+            .ok_or_else(|| LmError::Hook(format!("nothing captured at {site}")))?;
+        Ok(Tensor::from_slice(
+            v,
+            (v.len() / d.max(1), d),
+            &Device::Cpu,
+        )?)
     }
 
     /// Write every site's matrix to one safetensors file (tensor names = site names) and a JSON
@@ -473,7 +508,11 @@ impl Capture {
         p.push(".json");
         let p = std::path::PathBuf::from(p);
         let tmp = p.with_extension("json.partial");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&index).unwrap_or_default()).map_err(|e| LmError::file(&tmp, e))?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_string_pretty(&index).unwrap_or_default(),
+        )
+        .map_err(|e| LmError::file(&tmp, e))?;
         std::fs::rename(&tmp, &p).map_err(|e| LmError::file(&p, e))?;
         Ok(())
     }
@@ -491,17 +530,32 @@ impl Hook for Capture {
             return Ok(());
         }
         if site == self.sites[0] {
-            self.rows.extend(sel.iter().map(|&(r, _, p)| RowId { prompt: self.prompt_offset + r, position: p }));
+            self.rows.extend(sel.iter().map(|&(r, _, p)| RowId {
+                prompt: self.prompt_offset + r,
+                position: p,
+            }));
         }
         let x = x.to_dtype(DType::F32)?;
         let buf = self.data.entry(site).or_default();
-        if sel.len() == b && self.positions == Positions::LastPrompt && sel.iter().all(|s| s.1 == t - 1) {
-            buf.extend(x.i((.., t - 1, ..))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+        if sel.len() == b
+            && self.positions == Positions::LastPrompt
+            && sel.iter().all(|s| s.1 == t - 1)
+        {
+            buf.extend(
+                x.i((.., t - 1, ..))?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
         } else {
             let flat = x.reshape((b * t, d))?;
             let idx: Vec<u32> = sel.iter().map(|&(r, c, _)| (r * t + c) as u32).collect();
             let idx = Tensor::from_vec(idx, sel.len(), x.device())?;
-            buf.extend(flat.index_select(&idx, 0)?.flatten_all()?.to_vec1::<f32>()?);
+            buf.extend(
+                flat.index_select(&idx, 0)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
         }
         Ok(())
     }

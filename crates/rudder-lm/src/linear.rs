@@ -20,7 +20,8 @@ impl Weight {
         let (out, inp) = q.shape().dims2()?;
         match QFormat::from_ggml(q.dtype()) {
             Some(f) => Ok(Weight::Quant(
-                QMatrix::new(f, out, inp, q.data()?.into_owned()).map_err(crate::LmError::Config)?,
+                QMatrix::new(f, out, inp, q.data()?.into_owned())
+                    .map_err(crate::LmError::Config)?,
             )),
             None => Ok(Weight::Candle(QMatMul::from_qtensor(q)?, (out, inp))),
         }
@@ -77,7 +78,8 @@ impl Linear {
             }
             Weight::Quant(q) => {
                 let x2 = x.reshape((n, inp))?.contiguous()?;
-                let y = rudder_nn::cpu::with_f32(&x2, "quantized matmul", |xs| Ok(q.matmul(xs, n)))?;
+                let y =
+                    rudder_nn::cpu::with_f32(&x2, "quantized matmul", |xs| Ok(q.matmul(xs, n)))?;
                 Tensor::from_vec(y, out_shape, x.device())?
             }
             Weight::Candle(m, _) => m.forward(&x.contiguous()?)?,
@@ -106,7 +108,9 @@ pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
     let inp = *dims.last().unwrap_or(&0);
     let n = x.elem_count() / inp.max(1);
     let x2 = x.reshape((n, inp))?.contiguous()?;
-    let ys = rudder_nn::cpu::with_f32(&x2, "quantized matmul", |xs| Ok(crate::quant::matmul_many(&qs, xs, n)))?;
+    let ys = rudder_nn::cpu::with_f32(&x2, "quantized matmul", |xs| {
+        Ok(crate::quant::matmul_many(&qs, xs, n))
+    })?;
     let mut out = Vec::with_capacity(ls.len());
     for ((y, q), l) in ys.into_iter().zip(&qs).zip(ls) {
         let mut shape = dims.clone();
@@ -129,5 +133,51 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Resul
         Ok(y.broadcast_mul(w)?)
     } else {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    #[test]
+    fn every_gguf_type_runs_and_matches_its_dequantized_weights() {
+        let w = Tensor::randn(0f32, 0.5, (24, 256), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
+        for dt in [
+            GgmlDType::F32,
+            GgmlDType::F16,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let lin = Linear::new(Weight::from_qtensor(q).unwrap(), None);
+            let dense = Linear::new(Weight::Dense(lin.weight.to_dense().unwrap()), None);
+            let (a, b) = (lin.forward(&x).unwrap(), dense.forward(&x).unwrap());
+            let num = (&a - &b)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let den = b
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!(num / den < 0.02, "{dt:?}: relative error {}", num / den);
+            assert_eq!(lin.weight.dims(), (24, 256));
+        }
     }
 }

@@ -61,7 +61,9 @@ pub(crate) fn llama3_scaling(s: &Option<RopeScaling>) -> Result<Option<Llama3Rop
             original_max_position_embeddings: s.original_max_position_embeddings.unwrap_or(8192),
         })),
         Some("default") | None => Ok(None),
-        Some(other) => Err(LmError::Config(format!("rope_scaling type {other:?} is not supported (supported: llama3)"))),
+        Some(other) => Err(LmError::Config(format!(
+            "rope_scaling type {other:?} is not supported (supported: llama3)"
+        ))),
     }
 }
 
@@ -75,7 +77,9 @@ impl LlamaConfig {
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
             num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: self.rope_theta,
             rope_scaling: llama3_scaling(&self.rope_scaling)?,
@@ -96,7 +100,10 @@ pub(crate) struct GgufMeta<'a> {
 impl GgufMeta<'_> {
     pub fn u(&self, key: &str) -> Result<usize> {
         let k = format!("{}.{key}", self.arch);
-        let v = self.md.get(&k).ok_or_else(|| LmError::Config(format!("GGUF metadata key {k} is missing")))?;
+        let v = self
+            .md
+            .get(&k)
+            .ok_or_else(|| LmError::Config(format!("GGUF metadata key {k} is missing")))?;
         v.to_u64()
             .map(|x| x as usize)
             .or_else(|_| v.to_u32().map(|x| x as usize))
@@ -113,7 +120,10 @@ impl GgufMeta<'_> {
         let d = self.u("embedding_length")?;
         let heads = self.u("attention.head_count")?;
         let kv = self.u("attention.head_count_kv").unwrap_or(heads);
-        let hd = self.u("attention.key_length").or_else(|_| self.u("rope.dimension_count")).unwrap_or(d / heads.max(1));
+        let hd = self
+            .u("attention.key_length")
+            .or_else(|_| self.u("rope.dimension_count"))
+            .unwrap_or(d / heads.max(1));
         Ok(DecoderConfig {
             arch,
             vocab_size: vocab,
@@ -138,8 +148,14 @@ impl GgufMeta<'_> {
 pub fn gguf_config(md: &HashMap<String, Value>, vocab: usize, tied: bool) -> Result<DecoderConfig> {
     let m = GgufMeta { md, arch: "llama" };
     let mut c = m.decoder(Arch::Llama, vocab, tied)?;
-    if let (Some(factor), Ok(orig)) = (m.f("rope.scaling.factor"), m.u("rope.scaling.original_context_length")) {
-        let kind = md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()).cloned();
+    if let (Some(factor), Ok(orig)) = (
+        m.f("rope.scaling.factor"),
+        m.u("rope.scaling.original_context_length"),
+    ) {
+        let kind = md
+            .get("llama.rope.scaling.type")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
         if kind.as_deref() == Some("llama3") || kind.is_none() {
             c.rope_scaling = Some(Llama3RopeScaling {
                 factor,

@@ -51,20 +51,33 @@ fn find_gguf(dir: &Path) -> Option<PathBuf> {
 fn hf_config(dir: &Path) -> Result<DecoderConfig> {
     let p = dir.join("config.json");
     let text = std::fs::read_to_string(&p).map_err(|e| LmError::file(&p, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LmError::file(&p, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| LmError::file(&p, format!("invalid JSON: {e}")))?;
     let kind = v
         .get("model_type")
         .and_then(|m| m.as_str())
         .map(String::from)
-        .or_else(|| v.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).map(|s| s.to_lowercase()))
+        .or_else(|| {
+            v.get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(|a| a.as_str())
+                .map(|s| s.to_lowercase())
+        })
         .unwrap_or_default();
     let bad = |e: serde_json::Error| LmError::file(&p, format!("invalid config: {e}"));
     if kind == "llama" || kind.starts_with("llamafor") {
-        serde_json::from_value::<llama::LlamaConfig>(v).map_err(bad)?.into_decoder()
+        serde_json::from_value::<llama::LlamaConfig>(v)
+            .map_err(bad)?
+            .into_decoder()
     } else if kind == "qwen2" || kind.starts_with("qwen2for") {
-        serde_json::from_value::<qwen2::Qwen2Config>(v).map_err(bad)?.into_decoder()
+        serde_json::from_value::<qwen2::Qwen2Config>(v)
+            .map_err(bad)?
+            .into_decoder()
     } else {
-        Err(LmError::file(&p, format!("field model_type: unknown architecture {kind:?} (supported: llama, qwen2)")))
+        Err(LmError::file(
+            &p,
+            format!("field model_type: unknown architecture {kind:?} (supported: llama, qwen2)"),
+        ))
     }
 }
 
@@ -75,16 +88,26 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LanguageModel> {
         return Err(LmError::file(path, "no such file or directory"));
     }
     let gguf = if path.is_dir() {
-        if path.join("config.json").exists() { None } else { find_gguf(path) }
+        if path.join("config.json").exists() {
+            None
+        } else {
+            find_gguf(path)
+        }
     } else {
         Some(path.to_path_buf())
     };
     let (decoder, tok, format) = match gguf {
         Some(g) => {
             let mut w = Weights::open_gguf(&g)?;
-            let Weights::Gguf { content, .. } = &w else { unreachable!() };
+            let Weights::Gguf { content, .. } = &w else {
+                unreachable!()
+            };
             let md = &content.metadata;
-            let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+            let arch = md
+                .get("general.architecture")
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+                .unwrap_or_default();
             let embd = content
                 .tensor_infos
                 .get("token_embd.weight")
@@ -94,7 +117,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LanguageModel> {
             let cfg = match arch.as_str() {
                 "llama" => llama::gguf_config(md, vocab, tied),
                 "qwen2" => qwen2::gguf_config(md, vocab, tied),
-                other => Err(LmError::Config(format!("unknown architecture {other:?} (supported: llama, qwen2)"))),
+                other => Err(LmError::Config(format!(
+                    "unknown architecture {other:?} (supported: llama, qwen2)"
+                ))),
             }
             .map_err(|e| LmError::file(&g, e))?;
             let tok = Tok::from_gguf(md, &g)?;
@@ -103,7 +128,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LanguageModel> {
         }
         None => {
             if !path.join("config.json").exists() {
-                return Err(LmError::file(path, "not a model: no config.json and no .gguf file"));
+                return Err(LmError::file(
+                    path,
+                    "not a model: no config.json and no .gguf file",
+                ));
             }
             let cfg = hf_config(path)?;
             let tok = Tok::from_dir(path)?;
@@ -121,12 +149,20 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LanguageModel> {
         path: path.to_path_buf(),
         format,
         arch: c.arch.name(),
-        quantized: decoder.layers.first().is_some_and(|l| l.q.weight.is_quantized()),
+        quantized: decoder
+            .layers
+            .first()
+            .is_some_and(|l| l.q.weight.is_quantized()),
         layers: c.num_layers,
         hidden_size: c.hidden_size,
         vocab_size: c.vocab_size,
         context: c.max_position_embeddings,
         chat_template_hash: chat.as_ref().map(|t| t.hash()),
     };
-    Ok(LanguageModel { decoder, tok, chat, info })
+    Ok(LanguageModel {
+        decoder,
+        tok,
+        chat,
+        info,
+    })
 }

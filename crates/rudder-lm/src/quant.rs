@@ -83,14 +83,23 @@ impl QMatrix {
     /// From ggml block data (`rows · cols/32` blocks, row-major).
     pub fn new(format: QFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         if cols % QK != 0 {
-            return Err(format!("{cols} columns are not a multiple of the block size {QK}"));
+            return Err(format!(
+                "{cols} columns are not a multiple of the block size {QK}"
+            ));
         }
         let nblocks = rows * cols / QK;
         let want = nblocks * format.block_bytes();
         if data.len() != want {
-            return Err(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
+            return Err(format!(
+                "{format:?} [{rows}, {cols}] needs {want} bytes, got {}",
+                data.len()
+            ));
         }
-        let (bb, qb, hb) = (format.block_bytes(), format.quant_bytes(), format.header_bytes());
+        let (bb, qb, hb) = (
+            format.block_bytes(),
+            format.quant_bytes(),
+            format.header_bytes(),
+        );
         let mut qs = Vec::with_capacity(nblocks * qb);
         let mut d = Vec::with_capacity(nblocks);
         let mut m = Vec::with_capacity(if format == QFormat::Q4_1 { nblocks } else { 0 });
@@ -101,7 +110,14 @@ impl QMatrix {
             }
             qs.extend_from_slice(&blk[hb..]);
         }
-        Ok(QMatrix { format, rows, cols, qs, d, m })
+        Ok(QMatrix {
+            format,
+            rows,
+            cols,
+            qs,
+            d,
+            m,
+        })
     }
 
     fn nb(&self) -> usize {
@@ -117,8 +133,11 @@ impl QMatrix {
             let d = f16_to_f32(self.d[i]);
             match self.format {
                 QFormat::Q4_0 | QFormat::Q4_1 => {
-                    let (scale, off) =
-                        if self.format == QFormat::Q4_0 { (d, -8.0 * d) } else { (d, f16_to_f32(self.m[i])) };
+                    let (scale, off) = if self.format == QFormat::Q4_0 {
+                        (d, -8.0 * d)
+                    } else {
+                        (d, f16_to_f32(self.m[i]))
+                    };
                     for j in 0..16 {
                         chunk[j] = scale * (q[j] & 15) as f32 + off;
                         chunk[j + 16] = scale * (q[j] >> 4) as f32 + off;
@@ -135,7 +154,9 @@ impl QMatrix {
 
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(self.cols).enumerate().for_each(|(r, o)| self.dequantize_row(r, o));
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, o)| self.dequantize_row(r, o));
         out
     }
 
@@ -183,7 +204,11 @@ enum Kernel {
 fn kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
-        return if vnni_available() { Kernel::Vnni } else { Kernel::Avx2 };
+        return if vnni_available() {
+            Kernel::Vnni
+        } else {
+            Kernel::Avx2
+        };
     }
     Kernel::Scalar
 }
@@ -191,12 +216,17 @@ fn kernel() -> Kernel {
 /// Several matrices with the same input width applied to the same activations in one parallel
 /// pass (Q/K/V, gate/up): one activation quantization and one fork-join instead of several.
 pub fn matmul_many(ms: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
-    let Some(first) = ms.first() else { return Vec::new() };
+    let Some(first) = ms.first() else {
+        return Vec::new();
+    };
     let cols = first.cols;
     assert!(ms.iter().all(|m| m.cols == cols));
     assert_eq!(x.len(), n * cols);
-    let qx: Vec<Q8Row> =
-        if n > 8 { x.par_chunks(cols).map(quantize_row).collect() } else { x.chunks(cols).map(quantize_row).collect() };
+    let qx: Vec<Q8Row> = if n > 8 {
+        x.par_chunks(cols).map(quantize_row).collect()
+    } else {
+        x.chunks(cols).map(quantize_row).collect()
+    };
     let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; n * m.rows]).collect();
     let ptrs: Vec<SyncPtr> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
     let total: usize = ms.iter().map(|m| m.rows).sum();
@@ -249,7 +279,9 @@ fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *V.get_or_init(|| std::env::var_os("RUDDER_NO_VNNI").is_none() && is_x86_feature_detected!("avxvnni"))
+        *V.get_or_init(|| {
+            std::env::var_os("RUDDER_NO_VNNI").is_none() && is_x86_feature_detected!("avxvnni")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -257,7 +289,11 @@ fn vnni_available() -> bool {
 
 pub fn quantize_row(x: &[f32]) -> Q8Row {
     let nb = x.len() / QK;
-    let mut r = Q8Row { scale: vec![0.0; nb], sx: vec![0.0; nb], q: vec![0; x.len()] };
+    let mut r = Q8Row {
+        scale: vec![0.0; nb],
+        sx: vec![0.0; nb],
+        q: vec![0; x.len()],
+    };
     for b in 0..nb {
         let xs = &x[b * QK..(b + 1) * QK];
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -357,7 +393,13 @@ mod avx {
     }
 
     #[inline(always)]
-    unsafe fn rows_loop<const VNNI: bool>(m: &QMatrix, r0: usize, r1: usize, qx: &[Q8Row], y: *mut f32) {
+    unsafe fn rows_loop<const VNNI: bool>(
+        m: &QMatrix,
+        r0: usize,
+        r1: usize,
+        qx: &[Q8Row],
+        y: *mut f32,
+    ) {
         unsafe {
             let n = qx.len();
             for r in r0..r1 {
@@ -383,12 +425,29 @@ mod avx {
         unsafe { rows_loop::<true>(m, r0, r1, qx, y) }
     }
 
-    pub unsafe fn rows_into<const VNNI: bool>(m: &QMatrix, r0: usize, r1: usize, qx: &[Q8Row], y: *mut f32) {
-        unsafe { if VNNI { rows_vnni(m, r0, r1, qx, y) } else { rows_avx2(m, r0, r1, qx, y) } }
+    pub unsafe fn rows_into<const VNNI: bool>(
+        m: &QMatrix,
+        r0: usize,
+        r1: usize,
+        qx: &[Q8Row],
+        y: *mut f32,
+    ) {
+        unsafe {
+            if VNNI {
+                rows_vnni(m, r0, r1, qx, y)
+            } else {
+                rows_avx2(m, r0, r1, qx, y)
+            }
+        }
     }
 
     #[inline(always)]
-    unsafe fn dot_tile_impl<const VNNI: bool>(m: &QMatrix, r: usize, xs: &[Q8Row], out: &mut [f32]) {
+    unsafe fn dot_tile_impl<const VNNI: bool>(
+        m: &QMatrix,
+        r: usize,
+        xs: &[Q8Row],
+        out: &mut [f32],
+    ) {
         unsafe {
             let fmt = m.format;
             let (nb, qb) = (m.nb(), fmt.quant_bytes());
@@ -401,10 +460,14 @@ mod avx {
             let groups = nb / 8;
             for g in 0..groups {
                 let b0 = g * 8;
-                let dv = _mm256_cvtph_ps(_mm_loadu_si128(m.d.as_ptr().add(base + b0) as *const __m128i));
+                let dv = _mm256_cvtph_ps(_mm_loadu_si128(
+                    m.d.as_ptr().add(base + b0) as *const __m128i
+                ));
                 let cv = match fmt {
                     QFormat::Q4_0 => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
-                    QFormat::Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(m.m.as_ptr().add(base + b0) as *const __m128i)),
+                    QFormat::Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(
+                        m.m.as_ptr().add(base + b0) as *const __m128i
+                    )),
                     QFormat::Q8_0 => _mm256_setzero_ps(),
                 };
                 for k in 0..t {
@@ -423,7 +486,8 @@ mod avx {
                             xv = _mm256_sign_epi8(xv, sign);
                         }
                         let p = block_dot::<VNNI>(w, xv);
-                        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[k][j]), acc[k]);
+                        acc[k] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[k][j]), acc[k]);
                     }
                 }
             }
@@ -440,7 +504,11 @@ mod avx {
                         xv = _mm256_sign_epi8(xv, sign);
                     }
                     let p = block_dot::<VNNI>(w, xv);
-                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x.scale[b]), acc[k]);
+                    acc[k] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p),
+                        _mm256_set1_ps(d * x.scale[b]),
+                        acc[k],
+                    );
                     tail[k] += c * x.sx[b];
                 }
             }
@@ -465,20 +533,38 @@ mod tests {
         let (rows, cols) = (37, 576);
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
-        let m = QMatrix::new(QFormat::from_ggml(dtype).unwrap(), rows, cols, q.data().unwrap().to_vec()).unwrap();
+        let m = QMatrix::new(
+            QFormat::from_ggml(dtype).unwrap(),
+            rows,
+            cols,
+            q.data().unwrap().to_vec(),
+        )
+        .unwrap();
         // Dequantization agrees with candle's.
         let ours = m.dequantize();
-        let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let theirs = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (a, b) in ours.iter().zip(&theirs) {
             assert!((a - b).abs() < 1e-6, "{dtype:?}: {a} vs {b}");
         }
         // Both kernels agree with the f32 product of the dequantized matrix within 8-bit
         // activation rounding.
-        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0).collect();
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0)
+            .collect();
         let exact: Vec<f32> = (0..n)
             .flat_map(|i| {
                 let (x, ours) = (&x, &ours);
-                (0..rows).map(move |r| (0..cols).map(|c| x[i * cols + c] * ours[r * cols + c]).sum::<f32>())
+                (0..rows).map(move |r| {
+                    (0..cols)
+                        .map(|c| x[i * cols + c] * ours[r * cols + c])
+                        .sum::<f32>()
+                })
             })
             .collect();
         let y = m.matmul(&x, n);
@@ -487,7 +573,10 @@ mod tests {
             let mut s = vec![0f32; n];
             dot_tile_scalar(&m, r, &qx[..n.min(4)], &mut s[..n.min(4)]);
             for k in 0..n.min(4) {
-                assert!((s[k] - y[k * rows + r]).abs() < 1e-3, "simd vs scalar {dtype:?}");
+                assert!(
+                    (s[k] - y[k * rows + r]).abs() < 1e-3,
+                    "simd vs scalar {dtype:?}"
+                );
             }
         }
         let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -515,9 +604,20 @@ mod precision {
         let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let m = QMatrix::new(QFormat::from_ggml(dtype).unwrap(), rows, cols, q.data().unwrap().to_vec()).unwrap();
+            let m = QMatrix::new(
+                QFormat::from_ggml(dtype).unwrap(),
+                rows,
+                cols,
+                q.data().unwrap().to_vec(),
+            )
+            .unwrap();
             let deq = m.dequantize();
-            let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let y = m.matmul(&x, n);
             let (mut num, mut den) = (0f64, 0f64);
             for i in 0..n {

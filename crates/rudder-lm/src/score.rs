@@ -29,7 +29,9 @@ pub fn continuation_logprobs(
         .enumerate()
         .map(|(i, (p, c))| {
             if p.is_empty() || c.is_empty() {
-                Err(LmError::Config(format!("pair {i}: prompt and continuation must both be non-empty")))
+                Err(LmError::Config(format!(
+                    "pair {i}: prompt and continuation must both be non-empty"
+                )))
             } else {
                 Ok([p.as_slice(), c.as_slice()].concat())
             }
@@ -50,7 +52,9 @@ pub fn continuation_logprobs(
         }
     }
     let n = rows.len();
-    let sel = h.reshape((b * t, d))?.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
+    let sel = h
+        .reshape((b * t, d))?
+        .index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
     let logp = rudder_nn::ops::log_softmax(&dec.logits(&sel)?)?;
     let tgt = Tensor::from_vec(targets, (n, 1), &Device::Cpu)?;
     Ok(logp.gather(&tgt, 1)?.squeeze(1)?)
@@ -71,7 +75,10 @@ pub fn score(
         for (_, c) in chunk {
             let v = lp[o..o + c.len()].to_vec();
             o += c.len();
-            out.push(SeqScore { sum_logprob: v.iter().map(|&x| x as f64).sum(), token_logprobs: v });
+            out.push(SeqScore {
+                sum_logprob: v.iter().map(|&x| x as f64).sum(),
+                token_logprobs: v,
+            });
         }
     }
     Ok(out)

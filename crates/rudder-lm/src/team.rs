@@ -92,9 +92,15 @@ impl Team {
         });
         for i in 0..workers {
             let s = shared.clone();
-            let _ = std::thread::Builder::new().name(format!("rudder-team-{i}")).spawn(move || worker(s));
+            let _ = std::thread::Builder::new()
+                .name(format!("rudder-team-{i}"))
+                .spawn(move || worker(s));
         }
-        Team { shared, workers, busy: Mutex::new(()) }
+        Team {
+            shared,
+            workers,
+            busy: Mutex::new(()),
+        }
     }
 
     /// The process-wide team: as many threads as rayon's pool, the caller being one of them.
@@ -115,10 +121,17 @@ impl Team {
         };
         // SAFETY (lifetime erasure): the job is only reachable by workers until `pending`
         // drops to zero, which this function waits for before returning.
-        let f_static: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f as *const (dyn Fn(usize) + Sync)) };
-        let job = Job { f: f_static, tasks, next: AtomicUsize::new(0), pending: AtomicUsize::new(self.workers) };
+        let f_static: *const (dyn Fn(usize) + Sync) =
+            unsafe { std::mem::transmute(f as *const (dyn Fn(usize) + Sync)) };
+        let job = Job {
+            f: f_static,
+            tasks,
+            next: AtomicUsize::new(0),
+            pending: AtomicUsize::new(self.workers),
+        };
         let s = &self.shared;
-        s.job.store(&job as *const Job as *mut Job, Ordering::Release);
+        s.job
+            .store(&job as *const Job as *mut Job, Ordering::Release);
         s.generation.fetch_add(1, Ordering::AcqRel);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,7 +165,10 @@ mod tests {
                     assert_eq!(inner.load(Ordering::Relaxed), 5);
                 }
             });
-            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "round {round}");
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "round {round}"
+            );
             if round % 50 == 0 {
                 std::thread::sleep(Duration::from_millis(2)); // workers park and wake again
             }

@@ -47,16 +47,22 @@ impl Tok {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         if !tj.exists() {
-            return Err(LmError::file(&tj, "tokenizer missing (a model folder needs tokenizer.json)"));
+            return Err(LmError::file(
+                &tj,
+                "tokenizer missing (a model folder needs tokenizer.json)",
+            ));
         }
-        let inner = Tokenizer::from_file(&tj).map_err(|e| LmError::file(&tj, format!("invalid tokenizer: {e}")))?;
+        let inner = Tokenizer::from_file(&tj)
+            .map_err(|e| LmError::file(&tj, format!("invalid tokenizer: {e}")))?;
         let read = |name: &str| -> Result<Option<serde_json::Value>> {
             let p = dir.join(name);
             if !p.exists() {
                 return Ok(None);
             }
             let text = std::fs::read_to_string(&p).map_err(|e| LmError::file(&p, e))?;
-            serde_json::from_str(&text).map(Some).map_err(|e| LmError::file(&p, format!("invalid JSON: {e}")))
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| LmError::file(&p, format!("invalid JSON: {e}")))
         };
         let cfg = read("tokenizer_config.json")?.unwrap_or_default();
         let gen_cfg = read("generation_config.json")?.unwrap_or_default();
@@ -68,7 +74,9 @@ impl Tok {
         for c in [&gen_cfg, &model_cfg] {
             match c.get("eos_token_id") {
                 Some(serde_json::Value::Number(n)) => eos.extend(n.as_u64().map(|x| x as u32)),
-                Some(serde_json::Value::Array(a)) => eos.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
+                Some(serde_json::Value::Array(a)) => {
+                    eos.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+                }
                 _ => {}
             }
         }
@@ -94,13 +102,27 @@ impl Tok {
             .and_then(|t| inner.token_to_id(&t))
             .or(eos.first().copied())
             .unwrap_or(0);
-        Ok(Tok { inner, bos, eos, add_bos: false, pad, chat_template, bos_text, eos_text, from_gguf: false })
+        Ok(Tok {
+            inner,
+            bos,
+            eos,
+            add_bos: false,
+            pad,
+            chat_template,
+            bos_text,
+            eos_text,
+            from_gguf: false,
+        })
     }
 
     /// Rebuild a byte-level BPE tokenizer (`tokenizer.ggml.model = "gpt2"`) from GGUF metadata.
     pub fn from_gguf(md: &HashMap<String, Value>, path: &Path) -> Result<Self> {
         let err = |m: String| LmError::file(path, m);
-        let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let model = md
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
         if model != "gpt2" {
             return Err(err(format!(
                 "GGUF tokenizer model {model:?} is not supported (only byte-level BPE \"gpt2\"); point --model at a folder with tokenizer.json instead"
@@ -109,35 +131,54 @@ impl Tok {
         let tokens: Vec<String> = md
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
-            .ok_or_else(|| err("tokenizer missing: no tokenizer.ggml.tokens in the GGUF metadata".into()))?
+            .ok_or_else(|| {
+                err("tokenizer missing: no tokenizer.ggml.tokens in the GGUF metadata".into())
+            })?
             .iter()
             .map(|v| v.to_string().cloned().unwrap_or_default())
             .collect();
         let merges: Vec<(String, String)> = md
             .get("tokenizer.ggml.merges")
             .and_then(|v| v.to_vec().ok())
-            .ok_or_else(|| err("tokenizer missing: no tokenizer.ggml.merges in the GGUF metadata".into()))?
+            .ok_or_else(|| {
+                err("tokenizer missing: no tokenizer.ggml.merges in the GGUF metadata".into())
+            })?
             .iter()
             .filter_map(|v| v.to_string().ok())
-            .filter_map(|s| s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|s| {
+                s.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
         let types: Vec<i32> = md
             .get("tokenizer.ggml.token_type")
             .and_then(|v| v.to_vec().ok())
             .map(|a| a.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .ignore_merges(false)
             .build()
             .map_err(|e| err(format!("cannot build the BPE tokenizer: {e}")))?;
         let mut inner = Tokenizer::new(bpe);
-        let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
         let byte_level = ByteLevel::new(false, true, true);
         let split = |re: &str| -> Result<PreTokenizerWrapper> {
-            let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| err(format!("pre-tokenizer regex: {e}")))?;
+            let s = Split::new(
+                SplitPattern::Regex(re.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| err(format!("pre-tokenizer regex: {e}")))?;
             Ok(PreTokenizerWrapper::Split(s))
         };
         let qwen_re = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -148,8 +189,12 @@ impl Tok {
                 PreTokenizerWrapper::Digits(Digits::new(true)),
                 PreTokenizerWrapper::ByteLevel(byte_level),
             ])),
-            "qwen2" | "deepseek-r1-qwen" => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(qwen_re)?, no_regex])),
-            "llama-bpe" | "llama3" => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(llama3_re)?, no_regex])),
+            "qwen2" | "deepseek-r1-qwen" => {
+                PreTokenizerWrapper::Sequence(Sequence::new(vec![split(qwen_re)?, no_regex]))
+            }
+            "llama-bpe" | "llama3" => {
+                PreTokenizerWrapper::Sequence(Sequence::new(vec![split(llama3_re)?, no_regex]))
+            }
             _ => PreTokenizerWrapper::ByteLevel(byte_level),
         };
         inner.with_pre_tokenizer(Some(pre_tok));
@@ -160,13 +205,26 @@ impl Tok {
             .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
             .map(|(_, t)| AddedToken::from(t.clone(), true))
             .collect();
-        inner.add_special_tokens(special).map_err(|e| err(format!("special tokens: {e}")))?;
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| err(format!("special tokens: {e}")))?;
         let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let bos = id("tokenizer.ggml.bos_token_id");
-        let eos: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().chain(id("tokenizer.ggml.eot_token_id")).collect();
-        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-        let pad = id("tokenizer.ggml.padding_token_id").or(eos.first().copied()).unwrap_or(0);
-        let text = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
+        let eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")
+            .into_iter()
+            .chain(id("tokenizer.ggml.eot_token_id"))
+            .collect();
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let pad = id("tokenizer.ggml.padding_token_id")
+            .or(eos.first().copied())
+            .unwrap_or(0);
+        let text = |i: Option<u32>| {
+            i.and_then(|i| tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
         Ok(Tok {
             inner,
             bos,
@@ -175,7 +233,10 @@ impl Tok {
             eos,
             add_bos,
             pad,
-            chat_template: md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
+            chat_template: md
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+                .cloned(),
             from_gguf: true,
         })
     }
@@ -183,7 +244,10 @@ impl Tok {
     /// Token ids of `text`. `add_special` adds BOS (and whatever the tokenizer's post-processor
     /// adds) as for a raw prompt; rendered chat templates are encoded without it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, add_special && !self.from_gguf).map_err(tk_err)?;
+        let enc = self
+            .inner
+            .encode_fast(text, add_special && !self.from_gguf)
+            .map_err(tk_err)?;
         let mut ids = enc.get_ids().to_vec();
         if add_special && self.add_bos {
             if let Some(b) = self.bos {

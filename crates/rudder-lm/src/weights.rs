@@ -16,8 +16,16 @@ use crate::linear::Weight;
 use crate::{LmError, Result};
 
 pub enum Weights {
-    Safetensors { st: MmapedSafetensors, files: Vec<PathBuf>, names: HashMap<String, usize> },
-    Gguf { content: gguf_file::Content, file: File, path: PathBuf },
+    Safetensors {
+        st: MmapedSafetensors,
+        files: Vec<PathBuf>,
+        names: HashMap<String, usize>,
+    },
+    Gguf {
+        content: gguf_file::Content,
+        file: File,
+        path: PathBuf,
+    },
     /// Tensors already in memory under Hugging Face names (tests, trainable copies).
     Memory(HashMap<String, Tensor>),
 }
@@ -54,13 +62,16 @@ impl Weights {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| LmError::file(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| LmError::file(&index, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| LmError::file(&index, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| LmError::file(&index, "no \"weight_map\" object"))?;
-            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
             shards.sort();
             shards.dedup();
             shards.into_iter().map(|s| dir.join(s)).collect()
@@ -93,17 +104,28 @@ impl Weights {
             let bs = info.ggml_dtype.block_size();
             let n = info.shape.elem_count();
             if n % bs != 0 {
-                return Err(LmError::file(path, format!("tensor {name}: {n} elements is not a multiple of the block size {bs}")));
+                return Err(LmError::file(
+                    path,
+                    format!("tensor {name}: {n} elements is not a multiple of the block size {bs}"),
+                ));
             }
-            let end = content.tensor_data_offset + info.offset + (n / bs * info.ggml_dtype.type_size()) as u64;
+            let end = content.tensor_data_offset
+                + info.offset
+                + (n / bs * info.ggml_dtype.type_size()) as u64;
             if end > size {
                 return Err(LmError::file(
                     path,
-                    format!("truncated: tensor {name} ends at byte {end} but the file has {size} bytes"),
+                    format!(
+                        "truncated: tensor {name} ends at byte {end} but the file has {size} bytes"
+                    ),
                 ));
             }
         }
-        Ok(Weights::Gguf { content, file, path: path.to_path_buf() })
+        Ok(Weights::Gguf {
+            content,
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -144,7 +166,10 @@ impl Weights {
 
     fn check_shape(&self, hf: &str, got: &[usize], want: &[usize]) -> Result<()> {
         if got != want {
-            return Err(LmError::file(self.path(), format!("tensor {hf} has shape {got:?}, expected {want:?}")));
+            return Err(LmError::file(
+                self.path(),
+                format!("tensor {hf} has shape {got:?}, expected {want:?}"),
+            ));
         }
         Ok(())
     }
@@ -157,7 +182,11 @@ impl Weights {
                 .load(&key, &Device::Cpu)
                 .map_err(|e| LmError::file(&files[0], format!("tensor {key}: {e}")))?
                 .to_dtype(DType::F32)?,
-            Weights::Gguf { content, file, path } => content
+            Weights::Gguf {
+                content,
+                file,
+                path,
+            } => content
                 .tensor(file, &key, &Device::Cpu)
                 .map_err(|e| LmError::file(&*path, format!("tensor {key}: {e}")))?
                 .dequantize(&Device::Cpu)?,
@@ -169,16 +198,29 @@ impl Weights {
 
     /// A `[out, in]` matrix: quantized GGUF weights stay quantized unless `dequantize`.
     pub fn matrix(&mut self, hf: &str, out: usize, inp: usize, dequantize: bool) -> Result<Weight> {
-        if let Weights::Gguf { content, file, path } = self {
+        if let Weights::Gguf {
+            content,
+            file,
+            path,
+        } = self
+        {
             if !dequantize {
-                let key = self_key_gguf(content, hf).ok_or_else(|| LmError::file(&*path, format!("tensor {} is missing", gguf_name(hf).unwrap_or_default())))?;
+                let key = self_key_gguf(content, hf).ok_or_else(|| {
+                    LmError::file(
+                        &*path,
+                        format!("tensor {} is missing", gguf_name(hf).unwrap_or_default()),
+                    )
+                })?;
                 let q = content
                     .tensor(file, &key, &Device::Cpu)
                     .map_err(|e| LmError::file(&*path, format!("tensor {key}: {e}")))?;
                 if !matches!(q.dtype(), GgmlDType::F32) {
                     let dims = q.shape().dims().to_vec();
                     if dims != [out, inp] {
-                        return Err(LmError::file(&*path, format!("tensor {key} has shape {dims:?}, expected {:?}", [out, inp])));
+                        return Err(LmError::file(
+                            &*path,
+                            format!("tensor {key} has shape {dims:?}, expected {:?}", [out, inp]),
+                        ));
                     }
                     return Weight::from_qtensor(q);
                 }

@@ -37,13 +37,19 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let enc = TextEncoder::load(&dir)?;
     let col = read_text_column(
         &a.input,
-        &ColumnSpec { column: a.column.clone(), id_column: a.id_column.clone(), sep: a.sep.clone() },
+        &ColumnSpec {
+            column: a.column.clone(),
+            id_column: a.id_column.clone(),
+            sep: a.sep.clone(),
+        },
     )?;
     if col.texts.is_empty() {
         bail!("{}: no rows", a.input.display());
     }
     let pb = indicatif::ProgressBar::new(col.texts.len() as u64);
-    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} texts [{elapsed} < {eta}]")?);
+    pb.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} texts [{elapsed} < {eta}]",
+    )?);
     let refs: Vec<&str> = col.texts.iter().map(String::as_str).collect();
     let t0 = std::time::Instant::now();
     let emb = enc.embed(&refs, a.batch_size, &mut |n| pb.set_position(n as u64))?;
@@ -63,7 +69,10 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         "model": dir, "input": a.input, "column": a.column, "rows": col.texts.len(),
         "dim": enc.dim(), "normalized": enc.normalize, "max_tokens": enc.max_len, "ids": col.ids,
     });
-    rudder_data::io::write_bytes_atomic(&PathBuf::from(side), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    rudder_data::io::write_bytes_atomic(
+        &PathBuf::from(side),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )?;
     eprintln!(
         "embedded {} texts ({}-d) in {:.2} s ({:.0} texts/s) → {}",
         col.texts.len(),

@@ -210,30 +210,42 @@ pub fn resolve_model(arg: &str) -> Result<PathBuf> {
     if manifest.get(arg).is_some() {
         return Ok(rudder_data::assets::Store::from_env().require(arg)?);
     }
-    bail!("`{arg}` is neither an existing model file or folder nor a known asset ({})", manifest.names().join(", "))
+    bail!(
+        "`{arg}` is neither an existing model file or folder nor a known asset ({})",
+        manifest.names().join(", ")
+    )
 }
 
 fn open(m: &ModelArgs) -> Result<LanguageModel> {
     let path = resolve_model(&m.model)?;
     let sp = crate::progress::spinner(&format!("loading {}", path.display()));
-    let lm = load(&path, &LoadOptions { dequantize: m.dequantize })?;
+    let lm = load(
+        &path,
+        &LoadOptions {
+            dequantize: m.dequantize,
+        },
+    )?;
     sp.finish_and_clear();
     Ok(lm)
 }
 
 fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
+    let jsonl = path
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json");
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         if jsonl {
-            let v: serde_json::Value =
-                serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
             let p = v.get("prompt").and_then(|p| p.as_str());
-            let Some(p) = p else { bail!("{}:{}: no string field \"prompt\"", path.display(), i + 1) };
+            let Some(p) = p else {
+                bail!("{}:{}: no string field \"prompt\"", path.display(), i + 1)
+            };
             out.push(p.to_string());
         } else {
             out.push(line.to_string());
@@ -248,7 +260,10 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
 /// Token ids of a prompt, through the chat template when asked.
 fn encode(lm: &LanguageModel, text: &str, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
     if chat {
-        let t = lm.chat.as_ref().context("this model has no chat template; drop --chat")?;
+        let t = lm
+            .chat
+            .as_ref()
+            .context("this model has no chat template; drop --chat")?;
         let mut msgs = Vec::new();
         if let Some(s) = system {
             msgs.push(Message::new("system", s));
@@ -261,7 +276,9 @@ fn encode(lm: &LanguageModel, text: &str, chat: bool, system: Option<&str>) -> R
 }
 
 fn interventions(lm: &LanguageModel, path: &Option<PathBuf>) -> Result<Interventions> {
-    let Some(p) = path else { return Ok(Interventions::default()) };
+    let Some(p) = path else {
+        return Ok(Interventions::default());
+    };
     let iv = Interventions::from_json_file(p)?;
     iv.validate(lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size)
         .with_context(|| format!("{}", p.display()))?;
@@ -307,7 +324,10 @@ pub fn run(cmd: LmCmd) -> Result<()> {
         LmCmd::Info(m) => {
             let lm = open(&m)?;
             println!("{}", serde_json::to_string_pretty(&lm.info)?);
-            println!("weights: {:.1} MB in memory", lm.decoder.weight_bytes() as f64 / 1e6);
+            println!(
+                "weights: {:.1} MB in memory",
+                lm.decoder.weight_bytes() as f64 / 1e6
+            );
             Ok(())
         }
     }
@@ -337,14 +357,21 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let Some(file) = &a.prompts else { bail!("give --prompt TEXT or --prompts FILE") };
+    let Some(file) = &a.prompts else {
+        bail!("give --prompt TEXT or --prompts FILE")
+    };
     let prompts = read_prompts(file)?;
     let pb = indicatif::ProgressBar::new(prompts.len() as u64);
-    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed} < {eta}]")?);
+    pb.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} prompts [{elapsed} < {eta}]",
+    )?);
     let mut w = Sink::open(&a.out)?;
     let record = serde_json::to_value(&iv.interventions)?;
     for (bi, chunk) in prompts.chunks(a.batch_size.max(1)).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| encode(&lm, p, a.chat, a.system.as_deref())).collect::<Result<_>>()?;
+        let ids: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|p| encode(&lm, p, a.chat, a.system.as_deref()))
+            .collect::<Result<_>>()?;
         let gens = generate(&lm, &ids, &cfg, &mut iv, &mut |_, _| {})?;
         for (k, g) in gens.iter().enumerate() {
             let row = serde_json::json!({
@@ -367,13 +394,20 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 
 fn run_chat(a: ChatArgs) -> Result<()> {
     let lm = open(&a.model)?;
-    let t = lm.chat.as_ref().context("this model has no chat template")?;
+    let t = lm
+        .chat
+        .as_ref()
+        .context("this model has no chat template")?;
     let cfg = a.sampling.config();
     let mut iv = interventions(&lm, &a.sampling.interventions)?;
     let tty = std::io::stdin().is_terminal();
     let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     if tty {
-        eprintln!("chatting with {} ({} layers); /reset clears, /exit quits", lm.info.path.display(), lm.info.layers);
+        eprintln!(
+            "chatting with {} ({} layers); /reset clears, /exit quits",
+            lm.info.path.display(),
+            lm.info.layers
+        );
     }
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
@@ -399,7 +433,10 @@ fn run_chat(a: ChatArgs) -> Result<()> {
         let ids = lm.tok.encode(&t.render(&history, true)?, false)?;
         let ctx = lm.decoder.cfg.max_position_embeddings;
         if ids.len() + 1 >= ctx {
-            eprintln!("[the conversation ({} tokens) fills the context window of {ctx}; /reset to start over]", ids.len());
+            eprintln!(
+                "[the conversation ({} tokens) fills the context window of {ctx}; /reset to start over]",
+                ids.len()
+            );
             history.pop();
             continue;
         }
@@ -423,12 +460,21 @@ fn run_score(a: ScoreArgs) -> Result<()> {
         items.push((p.clone(), c.clone()));
     } else if let Some(f) = &a.input {
         let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", f.display(), i + 1))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: invalid JSON", f.display(), i + 1))?;
             let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
             match (get("prompt"), get("continuation")) {
                 (Some(p), Some(c)) => items.push((p, c)),
-                _ => bail!("{}:{}: needs string fields \"prompt\" and \"continuation\"", f.display(), i + 1),
+                _ => bail!(
+                    "{}:{}: needs string fields \"prompt\" and \"continuation\"",
+                    f.display(),
+                    i + 1
+                ),
             }
         }
     } else {
@@ -443,7 +489,8 @@ fn run_score(a: ScoreArgs) -> Result<()> {
         }
         pairs.push((pi, ci));
     }
-    let scores = rudder_lm::score::score(&lm.decoder, &pairs, lm.tok.pad, a.batch_size, &mut NoHook)?;
+    let scores =
+        rudder_lm::score::score(&lm.decoder, &pairs, lm.tok.pad, a.batch_size, &mut NoHook)?;
     let mut w = Sink::open(&a.out)?;
     for ((p, c), s) in items.iter().zip(&scores) {
         let n = s.token_logprobs.len();
@@ -459,7 +506,10 @@ pub fn parse_sites(spec: &str, layers: usize) -> Result<Vec<Site>> {
         "resid_pre" => (0..layers).map(Site::ResidPre).collect(),
         "resid_post" => (0..layers).map(Site::ResidPost).collect(),
         _ => {
-            let v: Vec<Site> = spec.split(',').map(|s| s.trim().parse()).collect::<std::result::Result<_, _>>()?;
+            let v: Vec<Site> = spec
+                .split(',')
+                .map(|s| s.trim().parse())
+                .collect::<std::result::Result<_, _>>()?;
             for s in &v {
                 s.check(layers)?;
             }
@@ -476,15 +526,21 @@ fn run_capture(a: CaptureArgs) -> Result<()> {
     let mut iv = interventions(&lm, &a.interventions)?;
     let mut cap = Capture::new(sites, positions);
     let pb = indicatif::ProgressBar::new(prompts.len() as u64);
-    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed} < {eta}]")?);
+    pb.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} prompts [{elapsed} < {eta}]",
+    )?);
     let t0 = std::time::Instant::now();
     for (bi, chunk) in prompts.chunks(a.batch_size.max(1)).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| encode(&lm, p, a.chat, None)).collect::<Result<_>>()?;
+        let ids: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|p| encode(&lm, p, a.chat, None))
+            .collect::<Result<_>>()?;
         let (t, pads) = rudder_lm::generate::left_pad(&ids, lm.tok.pad)?;
         let mut cache = lm.decoder.new_cache(pads);
         cap.set_prompt_offset(bi * a.batch_size.max(1));
         let mut hook = rudder_lm::hooks::Chain(&mut iv, &mut cap);
-        lm.decoder.forward(&t, &mut cache, Phase::Prefill, &mut hook)?;
+        lm.decoder
+            .forward(&t, &mut cache, Phase::Prefill, &mut hook)?;
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
@@ -524,22 +580,34 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         ids.extend(ids.clone());
     }
     ids.truncate(a.prompt_tokens);
-    let argmax = |v: &[f32]| (0..v.len()).max_by(|&x, &y| v[x].total_cmp(&v[y])).unwrap_or(0) as u32;
+    let argmax = |v: &[f32]| {
+        (0..v.len())
+            .max_by(|&x, &y| v[x].total_cmp(&v[y]))
+            .unwrap_or(0) as u32
+    };
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     let mut first = Vec::new();
     for rep in 0..=a.reps {
         let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
         let mut cache = lm.decoder.new_cache(vec![0]);
         let t0 = std::time::Instant::now();
-        let h = lm.decoder.forward(&t, &mut cache, Phase::Prefill, &mut NoHook)?;
-        let logits = lm.decoder.logits(&h.i((.., ids.len() - 1.., ..))?)?.flatten_all()?.to_vec1::<f32>()?;
+        let h = lm
+            .decoder
+            .forward(&t, &mut cache, Phase::Prefill, &mut NoHook)?;
+        let logits = lm
+            .decoder
+            .logits(&h.i((.., ids.len() - 1.., ..))?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let t_pre = t0.elapsed().as_secs_f64();
         let mut tok = argmax(&logits);
         let mut out = vec![tok];
         let t1 = std::time::Instant::now();
         for _ in 1..a.decode_tokens {
             let x = Tensor::from_slice(&[tok], (1, 1), &Device::Cpu)?;
-            let h = lm.decoder.forward(&x, &mut cache, Phase::Decode, &mut NoHook)?;
+            let h = lm
+                .decoder
+                .forward(&x, &mut cache, Phase::Decode, &mut NoHook)?;
             tok = argmax(&lm.decoder.logits(&h)?.flatten_all()?.to_vec1::<f32>()?);
             out.push(tok);
         }
@@ -567,22 +635,43 @@ fn run_dump(a: DumpArgs) -> Result<()> {
     let lm = open(&a.model)?;
     let ids: Vec<u32> = match (&a.text, &a.ids) {
         (Some(t), _) => lm.tok.encode(t, false)?,
-        (None, Some(p)) => serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?)
-            .with_context(|| format!("{}: expected a JSON array of token ids", p.display()))?,
+        (None, Some(p)) => serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
+        )
+        .with_context(|| format!("{}: expected a JSON array of token ids", p.display()))?,
         _ => bail!("give --text or --ids"),
     };
-    if let Some(bad) = ids.iter().find(|&&i| i as usize >= lm.decoder.cfg.vocab_size) {
-        bail!("token id {bad} is outside the vocabulary of {}", lm.decoder.cfg.vocab_size);
+    if let Some(bad) = ids
+        .iter()
+        .find(|&&i| i as usize >= lm.decoder.cfg.vocab_size)
+    {
+        bail!(
+            "token id {bad} is outside the vocabulary of {}",
+            lm.decoder.cfg.vocab_size
+        );
     }
     let n = ids.len();
     let t = Tensor::from_slice(&ids, (1, n), &Device::Cpu)?;
-    let sites = if a.hidden { Site::hf_hidden_states(lm.decoder.cfg.num_layers) } else { Vec::new() };
+    let sites = if a.hidden {
+        Site::hf_hidden_states(lm.decoder.cfg.num_layers)
+    } else {
+        Vec::new()
+    };
     let mut cap = Capture::new(sites.clone(), Positions::All);
     let mut cache = lm.decoder.new_cache(vec![0]);
-    let h = lm.decoder.forward(&t, &mut cache, Phase::Prefill, &mut cap)?;
+    let h = lm
+        .decoder
+        .forward(&t, &mut cache, Phase::Prefill, &mut cap)?;
     let logits = lm.decoder.logits(&h)?.squeeze(0)?;
     let mut tensors = vec![
-        ("ids".to_string(), Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), n, &Device::Cpu)?),
+        (
+            "ids".to_string(),
+            Tensor::from_vec(
+                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                n,
+                &Device::Cpu,
+            )?,
+        ),
         ("logits".to_string(), logits),
     ];
     for s in sites {

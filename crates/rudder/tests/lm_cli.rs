@@ -11,7 +11,10 @@ use rudder_lm::fixtures::{TinySpec, write_gguf, write_hf_dir};
 
 fn rudder(args: &[&str], stdin: Option<&str>) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rudder"));
-    c.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().expect("rudder runs");
     if let Some(s) = stdin {
         child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
@@ -39,7 +42,9 @@ fn tiny(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn lm_help_texts() {
-    for sub in ["generate", "chat", "score", "capture", "dump", "bench", "info"] {
+    for sub in [
+        "generate", "chat", "score", "capture", "dump", "bench", "info",
+    ] {
         let out = ok(&rudder(&["lm", sub, "--help"], None));
         assert!(out.contains("--model"), "{sub}: {out}");
     }
@@ -52,38 +57,118 @@ fn generate_score_capture_and_info_on_a_tiny_model() {
     let (hf, g) = tiny(d.path());
     let (hf_s, g_s) = (hf.to_str().unwrap(), g.to_str().unwrap());
     // Single prompt, greedy, deterministic.
-    let a = ok(&rudder(&["lm", "generate", "-m", g_s, "-p", "the sea", "--max-tokens", "8"], None));
-    let b = ok(&rudder(&["lm", "generate", "-m", g_s, "-p", "the sea", "--max-tokens", "8"], None));
+    let a = ok(&rudder(
+        &[
+            "lm",
+            "generate",
+            "-m",
+            g_s,
+            "-p",
+            "the sea",
+            "--max-tokens",
+            "8",
+        ],
+        None,
+    ));
+    let b = ok(&rudder(
+        &[
+            "lm",
+            "generate",
+            "-m",
+            g_s,
+            "-p",
+            "the sea",
+            "--max-tokens",
+            "8",
+        ],
+        None,
+    ));
     assert_eq!(a, b);
     // A prompt file with interventions, JSONL out recording them.
     let prompts = d.path().join("p.jsonl");
-    std::fs::write(&prompts, "{\"prompt\": \"one\"}\n{\"prompt\": \"and two\"}\n").unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"one\"}\n{\"prompt\": \"and two\"}\n",
+    )
+    .unwrap();
     let iv = d.path().join("iv.json");
     let v: Vec<f32> = vec![0.0; 64];
     std::fs::write(&iv, serde_json::json!([{"site": "blocks.1.hook_resid_pre", "kind": "add_vector", "vector": v, "alpha": 2.0}]).to_string()).unwrap();
     let out = d.path().join("gen.jsonl");
     ok(&rudder(
-        &["lm", "generate", "-m", hf_s, "--prompts", prompts.to_str().unwrap(), "--chat", "--max-tokens", "5",
-          "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--interventions", iv.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        &[
+            "lm",
+            "generate",
+            "-m",
+            hf_s,
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--chat",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "3",
+            "--interventions",
+            iv.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
         None,
     ));
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[1]["prompt"], "and two");
     assert_eq!(rows[0]["interventions"][0]["kind"], "add_vector");
     assert_eq!(rows[0]["config"]["seed"], 3);
     // Scoring.
-    let s = ok(&rudder(&["lm", "score", "-m", hf_s, "--prompt", "the sea", "--continuation", " is blue"], None));
+    let s = ok(&rudder(
+        &[
+            "lm",
+            "score",
+            "-m",
+            hf_s,
+            "--prompt",
+            "the sea",
+            "--continuation",
+            " is blue",
+        ],
+        None,
+    ));
     let v: serde_json::Value = serde_json::from_str(s.trim()).unwrap();
     assert!(v["sum_logprob"].as_f64().unwrap() < 0.0);
     // Capture.
     let txt = d.path().join("p.txt");
     std::fs::write(&txt, "one\ntwo words\nthree whole words\n").unwrap();
     let acts = d.path().join("acts.safetensors");
-    ok(&rudder(&["lm", "capture", "-m", g_s, "--prompts", txt.to_str().unwrap(), "--batch-size", "2", "-o", acts.to_str().unwrap()], None));
+    ok(&rudder(
+        &[
+            "lm",
+            "capture",
+            "-m",
+            g_s,
+            "--prompts",
+            txt.to_str().unwrap(),
+            "--batch-size",
+            "2",
+            "-o",
+            acts.to_str().unwrap(),
+        ],
+        None,
+    ));
     let t = candle_core::safetensors::load(&acts, &candle_core::Device::Cpu).unwrap();
     assert_eq!(t["blocks.0.hook_resid_pre"].dims(), &[3, 64]);
-    let idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("acts.safetensors.json")).unwrap()).unwrap();
+    let idx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("acts.safetensors.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(idx["meta"]["model"]["arch"], "llama");
     assert_eq!(idx["rows"][2]["prompt"], 2);
     // Info.
@@ -95,7 +180,17 @@ fn generate_score_capture_and_info_on_a_tiny_model() {
 fn chat_reads_turns_from_stdin() {
     let d = tempfile::tempdir().unwrap();
     let (hf, _) = tiny(d.path());
-    let o = ok(&rudder(&["lm", "chat", "-m", hf.to_str().unwrap(), "--max-tokens", "4"], Some("hello\n/reset\nagain\n/exit\nnot read\n")));
+    let o = ok(&rudder(
+        &[
+            "lm",
+            "chat",
+            "-m",
+            hf.to_str().unwrap(),
+            "--max-tokens",
+            "4",
+        ],
+        Some("hello\n/reset\nagain\n/exit\nnot read\n"),
+    ));
     assert!(!o.is_empty());
 }
 
@@ -104,7 +199,11 @@ fn bad_lm_input_is_an_error_not_a_panic() {
     let d = tempfile::tempdir().unwrap();
     let (hf, g) = tiny(d.path());
     let bad_iv = d.path().join("iv.json");
-    std::fs::write(&bad_iv, r#"[{"site": "blocks.9.hook_resid_pre", "kind": "add_vector", "vector": [1.0]}]"#).unwrap();
+    std::fs::write(
+        &bad_iv,
+        r#"[{"site": "blocks.9.hook_resid_pre", "kind": "add_vector", "vector": [1.0]}]"#,
+    )
+    .unwrap();
     let junk = d.path().join("junk.gguf");
     std::fs::write(&junk, b"not a gguf").unwrap();
     let missing = d.path().join("nope");
@@ -112,17 +211,74 @@ fn bad_lm_input_is_an_error_not_a_panic() {
     let prompts = d.path().join("p.txt");
     std::fs::write(&prompts, "a prompt\n").unwrap();
     for (args, want) in [
-        (vec!["lm", "generate", "-m", missing.to_str().unwrap(), "-p", "x"], "neither"),
-        (vec!["lm", "generate", "-m", junk.to_str().unwrap(), "-p", "x"], "junk.gguf"),
-        (vec!["lm", "generate", "-m", g.to_str().unwrap(), "-p", "x", "--interventions", bad_iv.to_str().unwrap()], "layers"),
-        (vec!["lm", "generate", "-m", hf.to_str().unwrap(), "-p", long.as_str()], "context window"),
-        (vec!["lm", "capture", "-m", hf.to_str().unwrap(), "--prompts", missing.to_str().unwrap(), "-o", "x"], "nope"),
-        (vec!["lm", "capture", "-m", hf.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--sites", "blocks.x", "-o", "x"], "unknown site"),
+        (
+            vec!["lm", "generate", "-m", missing.to_str().unwrap(), "-p", "x"],
+            "neither",
+        ),
+        (
+            vec!["lm", "generate", "-m", junk.to_str().unwrap(), "-p", "x"],
+            "junk.gguf",
+        ),
+        (
+            vec![
+                "lm",
+                "generate",
+                "-m",
+                g.to_str().unwrap(),
+                "-p",
+                "x",
+                "--interventions",
+                bad_iv.to_str().unwrap(),
+            ],
+            "layers",
+        ),
+        (
+            vec![
+                "lm",
+                "generate",
+                "-m",
+                hf.to_str().unwrap(),
+                "-p",
+                long.as_str(),
+            ],
+            "context window",
+        ),
+        (
+            vec![
+                "lm",
+                "capture",
+                "-m",
+                hf.to_str().unwrap(),
+                "--prompts",
+                missing.to_str().unwrap(),
+                "-o",
+                "x",
+            ],
+            "nope",
+        ),
+        (
+            vec![
+                "lm",
+                "capture",
+                "-m",
+                hf.to_str().unwrap(),
+                "--prompts",
+                prompts.to_str().unwrap(),
+                "--sites",
+                "blocks.x",
+                "-o",
+                "x",
+            ],
+            "unknown site",
+        ),
     ] {
         let o = rudder(&args, None);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{args:?} should fail");
-        assert!(err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            err.contains(want) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
     }
 }
 
@@ -141,25 +297,55 @@ fn asset(name: &str) -> Option<PathBuf> {
 
 #[test]
 fn smollm2_chats_and_minilm_embeds_titles() {
-    let (Some(smol), Some(mini), Some(ml)) = (asset("smollm2-135m-instruct"), asset("all-minilm-l6-v2"), asset("ml-100k")) else {
+    let (Some(smol), Some(mini), Some(ml)) = (
+        asset("smollm2-135m-instruct"),
+        asset("all-minilm-l6-v2"),
+        asset("ml-100k"),
+    ) else {
         return;
     };
     let o = ok(&rudder(
-        &["lm", "chat", "-m", smol.to_str().unwrap(), "--max-tokens", "32"],
+        &[
+            "lm",
+            "chat",
+            "-m",
+            smol.to_str().unwrap(),
+            "--max-tokens",
+            "32",
+        ],
         Some("What is the capital of France?\n"),
     ));
     assert!(o.contains("Paris"), "{o}");
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("t.safetensors");
     let item = ml.join("ml-100k.item");
-    ok(&rudder(&["embed", "-m", mini.to_str().unwrap(), "-i", item.to_str().unwrap(), "-c", "movie_title", "-o", out.to_str().unwrap()], None));
+    ok(&rudder(
+        &[
+            "embed",
+            "-m",
+            mini.to_str().unwrap(),
+            "-i",
+            item.to_str().unwrap(),
+            "-c",
+            "movie_title",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        None,
+    ));
     let e = &candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap()["embeddings"];
     assert_eq!(e.dims(), &[1682, 384]);
     // sentence-transformers' embedding of "Toy Story" (peer-baselines.md §4).
     let first: Vec<f32> = e.get(0).unwrap().to_vec1().unwrap();
-    for (a, b) in first.iter().zip([-0.024423f32, 0.046019, 0.057362, 0.048899, -0.046926]) {
+    for (a, b) in first
+        .iter()
+        .zip([-0.024423f32, 0.046019, 0.057362, 0.048899, -0.046926])
+    {
         assert!((a - b).abs() < 1e-5, "{first:?}");
     }
-    let idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("t.safetensors.json")).unwrap()).unwrap();
+    let idx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("t.safetensors.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(idx["ids"][0], "1");
 }
