@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 pub enum ModelKind {
     Mf,
     Lightgcn,
+    /// Language-feature CF (no ID embeddings); trains with (Adv)InfoNCE.
+    Alpharec,
 }
 
 /// The training loss.
@@ -111,13 +113,24 @@ pub struct CfConfig {
     /// `interaction` (RecBole).
     #[serde(default)]
     pub sampler: rudder_data::sampler::SampleMode,
+    /// AlphaRec's projector and feature source.
+    #[serde(default)]
+    pub alpharec: crate::alpharec::AlphaRecConfig,
+    /// Select the model and stop early on the (first) test set instead of validation, as
+    /// AlphaRec's reference code does (faithful mode; leaks test information).
+    #[serde(default)]
+    pub select_on_test: bool,
 }
 
 impl CfConfig {
     pub fn new(model: ModelKind, loss: LossConfig) -> CfConfig {
         CfConfig {
             model,
-            n_layers: if model == ModelKind::Lightgcn { 3 } else { 0 },
+            n_layers: match model {
+                ModelKind::Mf => 0,
+                ModelKind::Lightgcn => 3,
+                ModelKind::Alpharec => 2,
+            },
             dim: 64,
             loss,
             lr: 1e-3,
@@ -128,6 +141,8 @@ impl CfConfig {
             ks: vec![10, 20],
             seed: 101,
             sampler: rudder_data::sampler::SampleMode::User,
+            alpharec: Default::default(),
+            select_on_test: false,
         }
     }
 
@@ -148,6 +163,9 @@ impl CfConfig {
         }
         if !(self.lr > 0.0) {
             return bad("learning rate must be positive");
+        }
+        if self.model == ModelKind::Alpharec && !self.loss.cosine() {
+            return bad("AlphaRec trains with cosine InfoNCE (or AdvInfoNCE), not BPR");
         }
         match &self.loss {
             LossConfig::Infonce { tau, n_neg, .. } if *tau <= 0.0 || *n_neg == 0 => {

@@ -2,12 +2,15 @@
 //!
 //! - [`mf`] and [`lightgcn`]: the backbones (ID embeddings; LightGCN propagates them over the
 //!   normalised user–item graph and averages layers 0..L).
+//! - [`alpharec`]: AlphaRec (MLP of frozen item language features, user means, LightGCN).
 //! - [`loss`]: BPR, sampled InfoNCE and AdvInfoNCE.
 //! - [`trainer`]: the one training loop (sampler → batches → loss → Adam; evaluation every k
 //!   epochs on validation, early stopping, best weights restored, final test on every test set).
 //! - [`scorer`]: full-ranking scores from final embeddings (dot or cosine) for the evaluator.
 
+pub mod alpharec;
 pub mod config;
+pub mod features;
 pub mod fused;
 pub mod lightgcn;
 pub mod loss;
@@ -18,7 +21,7 @@ pub mod scorer;
 pub mod trainer;
 
 pub use config::{CfConfig, LossConfig, ModelKind};
-pub use trainer::{TrainObserver, TrainReport, train};
+pub use trainer::{TrainObserver, TrainReport, train, train_with};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CfError {

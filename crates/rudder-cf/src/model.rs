@@ -1,7 +1,7 @@
 //! The backbone contract: final user/item embeddings from trainable parameters.
 
 use crate::config::{CfConfig, ModelKind};
-use crate::{Result, lightgcn::LightGcn, mf::Mf};
+use crate::{Result, alpharec::AlphaRec, lightgcn::LightGcn, mf::Mf};
 use candle_core::{Device, Tensor, Var};
 use rudder_data::Interactions;
 
@@ -15,6 +15,17 @@ pub trait Backbone {
     fn ego_is_final(&self) -> bool {
         false
     }
+    /// The concrete model, for model-specific features (AlphaRec's projector for intents).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+}
+
+/// Data a model needs beyond the interactions (AlphaRec: item language features, rows aligned
+/// with the dataset's dense item ids).
+#[derive(Default, Clone)]
+pub struct ModelInputs {
+    pub item_features: Option<Tensor>,
 }
 
 /// A user table and an item table of ID embeddings (xavier-normal, as the references), the
@@ -55,8 +66,27 @@ impl IdTables {
 }
 
 /// Build the configured backbone for a train split.
-pub fn build(cfg: &CfConfig, train: &Interactions, dev: &Device) -> Result<Box<dyn Backbone>> {
+pub fn build(
+    cfg: &CfConfig,
+    train: &Interactions,
+    inputs: &ModelInputs,
+    dev: &Device,
+) -> Result<Box<dyn Backbone>> {
     Ok(match cfg.model {
+        ModelKind::Alpharec => {
+            let f = inputs.item_features.as_ref().ok_or_else(|| {
+                crate::CfError::Config("AlphaRec needs item language features".into())
+            })?;
+            Box::new(AlphaRec::new(
+                train,
+                f,
+                &cfg.alpharec,
+                cfg.dim,
+                cfg.n_layers,
+                cfg.seed,
+                dev,
+            )?)
+        }
         ModelKind::Mf => Box::new(Mf::new(
             train.n_users(),
             train.n_items(),
@@ -74,10 +104,11 @@ pub fn build(cfg: &CfConfig, train: &Interactions, dev: &Device) -> Result<Box<d
 pub fn restore(
     cfg: &CfConfig,
     train: &Interactions,
+    inputs: &ModelInputs,
     tensors: &std::collections::HashMap<String, Tensor>,
     dev: &Device,
 ) -> Result<Box<dyn Backbone>> {
-    let m = build(cfg, train, dev)?;
+    let m = build(cfg, train, inputs, dev)?;
     for (name, var) in m.params() {
         let t = tensors
             .get(&name)

@@ -5,7 +5,7 @@
 
 use crate::config::{CfConfig, LossConfig};
 use crate::loss::{self, BatchEmb, BatchIdx, Hardness};
-use crate::model::{self, Backbone};
+use crate::model::{self, Backbone, ModelInputs};
 use crate::scorer::EmbeddingScorer;
 use crate::{CfError, Result};
 use candle_core::{Device, Tensor};
@@ -125,13 +125,23 @@ pub fn adversarial_epoch(
 }
 
 pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Result<TrainReport> {
+    train_with(cfg, split, &ModelInputs::default(), obs)
+}
+
+/// [`train`] for models that need more than interactions (AlphaRec's item features).
+pub fn train_with(
+    cfg: &CfConfig,
+    split: &Split,
+    inputs: &ModelInputs,
+    obs: &mut dyn TrainObserver,
+) -> Result<TrainReport> {
     cfg.validate()?;
     let dev = Device::Cpu;
     let train = &split.train;
     if train.is_empty() {
         return Err(CfError::Config("the train split is empty".into()));
     }
-    let model: Box<dyn Backbone> = model::build(cfg, train, &dev)?;
+    let model: Box<dyn Backbone> = model::build(cfg, train, inputs, &dev)?;
     let params = model.params();
     let mut opt = Adam::new(
         params.iter().map(|(_, v)| v.clone()).collect(),
@@ -161,7 +171,8 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
     };
     let mut adv_done = 0usize;
     let k_sel = cfg.selection_k();
-    let has_valid = !split.valid.is_empty();
+    // Selection reads validation, or the first test set in faithful AlphaRec mode.
+    let has_valid = if cfg.select_on_test { !split.test.is_empty() } else { !split.valid.is_empty() };
     let mut best: Option<(f64, usize, Vec<Tensor>, EvalReport)> = None;
     let mut since_best = 0usize;
     let mut history = Vec::new();
@@ -276,7 +287,12 @@ pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Resu
         if has_valid && ((epoch + 1) % cfg.eval_every == 0 || last) {
             let te = Instant::now();
             let (u, i) = model.forward()?;
-            let r = evaluate_valid(&EmbeddingScorer::new(&u, &i, cosine)?, split, &cfg.ks)?;
+            let sc = EmbeddingScorer::new(&u, &i, cosine)?;
+            let r = if cfg.select_on_test {
+                evaluate_tests(&sc, split, &cfg.ks)?.swap_remove(0).1
+            } else {
+                evaluate_valid(&sc, split, &cfg.ks)?
+            };
             rec.eval_seconds = Some(te.elapsed().as_secs_f64());
             let score = r.get("recall", k_sel);
             rec.valid = Some(r.means.clone());
@@ -386,6 +402,7 @@ pub fn write_run(
         match report.config.model {
             crate::ModelKind::Mf => "MF",
             crate::ModelKind::Lightgcn => "LightGCN",
+            crate::ModelKind::Alpharec => "AlphaRec",
         },
         report.config.loss.name(),
         report.history.len(),

@@ -45,7 +45,7 @@ fn every_parameter_receives_a_gradient() {
                 ..Default::default()
             }),
         );
-        let m = model::build(&cfg, &s.train, &dev).unwrap();
+        let m = model::build(&cfg, &s.train, &Default::default(), &dev).unwrap();
         let h = Hardness::new(
             s.train.n_users(),
             s.train.n_items(),
