@@ -4,7 +4,7 @@
 use crate::config::{AdvConfig, CfConfig, LossConfig, ModelKind};
 
 /// (name, description) of every preset.
-pub const PRESETS: [(&str, &str); 12] = [
+pub const PRESETS: [(&str, &str); 14] = [
     (
         "recbole-lightgcn",
         "RecBole-comparable LightGCN: d=64, 3 layers, BPR, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch",
@@ -50,6 +50,14 @@ pub const PRESETS: [(&str, &str); 12] = [
         "AdvInfoNCE README, KuaiRec, LightGCN L=2: lr 3e-5, B 2048, N 128, τ 2.0, adv_lr 5e-5, 12 passes",
     ),
     (
+        "alpharec",
+        "AlphaRec README (Books, Movies & TV): MLP projector, d=64, L=2, InfoNCE τ 0.15, N 256, lr 5e-4, B 4096, eval every 5, patience 20, K 20",
+    ),
+    (
+        "alpharec-games",
+        "AlphaRec README (Games): as alpharec with τ 0.2",
+    ),
+    (
         "infonce-kuairec-lightgcn",
         "InfoNCE baseline on KuaiRec, LightGCN L=2: lr 3e-5, B 2048, N 128, τ 2.0",
     ),
@@ -68,7 +76,7 @@ fn adv(tau: f64, n_neg: usize, adv_lr: f64, eta_epochs: usize, adv_interval: usi
 
 fn base(model: ModelKind, loss: LossConfig, lr: f64, batch: usize, patience: usize) -> CfConfig {
     let mut c = CfConfig::new(model, loss);
-    c.n_layers = if model == ModelKind::Lightgcn { 2 } else { 0 };
+    c.n_layers = if model == ModelKind::Mf { 0 } else { 2 };
     c.lr = lr;
     c.batch_size = batch;
     c.patience = patience;
@@ -109,6 +117,19 @@ pub fn preset(name: &str) -> Option<CfConfig> {
         "advinfonce-tencent-mf" => base(M, adv(0.09, 128, 5e-5, 8, 5), 1e-3, 2048, 20),
         "advinfonce-kuairec-lightgcn" => base(L, adv(2.0, 128, 5e-5, 12, 5), 3e-5, 2048, 10),
         "infonce-kuairec-lightgcn" => base(L, infonce(2.0, 128), 3e-5, 2048, 10),
+        "alpharec" | "alpharec-games" => {
+            let tau = if name == "alpharec" { 0.15 } else { 0.2 };
+            let mut c = base(
+                ModelKind::Alpharec,
+                LossConfig::Infonce { tau, n_neg: 256, reg: 0.0 },
+                5e-4,
+                4096,
+                20,
+            );
+            c.n_layers = 2;
+            c.epochs = 500;
+            c
+        }
         _ => return None,
     })
 }

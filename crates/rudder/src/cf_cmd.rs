@@ -4,8 +4,9 @@ use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
 use rudder_cf::config::AdvConfig;
 use rudder_cf::presets::{PRESETS, preset};
+use rudder_cf::model::ModelInputs;
 use rudder_cf::trainer::{
-    EpochRecord, TrainObserver, evaluate_tests, evaluate_valid, metrics_row, train, write_run,
+    EpochRecord, TrainObserver, evaluate_tests, evaluate_valid, metrics_row, train_with, write_run,
 };
 use rudder_cf::{CfConfig, LossConfig, ModelKind};
 use rudder_data::assets::Store;
@@ -21,11 +22,19 @@ pub enum CfCmd {
     /// Train MF or LightGCN with BPR, InfoNCE or AdvInfoNCE; writes a run folder
     /// (config.toml, metrics.jsonl, summary.md, best.safetensors).
     Train(Box<TrainArgs>),
-    /// Re-evaluate a run folder's best weights on validation and every test set.
+    /// Re-evaluate a run folder's best weights on validation and every test set. With --data
+    /// (AlphaRec only) the trained projector recommends zero-shot on another dataset from its
+    /// item titles alone.
     Eval {
         /// Run folder written by `rudder cf train`.
         #[arg(long)]
         run: PathBuf,
+        /// Zero-shot target dataset (folder, asset name or synth); default: the run's own data.
+        #[arg(long)]
+        data: Option<String>,
+        /// Item features of the target dataset (default: encode its titles with the run's encoder).
+        #[arg(long)]
+        features: Option<String>,
     },
     /// Top-K recommendations for one user of a trained run, in the user's original ids, with
     /// item titles when known (items the user trained on are excluded).
@@ -37,6 +46,12 @@ pub enum CfCmd {
         user: String,
         #[arg(short, long, default_value_t = 10)]
         k: usize,
+        /// AlphaRec: a text query that moves the user's vector toward it ("space adventure").
+        #[arg(long)]
+        intent: Option<String>,
+        /// Weight of the intent in the user's vector (0..1).
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f64,
     },
     /// List the hyper-parameter presets.
     Presets,
@@ -65,9 +80,22 @@ pub struct TrainArgs {
     /// Start from a preset (see `rudder cf presets`).
     #[arg(long)]
     preset: Option<String>,
-    /// mf or lightgcn.
+    /// mf, lightgcn or alpharec.
     #[arg(long)]
     model: Option<String>,
+    /// AlphaRec: item features file (safetensors from `rudder embed`, aligned by its ids, or
+    /// .npy rows in item order). Default: encode item titles with --encoder.
+    #[arg(long)]
+    features: Option<String>,
+    /// AlphaRec: sentence encoder for item titles (folder or asset; default all-minilm-l6-v2).
+    #[arg(long)]
+    encoder: Option<String>,
+    /// AlphaRec: projector `mlp` (default) or `linear`.
+    #[arg(long)]
+    projector: Option<String>,
+    /// AlphaRec: MLP hidden width as a multiple of the feature size.
+    #[arg(long)]
+    hidden_mult: Option<f64>,
     /// bpr, infonce or advinfonce.
     #[arg(long)]
     loss: Option<String>,
@@ -115,8 +143,9 @@ pub struct TrainArgs {
     /// AdvInfoNCE: negative-term multiplier.
     #[arg(long)]
     k_neg: Option<f64>,
-    /// AdvInfoNCE: reproduce the reference's two bugs (the 0.5 ** ‖E_neg‖ regulariser typo and
-    /// the adversary step without its own regulariser).
+    /// Reproduce the reference code: AdvInfoNCE's two bugs (the 0.5 ** ‖E_neg‖ regulariser typo
+    /// and the adversary step without its own regulariser); AlphaRec's model selection and early
+    /// stopping on the test set.
     #[arg(long)]
     faithful: Option<bool>,
     /// AdvInfoNCE: L2 weight on the hardness embeddings in the adversarial step.
@@ -156,6 +185,10 @@ impl TrainArgs {
             preset,
             sampler,
             model,
+            features,
+            encoder,
+            projector,
+            hidden_mult,
             loss,
             layers,
             dim,
@@ -192,10 +225,19 @@ impl TrainArgs {
             let kind = match m.as_str() {
                 "mf" => ModelKind::Mf,
                 "lightgcn" => ModelKind::Lightgcn,
-                _ => bail!("unknown model `{m}` (mf, lightgcn)"),
+                "alpharec" => ModelKind::Alpharec,
+                _ => bail!("unknown model `{m}` (mf, lightgcn, alpharec)"),
             };
             if kind != c.model {
-                c.n_layers = if kind == ModelKind::Lightgcn { 3 } else { 0 };
+                c.n_layers = match kind {
+                    ModelKind::Mf => 0,
+                    ModelKind::Lightgcn => 3,
+                    ModelKind::Alpharec => 2,
+                };
+                if kind == ModelKind::Alpharec && !c.loss.cosine() && self.loss.is_none() {
+                    // AlphaRec trains with cosine InfoNCE (the reference's τ and N).
+                    c.loss = LossConfig::Infonce { tau: 0.15, n_neg: 256, reg: 0.0 };
+                }
             }
             c.model = kind;
         }
@@ -279,6 +321,27 @@ impl TrainArgs {
                 }
             }
         }
+        if let Some(f) = &self.features {
+            c.alpharec.features = f.clone();
+        }
+        if let Some(e) = &self.encoder {
+            c.alpharec.encoder = e.clone();
+        }
+        if let Some(p) = &self.projector {
+            c.alpharec.projector = match p.as_str() {
+                "mlp" => rudder_cf::alpharec::Projector::Mlp,
+                "linear" => rudder_cf::alpharec::Projector::Linear,
+                _ => bail!("unknown projector `{p}` (mlp, linear)"),
+            };
+        }
+        if let Some(h) = self.hidden_mult {
+            c.alpharec.hidden_mult = h;
+        }
+        if c.model == ModelKind::Alpharec {
+            c.select_on_test = self.faithful.unwrap_or(false);
+        } else if self.features.is_some() || self.encoder.is_some() || self.projector.is_some() || self.hidden_mult.is_some() {
+            bail!("--features, --encoder, --projector and --hidden-mult apply to --model alpharec");
+        }
         if !matches!(c.loss, LossConfig::Advinfonce(_))
             && (self.adv_lr.is_some()
                 || self.adv_reg.is_some()
@@ -302,6 +365,7 @@ impl TrainArgs {
                 match c.model {
                     ModelKind::Mf => "mf",
                     ModelKind::Lightgcn => "lightgcn",
+                    ModelKind::Alpharec => "alpharec",
                 }
                 .into(),
             ),
@@ -326,6 +390,19 @@ impl TrainArgs {
             min_rating: self.min_rating,
             ..Default::default()
         };
+        if c.model == ModelKind::Alpharec {
+            r.features = (!c.alpharec.features.is_empty()).then(|| c.alpharec.features.clone());
+            r.encoder = Some(c.alpharec.encoder.clone());
+            r.projector = Some(
+                match c.alpharec.projector {
+                    rudder_cf::alpharec::Projector::Mlp => "mlp",
+                    rudder_cf::alpharec::Projector::Linear => "linear",
+                }
+                .into(),
+            );
+            r.hidden_mult = Some(c.alpharec.hidden_mult);
+            r.faithful = Some(c.select_on_test);
+        }
         match &c.loss {
             LossConfig::Bpr { reg } => r.reg = Some(*reg),
             LossConfig::Infonce { tau, n_neg, reg } => {
@@ -459,8 +536,12 @@ pub fn run(cmd: CfCmd) -> Result<()> {
             );
             let run = RunDir::create(&out)?;
             let cfg_text = toml::to_string_pretty(&resolved)?;
+            let inputs = model_inputs(&cfg, &ds, None)?;
+            if let Some(f) = &inputs.item_features {
+                save_features(&run.path, f, &ds)?;
+            }
             let mut bar = progress_bar(cfg.epochs, cfg.selection_k());
-            let report = train(&cfg, s, &mut bar)?;
+            let report = train_with(&cfg, s, &inputs, &mut bar)?;
             bar.pb.finish_and_clear();
             write_run(&run.path, &data, Some(&cfg_text), &report)?;
             crate::plots::training_curves(&run.path, &report);
@@ -468,8 +549,11 @@ pub fn run(cmd: CfCmd) -> Result<()> {
             println!("\n{summary}\nrun folder: {}", run.path.display());
             Ok(())
         }
-        CfCmd::Eval { run } => eval(&run),
-        CfCmd::Recommend { run, user, k } => recommend(&run, &user, k),
+        CfCmd::Eval { run, data, features } => match data {
+            Some(d) => zero_shot(&run, &d, features.as_deref()),
+            None => eval(&run),
+        },
+        CfCmd::Recommend { run, user, k, intent, alpha } => recommend(&run, &user, k, intent.as_deref(), alpha),
         CfCmd::Presets => {
             for (n, d) in PRESETS {
                 println!("{n:<30} {d}");
@@ -479,11 +563,46 @@ pub fn run(cmd: CfCmd) -> Result<()> {
     }
 }
 
+/// Item language features for AlphaRec (none for ID models): a features file (`--features`,
+/// or the config's), else the dataset's titles through the configured encoder.
+fn model_inputs(cfg: &CfConfig, ds: &Dataset, features: Option<&str>) -> Result<ModelInputs> {
+    if cfg.model != ModelKind::Alpharec {
+        return Ok(ModelInputs::default());
+    }
+    let file = features.unwrap_or(&cfg.alpharec.features);
+    let t = if !file.is_empty() {
+        rudder_cf::features::load_features(Path::new(file), ds)?
+    } else {
+        let enc = crate::lm_cmd::resolve_model(&cfg.alpharec.encoder)?;
+        let pb = indicatif::ProgressBar::new(ds.n_items() as u64);
+        pb.set_style(indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} item titles encoded [{elapsed} < {eta}]",
+        )?);
+        let t = rudder_cf::features::encode_titles(ds, &enc, &mut |d, _| pb.set_position(d as u64))?;
+        pb.finish_and_clear();
+        t
+    };
+    Ok(ModelInputs { item_features: Some(t) })
+}
+
+/// The run's item features with their ids, so that eval and recommend need no re-encoding.
+fn save_features(dir: &Path, t: &candle_core::Tensor, ds: &Dataset) -> Result<()> {
+    let p = dir.join("item_features.safetensors");
+    rudder_nn::checkpoint::save(&[("embeddings".to_string(), t.clone())], &p)?;
+    let ids: Vec<&str> = (0..ds.n_items() as u32).map(|i| ds.items.ext(i)).collect();
+    rudder_data::io::write_bytes_atomic(
+        &dir.join("item_features.safetensors.json"),
+        serde_json::json!({"ids": ids, "rows": ds.n_items(), "dim": t.dim(1)?}).to_string().as_bytes(),
+    )?;
+    Ok(())
+}
+
 /// A trained run: its options, data and model.
 struct TrainedRun {
     args: TrainArgs,
     cfg: CfConfig,
     ds: Dataset,
+    model: Box<dyn rudder_cf::model::Backbone>,
     users: candle_core::Tensor,
     items: candle_core::Tensor,
 }
@@ -505,23 +624,83 @@ fn load_run(run: &Path) -> Result<TrainedRun> {
         args.min_rating,
         args.split_seed.unwrap_or(2020),
     )?;
-    let ck = run.join("best.safetensors");
-    let tensors = rudder_nn::checkpoint::load(&ck, &candle_core::Device::Cpu)
-        .with_context(|| format!("reading {}", ck.display()))?;
-    let m = rudder_cf::model::restore(
-        &cfg,
-        &ds.split.as_ref().unwrap().train,
-        &tensors,
-        &candle_core::Device::Cpu,
-    )?;
+    let saved = run.join("item_features.safetensors");
+    let features = saved.exists().then(|| saved.to_string_lossy().into_owned());
+    let (m, ds) = restore_on(run, &cfg, ds, features.as_deref())?;
     let (users, items) = m.forward()?;
     Ok(TrainedRun {
         args,
         cfg,
         ds,
+        model: m,
         users,
         items,
     })
+}
+
+/// The run's trained weights on a dataset (its own, or another one for AlphaRec zero-shot).
+fn restore_on(
+    run: &Path,
+    cfg: &CfConfig,
+    ds: Dataset,
+    features: Option<&str>,
+) -> Result<(Box<dyn rudder_cf::model::Backbone>, Dataset)> {
+    let ck = run.join("best.safetensors");
+    let tensors = rudder_nn::checkpoint::load(&ck, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading {}", ck.display()))?;
+    let inputs = model_inputs(cfg, &ds, features)?;
+    let m = rudder_cf::model::restore(
+        cfg,
+        &ds.split.as_ref().unwrap().train,
+        &inputs,
+        &tensors,
+        &candle_core::Device::Cpu,
+    )?;
+    Ok((m, ds))
+}
+
+/// AlphaRec zero-shot: the run's projector on another dataset's graph and item texts.
+fn zero_shot(run: &Path, data: &str, features: Option<&str>) -> Result<()> {
+    let cfg_path = run.join("config.toml");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {} (is this a run folder?)", cfg_path.display()))?;
+    let args: TrainArgs = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
+    let cfg = args.resolve()?;
+    if cfg.model != ModelKind::Alpharec {
+        bail!("only AlphaRec runs transfer to other datasets (this run is {:?}: its embeddings belong to its own ids)", cfg.model);
+    }
+    let ds = load_split(data, None, None, args.split_seed.unwrap_or(2020))?;
+    let (m, ds) = restore_on(run, &cfg, ds, features)?;
+    let (u, i) = m.forward()?;
+    let sc = rudder_cf::scorer::EmbeddingScorer::new(&u, &i, true)?;
+    let s = ds.split.as_ref().unwrap();
+    let k = cfg.selection_k();
+    let mut md = format!(
+        "# Zero-shot: {} on `{data}` ({} users × {} items)\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
+        run.display(),
+        ds.n_users(),
+        ds.n_items()
+    );
+    let mut results = Vec::new();
+    if !s.valid.is_empty() {
+        results.push(("valid".to_string(), evaluate_valid(&sc, s, &cfg.ks)?));
+    }
+    results.extend(evaluate_tests(&sc, s, &cfg.ks)?);
+    let mut lines = String::new();
+    for (name, r) in &results {
+        md.push_str(&metrics_row(name, r, k));
+        md.push('\n');
+        let mut j = rudder_cf::trainer::metrics_json(r);
+        j["split"] = name.clone().into();
+        j["data"] = data.into();
+        lines.push_str(&j.to_string());
+        lines.push('\n');
+    }
+    let tag: String = data.chars().map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    rudder_data::io::write_bytes_atomic(&run.join(format!("zero_shot_{tag}.jsonl")), lines.as_bytes())?;
+    rudder_data::io::write_bytes_atomic(&run.join(format!("zero_shot_{tag}.md")), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
 }
 
 fn eval(run: &Path) -> Result<()> {
@@ -557,8 +736,8 @@ fn eval(run: &Path) -> Result<()> {
     Ok(())
 }
 
-fn recommend(run: &Path, user: &str, k: usize) -> Result<()> {
-    let l = load_run(run)?;
+fn recommend(run: &Path, user: &str, k: usize, intent: Option<&str>, alpha: f64) -> Result<()> {
+    let mut l = load_run(run)?;
     let u = l.ds.users.get(user).ok_or_else(|| {
         anyhow!(
             "user `{user}` is not in {} (ids are the data's own, e.g. `{}`)",
@@ -566,6 +745,19 @@ fn recommend(run: &Path, user: &str, k: usize) -> Result<()> {
             l.ds.users.ext(0)
         )
     })?;
+    if let Some(text) = intent {
+        let Some(a) = l.model.as_any().and_then(|m| m.downcast_ref::<rudder_cf::alpharec::AlphaRec>()) else {
+            bail!("--intent needs an AlphaRec run (its projector reads text)");
+        };
+        if !(0.0..=1.0).contains(&alpha) {
+            bail!("--alpha must lie in [0, 1]");
+        }
+        let enc = crate::lm_cmd::resolve_model(&l.cfg.alpharec.encoder)?;
+        let q = rudder_cf::features::encode_text(&enc, text)?;
+        let shifted = rudder_cf::alpharec::shift_toward_intent(a, &l.users.get(u as usize)?, &q, alpha)?;
+        l.users = l.users.slice_assign(&[u as usize..u as usize + 1, 0..shifted.dim(0)?], &shifted.unsqueeze(0)?)?;
+        println!("intent: \"{text}\" (weight {alpha})");
+    }
     let s = l.ds.split.as_ref().unwrap();
     let sc = rudder_cf::scorer::EmbeddingScorer::new(&l.users, &l.items, l.cfg.loss.cosine())?;
     let n = l.ds.n_items();
