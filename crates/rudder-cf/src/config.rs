@@ -9,6 +9,8 @@ pub enum ModelKind {
     Lightgcn,
     /// Language-feature CF (no ID embeddings); trains with (Adv)InfoNCE.
     Alpharec,
+    /// LightGCN with adversarial edge dropout (two views, invariance loss); trains with BPR.
+    Advdrop,
 }
 
 /// The training loss.
@@ -120,6 +122,9 @@ pub struct CfConfig {
     /// AlphaRec's reference code does (faithful mode; leaks test information).
     #[serde(default)]
     pub select_on_test: bool,
+    /// AdvDrop's mask network and schedule.
+    #[serde(default)]
+    pub advdrop: crate::advdrop::AdvDropConfig,
 }
 
 impl CfConfig {
@@ -129,7 +134,7 @@ impl CfConfig {
             n_layers: match model {
                 ModelKind::Mf => 0,
                 ModelKind::Lightgcn => 3,
-                ModelKind::Alpharec => 2,
+                ModelKind::Alpharec | ModelKind::Advdrop => 2,
             },
             dim: 64,
             loss,
@@ -143,6 +148,7 @@ impl CfConfig {
             sampler: rudder_data::sampler::SampleMode::User,
             alpharec: Default::default(),
             select_on_test: false,
+            advdrop: Default::default(),
         }
     }
 
@@ -163,6 +169,9 @@ impl CfConfig {
         }
         if !(self.lr > 0.0) {
             return bad("learning rate must be positive");
+        }
+        if self.model == ModelKind::Advdrop && !matches!(self.loss, LossConfig::Bpr { .. }) {
+            return bad("AdvDrop trains with BPR on both views");
         }
         if self.model == ModelKind::Alpharec && !self.loss.cosine() {
             return bad("AlphaRec trains with cosine InfoNCE (or AdvInfoNCE), not BPR");

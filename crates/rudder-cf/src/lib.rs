@@ -2,12 +2,14 @@
 //!
 //! - [`mf`] and [`lightgcn`]: the backbones (ID embeddings; LightGCN propagates them over the
 //!   normalised user–item graph and averages layers 0..L).
+//! - [`advdrop`]: AdvDrop (two LightGCN views over adversarially dropped edges).
 //! - [`alpharec`]: AlphaRec (MLP of frozen item language features, user means, LightGCN).
 //! - [`loss`]: BPR, sampled InfoNCE and AdvInfoNCE.
 //! - [`trainer`]: the one training loop (sampler → batches → loss → Adam; evaluation every k
 //!   epochs on validation, early stopping, best weights restored, final test on every test set).
 //! - [`scorer`]: full-ranking scores from final embeddings (dot or cosine) for the evaluator.
 
+pub mod advdrop;
 pub mod alpharec;
 pub mod config;
 pub mod features;

@@ -15,6 +15,21 @@ pub trait Backbone {
     fn ego_is_final(&self) -> bool {
         false
     }
+    /// Trained state outside the main optimizer (AdvDrop's mask network): checkpointed and
+    /// restored with the parameters.
+    fn extra_state(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+    /// A model-specific training loss for a batch (AdvDrop's two views + invariance); `None`
+    /// uses the configured loss on `forward()`.
+    fn custom_loss(&self, _idx: &crate::loss::BatchIdx, _step: u64) -> Option<Result<Tensor>> {
+        None
+    }
+    /// A model-specific adversarial phase before the epoch's recommender steps (AdvDrop's ARM
+    /// updates of the mask network); returns a diagnostic value when it ran.
+    fn adversarial(&self, _epoch: usize, _n_batches: usize) -> Option<Result<f64>> {
+        None
+    }
     /// The concrete model, for model-specific features (AlphaRec's projector for intents).
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
@@ -73,6 +88,21 @@ pub fn build(
     dev: &Device,
 ) -> Result<Box<dyn Backbone>> {
     Ok(match cfg.model {
+        ModelKind::Advdrop => {
+            let reg = match cfg.loss {
+                crate::LossConfig::Bpr { reg } => reg,
+                _ => 0.0,
+            };
+            Box::new(crate::advdrop::AdvDrop::new(
+                train,
+                cfg.dim,
+                cfg.n_layers,
+                reg,
+                &cfg.advdrop,
+                cfg.seed,
+                dev,
+            )?)
+        }
         ModelKind::Alpharec => {
             let f = inputs.item_features.as_ref().ok_or_else(|| {
                 crate::CfError::Config("AlphaRec needs item language features".into())
@@ -109,7 +139,7 @@ pub fn restore(
     dev: &Device,
 ) -> Result<Box<dyn Backbone>> {
     let m = build(cfg, train, inputs, dev)?;
-    for (name, var) in m.params() {
+    for (name, var) in m.params().into_iter().chain(m.extra_state()) {
         let t = tensors
             .get(&name)
             .ok_or_else(|| crate::CfError::Config(format!("checkpoint has no tensor `{name}`")))?;

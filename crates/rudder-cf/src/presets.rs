@@ -4,7 +4,7 @@
 use crate::config::{AdvConfig, CfConfig, LossConfig, ModelKind};
 
 /// (name, description) of every preset.
-pub const PRESETS: [(&str, &str); 14] = [
+pub const PRESETS: [(&str, &str); 17] = [
     (
         "recbole-lightgcn",
         "RecBole-comparable LightGCN: d=64, 3 layers, BPR, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch",
@@ -56,6 +56,18 @@ pub const PRESETS: [(&str, &str); 14] = [
     (
         "alpharec-games",
         "AlphaRec README (Games): as alpharec with τ 0.2",
+    ),
+    (
+        "advdrop-coat",
+        "AdvDrop README, Coat: LightGCN L=2, d 30, BPR, lr 1e-3, B 128, reg 1e-5, ARM phase every 7 epochs × 10 passes, adv_lr 1e-2, eval every epoch",
+    ),
+    (
+        "advdrop-yelp",
+        "AdvDrop README, Yelp2018: d 64, lr 5e-4, B 1024, every 7 epochs × 15 passes, adv_lr 1e-2",
+    ),
+    (
+        "advdrop-kuairec",
+        "AdvDrop README, KuaiRec: d 30, lr 5e-4, B 512, every 3 epochs × 5 passes, adv_lr 1e-3",
     ),
     (
         "infonce-kuairec-lightgcn",
@@ -117,6 +129,19 @@ pub fn preset(name: &str) -> Option<CfConfig> {
         "advinfonce-tencent-mf" => base(M, adv(0.09, 128, 5e-5, 8, 5), 1e-3, 2048, 20),
         "advinfonce-kuairec-lightgcn" => base(L, adv(2.0, 128, 5e-5, 12, 5), 3e-5, 2048, 10),
         "infonce-kuairec-lightgcn" => base(L, infonce(2.0, 128), 3e-5, 2048, 10),
+        "advdrop-coat" | "advdrop-yelp" | "advdrop-kuairec" => {
+            let (lr, b, d, interval, adv_epochs, adv_lr) = match name {
+                "advdrop-coat" => (1e-3, 128, 30, 7, 10, 1e-2),
+                "advdrop-yelp" => (5e-4, 1024, 64, 7, 15, 1e-2),
+                _ => (5e-4, 512, 30, 3, 5, 1e-3),
+            };
+            let mut c = base(ModelKind::Advdrop, LossConfig::Bpr { reg: 1e-5 }, lr, b, 20);
+            c.dim = d;
+            c.epochs = 1600;
+            c.eval_every = 1;
+            c.advdrop = crate::advdrop::AdvDropConfig { interval, adv_epochs, adv_lr, ..Default::default() };
+            c
+        }
         "alpharec" | "alpharec-games" => {
             let tau = if name == "alpharec" { 0.15 } else { 0.2 };
             let mut c = base(

@@ -143,6 +143,9 @@ pub fn train_with(
     }
     let model: Box<dyn Backbone> = model::build(cfg, train, inputs, &dev)?;
     let params = model.params();
+    // everything a checkpoint holds: optimised parameters plus model-internal trained state
+    let state: Vec<(String, candle_core::Var)> =
+        params.iter().cloned().chain(model.extra_state()).collect();
     let mut opt = Adam::new(
         params.iter().map(|(_, v)| v.clone()).collect(),
         AdamConfig::adam(cfg.lr),
@@ -178,7 +181,10 @@ pub fn train_with(
     let mut history = Vec::new();
 
     let batch_loss =
-        |m: &dyn Backbone, idx: &BatchIdx, hard: Option<&Hardness>| -> Result<Tensor> {
+        |m: &dyn Backbone, idx: &BatchIdx, hard: Option<&Hardness>, step: u64| -> Result<Tensor> {
+            if let Some(l) = m.custom_loss(idx, step) {
+                return l;
+            }
             let (users, items) = m.forward()?;
             // MF + BPR: one fused op (same value and gradients as the generic path)
             if let (LossConfig::Bpr { reg }, true) = (
@@ -239,7 +245,7 @@ pub fn train_with(
                     let stream = (1u64 << 40) + (epoch * a.adv_epochs.max(1) + rep) as u64;
                     for b in sampler.iter_epoch(stream) {
                         let idx = BatchIdx::new(&b, &dev)?;
-                        let l = batch_loss(model.as_ref(), &idx, Some(h))?;
+                        let l = batch_loss(model.as_ref(), &idx, Some(h), 0)?;
                         // ascend the loss; the fixed behaviour also keeps the adversary's rows small
                         let objective = if a.faithful_adv_reg || a.adv_reg == 0.0 {
                             l.neg()?
@@ -258,11 +264,16 @@ pub fn train_with(
             }
         }
         let n_batches = sampler.n_batches();
+        // model-specific adversary (AdvDrop's mask network)
+        if let Some(r) = model.adversarial(epoch, n_batches) {
+            adv_kl = Some(r?);
+        }
         obs.epoch_start(epoch, n_batches);
         let mut total = 0.0;
-        for b in sampler.iter_epoch(epoch as u64) {
+        for (bi, b) in sampler.iter_epoch(epoch as u64).enumerate() {
             let idx = BatchIdx::new(&b, &dev)?;
-            let l = batch_loss(model.as_ref(), &idx, adv.as_ref())?;
+            let step = (epoch * n_batches + bi) as u64;
+            let l = batch_loss(model.as_ref(), &idx, adv.as_ref(), step)?;
             let v = l.to_scalar::<f32>()? as f64;
             if !v.is_finite() {
                 return Err(CfError::Config(format!(
@@ -297,7 +308,7 @@ pub fn train_with(
             let score = r.get("recall", k_sel);
             rec.valid = Some(r.means.clone());
             if best.as_ref().is_none_or(|b| score > b.0) {
-                let snap = params
+                let snap = state
                     .iter()
                     .map(|(_, v)| v.as_tensor().copy())
                     .collect::<candle_core::Result<Vec<_>>>()?;
@@ -315,7 +326,7 @@ pub fn train_with(
     }
     let (best_epoch, best_valid) = match best {
         Some((_, e, snap, r)) => {
-            for ((_, v), t) in params.iter().zip(snap) {
+            for ((_, v), t) in state.iter().zip(snap) {
                 v.set(&t)?;
             }
             (Some(e), Some(r))
@@ -335,7 +346,7 @@ pub fn train_with(
         best_epoch,
         best_valid,
         tests,
-        params: params
+        params: state
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect(),
@@ -403,6 +414,7 @@ pub fn write_run(
             crate::ModelKind::Mf => "MF",
             crate::ModelKind::Lightgcn => "LightGCN",
             crate::ModelKind::Alpharec => "AlphaRec",
+            crate::ModelKind::Advdrop => "AdvDrop",
         },
         report.config.loss.name(),
         report.history.len(),

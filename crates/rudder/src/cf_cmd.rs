@@ -140,6 +140,15 @@ pub struct TrainArgs {
     /// AdvInfoNCE: adversarial pass when (epoch + 3) % adv_interval == 0.
     #[arg(long)]
     adv_interval: Option<usize>,
+    /// AdvDrop: passes over the batches in each adversarial phase.
+    #[arg(long)]
+    adv_epochs: Option<usize>,
+    /// AdvDrop: keep probability used to rescale kept edges.
+    #[arg(long)]
+    keep_prob: Option<f64>,
+    /// AdvDrop: weight of the cross-view invariance loss.
+    #[arg(long)]
+    inv_tau: Option<f64>,
     /// AdvInfoNCE: negative-term multiplier.
     #[arg(long)]
     k_neg: Option<f64>,
@@ -207,6 +216,9 @@ impl TrainArgs {
             eta_epochs,
             adv_interval,
             k_neg,
+            adv_epochs,
+            keep_prob,
+            inv_tau,
             faithful,
             split_seed,
             min_rating
@@ -226,14 +238,18 @@ impl TrainArgs {
                 "mf" => ModelKind::Mf,
                 "lightgcn" => ModelKind::Lightgcn,
                 "alpharec" => ModelKind::Alpharec,
-                _ => bail!("unknown model `{m}` (mf, lightgcn, alpharec)"),
+                "advdrop" => ModelKind::Advdrop,
+                _ => bail!("unknown model `{m}` (mf, lightgcn, alpharec, advdrop)"),
             };
             if kind != c.model {
                 c.n_layers = match kind {
                     ModelKind::Mf => 0,
                     ModelKind::Lightgcn => 3,
-                    ModelKind::Alpharec => 2,
+                    ModelKind::Alpharec | ModelKind::Advdrop => 2,
                 };
+                if kind == ModelKind::Advdrop && self.loss.is_none() {
+                    c.loss = LossConfig::Bpr { reg: 1e-5 };
+                }
                 if kind == ModelKind::Alpharec && !c.loss.cosine() && self.loss.is_none() {
                     // AlphaRec trains with cosine InfoNCE (the reference's τ and N).
                     c.loss = LossConfig::Infonce { tau: 0.15, n_neg: 256, reg: 0.0 };
@@ -342,6 +358,28 @@ impl TrainArgs {
         } else if self.features.is_some() || self.encoder.is_some() || self.projector.is_some() || self.hidden_mult.is_some() {
             bail!("--features, --encoder, --projector and --hidden-mult apply to --model alpharec");
         }
+        if c.model == ModelKind::Advdrop {
+            let a = &mut c.advdrop;
+            if let Some(v) = self.adv_lr {
+                a.adv_lr = v;
+            }
+            if let Some(v) = self.adv_interval {
+                a.interval = v;
+            }
+            if let Some(v) = self.adv_epochs {
+                a.adv_epochs = v;
+            }
+            if let Some(v) = self.keep_prob {
+                a.keep_prob = v;
+            }
+            if let Some(v) = self.inv_tau {
+                a.inv_tau = v;
+            }
+            c.validate()?;
+            return Ok(c);
+        } else if self.adv_epochs.is_some() || self.keep_prob.is_some() || self.inv_tau.is_some() {
+            bail!("--adv-epochs, --keep-prob and --inv-tau apply to --model advdrop");
+        }
         if !matches!(c.loss, LossConfig::Advinfonce(_))
             && (self.adv_lr.is_some()
                 || self.adv_reg.is_some()
@@ -366,6 +404,7 @@ impl TrainArgs {
                     ModelKind::Mf => "mf",
                     ModelKind::Lightgcn => "lightgcn",
                     ModelKind::Alpharec => "alpharec",
+                    ModelKind::Advdrop => "advdrop",
                 }
                 .into(),
             ),
@@ -402,6 +441,13 @@ impl TrainArgs {
             );
             r.hidden_mult = Some(c.alpharec.hidden_mult);
             r.faithful = Some(c.select_on_test);
+        }
+        if c.model == ModelKind::Advdrop {
+            r.adv_lr = Some(c.advdrop.adv_lr);
+            r.adv_interval = Some(c.advdrop.interval);
+            r.adv_epochs = Some(c.advdrop.adv_epochs);
+            r.keep_prob = Some(c.advdrop.keep_prob);
+            r.inv_tau = Some(c.advdrop.inv_tau);
         }
         match &c.loss {
             LossConfig::Bpr { reg } => r.reg = Some(*reg),

@@ -1,0 +1,431 @@
+//! AdvDrop (cf-seeds.md §3): debiasing LightGCN by adversarial edge dropout.
+//!
+//! Two ID-embedding views (main and dual) are propagated over stochastic graphs whose edges are
+//! kept with probabilities from one attention mask network `M` (`Q, K: d → 10`; per edge
+//! `sigmoid(⟨Q x̂_target, K x̂_source⟩ − mean over the target's edges)`): `π_dual = M(X_dual)`,
+//! `π_main = 1 − M(X_main)`; kept values are `Â_e / keep_prob`. The recommender step minimises
+//! BPR on both views + L2 + `inv_tau ·` a cross-view invariance InfoNCE over 100 random users
+//! and 100 random items (on sigmoid scores, temperature `embed_tau`). Every `interval` epochs
+//! the mask network takes `adv_epochs × batches` ARM steps that *increase* that invariance
+//! loss: with shared uniforms `u`, views are propagated on `u > 1 − π` and on `u < π`, and the
+//! surrogate `Σ_e stopgrad(g_e)·π_dual,e` with `g = grad_coeff·(b − a)·(u − ½)` is minimised.
+//! Inference uses the main view on the full graph with dot-product scores.
+
+use std::cell::RefCell;
+
+use candle_core::{D, Device, Tensor, Var};
+use rand::Rng;
+use rudder_data::Interactions;
+use rudder_nn::graph::{lightgcn, norm_adj};
+use rudder_nn::optim::{Adam, AdamConfig};
+use rudder_nn::sparse::{Csr, SparseOperator};
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+use crate::loss::{BatchIdx, bpr};
+use crate::model::{Backbone, IdTables};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdvDropConfig {
+    pub keep_prob: f64,
+    pub inv_tau: f64,
+    pub embed_tau: f64,
+    pub num_samples: usize,
+    pub att_dim: usize,
+    pub grad_coeff: f64,
+    /// Adversarial phase when `(epoch + 1) % interval == 0`.
+    pub interval: usize,
+    /// Passes over the batches in each adversarial phase.
+    pub adv_epochs: usize,
+    pub adv_lr: f64,
+}
+
+impl Default for AdvDropConfig {
+    fn default() -> Self {
+        AdvDropConfig {
+            keep_prob: 0.8,
+            inv_tau: 1.0,
+            embed_tau: 0.1,
+            num_samples: 100,
+            att_dim: 10,
+            grad_coeff: 5.0,
+            interval: 7,
+            adv_epochs: 10,
+            adv_lr: 1e-2,
+        }
+    }
+}
+
+struct MaskNet {
+    q_w: Var,
+    q_b: Var,
+    k_w: Var,
+    k_b: Var,
+}
+
+pub struct AdvDrop {
+    pub cfg: AdvDropConfig,
+    main: IdTables,
+    dual: IdTables,
+    mask: MaskNet,
+    mask_opt: RefCell<Adam>,
+    adj: SparseOperator,
+    /// Target (row) and source (column) node of every directed edge of `Â`, in CSR order.
+    rows: Tensor,
+    cols: Tensor,
+    inv_deg: Tensor,
+    n_layers: usize,
+    n_users: usize,
+    reg: f64,
+    seed: u64,
+}
+
+impl AdvDrop {
+    pub fn new(
+        train: &Interactions,
+        dim: usize,
+        n_layers: usize,
+        reg: f64,
+        cfg: &AdvDropConfig,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<AdvDrop> {
+        let main = IdTables::new(train.n_users(), train.n_items(), dim, seed, dev)?;
+        let dual = IdTables::new(train.n_users(), train.n_items(), dim, seed ^ 0xD0A1, dev)?;
+        let (qw, qb) = rudder_nn::init::linear_uniform(cfg.att_dim, dim, seed, 31, dev)?;
+        let (kw, kb) = rudder_nn::init::linear_uniform(cfg.att_dim, dim, seed, 32, dev)?;
+        let mask = MaskNet {
+            q_w: Var::from_tensor(&qw)?,
+            q_b: Var::from_tensor(&qb)?,
+            k_w: Var::from_tensor(&kw)?,
+            k_b: Var::from_tensor(&kb)?,
+        };
+        let mask_opt = RefCell::new(Adam::new(
+            vec![mask.q_w.clone(), mask.q_b.clone(), mask.k_w.clone(), mask.k_b.clone()],
+            AdamConfig::adam(cfg.adv_lr),
+        )?);
+        let adj = norm_adj(train);
+        let a = &adj.a;
+        let mut rows = Vec::with_capacity(a.indices.len());
+        let mut deg = vec![0f32; a.n_rows];
+        for r in 0..a.n_rows {
+            for _ in a.indptr[r]..a.indptr[r + 1] {
+                rows.push(r as u32);
+            }
+            deg[r] = (a.indptr[r + 1] - a.indptr[r]) as f32;
+        }
+        let inv_deg: Vec<f32> = deg.iter().map(|&d| if d > 0.0 { 1.0 / d } else { 0.0 }).collect();
+        let ne = rows.len();
+        Ok(AdvDrop {
+            cfg: cfg.clone(),
+            main,
+            dual,
+            mask,
+            mask_opt,
+            rows: Tensor::from_vec(rows, ne, dev)?,
+            cols: Tensor::from_slice(&a.indices, ne, dev)?,
+            inv_deg: Tensor::from_vec(inv_deg, a.n_rows, dev)?,
+            adj,
+            n_layers,
+            n_users: train.n_users(),
+            reg,
+            seed,
+        })
+    }
+
+    fn stacked(t: &IdTables) -> Result<Tensor> {
+        Ok(Tensor::cat(&[t.users.as_tensor(), t.items.as_tensor()], 0)?)
+    }
+
+    /// `M(X)`: per-edge keep scores in (0, 1), in CSR edge order (differentiable w.r.t. Q, K).
+    pub fn mask_scores(&self, x: &Tensor) -> Result<Tensor> {
+        let xn = rudder_nn::ops::l2_normalize(x, 1e-12)?;
+        let q = xn.matmul(&self.mask.q_w.as_tensor().t()?)?.broadcast_add(self.mask.q_b.as_tensor())?;
+        let k = xn.matmul(&self.mask.k_w.as_tensor().t()?)?.broadcast_add(self.mask.k_b.as_tensor())?;
+        let a = (q.index_select(&self.rows, 0)? * k.index_select(&self.cols, 0)?)?.sum(D::Minus1)?;
+        let n = x.dim(0)?;
+        let sums = Tensor::zeros(n, a.dtype(), a.device())?.index_add(&self.rows, &a, 0)?;
+        let means = (sums * &self.inv_deg)?.index_select(&self.rows, 0)?;
+        Ok(candle_nn_sigmoid(&(a - means)?)?)
+    }
+
+    /// Keep probabilities of the two views (no gradient).
+    fn keep_probs(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let pd = self.mask_scores(&Self::stacked(&self.dual)?)?.detach().to_vec1::<f32>()?;
+        let pm: Vec<f32> = self
+            .mask_scores(&Self::stacked(&self.main)?)?
+            .detach()
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|p| 1.0 - p)
+            .collect();
+        Ok((pd, pm))
+    }
+
+    /// `Â` with only the edges where `keep[e]`, kept values divided by `keep_prob`.
+    fn dropped(&self, keep: impl Fn(usize) -> bool) -> SparseOperator {
+        let a: &Csr = &self.adj.a;
+        let s = 1.0 / self.cfg.keep_prob as f32;
+        let values = a.values.iter().enumerate().map(|(e, &v)| if keep(e) { v * s } else { 0.0 }).collect();
+        SparseOperator::new(Csr { n_rows: a.n_rows, n_cols: a.n_cols, indptr: a.indptr.clone(), indices: a.indices.clone(), values })
+    }
+
+    fn propagate(&self, t: &IdTables, graph: &SparseOperator) -> Result<(Tensor, Tensor)> {
+        let e = lightgcn(&Self::stacked(t)?, graph, self.n_layers)?;
+        let ni = e.dim(0)? - self.n_users;
+        Ok((e.narrow(0, 0, self.n_users)?, e.narrow(0, self.n_users, ni)?))
+    }
+
+    fn uniforms(&self, key: u64) -> Vec<f32> {
+        let mut r = rudder_data::rng::stream(self.seed, &[0xAD, key]);
+        (0..self.adj.a.values.len()).map(|_| r.random::<f32>()).collect()
+    }
+
+    fn samples(&self, key: u64, n_items: usize) -> Result<(Tensor, Tensor)> {
+        let mut r = rudder_data::rng::stream(self.seed, &[0x5A, key]);
+        let ns = self.cfg.num_samples;
+        let u: Vec<u32> = (0..ns).map(|_| r.random_range(0..self.n_users as u32)).collect();
+        let i: Vec<u32> = (0..ns).map(|_| r.random_range(0..n_items as u32)).collect();
+        let dev = self.rows.device();
+        Ok((Tensor::from_vec(u, ns, dev)?, Tensor::from_vec(i, ns, dev)?))
+    }
+
+    /// Cross-view invariance: InfoNCE matching each sampled row of view A to the same row of
+    /// view B among the sampled rows, on `σ(a·b)/τ` scores; users and items summed.
+    fn inv(&self, a: &(Tensor, Tensor), b: &(Tensor, Tensor), s: &(Tensor, Tensor)) -> Result<Tensor> {
+        let one = |x: &Tensor, y: &Tensor, idx: &Tensor| -> Result<Tensor> {
+            cross_view_infonce(&x.index_select(idx, 0)?, &y.index_select(idx, 0)?, self.cfg.embed_tau)
+        };
+        Ok((one(&a.0, &b.0, &s.0)? + one(&a.1, &b.1, &s.1)?)?)
+    }
+
+    /// The recommender step's loss for one batch (mask frozen).
+    pub fn loss(&self, idx: &BatchIdx, step: u64) -> Result<Tensor> {
+        let (pd, pm) = self.keep_probs()?;
+        let u = self.uniforms(step.wrapping_mul(2));
+        let u2 = self.uniforms(step.wrapping_mul(2) + 1);
+        let gd = self.dropped(|e| u[e] + pd[e] >= 1.0);
+        let gm = self.dropped(|e| u2[e] + pm[e] >= 1.0);
+        let ed = self.propagate(&self.dual, &gd)?;
+        let em = self.propagate(&self.main, &gm)?;
+        let mut total: Option<Tensor> = None;
+        for (view, t) in [(&ed, &self.dual), (&em, &self.main)] {
+            let (users, items) = view;
+            let eu = users.index_select(&idx.users, 0)?;
+            let ep = items.index_select(&idx.pos, 0)?;
+            let en = items.index_select(&idx.neg, 0)?;
+            let pos = (&eu * &ep)?.sum(D::Minus1)?;
+            let neg = (&eu * &en)?.sum(D::Minus1)?.unsqueeze(1)?;
+            let mut l = bpr(&pos, &neg)?;
+            if self.reg > 0.0 {
+                let r = (t.users.as_tensor().index_select(&idx.users, 0)?.sqr()?.sum_all()?
+                    + t.items.as_tensor().index_select(&idx.pos, 0)?.sqr()?.sum_all()?
+                    + t.items.as_tensor().index_select(&idx.neg, 0)?.sqr()?.sum_all()?)?;
+                l = (l + r.affine(0.5 * self.reg / idx.b as f64, 0.0)?)?;
+            }
+            total = Some(match total {
+                Some(t) => (t + l)?,
+                None => l,
+            });
+        }
+        let s = self.samples(step, ed.1.dim(0)?)?;
+        let inv = self.inv(&ed, &em, &s)?.affine(self.cfg.inv_tau, 0.0)?;
+        Ok((total.expect("two views") + inv)?)
+    }
+
+    /// One ARM step of the mask network; returns the mean keep probability of the dual view.
+    pub fn arm_step(&self, key: u64) -> Result<f64> {
+        let (pd, pm) = self.keep_probs()?;
+        let u = self.uniforms((1 << 40) + key);
+        let s = self.samples((1 << 41) + key, self.main.items.as_tensor().dim(0)?)?;
+        let views = |keep: &dyn Fn(usize, f32) -> bool| -> Result<Tensor> {
+            let ed = self.propagate(&self.dual, &self.dropped(|e| keep(e, pd[e])))?;
+            let em = self.propagate(&self.main, &self.dropped(|e| keep(e, pm[e])))?;
+            Ok(self.inv(&(ed.0.detach(), ed.1.detach()), &(em.0.detach(), em.1.detach()), &s)?)
+        };
+        let a = views(&|e, p| u[e] > 1.0 - p)?.to_scalar::<f32>()? as f64;
+        let b = views(&|e, p| u[e] < p)?.to_scalar::<f32>()? as f64;
+        let g: Vec<f32> = u.iter().map(|&ue| (self.cfg.grad_coeff * (b - a) * (ue as f64 - 0.5)) as f32).collect();
+        let g = Tensor::from_vec(g, u.len(), self.rows.device())?;
+        let pi = self.mask_scores(&Self::stacked(&self.dual)?.detach())?;
+        let surrogate = (pi.clone() * g)?.sum_all()?;
+        let grads = surrogate.backward()?;
+        self.mask_opt.borrow_mut().step(&grads)?;
+        Ok(pi.mean_all()?.to_scalar::<f32>()? as f64)
+    }
+
+    /// Mask network parameters (trained by the ARM steps only).
+    pub fn mask_params(&self) -> Vec<(String, Var)> {
+        vec![
+            ("mask_q_w".into(), self.mask.q_w.clone()),
+            ("mask_q_b".into(), self.mask.q_b.clone()),
+            ("mask_k_w".into(), self.mask.k_w.clone()),
+            ("mask_k_b".into(), self.mask.k_b.clone()),
+        ]
+    }
+
+    /// Per-edge keep probability of each view on the current embeddings, with the item of the
+    /// edge (for the bias diagnostic): `(item, π_main, π_dual)` for user→item edges.
+    pub fn item_keep_probs(&self) -> Result<Vec<(u32, f32, f32)>> {
+        let (pd, pm) = self.keep_probs()?;
+        let a = &self.adj.a;
+        let mut out = Vec::new();
+        for r in 0..self.n_users {
+            for e in a.indptr[r]..a.indptr[r + 1] {
+                out.push((a.indices[e] - self.n_users as u32, pm[e], pd[e]));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn n_edges(&self) -> usize {
+        self.adj.a.values.len()
+    }
+}
+
+/// `mean_k −log( exp(σ(x_k·y_k)/τ) / Σ_l exp(σ(x_k·y_l)/τ) )`: row k of one view must match
+/// row k of the other.
+pub fn cross_view_infonce(x: &Tensor, y: &Tensor, tau: f64) -> Result<Tensor> {
+    let r = candle_nn_sigmoid(&x.matmul(&y.t()?)?)?.affine(1.0 / tau, 0.0)?;
+    let ls = rudder_nn::ops::log_softmax(&r)?;
+    let n = ls.dim(0)?;
+    let eye = Tensor::eye(n, ls.dtype(), ls.device())?;
+    Ok((ls * eye)?.sum_all()?.affine(-1.0 / n as f64, 0.0)?)
+}
+
+/// How the learned keep probabilities relate to item popularity.
+#[derive(Debug, Clone, Serialize)]
+pub struct BiasReport {
+    /// Spearman rank correlation between an item's train popularity and the mean keep
+    /// probability of its user→item edges, main view (`1 − M`).
+    pub spearman_main: f64,
+    /// Same for the dual view (`M`).
+    pub spearman_dual: f64,
+    /// `(item, popularity, mean π_main, mean π_dual)` for items with train edges.
+    pub items: Vec<(u32, usize, f64, f64)>,
+}
+
+/// Spearman's ρ with average ranks for ties.
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            let avg = (i + j) as f64 / 2.0 + 1.0;
+            for k in i..=j {
+                r[idx[k]] = avg;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = x.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
+    if vx == 0.0 || vy == 0.0 { 0.0 } else { cov / (vx * vy).sqrt() }
+}
+
+impl AdvDrop {
+    pub fn bias_report(&self) -> Result<BiasReport> {
+        let edges = self.item_keep_probs()?;
+        let n_items = self.main.items.as_tensor().dim(0)?;
+        let mut acc = vec![(0usize, 0f64, 0f64); n_items];
+        for (i, pm, pd) in edges {
+            let a = &mut acc[i as usize];
+            a.0 += 1;
+            a.1 += pm as f64;
+            a.2 += pd as f64;
+        }
+        let items: Vec<(u32, usize, f64, f64)> = acc
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.0 > 0)
+            .map(|(i, a)| (i as u32, a.0, a.1 / a.0 as f64, a.2 / a.0 as f64))
+            .collect();
+        let pop: Vec<f64> = items.iter().map(|r| r.1 as f64).collect();
+        let pm: Vec<f64> = items.iter().map(|r| r.2).collect();
+        let pd: Vec<f64> = items.iter().map(|r| r.3).collect();
+        Ok(BiasReport { spearman_main: spearman(&pop, &pm), spearman_dual: spearman(&pop, &pd), items })
+    }
+}
+
+fn candle_nn_sigmoid(x: &Tensor) -> Result<Tensor> {
+    // σ(x) = 1 / (1 + e^{−x}), composed so that it records a gradient.
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
+impl Backbone for AdvDrop {
+    fn forward(&self) -> Result<(Tensor, Tensor)> {
+        self.propagate(&self.main, &self.adj)
+    }
+    fn ego(&self) -> (Tensor, Tensor) {
+        self.main.tensors()
+    }
+    fn params(&self) -> Vec<(String, Var)> {
+        let mut v = self.main.params();
+        for (n, p) in self.dual.params() {
+            v.push((format!("dual_{n}"), p));
+        }
+        v
+    }
+    fn extra_state(&self) -> Vec<(String, Var)> {
+        self.mask_params()
+    }
+    fn custom_loss(&self, idx: &BatchIdx, step: u64) -> Option<Result<Tensor>> {
+        Some(self.loss(idx, step))
+    }
+    fn adversarial(&self, epoch: usize, n_batches: usize) -> Option<Result<f64>> {
+        if (epoch + 1) % self.cfg.interval.max(1) != 0 {
+            return None;
+        }
+        let run = || -> Result<f64> {
+            let mut last = 0.0;
+            for rep in 0..self.cfg.adv_epochs {
+                for b in 0..n_batches {
+                    last = self.arm_step(((epoch * self.cfg.adv_epochs + rep) * n_batches + b) as u64)?;
+                }
+            }
+            Ok(last)
+        };
+        Some(run())
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_view_infonce_by_hand() {
+        let dev = Device::Cpu;
+        // x = y = I₂: scores σ(1) on the diagonal, σ(0) = ½ off it.
+        let x = Tensor::eye(2, candle_core::DType::F32, &dev).unwrap();
+        let l = cross_view_infonce(&x, &x, 0.1).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let s1 = 1.0 / (1.0 + (-1f64).exp());
+        let want = -((s1 / 0.1) - ((s1 / 0.1).exp() + (0.5f64 / 0.1).exp()).ln());
+        assert!((l - want).abs() < 1e-5, "{l} vs {want}");
+    }
+
+    #[test]
+    fn spearman_with_ties() {
+        assert!((spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        // ranks x: 1, 2.5, 2.5, 4; y: 1, 2, 3, 4 → ρ = 4.5 / √(4.5·5)
+        let r = spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0]);
+        assert!((r - 4.5 / (4.5f64 * 5.0).sqrt()).abs() < 1e-12, "{r}");
+    }
+}
