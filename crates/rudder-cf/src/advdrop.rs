@@ -102,7 +102,12 @@ impl AdvDrop {
             k_b: Var::from_tensor(&kb)?,
         };
         let mask_opt = RefCell::new(Adam::new(
-            vec![mask.q_w.clone(), mask.q_b.clone(), mask.k_w.clone(), mask.k_b.clone()],
+            vec![
+                mask.q_w.clone(),
+                mask.q_b.clone(),
+                mask.k_w.clone(),
+                mask.k_b.clone(),
+            ],
             AdamConfig::adam(cfg.adv_lr),
         )?);
         let adj = norm_adj(train);
@@ -115,7 +120,10 @@ impl AdvDrop {
             }
             deg[r] = (a.indptr[r + 1] - a.indptr[r]) as f32;
         }
-        let inv_deg: Vec<f32> = deg.iter().map(|&d| if d > 0.0 { 1.0 / d } else { 0.0 }).collect();
+        let inv_deg: Vec<f32> = deg
+            .iter()
+            .map(|&d| if d > 0.0 { 1.0 / d } else { 0.0 })
+            .collect();
         let ne = rows.len();
         Ok(AdvDrop {
             cfg: cfg.clone(),
@@ -141,9 +149,14 @@ impl AdvDrop {
     /// `M(X)`: per-edge keep scores in (0, 1), in CSR edge order (differentiable w.r.t. Q, K).
     pub fn mask_scores(&self, x: &Tensor) -> Result<Tensor> {
         let xn = rudder_nn::ops::l2_normalize(x, 1e-12)?;
-        let q = xn.matmul(&self.mask.q_w.as_tensor().t()?)?.broadcast_add(self.mask.q_b.as_tensor())?;
-        let k = xn.matmul(&self.mask.k_w.as_tensor().t()?)?.broadcast_add(self.mask.k_b.as_tensor())?;
-        let a = (q.index_select(&self.rows, 0)? * k.index_select(&self.cols, 0)?)?.sum(D::Minus1)?;
+        let q = xn
+            .matmul(&self.mask.q_w.as_tensor().t()?)?
+            .broadcast_add(self.mask.q_b.as_tensor())?;
+        let k = xn
+            .matmul(&self.mask.k_w.as_tensor().t()?)?
+            .broadcast_add(self.mask.k_b.as_tensor())?;
+        let a =
+            (q.index_select(&self.rows, 0)? * k.index_select(&self.cols, 0)?)?.sum(D::Minus1)?;
         let n = x.dim(0)?;
         let sums = Tensor::zeros(n, a.dtype(), a.device())?.index_add(&self.rows, &a, 0)?;
         let means = (sums * &self.inv_deg)?.index_select(&self.rows, 0)?;
@@ -152,7 +165,10 @@ impl AdvDrop {
 
     /// Keep probabilities of the two views (no gradient).
     fn keep_probs(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let pd = self.mask_scores(&Self::stacked(&self.dual)?)?.detach().to_vec1::<f32>()?;
+        let pd = self
+            .mask_scores(&Self::stacked(&self.dual)?)?
+            .detach()
+            .to_vec1::<f32>()?;
         let pm: Vec<f32> = self
             .mask_scores(&Self::stacked(&self.main)?)?
             .detach()
@@ -167,25 +183,43 @@ impl AdvDrop {
     fn dropped(&self, keep: impl Fn(usize) -> bool) -> SparseOperator {
         let a: &Csr = &self.adj.a;
         let s = 1.0 / self.cfg.keep_prob as f32;
-        let values = a.values.iter().enumerate().map(|(e, &v)| if keep(e) { v * s } else { 0.0 }).collect();
-        SparseOperator::new(Csr { n_rows: a.n_rows, n_cols: a.n_cols, indptr: a.indptr.clone(), indices: a.indices.clone(), values })
+        let values = a
+            .values
+            .iter()
+            .enumerate()
+            .map(|(e, &v)| if keep(e) { v * s } else { 0.0 })
+            .collect();
+        SparseOperator::new(Csr {
+            n_rows: a.n_rows,
+            n_cols: a.n_cols,
+            indptr: a.indptr.clone(),
+            indices: a.indices.clone(),
+            values,
+        })
     }
 
     fn propagate(&self, t: &IdTables, graph: &SparseOperator) -> Result<(Tensor, Tensor)> {
         let e = lightgcn(&Self::stacked(t)?, graph, self.n_layers)?;
         let ni = e.dim(0)? - self.n_users;
-        Ok((e.narrow(0, 0, self.n_users)?, e.narrow(0, self.n_users, ni)?))
+        Ok((
+            e.narrow(0, 0, self.n_users)?,
+            e.narrow(0, self.n_users, ni)?,
+        ))
     }
 
     fn uniforms(&self, key: u64) -> Vec<f32> {
         let mut r = rudder_data::rng::stream(self.seed, &[0xAD, key]);
-        (0..self.adj.a.values.len()).map(|_| r.random::<f32>()).collect()
+        (0..self.adj.a.values.len())
+            .map(|_| r.random::<f32>())
+            .collect()
     }
 
     fn samples(&self, key: u64, n_items: usize) -> Result<(Tensor, Tensor)> {
         let mut r = rudder_data::rng::stream(self.seed, &[0x5A, key]);
         let ns = self.cfg.num_samples;
-        let u: Vec<u32> = (0..ns).map(|_| r.random_range(0..self.n_users as u32)).collect();
+        let u: Vec<u32> = (0..ns)
+            .map(|_| r.random_range(0..self.n_users as u32))
+            .collect();
         let i: Vec<u32> = (0..ns).map(|_| r.random_range(0..n_items as u32)).collect();
         let dev = self.rows.device();
         Ok((Tensor::from_vec(u, ns, dev)?, Tensor::from_vec(i, ns, dev)?))
@@ -193,9 +227,18 @@ impl AdvDrop {
 
     /// Cross-view invariance: InfoNCE matching each sampled row of view A to the same row of
     /// view B among the sampled rows, on `σ(a·b)/τ` scores; users and items summed.
-    fn inv(&self, a: &(Tensor, Tensor), b: &(Tensor, Tensor), s: &(Tensor, Tensor)) -> Result<Tensor> {
+    fn inv(
+        &self,
+        a: &(Tensor, Tensor),
+        b: &(Tensor, Tensor),
+        s: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
         let one = |x: &Tensor, y: &Tensor, idx: &Tensor| -> Result<Tensor> {
-            cross_view_infonce(&x.index_select(idx, 0)?, &y.index_select(idx, 0)?, self.cfg.embed_tau)
+            cross_view_infonce(
+                &x.index_select(idx, 0)?,
+                &y.index_select(idx, 0)?,
+                self.cfg.embed_tau,
+            )
         };
         Ok((one(&a.0, &b.0, &s.0)? + one(&a.1, &b.1, &s.1)?)?)
     }
@@ -219,9 +262,22 @@ impl AdvDrop {
             let neg = (&eu * &en)?.sum(D::Minus1)?.unsqueeze(1)?;
             let mut l = bpr(&pos, &neg)?;
             if self.reg > 0.0 {
-                let r = (t.users.as_tensor().index_select(&idx.users, 0)?.sqr()?.sum_all()?
-                    + t.items.as_tensor().index_select(&idx.pos, 0)?.sqr()?.sum_all()?
-                    + t.items.as_tensor().index_select(&idx.neg, 0)?.sqr()?.sum_all()?)?;
+                let r = (t
+                    .users
+                    .as_tensor()
+                    .index_select(&idx.users, 0)?
+                    .sqr()?
+                    .sum_all()?
+                    + t.items
+                        .as_tensor()
+                        .index_select(&idx.pos, 0)?
+                        .sqr()?
+                        .sum_all()?
+                    + t.items
+                        .as_tensor()
+                        .index_select(&idx.neg, 0)?
+                        .sqr()?
+                        .sum_all()?)?;
                 l = (l + r.affine(0.5 * self.reg / idx.b as f64, 0.0)?)?;
             }
             total = Some(match total {
@@ -242,11 +298,18 @@ impl AdvDrop {
         let views = |keep: &dyn Fn(usize, f32) -> bool| -> Result<Tensor> {
             let ed = self.propagate(&self.dual, &self.dropped(|e| keep(e, pd[e])))?;
             let em = self.propagate(&self.main, &self.dropped(|e| keep(e, pm[e])))?;
-            Ok(self.inv(&(ed.0.detach(), ed.1.detach()), &(em.0.detach(), em.1.detach()), &s)?)
+            Ok(self.inv(
+                &(ed.0.detach(), ed.1.detach()),
+                &(em.0.detach(), em.1.detach()),
+                &s,
+            )?)
         };
         let a = views(&|e, p| u[e] > 1.0 - p)?.to_scalar::<f32>()? as f64;
         let b = views(&|e, p| u[e] < p)?.to_scalar::<f32>()? as f64;
-        let g: Vec<f32> = u.iter().map(|&ue| (self.cfg.grad_coeff * (b - a) * (ue as f64 - 0.5)) as f32).collect();
+        let g: Vec<f32> = u
+            .iter()
+            .map(|&ue| (self.cfg.grad_coeff * (b - a) * (ue as f64 - 0.5)) as f32)
+            .collect();
         let g = Tensor::from_vec(g, u.len(), self.rows.device())?;
         let pi = self.mask_scores(&Self::stacked(&self.dual)?.detach())?;
         let surrogate = (pi.clone() * g)?.sum_all()?;
@@ -332,7 +395,11 @@ pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
     let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
     let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
     let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
-    if vx == 0.0 || vy == 0.0 { 0.0 } else { cov / (vx * vy).sqrt() }
+    if vx == 0.0 || vy == 0.0 {
+        0.0
+    } else {
+        cov / (vx * vy).sqrt()
+    }
 }
 
 impl AdvDrop {
@@ -355,7 +422,11 @@ impl AdvDrop {
         let pop: Vec<f64> = items.iter().map(|r| r.1 as f64).collect();
         let pm: Vec<f64> = items.iter().map(|r| r.2).collect();
         let pd: Vec<f64> = items.iter().map(|r| r.3).collect();
-        Ok(BiasReport { spearman_main: spearman(&pop, &pm), spearman_dual: spearman(&pop, &pd), items })
+        Ok(BiasReport {
+            spearman_main: spearman(&pop, &pm),
+            spearman_dual: spearman(&pop, &pd),
+            items,
+        })
     }
 }
 
@@ -392,7 +463,8 @@ impl Backbone for AdvDrop {
             let mut last = 0.0;
             for rep in 0..self.cfg.adv_epochs {
                 for b in 0..n_batches {
-                    last = self.arm_step(((epoch * self.cfg.adv_epochs + rep) * n_batches + b) as u64)?;
+                    last = self
+                        .arm_step(((epoch * self.cfg.adv_epochs + rep) * n_batches + b) as u64)?;
                 }
             }
             Ok(last)
@@ -404,7 +476,6 @@ impl Backbone for AdvDrop {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,7 +485,10 @@ mod tests {
         let dev = Device::Cpu;
         // x = y = I₂: scores σ(1) on the diagonal, σ(0) = ½ off it.
         let x = Tensor::eye(2, candle_core::DType::F32, &dev).unwrap();
-        let l = cross_view_infonce(&x, &x, 0.1).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let l = cross_view_infonce(&x, &x, 0.1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         let s1 = 1.0 / (1.0 + (-1f64).exp());
         let want = -((s1 / 0.1) - ((s1 / 0.1).exp() + (0.5f64 / 0.1).exp()).ln());
         assert!((l - want).abs() < 1e-5, "{l} vs {want}");

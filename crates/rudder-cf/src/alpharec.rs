@@ -39,7 +39,12 @@ pub struct AlphaRecConfig {
 
 impl Default for AlphaRecConfig {
     fn default() -> Self {
-        AlphaRecConfig { projector: Projector::Mlp, hidden_mult: 2.0, encoder: "all-minilm-l6-v2".into(), features: String::new() }
+        AlphaRecConfig {
+            projector: Projector::Mlp,
+            hidden_mult: 2.0,
+            encoder: "all-minilm-l6-v2".into(),
+            features: String::new(),
+        }
     }
 }
 
@@ -92,20 +97,38 @@ impl AlphaRec {
                 train.n_items()
             )));
         }
-        let x = Tensor::cat(&[user_means(train, item_features)?, item_features.to_device(dev)?], 0)?;
+        let x = Tensor::cat(
+            &[
+                user_means(train, item_features)?,
+                item_features.to_device(dev)?,
+            ],
+            0,
+        )?;
         let (w1, b1, w2) = match cfg.projector {
             Projector::Mlp => {
                 let h = ((cfg.hidden_mult * d_lm as f64).round() as usize).max(1);
                 let (w1, b1) = rudder_nn::init::linear_uniform(h, d_lm, seed, 1, dev)?;
                 let (w2, b2) = rudder_nn::init::linear_uniform(dim, h, seed, 2, dev)?;
-                (Var::from_tensor(&w1)?, Some(Var::from_tensor(&b1)?), Some((Var::from_tensor(&w2)?, Var::from_tensor(&b2)?)))
+                (
+                    Var::from_tensor(&w1)?,
+                    Some(Var::from_tensor(&b1)?),
+                    Some((Var::from_tensor(&w2)?, Var::from_tensor(&b2)?)),
+                )
             }
             Projector::Linear => {
                 let (w, _) = rudder_nn::init::linear_uniform(dim, d_lm, seed, 1, dev)?;
                 (Var::from_tensor(&w)?, None, None)
             }
         };
-        Ok(AlphaRec { x, w1, b1, w2, adj: norm_adj(train), n_layers, n_users: train.n_users() })
+        Ok(AlphaRec {
+            x,
+            w1,
+            b1,
+            w2,
+            adj: norm_adj(train),
+            n_layers,
+            n_users: train.n_users(),
+        })
     }
 
     /// The projector applied to language vectors `[n, d_lm]`.
@@ -117,7 +140,9 @@ impl AlphaRec {
         if let Some((w2, b2)) = &self.w2 {
             // LeakyReLU(0.01) = max(h, 0.01·h)
             h = h.maximum(&(&h * 0.01)?)?;
-            h = h.matmul(&w2.as_tensor().t()?)?.broadcast_add(b2.as_tensor())?;
+            h = h
+                .matmul(&w2.as_tensor().t()?)?
+                .broadcast_add(b2.as_tensor())?;
         }
         Ok(h)
     }
@@ -132,11 +157,16 @@ impl Backbone for AlphaRec {
         let e0 = self.project(&self.x)?;
         let e = lightgcn(&e0, &self.adj, self.n_layers)?;
         let n_items = e.dim(0)? - self.n_users;
-        Ok((e.narrow(0, 0, self.n_users)?, e.narrow(0, self.n_users, n_items)?))
+        Ok((
+            e.narrow(0, 0, self.n_users)?,
+            e.narrow(0, self.n_users, n_items)?,
+        ))
     }
     fn ego(&self) -> (Tensor, Tensor) {
         // No ID tables: the layer-0 vectors are projections (AlphaRec has no L2 term).
-        let e0 = self.project(&self.x).expect("projection of the frozen inputs");
+        let e0 = self
+            .project(&self.x)
+            .expect("projection of the frozen inputs");
         let n_items = self.x.dim(0).unwrap_or(self.n_users) - self.n_users;
         (
             e0.narrow(0, 0, self.n_users).expect("user rows"),
@@ -163,7 +193,12 @@ impl Backbone for AlphaRec {
 /// intent's language vector goes through the same projector, and
 /// `e'_u = (1 − α)·ê_u + α·q̂` (hats: unit length). Cosine scoring then ranks items for both
 /// the user's history and the stated intent.
-pub fn shift_toward_intent(model: &AlphaRec, user: &Tensor, intent_lm: &Tensor, alpha: f64) -> Result<Tensor> {
+pub fn shift_toward_intent(
+    model: &AlphaRec,
+    user: &Tensor,
+    intent_lm: &Tensor,
+    alpha: f64,
+) -> Result<Tensor> {
     if intent_lm.dim(D::Minus1)? != model.lm_dim() {
         return Err(CfError::Config(format!(
             "the intent vector has {} dimensions, the model's language features {}",
@@ -173,7 +208,8 @@ pub fn shift_toward_intent(model: &AlphaRec, user: &Tensor, intent_lm: &Tensor, 
     }
     let q = model.project(&intent_lm.reshape((1, model.lm_dim()))?)?;
     let q = rudder_nn::ops::l2_normalize(&q, 1e-12)?.squeeze(0)?;
-    let u = rudder_nn::ops::l2_normalize(&user.reshape((1, user.elem_count()))?, 1e-12)?.squeeze(0)?;
+    let u =
+        rudder_nn::ops::l2_normalize(&user.reshape((1, user.elem_count()))?, 1e-12)?.squeeze(0)?;
     Ok(((u * (1.0 - alpha))? + (q * alpha)?)?)
 }
 
@@ -187,23 +223,55 @@ mod tests {
         // 2 users, 3 items: user 0 has items 0 and 2, user 1 has item 1.
         let train = Interactions::from_lists(3, &[vec![0, 2], vec![1]]);
         let feats = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [3.0, 2.0]], &dev).unwrap();
-        let m = user_means(&train, &feats).unwrap().to_vec2::<f32>().unwrap();
+        let m = user_means(&train, &feats)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(m, vec![vec![2.0, 1.0], vec![0.0, 1.0]]);
-        let cfg = AlphaRecConfig { projector: Projector::Linear, ..Default::default() };
+        let cfg = AlphaRecConfig {
+            projector: Projector::Linear,
+            ..Default::default()
+        };
         let a = AlphaRec::new(&train, &feats, &cfg, 2, 0, 1, &dev).unwrap();
-        a.w1.set(&Tensor::new(&[[1f32, 2.0], [0.0, -1.0]], &dev).unwrap()).unwrap();
+        a.w1.set(&Tensor::new(&[[1f32, 2.0], [0.0, -1.0]], &dev).unwrap())
+            .unwrap();
         // With 0 layers the output is the projection: [x0 + 2·x1, −x1].
         let (u, i) = a.forward().unwrap();
-        assert_eq!(u.to_vec2::<f32>().unwrap(), vec![vec![4.0, -1.0], vec![2.0, -1.0]]);
+        assert_eq!(
+            u.to_vec2::<f32>().unwrap(),
+            vec![vec![4.0, -1.0], vec![2.0, -1.0]]
+        );
         assert_eq!(i.to_vec2::<f32>().unwrap()[2], vec![7.0, -2.0]);
         // MLP: LeakyReLU keeps 1% of negatives.
-        let mlp = AlphaRec::new(&train, &feats, &AlphaRecConfig { hidden_mult: 1.0, ..Default::default() }, 1, 0, 1, &dev).unwrap();
-        mlp.w1.set(&Tensor::new(&[[1f32, 0.0], [0.0, -1.0]], &dev).unwrap()).unwrap();
-        mlp.b1.as_ref().unwrap().set(&Tensor::new(&[0f32, 0.0], &dev).unwrap()).unwrap();
+        let mlp = AlphaRec::new(
+            &train,
+            &feats,
+            &AlphaRecConfig {
+                hidden_mult: 1.0,
+                ..Default::default()
+            },
+            1,
+            0,
+            1,
+            &dev,
+        )
+        .unwrap();
+        mlp.w1
+            .set(&Tensor::new(&[[1f32, 0.0], [0.0, -1.0]], &dev).unwrap())
+            .unwrap();
+        mlp.b1
+            .as_ref()
+            .unwrap()
+            .set(&Tensor::new(&[0f32, 0.0], &dev).unwrap())
+            .unwrap();
         let (w2, b2) = mlp.w2.as_ref().unwrap();
         w2.set(&Tensor::new(&[[1f32, 1.0]], &dev).unwrap()).unwrap();
         b2.set(&Tensor::new(&[0.5f32], &dev).unwrap()).unwrap();
-        let out = mlp.project(&Tensor::new(&[[2f32, 3.0]], &dev).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let out = mlp
+            .project(&Tensor::new(&[[2f32, 3.0]], &dev).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert!((out[0][0] - (2.0 - 0.03 + 0.5)).abs() < 1e-6, "{out:?}");
     }
 }

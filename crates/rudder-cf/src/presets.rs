@@ -139,14 +139,23 @@ pub fn preset(name: &str) -> Option<CfConfig> {
             c.dim = d;
             c.epochs = 1600;
             c.eval_every = 1;
-            c.advdrop = crate::advdrop::AdvDropConfig { interval, adv_epochs, adv_lr, ..Default::default() };
+            c.advdrop = crate::advdrop::AdvDropConfig {
+                interval,
+                adv_epochs,
+                adv_lr,
+                ..Default::default()
+            };
             c
         }
         "alpharec" | "alpharec-games" => {
             let tau = if name == "alpharec" { 0.15 } else { 0.2 };
             let mut c = base(
                 ModelKind::Alpharec,
-                LossConfig::Infonce { tau, n_neg: 256, reg: 0.0 },
+                LossConfig::Infonce {
+                    tau,
+                    n_neg: 256,
+                    reg: 0.0,
+                },
                 5e-4,
                 4096,
                 20,

@@ -175,7 +175,11 @@ pub fn train_with(
     let mut adv_done = 0usize;
     let k_sel = cfg.selection_k();
     // Selection reads validation, or the first test set in faithful AlphaRec mode.
-    let has_valid = if cfg.select_on_test { !split.test.is_empty() } else { !split.valid.is_empty() };
+    let has_valid = if cfg.select_on_test {
+        !split.test.is_empty()
+    } else {
+        !split.valid.is_empty()
+    };
     let mut best: Option<(f64, usize, Vec<Tensor>, EvalReport)> = None;
     let mut since_best = 0usize;
     let mut history = Vec::new();

@@ -3,8 +3,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
 use rudder_cf::config::AdvConfig;
-use rudder_cf::presets::{PRESETS, preset};
 use rudder_cf::model::ModelInputs;
+use rudder_cf::presets::{PRESETS, preset};
 use rudder_cf::trainer::{
     EpochRecord, TrainObserver, evaluate_tests, evaluate_valid, metrics_row, train_with, write_run,
 };
@@ -252,7 +252,11 @@ impl TrainArgs {
                 }
                 if kind == ModelKind::Alpharec && !c.loss.cosine() && self.loss.is_none() {
                     // AlphaRec trains with cosine InfoNCE (the reference's τ and N).
-                    c.loss = LossConfig::Infonce { tau: 0.15, n_neg: 256, reg: 0.0 };
+                    c.loss = LossConfig::Infonce {
+                        tau: 0.15,
+                        n_neg: 256,
+                        reg: 0.0,
+                    };
                 }
             }
             c.model = kind;
@@ -355,7 +359,11 @@ impl TrainArgs {
         }
         if c.model == ModelKind::Alpharec {
             c.select_on_test = self.faithful.unwrap_or(false);
-        } else if self.features.is_some() || self.encoder.is_some() || self.projector.is_some() || self.hidden_mult.is_some() {
+        } else if self.features.is_some()
+            || self.encoder.is_some()
+            || self.projector.is_some()
+            || self.hidden_mult.is_some()
+        {
             bail!("--features, --encoder, --projector and --hidden-mult apply to --model alpharec");
         }
         if c.model == ModelKind::Advdrop {
@@ -591,15 +599,28 @@ pub fn run(cmd: CfCmd) -> Result<()> {
             bar.pb.finish_and_clear();
             write_run(&run.path, &data, Some(&cfg_text), &report)?;
             crate::plots::training_curves(&run.path, &report);
+            if cfg.model == ModelKind::Advdrop {
+                bias_diagnostic(&run.path, &cfg, s, &inputs, &report)?;
+            }
             let summary = std::fs::read_to_string(run.path.join("summary.md"))?;
             println!("\n{summary}\nrun folder: {}", run.path.display());
             Ok(())
         }
-        CfCmd::Eval { run, data, features } => match data {
+        CfCmd::Eval {
+            run,
+            data,
+            features,
+        } => match data {
             Some(d) => zero_shot(&run, &d, features.as_deref()),
             None => eval(&run),
         },
-        CfCmd::Recommend { run, user, k, intent, alpha } => recommend(&run, &user, k, intent.as_deref(), alpha),
+        CfCmd::Recommend {
+            run,
+            user,
+            k,
+            intent,
+            alpha,
+        } => recommend(&run, &user, k, intent.as_deref(), alpha),
         CfCmd::Presets => {
             for (n, d) in PRESETS {
                 println!("{n:<30} {d}");
@@ -607,6 +628,58 @@ pub fn run(cmd: CfCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// AdvDrop: how the learned keep probabilities relate to item popularity (`bias.json` with the
+/// Spearman correlations and per-item means, `bias.png`).
+fn bias_diagnostic(
+    dir: &Path,
+    cfg: &CfConfig,
+    s: &rudder_data::Split,
+    inputs: &ModelInputs,
+    report: &rudder_cf::TrainReport,
+) -> Result<()> {
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        report.params.iter().cloned().collect();
+    let m = rudder_cf::model::restore(cfg, &s.train, inputs, &tensors, &candle_core::Device::Cpu)?;
+    let Some(a) = m
+        .as_any()
+        .and_then(|x| x.downcast_ref::<rudder_cf::advdrop::AdvDrop>())
+    else {
+        return Ok(());
+    };
+    let b = a.bias_report()?;
+    rudder_data::io::write_bytes_atomic(
+        &dir.join("bias.json"),
+        serde_json::to_string_pretty(&b)?.as_bytes(),
+    )?;
+    let pts = |f: fn(&(u32, usize, f64, f64)) -> f64| -> Vec<(f64, f64)> {
+        b.items.iter().map(|r| ((r.1 as f64).ln(), f(r))).collect()
+    };
+    if let Err(e) = crate::plots::scatter(
+        &dir.join("bias.png"),
+        &format!(
+            "edge keep probability vs item popularity (Spearman main {:.3}, dual {:.3})",
+            b.spearman_main, b.spearman_dual
+        ),
+        "ln(train interactions of the item)",
+        "mean keep probability of its edges",
+        &[
+            ("main view (1 - M)", pts(|r| r.2)),
+            ("dual view (M)", pts(|r| r.3)),
+        ],
+    ) {
+        tracing::warn!("bias plot skipped: {e}");
+    }
+    let mut md = std::fs::read_to_string(dir.join("summary.md")).unwrap_or_default();
+    md.push_str(&format!(
+        "\n## Bias diagnostic\n\nSpearman ρ between item popularity and the mean keep probability of its edges: main view {:.3}, dual view {:.3} ({} items; `bias.json`, `bias.png`).\n",
+        b.spearman_main,
+        b.spearman_dual,
+        b.items.len()
+    ));
+    rudder_data::io::write_bytes_atomic(&dir.join("summary.md"), md.as_bytes())?;
+    Ok(())
 }
 
 /// Item language features for AlphaRec (none for ID models): a features file (`--features`,
@@ -624,11 +697,14 @@ fn model_inputs(cfg: &CfConfig, ds: &Dataset, features: Option<&str>) -> Result<
         pb.set_style(indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} item titles encoded [{elapsed} < {eta}]",
         )?);
-        let t = rudder_cf::features::encode_titles(ds, &enc, &mut |d, _| pb.set_position(d as u64))?;
+        let t =
+            rudder_cf::features::encode_titles(ds, &enc, &mut |d, _| pb.set_position(d as u64))?;
         pb.finish_and_clear();
         t
     };
-    Ok(ModelInputs { item_features: Some(t) })
+    Ok(ModelInputs {
+        item_features: Some(t),
+    })
 }
 
 /// The run's item features with their ids, so that eval and recommend need no re-encoding.
@@ -638,7 +714,9 @@ fn save_features(dir: &Path, t: &candle_core::Tensor, ds: &Dataset) -> Result<()
     let ids: Vec<&str> = (0..ds.n_items() as u32).map(|i| ds.items.ext(i)).collect();
     rudder_data::io::write_bytes_atomic(
         &dir.join("item_features.safetensors.json"),
-        serde_json::json!({"ids": ids, "rows": ds.n_items(), "dim": t.dim(1)?}).to_string().as_bytes(),
+        serde_json::json!({"ids": ids, "rows": ds.n_items(), "dim": t.dim(1)?})
+            .to_string()
+            .as_bytes(),
     )?;
     Ok(())
 }
@@ -710,10 +788,14 @@ fn zero_shot(run: &Path, data: &str, features: Option<&str>) -> Result<()> {
     let cfg_path = run.join("config.toml");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("reading {} (is this a run folder?)", cfg_path.display()))?;
-    let args: TrainArgs = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
+    let args: TrainArgs =
+        toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
     let cfg = args.resolve()?;
     if cfg.model != ModelKind::Alpharec {
-        bail!("only AlphaRec runs transfer to other datasets (this run is {:?}: its embeddings belong to its own ids)", cfg.model);
+        bail!(
+            "only AlphaRec runs transfer to other datasets (this run is {:?}: its embeddings belong to its own ids)",
+            cfg.model
+        );
     }
     let ds = load_split(data, None, None, args.split_seed.unwrap_or(2020))?;
     let (m, ds) = restore_on(run, &cfg, ds, features)?;
@@ -742,8 +824,20 @@ fn zero_shot(run: &Path, data: &str, features: Option<&str>) -> Result<()> {
         lines.push_str(&j.to_string());
         lines.push('\n');
     }
-    let tag: String = data.chars().map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    rudder_data::io::write_bytes_atomic(&run.join(format!("zero_shot_{tag}.jsonl")), lines.as_bytes())?;
+    let tag: String = data
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    rudder_data::io::write_bytes_atomic(
+        &run.join(format!("zero_shot_{tag}.jsonl")),
+        lines.as_bytes(),
+    )?;
     rudder_data::io::write_bytes_atomic(&run.join(format!("zero_shot_{tag}.md")), md.as_bytes())?;
     println!("{md}");
     Ok(())
@@ -792,7 +886,11 @@ fn recommend(run: &Path, user: &str, k: usize, intent: Option<&str>, alpha: f64)
         )
     })?;
     if let Some(text) = intent {
-        let Some(a) = l.model.as_any().and_then(|m| m.downcast_ref::<rudder_cf::alpharec::AlphaRec>()) else {
+        let Some(a) = l
+            .model
+            .as_any()
+            .and_then(|m| m.downcast_ref::<rudder_cf::alpharec::AlphaRec>())
+        else {
             bail!("--intent needs an AlphaRec run (its projector reads text)");
         };
         if !(0.0..=1.0).contains(&alpha) {
@@ -800,8 +898,12 @@ fn recommend(run: &Path, user: &str, k: usize, intent: Option<&str>, alpha: f64)
         }
         let enc = crate::lm_cmd::resolve_model(&l.cfg.alpharec.encoder)?;
         let q = rudder_cf::features::encode_text(&enc, text)?;
-        let shifted = rudder_cf::alpharec::shift_toward_intent(a, &l.users.get(u as usize)?, &q, alpha)?;
-        l.users = l.users.slice_assign(&[u as usize..u as usize + 1, 0..shifted.dim(0)?], &shifted.unsqueeze(0)?)?;
+        let shifted =
+            rudder_cf::alpharec::shift_toward_intent(a, &l.users.get(u as usize)?, &q, alpha)?;
+        l.users = l.users.slice_assign(
+            &[u as usize..u as usize + 1, 0..shifted.dim(0)?],
+            &shifted.unsqueeze(0)?,
+        )?;
         println!("intent: \"{text}\" (weight {alpha})");
     }
     let s = l.ds.split.as_ref().unwrap();

@@ -132,3 +132,65 @@ pub fn training_curves(dir: &Path, r: &TrainReport) {
         tracing::warn!("plots skipped: {e}");
     }
 }
+
+/// Scatter of named point sets (x, y).
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<(), String> {
+    if !font_ready() {
+        return Err("no TrueType font found (set RUDDER_FONT to a .ttf file)".into());
+    }
+    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).collect();
+    if pts.is_empty() {
+        return Ok(());
+    }
+    let (x0, x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(p.0), a.1.max(p.0))
+    });
+    let (y0, y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(p.1), a.1.max(p.1))
+    });
+    let (px, py) = (((x1 - x0) * 0.03).max(1e-6), ((y1 - y0) * 0.05).max(1e-6));
+    let root = BitMapBackend::new(path, (800, 520)).into_drawing_area();
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x0 - px)..(x1 + px), (y0 - py)..(y1 + py))
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(&x))?;
+    let colours = [BLUE, RED, GREEN, MAGENTA];
+    for (k, (name, s)) in series.iter().enumerate() {
+        let c = colours[k % colours.len()];
+        chart
+            .draw_series(
+                s.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 2, c.mix(0.5).filled())),
+            )
+            .map_err(|x| e(&x))?
+            .label(*name)
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}

@@ -349,3 +349,159 @@ fn smollm2_chats_and_minilm_embeds_titles() {
     .unwrap();
     assert_eq!(idx["ids"][0], "1");
 }
+
+#[test]
+fn advdrop_trains_and_writes_its_bias_diagnostic() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("adv");
+    let out = ok(&rudder(
+        &[
+            "cf",
+            "train",
+            "--data",
+            "synth",
+            "--model",
+            "advdrop",
+            "--dim",
+            "16",
+            "--epochs",
+            "4",
+            "--eval-every",
+            "2",
+            "--adv-interval",
+            "2",
+            "--adv-epochs",
+            "1",
+            "--batch-size",
+            "1024",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert!(
+        out.contains("AdvDrop") && out.contains("Bias diagnostic"),
+        "{out}"
+    );
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("bias.json")).unwrap()).unwrap();
+    assert!(b["spearman_main"].as_f64().unwrap().abs() <= 1.0);
+    ok(&rudder(
+        &["cf", "eval", "--run", run.to_str().unwrap()],
+        None,
+    ));
+    // Only AlphaRec transfers to other data.
+    let o = rudder(
+        &[
+            "cf",
+            "eval",
+            "--run",
+            run.to_str().unwrap(),
+            "--data",
+            "synth:2",
+        ],
+        None,
+    );
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("only AlphaRec"));
+}
+
+#[test]
+fn alpharec_zero_shot_and_intent_on_the_synthetic_world() {
+    let Some(mini) = asset("all-minilm-l6-v2") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("alpha");
+    let r = run.to_str().unwrap();
+    let out = ok(&rudder(
+        &[
+            "cf",
+            "train",
+            "--data",
+            "synth",
+            "--model",
+            "alpharec",
+            "--encoder",
+            mini.to_str().unwrap(),
+            "--epochs",
+            "10",
+            "--eval-every",
+            "5",
+            "--batch-size",
+            "1024",
+            "--n-neg",
+            "64",
+            "--lr",
+            "1e-3",
+            "--out",
+            r,
+        ],
+        None,
+    ));
+    assert!(out.contains("AlphaRec"), "{out}");
+    assert!(run.join("item_features.safetensors").exists());
+    let zs = ok(&rudder(
+        &["cf", "eval", "--run", r, "--data", "synth:2"],
+        None,
+    ));
+    assert!(zs.contains("Zero-shot") && zs.contains("| test |"), "{zs}");
+    // The intent moves the list toward titles close to the query in the encoder's space.
+    let enc = rudder_lm::bert::TextEncoder::load(&mini).unwrap();
+    let intent = "space adventure among the stars";
+    let q = enc
+        .embed(&[intent], 1, &mut |_| {})
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let feats = candle_core::safetensors::load(
+        run.join("item_features.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let f = &feats["embeddings"];
+    let sims: Vec<f32> = f
+        .matmul(&q.unsqueeze(1).unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mean_sim = |text: &str| -> f64 {
+        let ids: Vec<usize> = text
+            .lines()
+            .filter_map(|l| {
+                l.trim_start()
+                    .split_once(". ")
+                    .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+            })
+            .collect();
+        assert_eq!(ids.len(), 10, "{text}");
+        ids.iter().map(|&i| sims[i] as f64).sum::<f64>() / 10.0
+    };
+    let (mut before, mut after) = (0.0, 0.0);
+    for user in ["0", "1", "2", "3", "4"] {
+        before += mean_sim(&ok(&rudder(
+            &["cf", "recommend", "--run", r, "--user", user],
+            None,
+        )));
+        after += mean_sim(&ok(&rudder(
+            &[
+                "cf",
+                "recommend",
+                "--run",
+                r,
+                "--user",
+                user,
+                "--intent",
+                intent,
+                "--alpha",
+                "0.6",
+            ],
+            None,
+        )));
+    }
+    assert!(
+        after > before + 0.1,
+        "mean similarity of the top-10 titles to the intent: {before:.3} → {after:.3}"
+    );
+}
