@@ -30,8 +30,11 @@ pub struct AlphaRecConfig {
     /// Hidden width `h = hidden_mult · d_lm` (reference: ½ for 3072-d, 2 for 1536-d, 8 for
     /// 768-d inputs, keeping about 5 M parameters).
     pub hidden_mult: f64,
-    /// Text encoder for item titles when no feature file is given (folder or asset name).
+    /// Text encoder for item titles when no feature file is given (folder or asset name): a
+    /// BERT-family sentence encoder, or a decoder LM (Llama/Qwen2 folder or GGUF).
     pub encoder: String,
+    /// Decoder LMs only: mean over the title's tokens or the last token's hidden state.
+    pub pooling: crate::features::Pooling,
     /// Precomputed item features (safetensors with `<file>.json` ids from `rudder embed`, or a
     /// `.npy` whose rows are the dataset's items in order); empty = encode titles in process.
     pub features: String,
@@ -43,6 +46,7 @@ impl Default for AlphaRecConfig {
             projector: Projector::Mlp,
             hidden_mult: 2.0,
             encoder: "all-minilm-l6-v2".into(),
+            pooling: Default::default(),
             features: String::new(),
         }
     }

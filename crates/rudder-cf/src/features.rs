@@ -83,9 +83,21 @@ pub fn load_features(path: &Path, ds: &Dataset) -> Result<Tensor> {
 }
 
 /// Encode every item's title with a sentence encoder folder.
+/// How a decoder LM's hidden states become one text vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    #[default]
+    Mean,
+    Last,
+}
+
+/// Encode every item's title: BERT-family sentence encoders (mean pooling + L2, as
+/// sentence-transformers), or decoder LMs (`pooling` over the final-norm hidden states).
 pub fn encode_titles(
     ds: &Dataset,
     encoder_dir: &Path,
+    pooling: Pooling,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
     let mut titles = Vec::with_capacity(ds.n_items());
@@ -109,16 +121,95 @@ pub fn encode_titles(
                 .join(", ")
         )));
     }
-    let enc = rudder_lm::bert::TextEncoder::load(encoder_dir)
-        .map_err(|e| CfError::Config(e.to_string()))?;
     let refs: Vec<&str> = titles.iter().map(String::as_str).collect();
     let n = refs.len();
+    if is_decoder(encoder_dir) {
+        return decoder_embed(encoder_dir, &refs, pooling, &mut |d| progress(d, n));
+    }
+    let enc = rudder_lm::bert::TextEncoder::load(encoder_dir)
+        .map_err(|e| CfError::Config(e.to_string()))?;
     enc.embed(&refs, 64, &mut |d| progress(d, n))
         .map_err(|e| CfError::Config(e.to_string()))
 }
 
+/// Whether a model path is a decoder LM (GGUF, or a folder whose config names llama / qwen2)
+/// rather than a BERT-family sentence encoder.
+pub fn is_decoder(path: &Path) -> bool {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        return true;
+    }
+    if path.is_dir() {
+        if let Ok(t) = std::fs::read_to_string(path.join("config.json")) {
+            return t.contains("\"llama\"") || t.contains("\"qwen2\"");
+        }
+        return std::fs::read_dir(path)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.path().extension().is_some_and(|x| x == "gguf"))
+            })
+            .unwrap_or(false);
+    }
+    false
+}
+
+/// Text embeddings from a decoder LM: the final-norm hidden state averaged over the text's
+/// tokens (`Pooling::Mean`) or at its last token (`Pooling::Last`).
+pub fn decoder_embed(
+    model: &Path,
+    texts: &[&str],
+    pooling: Pooling,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
+    use rudder_lm::hooks::{Capture, Phase, Positions, Site};
+    let err = |e: rudder_lm::LmError| CfError::Config(e.to_string());
+    let lm = rudder_lm::loader::load(model, &Default::default()).map_err(err)?;
+    let d = lm.decoder.cfg.hidden_size;
+    let mut out = vec![0f32; texts.len() * d];
+    for (bi, chunk) in texts.chunks(16).enumerate() {
+        let ids: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|t| lm.tok.encode(t, true))
+            .collect::<rudder_lm::Result<_>>()
+            .map_err(err)?;
+        if let Some(k) = ids.iter().position(|v| v.is_empty()) {
+            return Err(CfError::Config(format!(
+                "text {} is empty after tokenization",
+                bi * 16 + k
+            )));
+        }
+        let (t, pads) = rudder_lm::generate::left_pad(&ids, lm.tok.pad).map_err(err)?;
+        let mut cache = lm.decoder.new_cache(pads);
+        let pos = if pooling == Pooling::Last {
+            Positions::LastPrompt
+        } else {
+            Positions::All
+        };
+        let mut cap = Capture::new(vec![Site::FinalNorm], pos);
+        lm.decoder
+            .forward(&t, &mut cache, Phase::Prefill, &mut cap)
+            .map_err(err)?;
+        let m = cap.get(Site::FinalNorm).map_err(err)?.to_vec2::<f32>()?;
+        let mut counts = vec![0usize; chunk.len()];
+        for (row, id) in m.iter().zip(cap.rows()) {
+            let o = &mut out[(bi * 16 + id.prompt) * d..(bi * 16 + id.prompt + 1) * d];
+            o.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            counts[id.prompt] += 1;
+        }
+        for (k, &c) in counts.iter().enumerate() {
+            out[(bi * 16 + k) * d..(bi * 16 + k + 1) * d]
+                .iter_mut()
+                .for_each(|a| *a /= c.max(1) as f32);
+        }
+        progress((bi * 16 + chunk.len()).min(texts.len()));
+    }
+    Ok(Tensor::from_vec(out, (texts.len(), d), &Device::Cpu)?)
+}
+
 /// One text through the same encoder (intent queries).
-pub fn encode_text(encoder_dir: &Path, text: &str) -> Result<Tensor> {
+pub fn encode_text(encoder_dir: &Path, text: &str, pooling: Pooling) -> Result<Tensor> {
+    if is_decoder(encoder_dir) {
+        return Ok(decoder_embed(encoder_dir, &[text], pooling, &mut |_| {})?.squeeze(0)?);
+    }
     let enc = rudder_lm::bert::TextEncoder::load(encoder_dir)
         .map_err(|e| CfError::Config(e.to_string()))?;
     Ok(enc

@@ -3,7 +3,7 @@
 //! intent queries that move a user's list toward the asked genre.
 
 use candle_core::{Device, Tensor};
-use rudder_cf::alpharec::{AlphaRec, AlphaRecConfig, shift_toward_intent};
+use rudder_cf::alpharec::{AlphaRec, shift_toward_intent};
 use rudder_cf::loss::{BatchEmb, BatchIdx};
 use rudder_cf::model::{self, ModelInputs};
 use rudder_cf::scorer::EmbeddingScorer;
@@ -202,4 +202,44 @@ fn learns_transfers_zero_shot_and_follows_intents() {
         after > before + 4.0,
         "share of the asked genre in top-10 (sum over 40 users): {before} → {after}"
     );
+}
+
+#[test]
+fn decoder_lm_titles_become_features() {
+    use rudder_cf::features::{Pooling, encode_titles, is_decoder};
+    use rudder_lm::fixtures::{TinySpec, write_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let g = dir.path().join("tiny.gguf");
+    write_gguf(
+        &g,
+        &TinySpec::new(rudder_lm::config::Arch::Llama),
+        candle_core::quantized::GgmlDType::Q8_0,
+    )
+    .unwrap();
+    assert!(is_decoder(&g));
+    let (_, ds) = world(1);
+    let mean = encode_titles(&ds, &g, Pooling::Mean, &mut |_, _| {}).unwrap();
+    let last = encode_titles(&ds, &g, Pooling::Last, &mut |_, _| {}).unwrap();
+    assert_eq!(mean.dims(), &[ds.n_items(), 64]);
+    let diff = (&mean - &last)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 0.0);
+    // The same title gives the same vector whatever its batch neighbours (left padding).
+    let one = rudder_cf::features::encode_text(&g, ds.item_table.title(5).unwrap(), Pooling::Mean)
+        .unwrap();
+    let d = (one - mean.get(5).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-3, "{d}");
 }

@@ -90,6 +90,9 @@ pub struct TrainArgs {
     /// AlphaRec: sentence encoder for item titles (folder or asset; default all-minilm-l6-v2).
     #[arg(long)]
     encoder: Option<String>,
+    /// AlphaRec with a decoder-LM encoder: `mean` (default) or `last` token hidden state.
+    #[arg(long)]
+    pooling: Option<String>,
     /// AlphaRec: projector `mlp` (default) or `linear`.
     #[arg(long)]
     projector: Option<String>,
@@ -196,6 +199,7 @@ impl TrainArgs {
             model,
             features,
             encoder,
+            pooling,
             projector,
             hidden_mult,
             loss,
@@ -357,6 +361,13 @@ impl TrainArgs {
         if let Some(h) = self.hidden_mult {
             c.alpharec.hidden_mult = h;
         }
+        if let Some(p) = &self.pooling {
+            c.alpharec.pooling = match p.as_str() {
+                "mean" => rudder_cf::features::Pooling::Mean,
+                "last" => rudder_cf::features::Pooling::Last,
+                _ => bail!("unknown pooling `{p}` (mean, last)"),
+            };
+        }
         if c.model == ModelKind::Alpharec {
             c.select_on_test = self.faithful.unwrap_or(false);
         } else if self.features.is_some()
@@ -448,6 +459,13 @@ impl TrainArgs {
                 .into(),
             );
             r.hidden_mult = Some(c.alpharec.hidden_mult);
+            r.pooling = Some(
+                match c.alpharec.pooling {
+                    rudder_cf::features::Pooling::Mean => "mean",
+                    rudder_cf::features::Pooling::Last => "last",
+                }
+                .into(),
+            );
             r.faithful = Some(c.select_on_test);
         }
         if c.model == ModelKind::Advdrop {
@@ -697,8 +715,9 @@ fn model_inputs(cfg: &CfConfig, ds: &Dataset, features: Option<&str>) -> Result<
         pb.set_style(indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} item titles encoded [{elapsed} < {eta}]",
         )?);
-        let t =
-            rudder_cf::features::encode_titles(ds, &enc, &mut |d, _| pb.set_position(d as u64))?;
+        let t = rudder_cf::features::encode_titles(ds, &enc, cfg.alpharec.pooling, &mut |d, _| {
+            pb.set_position(d as u64)
+        })?;
         pb.finish_and_clear();
         t
     };
@@ -897,7 +916,7 @@ fn recommend(run: &Path, user: &str, k: usize, intent: Option<&str>, alpha: f64)
             bail!("--alpha must lie in [0, 1]");
         }
         let enc = crate::lm_cmd::resolve_model(&l.cfg.alpharec.encoder)?;
-        let q = rudder_cf::features::encode_text(&enc, text)?;
+        let q = rudder_cf::features::encode_text(&enc, text, l.cfg.alpharec.pooling)?;
         let shifted =
             rudder_cf::alpharec::shift_toward_intent(a, &l.users.get(u as usize)?, &q, alpha)?;
         l.users = l.users.slice_assign(
