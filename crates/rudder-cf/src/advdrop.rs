@@ -439,8 +439,8 @@ impl Backbone for AdvDrop {
     fn forward(&self) -> Result<(Tensor, Tensor)> {
         self.propagate(&self.main, &self.adj)
     }
-    fn ego(&self) -> (Tensor, Tensor) {
-        self.main.tensors()
+    fn ego(&self) -> Result<(Tensor, Tensor)> {
+        Ok(self.main.tensors())
     }
     fn params(&self) -> Vec<(String, Var)> {
         let mut v = self.main.params();

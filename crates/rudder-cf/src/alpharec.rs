@@ -166,16 +166,11 @@ impl Backbone for AlphaRec {
             e.narrow(0, self.n_users, n_items)?,
         ))
     }
-    fn ego(&self) -> (Tensor, Tensor) {
+    fn ego(&self) -> Result<(Tensor, Tensor)> {
         // No ID tables: the layer-0 vectors are projections (AlphaRec has no L2 term).
-        let e0 = self
-            .project(&self.x)
-            .expect("projection of the frozen inputs");
-        let n_items = self.x.dim(0).unwrap_or(self.n_users) - self.n_users;
-        (
-            e0.narrow(0, 0, self.n_users).expect("user rows"),
-            e0.narrow(0, self.n_users, n_items).expect("item rows"),
-        )
+        let e0 = self.project(&self.x)?;
+        let n_items = e0.dim(0)? - self.n_users;
+        Ok((e0.narrow(0, 0, self.n_users)?, e0.narrow(0, self.n_users, n_items)?))
     }
     fn params(&self) -> Vec<(String, Var)> {
         let mut v = vec![("proj_w1".to_string(), self.w1.clone())];

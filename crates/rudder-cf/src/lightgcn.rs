@@ -46,8 +46,8 @@ impl Backbone for LightGcn {
             e.narrow(0, self.n_users, n_items)?,
         ))
     }
-    fn ego(&self) -> (Tensor, Tensor) {
-        self.tables.tensors()
+    fn ego(&self) -> Result<(Tensor, Tensor)> {
+        Ok(self.tables.tensors())
     }
     fn params(&self) -> Vec<(String, Var)> {
         self.tables.params()

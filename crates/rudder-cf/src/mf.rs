@@ -21,8 +21,8 @@ impl Backbone for Mf {
     fn forward(&self) -> Result<(Tensor, Tensor)> {
         Ok(self.tables.tensors())
     }
-    fn ego(&self) -> (Tensor, Tensor) {
-        self.tables.tensors()
+    fn ego(&self) -> Result<(Tensor, Tensor)> {
+        Ok(self.tables.tensors())
     }
     fn params(&self) -> Vec<(String, Var)> {
         self.tables.params()

@@ -9,7 +9,7 @@ pub trait Backbone {
     /// Final user and item embeddings (`n_users × d`, `n_items × d`).
     fn forward(&self) -> Result<(Tensor, Tensor)>;
     /// Layer-0 (ego) user and item tables, for L2 regularisation.
-    fn ego(&self) -> (Tensor, Tensor);
+    fn ego(&self) -> Result<(Tensor, Tensor)>;
     fn params(&self) -> Vec<(String, Var)>;
     /// Whether `forward` returns the layer-0 tables themselves (MF).
     fn ego_is_final(&self) -> bool {

@@ -206,23 +206,20 @@ pub fn train_with(
             }
             let emb = BatchEmb::gather(&users, &items, idx, cosine)?;
             let (pos, neg) = emb.scores()?;
-            let (ego_u, ego_i) = m.ego();
-            let (main, reg) = match &cfg.loss {
-                LossConfig::Bpr { reg } => (
-                    loss::bpr(&pos, &neg)?,
-                    loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
-                ),
-                LossConfig::Infonce { tau, reg, .. } => (
-                    loss::infonce(&pos, &neg, *tau)?,
-                    loss::l2_reg(&ego_u, &ego_i, idx, *reg, false)?,
-                ),
+            let (main, reg, typo) = match &cfg.loss {
+                LossConfig::Bpr { reg } => (loss::bpr(&pos, &neg)?, *reg, false),
+                LossConfig::Infonce { tau, reg, .. } => (loss::infonce(&pos, &neg, *tau)?, *reg, false),
                 LossConfig::Advinfonce(a) => {
                     let h = hard.expect("hardness present for AdvInfoNCE").logits(idx)?;
-                    (
-                        loss::advinfonce(&pos, &neg, &h, a.tau, a.k_neg)?,
-                        loss::l2_reg(&ego_u, &ego_i, idx, a.reg, a.faithful_reg_typo)?,
-                    )
+                    (loss::advinfonce(&pos, &neg, &h, a.tau, a.k_neg)?, a.reg, a.faithful_reg_typo)
                 }
+            };
+            // layer-0 rows only when regularised (AlphaRec's are a full projection)
+            let reg = if reg == 0.0 {
+                None
+            } else {
+                let (ego_u, ego_i) = m.ego()?;
+                loss::l2_reg(&ego_u, &ego_i, idx, reg, typo)?
             };
             Ok(match reg {
                 Some(r) => (main + r)?,
