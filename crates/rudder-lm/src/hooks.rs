@@ -214,17 +214,27 @@ impl HookCtx<'_> {
         v
     }
 
-    /// A `[b, t, 1]` 0/1 mask of the selected positions, or `None` when every one is selected.
-    pub fn mask(&self, p: Positions, b: usize, t: usize, dev: &Device) -> Result<Option<Tensor>> {
+    /// Which positions of a `[b, t, d]` activation are selected: all, none, or a `[b, t, 1]`
+    /// 0/1 mask.
+    pub fn mask(&self, p: Positions, b: usize, t: usize, dev: &Device) -> Result<Selected> {
         let m: Vec<f32> = (0..b)
             .flat_map(|r| (0..t).map(move |c| (r, c)))
             .map(|(r, c)| if self.selected(p, r, c) { 1.0 } else { 0.0 })
             .collect();
-        if m.iter().all(|&v| v == 1.0) {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::from_vec(m, (b, t, 1), dev)?))
+        Ok(if m.iter().all(|&v| v == 1.0) {
+            Selected::All
+        } else if m.iter().all(|&v| v == 0.0) {
+            Selected::None
+        } else {
+            Selected::Mask(Tensor::from_vec(m, (b, t, 1), dev)?)
+        })
     }
+}
+
+pub enum Selected {
+    All,
+    None,
+    Mask(Tensor),
 }
 
 /// Called at every site of every forward pass, in execution order; may replace `x`
@@ -395,10 +405,11 @@ impl Hook for Interventions {
             }
             let (alpha, positions) = (iv.alpha as f64, iv.positions);
             let (b, t, d) = x.dims3()?;
-            let mask = ctx.mask(positions, b, t, x.device())?;
-            if ctx.select(positions, b, t).is_empty() {
-                continue;
-            }
+            let mask = match ctx.mask(positions, b, t, x.device())? {
+                Selected::None => continue,
+                Selected::All => None,
+                Selected::Mask(m) => Some(m),
+            };
             let p = self.tensor(i, x.device())?;
             let delta = match &self.interventions[i].edit {
                 Edit::AddVector { .. } => p.affine(alpha, 0.0)?.broadcast_as((b, t, d))?,
