@@ -170,7 +170,10 @@ impl Backbone for AlphaRec {
         // No ID tables: the layer-0 vectors are projections (AlphaRec has no L2 term).
         let e0 = self.project(&self.x)?;
         let n_items = e0.dim(0)? - self.n_users;
-        Ok((e0.narrow(0, 0, self.n_users)?, e0.narrow(0, self.n_users, n_items)?))
+        Ok((
+            e0.narrow(0, 0, self.n_users)?,
+            e0.narrow(0, self.n_users, n_items)?,
+        ))
     }
     fn params(&self) -> Vec<(String, Var)> {
         let mut v = vec![("proj_w1".to_string(), self.w1.clone())];

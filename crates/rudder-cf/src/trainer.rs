@@ -208,10 +208,16 @@ pub fn train_with(
             let (pos, neg) = emb.scores()?;
             let (main, reg, typo) = match &cfg.loss {
                 LossConfig::Bpr { reg } => (loss::bpr(&pos, &neg)?, *reg, false),
-                LossConfig::Infonce { tau, reg, .. } => (loss::infonce(&pos, &neg, *tau)?, *reg, false),
+                LossConfig::Infonce { tau, reg, .. } => {
+                    (loss::infonce(&pos, &neg, *tau)?, *reg, false)
+                }
                 LossConfig::Advinfonce(a) => {
                     let h = hard.expect("hardness present for AdvInfoNCE").logits(idx)?;
-                    (loss::advinfonce(&pos, &neg, &h, a.tau, a.k_neg)?, a.reg, a.faithful_reg_typo)
+                    (
+                        loss::advinfonce(&pos, &neg, &h, a.tau, a.k_neg)?,
+                        a.reg,
+                        a.faithful_reg_typo,
+                    )
                 }
             };
             // layer-0 rows only when regularised (AlphaRec's are a full projection)

@@ -750,17 +750,23 @@ struct TrainedRun {
     items: candle_core::Tensor,
 }
 
-fn load_run(run: &Path) -> Result<TrainedRun> {
+/// A run folder's recorded options and the model configuration they resolve to.
+fn read_run(run: &Path) -> Result<(TrainArgs, CfConfig)> {
     let cfg_path = run.join("config.toml");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("reading {} (is this a run folder?)", cfg_path.display()))?;
     let args: TrainArgs =
         toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
     let cfg = args.resolve()?;
+    Ok((args, cfg))
+}
+
+fn load_run(run: &Path) -> Result<TrainedRun> {
+    let (args, cfg) = read_run(run)?;
     let data = args
         .data
         .clone()
-        .ok_or_else(|| anyhow!("{}: no `data`", cfg_path.display()))?;
+        .ok_or_else(|| anyhow!("{}: no `data`", run.join("config.toml").display()))?;
     let ds = load_split(
         &data,
         args.format.as_deref(),
@@ -802,14 +808,49 @@ fn restore_on(
     Ok((m, ds))
 }
 
+/// Rank validation and every test set, print the table and write `<stem>.md` and
+/// `<stem>.jsonl` in the run folder (`extra` fields go into every JSON line).
+fn report(
+    run: &Path,
+    stem: &str,
+    heading: &str,
+    sc: &rudder_cf::scorer::EmbeddingScorer,
+    s: &rudder_data::Split,
+    cfg: &CfConfig,
+    extra: &serde_json::Value,
+) -> Result<()> {
+    let k = cfg.selection_k();
+    let mut md = format!(
+        "# {heading}\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n"
+    );
+    let mut results = Vec::new();
+    if !s.valid.is_empty() {
+        results.push(("valid".to_string(), evaluate_valid(sc, s, &cfg.ks)?));
+    }
+    results.extend(evaluate_tests(sc, s, &cfg.ks)?);
+    let mut lines = String::new();
+    for (name, r) in &results {
+        md.push_str(&metrics_row(name, r, k));
+        md.push('\n');
+        let mut j = rudder_cf::trainer::metrics_json(r);
+        j["split"] = name.clone().into();
+        if let Some(o) = extra.as_object() {
+            for (key, v) in o {
+                j[key] = v.clone();
+            }
+        }
+        lines.push_str(&j.to_string());
+        lines.push('\n');
+    }
+    rudder_data::io::write_bytes_atomic(&run.join(format!("{stem}.jsonl")), lines.as_bytes())?;
+    rudder_data::io::write_bytes_atomic(&run.join(format!("{stem}.md")), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}
+
 /// AlphaRec zero-shot: the run's projector on another dataset's graph and item texts.
 fn zero_shot(run: &Path, data: &str, features: Option<&str>) -> Result<()> {
-    let cfg_path = run.join("config.toml");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("reading {} (is this a run folder?)", cfg_path.display()))?;
-    let args: TrainArgs =
-        toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
-    let cfg = args.resolve()?;
+    let (args, cfg) = read_run(run)?;
     if cfg.model != ModelKind::Alpharec {
         bail!(
             "only AlphaRec runs transfer to other datasets (this run is {:?}: its embeddings belong to its own ids)",
@@ -820,29 +861,6 @@ fn zero_shot(run: &Path, data: &str, features: Option<&str>) -> Result<()> {
     let (m, ds) = restore_on(run, &cfg, ds, features)?;
     let (u, i) = m.forward()?;
     let sc = rudder_cf::scorer::EmbeddingScorer::new(&u, &i, true)?;
-    let s = ds.split.as_ref().unwrap();
-    let k = cfg.selection_k();
-    let mut md = format!(
-        "# Zero-shot: {} on `{data}` ({} users × {} items)\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
-        run.display(),
-        ds.n_users(),
-        ds.n_items()
-    );
-    let mut results = Vec::new();
-    if !s.valid.is_empty() {
-        results.push(("valid".to_string(), evaluate_valid(&sc, s, &cfg.ks)?));
-    }
-    results.extend(evaluate_tests(&sc, s, &cfg.ks)?);
-    let mut lines = String::new();
-    for (name, r) in &results {
-        md.push_str(&metrics_row(name, r, k));
-        md.push('\n');
-        let mut j = rudder_cf::trainer::metrics_json(r);
-        j["split"] = name.clone().into();
-        j["data"] = data.into();
-        lines.push_str(&j.to_string());
-        lines.push('\n');
-    }
     let tag: String = data
         .chars()
         .map(|c| {
@@ -853,46 +871,36 @@ fn zero_shot(run: &Path, data: &str, features: Option<&str>) -> Result<()> {
             }
         })
         .collect();
-    rudder_data::io::write_bytes_atomic(
-        &run.join(format!("zero_shot_{tag}.jsonl")),
-        lines.as_bytes(),
-    )?;
-    rudder_data::io::write_bytes_atomic(&run.join(format!("zero_shot_{tag}.md")), md.as_bytes())?;
-    println!("{md}");
-    Ok(())
+    let heading = format!(
+        "Zero-shot: {} on `{data}` ({} users × {} items)",
+        run.display(),
+        ds.n_users(),
+        ds.n_items()
+    );
+    report(
+        run,
+        &format!("zero_shot_{tag}"),
+        &heading,
+        &sc,
+        ds.split.as_ref().unwrap(),
+        &cfg,
+        &serde_json::json!({ "data": data }),
+    )
 }
 
 fn eval(run: &Path) -> Result<()> {
     let l = load_run(run)?;
-    let s = l.ds.split.as_ref().unwrap();
     let sc = rudder_cf::scorer::EmbeddingScorer::new(&l.users, &l.items, l.cfg.loss.cosine())?;
-    let k = l.cfg.selection_k();
-    let mut md = format!(
-        "# Evaluation of {}\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
-        run.display()
-    );
-    let mut results = Vec::new();
-    if !s.valid.is_empty() {
-        results.push(("valid".to_string(), evaluate_valid(&sc, s, &l.cfg.ks)?));
-    }
-    results.extend(evaluate_tests(&sc, s, &l.cfg.ks)?);
-    let mut lines = Vec::new();
-    for (name, r) in &results {
-        md.push_str(&metrics_row(name, r, k));
-        md.push('\n');
-        let mut m = rudder_cf::trainer::metrics_json(r);
-        m["split"] = name.clone().into();
-        lines.push(m);
-    }
-    let mut s = String::new();
-    for l in &lines {
-        s.push_str(&l.to_string());
-        s.push('\n');
-    }
-    rudder_data::io::write_bytes_atomic(&run.join("eval.jsonl"), s.as_bytes())?;
-    rudder_data::io::write_bytes_atomic(&run.join("eval.md"), md.as_bytes())?;
-    println!("{md}");
-    Ok(())
+    let heading = format!("Evaluation of {}", run.display());
+    report(
+        run,
+        "eval",
+        &heading,
+        &sc,
+        l.ds.split.as_ref().unwrap(),
+        &l.cfg,
+        &serde_json::Value::Null,
+    )
 }
 
 fn recommend(run: &Path, user: &str, k: usize, intent: Option<&str>, alpha: f64) -> Result<()> {
