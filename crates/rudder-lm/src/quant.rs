@@ -457,41 +457,26 @@ mod avx {
             let base = r * nb;
             let qp = m.qs.as_ptr().add(base * qb);
             let mut s = [[0f32; 8]; 4];
-            let mut tail = [0f32; 4];
-            // Groups of 8 blocks convert their scales with one F16C instruction; the last,
-            // partial group (576 columns = 18 blocks) fills the same scale table by scalar code.
-            for b0 in (0..nb).step_by(8) {
-                let n = (nb - b0).min(8);
-                if n == 8 {
-                    let dv = _mm256_cvtph_ps(_mm_loadu_si128(
-                        m.d.as_ptr().add(base + b0) as *const __m128i
-                    ));
-                    let cv = match fmt {
-                        QFormat::Q4_0 => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
-                        QFormat::Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(
-                            m.m.as_ptr().add(base + b0) as *const __m128i,
-                        )),
-                        QFormat::Q8_0 => _mm256_setzero_ps(),
-                    };
-                    for k in 0..t {
-                        let x = xs.get_unchecked(k);
-                        let sv = _mm256_mul_ps(dv, _mm256_loadu_ps(x.scale.as_ptr().add(b0)));
-                        _mm256_storeu_ps(s[k].as_mut_ptr(), sv);
-                        eacc[k] =
-                            _mm256_fmadd_ps(cv, _mm256_loadu_ps(x.sx.as_ptr().add(b0)), eacc[k]);
-                    }
-                } else {
-                    for j in 0..n {
-                        let (b, i) = (b0 + j, base + b0 + j);
-                        let (d, c) = (f16_to_f32(*m.d.get_unchecked(i)), offset(m, i));
-                        for k in 0..t {
-                            let x = xs.get_unchecked(k);
-                            s[k][j] = d * x.scale[b];
-                            tail[k] += c * x.sx[b];
-                        }
-                    }
+            let groups = nb / 8;
+            for g in 0..groups {
+                let b0 = g * 8;
+                let dv = _mm256_cvtph_ps(_mm_loadu_si128(
+                    m.d.as_ptr().add(base + b0) as *const __m128i
+                ));
+                let cv = match fmt {
+                    QFormat::Q4_0 => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
+                    QFormat::Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(
+                        m.m.as_ptr().add(base + b0) as *const __m128i
+                    )),
+                    QFormat::Q8_0 => _mm256_setzero_ps(),
+                };
+                for k in 0..t {
+                    let x = xs.get_unchecked(k);
+                    let sv = _mm256_mul_ps(dv, _mm256_loadu_ps(x.scale.as_ptr().add(b0)));
+                    _mm256_storeu_ps(s[k].as_mut_ptr(), sv);
+                    eacc[k] = _mm256_fmadd_ps(cv, _mm256_loadu_ps(x.sx.as_ptr().add(b0)), eacc[k]);
                 }
-                for j in 0..n {
+                for j in 0..8 {
                     let b = b0 + j;
                     let (w, sign) = load_block(fmt, qp.add(b * qb));
                     for k in 0..t {
@@ -504,6 +489,27 @@ mod avx {
                         acc[k] =
                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[k][j]), acc[k]);
                     }
+                }
+            }
+            let mut tail = [0f32; 4];
+            for b in groups * 8..nb {
+                let i = base + b;
+                let d = f16_to_f32(*m.d.get_unchecked(i));
+                let c = offset(m, i);
+                let (w, sign) = load_block(fmt, qp.add(b * qb));
+                for k in 0..t {
+                    let x = xs.get_unchecked(k);
+                    let mut xv = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+                    if fmt == QFormat::Q8_0 {
+                        xv = _mm256_sign_epi8(xv, sign);
+                    }
+                    let p = block_dot::<VNNI>(w, xv);
+                    acc[k] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p),
+                        _mm256_set1_ps(d * x.scale[b]),
+                        acc[k],
+                    );
+                    tail[k] += c * x.sx[b];
                 }
             }
             for k in 0..t {
