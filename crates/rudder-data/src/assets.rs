@@ -632,3 +632,19 @@ mod tests {
         assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello");
     }
 }
+
+/// For integration tests: the folder of a fetched asset, or `None` with a "skipped" message —
+/// unless `RUDDER_REQUIRE_ASSETS=1` (CI), where an absent asset is a failure.
+#[doc(hidden)]
+pub fn for_tests(name: &str) -> Option<PathBuf> {
+    match Store::from_env().require(name) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            if std::env::var("RUDDER_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+                panic!("required asset {name} is absent: {e}");
+            }
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}

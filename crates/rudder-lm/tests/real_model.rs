@@ -9,16 +9,7 @@ use rudder_lm::hooks::{NoHook, Phase};
 use rudder_lm::loader::{LanguageModel, LoadOptions, load};
 
 fn asset(name: &str) -> Option<PathBuf> {
-    match rudder_data::assets::Store::from_env().require(name) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            if std::env::var("RUDDER_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-                panic!("required asset {name} is absent: {e}");
-            }
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
+    rudder_data::assets::for_tests(name)
 }
 
 fn last_logits(lm: &LanguageModel, ids: &[u32]) -> Vec<f32> {

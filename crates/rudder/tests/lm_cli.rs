@@ -283,16 +283,7 @@ fn bad_lm_input_is_an_error_not_a_panic() {
 }
 
 fn asset(name: &str) -> Option<PathBuf> {
-    match rudder_data::assets::Store::from_env().require(name) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            if std::env::var("RUDDER_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-                panic!("required asset {name} is absent: {e}");
-            }
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
+    rudder_data::assets::for_tests(name)
 }
 
 #[test]
