@@ -15,10 +15,11 @@ use std::cell::RefCell;
 
 use candle_core::{D, Device, Tensor, Var};
 use rand::Rng;
+use rayon::prelude::*;
 use rudder_data::Interactions;
 use rudder_nn::graph::{lightgcn, norm_adj};
 use rudder_nn::optim::{Adam, AdamConfig};
-use rudder_nn::sparse::{Csr, SparseOperator};
+use rudder_nn::sparse::{Reweightable, SparseOperator};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -71,6 +72,8 @@ pub struct AdvDrop {
     mask: MaskNet,
     mask_opt: RefCell<Adam>,
     adj: SparseOperator,
+    /// `Â`'s pattern, reweighted for each dropped graph without re-transposing.
+    pattern: Reweightable,
     /// Target (row) and source (column) node of every directed edge of `Â`, in CSR order.
     rows: Tensor,
     cols: Tensor,
@@ -134,6 +137,7 @@ impl AdvDrop {
             rows: Tensor::from_vec(rows, ne, dev)?,
             cols: Tensor::from_slice(&a.indices, ne, dev)?,
             inv_deg: Tensor::from_vec(inv_deg, a.n_rows, dev)?,
+            pattern: Reweightable::new(a.as_ref().clone()),
             adj,
             n_layers,
             n_users: train.n_users(),
@@ -163,16 +167,59 @@ impl AdvDrop {
         Ok(candle_nn_sigmoid(&(a - means)?)?)
     }
 
+    /// `M(X)` without a gradient, fused: one pass over each row's edges computes the
+    /// query·key logits, their row mean and the centred sigmoid (what `mask_scores` computes
+    /// through a dozen edge-sized tensors). Parallel over row blocks.
+    fn keep_scores(&self, t: &IdTables) -> Result<Vec<f32>> {
+        let xn = rudder_nn::ops::l2_normalize(&Self::stacked(t)?.detach(), 1e-12)?;
+        let proj = |w: &Var, b: &Var| -> Result<Vec<f32>> {
+            Ok(xn
+                .matmul(&w.as_tensor().t()?)?
+                .broadcast_add(b.as_tensor())?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let (q, k) = (
+            proj(&self.mask.q_w, &self.mask.q_b)?,
+            proj(&self.mask.k_w, &self.mask.k_b)?,
+        );
+        let h = self.cfg.att_dim;
+        let a = self.pattern.base();
+        const BLOCK: usize = 2048;
+        let blocks: Vec<Vec<f32>> = (0..a.n_rows.div_ceil(BLOCK))
+            .into_par_iter()
+            .map(|b| {
+                let (r0, r1) = (b * BLOCK, ((b + 1) * BLOCK).min(a.n_rows));
+                let mut out = Vec::with_capacity(a.indptr[r1] - a.indptr[r0]);
+                for r in r0..r1 {
+                    let qr = &q[r * h..(r + 1) * h];
+                    let start = out.len();
+                    let mut sum = 0f32;
+                    for p in a.indptr[r]..a.indptr[r + 1] {
+                        let kc = &k[a.indices[p] as usize * h..][..h];
+                        let dot: f32 = qr.iter().zip(kc).map(|(x, y)| x * y).sum();
+                        sum += dot;
+                        out.push(dot);
+                    }
+                    let n = out.len() - start;
+                    if n > 0 {
+                        let mean = sum / n as f32;
+                        for v in &mut out[start..] {
+                            *v = 1.0 / (1.0 + (-(*v - mean)).exp());
+                        }
+                    }
+                }
+                out
+            })
+            .collect();
+        Ok(blocks.concat())
+    }
+
     /// Keep probabilities of the two views (no gradient).
     fn keep_probs(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let pd = self
-            .mask_scores(&Self::stacked(&self.dual)?)?
-            .detach()
-            .to_vec1::<f32>()?;
-        let pm: Vec<f32> = self
-            .mask_scores(&Self::stacked(&self.main)?)?
-            .detach()
-            .to_vec1::<f32>()?
+        let pd = self.keep_scores(&self.dual)?;
+        let pm = self
+            .keep_scores(&self.main)?
             .into_iter()
             .map(|p| 1.0 - p)
             .collect();
@@ -180,22 +227,17 @@ impl AdvDrop {
     }
 
     /// `Â` with only the edges where `keep[e]`, kept values divided by `keep_prob`.
-    fn dropped(&self, keep: impl Fn(usize) -> bool) -> SparseOperator {
-        let a: &Csr = &self.adj.a;
+    fn dropped(&self, keep: impl Fn(usize) -> bool + Sync) -> SparseOperator {
         let s = 1.0 / self.cfg.keep_prob as f32;
-        let values = a
+        let values: Vec<f32> = self
+            .pattern
+            .base()
             .values
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(e, &v)| if keep(e) { v * s } else { 0.0 })
             .collect();
-        SparseOperator::new(Csr {
-            n_rows: a.n_rows,
-            n_cols: a.n_cols,
-            indptr: a.indptr.clone(),
-            indices: a.indices.clone(),
-            values,
-        })
+        self.pattern.with_values(&values)
     }
 
     fn propagate(&self, t: &IdTables, graph: &SparseOperator) -> Result<(Tensor, Tensor)> {
@@ -207,11 +249,17 @@ impl AdvDrop {
         ))
     }
 
+    /// One U(0, 1) draw per edge; generated in fixed chunks, each from its own stream, so the
+    /// numbers depend on the seed and key only, not on the thread count.
     fn uniforms(&self, key: u64) -> Vec<f32> {
-        let mut r = rudder_data::rng::stream(self.seed, &[0xAD, key]);
-        (0..self.adj.a.values.len())
-            .map(|_| r.random::<f32>())
-            .collect()
+        const CHUNK: usize = 1 << 15;
+        let mut u = vec![0f32; self.n_edges()];
+        let seed = self.seed;
+        u.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ch)| {
+            let mut r = rudder_data::rng::stream(seed, &[0xAD, key, c as u64]);
+            ch.iter_mut().for_each(|v| *v = r.random::<f32>());
+        });
+        u
     }
 
     fn samples(&self, key: u64, n_items: usize) -> Result<(Tensor, Tensor)> {
@@ -295,7 +343,7 @@ impl AdvDrop {
         let (pd, pm) = self.keep_probs()?;
         let u = self.uniforms((1 << 40) + key);
         let s = self.samples((1 << 41) + key, self.main.items.as_tensor().dim(0)?)?;
-        let views = |keep: &dyn Fn(usize, f32) -> bool| -> Result<Tensor> {
+        let views = |keep: &(dyn Fn(usize, f32) -> bool + Sync)| -> Result<Tensor> {
             let ed = self.propagate(&self.dual, &self.dropped(|e| keep(e, pd[e])))?;
             let em = self.propagate(&self.main, &self.dropped(|e| keep(e, pm[e])))?;
             Ok(self.inv(
@@ -492,6 +540,37 @@ mod tests {
         let s1 = 1.0 / (1.0 + (-1f64).exp());
         let want = -((s1 / 0.1) - ((s1 / 0.1).exp() + (0.5f64 / 0.1).exp()).ln());
         assert!((l - want).abs() < 1e-5, "{l} vs {want}");
+    }
+
+    #[test]
+    fn fused_keep_scores_equal_the_differentiable_mask() {
+        use rudder_data::synth::{SynthConfig, SynthWorld};
+        let w = SynthWorld::generate(&SynthConfig {
+            n_users: 60,
+            n_items: 90,
+            mean_interactions: 12.0,
+            ..Default::default()
+        });
+        let train = &w.dataset.interactions;
+        let m = AdvDrop::new(train, 8, 2, 0.0, &AdvDropConfig::default(), 3, &Device::Cpu).unwrap();
+        for t in [&m.main, &m.dual] {
+            let fused = m.keep_scores(t).unwrap();
+            let graph = m
+                .mask_scores(&AdvDrop::stacked(t).unwrap())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(fused.len(), m.n_edges());
+            for (a, b) in fused.iter().zip(&graph) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+        // the uniforms are reproducible and cover (0, 1)
+        let (u1, u2) = (m.uniforms(7), m.uniforms(7));
+        assert_eq!(u1, u2);
+        assert_ne!(u1, m.uniforms(8));
+        let mean = u1.iter().sum::<f32>() / u1.len() as f32;
+        assert!((mean - 0.5).abs() < 0.05, "{mean}");
     }
 
     #[test]

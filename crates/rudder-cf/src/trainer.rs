@@ -31,7 +31,12 @@ impl TrainObserver for Silent {}
 pub struct EpochRecord {
     pub epoch: usize,
     pub loss: f64,
+    /// Wall time of the epoch, adversarial phase included.
     pub seconds: f64,
+    /// Wall time of this epoch's adversarial phase (AdvInfoNCE's hardness ascent or AdvDrop's
+    /// ARM updates of the mask network), when it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adv_seconds: Option<f64>,
     /// Adversarial passes run in this epoch (AdvInfoNCE) and the KL(p‖uniform) after them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adv_kl: Option<f64>,
@@ -56,6 +61,11 @@ impl TrainReport {
     pub fn mean_epoch_seconds(&self) -> f64 {
         let v: Vec<f64> = self.history.iter().map(|r| r.seconds).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
+    /// Mean wall time of an adversarial phase and how many epochs had one.
+    pub fn mean_adv_seconds(&self) -> Option<(f64, usize)> {
+        let v: Vec<f64> = self.history.iter().filter_map(|r| r.adv_seconds).collect();
+        (!v.is_empty()).then(|| (v.iter().sum::<f64>() / v.len() as f64, v.len()))
     }
     pub fn mean_eval_seconds(&self) -> Option<f64> {
         let v: Vec<f64> = self.history.iter().filter_map(|r| r.eval_seconds).collect();
@@ -236,6 +246,7 @@ pub fn train_with(
     for epoch in 0..cfg.epochs {
         let t0 = Instant::now();
         let mut adv_kl = None;
+        let mut adv_seconds = None;
         // adversarial phase: gradient ascent on the loss w.r.t. the hardness embeddings only
         if let (LossConfig::Advinfonce(a), Some(h), Some(ao)) = (&cfg.loss, &adv, adv_opt.as_mut())
         {
@@ -268,12 +279,15 @@ pub fn train_with(
                         adv_kl = Some(h.kl_to_uniform(idx)?);
                     }
                 }
+                adv_seconds = Some(t0.elapsed().as_secs_f64());
             }
         }
         let n_batches = sampler.n_batches();
         // model-specific adversary (AdvDrop's mask network)
+        let ta = Instant::now();
         if let Some(r) = model.adversarial(epoch, n_batches) {
             adv_kl = Some(r?);
+            adv_seconds = Some(adv_seconds.unwrap_or(0.0) + ta.elapsed().as_secs_f64());
         }
         obs.epoch_start(epoch, n_batches);
         let mut total = 0.0;
@@ -297,6 +311,7 @@ pub fn train_with(
             epoch,
             loss: total / n_batches.max(1) as f64,
             seconds,
+            adv_seconds,
             adv_kl,
             valid: None,
             eval_seconds: None,
@@ -416,7 +431,7 @@ pub fn write_run(
     rudder_nn::checkpoint::save(&report.params, &dir.join("best.safetensors"))?;
     let k = report.config.selection_k();
     let mut md = format!(
-        "# {} + {} on `{data}`\n\n{} epochs run (best at epoch {}), {:.2} s per epoch{}.\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
+        "# {} + {} on `{data}`\n\n{} epochs run (best at epoch {}), {:.2} s per epoch{}{}.\n\n| split | Recall@{k} | NDCG@{k} | HR@{k} | Precision@{k} | MRR@{k} |\n|---|---|---|---|---|---|\n",
         match report.config.model {
             crate::ModelKind::Mf => "MF",
             crate::ModelKind::Lightgcn => "LightGCN",
@@ -429,6 +444,11 @@ pub fn write_run(
             .best_epoch
             .map_or("—".to_string(), |e| (e + 1).to_string()),
         report.mean_epoch_seconds(),
+        report
+            .mean_adv_seconds()
+            .map_or(String::new(), |(s, n)| format!(
+                " (adversarial phase in {n} of them: {s:.2} s each, included)"
+            )),
         report
             .mean_eval_seconds()
             .map_or(String::new(), |s| format!(", {s:.2} s per validation pass")),

@@ -54,14 +54,93 @@ impl Csr {
         self.indices.len()
     }
 
+    /// `Aᵀ` by a counting sort on columns (O(nnz); rows of the result come out sorted because
+    /// the source rows are visited in order).
     pub fn transpose(&self) -> Csr {
-        let mut t = Vec::with_capacity(self.nnz());
+        self.transpose_map().0
+    }
+
+    /// `Aᵀ` and, for each entry `q` of it, the entry of `A` it came from.
+    pub fn transpose_map(&self) -> (Csr, Vec<u32>) {
+        let nnz = self.nnz();
+        let mut indptr = vec![0usize; self.n_cols + 1];
+        for &c in &self.indices {
+            indptr[c as usize + 1] += 1;
+        }
+        for c in 0..self.n_cols {
+            indptr[c + 1] += indptr[c];
+        }
+        let mut next = indptr.clone();
+        let mut indices = vec![0u32; nnz];
+        let mut values = vec![0f32; nnz];
+        let mut from = vec![0u32; nnz];
         for r in 0..self.n_rows {
             for p in self.indptr[r]..self.indptr[r + 1] {
-                t.push((self.indices[p], r as u32, self.values[p]));
+                let c = self.indices[p] as usize;
+                let q = next[c];
+                next[c] += 1;
+                indices[q] = r as u32;
+                values[q] = self.values[p];
+                from[q] = p as u32;
             }
         }
-        Csr::from_triples(self.n_cols, self.n_rows, &t)
+        let t = Csr {
+            n_rows: self.n_cols,
+            n_cols: self.n_rows,
+            indptr,
+            indices,
+            values,
+        };
+        (t, from)
+    }
+
+    /// The same pattern with `values` (one per stored entry, in storage order), keeping only
+    /// the entries whose value is non-zero. Built in parallel over row blocks.
+    pub fn with_values_nonzero(&self, values: &[f32]) -> Csr {
+        assert_eq!(values.len(), self.nnz(), "one value per stored entry");
+        const BLOCK: usize = 4096;
+        let parts: Vec<(Vec<usize>, Vec<u32>, Vec<f32>)> = (0..self.n_rows.div_ceil(BLOCK))
+            .into_par_iter()
+            .map(|b| {
+                let (r0, r1) = (b * BLOCK, ((b + 1) * BLOCK).min(self.n_rows));
+                let span = self.indptr[r0]..self.indptr[r1];
+                let kept = values[span.clone()].iter().filter(|v| **v != 0.0).count();
+                let (mut counts, mut idx, mut val) = (
+                    Vec::with_capacity(r1 - r0),
+                    Vec::with_capacity(kept),
+                    Vec::with_capacity(kept),
+                );
+                for r in r0..r1 {
+                    let before = idx.len();
+                    for p in self.indptr[r]..self.indptr[r + 1] {
+                        if values[p] != 0.0 {
+                            idx.push(self.indices[p]);
+                            val.push(values[p]);
+                        }
+                    }
+                    counts.push(idx.len() - before);
+                }
+                (counts, idx, val)
+            })
+            .collect();
+        let kept: usize = parts.iter().map(|p| p.1.len()).sum();
+        let mut indptr = Vec::with_capacity(self.n_rows + 1);
+        indptr.push(0usize);
+        let (mut indices, mut vals) = (Vec::with_capacity(kept), Vec::with_capacity(kept));
+        for (counts, idx, val) in parts {
+            for c in counts {
+                indptr.push(indptr.last().copied().unwrap_or(0) + c);
+            }
+            indices.extend_from_slice(&idx);
+            vals.extend_from_slice(&val);
+        }
+        Csr {
+            n_rows: self.n_rows,
+            n_cols: self.n_cols,
+            indptr,
+            indices,
+            values: vals,
+        }
     }
 
     pub fn to_dense(&self) -> Vec<f32> {
@@ -168,6 +247,51 @@ impl Csr {
         let mut out = vec![0f32; self.n_rows * d];
         rows_generic(self, x, d, 0, self.n_rows, &mut out);
         out
+    }
+}
+
+/// A fixed sparsity pattern whose values change from step to step (edge dropout): the
+/// transpose's pattern and entry map are built once, so each reweighted operator costs a few
+/// O(nnz) passes instead of a transpose.
+#[derive(Debug, Clone)]
+pub struct Reweightable {
+    a: Arc<Csr>,
+    at: Arc<Csr>,
+    /// Entry `q` of `at` holds entry `from_a[q]` of `a`.
+    from_a: Vec<u32>,
+}
+
+impl Reweightable {
+    pub fn new(a: Csr) -> Reweightable {
+        let (at, from_a) = a.transpose_map();
+        Reweightable {
+            a: Arc::new(a),
+            at: Arc::new(at),
+            from_a,
+        }
+    }
+
+    /// The base matrix.
+    pub fn base(&self) -> &Csr {
+        &self.a
+    }
+
+    /// The operator with `values[p]` on entry `p` of the base (storage order); entries whose
+    /// value is zero are left out of both stored matrices, so the kernels skip them.
+    pub fn with_values(&self, values: &[f32]) -> SparseOperator {
+        let vt: Vec<f32> = self
+            .from_a
+            .par_iter()
+            .map(|&p| values[p as usize])
+            .collect();
+        let (a, at) = rayon::join(
+            || self.a.with_values_nonzero(values),
+            || self.at.with_values_nonzero(&vt),
+        );
+        SparseOperator {
+            a: Arc::new(a),
+            at: Arc::new(at),
+        }
     }
 }
 
@@ -355,5 +479,41 @@ mod tests {
         assert_eq!(a.nnz(), 2);
         assert_eq!(a.to_dense(), vec![0.0, 3.0, 0.0, 4.0, 0.0, 0.0]);
         assert_eq!(a.transpose().transpose(), a);
+    }
+
+    #[test]
+    fn counting_sort_transpose_equals_triples_transpose() {
+        let a = random_csr(40, 65, 11);
+        let mut t = Vec::new();
+        for r in 0..a.n_rows {
+            for p in a.indptr[r]..a.indptr[r + 1] {
+                t.push((a.indices[p], r as u32, a.values[p]));
+            }
+        }
+        let (at, from) = a.transpose_map();
+        assert_eq!(at, Csr::from_triples(65, 40, &t));
+        for (q, &p) in from.iter().enumerate() {
+            assert_eq!(at.values[q], a.values[p as usize]);
+        }
+    }
+
+    #[test]
+    fn reweighted_operator_matches_dense_and_drops_zeros() {
+        let a = random_csr(30, 30, 5);
+        let rw = Reweightable::new(a.clone());
+        // zero every third entry, scale the others
+        let values: Vec<f32> = (0..a.nnz())
+            .map(|p| if p % 3 == 0 { 0.0 } else { a.values[p] * 1.25 })
+            .collect();
+        let op = rw.with_values(&values);
+        let expect = Csr {
+            values: values.clone(),
+            ..a.clone()
+        };
+        assert_eq!(op.a.to_dense(), expect.to_dense());
+        assert_eq!(op.at.to_dense(), expect.transpose().to_dense());
+        let zeros = values.iter().filter(|v| **v == 0.0).count();
+        assert_eq!(op.a.nnz(), a.nnz() - zeros);
+        assert_eq!(op.at.nnz(), a.nnz() - zeros);
     }
 }
