@@ -60,5 +60,4 @@ EOF
 "$PY" setup.py build_ext --inplace > /dev/null
 mkdir -p data
 [ -s Data/yelp2018.new.zip ] && unzip -o -q Data/yelp2018.new.zip -d data/
-[ -s Data/yahoo.zip ] && unzip -o -q Data/yahoo.zip -d data/yahoo.new/   # its files sit at the zip's root
 echo "reference ready in $REF (run with PYTHONPATH=.pyg:.shim $PY run_AdvDrop.py …)"

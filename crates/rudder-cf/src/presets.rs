@@ -4,7 +4,7 @@
 use crate::config::{AdvConfig, CfConfig, LossConfig, ModelKind};
 
 /// (name, description) of every preset.
-pub const PRESETS: [(&str, &str); 17] = [
+pub const PRESETS: [(&str, &str); 18] = [
     (
         "recbole-lightgcn",
         "RecBole-comparable LightGCN: d=64, 3 layers, BPR, batch 2048, lr 1e-3, reg 1e-5, interaction-uniform epochs, eval every epoch",
@@ -64,6 +64,10 @@ pub const PRESETS: [(&str, &str); 17] = [
     (
         "advdrop-yelp",
         "AdvDrop README, Yelp2018: d 64, lr 5e-4, B 1024, every 7 epochs × 15 passes, adv_lr 1e-2",
+    ),
+    (
+        "advdrop-yahoo",
+        "AdvDrop README, Yahoo: d 30, lr 3e-3, B 128, every 15 epochs × 5 passes, adv_lr 1e-3",
     ),
     (
         "advdrop-kuairec",
@@ -129,10 +133,11 @@ pub fn preset(name: &str) -> Option<CfConfig> {
         "advinfonce-tencent-mf" => base(M, adv(0.09, 128, 5e-5, 8, 5), 1e-3, 2048, 20),
         "advinfonce-kuairec-lightgcn" => base(L, adv(2.0, 128, 5e-5, 12, 5), 3e-5, 2048, 10),
         "infonce-kuairec-lightgcn" => base(L, infonce(2.0, 128), 3e-5, 2048, 10),
-        "advdrop-coat" | "advdrop-yelp" | "advdrop-kuairec" => {
+        "advdrop-coat" | "advdrop-yelp" | "advdrop-yahoo" | "advdrop-kuairec" => {
             let (lr, b, d, interval, adv_epochs, adv_lr) = match name {
                 "advdrop-coat" => (1e-3, 128, 30, 7, 10, 1e-2),
                 "advdrop-yelp" => (5e-4, 1024, 64, 7, 15, 1e-2),
+                "advdrop-yahoo" => (3e-3, 128, 30, 15, 5, 1e-3),
                 _ => (5e-4, 512, 30, 3, 5, 1e-3),
             };
             let mut c = base(ModelKind::Advdrop, LossConfig::Bpr { reg: 1e-5 }, lr, b, 20);
