@@ -144,6 +144,21 @@ pub fn left_pad(prompts: &[Vec<u32>], pad_id: u32) -> Result<(Tensor, Vec<usize>
 /// Generate continuations of a batch of tokenized prompts. `on_text(row, piece)` receives
 /// each row's new text as it is produced. Prompts must fit the context window; the number of
 /// new tokens is capped so that prompt + output fits it.
+/// Length of the longest tail of `text` that is a proper prefix of a stop string (text that
+/// must not be streamed yet, since the next token may complete the stop string).
+fn stop_prefix_tail(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| {
+            (1..s.len())
+                .rev()
+                .filter(|&k| s.is_char_boundary(k) && text.ends_with(&s[..k]))
+                .take(1)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 pub fn generate(
     lm: &LanguageModel,
     prompts: &[Vec<u32>],
@@ -196,6 +211,9 @@ pub fn generate(
         .collect();
     let mut done = vec![false; b];
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
+    let mut streams: Vec<_> = (0..b).map(|_| lm.tok.text_stream()).collect();
+    let max_stop = cfg.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut sent = vec![0usize; b];
     for step in 0..max_new {
         let mut next = vec![lm.tok.pad; b];
         for r in 0..b {
@@ -211,30 +229,35 @@ pub fn generate(
             }
             history[r].push(tok);
             out[r].tokens.push(tok);
-            let text = lm.tok.decode(&out[r].tokens, true)?;
-            if !text.ends_with('\u{FFFD}')
-                && text.len() > out[r].text.len()
-                && text.starts_with(&out[r].text)
-            {
-                let mut new_text = text;
-                let mut stopped = false;
-                if let Some(cut) = cfg
-                    .stop
-                    .iter()
-                    .filter_map(|s| new_text.find(s.as_str()))
-                    .min()
-                {
-                    new_text.truncate(cut);
-                    stopped = true;
-                }
-                if new_text.len() > out[r].text.len() {
-                    on_text(r, &new_text[out[r].text.len()..]);
-                }
-                out[r].text = new_text;
-                if stopped {
-                    done[r] = true;
-                    out[r].finish = Finish::Stop;
-                }
+            let Some(piece) = streams[r].step(tok)? else {
+                continue;
+            };
+            let old_len = out[r].text.len();
+            out[r].text.push_str(&piece);
+            // a stop string can only end inside the new piece: search from just before it
+            let mut from = old_len.saturating_sub(max_stop.saturating_sub(1));
+            while !out[r].text.is_char_boundary(from) {
+                from -= 1;
+            }
+            let cut = cfg
+                .stop
+                .iter()
+                .filter_map(|s| out[r].text[from..].find(s.as_str()).map(|i| from + i))
+                .min();
+            if let Some(cut) = cut {
+                out[r].text.truncate(cut);
+                done[r] = true;
+                out[r].finish = Finish::Stop;
+            }
+            // hold back a tail that may still grow into a stop string
+            let upto = if done[r] {
+                out[r].text.len()
+            } else {
+                out[r].text.len() - stop_prefix_tail(&out[r].text, &cfg.stop)
+            };
+            if upto > sent[r] {
+                on_text(r, &out[r].text[sent[r]..upto]);
+                sent[r] = upto;
             }
         }
         if done.iter().all(|&d| d) || step + 1 == max_new {
@@ -246,11 +269,14 @@ pub fn generate(
     }
     for r in 0..b {
         if out[r].finish != Finish::Stop {
+            // the full decode also flushes a trailing incomplete character
             let full = lm.tok.decode(&out[r].tokens, true)?;
-            if full.len() > out[r].text.len() && full.starts_with(&out[r].text) {
-                on_text(r, &full[out[r].text.len()..]);
+            if full.starts_with(&out[r].text[..sent[r]]) {
+                out[r].text = full;
             }
-            out[r].text = full;
+        }
+        if out[r].text.len() > sent[r] {
+            on_text(r, &out[r].text[sent[r]..]);
         }
     }
     Ok(out)

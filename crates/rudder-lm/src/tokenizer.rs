@@ -263,11 +263,69 @@ impl Tok {
         self.inner.decode(ids, skip_special).map_err(tk_err)
     }
 
+    /// Incremental detokenization for streaming: each step decodes only a short window of
+    /// recent ids (tokenizers' `DecodeStream`), so a long generation costs O(length), not
+    /// O(length²). Falls back to re-decoding the whole output if the window decode fails.
+    pub fn text_stream(&self) -> TextStream<'_> {
+        TextStream {
+            tok: self,
+            stream: self.inner.decode_stream(true),
+            ids: Vec::new(),
+            emitted: 0,
+            fallback: false,
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos.contains(&id)
+    }
+}
+
+/// See [`Tok::text_stream`].
+pub struct TextStream<'a> {
+    tok: &'a Tok,
+    stream: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
+    ids: Vec<u32>,
+    /// Bytes of text returned so far (used by the fallback).
+    emitted: usize,
+    fallback: bool,
+}
+
+impl TextStream<'_> {
+    /// The text that `id` completes, or `None` while it ends inside a multi-byte character.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        if !self.fallback {
+            match self.stream.step(id) {
+                Ok(piece) => {
+                    if let Some(p) = &piece {
+                        self.emitted += p.len();
+                    }
+                    return Ok(piece);
+                }
+                Err(_) => self.fallback = true,
+            }
+        }
+        let full = self.tok.decode(&self.ids, true)?;
+        if full.ends_with('\u{FFFD}')
+            || full.len() <= self.emitted
+            || !full.is_char_boundary(self.emitted)
+        {
+            return Ok(None);
+        }
+        let piece = full[self.emitted..].to_string();
+        self.emitted = full.len();
+        Ok(Some(piece))
     }
 }

@@ -470,6 +470,24 @@ fn sampling_is_seeded_and_top_k_one_is_greedy() {
         assert!(!s[0].text.contains(ch));
         assert_eq!(s[0].finish, rudder_lm::generate::Finish::Stop);
     }
+    // A stop string spanning several characters (and usually tokens): the stream never shows
+    // a part of it, and what it shows is the final text.
+    let chars: Vec<char> = g[0].text.chars().collect();
+    if chars.len() >= 6 {
+        let stop: String = chars[3..6].iter().collect();
+        let cut = GenConfig {
+            max_new_tokens: 10,
+            ignore_eos: true,
+            stop: vec![stop.clone(), "\u{1F600}never".into()],
+            ..Default::default()
+        };
+        let mut streamed = String::new();
+        let s = generate(&lm, &p, &cut, &mut NoHook, &mut |_, t| streamed.push_str(t)).unwrap();
+        assert_eq!(s[0].finish, rudder_lm::generate::Finish::Stop);
+        assert_eq!(streamed, s[0].text);
+        let want = &g[0].text[..g[0].text.find(&stop).unwrap()];
+        assert_eq!(s[0].text, want);
+    }
 }
 
 #[test]
