@@ -19,6 +19,7 @@
 #   - torch_geometric 2.3.1 (the first with a pure-torch scatter), put on PYTHONPATH from
 #     REF/.pyg; `torch_scatter.scatter` → `torch_geometric.utils.scatter` (the same reduction in
 #     pure torch); the torch_sparse imports dropped (only classes this run never builds use them);
+#   - `np.reshape(x, newshape=…)` → positional (numpy 2);
 #   - a collections.Iterable alias for reckit on Python 3.11; its Cython evaluator built in place.
 # The Python environment is bench/.venv-lm (bench/lm_setup.sh) plus tensorboard.
 set -euo pipefail
@@ -45,6 +46,7 @@ sed -i 's/torch\.sparse\.FloatTensor(index\.t(), values, size)/torch.sparse_coo_
 sed -i 's/ INV_LGN_DUAL,//' t_sne_visualization.py   # imports a class model.py does not define
 sed -i 's/self\.__check_input__(/self._check_input(/; s/self\.__collect__(self\.__user_args__/self._collect(self._user_args/' module/mask_model.py
 sed -i "s/parser.add_argument('--cuda', type=int, default=0,/parser.add_argument('--cuda', type=str, default='cpu',/" parse.py
+sed -i 's/, newshape=/, /' evaluator/backend/cpp/uni_evaluator.py evaluator/backend/python/uni_evaluator.py   # numpy 2
 "$PY" -m pip install -q --no-deps --target .pyg torch_geometric==2.3.1
 mkdir -p .shim
 sed -i 's/^from tensorflow.python.framework.ops import NullContextmanager/from contextlib import nullcontext as NullContextmanager/' evaluator/backend/cpp/uni_evaluator.py
