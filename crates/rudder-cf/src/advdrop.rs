@@ -503,19 +503,26 @@ impl Backbone for AdvDrop {
     fn custom_loss(&self, idx: &BatchIdx, step: u64) -> Option<Result<Tensor>> {
         Some(self.loss(idx, step))
     }
-    fn adversarial(&self, epoch: usize, n_batches: usize) -> Option<Result<f64>> {
+    fn adversarial(
+        &self,
+        epoch: usize,
+        n_batches: usize,
+    ) -> Option<Result<Vec<(&'static str, f64)>>> {
         if (epoch + 1) % self.cfg.interval.max(1) != 0 {
             return None;
         }
-        let run = || -> Result<f64> {
-            let mut last = 0.0;
+        let run = || -> Result<Vec<(&'static str, f64)>> {
             for rep in 0..self.cfg.adv_epochs {
                 for b in 0..n_batches {
-                    last = self
-                        .arm_step(((epoch * self.cfg.adv_epochs + rep) * n_batches + b) as u64)?;
+                    self.arm_step(((epoch * self.cfg.adv_epochs + rep) * n_batches + b) as u64)?;
                 }
             }
-            Ok(last)
+            let (pd, pm) = self.keep_probs()?;
+            let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+            Ok(vec![
+                ("adv_dual_keep", mean(&pd)),
+                ("adv_main_keep", mean(&pm)),
+            ])
         };
         Some(run())
     }

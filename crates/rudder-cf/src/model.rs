@@ -26,8 +26,13 @@ pub trait Backbone {
         None
     }
     /// A model-specific adversarial phase before the epoch's recommender steps (AdvDrop's ARM
-    /// updates of the mask network); returns a diagnostic value when it ran.
-    fn adversarial(&self, _epoch: usize, _n_batches: usize) -> Option<Result<f64>> {
+    /// updates of the mask network); when it ran, returns named diagnostics for the epoch's
+    /// record in `metrics.jsonl`.
+    fn adversarial(
+        &self,
+        _epoch: usize,
+        _n_batches: usize,
+    ) -> Option<Result<Vec<(&'static str, f64)>>> {
         None
     }
     /// The concrete model, for model-specific features (AlphaRec's projector for intents).

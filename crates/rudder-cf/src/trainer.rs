@@ -37,9 +37,14 @@ pub struct EpochRecord {
     /// ARM updates of the mask network), when it had one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adv_seconds: Option<f64>,
-    /// Adversarial passes run in this epoch (AdvInfoNCE) and the KL(p‖uniform) after them.
+    /// AdvInfoNCE: KL(p‖uniform) of the hardness distribution after this epoch's adversarial
+    /// passes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adv_kl: Option<f64>,
+    /// Named diagnostics of a model-specific adversarial phase (AdvDrop: mean keep probability
+    /// of each view's edges after the ARM updates), written as top-level fields.
+    #[serde(flatten)]
+    pub adv_stats: BTreeMap<String, f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid: Option<BTreeMap<String, f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -247,6 +252,7 @@ pub fn train_with(
         let t0 = Instant::now();
         let mut adv_kl = None;
         let mut adv_seconds = None;
+        let mut adv_stats = BTreeMap::new();
         // adversarial phase: gradient ascent on the loss w.r.t. the hardness embeddings only
         if let (LossConfig::Advinfonce(a), Some(h), Some(ao)) = (&cfg.loss, &adv, adv_opt.as_mut())
         {
@@ -286,7 +292,7 @@ pub fn train_with(
         // model-specific adversary (AdvDrop's mask network)
         let ta = Instant::now();
         if let Some(r) = model.adversarial(epoch, n_batches) {
-            adv_kl = Some(r?);
+            adv_stats.extend(r?.into_iter().map(|(k, v)| (k.to_string(), v)));
             adv_seconds = Some(adv_seconds.unwrap_or(0.0) + ta.elapsed().as_secs_f64());
         }
         obs.epoch_start(epoch, n_batches);
@@ -313,6 +319,7 @@ pub fn train_with(
             seconds,
             adv_seconds,
             adv_kl,
+            adv_stats,
             valid: None,
             eval_seconds: None,
         };

@@ -114,9 +114,17 @@ fn trains_through_the_one_trainer() {
     };
     let r = train(&c, &s, &mut Silent).unwrap();
     assert!(
-        r.history.iter().any(|h| h.adv_kl.is_some()),
+        r.history
+            .iter()
+            .any(|h| h.adv_seconds.is_some() && h.adv_stats.contains_key("adv_dual_keep")),
         "the adversarial phase ran"
     );
+    for h in r.history.iter().filter(|h| h.adv_seconds.is_some()) {
+        for k in ["adv_dual_keep", "adv_main_keep"] {
+            let p = h.adv_stats[k];
+            assert!(p > 0.0 && p < 1.0, "{k} = {p}");
+        }
+    }
     assert!(
         r.params.iter().any(|(n, _)| n == "mask_q_w"),
         "the mask network is checkpointed"
