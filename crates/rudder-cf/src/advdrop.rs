@@ -171,6 +171,10 @@ impl AdvDrop {
     /// query·key logits, their row mean and the centred sigmoid (what `mask_scores` computes
     /// through a dozen edge-sized tensors). Parallel over row blocks.
     fn keep_scores(&self, t: &IdTables) -> Result<Vec<f32>> {
+        Ok(self.mask_forward(t)?.pi)
+    }
+
+    fn mask_forward(&self, t: &IdTables) -> Result<MaskForward> {
         let xn = rudder_nn::ops::l2_normalize(&Self::stacked(t)?.detach(), 1e-12)?;
         let proj = |w: &Var, b: &Var| -> Result<Vec<f32>> {
             Ok(xn
@@ -185,34 +189,69 @@ impl AdvDrop {
         );
         let h = self.cfg.att_dim;
         let a = self.pattern.base();
-        const BLOCK: usize = 2048;
-        let blocks: Vec<Vec<f32>> = (0..a.n_rows.div_ceil(BLOCK))
-            .into_par_iter()
-            .map(|b| {
-                let (r0, r1) = (b * BLOCK, ((b + 1) * BLOCK).min(a.n_rows));
-                let mut out = Vec::with_capacity(a.indptr[r1] - a.indptr[r0]);
-                for r in r0..r1 {
-                    let qr = &q[r * h..(r + 1) * h];
-                    let start = out.len();
-                    let mut sum = 0f32;
-                    for p in a.indptr[r]..a.indptr[r + 1] {
-                        let kc = &k[a.indices[p] as usize * h..][..h];
-                        let dot: f32 = qr.iter().zip(kc).map(|(x, y)| x * y).sum();
-                        sum += dot;
-                        out.push(dot);
-                    }
-                    let n = out.len() - start;
-                    if n > 0 {
-                        let mean = sum / n as f32;
-                        for v in &mut out[start..] {
-                            *v = 1.0 / (1.0 + (-(*v - mean)).exp());
-                        }
-                    }
+        let pi = per_row_blocks(a, |r, p0, p1, out| {
+            let qr = &q[r * h..(r + 1) * h];
+            let mut sum = 0f32;
+            for p in p0..p1 {
+                let kc = &k[a.indices[p] as usize * h..][..h];
+                let dot: f32 = qr.iter().zip(kc).map(|(x, y)| x * y).sum();
+                sum += dot;
+                out.push(dot);
+            }
+            if p1 > p0 {
+                let mean = sum / (p1 - p0) as f32;
+                let start = out.len() - (p1 - p0);
+                for v in &mut out[start..] {
+                    *v = 1.0 / (1.0 + (-(*v - mean)).exp());
                 }
-                out
-            })
-            .collect();
-        Ok(blocks.concat())
+            }
+        });
+        Ok(MaskForward { xn, q, k, pi })
+    }
+
+    /// Gradients of `Σ_e g_e · M(X)_e` with respect to the mask network's parameters, by hand
+    /// (the ARM surrogate; equal to autograd through `mask_scores`, tested): with
+    /// `δ_e = g_e π_e (1 − π_e)`, the centred logits give `∂a_e = δ_e − mean_row(δ)`, then
+    /// `∂q_r = Σ_e ∂a_e k_c`, `∂k_c = Σ_e ∂a_e q_r` (over the transpose), and the two linear maps.
+    fn mask_grads(&self, f: &MaskForward, g: &[f32]) -> Result<Vec<(Var, Tensor)>> {
+        let h = self.cfg.att_dim;
+        let a = self.pattern.base();
+        let da = per_row_blocks(a, |_, p0, p1, out| {
+            let start = out.len();
+            let mut sum = 0f32;
+            for p in p0..p1 {
+                let d = g[p] * f.pi[p] * (1.0 - f.pi[p]);
+                sum += d;
+                out.push(d);
+            }
+            if p1 > p0 {
+                let mean = sum / (p1 - p0) as f32;
+                out[start..].iter_mut().for_each(|v| *v -= mean);
+            }
+        });
+        let gather = |m: &rudder_nn::sparse::Csr, src: Option<&[u32]>, other: &[f32]| {
+            let mut out = vec![0f32; m.n_rows * h];
+            out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+                for p in m.indptr[r]..m.indptr[r + 1] {
+                    let w = da[src.map_or(p, |s| s[p] as usize)];
+                    let v = &other[m.indices[p] as usize * h..][..h];
+                    o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+                }
+            });
+            out
+        };
+        let (at, from_a) = self.pattern.transpose();
+        let dev = self.rows.device();
+        let n = a.n_rows;
+        let dq = Tensor::from_vec(gather(a, None, &f.k), (n, h), dev)?;
+        let dk = Tensor::from_vec(gather(at, Some(from_a), &f.q), (n, h), dev)?;
+        let m = &self.mask;
+        Ok(vec![
+            (m.q_w.clone(), dq.t()?.matmul(&f.xn)?),
+            (m.q_b.clone(), dq.sum(0)?.reshape(m.q_b.dims())?),
+            (m.k_w.clone(), dk.t()?.matmul(&f.xn)?),
+            (m.k_b.clone(), dk.sum(0)?.reshape(m.k_b.dims())?),
+        ])
     }
 
     /// Keep probabilities of the two views (no gradient).
@@ -340,7 +379,13 @@ impl AdvDrop {
 
     /// One ARM step of the mask network; returns the mean keep probability of the dual view.
     pub fn arm_step(&self, key: u64) -> Result<f64> {
-        let (pd, pm) = self.keep_probs()?;
+        let f = self.mask_forward(&self.dual)?;
+        let pd = &f.pi;
+        let pm: Vec<f32> = self
+            .keep_scores(&self.main)?
+            .into_iter()
+            .map(|p| 1.0 - p)
+            .collect();
         let u = self.uniforms((1 << 40) + key);
         let s = self.samples((1 << 41) + key, self.main.items.as_tensor().dim(0)?)?;
         let views = |keep: &(dyn Fn(usize, f32) -> bool + Sync)| -> Result<Tensor> {
@@ -358,12 +403,14 @@ impl AdvDrop {
             .iter()
             .map(|&ue| (self.cfg.grad_coeff * (b - a) * (ue as f64 - 0.5)) as f32)
             .collect();
-        let g = Tensor::from_vec(g, u.len(), self.rows.device())?;
-        let pi = self.mask_scores(&Self::stacked(&self.dual)?.detach())?;
-        let surrogate = (pi.clone() * g)?.sum_all()?;
-        let grads = surrogate.backward()?;
-        self.mask_opt.borrow_mut().step(&grads)?;
-        Ok(pi.mean_all()?.to_scalar::<f32>()? as f64)
+        let grads = self.mask_grads(&f, &g)?;
+        self.mask_opt.borrow_mut().step_with(|t| {
+            grads
+                .iter()
+                .find(|(v, _)| v.as_tensor().id() == t.id())
+                .map(|(_, g)| g.clone())
+        })?;
+        Ok(f.pi.iter().map(|&p| p as f64).sum::<f64>() / f.pi.len().max(1) as f64)
     }
 
     /// Mask network parameters (trained by the ARM steps only).
@@ -393,6 +440,35 @@ impl AdvDrop {
     pub fn n_edges(&self) -> usize {
         self.adj.a.values.len()
     }
+}
+
+/// The no-gradient mask network's intermediate values, kept for the hand-written backward.
+struct MaskForward {
+    xn: Tensor,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    pi: Vec<f32>,
+}
+
+/// One value per stored entry of `a`, computed row by row (`f(row, first, end, out)` pushes the
+/// row's values onto `out`) in parallel blocks of rows, concatenated in storage order.
+fn per_row_blocks(
+    a: &rudder_nn::sparse::Csr,
+    f: impl Fn(usize, usize, usize, &mut Vec<f32>) + Sync,
+) -> Vec<f32> {
+    const BLOCK: usize = 2048;
+    let blocks: Vec<Vec<f32>> = (0..a.n_rows.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let (r0, r1) = (b * BLOCK, ((b + 1) * BLOCK).min(a.n_rows));
+            let mut out = Vec::with_capacity(a.indptr[r1] - a.indptr[r0]);
+            for r in r0..r1 {
+                f(r, a.indptr[r], a.indptr[r + 1], &mut out);
+            }
+            out
+        })
+        .collect();
+    blocks.concat()
 }
 
 /// `mean_k −log( exp(σ(x_k·y_k)/τ) / Σ_l exp(σ(x_k·y_l)/τ) )`: row k of one view must match
@@ -578,6 +654,61 @@ mod tests {
         assert_ne!(u1, m.uniforms(8));
         let mean = u1.iter().sum::<f32>() / u1.len() as f32;
         assert!((mean - 0.5).abs() < 0.05, "{mean}");
+    }
+
+    #[test]
+    fn hand_written_mask_gradients_equal_autograd() {
+        use rudder_data::synth::{SynthConfig, SynthWorld};
+        let w = SynthWorld::generate(&SynthConfig {
+            n_users: 50,
+            n_items: 70,
+            mean_interactions: 10.0,
+            ..Default::default()
+        });
+        let m = AdvDrop::new(
+            &w.dataset.interactions,
+            8,
+            2,
+            0.0,
+            &AdvDropConfig::default(),
+            5,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let g: Vec<f32> = m.uniforms(3).iter().map(|u| 5.0 * (u - 0.5)).collect();
+        let f = m.mask_forward(&m.dual).unwrap();
+        let by_hand = m.mask_grads(&f, &g).unwrap();
+        let x = AdvDrop::stacked(&m.dual).unwrap().detach();
+        let gt = Tensor::from_slice(&g, g.len(), &Device::Cpu).unwrap();
+        let auto = (m.mask_scores(&x).unwrap() * gt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // k_b's true gradient is 0 (a shift of every key adds a per-row constant that the
+        // centring removes), so compare against the largest gradient entry overall
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let pairs: Vec<(Vec<f32>, Vec<f32>)> = by_hand
+            .iter()
+            .map(|(v, gh)| {
+                let ga = auto
+                    .get(v.as_tensor())
+                    .expect("autograd reaches the parameter");
+                assert_eq!(ga.dims(), gh.dims());
+                (flat(ga), flat(gh))
+            })
+            .collect();
+        let scale = pairs
+            .iter()
+            .flat_map(|(a, _)| a.iter())
+            .fold(0f32, |s, x| s.max(x.abs()));
+        assert!(scale > 0.0);
+        for (ga, gh) in &pairs {
+            for (x, y) in ga.iter().zip(gh) {
+                assert!((x - y).abs() <= 1e-4 * scale, "{x} vs {y} (scale {scale})");
+            }
+        }
     }
 
     #[test]

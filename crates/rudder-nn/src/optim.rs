@@ -94,6 +94,12 @@ impl Adam {
     /// One update from the gradients in `grads`; parameters without a gradient are treated
     /// as having a zero gradient (their moments still decay, as in PyTorch with dense grads).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(|t| grads.get(t).cloned())
+    }
+
+    /// One update with gradients supplied by `grad_of(parameter)` (for models that compute
+    /// some gradients by hand); `None` counts as a zero gradient, as in [`Adam::step`].
+    pub fn step_with(&mut self, grad_of: impl Fn(&Tensor) -> Option<Tensor>) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         for g in &mut self.groups {
@@ -117,7 +123,7 @@ impl Adam {
             };
             for slot in &mut g.params {
                 let theta_t = slot.var.as_tensor();
-                let grad = match grads.get(theta_t) {
+                let grad = match grad_of(theta_t) {
                     Some(gr) if gr.dtype() == candle_core::DType::F32 => gr.clone(),
                     Some(gr) => gr.to_dtype(candle_core::DType::F32)?,
                     None => theta_t.zeros_like()?.to_dtype(candle_core::DType::F32)?,

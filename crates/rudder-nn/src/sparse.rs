@@ -276,6 +276,11 @@ impl Reweightable {
         &self.a
     }
 
+    /// The base's transpose, and for each of its entries the base entry it holds.
+    pub fn transpose(&self) -> (&Csr, &[u32]) {
+        (&self.at, &self.from_a)
+    }
+
     /// The operator with `values[p]` on entry `p` of the base (storage order); entries whose
     /// value is zero are left out of both stored matrices, so the kernels skip them.
     pub fn with_values(&self, values: &[f32]) -> SparseOperator {
