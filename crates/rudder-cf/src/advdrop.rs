@@ -137,7 +137,7 @@ impl AdvDrop {
             rows: Tensor::from_vec(rows, ne, dev)?,
             cols: Tensor::from_slice(&a.indices, ne, dev)?,
             inv_deg: Tensor::from_vec(inv_deg, a.n_rows, dev)?,
-            pattern: Reweightable::new(a.as_ref().clone()),
+            pattern: Reweightable::new(a.clone()),
             adj,
             n_layers,
             n_users: train.n_users(),
@@ -229,22 +229,16 @@ impl AdvDrop {
                 out[start..].iter_mut().for_each(|v| *v -= mean);
             }
         });
-        let gather = |m: &rudder_nn::sparse::Csr, src: Option<&[u32]>, other: &[f32]| {
-            let mut out = vec![0f32; m.n_rows * h];
-            out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
-                for p in m.indptr[r]..m.indptr[r + 1] {
-                    let w = da[src.map_or(p, |s| s[p] as usize)];
-                    let v = &other[m.indices[p] as usize * h..][..h];
-                    o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-                }
-            });
-            out
-        };
-        let (at, from_a) = self.pattern.transpose();
-        let dev = self.rows.device();
+        // ∂q = D·K and ∂k = Dᵀ·Q for D = Â's pattern carrying ∂a: the sparse products
+        let d = self.pattern.with_values(&da);
         let n = a.n_rows;
-        let dq = Tensor::from_vec(gather(a, None, &f.k), (n, h), dev)?;
-        let dk = Tensor::from_vec(gather(at, Some(from_a), &f.q), (n, h), dev)?;
+        let dev = self.rows.device();
+        let product = |m: &rudder_nn::sparse::Csr, x: &[f32]| -> Result<Tensor> {
+            let mut out = vec![0f32; n * h];
+            m.matmul_into(x, h, &mut out);
+            Ok(Tensor::from_vec(out, (n, h), dev)?)
+        };
+        let (dq, dk) = (product(&d.a, &f.k)?, product(&d.at, &f.q)?);
         let m = &self.mask;
         Ok(vec![
             (m.q_w.clone(), dq.t()?.matmul(&f.xn)?),
@@ -256,13 +250,16 @@ impl AdvDrop {
 
     /// Keep probabilities of the two views (no gradient).
     fn keep_probs(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let pd = self.keep_scores(&self.dual)?;
-        let pm = self
+        Ok((self.keep_scores(&self.dual)?, self.main_keep_probs()?))
+    }
+
+    /// The main view keeps an edge with probability `1 − M(X_main)`.
+    fn main_keep_probs(&self) -> Result<Vec<f32>> {
+        Ok(self
             .keep_scores(&self.main)?
             .into_iter()
             .map(|p| 1.0 - p)
-            .collect();
-        Ok((pd, pm))
+            .collect())
     }
 
     /// `Â` with only the edges where `keep[e]`, kept values divided by `keep_prob`.
@@ -381,11 +378,7 @@ impl AdvDrop {
     pub fn arm_step(&self, key: u64) -> Result<f64> {
         let f = self.mask_forward(&self.dual)?;
         let pd = &f.pi;
-        let pm: Vec<f32> = self
-            .keep_scores(&self.main)?
-            .into_iter()
-            .map(|p| 1.0 - p)
-            .collect();
+        let pm = self.main_keep_probs()?;
         let u = self.uniforms((1 << 40) + key);
         let s = self.samples((1 << 41) + key, self.main.items.as_tensor().dim(0)?)?;
         let views = |keep: &(dyn Fn(usize, f32) -> bool + Sync)| -> Result<Tensor> {
@@ -625,17 +618,22 @@ mod tests {
         assert!((l - want).abs() < 1e-5, "{l} vs {want}");
     }
 
-    #[test]
-    fn fused_keep_scores_equal_the_differentiable_mask() {
+    /// AdvDrop (d 8, default mask network) on a small synthetic world.
+    fn tiny(n_users: usize, n_items: usize, seed: u64) -> AdvDrop {
         use rudder_data::synth::{SynthConfig, SynthWorld};
         let w = SynthWorld::generate(&SynthConfig {
-            n_users: 60,
-            n_items: 90,
-            mean_interactions: 12.0,
+            n_users,
+            n_items,
+            mean_interactions: 10.0,
             ..Default::default()
         });
-        let train = &w.dataset.interactions;
-        let m = AdvDrop::new(train, 8, 2, 0.0, &AdvDropConfig::default(), 3, &Device::Cpu).unwrap();
+        let cfg = AdvDropConfig::default();
+        AdvDrop::new(&w.dataset.interactions, 8, 2, 0.0, &cfg, seed, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_keep_scores_equal_the_differentiable_mask() {
+        let m = tiny(60, 90, 3);
         for t in [&m.main, &m.dual] {
             let fused = m.keep_scores(t).unwrap();
             let graph = m
@@ -658,23 +656,7 @@ mod tests {
 
     #[test]
     fn hand_written_mask_gradients_equal_autograd() {
-        use rudder_data::synth::{SynthConfig, SynthWorld};
-        let w = SynthWorld::generate(&SynthConfig {
-            n_users: 50,
-            n_items: 70,
-            mean_interactions: 10.0,
-            ..Default::default()
-        });
-        let m = AdvDrop::new(
-            &w.dataset.interactions,
-            8,
-            2,
-            0.0,
-            &AdvDropConfig::default(),
-            5,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let m = tiny(50, 70, 5);
         let g: Vec<f32> = m.uniforms(3).iter().map(|u| 5.0 * (u - 0.5)).collect();
         let f = m.mask_forward(&m.dual).unwrap();
         let by_hand = m.mask_grads(&f, &g).unwrap();

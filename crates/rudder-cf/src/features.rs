@@ -82,7 +82,6 @@ pub fn load_features(path: &Path, ds: &Dataset) -> Result<Tensor> {
     Ok(t)
 }
 
-/// Encode every item's title with a sentence encoder folder.
 /// How a decoder LM's hidden states become one text vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

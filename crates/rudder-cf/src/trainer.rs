@@ -37,12 +37,9 @@ pub struct EpochRecord {
     /// ARM updates of the mask network), when it had one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adv_seconds: Option<f64>,
-    /// AdvInfoNCE: KL(p‖uniform) of the hardness distribution after this epoch's adversarial
-    /// passes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub adv_kl: Option<f64>,
-    /// Named diagnostics of a model-specific adversarial phase (AdvDrop: mean keep probability
-    /// of each view's edges after the ARM updates), written as top-level fields.
+    /// Named diagnostics of this epoch's adversarial phase, written as top-level fields:
+    /// AdvInfoNCE's `adv_kl` (KL(p‖uniform) of the hardness distribution after its passes),
+    /// AdvDrop's `adv_dual_keep` / `adv_main_keep` (mean keep probability of each view's edges).
     #[serde(flatten)]
     pub adv_stats: BTreeMap<String, f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -250,7 +247,6 @@ pub fn train_with(
 
     for epoch in 0..cfg.epochs {
         let t0 = Instant::now();
-        let mut adv_kl = None;
         let mut adv_seconds = None;
         let mut adv_stats = BTreeMap::new();
         // adversarial phase: gradient ascent on the loss w.r.t. the hardness embeddings only
@@ -282,7 +278,7 @@ pub fn train_with(
                     }
                     adv_done += 1;
                     if let Some(idx) = &first {
-                        adv_kl = Some(h.kl_to_uniform(idx)?);
+                        adv_stats.insert("adv_kl".to_string(), h.kl_to_uniform(idx)?);
                     }
                 }
                 adv_seconds = Some(t0.elapsed().as_secs_f64());
@@ -318,7 +314,6 @@ pub fn train_with(
             loss: total / n_batches.max(1) as f64,
             seconds,
             adv_seconds,
-            adv_kl,
             adv_stats,
             valid: None,
             eval_seconds: None,

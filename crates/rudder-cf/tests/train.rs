@@ -160,7 +160,11 @@ fn advinfonce_runs_its_adversary() {
     cfg.batch_size = 512;
     cfg.eval_every = 4;
     let r = train(&cfg, &s, &mut Silent).unwrap();
-    let kls: Vec<f64> = r.history.iter().filter_map(|h| h.adv_kl).collect();
+    let kls: Vec<f64> = r
+        .history
+        .iter()
+        .filter_map(|h| h.adv_stats.get("adv_kl").copied())
+        .collect();
     assert_eq!(kls.len(), 3, "three adversarial passes");
     assert!(kls.iter().all(|&k| k > 0.0));
     assert_eq!(r.tests[0].0, "test");

@@ -141,9 +141,6 @@ pub fn left_pad(prompts: &[Vec<u32>], pad_id: u32) -> Result<(Tensor, Vec<usize>
     ))
 }
 
-/// Generate continuations of a batch of tokenized prompts. `on_text(row, piece)` receives
-/// each row's new text as it is produced. Prompts must fit the context window; the number of
-/// new tokens is capped so that prompt + output fits it.
 /// Length of the longest tail of `text` that is a proper prefix of a stop string (text that
 /// must not be streamed yet, since the next token may complete the stop string).
 fn stop_prefix_tail(text: &str, stops: &[String]) -> usize {
@@ -159,6 +156,9 @@ fn stop_prefix_tail(text: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
+/// Generate continuations of a batch of tokenized prompts. `on_text(row, piece)` receives
+/// each row's new text as it is produced. Prompts must fit the context window; the number of
+/// new tokens is capped so that prompt + output fits it.
 pub fn generate(
     lm: &LanguageModel,
     prompts: &[Vec<u32>],

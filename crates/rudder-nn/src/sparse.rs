@@ -262,10 +262,11 @@ pub struct Reweightable {
 }
 
 impl Reweightable {
-    pub fn new(a: Csr) -> Reweightable {
+    /// Shares `a` (e.g. with the operator built over the same matrix).
+    pub fn new(a: Arc<Csr>) -> Reweightable {
         let (at, from_a) = a.transpose_map();
         Reweightable {
-            a: Arc::new(a),
+            a,
             at: Arc::new(at),
             from_a,
         }
@@ -274,11 +275,6 @@ impl Reweightable {
     /// The base matrix.
     pub fn base(&self) -> &Csr {
         &self.a
-    }
-
-    /// The base's transpose, and for each of its entries the base entry it holds.
-    pub fn transpose(&self) -> (&Csr, &[u32]) {
-        (&self.at, &self.from_a)
     }
 
     /// The operator with `values[p]` on entry `p` of the base (storage order); entries whose
@@ -505,7 +501,7 @@ mod tests {
     #[test]
     fn reweighted_operator_matches_dense_and_drops_zeros() {
         let a = random_csr(30, 30, 5);
-        let rw = Reweightable::new(a.clone());
+        let rw = Reweightable::new(Arc::new(a.clone()));
         // zero every third entry, scale the others
         let values: Vec<f32> = (0..a.nnz())
             .map(|p| if p % 3 == 0 { 0.0 } else { a.values[p] * 1.25 })
