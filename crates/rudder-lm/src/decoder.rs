@@ -34,7 +34,7 @@ pub struct Decoder {
     pub layers: Vec<Layer>,
     pub norm: Tensor,
     pub lm_head: Linear,
-    inv_freq: Vec<f32>,
+    pub(crate) inv_freq: Vec<f32>,
     pub differentiable: bool,
 }
 
@@ -258,7 +258,7 @@ impl Decoder {
         }
     }
 
-    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    pub(crate) fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         rms_norm(x, w, self.cfg.rms_norm_eps, self.differentiable)
     }
 

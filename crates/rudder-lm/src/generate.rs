@@ -61,68 +61,154 @@ pub struct Generation {
     pub finish: Finish,
 }
 
+/// Hugging Face-style repetition penalty on every token already in `history`.
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = history.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    for &t in &seen {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// Index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Pick the next token from one row of logits.
+///
+/// Sampling draws from the temperature-scaled distribution restricted to the `top_k` most
+/// likely tokens and then to the smallest most-likely set holding `top_p` of the mass, walking
+/// tokens from most to least likely. Only as many tokens as the walk needs are sorted (a
+/// partial selection of the head of the distribution); a draw that falls past the sorted head
+/// continues over the remaining tokens in index order, which keeps the distribution exact.
 pub fn sample(logits: &mut [f32], history: &[u32], cfg: &GenConfig, rng: &mut ChaCha8Rng) -> u32 {
-    if cfg.repetition_penalty != 1.0 {
-        let mut seen = history.to_vec();
-        seen.sort_unstable();
-        seen.dedup();
-        for &t in &seen {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l = if *l > 0.0 {
-                    *l / cfg.repetition_penalty
-                } else {
-                    *l * cfg.repetition_penalty
-                };
-            }
-        }
-    }
-    let argmax = || {
-        let mut best = 0;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
-            }
-        }
-        best as u32
-    };
+    apply_repetition_penalty(logits, history, cfg.repetition_penalty);
     if cfg.temperature <= 0.0 {
-        return argmax();
+        return argmax(logits);
     }
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    if cfg.top_k > 0 {
-        idx.truncate(cfg.top_k);
+    sample_tempered(logits, cfg.temperature, cfg.top_k, cfg.top_p, rng)
+}
+
+/// Sample from the tempered top-k / top-p distribution (see [`sample`]).
+pub fn sample_tempered(
+    logits: &[f32],
+    temp: f32,
+    top_k: usize,
+    top_p: f32,
+    rng: &mut ChaCha8Rng,
+) -> u32 {
+    let n = logits.len();
+    let k = if top_k > 0 { top_k.min(n) } else { n };
+    let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let w = |i: u32| (((logits[i as usize] - mx) / temp) as f64).exp();
+    // the normaliser over the top-k set
+    let mut head: Vec<u32> = (0..n as u32).collect();
+    if k < n {
+        head.select_nth_unstable_by(k - 1, desc);
+        head.truncate(k);
     }
-    let m = logits[idx[0] as usize];
-    let mut p: Vec<f64> = idx
-        .iter()
-        .map(|&i| (((logits[i as usize] - m) / cfg.temperature) as f64).exp())
-        .collect();
-    let z: f64 = p.iter().sum();
-    p.iter_mut().for_each(|v| *v /= z);
-    if cfg.top_p < 1.0 {
-        let mut acc = 0.0;
+    let z: f64 = head.iter().map(|&i| w(i)).sum();
+    let mut m = k.min(256);
+    loop {
+        let mut idx = head.clone();
+        if m < idx.len() {
+            idx.select_nth_unstable_by(m - 1, desc);
+            idx.truncate(m);
+        }
+        idx.sort_unstable_by(desc);
+        let p: Vec<f64> = idx.iter().map(|&i| w(i) / z).collect();
         let mut keep = p.len();
-        for (k, v) in p.iter().enumerate() {
-            acc += v;
-            if acc >= cfg.top_p as f64 {
-                keep = k + 1;
-                break;
+        if top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut reached = false;
+            for (j, v) in p.iter().enumerate() {
+                acc += v;
+                if acc >= top_p as f64 {
+                    keep = j + 1;
+                    reached = true;
+                    break;
+                }
+            }
+            if !reached && m < k {
+                m = (m * 4).min(k);
+                continue;
             }
         }
-        p.truncate(keep);
-        idx.truncate(keep);
-    }
-    let total: f64 = p.iter().sum();
-    let mut u = rng.random::<f64>() * total;
-    for (k, v) in p.iter().enumerate() {
-        if u < *v {
-            return idx[k];
+        let nucleus = top_p < 1.0 || m == k;
+        let total: f64 = if nucleus { p[..keep].iter().sum() } else { 1.0 };
+        let mut u = rng.random::<f64>() * total;
+        for j in 0..keep {
+            if u < p[j] {
+                return idx[j];
+            }
+            u -= p[j];
         }
-        u -= v;
+        if nucleus {
+            return idx[keep - 1];
+        }
+        // past the sorted head: the rest of the top-k set in index order
+        let mut in_head = vec![false; n];
+        for &i in &idx {
+            in_head[i as usize] = true;
+        }
+        let mut last = idx[keep - 1];
+        for &i in &head {
+            if in_head[i as usize] {
+                continue;
+            }
+            let pi = w(i) / z;
+            if pi > 0.0 {
+                last = i;
+            }
+            if u < pi {
+                return i;
+            }
+            u -= pi;
+        }
+        return last;
     }
-    idx[p.len() - 1]
+}
+
+/// Log-probability of every token under the model (log-softmax of raw logits): the log-sum-exp.
+pub fn log_normaliser(logits: &[f32]) -> f32 {
+    let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !mx.is_finite() {
+        return mx;
+    }
+    let s: f64 = logits.iter().map(|&l| ((l - mx) as f64).exp()).sum();
+    mx + s.ln() as f32
+}
+
+/// The `n` most likely tokens with their log-probabilities, most likely first.
+pub fn top_logprobs(logits: &[f32], lse: f32, n: usize) -> Vec<(u32, f32)> {
+    let n = n.min(logits.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, desc);
+        idx.truncate(n);
+    }
+    idx.sort_unstable_by(desc);
+    idx.into_iter()
+        .map(|i| (i, logits[i as usize] - lse))
+        .collect()
 }
 
 /// Left-pad `prompts` into one `[b, T]` id tensor; returns it with the pad counts.
@@ -154,6 +240,64 @@ fn stop_prefix_tail(text: &str, stops: &[String]) -> usize {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// One row's output text: decoded pieces are appended, stop strings are searched only near
+/// the new text, and a tail that may still become a stop string is held back from streaming,
+/// so that the streamed text is exactly the final text.
+#[derive(Clone, Debug, Default)]
+pub struct OutputText {
+    pub text: String,
+    /// Bytes of `text` already handed out.
+    sent: usize,
+}
+
+impl OutputText {
+    /// Append a decoded piece. Returns the text that may be streamed now and whether a stop
+    /// string ended the output (the text is then cut before it).
+    pub fn push(&mut self, piece: &str, stops: &[String]) -> (String, bool) {
+        let max_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        let old_len = self.text.len();
+        self.text.push_str(piece);
+        // a stop string can only end inside the new piece: search from just before it
+        let mut from = old_len.saturating_sub(max_stop.saturating_sub(1));
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let cut = stops
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+            .min();
+        let stopped = cut.is_some();
+        if let Some(cut) = cut {
+            self.text.truncate(cut.max(self.sent));
+        }
+        let upto = if stopped {
+            self.text.len()
+        } else {
+            self.text.len() - stop_prefix_tail(&self.text, stops)
+        };
+        (self.take(upto.max(self.sent)), stopped)
+    }
+
+    fn take(&mut self, upto: usize) -> String {
+        let s = self.text[self.sent..upto].to_string();
+        self.sent = upto;
+        s
+    }
+
+    /// End of the output: `full` (the whole output decoded at once, which also flushes a
+    /// trailing incomplete character) replaces the text when it extends what was streamed;
+    /// returns what is left to stream.
+    pub fn finish(&mut self, full: Option<String>, stopped: bool) -> String {
+        if let Some(full) = full {
+            if !stopped && full.starts_with(&self.text[..self.sent]) {
+                self.text = full;
+            }
+        }
+        let n = self.text.len();
+        self.take(n)
+    }
 }
 
 /// Generate continuations of a batch of tokenized prompts. `on_text(row, piece)` receives
@@ -212,8 +356,7 @@ pub fn generate(
     let mut done = vec![false; b];
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut streams: Vec<_> = (0..b).map(|_| lm.tok.text_stream()).collect();
-    let max_stop = cfg.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-    let mut sent = vec![0usize; b];
+    let mut texts = vec![OutputText::default(); b];
     for step in 0..max_new {
         let mut next = vec![lm.tok.pad; b];
         for r in 0..b {
@@ -232,32 +375,13 @@ pub fn generate(
             let Some(piece) = streams[r].step(tok)? else {
                 continue;
             };
-            let old_len = out[r].text.len();
-            out[r].text.push_str(&piece);
-            // a stop string can only end inside the new piece: search from just before it
-            let mut from = old_len.saturating_sub(max_stop.saturating_sub(1));
-            while !out[r].text.is_char_boundary(from) {
-                from -= 1;
-            }
-            let cut = cfg
-                .stop
-                .iter()
-                .filter_map(|s| out[r].text[from..].find(s.as_str()).map(|i| from + i))
-                .min();
-            if let Some(cut) = cut {
-                out[r].text.truncate(cut);
+            let (emit, stopped) = texts[r].push(&piece, &cfg.stop);
+            if stopped {
                 done[r] = true;
                 out[r].finish = Finish::Stop;
             }
-            // hold back a tail that may still grow into a stop string
-            let upto = if done[r] {
-                out[r].text.len()
-            } else {
-                out[r].text.len() - stop_prefix_tail(&out[r].text, &cfg.stop)
-            };
-            if upto > sent[r] {
-                on_text(r, &out[r].text[sent[r]..upto]);
-                sent[r] = upto;
+            if !emit.is_empty() {
+                on_text(r, &emit);
             }
         }
         if done.iter().all(|&d| d) || step + 1 == max_new {
@@ -268,16 +392,17 @@ pub fn generate(
         logits = lm.decoder.logits(&h)?.squeeze(1)?.to_vec2::<f32>()?;
     }
     for r in 0..b {
-        if out[r].finish != Finish::Stop {
-            // the full decode also flushes a trailing incomplete character
-            let full = lm.tok.decode(&out[r].tokens, true)?;
-            if full.starts_with(&out[r].text[..sent[r]]) {
-                out[r].text = full;
-            }
+        let stopped = out[r].finish == Finish::Stop;
+        let full = if stopped {
+            None
+        } else {
+            Some(lm.tok.decode(&out[r].tokens, true)?)
+        };
+        let rest = texts[r].finish(full, stopped);
+        if !rest.is_empty() {
+            on_text(r, &rest);
         }
-        if out[r].text.len() > sent[r] {
-            on_text(r, &out[r].text[sent[r]..]);
-        }
+        out[r].text = std::mem::take(&mut texts[r].text);
     }
     Ok(out)
 }

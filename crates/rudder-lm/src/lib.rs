@@ -13,7 +13,9 @@
 pub mod bert;
 pub mod chat;
 pub mod config;
+pub mod constrain;
 pub mod decoder;
+pub mod engine;
 pub mod error;
 #[doc(hidden)]
 pub mod fixtures;
@@ -24,6 +26,7 @@ pub mod llama;
 pub mod loader;
 pub mod quant;
 pub mod qwen2;
+pub mod ragged;
 pub mod score;
 pub mod team;
 pub mod tokenizer;

@@ -276,6 +276,47 @@ impl Tok {
         }
     }
 
+    /// The raw bytes every token stands for (`None` for special and control tokens):
+    /// byte-level BPE symbols mapped back through GPT-2's byte alphabet, or SentencePiece
+    /// pieces with `▁` as a space and `<0xNN>` byte tokens. What constrained decoding matches
+    /// and what `logprobs` reports as a token's bytes.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let n = self.vocab_size();
+        let added = self.inner.get_added_vocabulary().get_added_tokens_decoder();
+        let vocab = self.inner.get_vocab(true);
+        let byte_level = vocab.keys().any(|t| t.contains('\u{120}'));
+        let mut inverse = [None::<u8>; 324];
+        let mut k = 0u32;
+        for b in 0..=255u8 {
+            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+            let c = if printable {
+                b as u32
+            } else {
+                k += 1;
+                255 + k
+            };
+            inverse[c as usize] = Some(b);
+        }
+        (0..n as u32)
+            .map(|id| {
+                if added.get(&id).is_some_and(|t| t.special) || self.eos.contains(&id) {
+                    return None;
+                }
+                let t = self.inner.id_to_token(id)?;
+                if byte_level {
+                    t.chars()
+                        .map(|c| inverse.get(c as usize).copied().flatten())
+                        .collect::<Option<Vec<u8>>>()
+                        .or_else(|| added.contains_key(&id).then(|| t.clone().into_bytes()))
+                } else if let Some(hex) = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                    u8::from_str_radix(hex, 16).ok().map(|b| vec![b])
+                } else {
+                    Some(t.replace('\u{2581}', " ").into_bytes())
+                }
+            })
+            .collect()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
