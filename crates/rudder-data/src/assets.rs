@@ -633,6 +633,22 @@ mod tests {
     }
 }
 
+/// A model argument: an existing file or folder, or the name of a fetched asset.
+pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+    let p = Path::new(arg);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    let manifest = Manifest::builtin();
+    if manifest.get(arg).is_some() {
+        return Store::from_env().require(arg);
+    }
+    Err(DataError::Config(format!(
+        "`{arg}` is neither an existing model file or folder nor a known asset ({})",
+        manifest.names().join(", ")
+    )))
+}
+
 /// For integration tests: the folder of a fetched asset, or `None` with a "skipped" message —
 /// unless `RUDDER_REQUIRE_ASSETS=1` (CI), where an absent asset is a failure.
 #[doc(hidden)]

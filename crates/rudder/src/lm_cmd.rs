@@ -202,18 +202,7 @@ pub struct CaptureArgs {
 
 /// A path, or the name of a fetched asset.
 pub fn resolve_model(arg: &str) -> Result<PathBuf> {
-    let p = Path::new(arg);
-    if p.exists() {
-        return Ok(p.to_path_buf());
-    }
-    let manifest = rudder_data::assets::Manifest::builtin();
-    if manifest.get(arg).is_some() {
-        return Ok(rudder_data::assets::Store::from_env().require(arg)?);
-    }
-    bail!(
-        "`{arg}` is neither an existing model file or folder nor a known asset ({})",
-        manifest.names().join(", ")
-    )
+    Ok(rudder_data::assets::resolve_model(arg)?)
 }
 
 fn open(m: &ModelArgs) -> Result<LanguageModel> {
