@@ -13,8 +13,12 @@ else
   cargo test --locked --workspace --no-run
 fi
 target/debug/rudder assets fetch ml-100k ml-1m smollm2-135m-instruct all-minilm-l6-v2
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --locked --workspace --no-fail-fast "$@"
+  cargo nextest run --locked --workspace --no-fail-fast "$@" || status=$?
 else
-  cargo test --locked --workspace --no-fail-fast "$@"
+  cargo test --locked --workspace --no-fail-fast "$@" || status=$?
 fi
+# rudder serve against real clients (the openai Python package and curl)
+scripts/serve_conformance.sh target/debug/rudder || status=$?
+exit $status

@@ -144,8 +144,21 @@ pub struct GenerateArgs {
 
 #[derive(Args)]
 pub struct ChatArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// A model folder, a .gguf file or a fetched asset (in process); with --server, the model
+    /// name to ask the server for (default: its first model).
+    #[arg(long, short, required_unless_present = "server")]
+    pub model: Option<String>,
+    /// Dequantize GGUF weights to f32 (in process).
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Talk to an OpenAI-compatible server instead (rudder serve, llama-server, vLLM, Ollama,
+    /// a hosted API): its base URL, e.g. http://127.0.0.1:8080/v1. The key is read from
+    /// $OPENAI_API_KEY (or --api-key-env).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Environment variable holding the server's API key.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
     #[arg(long)]
     pub system: Option<String>,
     #[command(flatten)]
@@ -381,8 +394,106 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     w.finish()
 }
 
+/// One line of the terminal conversation: `None` at EOF or /exit, `Some(None)` for a line
+/// that was handled (empty, /reset), `Some(Some(text))` for a message.
+fn read_turn(history_reset: &mut dyn FnMut(), tty: bool) -> Result<Option<Option<String>>> {
+    if tty {
+        eprint!("you> ");
+    }
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let line = line.trim();
+    Ok(match line {
+        "" => Some(None),
+        "/exit" | "/quit" => None,
+        "/reset" => {
+            history_reset();
+            Some(None)
+        }
+        _ => Some(Some(line.to_string())),
+    })
+}
+
+/// `lm chat --server URL`: the same conversation through the LLM client layer.
+fn run_chat_server(a: ChatArgs, url: &str) -> Result<()> {
+    use rudder_client::{ChatMessage, ChatRequest, Client, LlmClient, LlmSpec};
+    let mut spec = LlmSpec::new(url);
+    spec.model = a.model.clone();
+    spec.api_key_env = Some(a.api_key_env.clone());
+    let client = Client::from_spec(&spec)?;
+    let s = &a.sampling;
+    let interventions = match &s.interventions {
+        Some(p) => Some(serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
+        )
+        .with_context(|| format!("{}: invalid JSON", p.display()))?),
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let tty = std::io::stdin().is_terminal();
+    let system: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::system(s)).collect();
+    let history = std::cell::RefCell::new(system.clone());
+    if tty {
+        eprintln!("chatting with {} ; /reset clears, /exit quits", client.describe());
+    }
+    loop {
+        let Some(turn) = read_turn(&mut || *history.borrow_mut() = system.clone(), tty)? else {
+            break;
+        };
+        let Some(text) = turn else { continue };
+        history.borrow_mut().push(ChatMessage::user(&text));
+        let mut req = ChatRequest::new(a.model.as_deref().unwrap_or(""), history.borrow().clone());
+        req.max_tokens = Some(s.max_tokens as u32);
+        req.temperature = Some(s.temperature);
+        req.top_p = (s.top_p < 1.0).then_some(s.top_p);
+        req.seed = Some(s.seed);
+        req.stop = (!s.stop.is_empty()).then(|| rudder_client::openai::Stop::Many(s.stop.clone()));
+        req.top_k = (s.top_k > 0).then_some(s.top_k as u32);
+        req.repetition_penalty = (s.repetition_penalty != 1.0).then_some(s.repetition_penalty);
+        if let Some(iv) = &interventions {
+            req.rudder = Some(rudder_client::openai::RudderRequest {
+                interventions: Some(iv.clone()),
+                ..Default::default()
+            });
+        }
+        if tty {
+            print!("assistant> ");
+            let _ = std::io::stdout().flush();
+        }
+        let r = rt.block_on(client.chat_stream(
+            req,
+            Box::new(|d| {
+                let mut o = std::io::stdout();
+                let _ = write!(o, "{d}");
+                let _ = o.flush();
+            }),
+        ));
+        println!();
+        match r {
+            Ok(r) => history
+                .borrow_mut()
+                .push(ChatMessage::assistant(r.text().trim())),
+            Err(e) => {
+                eprintln!("[error: {e}]");
+                history.borrow_mut().pop();
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run_chat(a: ChatArgs) -> Result<()> {
-    let lm = open(&a.model)?;
+    if let Some(url) = a.server.clone() {
+        return run_chat_server(a, &url);
+    }
+    let lm = open(&ModelArgs {
+        model: a.model.clone().unwrap_or_default(),
+        dequantize: a.dequantize,
+    })?;
     let t = lm
         .chat
         .as_ref()
@@ -398,27 +509,17 @@ fn run_chat(a: ChatArgs) -> Result<()> {
             lm.info.layers
         );
     }
-    let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     loop {
-        if tty {
-            eprint!("you> ");
-        }
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let mut reset = false;
+        let Some(turn) = read_turn(&mut || reset = true, tty)? else {
             break;
+        };
+        if reset {
+            history.retain(|m| m.role == "system");
         }
-        let line = line.trim();
-        match line {
-            "" => continue,
-            "/exit" | "/quit" => break,
-            "/reset" => {
-                history.retain(|m| m.role == "system");
-                continue;
-            }
-            _ => {}
-        }
-        history.push(Message::new("user", line));
+        let Some(line) = turn else { continue };
+        history.push(Message::new("user", &line));
         let ids = lm.tok.encode(&t.render(&history, true)?, false)?;
         let ctx = lm.decoder.cfg.max_position_embeddings;
         if ids.len() + 1 >= ctx {

@@ -10,6 +10,7 @@ mod lm_cmd;
 mod plots;
 mod progress;
 mod runs;
+mod serve_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -63,6 +64,9 @@ enum Command {
     Lm(lm_cmd::LmCmd),
     /// Sentence embeddings of a text column (item titles…) with a BERT-family encoder.
     Embed(embed_cmd::EmbedArgs),
+    /// Serve a model over the OpenAI API (chat, completions, embeddings) with continuous
+    /// batching and per-request steering; see docs/serve.md.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo_cmd::run(a),
         Command::Lm(c) => lm_cmd::run(c),
         Command::Embed(a) => embed_cmd::run(a),
+        Command::Serve(a) => serve_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
