@@ -205,7 +205,11 @@ async fn transient_faults_are_retried_until_an_answer() {
         None,
     )
     .await;
-    let (c, u) = http(&f, policy(6, Duration::from_secs(5)), Duration::from_secs(5));
+    let (c, u) = http(
+        &f,
+        policy(6, Duration::from_secs(5)),
+        Duration::from_secs(5),
+    );
     let r = c.chat(req("hello")).await.unwrap();
     assert_eq!(r.text(), "echo: hello");
     assert_eq!(u.retries.load(Ordering::Relaxed), 4);
@@ -215,7 +219,11 @@ async fn transient_faults_are_retried_until_an_answer() {
 async fn limits_bound_attempts_waiting_and_stalls() {
     // always 500: gives up after the attempts allowed
     let f = fake(vec![], Act::Status(500, None), None).await;
-    let (c, _) = http(&f, policy(3, Duration::from_secs(5)), Duration::from_secs(5));
+    let (c, _) = http(
+        &f,
+        policy(3, Duration::from_secs(5)),
+        Duration::from_secs(5),
+    );
     match c.chat(req("x")).await {
         Err(ClientError::GaveUp { attempts, last, .. }) => {
             assert_eq!(attempts, 3);
@@ -227,14 +235,25 @@ async fn limits_bound_attempts_waiting_and_stalls() {
 
     // a server asking to wait longer than the total budget: no waiting at all
     let f = fake(vec![], Act::Status(429, Some(30)), None).await;
-    let (c, _) = http(&f, policy(6, Duration::from_secs(1)), Duration::from_secs(5));
+    let (c, _) = http(
+        &f,
+        policy(6, Duration::from_secs(1)),
+        Duration::from_secs(5),
+    );
     let t0 = Instant::now();
-    assert!(matches!(c.chat(req("x")).await, Err(ClientError::GaveUp { .. })));
+    assert!(matches!(
+        c.chat(req("x")).await,
+        Err(ClientError::GaveUp { .. })
+    ));
     assert!(t0.elapsed() < Duration::from_secs(2));
 
     // a stalled server: every attempt times out, the whole call ends within its limits
     let f = fake(vec![], Act::Stall(Duration::from_secs(30)), None).await;
-    let (c, _) = http(&f, policy(2, Duration::from_secs(1)), Duration::from_millis(300));
+    let (c, _) = http(
+        &f,
+        policy(2, Duration::from_secs(1)),
+        Duration::from_millis(300),
+    );
     let t0 = Instant::now();
     match c.chat(req("x")).await {
         Err(ClientError::GaveUp { last, .. }) => {
@@ -246,9 +265,15 @@ async fn limits_bound_attempts_waiting_and_stalls() {
 
     // request errors are not retried
     let f = fake(vec![], Act::Status(400, None), None).await;
-    let (c, u) = http(&f, policy(6, Duration::from_secs(5)), Duration::from_secs(5));
+    let (c, u) = http(
+        &f,
+        policy(6, Duration::from_secs(5)),
+        Duration::from_secs(5),
+    );
     match c.chat(req("x")).await {
-        Err(ClientError::Api { status, message, .. }) => {
+        Err(ClientError::Api {
+            status, message, ..
+        }) => {
             assert_eq!(status, 400);
             assert!(message.contains("injected 400"));
         }
@@ -275,7 +300,11 @@ async fn failing_callers_do_not_stop_the_others() {
         body.contains("bad").then_some(Act::Status(400, None))
     }
     let f = fake(vec![], Act::Ok, Some(rule)).await;
-    let (c, _) = http(&f, policy(3, Duration::from_secs(2)), Duration::from_secs(5));
+    let (c, _) = http(
+        &f,
+        policy(3, Duration::from_secs(2)),
+        Duration::from_secs(5),
+    );
     let client = Arc::new(
         Client::new(Arc::new(c), Arc::new(UsageMeter::default()))
             .with_limits(4, Duration::from_secs(10)),
@@ -313,7 +342,11 @@ async fn failing_callers_do_not_stop_the_others() {
 #[tokio::test]
 async fn streaming_and_record_replay() {
     let f = fake(vec![], Act::Stream, None).await;
-    let (c, _) = http(&f, policy(3, Duration::from_secs(2)), Duration::from_secs(5));
+    let (c, _) = http(
+        &f,
+        policy(3, Duration::from_secs(2)),
+        Duration::from_secs(5),
+    );
     let mut got = String::new();
     let r = c
         .chat_stream(req("one two three"), Box::new(|d| got.push_str(d)))
@@ -328,9 +361,15 @@ async fn streaming_and_record_replay() {
     let tmp = tempfile::tempdir().unwrap();
     let tape = tmp.path().join("tape.jsonl");
     let f = fake(vec![], Act::Ok, None).await;
-    let (c, _) = http(&f, policy(3, Duration::from_secs(2)), Duration::from_secs(5));
-    let rec = Client::new(Arc::new(c), Arc::new(UsageMeter::default()))
-        .with_cache(Arc::new(Cassette::open(&tape).unwrap()), CacheMode::RecordMissing);
+    let (c, _) = http(
+        &f,
+        policy(3, Duration::from_secs(2)),
+        Duration::from_secs(5),
+    );
+    let rec = Client::new(Arc::new(c), Arc::new(UsageMeter::default())).with_cache(
+        Arc::new(Cassette::open(&tape).unwrap()),
+        CacheMode::RecordMissing,
+    );
     let mut sampled = req("again");
     sampled.temperature = Some(0.7);
     let a = rec.chat(req("hello")).await.unwrap();

@@ -425,10 +425,12 @@ fn run_chat_server(a: ChatArgs, url: &str) -> Result<()> {
     let client = Client::from_spec(&spec)?;
     let s = &a.sampling;
     let interventions = match &s.interventions {
-        Some(p) => Some(serde_json::from_str::<serde_json::Value>(
-            &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
-        )
-        .with_context(|| format!("{}: invalid JSON", p.display()))?),
+        Some(p) => Some(
+            serde_json::from_str::<serde_json::Value>(
+                &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
+            )
+            .with_context(|| format!("{}: invalid JSON", p.display()))?,
+        ),
         None => None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -438,7 +440,10 @@ fn run_chat_server(a: ChatArgs, url: &str) -> Result<()> {
     let system: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::system(s)).collect();
     let history = std::cell::RefCell::new(system.clone());
     if tty {
-        eprintln!("chatting with {} ; /reset clears, /exit quits", client.describe());
+        eprintln!(
+            "chatting with {} ; /reset clears, /exit quits",
+            client.describe()
+        );
     }
     loop {
         let Some(turn) = read_turn(&mut || *history.borrow_mut() = system.clone(), tty)? else {

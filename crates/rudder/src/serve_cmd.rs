@@ -128,7 +128,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 iv.validate(c.num_layers, c.hidden_size)
                     .with_context(|| format!("--steer {name}"))?;
             }
-            let name = a.served_name.clone().unwrap_or_else(|| model_name(m, &path));
+            let name = a
+                .served_name
+                .clone()
+                .unwrap_or_else(|| model_name(m, &path));
             Some(Arc::new(
                 InProcess::new(lm, name, cfg.inproc.clone()).with_steering(steering),
             ))
