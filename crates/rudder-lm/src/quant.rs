@@ -403,14 +403,111 @@ mod avx {
         unsafe {
             let n = qx.len();
             for r in r0..r1 {
-                for n0 in (0..n).step_by(4) {
-                    let t = (n - n0).min(4);
-                    let mut out = [0f32; 4];
-                    dot_tile_impl::<VNNI>(m, r, &qx[n0..n0 + t], &mut out[..t]);
+                let mut n0 = 0;
+                while n0 < n {
+                    let t = if n - n0 >= 8 { 8 } else { (n - n0).min(4) };
+                    let mut out = [0f32; 8];
+                    let xs = &qx[n0..n0 + t];
+                    match t {
+                        8 => tile::<8, VNNI>(m, r, xs, &mut out),
+                        4 => tile::<4, VNNI>(m, r, xs, &mut out),
+                        3 => tile::<3, VNNI>(m, r, xs, &mut out),
+                        2 => tile::<2, VNNI>(m, r, xs, &mut out),
+                        _ => tile::<1, VNNI>(m, r, xs, &mut out),
+                    }
                     for k in 0..t {
                         *y.add((n0 + k) * m.rows + r) = out[k];
                     }
+                    n0 += t;
                 }
+            }
+        }
+    }
+
+    /// One weight row against `T` activation rows: each weight block is unpacked once and
+    /// dotted with the `T` rows, whose pointers, partial sums and combined scales stay in
+    /// registers (`T` is a constant, so the loops unroll).
+    #[inline(always)]
+    unsafe fn tile<const T: usize, const VNNI: bool>(
+        m: &QMatrix,
+        r: usize,
+        xs: &[Q8Row],
+        out: &mut [f32; 8],
+    ) {
+        unsafe {
+            let fmt = m.format;
+            let (nb, qb) = (m.nb(), fmt.quant_bytes());
+            let base = r * nb;
+            let qp = m.qs.as_ptr().add(base * qb);
+            let mut xq = [std::ptr::null::<i8>(); T];
+            let mut xsc = [std::ptr::null::<f32>(); T];
+            let mut xsx = [std::ptr::null::<f32>(); T];
+            for k in 0..T {
+                let x = xs.get_unchecked(k);
+                xq[k] = x.q.as_ptr();
+                xsc[k] = x.scale.as_ptr();
+                xsx[k] = x.sx.as_ptr();
+            }
+            let mut acc = [_mm256_setzero_ps(); T];
+            let mut eacc = [_mm256_setzero_ps(); T];
+            let mut s = [[0f32; 8]; T];
+            let groups = nb / 8;
+            for g in 0..groups {
+                let b0 = g * 8;
+                let dv = _mm256_cvtph_ps(_mm_loadu_si128(
+                    m.d.as_ptr().add(base + b0) as *const __m128i
+                ));
+                let cv = match fmt {
+                    QFormat::Q4_0 => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
+                    QFormat::Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(
+                        m.m.as_ptr().add(base + b0) as *const __m128i
+                    )),
+                    QFormat::Q8_0 => _mm256_setzero_ps(),
+                };
+                for k in 0..T {
+                    let sv = _mm256_mul_ps(dv, _mm256_loadu_ps(xsc[k].add(b0)));
+                    _mm256_storeu_ps(s[k].as_mut_ptr(), sv);
+                    eacc[k] = _mm256_fmadd_ps(cv, _mm256_loadu_ps(xsx[k].add(b0)), eacc[k]);
+                }
+                for j in 0..8 {
+                    let b = b0 + j;
+                    let (w, sign) = load_block(fmt, qp.add(b * qb));
+                    for k in 0..T {
+                        let mut xv = _mm256_loadu_si256(xq[k].add(b * QK) as *const __m256i);
+                        if fmt == QFormat::Q8_0 {
+                            xv = _mm256_sign_epi8(xv, sign);
+                        }
+                        let p = block_dot::<VNNI>(w, xv);
+                        acc[k] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(p),
+                            _mm256_broadcast_ss(&s[k][j]),
+                            acc[k],
+                        );
+                    }
+                }
+            }
+            let mut tail = [0f32; T];
+            for b in groups * 8..nb {
+                let i = base + b;
+                let d = f16_to_f32(*m.d.get_unchecked(i));
+                let c = offset(m, i);
+                let (w, sign) = load_block(fmt, qp.add(b * qb));
+                for k in 0..T {
+                    let mut xv = _mm256_loadu_si256(xq[k].add(b * QK) as *const __m256i);
+                    if fmt == QFormat::Q8_0 {
+                        xv = _mm256_sign_epi8(xv, sign);
+                    }
+                    let p = block_dot::<VNNI>(w, xv);
+                    acc[k] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p),
+                        _mm256_set1_ps(d * *xsc[k].add(b)),
+                        acc[k],
+                    );
+                    tail[k] += c * *xsx[k].add(b);
+                }
+            }
+            for k in 0..T {
+                out[k] = hsum(acc[k]) + hsum(eacc[k]) + tail[k];
             }
         }
     }
@@ -527,6 +624,8 @@ mod tests {
     fn check(dtype: GgmlDType) {
         check_n(dtype, 6);
         check_n(dtype, 1);
+        // 8-row tiles, then 4, then single rows
+        check_n(dtype, 13);
     }
 
     fn check_n(dtype: GgmlDType, n: usize) {
