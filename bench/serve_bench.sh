@@ -23,7 +23,10 @@ RP=$!
 wait_up "http://127.0.0.1:$P/health"
 echo "== rudder serve"
 $PY bench/serve_load.py throughput "http://127.0.0.1:$P/v1" smollm2 --levels 1 8 32 \
-  --requests "$REQ" --max-tokens "$MAXTOK" --stream --out "$OUT/rudder_throughput.json"
+  --requests "$REQ" --max-tokens "$MAXTOK" --out "$OUT/rudder_throughput.json"
+echo "== rudder serve, streaming (time to first token)"
+$PY bench/serve_load.py throughput "http://127.0.0.1:$P/v1" smollm2 --levels 1 8 32 \
+  --requests "$REQ" --max-tokens "$MAXTOK" --stream --out "$OUT/rudder_stream.json"
 kill -TERM $RP; wait $RP || true
 
 P=$(port)
@@ -33,7 +36,10 @@ LP=$!
 wait_up "http://127.0.0.1:$P/v1/models"
 echo "== llama-cpp-python server"
 $PY bench/serve_load.py throughput "http://127.0.0.1:$P/v1" smollm2 --levels 1 8 32 \
-  --requests "$REQ" --max-tokens "$MAXTOK" --stream --out "$OUT/llamacpp_throughput.json"
+  --requests "$REQ" --max-tokens "$MAXTOK" --out "$OUT/llamacpp_throughput.json"
+echo "== llama-cpp-python server, streaming"
+$PY bench/serve_load.py throughput "http://127.0.0.1:$P/v1" smollm2 --levels 1 8 32 \
+  --requests "$REQ" --max-tokens "$MAXTOK" --stream --out "$OUT/llamacpp_stream.json"
 kill -TERM $LP; wait $LP || true
 
 P=$(port)

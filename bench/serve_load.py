@@ -108,8 +108,11 @@ async def throughput(args):
             async def worker():
                 while todo:
                     i = todo.pop()
-                    results.append(await one(s, args.base, args.model, i, args.max_tokens,
-                                             args.stream, headers))
+                    try:
+                        results.append(await one(s, args.base, args.model, i, args.max_tokens,
+                                                 args.stream, headers))
+                    except Exception as e:  # noqa: BLE001  (a peer that drops a stream)
+                        results.append({"status": f"{type(e).__name__}", "latency": 0})
 
             t0 = time.perf_counter()
             await asyncio.gather(*[worker() for _ in range(level)])
@@ -121,6 +124,7 @@ async def throughput(args):
             row = {
                 "concurrency": level, "requests": n, "ok": len(ok),
                 "errors": len(results) - len(ok), "completion_tokens": toks,
+                "error_kinds": sorted({str(r["status"]) for r in results if r["status"] != 200}),
                 "wall_s": round(wall, 3), "tokens_per_s": round(toks / wall, 2),
                 "latency_p50_s": round(pct(lat, 50), 3) if lat else None,
                 "latency_p99_s": round(pct(lat, 99), 3) if lat else None,

@@ -645,7 +645,7 @@ async fn completions_inner(
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         let st2 = st.clone();
         tokio::spawn(async move {
-            stream_completions(&st2, &lm, preps, runs, n, include_usage, tx, t0).await;
+            stream_completions(&st2, preps, runs, n, include_usage, tx, t0).await;
         });
         return Ok(sse_response(rx));
     }
@@ -774,7 +774,6 @@ async fn completions_inner(
 #[allow(clippy::too_many_arguments)]
 async fn stream_completions(
     st: &AppState,
-    lm: &InProcess,
     preps: Vec<Prepared>,
     runs: Vec<rudder_client::inproc::Running>,
     n: usize,
@@ -863,7 +862,6 @@ async fn stream_completions(
             .await;
     }
     let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-    let _ = lm;
     st.metrics
         .request("completions", 200, t0.elapsed().as_secs_f64());
 }
