@@ -772,6 +772,17 @@ impl InProcess {
             Some(conts) => Some(self.score_tokens(&p.prompt, conts).await?),
             None => None,
         };
+        let accs = self.run_choices(&mut p, &mut |_| {}).await?;
+        self.chat_from(&p, accs, scores)
+    }
+
+    /// Run a prepared request's jobs to their ends; the first choice's text goes to
+    /// `on_text` as it is produced.
+    pub async fn run_choices(
+        &self,
+        p: &mut Prepared,
+        on_text: &mut (dyn FnMut(&str) + Send),
+    ) -> std::result::Result<Vec<ChoiceAcc>, ApiError> {
         let jobs = std::mem::take(&mut p.jobs);
         let n = jobs.len();
         let mut run = self.start(jobs, 0)?;
@@ -781,13 +792,20 @@ impl InProcess {
             let Some((i, ev)) = run.next().await else {
                 return Err(ApiError::internal("the engine stopped"));
             };
+            match &ev {
+                Event::Token(TokenEvent { text, .. }) if i == 0 && !text.is_empty() => {
+                    on_text(text)
+                }
+                Event::Done(o) if i == 0 && !o.tail.is_empty() => on_text(&o.tail),
+                _ => {}
+            }
             let end = !matches!(ev, Event::Token(_));
             self.accumulate(&mut accs[i as usize], ev, p.logprobs.is_some());
             if end {
                 left -= 1;
             }
         }
-        self.chat_from(&p, accs, scores)
+        Ok(accs)
     }
 
     /// Assemble a chat completion from the choices' accumulators.
@@ -901,28 +919,7 @@ impl LlmClient for InProcess {
     ) -> BoxFut<'a, Result<ChatResponse>> {
         Box::pin(async move {
             let mut p = self.prepare_chat(&req)?;
-            let jobs = std::mem::take(&mut p.jobs);
-            let n = jobs.len();
-            let mut run = self.start(jobs, 0)?;
-            let mut accs: Vec<ChoiceAcc> = (0..n).map(|_| ChoiceAcc::default()).collect();
-            let mut left = n;
-            while left > 0 {
-                let Some((i, ev)) = run.next().await else {
-                    return Err(ApiError::internal("the engine stopped").into());
-                };
-                match &ev {
-                    Event::Token(TokenEvent { text, .. }) if i == 0 && !text.is_empty() => {
-                        on_delta(text)
-                    }
-                    Event::Done(o) if i == 0 && !o.tail.is_empty() => on_delta(&o.tail),
-                    _ => {}
-                }
-                let end = !matches!(ev, Event::Token(_));
-                self.accumulate(&mut accs[i as usize], ev, p.logprobs.is_some());
-                if end {
-                    left -= 1;
-                }
-            }
+            let accs = self.run_choices(&mut p, &mut |t| on_delta(t)).await?;
             Ok(self.chat_from(&p, accs, None)?)
         })
     }

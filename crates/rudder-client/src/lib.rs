@@ -449,9 +449,59 @@ impl Client {
     }
 }
 
+impl Client {
+    /// One call through the cache, the concurrency bound, the deadline and the accounting.
+    /// `on_hit` sees an answer served from the cache.
+    async fn cached<T, F>(
+        &self,
+        endpoint: &str,
+        key_req: serde_json::Value,
+        sampled: bool,
+        usage: impl Fn(&T) -> Option<openai::Usage>,
+        on_hit: impl FnOnce(&T),
+        call: impl FnOnce() -> F,
+    ) -> Result<T>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+        F: Future<Output = Result<T>>,
+    {
+        let key = match self.lookup(endpoint, &key_req, sampled)? {
+            Lookup::Hit(v) => {
+                self.usage.cached.fetch_add(1, Ordering::Relaxed);
+                let r: T = serde_json::from_value(v)
+                    .map_err(|e| ClientError::Protocol(format!("cached answer: {e}")))?;
+                on_hit(&r);
+                return Ok(r);
+            }
+            Lookup::Call(k) => k,
+        };
+        let t0 = Instant::now();
+        let r = self.guarded(call()).await;
+        match &r {
+            Ok(v) => {
+                self.record_usage(usage(v), t0);
+                self.store(key, endpoint, key_req, v, t0);
+            }
+            Err(_) => {
+                self.usage.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+}
+
 enum Lookup {
     Hit(serde_json::Value),
     Call(Option<String>),
+}
+
+/// A chat request as cached: streaming fields dropped (a streamed and a plain answer are the
+/// same answer).
+fn normalise(mut req: ChatRequest) -> (ChatRequest, serde_json::Value) {
+    req.stream = None;
+    req.stream_options = None;
+    let v = serde_json::to_value(&req).unwrap_or_default();
+    (req, v)
 }
 
 fn sampled(req: &ChatRequest) -> bool {
@@ -459,65 +509,43 @@ fn sampled(req: &ChatRequest) -> bool {
 }
 
 impl LlmClient for Client {
-    fn chat<'a>(&'a self, mut req: ChatRequest) -> BoxFut<'a, Result<ChatResponse>> {
+    fn chat<'a>(&'a self, req: ChatRequest) -> BoxFut<'a, Result<ChatResponse>> {
         Box::pin(async move {
-            req.stream = None;
-            req.stream_options = None;
-            let key_req = serde_json::to_value(&req).unwrap_or_default();
-            let key = match self.lookup("chat", &key_req, sampled(&req))? {
-                Lookup::Hit(v) => {
-                    self.usage.cached.fetch_add(1, Ordering::Relaxed);
-                    return serde_json::from_value(v)
-                        .map_err(|e| ClientError::Protocol(format!("cached answer: {e}")));
-                }
-                Lookup::Call(k) => k,
-            };
-            let t0 = Instant::now();
-            let r = self.guarded(self.backend.chat(req)).await;
-            match &r {
-                Ok(resp) => {
-                    self.record_usage(resp.usage, t0);
-                    self.store(key, "chat", key_req, resp, t0);
-                }
-                Err(_) => {
-                    self.usage.failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            r
+            let (req, key_req) = normalise(req);
+            self.cached(
+                "chat",
+                key_req,
+                sampled(&req),
+                |r: &ChatResponse| r.usage,
+                |_| {},
+                || self.backend.chat(req),
+            )
+            .await
         })
     }
 
     fn chat_stream<'a>(
         &'a self,
-        mut req: ChatRequest,
-        mut on_delta: OnDelta<'a>,
+        req: ChatRequest,
+        on_delta: OnDelta<'a>,
     ) -> BoxFut<'a, Result<ChatResponse>> {
         Box::pin(async move {
-            req.stream = None;
-            req.stream_options = None;
-            let key_req = serde_json::to_value(&req).unwrap_or_default();
-            let key = match self.lookup("chat", &key_req, sampled(&req))? {
-                Lookup::Hit(v) => {
-                    self.usage.cached.fetch_add(1, Ordering::Relaxed);
-                    let r: ChatResponse = serde_json::from_value(v)
-                        .map_err(|e| ClientError::Protocol(format!("cached answer: {e}")))?;
-                    on_delta(r.text());
-                    return Ok(r);
-                }
-                Lookup::Call(k) => k,
-            };
-            let t0 = Instant::now();
-            let r = self.guarded(self.backend.chat_stream(req, on_delta)).await;
-            match &r {
-                Ok(resp) => {
-                    self.record_usage(resp.usage, t0);
-                    self.store(key, "chat", key_req, resp, t0);
-                }
-                Err(_) => {
-                    self.usage.failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            r
+            let (req, key_req) = normalise(req);
+            let is_sampled = sampled(&req);
+            // a cached answer is streamed as one piece; the delta callback is shared by both paths
+            let on_delta = std::sync::Arc::new(std::sync::Mutex::new(on_delta));
+            let od = on_delta.clone();
+            let fwd: OnDelta<'a> =
+                Box::new(move |d| (od.lock().unwrap_or_else(|e| e.into_inner()))(d));
+            self.cached(
+                "chat",
+                key_req,
+                is_sampled,
+                |r: &ChatResponse| r.usage,
+                |r: &ChatResponse| (on_delta.lock().unwrap_or_else(|e| e.into_inner()))(r.text()),
+                || self.backend.chat_stream(req, fwd),
+            )
+            .await
         })
     }
 
@@ -531,31 +559,12 @@ impl LlmClient for Client {
             let key_req = serde_json::json!({
                 "model": model, "messages": messages, "continuations": continuations
             });
-            let key = match self.lookup("score", &key_req, false)? {
-                Lookup::Hit(v) => {
-                    self.usage.cached.fetch_add(1, Ordering::Relaxed);
-                    return serde_json::from_value(v)
-                        .map_err(|e| ClientError::Protocol(format!("cached answer: {e}")));
-                }
-                Lookup::Call(k) => k,
+            let call = || {
+                self.backend
+                    .continuation_logprobs(model, messages, continuations)
             };
-            let t0 = Instant::now();
-            let r = self
-                .guarded(
-                    self.backend
-                        .continuation_logprobs(model, messages, continuations),
-                )
-                .await;
-            match &r {
-                Ok(s) => {
-                    self.record_usage(None, t0);
-                    self.store(key, "score", key_req, s, t0);
-                }
-                Err(_) => {
-                    self.usage.failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            r
+            self.cached("score", key_req, false, |_: &Scores| None, |_| {}, call)
+                .await
         })
     }
 

@@ -681,22 +681,11 @@ async fn completions_inner(
         } else {
             String::new()
         };
-        let jobs = std::mem::take(&mut p.jobs);
-        let mut accs: Vec<ChoiceAcc> = (0..jobs.len()).map(|_| ChoiceAcc::default()).collect();
-        if !score_only {
-            let mut run = lm.start(jobs, 0)?;
-            let mut left = accs.len();
-            while left > 0 {
-                let Some((i, ev)) = run.next().await else {
-                    return Err(ApiError::internal("the engine stopped"));
-                };
-                let end = !matches!(ev, Event::Token(_));
-                lm.accumulate(&mut accs[i as usize], ev, p.logprobs.is_some());
-                if end {
-                    left -= 1;
-                }
-            }
-        }
+        let accs: Vec<ChoiceAcc> = if score_only {
+            (0..p.jobs.len()).map(|_| ChoiceAcc::default()).collect()
+        } else {
+            lm.run_choices(p, &mut |_| {}).await?
+        };
         for (j, acc) in accs.into_iter().enumerate() {
             if let Some(m) = acc.failed {
                 return Err(ApiError::internal(m));
