@@ -164,3 +164,122 @@ mod tests {
         assert!(group_means(&x[..4], 2, &l, &["1".into()]).is_err());
     }
 }
+
+/// Steering vectors at typed sites, saved as safetensors (one `[d]` tensor per site, named by
+/// the site) with a JSON sidecar (`<file>.json`) recording how they were made: the sign
+/// convention (`vector = mean(others) − mean(reference)`, so positive strength pushes toward
+/// the other groups), the groups, the model and the chat-template hash.
+#[derive(Clone, Debug)]
+pub struct SteeringVectors {
+    pub vectors: Vec<(rudder_lm::hooks::Site, Vec<f32>)>,
+    pub meta: serde_json::Value,
+}
+
+impl SteeringVectors {
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        use candle_core::{Device, Tensor};
+        let mut t = Vec::new();
+        for (s, v) in &self.vectors {
+            t.push((s.to_string(), Tensor::from_slice(v, v.len(), &Device::Cpu)?));
+        }
+        rudder_nn::checkpoint::save(&t, path).map_err(|e| SteerError::file(path, e))?;
+        let mut p = path.as_os_str().to_owned();
+        p.push(".json");
+        let side = std::path::PathBuf::from(p);
+        let body = serde_json::json!({
+            "format": "rudder-steering-vectors-v1",
+            "sites": self.vectors.iter().map(|(s, _)| s.to_string()).collect::<Vec<_>>(),
+            "meta": self.meta,
+        });
+        let tmp = side.with_extension("json.partial");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&body).unwrap_or_default())
+            .map_err(|e| SteerError::file(&tmp, e))?;
+        std::fs::rename(&tmp, &side).map_err(|e| SteerError::file(&side, e))
+    }
+
+    /// Read a vector file: rudder safetensors (any tensors named by sites), or a llama.cpp
+    /// control-vector GGUF (`.gguf`).
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            let cv = crate::cvec::ControlVector::load(path)?;
+            return Ok(SteeringVectors {
+                vectors: cv
+                    .layers
+                    .iter()
+                    .map(|(&k, v)| (rudder_lm::hooks::Site::ResidPost(k), v.clone()))
+                    .collect(),
+                meta: serde_json::json!({"source": "llama.cpp control vector", "model_hint": cv.model_hint}),
+            });
+        }
+        let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+            .map_err(|e| SteerError::file(path, e))?;
+        let mut vectors = Vec::new();
+        for (name, tensor) in t {
+            let site: rudder_lm::hooks::Site = name
+                .parse()
+                .map_err(|e| SteerError::file(path, format!("tensor {name:?}: {e}")))?;
+            if tensor.rank() != 1 {
+                return Err(SteerError::file(
+                    path,
+                    format!("tensor {name}: shape {:?}, expected one dimension", tensor.dims()),
+                ));
+            }
+            vectors.push((site, tensor.to_vec1::<f32>()?));
+        }
+        if vectors.is_empty() {
+            return Err(SteerError::file(path, "no vectors"));
+        }
+        vectors.sort_by_key(|(s, _)| *s);
+        let mut p = path.as_os_str().to_owned();
+        p.push(".json");
+        let meta = std::fs::read(std::path::PathBuf::from(p))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .map(|v| v["meta"].clone())
+            .unwrap_or(serde_json::Value::Null);
+        Ok(SteeringVectors { vectors, meta })
+    }
+
+    /// Check width and layers against a model.
+    pub fn check(&self, layers: usize, hidden: usize, path: &std::path::Path) -> Result<()> {
+        for (s, v) in &self.vectors {
+            s.check(layers).map_err(|e| SteerError::file(path, e))?;
+            if v.len() != hidden {
+                return Err(SteerError::file(
+                    path,
+                    format!("vector at {s} has width {}, the model's hidden size is {hidden}", v.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `h ← h + α·v` at every stored site whose layer is in `layers` (all when `None`), at
+    /// the given positions and phases.
+    pub fn interventions(
+        &self,
+        alpha: f32,
+        layers: Option<std::ops::RangeInclusive<usize>>,
+        positions: rudder_lm::hooks::Positions,
+        phases: rudder_lm::hooks::Phases,
+    ) -> rudder_lm::hooks::Interventions {
+        use rudder_lm::hooks::{Edit, Intervention};
+        rudder_lm::hooks::Interventions::new(
+            self.vectors
+                .iter()
+                .filter(|(s, _)| match (&layers, s.layer()) {
+                    (None, _) => true,
+                    (Some(r), Some(l)) => r.contains(&l),
+                    (Some(_), None) => false,
+                })
+                .map(|(s, v)| Intervention {
+                    site: *s,
+                    edit: Edit::AddVector { vector: v.clone() },
+                    alpha,
+                    positions,
+                    phases,
+                })
+                .collect(),
+        )
+    }
+}

@@ -19,7 +19,9 @@ pub mod direction;
 pub mod grade;
 pub mod probe;
 pub mod prompts;
+pub mod rollouts;
 pub mod stats;
+pub mod study;
 
 use std::path::PathBuf;
 

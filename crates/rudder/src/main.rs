@@ -11,6 +11,7 @@ mod plots;
 mod progress;
 mod runs;
 mod serve_cmd;
+mod steer_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -67,6 +68,10 @@ enum Command {
     /// Serve a model over the OpenAI API (chat, completions, embeddings) with continuous
     /// batching and per-request steering; see docs/serve.md.
     Serve(serve_cmd::ServeArgs),
+    /// Activation steering: capture, probes, directions, llama.cpp control vectors, and the
+    /// reasoning-strength study (see docs/steer.md).
+    #[command(subcommand)]
+    Steer(steer_cmd::SteerCmd),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +121,7 @@ fn main() -> ExitCode {
         Command::Lm(c) => lm_cmd::run(c),
         Command::Embed(a) => embed_cmd::run(a),
         Command::Serve(a) => serve_cmd::run(a),
+        Command::Steer(c) => steer_cmd::run(c),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
