@@ -192,8 +192,11 @@ impl SteeringVectors {
             "meta": self.meta,
         });
         let tmp = side.with_extension("json.partial");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&body).unwrap_or_default())
-            .map_err(|e| SteerError::file(&tmp, e))?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_string_pretty(&body).unwrap_or_default(),
+        )
+        .map_err(|e| SteerError::file(&tmp, e))?;
         std::fs::rename(&tmp, &side).map_err(|e| SteerError::file(&side, e))
     }
 
@@ -221,7 +224,10 @@ impl SteeringVectors {
             if tensor.rank() != 1 {
                 return Err(SteerError::file(
                     path,
-                    format!("tensor {name}: shape {:?}, expected one dimension", tensor.dims()),
+                    format!(
+                        "tensor {name}: shape {:?}, expected one dimension",
+                        tensor.dims()
+                    ),
                 ));
             }
             vectors.push((site, tensor.to_vec1::<f32>()?));
@@ -247,7 +253,10 @@ impl SteeringVectors {
             if v.len() != hidden {
                 return Err(SteerError::file(
                     path,
-                    format!("vector at {s} has width {}, the model's hidden size is {hidden}", v.len()),
+                    format!(
+                        "vector at {s} has width {}, the model's hidden size is {hidden}",
+                        v.len()
+                    ),
                 ));
             }
         }

@@ -41,7 +41,12 @@ pub struct Rollout {
 
 impl Rollout {
     pub fn key(&self) -> (String, usize, usize, u64) {
-        (self.tag.clone(), self.question, self.rollout, self.alpha.to_bits())
+        (
+            self.tag.clone(),
+            self.question,
+            self.rollout,
+            self.alpha.to_bits(),
+        )
     }
 }
 
@@ -95,7 +100,8 @@ impl Journal {
                     .write(true)
                     .open(path)
                     .map_err(|e| SteerError::file(path, e))?;
-                f.set_len(good as u64).map_err(|e| SteerError::file(path, e))?;
+                f.set_len(good as u64)
+                    .map_err(|e| SteerError::file(path, e))?;
             }
         }
         let file = OpenOptions::new()
@@ -175,7 +181,11 @@ pub fn run(
     if todo.is_empty() {
         return Ok(());
     }
-    let (tx, rx) = mpsc::channel::<(usize, usize, std::result::Result<Box<rudder_lm::engine::Outcome>, String>)>();
+    let (tx, rx) = mpsc::channel::<(
+        usize,
+        usize,
+        std::result::Result<Box<rudder_lm::engine::Outcome>, String>,
+    )>();
     let mut pending = todo.into_iter();
     let mut in_flight = 0usize;
     let cap = engine.cfg.max_queue.max(1) + engine.cfg.max_rows;
@@ -294,7 +304,11 @@ mod tests {
             finish: Finish::Eos,
             answer: Some("1".into()),
             method: Method::LastNumber,
-            verdict: Some(if r == 0 { Verdict::Correct } else { Verdict::Incorrect }),
+            verdict: Some(if r == 0 {
+                Verdict::Correct
+            } else {
+                Verdict::Incorrect
+            }),
             text: "1".into(),
         }
     }

@@ -88,21 +88,35 @@ impl PlanConfig {
     }
 }
 
+/// JSON has no NaN: a metric that is undefined (e.g. Spearman of a constant prediction) is
+/// written as null and read back as NaN.
+fn nan_or<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// Per-site probe results.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeRow {
     pub site: String,
     pub layer: Option<usize>,
+    #[serde(deserialize_with = "nan_or")]
     pub train_mse: f64,
+    #[serde(deserialize_with = "nan_or")]
     pub test_mse: f64,
+    #[serde(deserialize_with = "nan_or")]
     pub train_r2: f64,
+    #[serde(deserialize_with = "nan_or")]
     pub test_r2: f64,
+    #[serde(deserialize_with = "nan_or")]
     pub test_pearson: f64,
+    #[serde(deserialize_with = "nan_or")]
     pub test_spearman: f64,
+    #[serde(deserialize_with = "nan_or")]
     pub train_spearman: f64,
     pub nonzero: usize,
     pub iterations: usize,
     pub converged: bool,
+    #[serde(deserialize_with = "nan_or")]
     pub seconds: f64,
 }
 
@@ -158,7 +172,10 @@ pub fn save_probes(models: &[(Site, Linear)], path: &Path) -> Result<()> {
     let mut t = Vec::new();
     for (s, m) in models {
         let c: Vec<f32> = m.coef.iter().map(|&v| v as f32).collect();
-        t.push((format!("{s}.coef"), Tensor::from_slice(&c, c.len(), &Device::Cpu)?));
+        t.push((
+            format!("{s}.coef"),
+            Tensor::from_slice(&c, c.len(), &Device::Cpu)?,
+        ));
         t.push((
             format!("{s}.intercept"),
             Tensor::from_slice(&[m.intercept as f32], 1, &Device::Cpu)?,
@@ -168,7 +185,8 @@ pub fn save_probes(models: &[(Site, Linear)], path: &Path) -> Result<()> {
 }
 
 pub fn load_probes(path: &Path) -> Result<Vec<(Site, Linear)>> {
-    let t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| SteerError::file(path, e))?;
+    let t = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| SteerError::file(path, e))?;
     let mut out = Vec::new();
     for (name, tensor) in &t {
         if let Some(site) = name.strip_suffix(".coef") {
@@ -182,7 +200,11 @@ pub fn load_probes(path: &Path) -> Result<Vec<(Site, Linear)>> {
             out.push((
                 s,
                 Linear {
-                    coef: tensor.to_vec1::<f32>()?.into_iter().map(|v| v as f64).collect(),
+                    coef: tensor
+                        .to_vec1::<f32>()?
+                        .into_iter()
+                        .map(|v| v as f64)
+                        .collect(),
                     intercept: b.first().copied().unwrap_or(0.0) as f64,
                     iterations: 0,
                     converged: true,
@@ -196,7 +218,10 @@ pub fn load_probes(path: &Path) -> Result<Vec<(Site, Linear)>> {
 
 /// Level difference-of-means vectors at every `ResidPre` site (the final-norm site is
 /// dropped, as the reference does), and the per-layer report.
-pub fn level_vectors(acts: &ActivationSet, reference: &str) -> Result<(SteeringVectors, Vec<Value>)> {
+pub fn level_vectors(
+    acts: &ActivationSet,
+    reference: &str,
+) -> Result<(SteeringVectors, Vec<Value>)> {
     let labels = acts.labels.as_ref().ok_or_else(|| {
         SteerError::Invalid(format!(
             "{}: the activation set has no labels (capture with --label level)",
@@ -268,12 +293,18 @@ pub fn logit_check(
     batch: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<LogitRow>, Value)> {
-    let eos = *lm.tok.eos.first().ok_or_else(|| SteerError::Invalid("the model has no EOS token".into()))?;
+    let eos = *lm
+        .tok
+        .eos
+        .first()
+        .ok_or_else(|| SteerError::Invalid("the model has no EOS token".into()))?;
     let v = lm.decoder.cfg.vocab_size;
     let pool = (eos as usize).min(v).max(1);
     let mut rng = rudder_data::rng::stream(seed, &[0x106175]);
     use rand::Rng;
-    let random: Vec<u32> = (0..2000).map(|_| rng.random_range(0..pool as u32)).collect();
+    let random: Vec<u32> = (0..2000)
+        .map(|_| rng.random_range(0..pool as u32))
+        .collect();
     let mut rows = Vec::new();
     let total = alphas.len() * prompts.len();
     let mut done = 0;
@@ -293,9 +324,11 @@ pub fn logit_check(
             let mut cache = lm.decoder.new_cache(pads);
             let tlen = t.dim(1)?;
             let h = if iv.is_empty() {
-                lm.decoder.forward(&t, &mut cache, Phase::Prefill, &mut NoHook)?
+                lm.decoder
+                    .forward(&t, &mut cache, Phase::Prefill, &mut NoHook)?
             } else {
-                lm.decoder.forward(&t, &mut cache, Phase::Prefill, &mut iv)?
+                lm.decoder
+                    .forward(&t, &mut cache, Phase::Prefill, &mut iv)?
             };
             let logits = lm
                 .decoder
@@ -309,7 +342,8 @@ pub fn logit_check(
                     .push(random.iter().map(|&i| l[i as usize]).sum::<f32>() / random.len() as f32);
                 let scaled: Vec<f32> = l.iter().map(|x| x / 0.6).collect();
                 let lse = log_normaliser(&scaled);
-                row.marker_prob.push((scaled[marker_id as usize] - lse).exp());
+                row.marker_prob
+                    .push((scaled[marker_id as usize] - lse).exp());
                 row.eos_prob.push((scaled[eos as usize] - lse).exp());
                 for (m, x) in row.mean_probs.iter_mut().zip(&scaled) {
                     *m += ((x - lse) as f64).exp() / prompts.len() as f64;
@@ -324,7 +358,10 @@ pub fn logit_check(
     let zero = rows.iter().find(|r| r.alpha == 0.0);
     let mut movers = json!({});
     if let Some(z) = zero {
-        for r in rows.iter().filter(|r| r.alpha != 0.0 && (r.alpha.abs() - alphas.iter().fold(0f64, |m, a| m.max(a.abs()))).abs() < 1e-12) {
+        for r in rows.iter().filter(|r| {
+            r.alpha != 0.0
+                && (r.alpha.abs() - alphas.iter().fold(0f64, |m, a| m.max(a.abs()))).abs() < 1e-12
+        }) {
             let mut d: Vec<(usize, f64)> = r
                 .mean_probs
                 .iter()
@@ -371,7 +408,11 @@ pub fn probe_scores(acts: &ActivationSet, probes: &[(Site, Linear)]) -> Result<V
 /// `1 − fpr` quantile.
 pub fn detection(benign: &[f64], attack: &[f64], target_fpr: f64) -> Value {
     let scores: Vec<f64> = benign.iter().chain(attack).copied().collect();
-    let pos: Vec<bool> = benign.iter().map(|_| false).chain(attack.iter().map(|_| true)).collect();
+    let pos: Vec<bool> = benign
+        .iter()
+        .map(|_| false)
+        .chain(attack.iter().map(|_| true))
+        .collect();
     let thr = stats::quantile(benign, 1.0 - target_fpr);
     let tpr = attack.iter().filter(|&&s| s > thr).count() as f64 / attack.len().max(1) as f64;
     let fpr = benign.iter().filter(|&&s| s > thr).count() as f64 / benign.len().max(1) as f64;
@@ -430,7 +471,12 @@ pub fn balanced(set: &PromptSet, per_level: usize) -> Vec<usize> {
 }
 
 /// Run (or resume) the whole study into `out`. Returns the metrics.
-pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Progress) -> Result<Value> {
+pub fn plan(
+    lm: Arc<LanguageModel>,
+    cfg: &PlanConfig,
+    out: &Path,
+    progress: Progress,
+) -> Result<Value> {
     std::fs::create_dir_all(out).map_err(|e| SteerError::file(out, e))?;
     let cfg_path = out.join("config.json");
     let cfg_v = serde_json::to_value(cfg).unwrap_or_default();
@@ -447,8 +493,14 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
     }
     let set = PromptSet::load(&cfg.questions, None, Some("level"))?;
     let chosen = balanced(&set, cfg.per_level);
-    let labels: Vec<String> = chosen.iter().map(|&i| set.items[i].label.clone().unwrap_or_default()).collect();
-    let gold: Vec<Option<String>> = chosen.iter().map(|&i| gold_answer(&set.items[i].record)).collect();
+    let labels: Vec<String> = chosen
+        .iter()
+        .map(|&i| set.items[i].label.clone().unwrap_or_default())
+        .collect();
+    let gold: Vec<Option<String>> = chosen
+        .iter()
+        .map(|&i| gold_answer(&set.items[i].record))
+        .collect();
     let ids: Vec<Vec<u32>> = chosen
         .iter()
         .map(|&i| cfg.rendering.ids(&lm, &set.items[i].text))
@@ -475,7 +527,17 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
         marker: cfg.marker.clone(),
     };
     // 1. labels
-    run(&engine, "labels", &ids, &gold, &rc, 0.0, None, &mut journal, &mut |d, t| progress("labels", d, t))?;
+    run(
+        &engine,
+        "labels",
+        &ids,
+        &gold,
+        &rc,
+        0.0,
+        None,
+        &mut journal,
+        &mut |d, t| progress("labels", d, t),
+    )?;
     let pq = per_question(&journal.tagged("labels").collect::<Vec<_>>(), ids.len());
     let targets: Vec<f64> = pq.iter().map(|p| p.0).collect();
     write_json(
@@ -512,18 +574,24 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
     let split = train_test_split(ids.len(), cfg.test_fraction, cfg.split_seed);
     let probes_json = out.join("probes.json");
     let probes_st = out.join("probes.safetensors");
-    let (probe_rows, models): (Vec<ProbeRow>, Vec<(Site, Linear)>) = if probes_json.exists() && probes_st.exists() {
-        (
-            serde_json::from_value(read_json(&probes_json)?["layers"].clone())
-                .map_err(|e| SteerError::file(&probes_json, e))?,
-            load_probes(&probes_st)?,
-        )
-    } else {
-        let (rows, models) = probe_sites(&acts, &targets, cfg.probe, &split, &mut |d, t| progress("probes", d, t))?;
-        save_probes(&models, &probes_st)?;
-        write_json(&probes_json, &json!({"probe": cfg.probe, "split": split, "layers": rows}))?;
-        (rows, models)
-    };
+    let (probe_rows, models): (Vec<ProbeRow>, Vec<(Site, Linear)>) =
+        if probes_json.exists() && probes_st.exists() {
+            (
+                serde_json::from_value(read_json(&probes_json)?["layers"].clone())
+                    .map_err(|e| SteerError::file(&probes_json, e))?,
+                load_probes(&probes_st)?,
+            )
+        } else {
+            let (rows, models) = probe_sites(&acts, &targets, cfg.probe, &split, &mut |d, t| {
+                progress("probes", d, t)
+            })?;
+            save_probes(&models, &probes_st)?;
+            write_json(
+                &probes_json,
+                &json!({"probe": cfg.probe, "split": split, "layers": rows}),
+            )?;
+            (rows, models)
+        };
     // 4. the direction
     let vec_path = out.join("vector.safetensors");
     let (vectors, vreport) = level_vectors(&acts, "Level 1")?;
@@ -540,7 +608,10 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
             })
         })
         .collect();
-    write_json(&out.join("vector.json"), &json!({"layers": vreport, "probe_effect": probe_effect}))?;
+    write_json(
+        &out.join("vector.json"),
+        &json!({"layers": vreport, "probe_effect": probe_effect}),
+    )?;
     // 5. sweep
     let sweep_idx = {
         let mut c: BTreeMap<&str, usize> = BTreeMap::new();
@@ -564,10 +635,19 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
     for &a in &cfg.alphas {
         let iv = vectors.interventions(a as f32, None, Positions::All, Phases::Both);
         let ivr = (!iv.is_empty() && a != 0.0).then_some(&iv);
-        run(&engine, "sweep", &sweep_ids, &sweep_gold, &src, a, ivr, &mut journal, &mut |d, t| {
-            progress(&format!("sweep α={a}"), d, t)
-        })?;
-        let rows: Vec<&crate::rollouts::Rollout> = journal.tagged("sweep").filter(|r| r.alpha == a).collect();
+        run(
+            &engine,
+            "sweep",
+            &sweep_ids,
+            &sweep_gold,
+            &src,
+            a,
+            ivr,
+            &mut journal,
+            &mut |d, t| progress(&format!("sweep α={a}"), d, t),
+        )?;
+        let rows: Vec<&crate::rollouts::Rollout> =
+            journal.tagged("sweep").filter(|r| r.alpha == a).collect();
         let mut per_level: BTreeMap<String, (f64, f64, usize, usize)> = BTreeMap::new();
         for r in &rows {
             let l = labels[sweep_idx[r.question]].clone();
@@ -607,9 +687,25 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
     let logit_rows = if logits_path.exists() {
         serde_json::from_value(read_json(&logits_path)?["rows"].clone()).unwrap_or_default()
     } else {
-        let lp: Vec<Vec<u32>> = ids.iter().take(cfg.logit_questions.max(1)).cloned().collect();
-        let (rows, movers) = logit_check(&lm, &lp, &vectors, &cfg.logit_alphas, marker_id, cfg.seed, 8, &mut |d, t| progress("logits", d, t))?;
-        write_json(&logits_path, &json!({"marker_token": lm.tok.decode(&[marker_id], false).unwrap_or_default(), "marker_id": marker_id, "rows": rows, "movers": movers}))?;
+        let lp: Vec<Vec<u32>> = ids
+            .iter()
+            .take(cfg.logit_questions.max(1))
+            .cloned()
+            .collect();
+        let (rows, movers) = logit_check(
+            &lm,
+            &lp,
+            &vectors,
+            &cfg.logit_alphas,
+            marker_id,
+            cfg.seed,
+            8,
+            &mut |d, t| progress("logits", d, t),
+        )?;
+        write_json(
+            &logits_path,
+            &json!({"marker_token": lm.tok.decode(&[marker_id], false).unwrap_or_default(), "marker_id": marker_id, "rows": rows, "movers": movers}),
+        )?;
         rows
     };
     // 7. overthinking detector
@@ -622,7 +718,11 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
             let mut sets = Vec::new();
             for (name, p) in [("benign", b), ("attack", a)] {
                 let ps = PromptSet::load(p, None, None)?;
-                let pids: Vec<Vec<u32>> = ps.items.iter().map(|x| cfg.rendering.ids(&lm, &x.text)).collect::<Result<_>>()?;
+                let pids: Vec<Vec<u32>> = ps
+                    .items
+                    .iter()
+                    .map(|x| cfg.rendering.ids(&lm, &x.text))
+                    .collect::<Result<_>>()?;
                 let apath = out.join(format!("acts_{name}.safetensors"));
                 let acts = if apath.exists() {
                     ActivationSet::load(&apath)?
@@ -655,10 +755,14 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
             let best_scores = match &best {
                 Some(s) => {
                     let site: Site = s.parse().map_err(SteerError::Lm)?;
-                    let m: Vec<(Site, Linear)> = models.iter().filter(|(x, _)| *x == site).cloned().collect();
+                    let m: Vec<(Site, Linear)> =
+                        models.iter().filter(|(x, _)| *x == site).cloned().collect();
                     let mut v = Vec::new();
                     for name in ["benign", "attack"] {
-                        v.push(probe_scores(&ActivationSet::load(&out.join(format!("acts_{name}.safetensors")))?, &m)?);
+                        v.push(probe_scores(
+                            &ActivationSet::load(&out.join(format!("acts_{name}.safetensors")))?,
+                            &m,
+                        )?);
                     }
                     Some(v)
                 }
@@ -677,7 +781,10 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
     let lvl1 = |a: f64| -> Option<(f64, f64)> {
         let s = sweep_rows.iter().find(|r| r["alpha"].as_f64() == Some(a))?;
         let l = &s["per_level"]["Level 1"];
-        Some((l["mean_reasoning_tokens"].as_f64()?, l["accuracy"].as_f64().unwrap_or(f64::NAN)))
+        Some((
+            l["mean_reasoning_tokens"].as_f64()?,
+            l["accuracy"].as_f64().unwrap_or(f64::NAN),
+        ))
     };
     let efficient: Vec<Value> = cfg
         .alphas
@@ -716,7 +823,11 @@ pub fn plan(lm: Arc<LanguageModel>, cfg: &PlanConfig, out: &Path, progress: Prog
 }
 
 /// Applies a steering file's vectors as interventions (for generation commands).
-pub fn vector_interventions(path: &Path, lm: &LanguageModel, strength: f32) -> Result<Interventions> {
+pub fn vector_interventions(
+    path: &Path,
+    lm: &LanguageModel,
+    strength: f32,
+) -> Result<Interventions> {
     let v = SteeringVectors::load(path)?;
     v.check(lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size, path)?;
     Ok(v.interventions(strength, None, Positions::All, Phases::Both))

@@ -224,8 +224,10 @@ fn open_model(m: &str) -> Result<LanguageModel> {
 fn bar(label: &str, total: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>18} {bar:30} {pos}/{len} [{elapsed} < {eta}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{msg:>18} {bar:30} {pos}/{len} [{elapsed} < {eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     pb.set_message(label.to_string());
     pb
@@ -294,7 +296,9 @@ fn run_plan(a: PlanArgs) -> Result<()> {
 }
 
 fn read(path: &Path) -> Result<Value> {
-    Ok(serde_json::from_slice(&std::fs::read(path).with_context(|| path.display().to_string())?)?)
+    Ok(serde_json::from_slice(
+        &std::fs::read(path).with_context(|| path.display().to_string())?,
+    )?)
 }
 
 fn pts(v: &Value, x: &str, y: &str) -> Vec<(f64, f64)> {
@@ -322,7 +326,10 @@ fn histogram(v: &[f64], bins: usize, lo: f64, hi: f64) -> Vec<(f64, f64)> {
         let b = (((x - lo) / w) as isize).clamp(0, bins as isize - 1) as usize;
         c[b] += 1.0;
     }
-    c.iter().enumerate().map(|(i, &n)| (lo + (i as f64 + 0.5) * w, n)).collect()
+    c.iter()
+        .enumerate()
+        .map(|(i, &n)| (lo + (i as f64 + 0.5) * w, n))
+        .collect()
 }
 
 fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
@@ -347,7 +354,10 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
             &out.join("length_vs_alpha.png"),
             "Steering strength vs mean response length",
             "α",
-            &[("mean reasoning tokens", pts(sweep, "alpha", "mean_reasoning_tokens"))],
+            &[(
+                "mean reasoning tokens",
+                pts(sweep, "alpha", "mean_reasoning_tokens"),
+            )],
         ),
         "sweep",
     );
@@ -363,16 +373,24 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
                             lv.last_mut().unwrap()
                         }
                     };
-                    if let (Some(a), Some(t)) = (r["alpha"].as_f64(), v["mean_reasoning_tokens"].as_f64()) {
+                    if let (Some(a), Some(t)) =
+                        (r["alpha"].as_f64(), v["mean_reasoning_tokens"].as_f64())
+                    {
                         e.1.push((a, t));
                     }
                 }
             }
         }
     }
-    let lv_ref: Vec<(&str, Vec<(f64, f64)>)> = lv.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+    let lv_ref: Vec<(&str, Vec<(f64, f64)>)> =
+        lv.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
     plot(
-        crate::plots::lines(&out.join("length_vs_alpha_by_level.png"), "Mean response length per level vs α", "α", &lv_ref),
+        crate::plots::lines(
+            &out.join("length_vs_alpha_by_level.png"),
+            "Mean response length per level vs α",
+            "α",
+            &lv_ref,
+        ),
         "sweep by level",
     );
     plot(
@@ -397,15 +415,27 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
             let series: Vec<(String, Vec<(f64, f64)>)> = rows
                 .iter()
                 .map(|r| {
-                    let v: Vec<f64> = r["marker_logit"].as_array().cloned().unwrap_or_default().iter().filter_map(|x| x.as_f64()).collect();
+                    let v: Vec<f64> = r["marker_logit"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|x| x.as_f64())
+                        .collect();
                     (format!("α = {}", r["alpha"]), histogram(&v, 20, lo, hi))
                 })
                 .collect();
-            let sref: Vec<(&str, Vec<(f64, f64)>)> = series.iter().map(|(a, b)| (a.as_str(), b.clone())).collect();
+            let sref: Vec<(&str, Vec<(f64, f64)>)> = series
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.clone()))
+                .collect();
             plot(
                 crate::plots::lines(
                     &out.join("marker_logit_hist.png"),
-                    &format!("Logit of {} at the first generated position", l["marker_token"].as_str().unwrap_or("the marker")),
+                    &format!(
+                        "Logit of {} at the first generated position",
+                        l["marker_token"].as_str().unwrap_or("the marker")
+                    ),
                     "logit",
                     &sref,
                 ),
@@ -416,7 +446,14 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
     let d = &m["detect"];
     if !d.is_null() {
         let roc = |v: &Value| -> Vec<(f64, f64)> {
-            v["roc"].as_array().map(|a| a.iter().filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?))).collect()).unwrap_or_default()
+            v["roc"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                        .collect()
+                })
+                .unwrap_or_default()
         };
         plot(
             crate::plots::lines(
@@ -424,7 +461,10 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
                 "Overthinking detector: ROC (benign vs attacked prompts)",
                 "false positive rate",
                 &[
-                    ("probe (mean over layers)", roc(&d["probe_mean_over_layers"])),
+                    (
+                        "probe (mean over layers)",
+                        roc(&d["probe_mean_over_layers"]),
+                    ),
                     ("probe (best layer)", roc(&d["probe_best_layer"]["result"])),
                     ("prompt length", roc(&d["prompt_length_baseline"])),
                     ("chance", vec![(0.0, 0.0), (1.0, 1.0)]),
@@ -448,7 +488,9 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
     }
     s.push_str(&format!(
         "Labels: mean length {:.1} tokens, accuracy {:.3}, {} rollouts cut by the token cap.\n\n",
-        m["labels"]["mean_reasoning_tokens"].as_f64().unwrap_or(f64::NAN),
+        m["labels"]["mean_reasoning_tokens"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
         m["labels"]["accuracy"].as_f64().unwrap_or(f64::NAN),
         m["labels"]["truncated_rollouts"]
     ));
@@ -467,16 +509,22 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
     for r in sweep.as_array().cloned().unwrap_or_default() {
         s.push_str(&format!(
             "| {} | {:.1} | {:.3} | {} | {} |\n",
-            r["alpha"], r["mean_reasoning_tokens"].as_f64().unwrap_or(f64::NAN),
-            r["accuracy"].as_f64().unwrap_or(f64::NAN), r["rollouts"], r["finished_by_length"]
+            r["alpha"],
+            r["mean_reasoning_tokens"].as_f64().unwrap_or(f64::NAN),
+            r["accuracy"].as_f64().unwrap_or(f64::NAN),
+            r["rollouts"],
+            r["finished_by_length"]
         ));
     }
     s.push_str("\n## End-of-reasoning logit at the first generated position\n\n| α | marker logit | EOS logit | random-token logit | marker prob (T=0.6) |\n|---|---|---|---|---|\n");
     for r in m["logits"].as_array().cloned().unwrap_or_default() {
         s.push_str(&format!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.4} |\n",
-            r["alpha"], r["marker_logit"].as_f64().unwrap_or(f64::NAN), r["eos_logit"].as_f64().unwrap_or(f64::NAN),
-            r["random_logit"].as_f64().unwrap_or(f64::NAN), r["marker_prob"].as_f64().unwrap_or(f64::NAN)
+            r["alpha"],
+            r["marker_logit"].as_f64().unwrap_or(f64::NAN),
+            r["eos_logit"].as_f64().unwrap_or(f64::NAN),
+            r["random_logit"].as_f64().unwrap_or(f64::NAN),
+            r["marker_prob"].as_f64().unwrap_or(f64::NAN)
         ));
     }
     if !d.is_null() {
@@ -494,14 +542,20 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
             ));
         }
     }
-    let eff = m["efficient_level1"].as_array().cloned().unwrap_or_default();
+    let eff = m["efficient_level1"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     if !eff.is_empty() {
         s.push_str("\n## Efficient reasoning on Level 1 (negative α)\n\n| α | tokens | tokens at α=0 | accuracy | accuracy at α=0 |\n|---|---|---|---|---|\n");
         for r in eff {
             s.push_str(&format!(
                 "| {} | {:.1} | {:.1} | {:.3} | {:.3} |\n",
-                r["alpha"], r["tokens"].as_f64().unwrap_or(f64::NAN), r["tokens_at_0"].as_f64().unwrap_or(f64::NAN),
-                r["accuracy"].as_f64().unwrap_or(f64::NAN), r["accuracy_at_0"].as_f64().unwrap_or(f64::NAN)
+                r["alpha"],
+                r["tokens"].as_f64().unwrap_or(f64::NAN),
+                r["tokens_at_0"].as_f64().unwrap_or(f64::NAN),
+                r["accuracy"].as_f64().unwrap_or(f64::NAN),
+                r["accuracy_at_0"].as_f64().unwrap_or(f64::NAN)
             ));
         }
     }
@@ -515,15 +569,23 @@ fn parse_sites(s: &str, layers: usize) -> Result<Vec<Site>> {
         "hf" => Site::hf_hidden_states(layers),
         "resid_pre" => (0..layers).map(Site::ResidPre).collect(),
         "resid_post" => (0..layers).map(Site::ResidPost).collect(),
-        list => list.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>()?,
+        list => list
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<Result<_, _>>()?,
     })
 }
 
 fn run_capture(a: CaptureArgs) -> Result<()> {
     let lm = open_model(&a.model)?;
-    let set = PromptSet::load(&a.prompts, a.field.as_deref(), a.label.as_deref())?.truncate(a.limit);
+    let set =
+        PromptSet::load(&a.prompts, a.field.as_deref(), a.label.as_deref())?.truncate(a.limit);
     let rendering = a.render.rendering(Rendering::plain(true));
-    let ids: Vec<Vec<u32>> = set.items.iter().map(|p| rendering.ids(&lm, &p.text)).collect::<rudder_steer::Result<_>>()?;
+    let ids: Vec<Vec<u32>> = set
+        .items
+        .iter()
+        .map(|p| rendering.ids(&lm, &p.text))
+        .collect::<rudder_steer::Result<_>>()?;
     let cfg = CaptureConfig {
         sites: parse_sites(&a.sites, lm.decoder.cfg.num_layers)?,
         positions: a.positions.parse()?,
@@ -558,7 +620,10 @@ fn run_capture(a: CaptureArgs) -> Result<()> {
 fn run_probe(a: ProbeArgs) -> Result<()> {
     let acts = ActivationSet::load(&a.acts)?;
     let targets: Vec<f64> = if a.from_labels {
-        let l = acts.labels.as_ref().context("the activation set has no labels")?;
+        let l = acts
+            .labels
+            .as_ref()
+            .context("the activation set has no labels")?;
         l.iter()
             .map(|s| {
                 s.trim_start_matches("Level ")
@@ -567,7 +632,10 @@ fn run_probe(a: ProbeArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?
     } else {
-        let p = a.targets.as_ref().context("give --targets FILE or --from-labels")?;
+        let p = a
+            .targets
+            .as_ref()
+            .context("give --targets FILE or --from-labels")?;
         let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
         let recs: Vec<Value> = if text.trim_start().starts_with('[') {
             serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?
@@ -575,14 +643,21 @@ fn run_probe(a: ProbeArgs) -> Result<()> {
             text.lines()
                 .enumerate()
                 .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: invalid JSON", p.display(), i + 1)))
+                .map(|(i, l)| {
+                    serde_json::from_str(l)
+                        .with_context(|| format!("{}:{}: invalid JSON", p.display(), i + 1))
+                })
                 .collect::<Result<_>>()?
         };
         recs.iter()
             .enumerate()
             .map(|(i, r)| {
                 r[&a.target_field].as_f64().with_context(|| {
-                    format!("{}: record {i}: no numeric field {:?}", p.display(), a.target_field)
+                    format!(
+                        "{}: record {i}: no numeric field {:?}",
+                        p.display(),
+                        a.target_field
+                    )
                 })
             })
             .collect::<Result<_>>()?
@@ -592,31 +667,48 @@ fn run_probe(a: ProbeArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)?;
     let pb = bar("probes", acts.sites.len() as u64);
     let t0 = std::time::Instant::now();
-    let (rows, models) = study::probe_sites(&acts, &targets, kind, &split, &mut |d, _| pb.set_position(d as u64))?;
+    let (rows, models) = study::probe_sites(&acts, &targets, kind, &split, &mut |d, _| {
+        pb.set_position(d as u64)
+    })?;
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     let mut cv = Vec::new();
     if a.folds >= 2 {
-        for (f, sp) in rudder_steer::stats::k_folds(acts.len(), a.folds, a.seed).iter().enumerate() {
+        for (f, sp) in rudder_steer::stats::k_folds(acts.len(), a.folds, a.seed)
+            .iter()
+            .enumerate()
+        {
             let (r, _) = study::probe_sites(&acts, &targets, kind, sp, &mut |_, _| {})?;
             cv.push(json!({"fold": f, "layers": r}));
         }
     }
     study::save_probes(&models, &a.out.join("probes.safetensors"))?;
     let report = json!({"probe": kind, "split": split, "layers": rows, "cv": cv, "seconds": secs, "acts": a.acts});
-    std::fs::write(a.out.join("probes.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        a.out.join("probes.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     plot(
         crate::plots::lines(
             &a.out.join("probe_layers.png"),
             &format!("{} probe: test Spearman per layer", kind.name()),
             "layer",
-            &[("test Spearman", pts(&report["layers"], "layer", "test_spearman")), ("test R²", pts(&report["layers"], "layer", "test_r2"))],
+            &[
+                (
+                    "test Spearman",
+                    pts(&report["layers"], "layer", "test_spearman"),
+                ),
+                ("test R²", pts(&report["layers"], "layer", "test_r2")),
+            ],
         ),
         "probe",
     );
     println!("site\ttest_spearman\ttest_r2\ttest_mse");
     for r in &rows {
-        println!("{}\t{:.4}\t{:.4}\t{:.2}", r.site, r.test_spearman, r.test_r2, r.test_mse);
+        println!(
+            "{}\t{:.4}\t{:.4}\t{:.2}",
+            r.site, r.test_spearman, r.test_r2, r.test_mse
+        );
     }
     eprintln!("{} probes in {secs:.2} s → {}", rows.len(), a.out.display());
     Ok(())
@@ -646,16 +738,27 @@ fn run_export(a: ExportArgs) -> Result<()> {
     let v = SteeringVectors::load(&a.vector)?;
     let (cv, skipped) = ControlVector::from_sites(&a.model_hint, &v.vectors);
     if cv.layers.is_empty() {
-        bail!("none of the vectors is at a site llama.cpp can steer (ResidPost(k) / ResidPre(k+1), k ≥ 1)");
+        bail!(
+            "none of the vectors is at a site llama.cpp can steer (ResidPost(k) / ResidPre(k+1), k ≥ 1)"
+        );
     }
     if !skipped.is_empty() {
         eprintln!(
             "note: llama.cpp cannot steer {} (its control vectors start at block 1's output); left out",
-            skipped.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+            skipped
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     cv.save(&a.out)?;
-    eprintln!("{} layers → {} (llama.cpp: --control-vector {})", cv.layers.len(), a.out.display(), a.out.display());
+    eprintln!(
+        "{} layers → {} (llama.cpp: --control-vector {})",
+        cv.layers.len(),
+        a.out.display(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -665,6 +768,10 @@ fn run_import(a: ImportArgs) -> Result<()> {
     let iv = v.interventions(a.strength, None, positions, Phases::Both);
     let body = serde_json::to_string(&iv.interventions)?;
     std::fs::write(&a.out, body)?;
-    eprintln!("{} interventions → {}", iv.interventions.len(), a.out.display());
+    eprintln!(
+        "{} interventions → {}",
+        iv.interventions.len(),
+        a.out.display()
+    );
     Ok(())
 }
