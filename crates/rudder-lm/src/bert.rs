@@ -340,7 +340,7 @@ fn gelu_generic(v: &mut [f32]) {
 }
 
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(crate) fn exp_neg(x: f32) -> f32 {
     // e^x for x ≤ 0: x = n·ln2 + r, |r| ≤ ln2/2, e^r by a degree-6 Taylor polynomial.
     let x = x.max(-87.0);
     let n = (x * std::f32::consts::LOG2_E + 12582912.0) - 12582912.0;

@@ -43,6 +43,9 @@ pub struct DumpArgs {
     /// Also write the HF hidden states (block inputs + final norm) at every position.
     #[arg(long)]
     pub hidden: bool,
+    /// JSON intervention list applied (e.g. from `rudder steer import` of a control vector).
+    #[arg(long)]
+    pub interventions: Option<PathBuf>,
     #[arg(long, short)]
     pub out: PathBuf,
 }
@@ -58,6 +61,11 @@ pub struct BenchArgs {
     /// Measured repetitions (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Also measure batched decoding through the continuous-batching engine at these batch
+    /// sizes (each row: the bench prompt, greedy, `--decode-tokens` tokens): aggregate decode
+    /// tokens/s per batch size, the curve the rollout and serving throughput rests on.
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
 }
 
 /// The benchmark paragraph of peer-baselines.md §6 (repeated, tokenized without BOS).
@@ -713,6 +721,63 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         }
         first = out;
     }
+    let lm = std::sync::Arc::new(lm);
+    let mut batched = Vec::new();
+    for &b in &a.batch {
+        let eng = rudder_lm::engine::Engine::start(
+            lm.clone(),
+            rudder_lm::engine::EngineConfig {
+                max_rows: b.max(1),
+                max_queue: b.max(1),
+                prefill_chunk: 512,
+            },
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t0 = std::time::Instant::now();
+        for r in 0..b.max(1) {
+            let tx = tx.clone();
+            let mut j = rudder_lm::engine::Job::new(
+                ids.clone(),
+                GenConfig {
+                    max_new_tokens: a.decode_tokens,
+                    ignore_eos: true,
+                    ..GenConfig::default()
+                },
+            );
+            j.stream_index = r as u64;
+            eng.submit(
+                j,
+                Box::new(move |e| match e {
+                    rudder_lm::engine::Event::Token(_) => {
+                        tx.send((r, true, std::time::Instant::now())).is_ok()
+                    }
+                    _ => tx.send((r, false, std::time::Instant::now())).is_ok(),
+                }),
+            )?;
+        }
+        drop(tx);
+        let mut events = Vec::new();
+        while let Ok(e) = rx.recv() {
+            events.push(e);
+        }
+        // all rows decode from the moment the last row produced its first token
+        let mut firsts = vec![None; b.max(1)];
+        for &(r, tok, t) in &events {
+            if tok && firsts[r].is_none() {
+                firsts[r] = Some(t);
+            }
+        }
+        let last_first = firsts.iter().flatten().max().copied().unwrap_or(t0);
+        let end = events.iter().map(|e| e.2).max().unwrap_or(t0);
+        let after = events.iter().filter(|e| e.1 && e.2 > last_first).count();
+        let total = end.duration_since(t0).as_secs_f64();
+        let decode = end.duration_since(last_first).as_secs_f64();
+        batched.push(serde_json::json!({
+            "batch": b, "wall_s": total,
+            "aggregate_tok_s": (b * a.decode_tokens) as f64 / total,
+            "decode_tok_s": after as f64 / decode.max(1e-9),
+        }));
+    }
     let report = serde_json::json!({
         "model": lm.info.path, "quantized": lm.info.quantized,
         "threads": rayon::current_num_threads(),
@@ -720,6 +785,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         "prefill_tok_s": median(pre.clone()), "decode_tok_s": median(dec.clone()),
         "prefill_all": pre, "decode_all": dec,
         "greedy_first16": &first[..first.len().min(16)],
+        "batched": batched,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
@@ -753,10 +819,14 @@ fn run_dump(a: DumpArgs) -> Result<()> {
         Vec::new()
     };
     let mut cap = Capture::new(sites.clone(), Positions::All);
+    let mut iv = interventions(&lm, &a.interventions)?;
     let mut cache = lm.decoder.new_cache(vec![0]);
-    let h = lm
-        .decoder
-        .forward(&t, &mut cache, Phase::Prefill, &mut cap)?;
+    let h = lm.decoder.forward(
+        &t,
+        &mut cache,
+        Phase::Prefill,
+        &mut rudder_lm::hooks::Chain(&mut iv, &mut cap),
+    )?;
     let logits = lm.decoder.logits(&h)?.squeeze(0)?;
     let mut tensors = vec![
         (
