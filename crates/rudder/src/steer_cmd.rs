@@ -29,6 +29,15 @@ pub enum SteerCmd {
     Probe(ProbeArgs),
     /// Difference-of-means steering vectors between label groups (norms, cosine matrices).
     Vector(VectorArgs),
+    /// Generate with a steering vector at each strength of a grid (all layers and positions, or
+    /// a layer band): mean response length and accuracy per α (and per label).
+    Sweep(SweepArgs),
+    /// Logits of the end-of-reasoning token (EOS without one), EOS and random tokens at the
+    /// first generated position under each strength, with the top-20 movers.
+    Logits(LogitsArgs),
+    /// Overthinking detector: probe-predicted length as a per-prompt score on benign vs attacked
+    /// prompts (AUROC, TPR at a calibrated threshold, prompt-length baseline, ROC plot).
+    Detect(DetectArgs),
     /// Export steering vectors to llama.cpp's control-vector GGUF.
     Export(ExportArgs),
     /// Turn a vector file (rudder safetensors or llama.cpp GGUF) into an intervention list
@@ -166,6 +175,12 @@ pub struct ProbeArgs {
     /// α for lasso/ridge, C for logistic.
     #[arg(long, default_value_t = 10.0)]
     pub alpha: f64,
+    /// Lasso: stop when the duality gap is below tol · ‖y − ȳ‖² (scikit-learn's rule).
+    #[arg(long, default_value_t = 1e-4)]
+    pub tol: f64,
+    /// Lasso: coordinate-descent sweeps at most.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_iter: usize,
     #[arg(long, default_value_t = 0.1)]
     pub test_fraction: f64,
     #[arg(long, default_value_t = 42)]
@@ -184,6 +199,106 @@ pub struct VectorArgs {
     /// The reference label group.
     #[arg(long, default_value = "Level 1")]
     pub reference: String,
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SweepArgs {
+    #[arg(long, short, default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// Steering vectors (rudder safetensors or llama.cpp GGUF).
+    #[arg(long)]
+    pub vector: PathBuf,
+    #[arg(long)]
+    pub prompts: PathBuf,
+    #[arg(long)]
+    pub field: Option<String>,
+    /// Label field for per-label means (e.g. level).
+    #[arg(long)]
+    pub label: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "-0.2,-0.15,-0.1,-0.05,0,0.05,0.1,0.15,0.2"
+    )]
+    pub alphas: Vec<f64>,
+    /// Only layers a..b (inclusive), e.g. 10..20.
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// all, prompt, last, generated or from:K.
+    #[arg(long, default_value = "all")]
+    pub positions: String,
+    #[arg(long, default_value_t = 1)]
+    pub rollouts: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy (reference: 0.6).
+    #[arg(long, default_value_t = 0.6)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub marker: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub render: RenderArgs,
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    #[arg(long, short, default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    #[arg(long)]
+    pub vector: PathBuf,
+    #[arg(long)]
+    pub prompts: PathBuf,
+    #[arg(long)]
+    pub field: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "-0.2,-0.1,0,0.1,0.2"
+    )]
+    pub alphas: Vec<f64>,
+    /// The end-of-reasoning token (default: EOS).
+    #[arg(long)]
+    pub marker: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub render: RenderArgs,
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct DetectArgs {
+    /// Probes from `rudder steer probe` (probes.safetensors).
+    #[arg(long)]
+    pub probes: PathBuf,
+    /// Activations of benign prompts at the probes' sites.
+    #[arg(long)]
+    pub benign: PathBuf,
+    /// Activations of attacked prompts.
+    #[arg(long)]
+    pub attack: PathBuf,
+    /// Only this site's probe (default: the mean over all probes, as the reference).
+    #[arg(long)]
+    pub site: Option<String>,
+    #[arg(long, default_value_t = 0.05)]
+    pub fpr: f64,
     #[arg(long, short)]
     pub out: PathBuf,
 }
@@ -239,6 +354,9 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
         SteerCmd::Capture(a) => run_capture(a),
         SteerCmd::Probe(a) => run_probe(a),
         SteerCmd::Vector(a) => run_vector(a),
+        SteerCmd::Sweep(a) => run_sweep(a),
+        SteerCmd::Logits(a) => run_logits(a),
+        SteerCmd::Detect(a) => run_detect(a),
         SteerCmd::Export(a) => run_export(a),
         SteerCmd::Import(a) => run_import(a),
     }
@@ -662,7 +780,14 @@ fn run_probe(a: ProbeArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?
     };
-    let kind = probe_kind(&a.probe, a.alpha)?;
+    let kind = match probe_kind(&a.probe, a.alpha)? {
+        ProbeKind::Lasso { alpha, .. } => ProbeKind::Lasso {
+            alpha,
+            tol: a.tol,
+            max_iter: a.max_iter.max(1),
+        },
+        k => k,
+    };
     let split = rudder_steer::stats::train_test_split(acts.len(), a.test_fraction, a.seed);
     std::fs::create_dir_all(&a.out)?;
     let pb = bar("probes", acts.sites.len() as u64);
@@ -772,6 +897,220 @@ fn run_import(a: ImportArgs) -> Result<()> {
         "{} interventions → {}",
         iv.interventions.len(),
         a.out.display()
+    );
+    Ok(())
+}
+
+fn parse_band(s: &Option<String>) -> Result<Option<std::ops::RangeInclusive<usize>>> {
+    let Some(s) = s else { return Ok(None) };
+    let (a, b) = s
+        .split_once("..")
+        .with_context(|| format!("--layers {s:?}: expected A..B"))?;
+    Ok(Some(a.trim().parse()?..=b.trim().parse()?))
+}
+
+fn run_sweep(a: SweepArgs) -> Result<()> {
+    use rudder_steer::rollouts::{Journal, RolloutConfig, run};
+    let lm = Arc::new(open_model(&a.model)?);
+    let vectors = SteeringVectors::load(&a.vector)?;
+    vectors.check(
+        lm.decoder.cfg.num_layers,
+        lm.decoder.cfg.hidden_size,
+        &a.vector,
+    )?;
+    let set =
+        PromptSet::load(&a.prompts, a.field.as_deref(), a.label.as_deref())?.truncate(a.limit);
+    let rendering = a.render.rendering(Rendering::plain(true));
+    let ids: Vec<Vec<u32>> = set
+        .items
+        .iter()
+        .map(|p| rendering.ids(&lm, &p.text))
+        .collect::<rudder_steer::Result<_>>()?;
+    let gold: Vec<Option<String>> = set
+        .items
+        .iter()
+        .map(|p| study::gold_answer(&p.record))
+        .collect();
+    let band = parse_band(&a.layers)?;
+    let positions: Positions = a.positions.parse()?;
+    std::fs::create_dir_all(&a.out)?;
+    let engine = rudder_lm::engine::Engine::start(
+        lm.clone(),
+        rudder_lm::engine::EngineConfig {
+            max_rows: a.batch.max(1),
+            max_queue: 1 << 20,
+            prefill_chunk: 512,
+        },
+    );
+    let mut journal = Journal::open(&a.out.join("rollouts.jsonl"))?;
+    let rc = RolloutConfig {
+        per_prompt: a.rollouts.max(1),
+        sampling: rudder_lm::generate::GenConfig {
+            max_new_tokens: a.max_tokens.max(1),
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+            ..Default::default()
+        },
+        marker: a.marker.clone(),
+    };
+    let mut rows = Vec::new();
+    for &alpha in &a.alphas {
+        let iv = vectors.interventions(alpha as f32, band.clone(), positions, Phases::Both);
+        let pb = bar(&format!("α = {alpha}"), (ids.len() * rc.per_prompt) as u64);
+        run(
+            &engine,
+            "sweep",
+            &ids,
+            &gold,
+            &rc,
+            alpha,
+            (alpha != 0.0).then_some(&iv),
+            &mut journal,
+            &mut |d, _| pb.set_position(d as u64),
+        )?;
+        pb.finish_and_clear();
+        let rs: Vec<_> = journal
+            .tagged("sweep")
+            .filter(|r| r.alpha == alpha)
+            .collect();
+        let n = rs.len().max(1) as f64;
+        let graded = rs.iter().filter(|r| r.verdict.is_some()).count();
+        let mut per_label = serde_json::Map::new();
+        if let Some(labels) = set.labels() {
+            for l in rudder_steer::direction::distinct(&labels) {
+                let sub: Vec<_> = rs.iter().filter(|r| labels[r.question] == l).collect();
+                per_label.insert(l, json!({"mean_reasoning_tokens": sub.iter().map(|r| r.reasoning_tokens as f64).sum::<f64>() / sub.len().max(1) as f64, "rollouts": sub.len()}));
+            }
+        }
+        let row = json!({
+            "alpha": alpha,
+            "mean_reasoning_tokens": rs.iter().map(|r| r.reasoning_tokens as f64).sum::<f64>() / n,
+            "accuracy": if graded > 0 { rs.iter().filter(|r| r.verdict == Some(rudder_steer::grade::Verdict::Correct)).count() as f64 / graded as f64 } else { f64::NAN },
+            "rollouts": rs.len(), "per_label": per_label,
+            "interventions": iv.interventions.iter().map(|i| json!({"site": i.site.to_string(), "alpha": i.alpha, "positions": i.positions, "phases": i.phases})).collect::<Vec<_>>(),
+        });
+        println!(
+            "α = {alpha:>6}: mean length {:.1}, accuracy {:.3}",
+            row["mean_reasoning_tokens"].as_f64().unwrap_or(f64::NAN),
+            row["accuracy"].as_f64().unwrap_or(f64::NAN)
+        );
+        rows.push(row);
+    }
+    std::fs::write(
+        a.out.join("sweep.json"),
+        serde_json::to_string_pretty(&rows)?,
+    )?;
+    plot(
+        crate::plots::lines(
+            &a.out.join("length_vs_alpha.png"),
+            "Steering strength vs mean length",
+            "α",
+            &[(
+                "mean length",
+                pts(
+                    &Value::Array(rows.clone()),
+                    "alpha",
+                    "mean_reasoning_tokens",
+                ),
+            )],
+        ),
+        "sweep",
+    );
+    Ok(())
+}
+
+fn run_logits(a: LogitsArgs) -> Result<()> {
+    let lm = open_model(&a.model)?;
+    let vectors = SteeringVectors::load(&a.vector)?;
+    vectors.check(
+        lm.decoder.cfg.num_layers,
+        lm.decoder.cfg.hidden_size,
+        &a.vector,
+    )?;
+    let set = PromptSet::load(&a.prompts, a.field.as_deref(), None)?.truncate(a.limit);
+    let rendering = a.render.rendering(Rendering::plain(true));
+    let ids: Vec<Vec<u32>> = set
+        .items
+        .iter()
+        .map(|p| rendering.ids(&lm, &p.text))
+        .collect::<rudder_steer::Result<_>>()?;
+    let marker =
+        match &a.marker {
+            Some(m) => lm.tok.inner.token_to_id(m).with_context(|| {
+                format!("--marker {m:?} is not a single token of this vocabulary")
+            })?,
+            None => *lm.tok.eos.first().context("the model has no EOS token")?,
+        };
+    let pb = bar("logits", (ids.len() * a.alphas.len()) as u64);
+    let (rows, movers) = study::logit_check(
+        &lm,
+        &ids,
+        &vectors,
+        &a.alphas,
+        marker,
+        a.seed,
+        8,
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(
+        a.out.join("logits.json"),
+        serde_json::to_string_pretty(
+            &json!({"marker_id": marker, "rows": rows, "movers": movers}),
+        )?,
+    )?;
+    for r in &rows {
+        let m = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+        println!(
+            "α = {:>5}: marker logit {:.3}, EOS {:.3}, random {:.3}",
+            r.alpha,
+            m(&r.marker_logit),
+            m(&r.eos_logit),
+            m(&r.random_logit)
+        );
+    }
+    Ok(())
+}
+
+fn run_detect(a: DetectArgs) -> Result<()> {
+    let mut probes = study::load_probes(&a.probes)?;
+    if let Some(s) = &a.site {
+        let site: Site = s.parse()?;
+        probes.retain(|(x, _)| *x == site);
+        if probes.is_empty() {
+            bail!("{}: no probe at {s}", a.probes.display());
+        }
+    }
+    let b = study::probe_scores(&ActivationSet::load(&a.benign)?, &probes)?;
+    let t = study::probe_scores(&ActivationSet::load(&a.attack)?, &probes)?;
+    let d = study::detection(&b, &t, a.fpr);
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("detect.json"), serde_json::to_string_pretty(&d)?)?;
+    let roc: Vec<(f64, f64)> = d["roc"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    plot(
+        crate::plots::lines(
+            &a.out.join("roc.png"),
+            "Overthinking detector ROC",
+            "false positive rate",
+            &[("probe", roc), ("chance", vec![(0.0, 0.0), (1.0, 1.0)])],
+        ),
+        "roc",
+    );
+    println!(
+        "AUROC {:.3}; threshold {:.1} → TPR {:.3} at FPR {:.3}",
+        d["auroc"].as_f64().unwrap_or(f64::NAN),
+        d["threshold"].as_f64().unwrap_or(f64::NAN),
+        d["tpr"].as_f64().unwrap_or(f64::NAN),
+        d["fpr"].as_f64().unwrap_or(f64::NAN)
     );
     Ok(())
 }
