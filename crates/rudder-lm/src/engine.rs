@@ -351,6 +351,11 @@ struct RowHook {
 }
 
 impl Hook for RowHook {
+    fn touches(&self, site: Site) -> bool {
+        self.iv.as_ref().is_some_and(|i| i.touches(site))
+            || self.cap.as_ref().is_some_and(|c| c.touches(site))
+    }
+
     fn at(&mut self, site: Site, ctx: &HookCtx, x: &mut Tensor) -> Result<()> {
         if let Some(iv) = &mut self.iv {
             iv.at(site, ctx, x)?;

@@ -241,6 +241,12 @@ pub enum Selected {
 /// (`[batch, tokens, hidden]`).
 pub trait Hook {
     fn at(&mut self, site: Site, ctx: &HookCtx, x: &mut Tensor) -> Result<()>;
+
+    /// Whether `at` may read or change anything at `site` (callers may skip the call, and the
+    /// work of preparing it, when not).
+    fn touches(&self, _site: Site) -> bool {
+        true
+    }
 }
 
 /// Runs nothing.
@@ -249,11 +255,17 @@ impl Hook for NoHook {
     fn at(&mut self, _: Site, _: &HookCtx, _: &mut Tensor) -> Result<()> {
         Ok(())
     }
+    fn touches(&self, _: Site) -> bool {
+        false
+    }
 }
 
 impl<H: Hook + ?Sized> Hook for &mut H {
     fn at(&mut self, site: Site, ctx: &HookCtx, x: &mut Tensor) -> Result<()> {
         (**self).at(site, ctx, x)
+    }
+    fn touches(&self, site: Site) -> bool {
+        (**self).touches(site)
     }
 }
 
@@ -263,6 +275,9 @@ impl<A: Hook, B: Hook> Hook for Chain<A, B> {
     fn at(&mut self, site: Site, ctx: &HookCtx, x: &mut Tensor) -> Result<()> {
         self.0.at(site, ctx, x)?;
         self.1.at(site, ctx, x)
+    }
+    fn touches(&self, site: Site) -> bool {
+        self.0.touches(site) || self.1.touches(site)
     }
 }
 
@@ -397,6 +412,10 @@ impl Interventions {
 }
 
 impl Hook for Interventions {
+    fn touches(&self, site: Site) -> bool {
+        self.interventions.iter().any(|iv| iv.site == site)
+    }
+
     fn at(&mut self, site: Site, ctx: &HookCtx, x: &mut Tensor) -> Result<()> {
         for i in 0..self.interventions.len() {
             let iv = &self.interventions[i];
@@ -530,6 +549,10 @@ impl Capture {
 }
 
 impl Hook for Capture {
+    fn touches(&self, site: Site) -> bool {
+        self.sites.contains(&site)
+    }
+
     fn at(&mut self, site: Site, ctx: &HookCtx, x: &mut Tensor) -> Result<()> {
         if !self.phases.matches(ctx.phase) || !self.sites.contains(&site) {
             return Ok(());

@@ -330,7 +330,10 @@ fn rope_in_place(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 
 /// Call each row's hook (if any) on its own `[1, t, d]` slice of the `[n, d]` activation.
 fn hook_rows(site: Site, rows: &mut [RaggedRow], offs: &[usize], x: &mut Tensor) -> Result<()> {
-    if rows.iter().all(|r| r.hook.is_none()) {
+    if !rows
+        .iter()
+        .any(|r| r.hook.as_ref().is_some_and(|h| h.touches(site)))
+    {
         return Ok(());
     }
     let mut pieces = Vec::with_capacity(rows.len());
@@ -338,7 +341,7 @@ fn hook_rows(site: Site, rows: &mut [RaggedRow], offs: &[usize], x: &mut Tensor)
     for (r, row) in rows.iter_mut().enumerate() {
         let t = offs[r + 1] - offs[r];
         let piece = x.narrow(0, offs[r], t)?;
-        match row.hook.as_mut() {
+        match row.hook.as_mut().filter(|h| h.touches(site)) {
             None => pieces.push(piece),
             Some(hook) => {
                 let ctx = HookCtx {
