@@ -10,6 +10,11 @@ cvec    F32.gguf CONTROL_VECTOR.gguf RUDDER_DUMP.safetensors STRENGTH IDS.json
     (buffer built as llama.cpp's loader builds it: direction.k at offset (k−1)·n_embd),
     teacher-forced on IDS; the logits against rudder's `lm dump --interventions` of the same
     vector on the same f32 GGUF.
+capture F32.gguf ACTS.safetensors QUESTIONS.json
+    Hugging Face transformers on the same f32 GGUF: the capture's prompts rendered with the
+    tokenizer's own chat template (apply_chat_template, generation prompt added), every
+    output_hidden_states[l][:, -1] against `rudder steer capture --sites hf` of the same model
+    (relative error per prompt and layer; token counts compared).
 f32     Q.gguf OUT_F32.gguf
     Dequantize every tensor of a GGUF to f32 (gguf package), keeping the metadata.
 """
@@ -115,11 +120,52 @@ def cvec(model, cv, rudder_dump, strength, ids_path):
     return out
 
 
+def capture(model, acts, questions):
+    import os, torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(2)
+    idx = json.load(open(acts + ".json"))
+    meta = idx["meta"]["meta"]
+    rend = meta["rendering"]
+    qs = json.load(open(questions))
+    chosen = meta.get("chosen") or list(range(len(idx["rows"])))
+    x = load_file(acts)
+    d, f = os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    worst, len_mismatch, per_site = 0.0, 0, {}
+    for row_i, row in enumerate(idx["rows"]):
+        q = qs[chosen[row["prompt"]]]
+        text = rend["template"].replace("{problem}", q["problem"])
+        msgs = ([{"role": "system", "content": rend["system"]}] if rend.get("system") else []) + [{"role": "user", "content": text}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if hasattr(ids, "input_ids"): ids = ids["input_ids"]
+        ids = list(ids)
+        if len(ids) != row["position"] + 1:
+            len_mismatch += 1
+        with torch.inference_mode():
+            o = m(torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+        for si, site in enumerate(idx["sites"]):
+            h = o.hidden_states[si][0, -1].numpy()
+            r = x[site][row_i]
+            e = float(np.linalg.norm(r - h) / max(np.linalg.norm(h), 1e-12))
+            per_site[site] = max(per_site.get(site, 0.0), e)
+            worst = max(worst, e)
+    out = {"prompts": len(idx["rows"]), "sites": len(idx["sites"]), "max_rel_err": worst,
+           "token_count_mismatches": len_mismatch, "worst_site": max(per_site, key=per_site.get)}
+    print(json.dumps(out))
+    return out
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "probes":
         res = probes(sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]))
         json.dump(res, open(f"{sys.argv[3]}/sklearn.json", "w"), indent=1)
+    elif cmd == "capture":
+        res = capture(sys.argv[2], sys.argv[3], sys.argv[4])
+        json.dump(res, open(sys.argv[3] + ".hf.json", "w"), indent=1)
     elif cmd == "f32":
         f32(sys.argv[2], sys.argv[3])
     elif cmd == "cvec":

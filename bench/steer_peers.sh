@@ -6,7 +6,10 @@
 #     against `rudder steer probe` (coefficients, test Spearman, time per layer);
 #  2. the run's steering vector exported to llama.cpp's control-vector GGUF, applied in llama.cpp
 #     (llama_apply_adapter_cvec) and in rudder (`steer import` → `lm dump --interventions`),
-#     teacher-forced on the same f32 GGUF (SmolLM2 dequantized), logits compared.
+#     teacher-forced on the same f32 GGUF (SmolLM2 dequantized), logits compared;
+#  3. `rudder steer capture --sites hf` on that f32 GGUF against Hugging Face transformers'
+#     output_hidden_states at the last prompt token, chat template applied by each tool itself
+#     (needs bench/lm_setup.sh's venv, bench/.venv-lm, for torch + transformers).
 # usage: bench/steer_peers.sh RUN_DIR [TOL=1e-8] [STRENGTH=0.5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +33,11 @@ $BIN lm dump -m "$OUT/smollm2-f32.gguf" --text "$TEXT" --out "$OUT/ids.safetenso
 $PY -c "from safetensors.numpy import load_file; import json; json.dump([int(i) for i in load_file('$OUT/ids.safetensors')['ids']], open('$OUT/ids.json','w'))"
 $BIN --threads 2 lm dump -m "$OUT/smollm2-f32.gguf" --ids "$OUT/ids.json" --interventions "$OUT/vector.json" --out "$OUT/rudder_steered.safetensors"
 echo "== control vector: llama.cpp vs rudder (strength $S)"
-$PY bench/steer_peers.py cvec "$OUT/smollm2-f32.gguf" "$OUT/vector.gguf" "$OUT/rudder_steered.safetensors" "$S" "$OUT/ids.json"
+$PY bench/steer_peers.py cvec "$OUT/smollm2-f32.gguf" "$OUT/vector.gguf" "$OUT/rudder_steered.safetensors" "$S" "$OUT/ids.json" | tee "$OUT/cvec.json"
+Q=../shared/data/steering/reasoning/math.json
+rm -rf "$OUT/hf_acts.safetensors"*
+$BIN --threads 2 steer capture -m "$OUT/smollm2-f32.gguf" --prompts $Q --limit 24 --sites hf \
+  --template "$(printf 'Please reason step by step, and put your final answer within \\boxed{}.\nThis is the problem:\n{problem}')" \
+  --out "$OUT/hf_acts.safetensors" >/dev/null
+echo "== capture: rudder vs Hugging Face transformers output_hidden_states (f32)"
+OMP_NUM_THREADS=2 bench/.venv-lm/bin/python bench/steer_peers.py capture "$OUT/smollm2-f32.gguf" "$OUT/hf_acts.safetensors" $Q

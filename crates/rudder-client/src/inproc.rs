@@ -425,6 +425,7 @@ impl InProcess {
                                     Edit::AddVector { .. } => "add_vector",
                                     Edit::MatrixAdd { .. } => "matrix_add",
                                     Edit::ProjectOut { .. } => "project_out",
+                                    Edit::GatedAdd { .. } => "gated_add",
                                 },
                                 "alpha": iv.alpha,
                                 "positions": iv.positions,

@@ -729,6 +729,7 @@ fn step(lm: &LanguageModel, cfg: &EngineConfig, rows: &mut [Row], stats: &Stats)
             fed,
             ..
         } = row;
+        let whole = hook.iv.as_ref().is_some_and(|iv| iv.needs_whole_prompt());
         let hook: Option<&mut dyn Hook> = if hook.iv.is_some() || hook.cap.is_some() {
             Some(hook)
         } else {
@@ -738,8 +739,13 @@ fn step(lm: &LanguageModel, cfg: &EngineConfig, rows: &mut [Row], stats: &Stats)
             if budget == 0 {
                 continue;
             }
-            let take = (prompt.len() - *fed).min(budget);
-            budget -= take;
+            // a gated edit reads the last prompt token: such a prompt goes in one piece
+            let take = if whole {
+                prompt.len() - *fed
+            } else {
+                (prompt.len() - *fed).min(budget)
+            };
+            budget = budget.saturating_sub(take);
             let tokens = &prompt[*fed..*fed + take];
             *fed += take;
             who.push((i, *fed == prompt.len()));

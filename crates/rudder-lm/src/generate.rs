@@ -300,6 +300,27 @@ impl OutputText {
     }
 }
 
+/// Groups of prompt indices for left-padded batches with little padding: prompts sorted by
+/// length (ties by index), each group at most `max_rows` prompts and — unless a single prompt
+/// is longer — at most `max_tokens` padded tokens. Deterministic.
+pub fn length_batches(lens: &[usize], max_rows: usize, max_tokens: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| (lens[i], i));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    for i in order {
+        // sorted ascending: the newcomer is the longest of the group
+        if !cur.is_empty() && (cur.len() >= max_rows.max(1) || (cur.len() + 1) * lens[i] > max_tokens) {
+            out.push(std::mem::take(&mut cur));
+        }
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 /// Generate continuations of a batch of tokenized prompts. `on_text(row, piece)` receives
 /// each row's new text as it is produced. Prompts must fit the context window; the number of
 /// new tokens is capped so that prompt + output fits it.
@@ -405,4 +426,26 @@ pub fn generate(
         out[r].text = std::mem::take(&mut texts[r].text);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod batching {
+    use super::length_batches;
+
+    #[test]
+    fn length_batches_cover_every_prompt_once_and_respect_the_budget() {
+        let lens = [5, 900, 7, 6, 30, 5, 8, 1000, 4];
+        let b = length_batches(&lens, 4, 64);
+        let mut all: Vec<usize> = b.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
+        for g in &b {
+            assert!(g.len() <= 4);
+            let max = g.iter().map(|&i| lens[i]).max().unwrap();
+            assert!(g.len() == 1 || g.len() * max <= 64, "{g:?}");
+        }
+        // the two long prompts do not pad the short ones
+        assert!(b.iter().any(|g| g == &vec![1]) && b.iter().any(|g| g == &vec![7]));
+        assert_eq!(length_batches(&lens, 4, 64), b);
+    }
 }

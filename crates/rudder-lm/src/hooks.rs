@@ -293,6 +293,13 @@ pub enum Edit {
     MatrixAdd { matrix: Vec<f32> },
     /// `h ← h − α·(h·r̂)·r̂` (α = 1 removes the direction entirely).
     ProjectOut { direction: Vec<f32> },
+    /// `h ← h + α·(u·h_last)·v`: one gate per row, read from the row's last prompt token at
+    /// this site (after the edits listed before this one), the same term added to every
+    /// selected position (AlphaSteer's rank-1 steering, `u·h_last` being `h_last·S` with
+    /// `S = u vᵀ`). It acts only in the call that holds the last prompt token — the prefill —
+    /// so decode steps are never steered, and a prompt must be prefilled in one call (the
+    /// engine keeps such prompts whole).
+    GatedAdd { gate: Vec<f32>, vector: Vec<f32> },
 }
 
 fn one() -> f32 {
@@ -321,6 +328,7 @@ impl Intervention {
             Edit::AddVector { vector } => vector.len(),
             Edit::ProjectOut { direction } => direction.len(),
             Edit::MatrixAdd { matrix } => (matrix.len() as f64).sqrt() as usize,
+            Edit::GatedAdd { vector, .. } => vector.len(),
         }
     }
 }
@@ -346,6 +354,14 @@ impl Interventions {
         self.interventions.is_empty()
     }
 
+    /// Whether an edit reads the last prompt token (a gate), so the prompt must be prefilled
+    /// in one forward call.
+    pub fn needs_whole_prompt(&self) -> bool {
+        self.interventions
+            .iter()
+            .any(|iv| matches!(iv.edit, Edit::GatedAdd { .. }))
+    }
+
     /// Read a JSON list (or `{"interventions": [...]}`) from a file.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| LmError::file(path, e))?;
@@ -367,6 +383,7 @@ impl Interventions {
             iv.site.check(layers)?;
             let ok = match &iv.edit {
                 Edit::MatrixAdd { matrix } => matrix.len() == hidden * hidden,
+                Edit::GatedAdd { gate, vector } => gate.len() == hidden && vector.len() == hidden,
                 _ => iv.dim() == hidden,
             };
             if !ok {
@@ -375,6 +392,8 @@ impl Interventions {
                     iv.site,
                     match &iv.edit {
                         Edit::MatrixAdd { matrix } => format!("matrix of {} values", matrix.len()),
+                        Edit::GatedAdd { gate, vector } =>
+                            format!("gate of length {} and vector of length {}", gate.len(), vector.len()),
                         _ => format!("vector of length {}", iv.dim()),
                     }
                 )));
@@ -394,6 +413,15 @@ impl Interventions {
         let d = iv.dim();
         let t = match &iv.edit {
             Edit::AddVector { vector } => Tensor::from_slice(vector, (1, 1, d), dev)?,
+            // [d, 2]: the gate in column 0, the vector in column 1
+            Edit::GatedAdd { gate, vector } => {
+                let mut m = Vec::with_capacity(2 * d);
+                for (g, v) in gate.iter().zip(vector) {
+                    m.push(*g);
+                    m.push(*v);
+                }
+                Tensor::from_vec(m, (d, 2), dev)?
+            }
             Edit::MatrixAdd { matrix } => Tensor::from_slice(matrix, (d, d), dev)?,
             Edit::ProjectOut { direction } => {
                 let n = direction
@@ -443,6 +471,20 @@ impl Hook for Interventions {
                         .reshape((b, t, d))?
                         .affine(-alpha, 0.0)?
                 }
+                Edit::GatedAdd { .. } => {
+                    // the last prompt column, if this call holds it (same for every row:
+                    // rows are left-padded to a common prompt width)
+                    let last = ctx.prompt_cols.checked_sub(1 + ctx.start).filter(|&c| c < t);
+                    let Some(c) = last else { continue };
+                    let h_last = x.narrow(1, c, 1)?.reshape((b, d))?;
+                    let gates = h_last.matmul(&p.narrow(1, 0, 1)?)?; // [b, 1]
+                    let v = p.narrow(1, 1, 1)?.t()?; // [1, d]
+                    gates
+                        .matmul(&v)?
+                        .reshape((b, 1, d))?
+                        .affine(alpha, 0.0)?
+                        .broadcast_as((b, t, d))?
+                }
             };
             let delta = match mask {
                 Some(m) => delta.broadcast_mul(&m)?,
@@ -474,6 +516,7 @@ pub struct Capture {
     rows: Vec<RowId>,
     hidden: Option<usize>,
     prompt_offset: usize,
+    prompt_ids: Option<Vec<usize>>,
 }
 
 impl Capture {
@@ -486,12 +529,38 @@ impl Capture {
             rows: Vec::new(),
             hidden: None,
             prompt_offset: 0,
+            prompt_ids: None,
+        }
+    }
+
+    /// Rows captured from the next forward calls: batch row `r` is prompt `ids[r]` (batches
+    /// grouped by length rather than in prompt order).
+    pub fn set_prompt_ids(&mut self, ids: Vec<usize>) {
+        self.prompt_ids = Some(ids);
+    }
+
+    /// Put the captured rows in (prompt, position) order, every site's matrix with them.
+    pub fn sort_rows(&mut self) {
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_by_key(|&i| (self.rows[i].prompt, self.rows[i].position));
+        if order.iter().enumerate().all(|(k, &i)| k == i) {
+            return;
+        }
+        let d = self.hidden.unwrap_or(0);
+        self.rows = order.iter().map(|&i| self.rows[i]).collect();
+        for v in self.data.values_mut() {
+            let mut out = Vec::with_capacity(v.len());
+            for &i in &order {
+                out.extend_from_slice(&v[i * d..(i + 1) * d]);
+            }
+            *v = out;
         }
     }
 
     /// Rows captured from the next forward calls belong to prompts numbered from `offset`.
     pub fn set_prompt_offset(&mut self, offset: usize) {
         self.prompt_offset = offset;
+        self.prompt_ids = None;
     }
 
     pub fn sites(&self) -> &[Site] {
@@ -564,8 +633,9 @@ impl Hook for Capture {
             return Ok(());
         }
         if site == self.sites[0] {
+            let ids = self.prompt_ids.as_deref();
             self.rows.extend(sel.iter().map(|&(r, _, p)| RowId {
-                prompt: self.prompt_offset + r,
+                prompt: ids.map_or(self.prompt_offset + r, |ids| ids[r]),
                 position: p,
             }));
         }

@@ -401,9 +401,34 @@ mod avx {
         y: *mut f32,
     ) {
         unsafe {
-            let n = qx.len();
+            // Activation rows in blocks of about 64 KiB of int8 values, so that a block stays
+            // in L2 while every weight row of the task passes over it (streaming all rows per
+            // weight row made long prefills memory-bound: 10× slower at 5,000 rows).
+            let n_all = qx.len();
+            let cols = m.nb() * QK;
+            let nblock = ((65536 / cols.max(1)) / 8 * 8).max(8);
+            let mut nb0 = 0;
+            while nb0 < n_all {
+                let nb1 = (nb0 + nblock).min(n_all);
+                rows_block::<VNNI>(m, r0, r1, qx, nb0, nb1, y);
+                nb0 = nb1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows_block<const VNNI: bool>(
+        m: &QMatrix,
+        r0: usize,
+        r1: usize,
+        qx: &[Q8Row],
+        nb0: usize,
+        n: usize,
+        y: *mut f32,
+    ) {
+        unsafe {
             for r in r0..r1 {
-                let mut n0 = 0;
+                let mut n0 = nb0;
                 while n0 < n {
                     let t = if n - n0 >= 8 { 8 } else { (n - n0).min(4) };
                     let mut out = [0f32; 8];
@@ -619,6 +644,29 @@ mod tests {
 mod precision {
     use super::*;
     use candle_core::{Device, Tensor, quantized::QTensor};
+
+    #[test]
+    fn long_prefills_are_blocked_without_changing_a_row() {
+        // 300 activation rows of width 576 span three L2 blocks (112 rows each, one partial):
+        // every row equals the same row multiplied on its own.
+        let (rows, cols, n) = (40, 576, 300);
+        let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let m = QMatrix::new(QFormat::Q4_1, rows, cols, q.data().unwrap().to_vec()).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let y = m.matmul(&x, n);
+        for i in [0, 7, 111, 112, 113, 224, 250, 299] {
+            let yi = m.matmul(&x[i * cols..(i + 1) * cols], 1);
+            for r in 0..rows {
+                assert!((y[i * rows + r] - yi[r]).abs() <= 1e-5 * yi[r].abs().max(1.0), "row {i}");
+            }
+        }
+    }
 
     #[test]
     fn relative_error_of_int8_activations_is_small() {

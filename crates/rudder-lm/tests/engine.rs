@@ -431,3 +431,41 @@ fn full_queue_refuses_and_cancel_frees_the_row() {
         _ => panic!("accepted a prompt longer than the context"),
     }
 }
+
+#[test]
+fn gated_edits_keep_the_prompt_whole_and_equal_the_padded_path() {
+    // prefill_chunk is 7 tokens; the prompt is longer, yet its gate must come from its own last
+    // token, so the engine prefills it in one piece and matches `generate`.
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = model(tmp.path(), Arch::Llama);
+    let d = lm.decoder.cfg.hidden_size;
+    let p = lm
+        .tok
+        .encode("there are seven hills and one river in the town of many names", false)
+        .unwrap();
+    assert!(p.len() > 7);
+    let iv = Interventions::new(vec![Intervention {
+        site: Site::ResidPre(1),
+        edit: Edit::GatedAdd {
+            gate: (0..d).map(|i| ((i * 3 % 5) as f32 - 2.0) * 0.2).collect(),
+            vector: (0..d).map(|i| ((i * 7 % 11) as f32 - 5.0) * 2.0).collect(),
+        },
+        alpha: 3.0,
+        positions: Positions::Prompt,
+        phases: Phases::Prefill,
+    }]);
+    let config = GenConfig {
+        max_new_tokens: 8,
+        ignore_eos: true,
+        ..GenConfig::default()
+    };
+    let mut hook = iv.clone();
+    let want = generate(&lm, &[p.clone()], &config, &mut hook, &mut |_, _| {}).unwrap();
+    let plain = generate(&lm, &[p.clone()], &config, &mut NoHook, &mut |_, _| {}).unwrap();
+    assert_ne!(want[0].tokens, plain[0].tokens, "the gated edit changed nothing");
+    let eng = engine(lm, 4);
+    let mut j = Job::new(p.clone(), config.clone());
+    j.interventions = Some(iv);
+    let got = eng.generate_blocking(j).unwrap();
+    assert_eq!(got.tokens, want[0].tokens);
+}

@@ -644,3 +644,76 @@ fn sharded_safetensors_load_like_a_single_file() {
     );
     assert!(rel < 0.05, "{rel}");
 }
+
+#[test]
+fn gated_edit_adds_the_last_tokens_gate_times_the_vector_during_prefill_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (lm, _) = models(tmp.path(), Arch::Llama);
+    let prompts: Vec<Vec<u32>> = ["one two", "three whole words here", "a"]
+        .iter()
+        .map(|s| lm.tok.encode(s, false).unwrap())
+        .collect();
+    let d = 64;
+    let u: Vec<f32> = (0..d).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.05).collect();
+    let v: Vec<f32> = (0..d).map(|i| ((i * 5 % 9) as f32 - 4.0) * 0.3).collect();
+    let site = Site::ResidPre(1);
+    let gated = Interventions::new(vec![Intervention {
+        site,
+        edit: Edit::GatedAdd {
+            gate: u.clone(),
+            vector: v.clone(),
+        },
+        alpha: 1.5,
+        positions: Positions::Prompt,
+        phases: Phases::Prefill,
+    }]);
+    gated.validate(2, d).unwrap();
+    assert!(gated.needs_whole_prompt());
+    // the unedited activations, then the edited ones (captured after the edit)
+    let mut plain = Capture::new(vec![site], Positions::All);
+    hidden(&lm, &prompts, &mut plain);
+    let mut chain = Chain(gated.clone(), Capture::new(vec![site], Positions::All));
+    hidden(&lm, &prompts, &mut chain);
+    let (x, y) = (
+        plain.get(site).unwrap().to_vec2::<f32>().unwrap(),
+        chain.1.get(site).unwrap().to_vec2::<f32>().unwrap(),
+    );
+    let rows = plain.rows().to_vec();
+    assert_eq!(rows, chain.1.rows().to_vec());
+    for (i, r) in rows.iter().enumerate() {
+        let last = rows
+            .iter()
+            .position(|q| q.prompt == r.prompt && q.position == prompts[r.prompt].len() - 1)
+            .unwrap();
+        let g: f32 = u.iter().zip(&x[last]).map(|(a, b)| a * b).sum();
+        for k in 0..d {
+            let want = x[i][k] + 1.5 * g * v[k];
+            assert!((y[i][k] - want).abs() < 1e-4, "row {i} dim {k}: {} vs {want}", y[i][k]);
+        }
+    }
+    assert!(x != y, "the edit changed nothing");
+    // a call without the last prompt token (a decode step) is left alone
+    let mut g2 = gated.clone();
+    g2.interventions[0].phases = Phases::Both;
+    g2.interventions[0].positions = Positions::All;
+    let t = Tensor::randn(0f32, 1.0, (2, 1, d), &Device::Cpu).unwrap();
+    let mut t2 = t.clone();
+    let pads = [0usize, 0];
+    let ctx = HookCtx {
+        phase: Phase::Decode,
+        start: 5,
+        pad: &pads,
+        prompt_cols: 5,
+    };
+    g2.at(site, &ctx, &mut t2).unwrap();
+    assert_eq!(max_diff(&t, &t2), 0.0);
+    // serialisable like the others; a gate of the wrong width is refused by name
+    let json = serde_json::to_string(&gated).unwrap();
+    assert!(json.contains("\"kind\":\"gated_add\""));
+    let mut bad: Interventions = serde_json::from_str(&json).unwrap();
+    if let Edit::GatedAdd { gate, .. } = &mut bad.interventions[0].edit {
+        gate.pop();
+    }
+    let e = bad.validate(2, d).unwrap_err().to_string();
+    assert!(e.contains("gate of length 63"), "{e}");
+}

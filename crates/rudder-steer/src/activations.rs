@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use rudder_lm::generate::left_pad;
+use rudder_lm::generate::{left_pad, length_batches};
 use rudder_lm::hooks::{Capture, Hook, Interventions, NoHook, Phase, Positions, RowId, Site};
 use rudder_lm::loader::LanguageModel;
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,9 @@ use sha2::{Digest, Sha256};
 use crate::{Result, SteerError};
 
 /// What to capture.
+/// Padded tokens per forward pass when prompts are batched by length.
+pub const BATCH_TOKENS: usize = 4096;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CaptureConfig {
     pub sites: Vec<Site>,
@@ -161,11 +164,17 @@ pub fn capture(
             continue;
         }
         let mut cap = Capture::new(cfg.sites.clone(), cfg.positions);
-        for b in (lo..hi).step_by(cfg.batch.max(1)) {
-            let e = (b + cfg.batch.max(1)).min(hi);
-            let (t, pads) = left_pad(&prompts[b..e], lm.tok.pad)?;
+        // batches of similar length (one long prompt must not pad a whole batch), rows put
+        // back in prompt order before the shard is written
+        let lens: Vec<usize> = prompts[lo..hi].iter().map(|p| p.len()).collect();
+        let mut done = lo;
+        for group in length_batches(&lens, cfg.batch.max(1), BATCH_TOKENS) {
+            let ids: Vec<usize> = group.iter().map(|&k| lo + k).collect();
+            let batch: Vec<Vec<u32>> = ids.iter().map(|&i| prompts[i].clone()).collect();
+            let (t, pads) = left_pad(&batch, lm.tok.pad)?;
             let mut cache = lm.decoder.new_cache(pads);
-            cap.set_prompt_offset(b);
+            done += ids.len();
+            cap.set_prompt_ids(ids);
             match &mut hook_iv {
                 Some(iv) => {
                     let mut h = rudder_lm::hooks::Chain(&mut *iv, &mut cap);
@@ -178,8 +187,9 @@ pub fn capture(
                         .forward(&t, &mut cache, Phase::Prefill, &mut h as &mut dyn Hook)?;
                 }
             }
-            progress(e, prompts.len());
+            progress(done, prompts.len());
         }
+        cap.sort_rows();
         cap.save(&spath, json!({"shard": s}))?;
     }
     // merge

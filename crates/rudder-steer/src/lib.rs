@@ -11,13 +11,17 @@
 //! - [`direction`]: difference-of-means directions between label groups, norms, cosines,
 //!   projections.
 //! - [`cvec`]: steering vectors in llama.cpp's control-vector GGUF layout.
+//! - [`alphasteer`]: null-space-constrained refusal steering (fit, steering files, gated
+//!   prefill application).
 //! - [`grade`]: answers (`\boxed{}` and fallbacks), reasoning spans, math grading.
 
 pub mod activations;
+pub mod alphasteer;
 pub mod cvec;
 pub mod direction;
 pub mod grade;
 pub mod probe;
+pub mod refusal;
 pub mod prompts;
 pub mod rollouts;
 pub mod stats;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, IndexOp, Tensor};
 use rudder_lm::engine::{Engine, EngineConfig};
-use rudder_lm::generate::{GenConfig, left_pad, log_normaliser};
+use rudder_lm::generate::{GenConfig, left_pad, length_batches, log_normaliser};
 use rudder_lm::hooks::{Interventions, NoHook, Phase, Phases, Positions, Site};
 use rudder_lm::loader::LanguageModel;
 use serde::{Deserialize, Serialize};
@@ -319,8 +319,11 @@ pub fn logit_check(
             eos_prob: vec![],
             mean_probs: vec![0.0; v],
         };
-        for chunk in prompts.chunks(batch.max(1)) {
-            let (t, pads) = left_pad(chunk, lm.tok.pad)?;
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let mut per_prompt: Vec<Option<(f32, f32, f32, f32, f32)>> = vec![None; prompts.len()];
+        for group in length_batches(&lens, batch.max(1), crate::activations::BATCH_TOKENS) {
+            let chunk: Vec<Vec<u32>> = group.iter().map(|&i| prompts[i].clone()).collect();
+            let (t, pads) = left_pad(&chunk, lm.tok.pad)?;
             let mut cache = lm.decoder.new_cache(pads);
             let tlen = t.dim(1)?;
             let h = if iv.is_empty() {
@@ -335,22 +338,29 @@ pub fn logit_check(
                 .logits(&h.i((.., tlen - 1..tlen, ..))?)?
                 .squeeze(1)?
                 .to_vec2::<f32>()?;
-            for l in logits {
-                row.marker_logit.push(l[marker_id as usize]);
-                row.eos_logit.push(l[eos as usize]);
-                row.random_logit
-                    .push(random.iter().map(|&i| l[i as usize]).sum::<f32>() / random.len() as f32);
+            for (l, &pi) in logits.iter().zip(&group) {
                 let scaled: Vec<f32> = l.iter().map(|x| x / 0.6).collect();
                 let lse = log_normaliser(&scaled);
-                row.marker_prob
-                    .push((scaled[marker_id as usize] - lse).exp());
-                row.eos_prob.push((scaled[eos as usize] - lse).exp());
+                per_prompt[pi] = Some((
+                    l[marker_id as usize],
+                    l[eos as usize],
+                    random.iter().map(|&i| l[i as usize]).sum::<f32>() / random.len() as f32,
+                    (scaled[marker_id as usize] - lse).exp(),
+                    (scaled[eos as usize] - lse).exp(),
+                ));
                 for (m, x) in row.mean_probs.iter_mut().zip(&scaled) {
                     *m += ((x - lse) as f64).exp() / prompts.len() as f64;
                 }
                 done += 1;
                 progress(done, total);
             }
+        }
+        for (m, e, r, mp, ep) in per_prompt.into_iter().flatten() {
+            row.marker_logit.push(m);
+            row.eos_logit.push(e);
+            row.random_logit.push(r);
+            row.marker_prob.push(mp);
+            row.eos_prob.push(ep);
         }
         rows.push(row);
     }
@@ -424,7 +434,7 @@ pub fn detection(benign: &[f64], attack: &[f64], target_fpr: f64) -> Value {
     })
 }
 
-fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let tmp = path.with_extension("json.partial");
     std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap_or_default())
         .map_err(|e| SteerError::file(&tmp, e))?;
@@ -468,6 +478,27 @@ pub fn balanced(set: &PromptSet, per_level: usize) -> Vec<usize> {
         }
     }
     out
+}
+
+/// Seconds spent in each step of a study, summed over every resumption (`timings.json`).
+struct Timings {
+    path: std::path::PathBuf,
+    map: BTreeMap<String, f64>,
+}
+
+impl Timings {
+    fn open(path: std::path::PathBuf) -> Self {
+        let map = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Timings { path, map }
+    }
+
+    fn add(&mut self, step: &str, t0: std::time::Instant) -> Result<()> {
+        *self.map.entry(step.to_string()).or_default() += t0.elapsed().as_secs_f64();
+        write_json(&self.path, &self.map)
+    }
 }
 
 /// Run (or resume) the whole study into `out`. Returns the metrics.
@@ -515,6 +546,7 @@ pub fn plan(
         },
     );
     let mut journal = Journal::open(&out.join("rollouts.jsonl"))?;
+    let mut timings = Timings::open(out.join("timings.json"));
     let rc = RolloutConfig {
         per_prompt: cfg.rollouts,
         sampling: GenConfig {
@@ -527,6 +559,7 @@ pub fn plan(
         marker: cfg.marker.clone(),
     };
     // 1. labels
+    let t0 = std::time::Instant::now();
     run(
         &engine,
         "labels",
@@ -538,6 +571,7 @@ pub fn plan(
         &mut journal,
         &mut |d, t| progress("labels", d, t),
     )?;
+    timings.add("labels", t0)?;
     let pq = per_question(&journal.tagged("labels").collect::<Vec<_>>(), ids.len());
     let targets: Vec<f64> = pq.iter().map(|p| p.0).collect();
     write_json(
@@ -553,13 +587,14 @@ pub fn plan(
     let acts = if acts_path.exists() {
         ActivationSet::load(&acts_path)?
     } else {
+        let t0 = std::time::Instant::now();
         let ccfg = CaptureConfig {
             sites: Site::hf_hidden_states(lm.decoder.cfg.num_layers),
             positions: Positions::LastPrompt,
             batch: 16,
             shard_batches: 4,
         };
-        capture(
+        let acts = capture(
             &lm,
             &ids,
             Some(&labels),
@@ -568,7 +603,9 @@ pub fn plan(
             &acts_path,
             json!({"template_hash": template_hash, "rendering": cfg.rendering, "questions": cfg.questions, "chosen": chosen}),
             &mut |d, t| progress("capture", d, t),
-        )?
+        )?;
+        timings.add("capture", t0)?;
+        acts
     };
     // 3. probes
     let split = train_test_split(ids.len(), cfg.test_fraction, cfg.split_seed);
@@ -582,6 +619,7 @@ pub fn plan(
                 load_probes(&probes_st)?,
             )
         } else {
+            let t0 = std::time::Instant::now();
             let (rows, models) = probe_sites(&acts, &targets, cfg.probe, &split, &mut |d, t| {
                 progress("probes", d, t)
             })?;
@@ -590,6 +628,7 @@ pub fn plan(
                 &probes_json,
                 &json!({"probe": cfg.probe, "split": split, "layers": rows}),
             )?;
+            timings.add("probes", t0)?;
             (rows, models)
         };
     // 4. the direction
@@ -635,6 +674,7 @@ pub fn plan(
     for &a in &cfg.alphas {
         let iv = vectors.interventions(a as f32, None, Positions::All, Phases::Both);
         let ivr = (!iv.is_empty() && a != 0.0).then_some(&iv);
+        let t0 = std::time::Instant::now();
         run(
             &engine,
             "sweep",
@@ -646,6 +686,7 @@ pub fn plan(
             &mut journal,
             &mut |d, t| progress(&format!("sweep α={a}"), d, t),
         )?;
+        timings.add("sweep", t0)?;
         let rows: Vec<&crate::rollouts::Rollout> =
             journal.tagged("sweep").filter(|r| r.alpha == a).collect();
         let mut per_level: BTreeMap<String, (f64, f64, usize, usize)> = BTreeMap::new();
@@ -687,6 +728,7 @@ pub fn plan(
     let logit_rows = if logits_path.exists() {
         serde_json::from_value(read_json(&logits_path)?["rows"].clone()).unwrap_or_default()
     } else {
+        let t0 = std::time::Instant::now();
         let lp: Vec<Vec<u32>> = ids
             .iter()
             .take(cfg.logit_questions.max(1))
@@ -706,6 +748,7 @@ pub fn plan(
             &logits_path,
             &json!({"marker_token": lm.tok.decode(&[marker_id], false).unwrap_or_default(), "marker_id": marker_id, "rows": rows, "movers": movers}),
         )?;
+        timings.add("logits", t0)?;
         rows
     };
     // 7. overthinking detector
@@ -715,6 +758,7 @@ pub fn plan(
         if dpath.exists() {
             detect = read_json(&dpath)?;
         } else {
+            let t0 = std::time::Instant::now();
             let mut sets = Vec::new();
             for (name, p) in [("benign", b), ("attack", a)] {
                 let ps = PromptSet::load(p, None, None)?;
@@ -775,6 +819,7 @@ pub fn plan(
                 "benign": b, "attack": a,
             });
             write_json(&dpath, &detect)?;
+            timings.add("detect", t0)?;
         }
     }
     // 8. efficient reasoning on Level 1: negative strengths vs 0
@@ -811,6 +856,11 @@ pub fn plan(
         },
         "probe_best": best.map(|b| json!({"site": b.site, "test_spearman": b.test_spearman, "test_r2": b.test_r2})),
         "sweep": sweep_rows, "efficient_level1": efficient, "detect": detect,
+        "seconds_per_step": timings.map,
+        "generated_tokens": {
+            "labels": journal.tagged("labels").map(|r| r.generated_tokens).sum::<usize>(),
+            "sweep": journal.tagged("sweep").map(|r| r.generated_tokens).sum::<usize>(),
+        },
         "logits": logit_rows.iter().map(|r: &LogitRow| json!({
             "alpha": r.alpha, "marker_logit": stats::mean(&r.marker_logit.iter().map(|&v| v as f64).collect::<Vec<_>>()),
             "eos_logit": stats::mean(&r.eos_logit.iter().map(|&v| v as f64).collect::<Vec<_>>()),

@@ -107,6 +107,14 @@ pub struct SamplingArgs {
     /// JSON intervention list applied while generating (see docs/lm.md).
     #[arg(long)]
     pub interventions: Option<PathBuf>,
+    /// A steering file applied while generating: an AlphaSteer file (`rudder steer alphasteer
+    /// fit`: gated, prefill only), a steering-vector file (`rudder steer vector`) or a llama.cpp
+    /// control-vector GGUF, or an intervention list; scaled by --strength.
+    #[arg(long)]
+    pub steer: Option<PathBuf>,
+    /// Strength λ of --steer (AlphaSteer: positive steers towards refusal).
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub strength: f32,
 }
 
 impl SamplingArgs {
@@ -285,6 +293,16 @@ fn encode(lm: &LanguageModel, text: &str, chat: bool, system: Option<&str>) -> R
     }
 }
 
+/// --interventions, then --steer at --strength.
+fn sampling_interventions(lm: &LanguageModel, s: &SamplingArgs) -> Result<Interventions> {
+    let mut iv = interventions(lm, &s.interventions)?;
+    if let Some(p) = &s.steer {
+        let st = crate::steer_cmd::steering_file(p, s.strength, Some(lm))?;
+        iv = Interventions::new(iv.interventions.into_iter().chain(st.interventions).collect());
+    }
+    Ok(iv)
+}
+
 fn interventions(lm: &LanguageModel, path: &Option<PathBuf>) -> Result<Interventions> {
     let Some(p) = path else {
         return Ok(Interventions::default());
@@ -346,7 +364,7 @@ pub fn run(cmd: LmCmd) -> Result<()> {
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let lm = open(&a.model)?;
     let cfg = a.sampling.config();
-    let mut iv = interventions(&lm, &a.sampling.interventions)?;
+    let mut iv = sampling_interventions(&lm, &a.sampling)?;
     if let Some(p) = &a.prompt {
         let ids = encode(&lm, p, a.chat, a.system.as_deref())?;
         let mut stdout = std::io::stdout();
@@ -432,7 +450,7 @@ fn run_chat_server(a: ChatArgs, url: &str) -> Result<()> {
     spec.api_key_env = Some(a.api_key_env.clone());
     let client = Client::from_spec(&spec)?;
     let s = &a.sampling;
-    let interventions = match &s.interventions {
+    let mut interventions = match &s.interventions {
         Some(p) => Some(
             serde_json::from_str::<serde_json::Value>(
                 &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
@@ -441,6 +459,21 @@ fn run_chat_server(a: ChatArgs, url: &str) -> Result<()> {
         ),
         None => None,
     };
+    if let Some(p) = &s.steer {
+        // the steering file travels as an explicit intervention list
+        let st = crate::steer_cmd::steering_file(p, s.strength, None)?;
+        let mut list: Vec<serde_json::Value> = match interventions.take() {
+            Some(serde_json::Value::Array(v)) => v,
+            Some(v) => v
+                .get("interventions")
+                .and_then(|x| x.as_array())
+                .cloned()
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        list.extend(st.interventions.iter().map(|i| serde_json::to_value(i).unwrap_or_default()));
+        interventions = Some(serde_json::Value::Array(list));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -512,7 +545,7 @@ fn run_chat(a: ChatArgs) -> Result<()> {
         .as_ref()
         .context("this model has no chat template")?;
     let cfg = a.sampling.config();
-    let mut iv = interventions(&lm, &a.sampling.interventions)?;
+    let mut iv = sampling_interventions(&lm, &a.sampling)?;
     let tty = std::io::stdin().is_terminal();
     let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     if tty {

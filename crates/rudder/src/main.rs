@@ -11,6 +11,7 @@ mod plots;
 mod progress;
 mod runs;
 mod serve_cmd;
+mod alphasteer_cmd;
 mod steer_cmd;
 
 use clap::{Parser, Subcommand};

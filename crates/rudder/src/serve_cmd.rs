@@ -60,7 +60,10 @@ pub struct ServeArgs {
     /// The largest request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
-    /// A named steering file (intervention list JSON) that requests may select: NAME=FILE.
+    /// A named steering file that requests may select: NAME=FILE, with FILE an intervention
+    /// list (JSON), a steering-vector file (`rudder steer vector`, a llama.cpp control-vector
+    /// GGUF) or an AlphaSteer file (`rudder steer alphasteer fit`); the request's
+    /// `rudder.strength` scales it.
     /// Repeatable.
     #[arg(long, value_name = "NAME=FILE")]
     pub steer: Vec<String>,
@@ -110,7 +113,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace.max(0.0)),
     };
-    let steering = rudder_serve::load_steering(&cfg.steer).map_err(anyhow::Error::msg)?;
+    let mut steering = std::collections::HashMap::new();
+    for (name, path) in &cfg.steer {
+        steering.insert(
+            name.clone(),
+            crate::steer_cmd::steering_file(path, 1.0, None)
+                .with_context(|| format!("--steer {name}"))?,
+        );
+    }
     let lm = match &a.model {
         None => None,
         Some(m) => {

@@ -43,6 +43,17 @@ pub enum SteerCmd {
     /// Turn a vector file (rudder safetensors or llama.cpp GGUF) into an intervention list
     /// (for `--interventions`, `rudder serve --steer`).
     Import(ImportArgs),
+    /// AlphaSteer: null-space-constrained refusal steering.
+    #[command(subcommand)]
+    Alphasteer(crate::alphasteer_cmd::AlphaSteerCmd),
+    /// Safety/utility evaluation of refusal steering: greedy generation over the harmful,
+    /// jailbreak, XSTest-safe, math and AlpacaEval sets for the unsteered model, AlphaSteer at
+    /// each strength and the plain refusal-vector baseline; keyword and LLM refusal judges;
+    /// trade-off table and plots. Resumes after an interruption.
+    EvalRefusal(crate::alphasteer_cmd::EvalArgs),
+    /// Refusal rates of responses that already exist (any JSON/JSONL with one or several
+    /// response fields), by keywords and optionally an LLM judge.
+    Judge(crate::alphasteer_cmd::JudgeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -328,7 +339,7 @@ pub struct ImportArgs {
     pub out: PathBuf,
 }
 
-fn open_model(m: &str) -> Result<LanguageModel> {
+pub(crate) fn open_model(m: &str) -> Result<LanguageModel> {
     let path = crate::lm_cmd::resolve_model(m)?;
     let sp = crate::progress::spinner(&format!("loading {}", path.display()));
     let lm = load(&path, &LoadOptions::default())?;
@@ -336,7 +347,7 @@ fn open_model(m: &str) -> Result<LanguageModel> {
     Ok(lm)
 }
 
-fn bar(label: &str, total: u64) -> indicatif::ProgressBar {
+pub(crate) fn bar(label: &str, total: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -359,6 +370,9 @@ pub fn run(cmd: SteerCmd) -> Result<()> {
         SteerCmd::Detect(a) => run_detect(a),
         SteerCmd::Export(a) => run_export(a),
         SteerCmd::Import(a) => run_import(a),
+        SteerCmd::Alphasteer(c) => crate::alphasteer_cmd::run_alphasteer(c),
+        SteerCmd::EvalRefusal(a) => crate::alphasteer_cmd::run_eval(a),
+        SteerCmd::Judge(a) => crate::alphasteer_cmd::run_judge(a),
     }
 }
 
@@ -674,6 +688,25 @@ fn plots_and_summary(out: &Path, m: &Value, seconds: f64) -> Result<()> {
                 r["tokens_at_0"].as_f64().unwrap_or(f64::NAN),
                 r["accuracy"].as_f64().unwrap_or(f64::NAN),
                 r["accuracy_at_0"].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
+    }
+    if let Some(t) = m["seconds_per_step"].as_object().filter(|t| !t.is_empty()) {
+        s.push_str("\n## Time (summed over resumptions)\n\n| step | seconds |\n|---|---|\n");
+        for (k, v) in t {
+            s.push_str(&format!("| {k} | {:.1} |\n", v.as_f64().unwrap_or(0.0)));
+        }
+        let lt = t.get("labels").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let lg = m["generated_tokens"]["labels"].as_f64().unwrap_or(0.0);
+        if lt > 1.0 && lg > 0.0 {
+            let tps = lg / lt;
+            // the paper's labels: 7,500 MATH questions × 8 rollouts; ~10^8 generated tokens
+            let paper = 1e8;
+            s.push_str(&format!(
+                "\nLabel generation ran at {tps:.0} generated tokens/s ({lg:.0} tokens in {lt:.0} s). At that rate the paper's label budget (7,500 questions × 8 rollouts, about 10⁸ tokens for a thinking model, reference §2.12) would take {:.0} h on this model and machine; the down-scaled protocol of §2.12 (300 questions per level × 4 rollouts × ≤ 8k tokens, at most {:.1}·10⁷ tokens) at most {:.0} h. A larger model decodes proportionally slower.\n",
+                paper / tps / 3600.0,
+                1500.0 * 4.0 * 8192.0 / 1e7,
+                1500.0 * 4.0 * 8192.0 / tps / 3600.0
             ));
         }
     }
@@ -1113,4 +1146,52 @@ fn run_detect(a: DetectArgs) -> Result<()> {
         d["fpr"].as_f64().unwrap_or(f64::NAN)
     );
     Ok(())
+}
+
+pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
+    rudder_data::io::write_bytes_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())?;
+    Ok(())
+}
+
+/// A steering file as interventions at `strength`: an AlphaSteer file (gated, prefill only), a
+/// steering-vector file or llama.cpp control vector (added everywhere), or an intervention list
+/// (its strengths scaled). Checked against `lm` when given.
+pub(crate) fn steering_file(
+    path: &Path,
+    strength: f32,
+    lm: Option<&LanguageModel>,
+) -> Result<rudder_lm::hooks::Interventions> {
+    let side = {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".json");
+        PathBuf::from(p)
+    };
+    let dims = lm.map(|lm| (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size));
+    let is_alpha = std::fs::read(&side)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|v| v["format"] == rudder_steer::alphasteer::FORMAT);
+    if is_alpha {
+        let f = rudder_steer::alphasteer::SteerFile::load(path)?;
+        if let Some((l, d)) = dims {
+            f.check(l, d, path)?;
+        }
+        return Ok(f.interventions(strength));
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext == "safetensors" || ext == "gguf" {
+        let v = SteeringVectors::load(path)?;
+        if let Some((l, d)) = dims {
+            v.check(l, d, path)?;
+        }
+        return Ok(v.interventions(strength, None, Positions::All, Phases::Both));
+    }
+    let mut iv = rudder_lm::hooks::Interventions::from_json_file(path)?;
+    for i in &mut iv.interventions {
+        i.alpha *= strength;
+    }
+    if let Some((l, d)) = dims {
+        iv.validate(l, d).with_context(|| format!("{}", path.display()))?;
+    }
+    Ok(iv)
 }

@@ -1,0 +1,598 @@
+//! `rudder steer alphasteer fit`, `rudder steer eval-refusal`, `rudder steer judge`: AlphaSteer
+//! and its safety/utility evaluation (flags → rudder-steer calls → files and run folders).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use rudder_lm::engine::{Engine, EngineConfig};
+use rudder_lm::hooks::{Positions, Site};
+use rudder_steer::activations::{ActivationSet, CaptureConfig, capture};
+use rudder_steer::alphasteer::{self, FitConfig, NullSpace, SteerFile};
+use rudder_steer::prompts::{PromptSet, Rendering};
+use rudder_steer::refusal::{self, Condition, Decision, EvalConfig, EvalSet, SetKind};
+use rudder_steer::rollouts::Journal;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+#[derive(Subcommand)]
+pub enum AlphaSteerCmd {
+    /// Fit AlphaSteer from benign and harmful prompts: refusal direction (difference of means)
+    /// and null-space-constrained gate per layer, written as a steering file for `rudder lm
+    /// generate|chat --steer`, `rudder serve --steer` and `rudder steer eval-refusal`.
+    Fit(FitArgs),
+}
+
+#[derive(Args)]
+pub struct FitArgs {
+    #[arg(long, short, default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// Benign training prompts (JSON/JSONL; repeatable), e.g. benign_train.json.
+    #[arg(long, required = true)]
+    pub benign: Vec<PathBuf>,
+    /// Harmful training prompts (repeatable), e.g. harmful_train_1000.json.
+    #[arg(long, required = true)]
+    pub harmful: Vec<PathBuf>,
+    /// Only the first N prompts of each benign file (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit_benign: usize,
+    /// Only the first N prompts of each harmful file (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit_harmful: usize,
+    /// Steered layers (ResidPre), e.g. "8-14,16,18" (default: 25–60 % of depth, as the
+    /// reference's bands).
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Null-space ratio p: k = ⌊d·p⌋ lowest-variance benign directions.
+    #[arg(long, default_value_t = 0.6)]
+    pub p: f64,
+    /// Per-layer ratio overrides, LAYER=P (repeatable), as the reference's configs.
+    #[arg(long = "p-layer")]
+    pub p_layer: Vec<String>,
+    /// Choose k by the reference's (unused) tolerance rule instead of p.
+    #[arg(long)]
+    pub tolerance: bool,
+    /// Ridge regularisation α of the fit.
+    #[arg(long, default_value_t = 10.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Output steering file (safetensors; a JSON index is written next to it). Activations are
+    /// cached in <out>.acts/ and reused.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long, short, default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// AlphaSteer file from `rudder steer alphasteer fit`.
+    #[arg(long)]
+    pub steer: Option<PathBuf>,
+    /// AlphaSteer strengths λ (0 = the unsteered model).
+    #[arg(long, default_value = "0,0.5,1", value_delimiter = ',', allow_hyphen_values = true)]
+    pub strengths: Vec<f64>,
+    /// Strengths of the plain refusal-vector baseline (the same vectors added at every prompt
+    /// position of the same layers, no gate).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub vector_strengths: Vec<f64>,
+    /// Data folder laid out as ../shared/data/steering/refusal (test/, test/jailbreak/).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Extra sets NAME:KIND=FILE with KIND harmful, safe, math or open (repeatable).
+    #[arg(long = "set")]
+    pub sets: Vec<String>,
+    /// Only these sets (comma-separated names; default all found).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Prompts per set (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Cap on every set's generation length (0: the reference's 128/512/2048/4096).
+    #[arg(long, default_value_t = 0)]
+    pub max_tokens: usize,
+    /// Rows decoded together.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = refusal::KEYWORD_WINDOW)]
+    pub keyword_window: usize,
+    #[command(flatten)]
+    pub judge: JudgeLlmArgs,
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Clone)]
+pub struct JudgeLlmArgs {
+    /// Also judge refusals with an LLM (XSTest three classes): inproc:MODEL or the base URL of
+    /// an OpenAI-compatible server.
+    #[arg(long)]
+    pub judge_llm: Option<String>,
+    /// Model name sent to the judge server.
+    #[arg(long)]
+    pub judge_model: Option<String>,
+    /// text (parse the reply, bounded retries) or logprob (most likely class label).
+    #[arg(long, default_value = "text")]
+    pub judge_decisions: String,
+    /// Record/replay cache of the judge's exchanges (JSON Lines).
+    #[arg(long)]
+    pub judge_cache: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct JudgeArgs {
+    /// JSON array or JSON Lines of records.
+    #[arg(long)]
+    pub responses: PathBuf,
+    /// Response fields to judge (repeatable; e.g. one per steering strength).
+    #[arg(long = "field", required = true)]
+    pub fields: Vec<String>,
+    /// The request field (for the LLM judge).
+    #[arg(long, default_value = "query")]
+    pub question_field: String,
+    #[arg(long, default_value_t = refusal::KEYWORD_WINDOW)]
+    pub keyword_window: usize,
+    #[command(flatten)]
+    pub judge: JudgeLlmArgs,
+    /// Write the per-record verdicts here (JSON).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run_alphasteer(cmd: AlphaSteerCmd) -> Result<()> {
+    match cmd {
+        AlphaSteerCmd::Fit(a) => run_fit(a),
+    }
+}
+
+/// "8-14,16" → [8, …, 14, 16].
+pub fn parse_layers(s: &str, layers: usize) -> Result<Vec<usize>> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: usize = a.parse().with_context(|| format!("--layers {part:?}: not a layer number"))?;
+        let b: usize = b.parse().with_context(|| format!("--layers {part:?}: not a layer number"))?;
+        if a > b || b >= layers {
+            bail!("--layers {part:?}: the model has layers 0..{}", layers - 1);
+        }
+        v.extend(a..=b);
+    }
+    v.sort();
+    v.dedup();
+    if v.is_empty() {
+        bail!("--layers {s:?}: no layers");
+    }
+    Ok(v)
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let b = std::fs::read(p).with_context(|| format!("{}", p.display()))?;
+    Ok(Sha256::digest(&b).iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn load_prompts(files: &[PathBuf], limit: usize) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for f in files {
+        let ps = PromptSet::load(f, None, None)?.truncate(limit);
+        if ps.items.is_empty() {
+            bail!("{}: no prompts", f.display());
+        }
+        v.extend(ps.items.into_iter().map(|p| p.text));
+    }
+    Ok(v)
+}
+
+fn run_fit(a: FitArgs) -> Result<()> {
+    let lm = crate::steer_cmd::open_model(&a.model)?;
+    let (nl, d) = (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size);
+    let layers = match &a.layers {
+        Some(s) => parse_layers(s, nl)?,
+        None => ((nl as f64 * 0.25).floor() as usize..=((nl as f64 * 0.6).floor() as usize).min(nl - 1)).collect(),
+    };
+    let mut per_layer_p = BTreeMap::new();
+    for s in &a.p_layer {
+        let (l, p) = s
+            .split_once('=')
+            .with_context(|| format!("--p-layer {s:?}: expected LAYER=P"))?;
+        per_layer_p.insert(
+            l.trim().parse::<usize>().with_context(|| format!("--p-layer {s:?}"))?,
+            p.trim().parse::<f64>().with_context(|| format!("--p-layer {s:?}"))?,
+        );
+    }
+    let cfg = FitConfig {
+        layers: layers.clone(),
+        null_space: if a.tolerance { NullSpace::Tolerance } else { NullSpace::Ratio(a.p) },
+        per_layer_p,
+        alpha: a.alpha,
+    };
+    cfg.null_space.check()?;
+    for &p in cfg.per_layer_p.values() {
+        NullSpace::Ratio(p).check()?;
+    }
+    let rendering = Rendering::plain(true);
+    let acts_dir = {
+        let mut p = a.out.as_os_str().to_owned();
+        p.push(".acts");
+        PathBuf::from(p)
+    };
+    std::fs::create_dir_all(&acts_dir)?;
+    let sites: Vec<Site> = layers.iter().map(|&l| Site::ResidPre(l)).collect();
+    let mut sets = Vec::new();
+    for (name, files, limit) in [("benign", &a.benign, a.limit_benign), ("harmful", &a.harmful, a.limit_harmful)] {
+        let texts = load_prompts(files, limit)?;
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| rendering.ids(&lm, t))
+            .collect::<rudder_steer::Result<_>>()?;
+        let path = acts_dir.join(format!("{name}.safetensors"));
+        let meta = json!({"template_hash": rendering.template_hash(&lm), "rendering": rendering,
+            "files": files, "limit": limit, "sites": sites.iter().map(|s| s.to_string()).collect::<Vec<_>>()});
+        // a cached set is reused only if it was made from the same prompts and sites
+        let cached = ActivationSet::load(&path).ok().filter(|s| {
+            s.len() == ids.len() && s.meta["meta"]["files"] == meta["files"] && s.meta["meta"]["limit"] == meta["limit"]
+                && sites.iter().all(|x| s.sites.contains(x))
+        });
+        let set = match cached {
+            Some(s) => s,
+            None => {
+                let _ = std::fs::remove_file(&path);
+                let pb = crate::steer_cmd::bar(&format!("capture {name}"), ids.len() as u64);
+                let s = capture(
+                    &lm,
+                    &ids,
+                    None,
+                    &CaptureConfig { sites: sites.clone(), positions: Positions::LastPrompt, batch: a.batch.max(1), shard_batches: 8 },
+                    None,
+                    &path,
+                    meta,
+                    &mut |k, _| pb.set_position(k as u64),
+                )?;
+                pb.finish_and_clear();
+                s
+            }
+        };
+        sets.push((name, files.clone(), set));
+    }
+    let pb = crate::steer_cmd::bar("fit", layers.len() as u64);
+    let (steer, report) = alphasteer::fit(&sets[0].2, &sets[1].2, &cfg, &mut |k, _| pb.set_position(k as u64))?;
+    pb.finish_and_clear();
+    let mut hashes = BTreeMap::new();
+    for (_, files, _) in &sets {
+        for f in files {
+            hashes.insert(f.display().to_string(), sha256_file(f)?);
+        }
+    }
+    let file = SteerFile {
+        layers: steer,
+        meta: json!({
+            "model": lm.info, "hidden_size": d, "num_layers": nl,
+            "template_hash": rendering.template_hash(&lm),
+            "fit": cfg, "benign_rows": sets[0].2.len(), "harmful_rows": sets[1].2.len(),
+            "data_sha256": hashes,
+            "strength_grid": [0.0, 0.25, 0.5, 1.0, 2.0],
+            "report": report,
+        }),
+    };
+    file.save(&a.out)?;
+    eprintln!(
+        "AlphaSteer fitted on {} benign and {} harmful prompts → {}",
+        sets[0].2.len(),
+        sets[1].2.len(),
+        a.out.display()
+    );
+    eprintln!("layer    k  ‖r‖      gate(harmful)  gate(benign)  seconds");
+    for r in &report {
+        eprintln!(
+            "{:>5} {:>4}  {:>7.3}  {:>13.3}  {:>12.3}  {:>7.2}",
+            r.layer, r.k, r.refusal_norm, r.gate_harmful_mean, r.gate_benign_mean, r.seconds
+        );
+    }
+    Ok(())
+}
+
+fn judge_client(j: &JudgeLlmArgs) -> Result<Option<(rudder_client::Client, Decision, String)>> {
+    let Some(b) = &j.judge_llm else {
+        return Ok(None);
+    };
+    let mut spec = rudder_client::LlmSpec::new(b);
+    spec.model = j.judge_model.clone();
+    spec.cache = j.judge_cache.clone();
+    if j.judge_cache.is_some() {
+        spec.cache_mode = rudder_client::replay::CacheMode::RecordMissing;
+    }
+    let client = rudder_client::Client::from_spec(&spec)?;
+    let decision = match j.judge_decisions.as_str() {
+        "text" => Decision::Text,
+        "logprob" => Decision::Logprob,
+        o => bail!("--judge-decisions {o:?}: expected text or logprob"),
+    };
+    Ok(Some((client, decision, j.judge_model.clone().unwrap_or_default())))
+}
+
+fn judge_pairs(
+    j: &JudgeLlmArgs,
+    pairs: &[(String, String)],
+) -> Result<Option<Vec<refusal::Judgement>>> {
+    let Some((client, decision, model)) = judge_client(j)? else {
+        return Ok(None);
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let pb = crate::steer_cmd::bar("LLM judge", pairs.len() as u64);
+    // in chunks, so the bar moves and an interruption keeps the cache of what was judged
+    let mut out = Vec::new();
+    for chunk in pairs.chunks(16) {
+        out.extend(rt.block_on(refusal::llm_judge(&client, &model, chunk, decision, 2)));
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(Some(out))
+}
+
+#[derive(Serialize)]
+struct EvalRecord<'a> {
+    model: &'a str,
+    steer: Option<&'a Path>,
+    strengths: &'a [f64],
+    vector_strengths: &'a [f64],
+    sets: &'a [EvalSet],
+    limit: usize,
+    max_tokens_cap: usize,
+    keyword_window: usize,
+    judge_llm: Option<&'a str>,
+}
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    let lm = Arc::new(crate::steer_cmd::open_model(&a.model)?);
+    let (nl, d) = (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size);
+    let mut sets = match &a.data {
+        Some(root) => EvalSet::standard(root),
+        None => Vec::new(),
+    };
+    for s in &a.sets {
+        let (nk, file) = s.split_once('=').with_context(|| format!("--set {s:?}: expected NAME:KIND=FILE"))?;
+        let (name, kind) = nk.split_once(':').with_context(|| format!("--set {s:?}: expected NAME:KIND=FILE"))?;
+        let kind = match kind {
+            "harmful" => SetKind::Harmful,
+            "safe" => SetKind::Safe,
+            "math" => SetKind::Math,
+            "open" => SetKind::Open,
+            o => bail!("--set {s:?}: kind {o:?} is not harmful, safe, math or open"),
+        };
+        sets.push(EvalSet {
+            name: name.into(),
+            path: file.into(),
+            kind,
+            max_tokens: match kind {
+                SetKind::Math => 2048,
+                SetKind::Open => 512,
+                _ => 128,
+            },
+        });
+    }
+    if !a.only.is_empty() {
+        let unknown: Vec<&String> = a.only.iter().filter(|n| !sets.iter().any(|s| &s.name == *n)).collect();
+        if !unknown.is_empty() {
+            bail!("--only: no set named {unknown:?} (found: {})", sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "));
+        }
+        sets.retain(|s| a.only.contains(&s.name));
+    }
+    if sets.is_empty() {
+        bail!("no test sets: give --data DIR (../shared/data/steering/refusal) or --set NAME:KIND=FILE");
+    }
+    let file = match &a.steer {
+        Some(p) => {
+            let f = SteerFile::load(p)?;
+            f.check(nl, d, p)?;
+            Some(f)
+        }
+        None => None,
+    };
+    let mut conditions = Vec::new();
+    for &s in &a.strengths {
+        conditions.push(match (&file, s == 0.0) {
+            (_, true) => Condition { method: "none".into(), strength: 0.0, interventions: None },
+            (Some(f), false) => Condition { method: "alphasteer".into(), strength: s, interventions: Some(f.interventions(s as f32)) },
+            (None, false) => bail!("--strengths {s} needs --steer FILE"),
+        });
+    }
+    for &s in &a.vector_strengths {
+        let f = file.as_ref().context("--vector-strengths needs --steer FILE (its refusal vectors)")?;
+        conditions.push(Condition { method: "vector".into(), strength: s, interventions: Some(f.vector_baseline(s as f32)) });
+    }
+    // one unsteered condition is enough
+    let mut seen = std::collections::HashSet::new();
+    conditions.retain(|c| seen.insert((c.method.clone(), c.strength.to_bits())));
+    let run = crate::runs::RunDir::create(&a.out)?;
+    run.write_config(&EvalRecord {
+        model: &a.model,
+        steer: a.steer.as_deref(),
+        strengths: &a.strengths,
+        vector_strengths: &a.vector_strengths,
+        sets: &sets,
+        limit: a.limit,
+        max_tokens_cap: a.max_tokens,
+        keyword_window: a.keyword_window,
+        judge_llm: a.judge.judge_llm.as_deref(),
+    })?;
+    let engine = Engine::start(lm.clone(), EngineConfig { max_rows: a.batch.max(1), max_queue: 1 << 20, prefill_chunk: 512 });
+    let mut journal = Journal::open(&a.out.join("responses.jsonl"))?;
+    let cfg = EvalConfig { limit: a.limit, max_tokens_cap: a.max_tokens, keyword_window: a.keyword_window };
+    let t0 = std::time::Instant::now();
+    let mut pb: Option<(String, indicatif::ProgressBar)> = None;
+    let rows = refusal::evaluate(&engine, &sets, &conditions, &cfg, &mut journal, &mut |label, done, total| {
+        if pb.as_ref().is_none_or(|(l, _)| l != label) {
+            if let Some((_, b)) = pb.take() {
+                b.finish_and_clear();
+            }
+            pb = Some((label.to_string(), crate::steer_cmd::bar(label, total as u64)));
+        }
+        if let Some((_, b)) = &pb {
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some((_, b)) = pb.take() {
+        b.finish_and_clear();
+    }
+    drop(engine);
+    let seconds = t0.elapsed().as_secs_f64();
+    // the LLM judge over refusal-scored sets
+    let mut judge_rows: Vec<Value> = Vec::new();
+    if a.judge.judge_llm.is_some() {
+        let mut pairs = Vec::new();
+        let mut keys = Vec::new();
+        for set in sets.iter().filter(|s| matches!(s.kind, SetKind::Harmful | SetKind::Safe)) {
+            let (_, texts, _) = refusal::load_set(&lm, set, a.limit)?;
+            for c in &conditions {
+                let tag = format!("{}/{}", c.method, set.name);
+                for r in journal.tagged(&tag).filter(|r| r.alpha == c.strength && r.question < texts.len()) {
+                    pairs.push((texts[r.question].clone(), r.text.clone()));
+                    keys.push((c.method.clone(), c.strength, set.name.clone(), refusal::keyword_refuses(&r.text, a.keyword_window)));
+                }
+            }
+        }
+        let js = judge_pairs(&a.judge, &pairs)?.unwrap_or_default();
+        let mut by: BTreeMap<(String, u64, String), Vec<(bool, Option<bool>)>> = BTreeMap::new();
+        for (k, j) in keys.iter().zip(&js) {
+            by.entry((k.0.clone(), k.1.to_bits(), k.2.clone())).or_default().push((k.3, j.class.map(|c| c.refuses())));
+        }
+        for ((m, s, set), v) in by {
+            let judged: Vec<(bool, bool)> = v.iter().filter_map(|(k, l)| l.map(|l| (*k, l))).collect();
+            let (agree, kappa) = refusal::agreement(
+                &judged.iter().map(|x| x.0).collect::<Vec<_>>(),
+                &judged.iter().map(|x| x.1).collect::<Vec<_>>(),
+            );
+            judge_rows.push(json!({
+                "method": m, "strength": f64::from_bits(s), "set": set, "n": v.len(),
+                "unparsed": v.len() - judged.len(),
+                "llm_refusal_rate": judged.iter().filter(|x| x.1).count() as f64 / judged.len().max(1) as f64,
+                "keyword_refusal_rate": v.iter().filter(|x| x.0).count() as f64 / v.len().max(1) as f64,
+                "agreement": agree, "kappa": kappa,
+            }));
+        }
+        crate::steer_cmd::write_json(&a.out.join("judge.json"), &json!({"judge": a.judge.judge_llm, "rows": judge_rows,
+            "verdicts": keys.iter().zip(&js).map(|(k, j)| json!({"method": k.0, "strength": k.1, "set": k.2, "keyword": k.3, "llm": j.class, "raw": j.raw})).collect::<Vec<_>>()}))?;
+    }
+    let trade = refusal::tradeoff(&rows);
+    let mut lines: Vec<Value> = rows.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
+    lines.extend(trade.iter().map(|t| json!({"tradeoff": t})));
+    lines.extend(judge_rows.iter().map(|j| json!({"judge": j})));
+    run.write_metrics(&lines)?;
+    // plots: safety vs over-refusal per method; refusal rate vs strength per set
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for t in &trade {
+        let (x, y) = (t["xstest_compliance"].as_f64().unwrap_or(f64::NAN), t["dsr_mean"].as_f64().unwrap_or(f64::NAN));
+        if x.is_finite() && y.is_finite() {
+            series.entry(t["method"].as_str().unwrap_or("?").to_string()).or_default().push((x, y));
+        }
+    }
+    let sv: Vec<(&str, Vec<(f64, f64)>)> = series.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    if let Err(e) = crate::plots::scatter(&a.out.join("tradeoff.png"), "safety vs over-refusal", "XSTest-safe compliance", "mean refusal rate on harmful sets", &sv) {
+        tracing::warn!("plot skipped: {e}");
+    }
+    let mut by_set: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.method != "vector") {
+        if let Some(v) = r.refusal_rate {
+            by_set.entry(r.set.clone()).or_default().push((r.strength, v));
+        }
+    }
+    let sv: Vec<(&str, Vec<(f64, f64)>)> = by_set.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    if let Err(e) = crate::plots::lines(&a.out.join("refusal_vs_strength.png"), "refusal rate vs AlphaSteer strength", "λ", &sv) {
+        tracing::warn!("plot skipped: {e}");
+    }
+    // summary
+    let mut s = String::new();
+    s.push_str("# Refusal steering evaluation\n\n");
+    s.push_str(&format!(
+        "Model {}, steering file {}, {} sets ({} prompts each at most), greedy, generation capped at {} tokens. Refusals judged by keywords in the first {} characters{}. Wall time {:.0} s.\n\n",
+        a.model,
+        a.steer.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+        sets.len(),
+        if a.limit == 0 { "all".to_string() } else { a.limit.to_string() },
+        if a.max_tokens == 0 { "the reference's limits".to_string() } else { a.max_tokens.to_string() },
+        a.keyword_window,
+        if a.judge.judge_llm.is_some() { " and by the LLM judge (judge.json)" } else { "" },
+        seconds
+    ));
+    s.push_str("## Trade-off\n\n| method | λ | mean refusal on harmful sets (DSR) | XSTest-safe compliance | math accuracy |\n|---|---|---|---|---|\n");
+    let f = |v: &Value| v.as_f64().filter(|x| x.is_finite()).map(|x| format!("{:.3}", x)).unwrap_or_else(|| "–".into());
+    for t in &trade {
+        s.push_str(&format!("| {} | {} | {} | {} | {} |\n", t["method"].as_str().unwrap_or(""), t["strength"], f(&t["dsr_mean"]), f(&t["xstest_compliance"]), f(&t["math_accuracy"])));
+    }
+    s.push_str("\n## Per set\n\n| method | λ | set | n | refusal rate | accuracy | mean tokens |\n|---|---|---|---|---|---|---|\n");
+    for r in &rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            r.method, r.strength, r.set, r.n,
+            r.refusal_rate.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into()),
+            r.accuracy.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into()),
+            r.mean_tokens
+        ));
+    }
+    if !judge_rows.is_empty() {
+        s.push_str("\n## LLM judge vs keywords\n\n| method | λ | set | LLM refusal rate | keyword refusal rate | agreement | κ | unparsed |\n|---|---|---|---|---|---|---|---|\n");
+        for j in &judge_rows {
+            s.push_str(&format!("| {} | {} | {} | {} | {} | {} | {} | {} |\n", j["method"].as_str().unwrap_or(""), j["strength"], j["set"].as_str().unwrap_or(""),
+                f(&j["llm_refusal_rate"]), f(&j["keyword_refusal_rate"]), f(&j["agreement"]), f(&j["kappa"]), j["unparsed"]));
+        }
+    }
+    s.push_str("\nFiles: responses.jsonl (every response, resumable), metrics.jsonl, tradeoff.png, refusal_vs_strength.png, config.toml.\n");
+    run.write_summary(&s)?;
+    print!("{s}");
+    Ok(())
+}
+
+pub fn run_judge(a: JudgeArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.responses).with_context(|| format!("{}", a.responses.display()))?;
+    let records: Vec<Value> = match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Array(v)) => v,
+        Ok(_) => bail!("{}: expected a JSON array or JSON Lines of records", a.responses.display()),
+        Err(_) => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}: invalid JSON", a.responses.display(), i + 1)))
+            .collect::<Result<_>>()?,
+    };
+    if records.is_empty() {
+        bail!("{}: no records", a.responses.display());
+    }
+    let mut out = Vec::new();
+    let mut verdicts = Vec::new();
+    println!("| field | n | keyword refusal rate |{}", if a.judge.judge_llm.is_some() { " LLM refusal rate | agreement | κ |" } else { "" });
+    println!("|---|---|---|{}", if a.judge.judge_llm.is_some() { "---|---|---|" } else { "" });
+    for field in &a.fields {
+        let mut pairs = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            let resp = r.get(field).and_then(|v| v.as_str()).with_context(|| {
+                format!("{}: record {i} has no text field {field:?}", a.responses.display())
+            })?;
+            let q = r.get(&a.question_field).and_then(|v| v.as_str()).unwrap_or("");
+            pairs.push((q.to_string(), resp.to_string()));
+        }
+        let kw: Vec<bool> = pairs.iter().map(|(_, r)| refusal::keyword_refuses(r, a.keyword_window)).collect();
+        let rate = kw.iter().filter(|&&x| x).count() as f64 / kw.len() as f64;
+        let llm = judge_pairs(&a.judge, &pairs)?;
+        match &llm {
+            None => println!("| {field} | {} | {rate:.3} |", kw.len()),
+            Some(js) => {
+                let both: Vec<(bool, bool)> = kw.iter().zip(js).filter_map(|(k, j)| j.class.map(|c| (*k, c.refuses()))).collect();
+                let (ag, kappa) = refusal::agreement(&both.iter().map(|x| x.0).collect::<Vec<_>>(), &both.iter().map(|x| x.1).collect::<Vec<_>>());
+                let lr = both.iter().filter(|x| x.1).count() as f64 / both.len().max(1) as f64;
+                println!("| {field} | {} | {rate:.3} | {lr:.3} | {ag:.3} | {kappa:.3} |", kw.len());
+            }
+        }
+        out.push(json!({"field": field, "n": kw.len(), "keyword_refusal_rate": rate}));
+        verdicts.push(json!({"field": field, "keyword": kw, "llm": llm.map(|v| v.into_iter().map(|j| j.class).collect::<Vec<_>>())}));
+    }
+    if let Some(p) = &a.out {
+        crate::steer_cmd::write_json(p, &json!({"summary": out, "verdicts": verdicts}))?;
+    }
+    Ok(())
+}
