@@ -529,3 +529,58 @@ pub fn tradeoff(rows: &[EvalRow]) -> Vec<Value> {
     });
     out
 }
+
+/// The pairwise preference prompt for the AlpacaEval-style win rate (the judge names the
+/// better of two answers, A or B).
+pub fn pairwise_prompt(instruction: &str, a: &str, b: &str) -> String {
+    format!(
+        "Compare two answers to the same instruction and decide which one is more helpful, correct and relevant. Reply with a single letter: A or B.\n\n\
+INSTRUCTION: \"{instruction}\"\n\nANSWER A: \"{a}\"\n\nANSWER B: \"{b}\"\n\nBETTER ANSWER:"
+    )
+}
+
+/// Win rate of `candidate` answers against `reference` answers by an LLM judge: each pair is
+/// shown in a seeded random order (position bias averages out), the judge's choice is read by
+/// log-probability of "A" vs "B" or from its text; undecided pairs count half. Returns
+/// (win rate, undecided pairs).
+pub async fn win_rate(
+    client: &dyn LlmClient,
+    model: &str,
+    items: &[(String, String, String)],
+    decision: Decision,
+    seed: u64,
+) -> (f64, usize) {
+    use rand::Rng;
+    let mut rng = rudder_data::rng::stream(seed, &[0x77_1e]);
+    let swaps: Vec<bool> = items.iter().map(|_| rng.random_bool(0.5)).collect();
+    let futs = items.iter().zip(&swaps).map(|((ins, reference, cand), &swap)| async move {
+        let (a, b) = if swap { (cand, reference) } else { (reference, cand) };
+        let prompt = pairwise_prompt(ins, a, b);
+        let choice: Option<usize> = match decision {
+            Decision::Logprob => client
+                .continuation_logprobs(model, vec![ChatMessage::user(&prompt)], vec!["A".into(), "B".into()])
+                .await
+                .ok()
+                .and_then(|s| s.best()),
+            Decision::Text => {
+                let mut req = ChatRequest::new(model, vec![ChatMessage::user(&prompt)]);
+                req.max_tokens = Some(4);
+                req.temperature = Some(0.0);
+                client.chat(req).await.ok().and_then(|r| {
+                    let t = r.text().trim_start().trim_start_matches(['*', '"', '\'', '(']).to_uppercase();
+                    match t.chars().next() {
+                        Some('A') => Some(0),
+                        Some('B') => Some(1),
+                        _ => None,
+                    }
+                })
+            }
+        };
+        // 1 when the candidate won
+        choice.map(|c| if (c == 1) != swap { 1.0 } else { 0.0 })
+    });
+    let res = futures_util::future::join_all(futs).await;
+    let undecided = res.iter().filter(|r| r.is_none()).count();
+    let n = res.len().max(1) as f64;
+    (res.iter().map(|r| r.unwrap_or(0.5)).sum::<f64>() / n, undecided)
+}

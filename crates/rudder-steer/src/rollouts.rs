@@ -153,7 +153,7 @@ pub struct RolloutConfig {
 
 /// One batch of rollouts of one experiment: every (prompt, rollout) pair not yet in the
 /// journal is generated (all submitted to the engine at once, which batches them), scored and
-/// appended. `progress(done, total)` after each.
+/// appended. `progress(done, total)` after each. Returns how many were generated now.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     engine: &Engine,
@@ -165,7 +165,7 @@ pub fn run(
     interventions: Option<&Interventions>,
     journal: &mut Journal,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<()> {
+) -> Result<usize> {
     let lm = &engine.lm;
     let mut todo = Vec::new();
     for (q, _) in prompts.iter().enumerate() {
@@ -179,8 +179,9 @@ pub fn run(
     let mut done = total - todo.len();
     progress(done, total);
     if todo.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let fresh = todo.len();
     let (tx, rx) = mpsc::channel::<(
         usize,
         usize,
@@ -257,7 +258,7 @@ pub fn run(
         progress(done, total);
         submit_more(&mut in_flight)?;
     }
-    Ok(())
+    Ok(fresh)
 }
 
 /// Per-question means over rollouts: (mean reasoning tokens, accuracy or NaN without gold).

@@ -30,11 +30,17 @@ pub struct FitArgs {
     #[arg(long, short, default_value = "smollm2-135m-instruct")]
     pub model: String,
     /// Benign training prompts (JSON/JSONL; repeatable), e.g. benign_train.json.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "benign_acts")]
     pub benign: Vec<PathBuf>,
     /// Harmful training prompts (repeatable), e.g. harmful_train_1000.json.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "harmful_acts")]
     pub harmful: Vec<PathBuf>,
+    /// Fit from an activation set instead (`rudder steer capture --sites resid_pre`, or any
+    /// file in that format): no model is run.
+    #[arg(long, requires = "harmful_acts")]
+    pub benign_acts: Option<PathBuf>,
+    #[arg(long, requires = "benign_acts")]
+    pub harmful_acts: Option<PathBuf>,
     /// Only the first N prompts of each benign file (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit_benign: usize,
@@ -189,13 +195,7 @@ fn load_prompts(files: &[PathBuf], limit: usize) -> Result<Vec<String>> {
     Ok(v)
 }
 
-fn run_fit(a: FitArgs) -> Result<()> {
-    let lm = crate::steer_cmd::open_model(&a.model)?;
-    let (nl, d) = (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size);
-    let layers = match &a.layers {
-        Some(s) => parse_layers(s, nl)?,
-        None => ((nl as f64 * 0.25).floor() as usize..=((nl as f64 * 0.6).floor() as usize).min(nl - 1)).collect(),
-    };
+fn fit_config(a: &FitArgs, layers: Vec<usize>) -> Result<FitConfig> {
     let mut per_layer_p = BTreeMap::new();
     for s in &a.p_layer {
         let (l, p) = s
@@ -207,7 +207,7 @@ fn run_fit(a: FitArgs) -> Result<()> {
         );
     }
     let cfg = FitConfig {
-        layers: layers.clone(),
+        layers,
         null_space: if a.tolerance { NullSpace::Tolerance } else { NullSpace::Ratio(a.p) },
         per_layer_p,
         alpha: a.alpha,
@@ -216,6 +216,67 @@ fn run_fit(a: FitArgs) -> Result<()> {
     for &p in cfg.per_layer_p.values() {
         NullSpace::Ratio(p).check()?;
     }
+    Ok(cfg)
+}
+
+fn print_report(report: &[alphasteer::LayerReport]) {
+    eprintln!("layer    k  ‖r‖      gate(harmful)  gate(benign)  seconds");
+    for r in report {
+        eprintln!(
+            "{:>5} {:>4}  {:>7.3}  {:>13.3}  {:>12.3}  {:>7.2}",
+            r.layer, r.k, r.refusal_norm, r.gate_harmful_mean, r.gate_benign_mean, r.seconds
+        );
+    }
+}
+
+/// Fit from activation files, no model.
+fn run_fit_acts(a: &FitArgs, b: &Path, h: &Path) -> Result<()> {
+    let (sb, sh) = (ActivationSet::load(b)?, ActivationSet::load(h)?);
+    let present: Vec<usize> = sb
+        .sites
+        .iter()
+        .filter_map(|s| match s {
+            Site::ResidPre(l) if sh.sites.contains(s) => Some(*l),
+            _ => None,
+        })
+        .collect();
+    if present.is_empty() {
+        bail!("{} and {} share no resid_pre site", b.display(), h.display());
+    }
+    let max = present.iter().max().copied().unwrap_or(0) + 1;
+    let layers = match &a.layers {
+        Some(s) => parse_layers(s, max)?,
+        None => present.clone(),
+    };
+    if let Some(l) = layers.iter().find(|l| !present.contains(l)) {
+        bail!("layer {l}: {} has no blocks.{l}.hook_resid_pre for both sets", b.display());
+    }
+    let cfg = fit_config(a, layers)?;
+    let pb = crate::steer_cmd::bar("fit", cfg.layers.len() as u64);
+    let (steer, report) = alphasteer::fit(&sb, &sh, &cfg, &mut |k, _| pb.set_position(k as u64))?;
+    pb.finish_and_clear();
+    let file = SteerFile {
+        layers: steer,
+        meta: json!({"benign_acts": b, "harmful_acts": h, "fit": cfg, "benign_rows": sb.len(), "harmful_rows": sh.len(),
+            "hidden_size": sb.hidden, "capture_meta": sb.meta, "report": report}),
+    };
+    file.save(&a.out)?;
+    eprintln!("AlphaSteer fitted on {} benign and {} harmful rows → {}", sb.len(), sh.len(), a.out.display());
+    print_report(&report);
+    Ok(())
+}
+
+fn run_fit(a: FitArgs) -> Result<()> {
+    if let (Some(b), Some(h)) = (&a.benign_acts, &a.harmful_acts) {
+        return run_fit_acts(&a, b, h);
+    }
+    let lm = crate::steer_cmd::open_model(&a.model)?;
+    let (nl, d) = (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size);
+    let layers = match &a.layers {
+        Some(s) => parse_layers(s, nl)?,
+        None => ((nl as f64 * 0.25).floor() as usize..=((nl as f64 * 0.6).floor() as usize).min(nl - 1)).collect(),
+    };
+    let cfg = fit_config(&a, layers.clone())?;
     let rendering = Rendering::plain(true);
     let acts_dir = {
         let mut p = a.out.as_os_str().to_owned();
@@ -287,13 +348,7 @@ fn run_fit(a: FitArgs) -> Result<()> {
         sets[1].2.len(),
         a.out.display()
     );
-    eprintln!("layer    k  ‖r‖      gate(harmful)  gate(benign)  seconds");
-    for r in &report {
-        eprintln!(
-            "{:>5} {:>4}  {:>7.3}  {:>13.3}  {:>12.3}  {:>7.2}",
-            r.layer, r.k, r.refusal_norm, r.gate_harmful_mean, r.gate_benign_mean, r.seconds
-        );
-    }
+    print_report(&report);
     Ok(())
 }
 
@@ -476,6 +531,32 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                 "agreement": agree, "kappa": kappa,
             }));
         }
+        // AlpacaEval-style win rate of each steered condition against the unsteered answers
+        if let Some((client, decision, model)) = judge_client(&a.judge)? {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            for set in sets.iter().filter(|s| s.kind == SetKind::Open) {
+                let (_, texts, _) = refusal::load_set(&lm, set, a.limit)?;
+                let base: BTreeMap<usize, String> = journal
+                    .tagged(&format!("none/{}", set.name))
+                    .map(|r| (r.question, r.text.clone()))
+                    .collect();
+                if base.is_empty() {
+                    eprintln!("win rate on {}: no unsteered answers (add 0 to --strengths)", set.name);
+                    continue;
+                }
+                for c in conditions.iter().filter(|c| c.method != "none") {
+                    let tag = format!("{}/{}", c.method, set.name);
+                    let items: Vec<(String, String, String)> = journal
+                        .tagged(&tag)
+                        .filter(|r| r.alpha == c.strength && r.question < texts.len())
+                        .filter_map(|r| base.get(&r.question).map(|b| (texts[r.question].clone(), b.clone(), r.text.clone())))
+                        .collect();
+                    let (wr, undecided) = rt.block_on(refusal::win_rate(&client, &model, &items, decision, 0));
+                    judge_rows.push(json!({"method": c.method, "strength": c.strength, "set": set.name, "n": items.len(),
+                        "win_rate_vs_unsteered": wr, "undecided": undecided}));
+                }
+            }
+        }
         crate::steer_cmd::write_json(&a.out.join("judge.json"), &json!({"judge": a.judge.judge_llm, "rows": judge_rows,
             "verdicts": keys.iter().zip(&js).map(|(k, j)| json!({"method": k.0, "strength": k.1, "set": k.2, "keyword": k.3, "llm": j.class, "raw": j.raw})).collect::<Vec<_>>()}))?;
     }
@@ -537,9 +618,16 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     }
     if !judge_rows.is_empty() {
         s.push_str("\n## LLM judge vs keywords\n\n| method | λ | set | LLM refusal rate | keyword refusal rate | agreement | κ | unparsed |\n|---|---|---|---|---|---|---|---|\n");
-        for j in &judge_rows {
+        for j in judge_rows.iter().filter(|j| j.get("agreement").is_some()) {
             s.push_str(&format!("| {} | {} | {} | {} | {} | {} | {} | {} |\n", j["method"].as_str().unwrap_or(""), j["strength"], j["set"].as_str().unwrap_or(""),
                 f(&j["llm_refusal_rate"]), f(&j["keyword_refusal_rate"]), f(&j["agreement"]), f(&j["kappa"]), j["unparsed"]));
+        }
+    }
+    let wins: Vec<&Value> = judge_rows.iter().filter(|j| j.get("win_rate_vs_unsteered").is_some()).collect();
+    if !wins.is_empty() {
+        s.push_str("\n## Win rate against the unsteered model's own answers (LLM judge, order randomised)\n\n| method | λ | set | n | win rate | undecided |\n|---|---|---|---|---|---|\n");
+        for j in wins {
+            s.push_str(&format!("| {} | {} | {} | {} | {} | {} |\n", j["method"].as_str().unwrap_or(""), j["strength"], j["set"].as_str().unwrap_or(""), j["n"], f(&j["win_rate_vs_unsteered"]), j["undecided"]));
         }
     }
     s.push_str("\nFiles: responses.jsonl (every response, resumable), metrics.jsonl, tradeoff.png, refusal_vs_strength.png, config.toml.\n");
