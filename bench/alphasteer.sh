@@ -8,15 +8,17 @@
 #  3. the same at d = 4096 on synthetic activations (14,000 benign × 2,000 malicious rows);
 #  4. the safety/utility evaluation at a stated scale (EVAL_LIMIT prompts per set, generation
 #     capped at EVAL_TOKENS tokens).
-# usage: bench/alphasteer.sh [NB=2000] [NH=1000] [EVAL_LIMIT=30] [EVAL_TOKENS=64]
+# usage: bench/alphasteer.sh [NB=1000] [NH=500] [EVAL_LIMIT=20] [EVAL_TOKENS=64] [STRENGTHS=0,0.5,1,2] [VECTOR=1]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NB="${1:-2000}"; NH="${2:-1000}"; LIM="${3:-30}"; TOK="${4:-64}"
+NB="${1:-1000}"; NH="${2:-500}"; LIM="${3:-20}"; TOK="${4:-64}"; ST="${5:-0,0.5,1,2}"; VS="${6:-1}"
 export RUDDER_HOME="${RUDDER_HOME:-$PWD/.rudder}"
 PY=bench/.venv-lm/bin/python
 BIN=target/release/rudder
 R=../shared/data/steering/refusal
 OUT=bench/out/alphasteer; mkdir -p "$OUT"
+# the refusal sets (the math and AlpacaEval sets need far longer generations than this scale allows)
+SETS="${SETS:-advbench,jbb,aim,autodan,cipher,gcg,jailbroken,pair,renellm,xstest_safe}"
 echo "== fit (SmolLM2, $NB benign, $NH harmful)"
 /usr/bin/time -f "%e s wall, %M KB peak" $BIN --threads 2 steer alphasteer fit -m smollm2-135m-instruct \
   --benign $R/benign_train.json --limit-benign "$NB" --harmful $R/harmful_train_1000.json --limit-harmful "$NH" \
@@ -30,8 +32,9 @@ $BIN --threads 2 steer alphasteer fit --benign-acts "$OUT/synth4096/benign.safet
   --harmful-acts "$OUT/synth4096/harmful.safetensors" --out "$OUT/synth4096/steer.safetensors"
 OMP_NUM_THREADS=2 $PY bench/alphasteer_numpy.py check "$OUT/synth4096/steer.safetensors" \
   "$OUT/synth4096/benign.safetensors" "$OUT/synth4096/harmful.safetensors" | head -1
+[ "${EVAL:-1}" = 1 ] || exit 0
 echo "== evaluation ($LIM prompts per set, ≤ $TOK tokens)"
 $BIN --threads 2 steer eval-refusal -m smollm2-135m-instruct --steer "$OUT/smol.safetensors" --data $R \
-  --strengths 0,0.5,1,2 --vector-strengths 0.5,1 --limit "$LIM" --max-tokens "$TOK" --batch 32 \
+  --strengths "$ST" --vector-strengths "$VS" --only "$SETS" --limit "$LIM" --max-tokens "$TOK" --batch 32 \
   --out "$OUT/eval" > /dev/null
 cat "$OUT/eval/summary.md"

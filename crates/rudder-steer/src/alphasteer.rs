@@ -75,7 +75,7 @@ pub fn null_basis(benign: MatRef<'_, f64>, rule: NullSpace) -> Result<NullBasis>
             "the benign activations contain NaN or infinite values".into(),
         ));
     }
-    let g = benign.transpose() * benign;
+    let g = crate::probe::gram(benign);
     let evd = g
         .self_adjoint_eigen(Side::Lower)
         .map_err(|e| SteerError::Invalid(format!("eigendecomposition failed: {e:?}")))?;
@@ -108,7 +108,7 @@ fn gram_in_null_space(
     alpha: f64,
 ) -> Result<faer::linalg::solvers::Llt<f64>> {
     let hq = harmful * q;
-    let mut c = hq.transpose() * &hq;
+    let mut c = crate::probe::gram(hq.as_ref());
     for j in 0..c.ncols() {
         c[(j, j)] += alpha;
     }

@@ -111,6 +111,31 @@ fn check(x: MatRef<'_, f64>, y: &[f64]) -> Result<()> {
 }
 
 /// Column means of `x`, and `x` with them subtracted.
+/// `XᵀX`, computing one triangle (half the products of a general multiplication) and
+/// mirroring it.
+pub fn gram(x: MatRef<'_, f64>) -> Mat<f64> {
+    use faer::linalg::matmul::triangular::{BlockStructure, matmul};
+    let d = x.ncols();
+    let mut g = Mat::<f64>::zeros(d, d);
+    matmul(
+        g.as_mut(),
+        BlockStructure::TriangularLower,
+        faer::Accum::Replace,
+        x.transpose(),
+        BlockStructure::Rectangular,
+        x,
+        BlockStructure::Rectangular,
+        1.0,
+        faer::get_global_parallelism(),
+    );
+    for j in 0..d {
+        for i in 0..j {
+            g[(i, j)] = g[(j, i)];
+        }
+    }
+    g
+}
+
 fn centre(x: MatRef<'_, f64>) -> (Vec<f64>, Mat<f64>) {
     let (n, d) = (x.nrows(), x.ncols());
     let means: Vec<f64> = (0..d)
@@ -144,7 +169,27 @@ fn ridge(x: MatRef<'_, f64>, y: &[f64], alpha: f64) -> Result<Linear> {
     let (xm, xc) = centre(x);
     let ym = crate::stats::mean(y);
     let yc = Mat::from_fn(y.len(), 1, |i, _| y[i] - ym);
-    let mut g = xc.transpose() * &xc;
+    let n = y.len();
+    if alpha > 0.0 && n < d {
+        // fewer rows than features: the dual form w = Xcᵀ(XcXcᵀ + αI)⁻¹yc (an n×n system,
+        // the same solution), as scikit-learn's solver does in this case
+        let mut k = &xc * xc.transpose();
+        for i in 0..n {
+            k[(i, i)] += alpha;
+        }
+        if let Ok(llt) = k.llt(Side::Lower) {
+            let w = xc.transpose() * llt.solve(&yc);
+            let coef: Vec<f64> = (0..d).map(|j| w[(j, 0)]).collect();
+            let intercept = ym - coef.iter().zip(&xm).map(|(w, m)| w * m).sum::<f64>();
+            return Ok(Linear {
+                coef,
+                intercept,
+                iterations: 0,
+                converged: true,
+            });
+        }
+    }
+    let mut g = gram(xc.as_ref());
     for j in 0..d {
         g[(j, j)] += alpha;
     }
@@ -192,7 +237,7 @@ fn lasso(x: MatRef<'_, f64>, y: &[f64], alpha: f64, tol: f64, max_iter: usize) -
     let (xm, xc) = centre(x);
     let ym = crate::stats::mean(y);
     let yc: Vec<f64> = y.iter().map(|v| v - ym).collect();
-    let g = xc.transpose() * &xc;
+    let g = gram(xc.as_ref());
     let ycm = Mat::from_fn(n, 1, |i, _| yc[i]);
     let qm = xc.transpose() * &ycm;
     let q: Vec<f64> = (0..d).map(|j| qm[(j, 0)]).collect();
@@ -359,6 +404,14 @@ mod tests {
     }
 
     #[test]
+    fn gram_equals_the_full_product() {
+        let x = Mat::from_fn(7, 5, |i, j| ((i * 3 + j * 5) % 7) as f64 - 2.5);
+        let g = gram(x.as_ref());
+        let full = x.transpose() * &x;
+        assert!((&g - &full).norm_l2() < 1e-12);
+    }
+
+    #[test]
     fn ridge_matches_the_normal_equations_and_recovers_the_line() {
         let (x, y) = data();
         let m = fit(ProbeKind::Ridge { alpha: 0.0 }, x.as_ref(), &y).unwrap();
@@ -377,6 +430,21 @@ mod tests {
         )
         .unwrap();
         assert!((m.coef[0] - 1.0).abs() < 1e-12 && (m.intercept - 2.0).abs() < 1e-12);
+        // fewer rows than features: the dual form equals the normal equations
+        let xw = Mat::from_fn(6, 10, |i, j| ((i * 7 + j * 3) % 11) as f64 - 5.0 + 0.1 * j as f64);
+        let yw: Vec<f64> = (0..6).map(|i| i as f64 * 1.5 - 2.0).collect();
+        let m = fit(ProbeKind::Ridge { alpha: 3.0 }, xw.as_ref(), &yw).unwrap();
+        let (_, xc) = centre(xw.as_ref());
+        let ym = yw.iter().sum::<f64>() / 6.0;
+        let mut g = xc.transpose() * &xc;
+        for j in 0..10 {
+            g[(j, j)] += 3.0;
+        }
+        let rhs = xc.transpose() * Mat::from_fn(6, 1, |i, _| yw[i] - ym);
+        let w = g.llt(Side::Lower).unwrap().solve(&rhs);
+        for j in 0..10 {
+            assert!((m.coef[j] - w[(j, 0)]).abs() < 1e-10, "{j}: {} vs {}", m.coef[j], w[(j, 0)]);
+        }
     }
 
     #[test]

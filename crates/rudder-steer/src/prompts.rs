@@ -40,6 +40,60 @@ pub struct PromptSet {
     pub items: Vec<Prompt>,
 }
 
+/// JSON as Python writes it too: `NaN`, `Infinity` and `-Infinity` outside strings (pandas
+/// exports, e.g. XSTest's `"note": NaN`) are read as `null` when strict parsing fails.
+pub fn parse_lenient(text: &str) -> std::result::Result<Value, serde_json::Error> {
+    match serde_json::from_str(text) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let fixed = python_literals_to_null(text);
+            if fixed.len() == text.len() && fixed == text {
+                return Err(e);
+            }
+            serde_json::from_str(&fixed).map_err(|_| e)
+        }
+    }
+}
+
+fn python_literals_to_null(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut i, mut in_str, mut start) = (0, false, 0);
+    while i < b.len() {
+        let c = b[i];
+        if in_str {
+            if c == b'\\' {
+                i += 2;
+                continue;
+            }
+            if c == b'"' {
+                in_str = false;
+            }
+            i += 1;
+            continue;
+        }
+        if c == b'"' {
+            in_str = true;
+            i += 1;
+            continue;
+        }
+        let rest = &text[i..];
+        let tok = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t));
+        if let Some(t) = tok {
+            out.push_str(&text[start..i]);
+            out.push_str("null");
+            i += t.len();
+            start = i;
+            continue;
+        }
+        i += 1;
+    }
+    out.push_str(&text[start..]);
+    out
+}
+
 fn label_of(v: &Value, field: &str) -> Option<String> {
     let l = match v {
         Value::String(s) => s.clone(),
@@ -72,7 +126,7 @@ impl PromptSet {
                 .enumerate()
                 .filter(|(_, l)| !l.trim().is_empty())
                 .map(|(i, l)| {
-                    serde_json::from_str::<Value>(l)
+                    parse_lenient(l)
                         .map(|v| (v, format!("line {}", i + 1)))
                         .map_err(|e| {
                             SteerError::file(path, format!("line {}: invalid JSON: {e}", i + 1))
@@ -80,7 +134,7 @@ impl PromptSet {
                 })
                 .collect::<Result<_>>()?
         } else if ext == "json" || text.trim_start().starts_with('[') {
-            let v: Value = serde_json::from_str(&text)
+            let v: Value = parse_lenient(&text)
                 .map_err(|e| SteerError::file(path, format!("invalid JSON: {e}")))?;
             let arr = match v {
                 Value::Array(a) => a,
@@ -267,6 +321,18 @@ impl Rendering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_nan_literals_read_as_null_but_not_inside_strings() {
+        let v = parse_lenient(r#"[{"prompt": "say NaN \" Infinity", "note": NaN, "x": -Infinity, "y": Infinity}]"#).unwrap();
+        assert_eq!(v[0]["prompt"], "say NaN \" Infinity");
+        assert!(v[0]["note"].is_null() && v[0]["x"].is_null() && v[0]["y"].is_null());
+        assert!(parse_lenient("[1, 2").is_err());
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("x.json");
+        std::fs::write(&p, r#"[{"prompt": "a", "note": NaN}]"#).unwrap();
+        assert_eq!(PromptSet::load(&p, None, None).unwrap().items[0].text, "a");
+    }
 
     #[test]
     fn formats_fields_labels_and_errors() {

@@ -137,32 +137,49 @@ pub fn probe_sites(
     }
     let ytr: Vec<f64> = split.train.iter().map(|&i| targets[i]).collect();
     let yte: Vec<f64> = split.test.iter().map(|&i| targets[i]).collect();
-    let mut rows = Vec::new();
-    let mut models = Vec::new();
-    for (k, &site) in acts.sites.iter().enumerate() {
+    let fit_site = |site: Site| -> Result<(ProbeRow, (Site, Linear))> {
         let t0 = std::time::Instant::now();
         let xtr = acts.matrix(site, Some(&split.train))?;
         let xte = acts.matrix(site, Some(&split.test))?;
         let m = fit(kind, xtr.as_ref(), &ytr)?;
         let ptr = m.predict(xtr.as_ref());
         let pte = m.predict(xte.as_ref());
-        rows.push(ProbeRow {
-            site: site.to_string(),
-            layer: site.layer(),
-            train_mse: stats::mse(&ytr, &ptr),
-            test_mse: stats::mse(&yte, &pte),
-            train_r2: stats::r2(&ytr, &ptr),
-            test_r2: stats::r2(&yte, &pte),
-            test_pearson: stats::pearson(&yte, &pte),
-            test_spearman: stats::spearman(&yte, &pte),
-            train_spearman: stats::spearman(&ytr, &ptr),
-            nonzero: m.coef.iter().filter(|&&w| w != 0.0).count(),
-            iterations: m.iterations,
-            converged: m.converged,
-            seconds: t0.elapsed().as_secs_f64(),
-        });
-        models.push((site, m));
-        progress(k + 1, acts.sites.len());
+        Ok((
+            ProbeRow {
+                site: site.to_string(),
+                layer: site.layer(),
+                train_mse: stats::mse(&ytr, &ptr),
+                test_mse: stats::mse(&yte, &pte),
+                train_r2: stats::r2(&ytr, &ptr),
+                test_r2: stats::r2(&yte, &pte),
+                test_pearson: stats::pearson(&yte, &pte),
+                test_spearman: stats::spearman(&yte, &pte),
+                train_spearman: stats::spearman(&ytr, &ptr),
+                nonzero: m.coef.iter().filter(|&&w| w != 0.0).count(),
+                iterations: m.iterations,
+                converged: m.converged,
+                seconds: t0.elapsed().as_secs_f64(),
+            },
+            (site, m),
+        ))
+    };
+    // sites side by side (one per worker thread): a d×d problem per site is too small to keep
+    // every core busy inside one factorisation. Each fit is the same whatever runs beside it.
+    let mut rows = Vec::new();
+    let mut models = Vec::new();
+    let width = rayon::current_num_threads().max(1);
+    let mut done = 0;
+    for chunk in acts.sites.chunks(width) {
+        use rayon::prelude::*;
+        let res: Vec<Result<(ProbeRow, (Site, Linear))>> =
+            chunk.par_iter().map(|&s| fit_site(s)).collect();
+        for r in res {
+            let (row, m) = r?;
+            rows.push(row);
+            models.push(m);
+        }
+        done += chunk.len();
+        progress(done, acts.sites.len());
     }
     Ok((rows, models))
 }
