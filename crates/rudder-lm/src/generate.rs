@@ -310,7 +310,9 @@ pub fn length_batches(lens: &[usize], max_rows: usize, max_tokens: usize) -> Vec
     let mut cur: Vec<usize> = Vec::new();
     for i in order {
         // sorted ascending: the newcomer is the longest of the group
-        if !cur.is_empty() && (cur.len() >= max_rows.max(1) || (cur.len() + 1) * lens[i] > max_tokens) {
+        if !cur.is_empty()
+            && (cur.len() >= max_rows.max(1) || (cur.len() + 1) * lens[i] > max_tokens)
+        {
             out.push(std::mem::take(&mut cur));
         }
         cur.push(i);

@@ -392,8 +392,11 @@ impl Interventions {
                     iv.site,
                     match &iv.edit {
                         Edit::MatrixAdd { matrix } => format!("matrix of {} values", matrix.len()),
-                        Edit::GatedAdd { gate, vector } =>
-                            format!("gate of length {} and vector of length {}", gate.len(), vector.len()),
+                        Edit::GatedAdd { gate, vector } => format!(
+                            "gate of length {} and vector of length {}",
+                            gate.len(),
+                            vector.len()
+                        ),
                         _ => format!("vector of length {}", iv.dim()),
                     }
                 )));
@@ -474,7 +477,10 @@ impl Hook for Interventions {
                 Edit::GatedAdd { .. } => {
                     // the last prompt column, if this call holds it (same for every row:
                     // rows are left-padded to a common prompt width)
-                    let last = ctx.prompt_cols.checked_sub(1 + ctx.start).filter(|&c| c < t);
+                    let last = ctx
+                        .prompt_cols
+                        .checked_sub(1 + ctx.start)
+                        .filter(|&c| c < t);
                     let Some(c) = last else { continue };
                     let h_last = x.narrow(1, c, 1)?.reshape((b, d))?;
                     let gates = h_last.matmul(&p.narrow(1, 0, 1)?)?; // [b, 1]

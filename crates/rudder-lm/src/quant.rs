@@ -663,7 +663,10 @@ mod precision {
         for i in [0, 7, 111, 112, 113, 224, 250, 299] {
             let yi = m.matmul(&x[i * cols..(i + 1) * cols], 1);
             for r in 0..rows {
-                assert!((y[i * rows + r] - yi[r]).abs() <= 1e-5 * yi[r].abs().max(1.0), "row {i}");
+                assert!(
+                    (y[i * rows + r] - yi[r]).abs() <= 1e-5 * yi[r].abs().max(1.0),
+                    "row {i}"
+                );
             }
         }
     }

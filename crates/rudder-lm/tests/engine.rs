@@ -441,7 +441,10 @@ fn gated_edits_keep_the_prompt_whole_and_equal_the_padded_path() {
     let d = lm.decoder.cfg.hidden_size;
     let p = lm
         .tok
-        .encode("there are seven hills and one river in the town of many names", false)
+        .encode(
+            "there are seven hills and one river in the town of many names",
+            false,
+        )
         .unwrap();
     assert!(p.len() > 7);
     let iv = Interventions::new(vec![Intervention {
@@ -462,7 +465,10 @@ fn gated_edits_keep_the_prompt_whole_and_equal_the_padded_path() {
     let mut hook = iv.clone();
     let want = generate(&lm, &[p.clone()], &config, &mut hook, &mut |_, _| {}).unwrap();
     let plain = generate(&lm, &[p.clone()], &config, &mut NoHook, &mut |_, _| {}).unwrap();
-    assert_ne!(want[0].tokens, plain[0].tokens, "the gated edit changed nothing");
+    assert_ne!(
+        want[0].tokens, plain[0].tokens,
+        "the gated edit changed nothing"
+    );
     let eng = engine(lm, 4);
     let mut j = Job::new(p.clone(), config.clone());
     j.interventions = Some(iv);

@@ -688,7 +688,11 @@ fn gated_edit_adds_the_last_tokens_gate_times_the_vector_during_prefill_only() {
         let g: f32 = u.iter().zip(&x[last]).map(|(a, b)| a * b).sum();
         for k in 0..d {
             let want = x[i][k] + 1.5 * g * v[k];
-            assert!((y[i][k] - want).abs() < 1e-4, "row {i} dim {k}: {} vs {want}", y[i][k]);
+            assert!(
+                (y[i][k] - want).abs() < 1e-4,
+                "row {i} dim {k}: {} vs {want}",
+                y[i][k]
+            );
         }
     }
     assert!(x != y, "the edit changed nothing");

@@ -68,7 +68,9 @@ pub fn null_basis(benign: MatRef<'_, f64>, rule: NullSpace) -> Result<NullBasis>
     rule.check()?;
     let (n, d) = (benign.nrows(), benign.ncols());
     if n == 0 || d == 0 {
-        return Err(SteerError::Invalid("the benign activation matrix is empty".into()));
+        return Err(SteerError::Invalid(
+            "the benign activation matrix is empty".into(),
+        ));
     }
     if !benign.is_all_finite() {
         return Err(SteerError::Invalid(
@@ -124,7 +126,9 @@ pub fn fit_gate(q: MatRef<'_, f64>, harmful: MatRef<'_, f64>, alpha: f64) -> Res
     check_harmful(q, harmful, alpha)?;
     let llt = gram_in_null_space(q, harmful, alpha)?;
     let d = harmful.ncols();
-    let sum = Mat::from_fn(d, 1, |j, _| (0..harmful.nrows()).map(|i| harmful[(i, j)]).sum::<f64>());
+    let sum = Mat::from_fn(d, 1, |j, _| {
+        (0..harmful.nrows()).map(|i| harmful[(i, j)]).sum::<f64>()
+    });
     let z = llt.solve(q.transpose() * &sum);
     let u = q * &z;
     Ok((0..d).map(|j| u[(j, 0)]).collect())
@@ -155,7 +159,9 @@ pub fn fit_matrix(
 
 fn check_harmful(q: MatRef<'_, f64>, harmful: MatRef<'_, f64>, alpha: f64) -> Result<()> {
     if harmful.nrows() == 0 {
-        return Err(SteerError::Invalid("the malicious activation matrix is empty".into()));
+        return Err(SteerError::Invalid(
+            "the malicious activation matrix is empty".into(),
+        ));
     }
     if harmful.ncols() != q.nrows() {
         return Err(SteerError::Invalid(format!(
@@ -327,12 +333,16 @@ impl SteerFile {
         let idx: Value = std::fs::read(&sp)
             .map_err(|e| SteerError::file(&sp, e))
             .and_then(|b| {
-                serde_json::from_slice(&b).map_err(|e| SteerError::file(&sp, format!("invalid JSON: {e}")))
+                serde_json::from_slice(&b)
+                    .map_err(|e| SteerError::file(&sp, format!("invalid JSON: {e}")))
             })?;
         if idx["format"] != FORMAT {
             return Err(SteerError::file(
                 &sp,
-                format!("format {:?}, expected {FORMAT:?} (is this an AlphaSteer file?)", idx["format"]),
+                format!(
+                    "format {:?}, expected {FORMAT:?} (is this an AlphaSteer file?)",
+                    idx["format"]
+                ),
             ));
         }
         let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
@@ -342,19 +352,25 @@ impl SteerFile {
             .ok_or_else(|| SteerError::file(&sp, "field \"layers\" is missing"))?;
         let mut layers = Vec::new();
         for (i, e) in entries.iter().enumerate() {
-            let l = e["layer"]
-                .as_u64()
-                .ok_or_else(|| SteerError::file(&sp, format!("layers[{i}].layer is not a number")))?
-                as usize;
+            let l = e["layer"].as_u64().ok_or_else(|| {
+                SteerError::file(&sp, format!("layers[{i}].layer is not a number"))
+            })? as usize;
             let get = |name: String| -> Result<Vec<f32>> {
                 let x = t
                     .get(&name)
                     .ok_or_else(|| SteerError::file(path, format!("tensor {name} is missing")))?;
-                Ok(x.to_vec1::<f32>().map_err(|e| SteerError::file(path, format!("{name}: {e}")))?)
+                Ok(x.to_vec1::<f32>()
+                    .map_err(|e| SteerError::file(path, format!("{name}: {e}")))?)
             };
-            let (gate, vector) = (get(format!("layer.{l}.gate"))?, get(format!("layer.{l}.vector"))?);
+            let (gate, vector) = (
+                get(format!("layer.{l}.gate"))?,
+                get(format!("layer.{l}.vector"))?,
+            );
             if gate.len() != vector.len() {
-                return Err(SteerError::file(path, format!("layer {l}: gate and vector differ in length")));
+                return Err(SteerError::file(
+                    path,
+                    format!("layer {l}: gate and vector differ in length"),
+                ));
             }
             layers.push(LayerSteer {
                 layer: l,
@@ -450,7 +466,9 @@ mod tests {
     fn lcg(seed: u64) -> impl FnMut() -> f64 {
         let mut s = seed;
         move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         }
     }
@@ -460,7 +478,13 @@ mod tests {
     fn data(d: usize, nb: usize, nm: usize) -> (Mat<f64>, Mat<f64>) {
         let mut r = lcg(7);
         let hb = Mat::from_fn(nb, d, |_, j| if j < d / 2 { r() * 3.0 } else { r() * 0.01 });
-        let hm = Mat::from_fn(nm, d, |_, j| if j < d / 2 { r() * 3.0 } else { 1.0 + r() * 0.2 });
+        let hm = Mat::from_fn(nm, d, |_, j| {
+            if j < d / 2 {
+                r() * 3.0
+            } else {
+                1.0 + r() * 0.2
+            }
+        });
         (hb, hm)
     }
 
@@ -544,10 +568,19 @@ mod tests {
         assert!(e.to_string().contains("empty"));
         let nb = null_basis(hb.as_ref(), NullSpace::Ratio(0.5)).unwrap();
         let narrow = Mat::<f64>::zeros(3, 7);
-        assert!(fit_gate(nb.q.as_ref(), narrow.as_ref(), 1.0).err().unwrap().to_string().contains("width"));
+        assert!(
+            fit_gate(nb.q.as_ref(), narrow.as_ref(), 1.0)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("width")
+        );
         // α = 0 with fewer malicious rows than null-space directions: singular, named
         let few = Mat::from_fn(2, 8, |i, j| (i + j) as f64);
-        let e = fit_gate(nb.q.as_ref(), few.as_ref(), 0.0).err().unwrap().to_string();
+        let e = fit_gate(nb.q.as_ref(), few.as_ref(), 0.0)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("singular"), "{e}");
         let mut nan = hm.clone();
         nan[(0, 0)] = f64::NAN;
@@ -559,26 +592,60 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let f = SteerFile {
             layers: vec![
-                LayerSteer { layer: 3, k: 4, p: Some(0.5), gate: vec![0.5; 8], vector: vec![1.0; 8] },
-                LayerSteer { layer: 1, k: 4, p: Some(0.5), gate: vec![0.25; 8], vector: vec![-1.0; 8] },
+                LayerSteer {
+                    layer: 3,
+                    k: 4,
+                    p: Some(0.5),
+                    gate: vec![0.5; 8],
+                    vector: vec![1.0; 8],
+                },
+                LayerSteer {
+                    layer: 1,
+                    k: 4,
+                    p: Some(0.5),
+                    gate: vec![0.25; 8],
+                    vector: vec![-1.0; 8],
+                },
             ],
             meta: json!({"model": "tiny"}),
         };
         let p = tmp.path().join("steer.safetensors");
         f.save(&p).unwrap();
         let back = SteerFile::load(&p).unwrap();
-        assert_eq!(back.layers.iter().map(|l| l.layer).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(
+            back.layers.iter().map(|l| l.layer).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
         assert_eq!(back.layers[1].gate, vec![0.5; 8]);
         back.check(4, 8, &p).unwrap();
-        assert!(back.check(3, 8, &p).err().unwrap().to_string().contains("has 3 layers"));
-        assert!(back.check(4, 16, &p).err().unwrap().to_string().contains("hidden size is 16"));
+        assert!(
+            back.check(3, 8, &p)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("has 3 layers")
+        );
+        assert!(
+            back.check(4, 16, &p)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("hidden size is 16")
+        );
         let iv = back.interventions(0.5);
         assert_eq!(iv.interventions.len(), 2);
         assert!(iv.needs_whole_prompt());
         assert!(!back.vector_baseline(1.0).needs_whole_prompt());
         // a vector file is not an AlphaSteer file
-        std::fs::write(tmp.path().join("x.safetensors.json"), r#"{"format": "rudder-steering-vectors-v1"}"#).unwrap();
-        let e = SteerFile::load(&tmp.path().join("x.safetensors")).err().unwrap().to_string();
+        std::fs::write(
+            tmp.path().join("x.safetensors.json"),
+            r#"{"format": "rudder-steering-vectors-v1"}"#,
+        )
+        .unwrap();
+        let e = SteerFile::load(&tmp.path().join("x.safetensors"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("AlphaSteer"), "{e}");
     }
 }

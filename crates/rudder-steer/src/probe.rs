@@ -431,7 +431,9 @@ mod tests {
         .unwrap();
         assert!((m.coef[0] - 1.0).abs() < 1e-12 && (m.intercept - 2.0).abs() < 1e-12);
         // fewer rows than features: the dual form equals the normal equations
-        let xw = Mat::from_fn(6, 10, |i, j| ((i * 7 + j * 3) % 11) as f64 - 5.0 + 0.1 * j as f64);
+        let xw = Mat::from_fn(6, 10, |i, j| {
+            ((i * 7 + j * 3) % 11) as f64 - 5.0 + 0.1 * j as f64
+        });
         let yw: Vec<f64> = (0..6).map(|i| i as f64 * 1.5 - 2.0).collect();
         let m = fit(ProbeKind::Ridge { alpha: 3.0 }, xw.as_ref(), &yw).unwrap();
         let (_, xc) = centre(xw.as_ref());
@@ -443,7 +445,12 @@ mod tests {
         let rhs = xc.transpose() * Mat::from_fn(6, 1, |i, _| yw[i] - ym);
         let w = g.llt(Side::Lower).unwrap().solve(&rhs);
         for j in 0..10 {
-            assert!((m.coef[j] - w[(j, 0)]).abs() < 1e-10, "{j}: {} vs {}", m.coef[j], w[(j, 0)]);
+            assert!(
+                (m.coef[j] - w[(j, 0)]).abs() < 1e-10,
+                "{j}: {} vs {}",
+                m.coef[j],
+                w[(j, 0)]
+            );
         }
     }
 

@@ -324,7 +324,10 @@ mod tests {
 
     #[test]
     fn python_nan_literals_read_as_null_but_not_inside_strings() {
-        let v = parse_lenient(r#"[{"prompt": "say NaN \" Infinity", "note": NaN, "x": -Infinity, "y": Infinity}]"#).unwrap();
+        let v = parse_lenient(
+            r#"[{"prompt": "say NaN \" Infinity", "note": NaN, "x": -Infinity, "y": Infinity}]"#,
+        )
+        .unwrap();
         assert_eq!(v[0]["prompt"], "say NaN \" Infinity");
         assert!(v[0]["note"].is_null() && v[0]["x"].is_null() && v[0]["y"].is_null());
         assert!(parse_lenient("[1, 2").is_err());

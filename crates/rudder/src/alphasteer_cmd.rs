@@ -79,7 +79,12 @@ pub struct EvalArgs {
     #[arg(long)]
     pub steer: Option<PathBuf>,
     /// AlphaSteer strengths λ (0 = the unsteered model).
-    #[arg(long, default_value = "0,0.5,1", value_delimiter = ',', allow_hyphen_values = true)]
+    #[arg(
+        long,
+        default_value = "0,0.5,1",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
     pub strengths: Vec<f64>,
     /// Strengths of the plain refusal-vector baseline (the same vectors added at every prompt
     /// position of the same layers, no gate).
@@ -162,8 +167,12 @@ pub fn parse_layers(s: &str, layers: usize) -> Result<Vec<usize>> {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (part, part),
         };
-        let a: usize = a.parse().with_context(|| format!("--layers {part:?}: not a layer number"))?;
-        let b: usize = b.parse().with_context(|| format!("--layers {part:?}: not a layer number"))?;
+        let a: usize = a
+            .parse()
+            .with_context(|| format!("--layers {part:?}: not a layer number"))?;
+        let b: usize = b
+            .parse()
+            .with_context(|| format!("--layers {part:?}: not a layer number"))?;
         if a > b || b >= layers {
             bail!("--layers {part:?}: the model has layers 0..{}", layers - 1);
         }
@@ -180,7 +189,10 @@ pub fn parse_layers(s: &str, layers: usize) -> Result<Vec<usize>> {
 fn sha256_file(p: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let b = std::fs::read(p).with_context(|| format!("{}", p.display()))?;
-    Ok(Sha256::digest(&b).iter().map(|x| format!("{x:02x}")).collect())
+    Ok(Sha256::digest(&b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect())
 }
 
 fn load_prompts(files: &[PathBuf], limit: usize) -> Result<Vec<String>> {
@@ -202,13 +214,21 @@ fn fit_config(a: &FitArgs, layers: Vec<usize>) -> Result<FitConfig> {
             .split_once('=')
             .with_context(|| format!("--p-layer {s:?}: expected LAYER=P"))?;
         per_layer_p.insert(
-            l.trim().parse::<usize>().with_context(|| format!("--p-layer {s:?}"))?,
-            p.trim().parse::<f64>().with_context(|| format!("--p-layer {s:?}"))?,
+            l.trim()
+                .parse::<usize>()
+                .with_context(|| format!("--p-layer {s:?}"))?,
+            p.trim()
+                .parse::<f64>()
+                .with_context(|| format!("--p-layer {s:?}"))?,
         );
     }
     let cfg = FitConfig {
         layers,
-        null_space: if a.tolerance { NullSpace::Tolerance } else { NullSpace::Ratio(a.p) },
+        null_space: if a.tolerance {
+            NullSpace::Tolerance
+        } else {
+            NullSpace::Ratio(a.p)
+        },
         per_layer_p,
         alpha: a.alpha,
     };
@@ -241,7 +261,11 @@ fn run_fit_acts(a: &FitArgs, b: &Path, h: &Path) -> Result<()> {
         })
         .collect();
     if present.is_empty() {
-        bail!("{} and {} share no resid_pre site", b.display(), h.display());
+        bail!(
+            "{} and {} share no resid_pre site",
+            b.display(),
+            h.display()
+        );
     }
     let max = present.iter().max().copied().unwrap_or(0) + 1;
     let layers = match &a.layers {
@@ -249,7 +273,10 @@ fn run_fit_acts(a: &FitArgs, b: &Path, h: &Path) -> Result<()> {
         None => present.clone(),
     };
     if let Some(l) = layers.iter().find(|l| !present.contains(l)) {
-        bail!("layer {l}: {} has no blocks.{l}.hook_resid_pre for both sets", b.display());
+        bail!(
+            "layer {l}: {} has no blocks.{l}.hook_resid_pre for both sets",
+            b.display()
+        );
     }
     let cfg = fit_config(a, layers)?;
     let pb = crate::steer_cmd::bar("fit", cfg.layers.len() as u64);
@@ -261,7 +288,12 @@ fn run_fit_acts(a: &FitArgs, b: &Path, h: &Path) -> Result<()> {
             "hidden_size": sb.hidden, "capture_meta": sb.meta, "report": report}),
     };
     file.save(&a.out)?;
-    eprintln!("AlphaSteer fitted on {} benign and {} harmful rows → {}", sb.len(), sh.len(), a.out.display());
+    eprintln!(
+        "AlphaSteer fitted on {} benign and {} harmful rows → {}",
+        sb.len(),
+        sh.len(),
+        a.out.display()
+    );
     print_report(&report);
     Ok(())
 }
@@ -274,7 +306,9 @@ fn run_fit(a: FitArgs) -> Result<()> {
     let (nl, d) = (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size);
     let layers = match &a.layers {
         Some(s) => parse_layers(s, nl)?,
-        None => ((nl as f64 * 0.25).floor() as usize..=((nl as f64 * 0.6).floor() as usize).min(nl - 1)).collect(),
+        None => ((nl as f64 * 0.25).floor() as usize
+            ..=((nl as f64 * 0.6).floor() as usize).min(nl - 1))
+            .collect(),
     };
     let cfg = fit_config(&a, layers.clone())?;
     let rendering = Rendering::plain(true);
@@ -286,7 +320,10 @@ fn run_fit(a: FitArgs) -> Result<()> {
     std::fs::create_dir_all(&acts_dir)?;
     let sites: Vec<Site> = layers.iter().map(|&l| Site::ResidPre(l)).collect();
     let mut sets = Vec::new();
-    for (name, files, limit) in [("benign", &a.benign, a.limit_benign), ("harmful", &a.harmful, a.limit_harmful)] {
+    for (name, files, limit) in [
+        ("benign", &a.benign, a.limit_benign),
+        ("harmful", &a.harmful, a.limit_harmful),
+    ] {
         let texts = load_prompts(files, limit)?;
         let ids: Vec<Vec<u32>> = texts
             .iter()
@@ -297,7 +334,9 @@ fn run_fit(a: FitArgs) -> Result<()> {
             "files": files, "limit": limit, "sites": sites.iter().map(|s| s.to_string()).collect::<Vec<_>>()});
         // a cached set is reused only if it was made from the same prompts and sites
         let cached = ActivationSet::load(&path).ok().filter(|s| {
-            s.len() == ids.len() && s.meta["meta"]["files"] == meta["files"] && s.meta["meta"]["limit"] == meta["limit"]
+            s.len() == ids.len()
+                && s.meta["meta"]["files"] == meta["files"]
+                && s.meta["meta"]["limit"] == meta["limit"]
                 && sites.iter().all(|x| s.sites.contains(x))
         });
         let set = match cached {
@@ -309,7 +348,12 @@ fn run_fit(a: FitArgs) -> Result<()> {
                     &lm,
                     &ids,
                     None,
-                    &CaptureConfig { sites: sites.clone(), positions: Positions::LastPrompt, batch: a.batch.max(1), shard_batches: 8 },
+                    &CaptureConfig {
+                        sites: sites.clone(),
+                        positions: Positions::LastPrompt,
+                        batch: a.batch.max(1),
+                        shard_batches: 8,
+                    },
                     None,
                     &path,
                     meta,
@@ -322,7 +366,9 @@ fn run_fit(a: FitArgs) -> Result<()> {
         sets.push((name, files.clone(), set));
     }
     let pb = crate::steer_cmd::bar("fit", layers.len() as u64);
-    let (steer, report) = alphasteer::fit(&sets[0].2, &sets[1].2, &cfg, &mut |k, _| pb.set_position(k as u64))?;
+    let (steer, report) = alphasteer::fit(&sets[0].2, &sets[1].2, &cfg, &mut |k, _| {
+        pb.set_position(k as u64)
+    })?;
     pb.finish_and_clear();
     let mut hashes = BTreeMap::new();
     for (_, files, _) in &sets {
@@ -368,7 +414,11 @@ fn judge_client(j: &JudgeLlmArgs) -> Result<Option<(rudder_client::Client, Decis
         "logprob" => Decision::Logprob,
         o => bail!("--judge-decisions {o:?}: expected text or logprob"),
     };
-    Ok(Some((client, decision, j.judge_model.clone().unwrap_or_default())))
+    Ok(Some((
+        client,
+        decision,
+        j.judge_model.clone().unwrap_or_default(),
+    )))
 }
 
 fn judge_pairs(
@@ -378,7 +428,10 @@ fn judge_pairs(
     let Some((client, decision, model)) = judge_client(j)? else {
         return Ok(None);
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let pb = crate::steer_cmd::bar("LLM judge", pairs.len() as u64);
     // in chunks, so the bar moves and an interruption keeps the cache of what was judged
     let mut out = Vec::new();
@@ -411,8 +464,12 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         None => Vec::new(),
     };
     for s in &a.sets {
-        let (nk, file) = s.split_once('=').with_context(|| format!("--set {s:?}: expected NAME:KIND=FILE"))?;
-        let (name, kind) = nk.split_once(':').with_context(|| format!("--set {s:?}: expected NAME:KIND=FILE"))?;
+        let (nk, file) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s:?}: expected NAME:KIND=FILE"))?;
+        let (name, kind) = nk
+            .split_once(':')
+            .with_context(|| format!("--set {s:?}: expected NAME:KIND=FILE"))?;
         let kind = match kind {
             "harmful" => SetKind::Harmful,
             "safe" => SetKind::Safe,
@@ -432,14 +489,26 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         });
     }
     if !a.only.is_empty() {
-        let unknown: Vec<&String> = a.only.iter().filter(|n| !sets.iter().any(|s| &s.name == *n)).collect();
+        let unknown: Vec<&String> = a
+            .only
+            .iter()
+            .filter(|n| !sets.iter().any(|s| &s.name == *n))
+            .collect();
         if !unknown.is_empty() {
-            bail!("--only: no set named {unknown:?} (found: {})", sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "));
+            bail!(
+                "--only: no set named {unknown:?} (found: {})",
+                sets.iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         sets.retain(|s| a.only.contains(&s.name));
     }
     if sets.is_empty() {
-        bail!("no test sets: give --data DIR (../shared/data/steering/refusal) or --set NAME:KIND=FILE");
+        bail!(
+            "no test sets: give --data DIR (../shared/data/steering/refusal) or --set NAME:KIND=FILE"
+        );
     }
     let file = match &a.steer {
         Some(p) => {
@@ -452,14 +521,28 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let mut conditions = Vec::new();
     for &s in &a.strengths {
         conditions.push(match (&file, s == 0.0) {
-            (_, true) => Condition { method: "none".into(), strength: 0.0, interventions: None },
-            (Some(f), false) => Condition { method: "alphasteer".into(), strength: s, interventions: Some(f.interventions(s as f32)) },
+            (_, true) => Condition {
+                method: "none".into(),
+                strength: 0.0,
+                interventions: None,
+            },
+            (Some(f), false) => Condition {
+                method: "alphasteer".into(),
+                strength: s,
+                interventions: Some(f.interventions(s as f32)),
+            },
             (None, false) => bail!("--strengths {s} needs --steer FILE"),
         });
     }
     for &s in &a.vector_strengths {
-        let f = file.as_ref().context("--vector-strengths needs --steer FILE (its refusal vectors)")?;
-        conditions.push(Condition { method: "vector".into(), strength: s, interventions: Some(f.vector_baseline(s as f32)) });
+        let f = file
+            .as_ref()
+            .context("--vector-strengths needs --steer FILE (its refusal vectors)")?;
+        conditions.push(Condition {
+            method: "vector".into(),
+            strength: s,
+            interventions: Some(f.vector_baseline(s as f32)),
+        });
     }
     // one unsteered condition is enough
     let mut seen = std::collections::HashSet::new();
@@ -476,22 +559,43 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         keyword_window: a.keyword_window,
         judge_llm: a.judge.judge_llm.as_deref(),
     })?;
-    let engine = Engine::start(lm.clone(), EngineConfig { max_rows: a.batch.max(1), max_queue: 1 << 20, prefill_chunk: 512 });
+    let engine = Engine::start(
+        lm.clone(),
+        EngineConfig {
+            max_rows: a.batch.max(1),
+            max_queue: 1 << 20,
+            prefill_chunk: 512,
+        },
+    );
     let mut journal = Journal::open(&a.out.join("responses.jsonl"))?;
-    let cfg = EvalConfig { limit: a.limit, max_tokens_cap: a.max_tokens, keyword_window: a.keyword_window };
+    let cfg = EvalConfig {
+        limit: a.limit,
+        max_tokens_cap: a.max_tokens,
+        keyword_window: a.keyword_window,
+    };
     let t0 = std::time::Instant::now();
     let mut pb: Option<(String, indicatif::ProgressBar)> = None;
-    let rows = refusal::evaluate(&engine, &sets, &conditions, &cfg, &mut journal, &mut |label, done, total| {
-        if pb.as_ref().is_none_or(|(l, _)| l != label) {
-            if let Some((_, b)) = pb.take() {
-                b.finish_and_clear();
+    let rows = refusal::evaluate(
+        &engine,
+        &sets,
+        &conditions,
+        &cfg,
+        &mut journal,
+        &mut |label, done, total| {
+            if pb.as_ref().is_none_or(|(l, _)| l != label) {
+                if let Some((_, b)) = pb.take() {
+                    b.finish_and_clear();
+                }
+                pb = Some((
+                    label.to_string(),
+                    crate::steer_cmd::bar(label, total as u64),
+                ));
             }
-            pb = Some((label.to_string(), crate::steer_cmd::bar(label, total as u64)));
-        }
-        if let Some((_, b)) = &pb {
-            b.set_position(done as u64);
-        }
-    })?;
+            if let Some((_, b)) = &pb {
+                b.set_position(done as u64);
+            }
+        },
+    )?;
     if let Some((_, b)) = pb.take() {
         b.finish_and_clear();
     }
@@ -502,23 +606,37 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if a.judge.judge_llm.is_some() {
         let mut pairs = Vec::new();
         let mut keys = Vec::new();
-        for set in sets.iter().filter(|s| matches!(s.kind, SetKind::Harmful | SetKind::Safe)) {
+        for set in sets
+            .iter()
+            .filter(|s| matches!(s.kind, SetKind::Harmful | SetKind::Safe))
+        {
             let (_, texts, _) = refusal::load_set(&lm, set, a.limit)?;
             for c in &conditions {
                 let tag = format!("{}/{}", c.method, set.name);
-                for r in journal.tagged(&tag).filter(|r| r.alpha == c.strength && r.question < texts.len()) {
+                for r in journal
+                    .tagged(&tag)
+                    .filter(|r| r.alpha == c.strength && r.question < texts.len())
+                {
                     pairs.push((texts[r.question].clone(), r.text.clone()));
-                    keys.push((c.method.clone(), c.strength, set.name.clone(), refusal::keyword_refuses(&r.text, a.keyword_window)));
+                    keys.push((
+                        c.method.clone(),
+                        c.strength,
+                        set.name.clone(),
+                        refusal::keyword_refuses(&r.text, a.keyword_window),
+                    ));
                 }
             }
         }
         let js = judge_pairs(&a.judge, &pairs)?.unwrap_or_default();
         let mut by: BTreeMap<(String, u64, String), Vec<(bool, Option<bool>)>> = BTreeMap::new();
         for (k, j) in keys.iter().zip(&js) {
-            by.entry((k.0.clone(), k.1.to_bits(), k.2.clone())).or_default().push((k.3, j.class.map(|c| c.refuses())));
+            by.entry((k.0.clone(), k.1.to_bits(), k.2.clone()))
+                .or_default()
+                .push((k.3, j.class.map(|c| c.refuses())));
         }
         for ((m, s, set), v) in by {
-            let judged: Vec<(bool, bool)> = v.iter().filter_map(|(k, l)| l.map(|l| (*k, l))).collect();
+            let judged: Vec<(bool, bool)> =
+                v.iter().filter_map(|(k, l)| l.map(|l| (*k, l))).collect();
             let (agree, kappa) = refusal::agreement(
                 &judged.iter().map(|x| x.0).collect::<Vec<_>>(),
                 &judged.iter().map(|x| x.1).collect::<Vec<_>>(),
@@ -533,7 +651,10 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         }
         // AlpacaEval-style win rate of each steered condition against the unsteered answers
         if let Some((client, decision, model)) = judge_client(&a.judge)? {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             for set in sets.iter().filter(|s| s.kind == SetKind::Open) {
                 let (_, texts, _) = refusal::load_set(&lm, set, a.limit)?;
                 let base: BTreeMap<usize, String> = journal
@@ -541,7 +662,10 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                     .map(|r| (r.question, r.text.clone()))
                     .collect();
                 if base.is_empty() {
-                    eprintln!("win rate on {}: no unsteered answers (add 0 to --strengths)", set.name);
+                    eprintln!(
+                        "win rate on {}: no unsteered answers (add 0 to --strengths)",
+                        set.name
+                    );
                     continue;
                 }
                 for c in conditions.iter().filter(|c| c.method != "none") {
@@ -549,42 +673,78 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                     let items: Vec<(String, String, String)> = journal
                         .tagged(&tag)
                         .filter(|r| r.alpha == c.strength && r.question < texts.len())
-                        .filter_map(|r| base.get(&r.question).map(|b| (texts[r.question].clone(), b.clone(), r.text.clone())))
+                        .filter_map(|r| {
+                            base.get(&r.question)
+                                .map(|b| (texts[r.question].clone(), b.clone(), r.text.clone()))
+                        })
                         .collect();
-                    let (wr, undecided) = rt.block_on(refusal::win_rate(&client, &model, &items, decision, 0));
+                    let (wr, undecided) =
+                        rt.block_on(refusal::win_rate(&client, &model, &items, decision, 0));
                     judge_rows.push(json!({"method": c.method, "strength": c.strength, "set": set.name, "n": items.len(),
                         "win_rate_vs_unsteered": wr, "undecided": undecided}));
                 }
             }
         }
-        crate::steer_cmd::write_json(&a.out.join("judge.json"), &json!({"judge": a.judge.judge_llm, "rows": judge_rows,
-            "verdicts": keys.iter().zip(&js).map(|(k, j)| json!({"method": k.0, "strength": k.1, "set": k.2, "keyword": k.3, "llm": j.class, "raw": j.raw})).collect::<Vec<_>>()}))?;
+        crate::steer_cmd::write_json(
+            &a.out.join("judge.json"),
+            &json!({"judge": a.judge.judge_llm, "rows": judge_rows,
+            "verdicts": keys.iter().zip(&js).map(|(k, j)| json!({"method": k.0, "strength": k.1, "set": k.2, "keyword": k.3, "llm": j.class, "raw": j.raw})).collect::<Vec<_>>()}),
+        )?;
     }
     let trade = refusal::tradeoff(&rows);
-    let mut lines: Vec<Value> = rows.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
+    let mut lines: Vec<Value> = rows
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap_or_default())
+        .collect();
     lines.extend(trade.iter().map(|t| json!({"tradeoff": t})));
     lines.extend(judge_rows.iter().map(|j| json!({"judge": j})));
     run.write_metrics(&lines)?;
     // plots: safety vs over-refusal per method; refusal rate vs strength per set
     let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for t in &trade {
-        let (x, y) = (t["xstest_compliance"].as_f64().unwrap_or(f64::NAN), t["dsr_mean"].as_f64().unwrap_or(f64::NAN));
+        let (x, y) = (
+            t["xstest_compliance"].as_f64().unwrap_or(f64::NAN),
+            t["dsr_mean"].as_f64().unwrap_or(f64::NAN),
+        );
         if x.is_finite() && y.is_finite() {
-            series.entry(t["method"].as_str().unwrap_or("?").to_string()).or_default().push((x, y));
+            series
+                .entry(t["method"].as_str().unwrap_or("?").to_string())
+                .or_default()
+                .push((x, y));
         }
     }
-    let sv: Vec<(&str, Vec<(f64, f64)>)> = series.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    if let Err(e) = crate::plots::scatter(&a.out.join("tradeoff.png"), "safety vs over-refusal", "XSTest-safe compliance", "mean refusal rate on harmful sets", &sv) {
+    let sv: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    if let Err(e) = crate::plots::scatter(
+        &a.out.join("tradeoff.png"),
+        "safety vs over-refusal",
+        "XSTest-safe compliance",
+        "mean refusal rate on harmful sets",
+        &sv,
+    ) {
         tracing::warn!("plot skipped: {e}");
     }
     let mut by_set: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.method != "vector") {
         if let Some(v) = r.refusal_rate {
-            by_set.entry(r.set.clone()).or_default().push((r.strength, v));
+            by_set
+                .entry(r.set.clone())
+                .or_default()
+                .push((r.strength, v));
         }
     }
-    let sv: Vec<(&str, Vec<(f64, f64)>)> = by_set.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    if let Err(e) = crate::plots::lines(&a.out.join("refusal_vs_strength.png"), "refusal rate vs AlphaSteer strength", "λ", &sv) {
+    let sv: Vec<(&str, Vec<(f64, f64)>)> = by_set
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    if let Err(e) = crate::plots::lines(
+        &a.out.join("refusal_vs_strength.png"),
+        "refusal rate vs AlphaSteer strength",
+        "λ",
+        &sv,
+    ) {
         tracing::warn!("plot skipped: {e}");
     }
     // summary
@@ -602,32 +762,71 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         seconds
     ));
     s.push_str("## Trade-off\n\n| method | λ | mean refusal on harmful sets (DSR) | XSTest-safe compliance | math accuracy |\n|---|---|---|---|---|\n");
-    let f = |v: &Value| v.as_f64().filter(|x| x.is_finite()).map(|x| format!("{:.3}", x)).unwrap_or_else(|| "–".into());
+    let f = |v: &Value| {
+        v.as_f64()
+            .filter(|x| x.is_finite())
+            .map(|x| format!("{:.3}", x))
+            .unwrap_or_else(|| "–".into())
+    };
     for t in &trade {
-        s.push_str(&format!("| {} | {} | {} | {} | {} |\n", t["method"].as_str().unwrap_or(""), t["strength"], f(&t["dsr_mean"]), f(&t["xstest_compliance"]), f(&t["math_accuracy"])));
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            t["method"].as_str().unwrap_or(""),
+            t["strength"],
+            f(&t["dsr_mean"]),
+            f(&t["xstest_compliance"]),
+            f(&t["math_accuracy"])
+        ));
     }
     s.push_str("\n## Per set\n\n| method | λ | set | n | refusal rate | accuracy | mean tokens |\n|---|---|---|---|---|---|---|\n");
     for r in &rows {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {:.0} |\n",
-            r.method, r.strength, r.set, r.n,
-            r.refusal_rate.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into()),
-            r.accuracy.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into()),
+            r.method,
+            r.strength,
+            r.set,
+            r.n,
+            r.refusal_rate
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "–".into()),
+            r.accuracy
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "–".into()),
             r.mean_tokens
         ));
     }
     if !judge_rows.is_empty() {
         s.push_str("\n## LLM judge vs keywords\n\n| method | λ | set | LLM refusal rate | keyword refusal rate | agreement | κ | unparsed |\n|---|---|---|---|---|---|---|---|\n");
         for j in judge_rows.iter().filter(|j| j.get("agreement").is_some()) {
-            s.push_str(&format!("| {} | {} | {} | {} | {} | {} | {} | {} |\n", j["method"].as_str().unwrap_or(""), j["strength"], j["set"].as_str().unwrap_or(""),
-                f(&j["llm_refusal_rate"]), f(&j["keyword_refusal_rate"]), f(&j["agreement"]), f(&j["kappa"]), j["unparsed"]));
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                j["method"].as_str().unwrap_or(""),
+                j["strength"],
+                j["set"].as_str().unwrap_or(""),
+                f(&j["llm_refusal_rate"]),
+                f(&j["keyword_refusal_rate"]),
+                f(&j["agreement"]),
+                f(&j["kappa"]),
+                j["unparsed"]
+            ));
         }
     }
-    let wins: Vec<&Value> = judge_rows.iter().filter(|j| j.get("win_rate_vs_unsteered").is_some()).collect();
+    let wins: Vec<&Value> = judge_rows
+        .iter()
+        .filter(|j| j.get("win_rate_vs_unsteered").is_some())
+        .collect();
     if !wins.is_empty() {
         s.push_str("\n## Win rate against the unsteered model's own answers (LLM judge, order randomised)\n\n| method | λ | set | n | win rate | undecided |\n|---|---|---|---|---|---|\n");
         for j in wins {
-            s.push_str(&format!("| {} | {} | {} | {} | {} | {} |\n", j["method"].as_str().unwrap_or(""), j["strength"], j["set"].as_str().unwrap_or(""), j["n"], f(&j["win_rate_vs_unsteered"]), j["undecided"]));
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                j["method"].as_str().unwrap_or(""),
+                j["strength"],
+                j["set"].as_str().unwrap_or(""),
+                j["n"],
+                f(&j["win_rate_vs_unsteered"]),
+                j["undecided"]
+            ));
         }
     }
     s.push_str("\nFiles: responses.jsonl (every response, resumable), metrics.jsonl, tradeoff.png, refusal_vs_strength.png, config.toml.\n");
@@ -637,15 +836,23 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn run_judge(a: JudgeArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.responses).with_context(|| format!("{}", a.responses.display()))?;
+    let text = std::fs::read_to_string(&a.responses)
+        .with_context(|| format!("{}", a.responses.display()))?;
     let records: Vec<Value> = match serde_json::from_str::<Value>(&text) {
         Ok(Value::Array(v)) => v,
-        Ok(_) => bail!("{}: expected a JSON array or JSON Lines of records", a.responses.display()),
+        Ok(_) => bail!(
+            "{}: expected a JSON array or JSON Lines of records",
+            a.responses.display()
+        ),
         Err(_) => text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}: invalid JSON", a.responses.display(), i + 1)))
+            .map(|(i, l)| {
+                serde_json::from_str(l).with_context(|| {
+                    format!("{}: line {}: invalid JSON", a.responses.display(), i + 1)
+                })
+            })
             .collect::<Result<_>>()?,
     };
     if records.is_empty() {
@@ -653,27 +860,60 @@ pub fn run_judge(a: JudgeArgs) -> Result<()> {
     }
     let mut out = Vec::new();
     let mut verdicts = Vec::new();
-    println!("| field | n | keyword refusal rate |{}", if a.judge.judge_llm.is_some() { " LLM refusal rate | agreement | κ |" } else { "" });
-    println!("|---|---|---|{}", if a.judge.judge_llm.is_some() { "---|---|---|" } else { "" });
+    println!(
+        "| field | n | keyword refusal rate |{}",
+        if a.judge.judge_llm.is_some() {
+            " LLM refusal rate | agreement | κ |"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "|---|---|---|{}",
+        if a.judge.judge_llm.is_some() {
+            "---|---|---|"
+        } else {
+            ""
+        }
+    );
     for field in &a.fields {
         let mut pairs = Vec::new();
         for (i, r) in records.iter().enumerate() {
             let resp = r.get(field).and_then(|v| v.as_str()).with_context(|| {
-                format!("{}: record {i} has no text field {field:?}", a.responses.display())
+                format!(
+                    "{}: record {i} has no text field {field:?}",
+                    a.responses.display()
+                )
             })?;
-            let q = r.get(&a.question_field).and_then(|v| v.as_str()).unwrap_or("");
+            let q = r
+                .get(&a.question_field)
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
             pairs.push((q.to_string(), resp.to_string()));
         }
-        let kw: Vec<bool> = pairs.iter().map(|(_, r)| refusal::keyword_refuses(r, a.keyword_window)).collect();
+        let kw: Vec<bool> = pairs
+            .iter()
+            .map(|(_, r)| refusal::keyword_refuses(r, a.keyword_window))
+            .collect();
         let rate = kw.iter().filter(|&&x| x).count() as f64 / kw.len() as f64;
         let llm = judge_pairs(&a.judge, &pairs)?;
         match &llm {
             None => println!("| {field} | {} | {rate:.3} |", kw.len()),
             Some(js) => {
-                let both: Vec<(bool, bool)> = kw.iter().zip(js).filter_map(|(k, j)| j.class.map(|c| (*k, c.refuses()))).collect();
-                let (ag, kappa) = refusal::agreement(&both.iter().map(|x| x.0).collect::<Vec<_>>(), &both.iter().map(|x| x.1).collect::<Vec<_>>());
+                let both: Vec<(bool, bool)> = kw
+                    .iter()
+                    .zip(js)
+                    .filter_map(|(k, j)| j.class.map(|c| (*k, c.refuses())))
+                    .collect();
+                let (ag, kappa) = refusal::agreement(
+                    &both.iter().map(|x| x.0).collect::<Vec<_>>(),
+                    &both.iter().map(|x| x.1).collect::<Vec<_>>(),
+                );
                 let lr = both.iter().filter(|x| x.1).count() as f64 / both.len().max(1) as f64;
-                println!("| {field} | {} | {rate:.3} | {lr:.3} | {ag:.3} | {kappa:.3} |", kw.len());
+                println!(
+                    "| {field} | {} | {rate:.3} | {lr:.3} | {ag:.3} | {kappa:.3} |",
+                    kw.len()
+                );
             }
         }
         out.push(json!({"field": field, "n": kw.len(), "keyword_refusal_rate": rate}));

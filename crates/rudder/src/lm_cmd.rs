@@ -298,7 +298,12 @@ fn sampling_interventions(lm: &LanguageModel, s: &SamplingArgs) -> Result<Interv
     let mut iv = interventions(lm, &s.interventions)?;
     if let Some(p) = &s.steer {
         let st = crate::steer_cmd::steering_file(p, s.strength, Some(lm))?;
-        iv = Interventions::new(iv.interventions.into_iter().chain(st.interventions).collect());
+        iv = Interventions::new(
+            iv.interventions
+                .into_iter()
+                .chain(st.interventions)
+                .collect(),
+        );
     }
     Ok(iv)
 }
@@ -471,7 +476,11 @@ fn run_chat_server(a: ChatArgs, url: &str) -> Result<()> {
                 .unwrap_or_default(),
             None => Vec::new(),
         };
-        list.extend(st.interventions.iter().map(|i| serde_json::to_value(i).unwrap_or_default()));
+        list.extend(
+            st.interventions
+                .iter()
+                .map(|i| serde_json::to_value(i).unwrap_or_default()),
+        );
         interventions = Some(serde_json::Value::Array(list));
     }
     let rt = tokio::runtime::Builder::new_current_thread()

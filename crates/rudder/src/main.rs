@@ -1,6 +1,7 @@
 //! The `rudder` command line: flags → configs → library calls. Errors are printed as one
 //! message (with its causes) and a non-zero exit code, never a panic.
 
+mod alphasteer_cmd;
 mod assets_cmd;
 mod cf_cmd;
 mod data_cmd;
@@ -11,7 +12,6 @@ mod plots;
 mod progress;
 mod runs;
 mod serve_cmd;
-mod alphasteer_cmd;
 mod steer_cmd;
 
 use clap::{Parser, Subcommand};

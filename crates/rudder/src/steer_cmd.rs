@@ -1191,7 +1191,8 @@ pub(crate) fn steering_file(
         i.alpha *= strength;
     }
     if let Some((l, d)) = dims {
-        iv.validate(l, d).with_context(|| format!("{}", path.display()))?;
+        iv.validate(l, d)
+            .with_context(|| format!("{}", path.display()))?;
     }
     Ok(iv)
 }

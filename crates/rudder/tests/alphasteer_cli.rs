@@ -3,32 +3,13 @@
 //! "harmful" set is a labelled stand-in), and bad input answered by name.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use rudder_lm::config::Arch;
 use rudder_lm::fixtures::{TinySpec, write_hf_dir};
 use serde_json::json;
 
-fn rudder(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rudder"))
-        .args(args)
-        .output()
-        .expect("rudder runs")
-}
-
-fn ok(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "failed: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails(o: &Output, want: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "succeeded");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains(want), "expected {want:?} in: {err}");
-}
+mod common;
+use common::{fails, ok, rudder};
 
 fn setup(d: &Path) -> String {
     let mut spec = TinySpec::new(Arch::Llama);
@@ -36,7 +17,9 @@ fn setup(d: &Path) -> String {
     spec.layers = 4;
     let m = d.join("m");
     write_hf_dir(&m, &spec).unwrap();
-    let words = ["river", "garden", "violin", "planet", "bread", "winter", "chess", "lamp"];
+    let words = [
+        "river", "garden", "violin", "planet", "bread", "winter", "chess", "lamp",
+    ];
     let benign: Vec<_> = (0..120)
         .map(|i| json!({"query": format!("tell me about the {} and the {} number {i}", words[i % 8], words[(i / 8) % 8])}))
         .collect();
@@ -46,7 +29,11 @@ fn setup(d: &Path) -> String {
     let math: Vec<_> = (0..6)
         .map(|i| json!({"problem": format!("what is {i} plus {i}?"), "answer": format!("{}", 2 * i)}))
         .collect();
-    for (n, v) in [("benign.json", benign), ("harmful.json", harmful), ("math.json", math)] {
+    for (n, v) in [
+        ("benign.json", benign),
+        ("harmful.json", harmful),
+        ("math.json", math),
+    ] {
         std::fs::write(d.join(n), serde_json::to_string(&v).unwrap()).unwrap();
     }
     m.to_str().unwrap().into()
@@ -58,8 +45,22 @@ fn fit_generate_evaluate_and_judge() {
     let m = setup(d.path());
     let p = |f: &str| d.path().join(f).to_str().unwrap().to_string();
     ok(&rudder(&[
-        "steer", "alphasteer", "fit", "-m", &m, "--benign", &p("benign.json"), "--harmful",
-        &p("harmful.json"), "--layers", "1-2", "--p", "0.5", "--batch", "8", "--out",
+        "steer",
+        "alphasteer",
+        "fit",
+        "-m",
+        &m,
+        "--benign",
+        &p("benign.json"),
+        "--harmful",
+        &p("harmful.json"),
+        "--layers",
+        "1-2",
+        "--p",
+        "0.5",
+        "--batch",
+        "8",
+        "--out",
         &p("steer.safetensors"),
     ]));
     let idx: serde_json::Value =
@@ -69,32 +70,76 @@ fn fit_generate_evaluate_and_judge() {
     assert_eq!(idx["layers"][1]["k"], 32, "⌊64 · 0.5⌋");
     assert!(idx["sign"].as_str().unwrap().contains("towards refusal"));
     let report = &idx["meta"]["report"][0];
-    assert!(report["gate_harmful_mean"].as_f64().unwrap() > report["gate_benign_mean"].as_f64().unwrap());
+    assert!(
+        report["gate_harmful_mean"].as_f64().unwrap()
+            > report["gate_benign_mean"].as_f64().unwrap()
+    );
     // refitting from the cached activations (no new capture) gives the same file
     let before = std::fs::read(p("steer.safetensors")).unwrap();
     ok(&rudder(&[
-        "steer", "alphasteer", "fit", "-m", &m, "--benign", &p("benign.json"), "--harmful",
-        &p("harmful.json"), "--layers", "1-2", "--p", "0.5", "--out", &p("steer.safetensors"),
+        "steer",
+        "alphasteer",
+        "fit",
+        "-m",
+        &m,
+        "--benign",
+        &p("benign.json"),
+        "--harmful",
+        &p("harmful.json"),
+        "--layers",
+        "1-2",
+        "--p",
+        "0.5",
+        "--out",
+        &p("steer.safetensors"),
     ]));
     assert_eq!(before, std::fs::read(p("steer.safetensors")).unwrap());
     // the same fit from the activation files alone
     ok(&rudder(&[
-        "steer", "alphasteer", "fit", "--benign-acts", &p("steer.safetensors.acts/benign.safetensors"),
-        "--harmful-acts", &p("steer.safetensors.acts/harmful.safetensors"), "--layers", "1-2", "--p",
-        "0.5", "--out", &p("steer2.safetensors"),
+        "steer",
+        "alphasteer",
+        "fit",
+        "--benign-acts",
+        &p("steer.safetensors.acts/benign.safetensors"),
+        "--harmful-acts",
+        &p("steer.safetensors.acts/harmful.safetensors"),
+        "--layers",
+        "1-2",
+        "--p",
+        "0.5",
+        "--out",
+        &p("steer2.safetensors"),
     ]));
     assert_eq!(before, std::fs::read(p("steer2.safetensors")).unwrap());
 
     // generation with the steering file: strength 0 is the plain model
     let steered = |s: &str| {
         ok(&rudder(&[
-            "lm", "generate", "-m", &m, "--prompt", "STAND-IN FLAGGED REQUEST 3", "--chat",
-            "--max-tokens", "6", "--steer", &p("steer.safetensors"), "--strength", s,
+            "lm",
+            "generate",
+            "-m",
+            &m,
+            "--prompt",
+            "STAND-IN FLAGGED REQUEST 3",
+            "--chat",
+            "--max-tokens",
+            "6",
+            "--steer",
+            &p("steer.safetensors"),
+            "--strength",
+            s,
         ]))
     };
     let plain = ok(&rudder(&[
-        "lm", "generate", "-m", &m, "--prompt", "STAND-IN FLAGGED REQUEST 3", "--chat",
-        "--max-tokens", "6",
+        "lm",
+        "generate",
+        "-m",
+        &m,
+        "--prompt",
+        "STAND-IN FLAGGED REQUEST 3",
+        "--chat",
+        "--max-tokens",
+        "6",
     ]));
     assert_eq!(steered("0"), plain);
     assert_ne!(steered("40"), plain, "a strong gated edit changed nothing");
@@ -103,31 +148,87 @@ fn fit_generate_evaluate_and_judge() {
     // with the tiny model as its own LLM judge (refusal classes and the win rate)
     let inproc = format!("inproc:{m}");
     let args = [
-        "steer", "eval-refusal", "-m", &m, "--steer", &p("steer.safetensors"), "--strengths", "0,2",
-        "--vector-strengths", "2", "--set", &format!("flagged:harmful={}", p("harmful.json")),
-        "--set", &format!("safe:safe={}", p("benign.json")), "--set",
-        &format!("arith:math={}", p("math.json")), "--set", &format!("chat:open={}", p("benign.json")),
-        "--limit", "5", "--max-tokens", "4", "--batch", "4", "--judge-llm", &inproc,
-        "--judge-decisions", "logprob", "--out", &p("run"),
+        "steer",
+        "eval-refusal",
+        "-m",
+        &m,
+        "--steer",
+        &p("steer.safetensors"),
+        "--strengths",
+        "0,2",
+        "--vector-strengths",
+        "2",
+        "--set",
+        &format!("flagged:harmful={}", p("harmful.json")),
+        "--set",
+        &format!("safe:safe={}", p("benign.json")),
+        "--set",
+        &format!("arith:math={}", p("math.json")),
+        "--set",
+        &format!("chat:open={}", p("benign.json")),
+        "--limit",
+        "5",
+        "--max-tokens",
+        "4",
+        "--batch",
+        "4",
+        "--judge-llm",
+        &inproc,
+        "--judge-decisions",
+        "logprob",
+        "--out",
+        &p("run"),
     ];
     let out = ok(&rudder(&args));
     assert!(out.contains("| alphasteer | 2 |"), "{out}");
-    assert!(out.contains("LLM judge vs keywords") && out.contains("Win rate"), "{out}");
+    assert!(
+        out.contains("LLM judge vs keywords") && out.contains("Win rate"),
+        "{out}"
+    );
     let lines = std::fs::read_to_string(p("run/metrics.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(rows.iter().filter(|r| r.get("set").is_some()).count(), 12, "3 conditions × 4 sets");
-    assert_eq!(rows.iter().filter(|r| r.get("tradeoff").is_some()).count(), 3);
+    let rows: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        rows.iter().filter(|r| r.get("set").is_some()).count(),
+        12,
+        "3 conditions × 4 sets"
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r.get("tradeoff").is_some()).count(),
+        3
+    );
     for f in ["summary.md", "config.toml", "responses.jsonl"] {
         assert!(d.path().join("run").join(f).exists(), "{f}");
     }
-    let n = std::fs::read_to_string(p("run/responses.jsonl")).unwrap().lines().count();
+    let n = std::fs::read_to_string(p("run/responses.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(n, 5 * 4 * 3);
-    let judge: serde_json::Value = serde_json::from_slice(&std::fs::read(p("run/judge.json")).unwrap()).unwrap();
-    let wins: Vec<_> = judge["rows"].as_array().unwrap().iter().filter(|r| r.get("win_rate_vs_unsteered").is_some()).collect();
-    assert_eq!(wins.len(), 2, "AlphaSteer and the vector baseline against the unsteered answers");
+    let judge: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p("run/judge.json")).unwrap()).unwrap();
+    let wins: Vec<_> = judge["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r.get("win_rate_vs_unsteered").is_some())
+        .collect();
+    assert_eq!(
+        wins.len(),
+        2,
+        "AlphaSteer and the vector baseline against the unsteered answers"
+    );
     // a rerun finds every response in the journal and generates nothing
     ok(&rudder(&args));
-    assert_eq!(std::fs::read_to_string(p("run/responses.jsonl")).unwrap().lines().count(), n);
+    assert_eq!(
+        std::fs::read_to_string(p("run/responses.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        n
+    );
 
     // judging responses that already exist, by keywords and by an in-process LLM judge
     std::fs::write(
@@ -139,14 +240,37 @@ fn fit_generate_evaluate_and_judge() {
         .unwrap(),
     )
     .unwrap();
-    let out = ok(&rudder(&["steer", "judge", "--responses", &p("resp.json"), "--field", "a", "--field", "b"]));
-    assert!(out.contains("| a | 2 | 1.000 |") && out.contains("| b | 2 | 0.000 |"), "{out}");
     let out = ok(&rudder(&[
-        "steer", "judge", "--responses", &p("resp.json"), "--field", "a", "--judge-llm", &inproc,
-        "--judge-decisions", "logprob", "--out", &p("verdicts.json"),
+        "steer",
+        "judge",
+        "--responses",
+        &p("resp.json"),
+        "--field",
+        "a",
+        "--field",
+        "b",
+    ]));
+    assert!(
+        out.contains("| a | 2 | 1.000 |") && out.contains("| b | 2 | 0.000 |"),
+        "{out}"
+    );
+    let out = ok(&rudder(&[
+        "steer",
+        "judge",
+        "--responses",
+        &p("resp.json"),
+        "--field",
+        "a",
+        "--judge-llm",
+        &inproc,
+        "--judge-decisions",
+        "logprob",
+        "--out",
+        &p("verdicts.json"),
     ]));
     assert!(out.contains("LLM refusal rate"), "{out}");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p("verdicts.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p("verdicts.json")).unwrap()).unwrap();
     assert_eq!(v["verdicts"][0]["llm"].as_array().unwrap().len(), 2);
 }
 
@@ -158,18 +282,41 @@ fn bad_input_is_named() {
     let (bj, hj) = (p("benign.json"), p("harmful.json"));
     let fit = |extra: &[&str]| {
         let mut a = vec![
-            "steer", "alphasteer", "fit", "-m", &m, "--benign", &bj, "--harmful", &hj,
+            "steer",
+            "alphasteer",
+            "fit",
+            "-m",
+            &m,
+            "--benign",
+            &bj,
+            "--harmful",
+            &hj,
         ];
         a.extend_from_slice(extra);
         rudder(&a)
     };
-    fails(&fit(&["--p", "1.5", "--out", &p("s.safetensors")]), "(0, 1)");
-    fails(&fit(&["--layers", "2-9", "--out", &p("s.safetensors")]), "layers 0..3");
+    fails(
+        &fit(&["--p", "1.5", "--out", &p("s.safetensors")]),
+        "(0, 1)",
+    );
+    fails(
+        &fit(&["--layers", "2-9", "--out", &p("s.safetensors")]),
+        "layers 0..3",
+    );
     std::fs::write(p("empty.json"), "[]").unwrap();
     fails(
         &rudder(&[
-            "steer", "alphasteer", "fit", "-m", &m, "--benign", &p("empty.json"), "--harmful",
-            &p("harmful.json"), "--out", &p("s.safetensors"),
+            "steer",
+            "alphasteer",
+            "fit",
+            "-m",
+            &m,
+            "--benign",
+            &p("empty.json"),
+            "--harmful",
+            &p("harmful.json"),
+            "--out",
+            &p("s.safetensors"),
         ]),
         "empty.json",
     );
@@ -181,21 +328,56 @@ fn bad_input_is_named() {
     write_hf_dir(&d.path().join("m2"), &spec).unwrap();
     fails(
         &rudder(&[
-            "lm", "generate", "-m", &p("m2"), "--prompt", "hi", "--max-tokens", "2", "--steer",
+            "lm",
+            "generate",
+            "-m",
+            &p("m2"),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+            "--steer",
             &p("s.safetensors"),
         ]),
         "hidden size is 32",
     );
     fails(
-        &rudder(&["steer", "eval-refusal", "-m", &m, "--strengths", "0,1", "--set", &format!("x:harmful={}", p("harmful.json")), "--out", &p("r")]),
+        &rudder(&[
+            "steer",
+            "eval-refusal",
+            "-m",
+            &m,
+            "--strengths",
+            "0,1",
+            "--set",
+            &format!("x:harmful={}", p("harmful.json")),
+            "--out",
+            &p("r"),
+        ]),
         "needs --steer",
     );
     fails(
-        &rudder(&["steer", "eval-refusal", "-m", &m, "--set", &format!("x:weird={}", p("harmful.json")), "--out", &p("r")]),
+        &rudder(&[
+            "steer",
+            "eval-refusal",
+            "-m",
+            &m,
+            "--set",
+            &format!("x:weird={}", p("harmful.json")),
+            "--out",
+            &p("r"),
+        ]),
         "weird",
     );
     fails(
-        &rudder(&["steer", "judge", "--responses", &p("harmful.json"), "--field", "answer"]),
+        &rudder(&[
+            "steer",
+            "judge",
+            "--responses",
+            &p("harmful.json"),
+            "--field",
+            "answer",
+        ]),
         "no text field \"answer\"",
     );
 }

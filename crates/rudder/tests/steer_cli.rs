@@ -3,32 +3,13 @@
 //! detect; and bad input answered with an error naming the file, never a panic.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use rudder_lm::config::Arch;
 use rudder_lm::fixtures::{TinySpec, write_hf_dir};
 use serde_json::json;
 
-fn rudder(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rudder"))
-        .args(args)
-        .output()
-        .expect("rudder runs")
-}
-
-fn ok(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "failed: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails(o: &Output, want: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "succeeded");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains(want), "expected {want:?} in: {err}");
-}
+mod common;
+use common::{fails, ok, rudder};
 
 fn setup(d: &Path) -> (String, String) {
     let mut spec = TinySpec::new(Arch::Llama);
