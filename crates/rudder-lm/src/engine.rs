@@ -56,6 +56,18 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// Offline batch work (rollouts, evaluations): `rows` decoded together and a queue that
+    /// takes every job at once.
+    pub fn offline(rows: usize) -> Self {
+        EngineConfig {
+            max_rows: rows.max(1),
+            max_queue: 1 << 20,
+            ..EngineConfig::default()
+        }
+    }
+}
+
 /// Activations a request asks for.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaptureSpec {

@@ -64,7 +64,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn index_path(path: &Path) -> PathBuf {
+/// The JSON index next to a file: `<file>.json`.
+pub(crate) fn index_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".json");
     PathBuf::from(p)
@@ -76,10 +77,8 @@ fn parts_dir(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(|e| SteerError::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| SteerError::file(path, e))
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    rudder_data::io::write_bytes_atomic(path, bytes).map_err(|e| SteerError::file(path, e))
 }
 
 /// Capture the activations of `prompts` (token ids) and write them to `out`. `labels`, if

@@ -325,11 +325,19 @@ impl SteerFile {
             "layers": self.layers.iter().map(|l| json!({"layer": l.layer, "k": l.k, "p": l.p})).collect::<Vec<_>>(),
             "meta": self.meta,
         });
-        crate::study::write_json(&side(path), &body)
+        crate::study::write_json(&crate::activations::index_path(path), &body)
+    }
+
+    /// Whether `path` is an AlphaSteer file (its JSON index says so).
+    pub fn is_one(path: &Path) -> bool {
+        std::fs::read(crate::activations::index_path(path))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v["format"] == FORMAT)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let sp = side(path);
+        let sp = crate::activations::index_path(path);
         let idx: Value = std::fs::read(&sp)
             .map_err(|e| SteerError::file(&sp, e))
             .and_then(|b| {
@@ -451,12 +459,6 @@ impl SteerFile {
                 .collect(),
         )
     }
-}
-
-fn side(path: &Path) -> std::path::PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".json");
-    std::path::PathBuf::from(p)
 }
 
 #[cfg(test)]

@@ -183,21 +183,12 @@ impl SteeringVectors {
             t.push((s.to_string(), Tensor::from_slice(v, v.len(), &Device::Cpu)?));
         }
         rudder_nn::checkpoint::save(&t, path).map_err(|e| SteerError::file(path, e))?;
-        let mut p = path.as_os_str().to_owned();
-        p.push(".json");
-        let side = std::path::PathBuf::from(p);
         let body = serde_json::json!({
             "format": "rudder-steering-vectors-v1",
             "sites": self.vectors.iter().map(|(s, _)| s.to_string()).collect::<Vec<_>>(),
             "meta": self.meta,
         });
-        let tmp = side.with_extension("json.partial");
-        std::fs::write(
-            &tmp,
-            serde_json::to_string_pretty(&body).unwrap_or_default(),
-        )
-        .map_err(|e| SteerError::file(&tmp, e))?;
-        std::fs::rename(&tmp, &side).map_err(|e| SteerError::file(&side, e))
+        crate::study::write_json(&crate::activations::index_path(path), &body)
     }
 
     /// Read a vector file: rudder safetensors (any tensors named by sites), or a llama.cpp
@@ -236,9 +227,7 @@ impl SteeringVectors {
             return Err(SteerError::file(path, "no vectors"));
         }
         vectors.sort_by_key(|(s, _)| *s);
-        let mut p = path.as_os_str().to_owned();
-        p.push(".json");
-        let meta = std::fs::read(std::path::PathBuf::from(p))
+        let meta = std::fs::read(crate::activations::index_path(path))
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .map(|v| v["meta"].clone())
@@ -268,7 +257,7 @@ impl SteeringVectors {
     pub fn interventions(
         &self,
         alpha: f32,
-        layers: Option<std::ops::RangeInclusive<usize>>,
+        layers: Option<&[usize]>,
         positions: rudder_lm::hooks::Positions,
         phases: rudder_lm::hooks::Phases,
     ) -> rudder_lm::hooks::Interventions {
@@ -276,9 +265,9 @@ impl SteeringVectors {
         rudder_lm::hooks::Interventions::new(
             self.vectors
                 .iter()
-                .filter(|(s, _)| match (&layers, s.layer()) {
+                .filter(|(s, _)| match (layers, s.layer()) {
                     (None, _) => true,
-                    (Some(r), Some(l)) => r.contains(&l),
+                    (Some(ls), Some(l)) => ls.contains(&l),
                     (Some(_), None) => false,
                 })
                 .map(|(s, v)| Intervention {

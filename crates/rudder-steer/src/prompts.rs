@@ -40,6 +40,67 @@ pub struct PromptSet {
     pub items: Vec<Prompt>,
 }
 
+/// The records of a JSON array (or an object with a "data"/"prompts"/"questions" array), JSON
+/// Lines (`.jsonl`, or any file starting with `{`) or plain text (one string per line), each
+/// with where it stood ("record 3", "line 4") for error messages. Python's NaN/Infinity
+/// literals are accepted.
+pub fn read_records(path: &Path) -> Result<Vec<(Value, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| SteerError::file(path, e))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let start = text.trim_start().chars().next();
+    let lines = || -> Result<Vec<(Value, String)>> {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                parse_lenient(l)
+                    .map(|v| (v, format!("line {}", i + 1)))
+                    .map_err(|e| {
+                        SteerError::file(path, format!("line {}: invalid JSON: {e}", i + 1))
+                    })
+            })
+            .collect()
+    };
+    if ext == "jsonl" {
+        return lines();
+    }
+    if ext != "json" && !matches!(start, Some('[') | Some('{')) {
+        return Ok(text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (Value::String(l.to_string()), format!("line {}", i + 1)))
+            .collect());
+    }
+    let v: Value = match parse_lenient(&text) {
+        Ok(v) => v,
+        // several objects, one per line
+        Err(_) if start == Some('{') => return lines(),
+        Err(e) => return Err(SteerError::file(path, format!("invalid JSON: {e}"))),
+    };
+    let arr = match v {
+        Value::Array(a) => a,
+        Value::Object(mut o) => match ["data", "prompts", "questions"]
+            .iter()
+            .find_map(|k| o.remove(*k))
+        {
+            Some(Value::Array(a)) => a,
+            _ => {
+                return Err(SteerError::file(
+                    path,
+                    "expected a JSON array of records (or an object with a \"data\" array)",
+                ));
+            }
+        },
+        _ => return Err(SteerError::file(path, "expected a JSON array of records")),
+    };
+    Ok(arr
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (v, format!("record {i}")))
+        .collect())
+}
+
 /// JSON as Python writes it too: `NaN`, `Infinity` and `-Infinity` outside strings (pandas
 /// exports, e.g. XSTest's `"note": NaN`) are read as `null` when strict parsing fails.
 pub fn parse_lenient(text: &str) -> std::result::Result<Value, serde_json::Error> {
@@ -118,51 +179,7 @@ impl PromptSet {
     /// Read a prompt file. `field`: the text field (default: the first of [`TEXT_FIELDS`] the
     /// first record has); `label`: a label field every record must have.
     pub fn load(path: &Path, field: Option<&str>, label: Option<&str>) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| SteerError::file(path, e))?;
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        // (record, where) pairs
-        let records: Vec<(Value, String)> = if ext == "jsonl" {
-            text.lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| {
-                    parse_lenient(l)
-                        .map(|v| (v, format!("line {}", i + 1)))
-                        .map_err(|e| {
-                            SteerError::file(path, format!("line {}: invalid JSON: {e}", i + 1))
-                        })
-                })
-                .collect::<Result<_>>()?
-        } else if ext == "json" || text.trim_start().starts_with('[') {
-            let v: Value = parse_lenient(&text)
-                .map_err(|e| SteerError::file(path, format!("invalid JSON: {e}")))?;
-            let arr = match v {
-                Value::Array(a) => a,
-                Value::Object(mut o) => match ["data", "prompts", "questions"]
-                    .iter()
-                    .find_map(|k| o.remove(*k))
-                {
-                    Some(Value::Array(a)) => a,
-                    _ => {
-                        return Err(SteerError::file(
-                            path,
-                            "expected a JSON array of records (or an object with a \"data\" array)",
-                        ));
-                    }
-                },
-                _ => return Err(SteerError::file(path, "expected a JSON array of records")),
-            };
-            arr.into_iter()
-                .enumerate()
-                .map(|(i, v)| (v, format!("record {i}")))
-                .collect()
-        } else {
-            text.lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| (Value::String(l.to_string()), format!("line {}", i + 1)))
-                .collect()
-        };
+        let records = read_records(path)?;
         if records.is_empty() {
             return Err(SteerError::file(path, "no prompts in the file"));
         }

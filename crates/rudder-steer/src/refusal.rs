@@ -244,6 +244,39 @@ pub fn agreement(a: &[bool], b: &[bool]) -> (f64, f64) {
     (same, kappa)
 }
 
+/// The keyword judge against the LLM judge on the same responses (the LLM's unparsed
+/// verdicts are left out of its rate and of the agreement).
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub n: usize,
+    pub unparsed: usize,
+    pub keyword_refusal_rate: f64,
+    pub llm_refusal_rate: f64,
+    pub agreement: f64,
+    pub kappa: f64,
+}
+
+pub fn compare(keyword: &[bool], llm: &[Option<Class>]) -> Comparison {
+    let both: Vec<(bool, bool)> = keyword
+        .iter()
+        .zip(llm)
+        .filter_map(|(k, l)| l.map(|c| (*k, c.refuses())))
+        .collect();
+    let (agreement, kappa) = agreement(
+        &both.iter().map(|x| x.0).collect::<Vec<_>>(),
+        &both.iter().map(|x| x.1).collect::<Vec<_>>(),
+    );
+    Comparison {
+        n: keyword.len(),
+        unparsed: keyword.len() - both.len(),
+        keyword_refusal_rate: keyword.iter().filter(|&&x| x).count() as f64
+            / keyword.len().max(1) as f64,
+        llm_refusal_rate: both.iter().filter(|x| x.1).count() as f64 / both.len().max(1) as f64,
+        agreement,
+        kappa,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,7 +337,6 @@ use rudder_lm::generate::GenConfig;
 use rudder_lm::hooks::Interventions;
 use serde_json::{Value, json};
 
-use crate::grade::Verdict;
 use crate::prompts::{PromptSet, Rendering};
 use crate::rollouts::{Journal, RolloutConfig, run};
 use crate::{Result, SteerError};
@@ -505,12 +537,9 @@ pub fn evaluate(
                     .count() as f64
                     / n
             });
-            let accuracy = (set.kind == SetKind::Math).then(|| {
-                rs.iter()
-                    .filter(|r| r.verdict == Some(Verdict::Correct))
-                    .count() as f64
-                    / n
-            });
+            // no end-of-reasoning marker here: the "reasoning" span is the whole response
+            let summary = crate::rollouts::summarise(rs.iter().copied());
+            let accuracy = (set.kind == SetKind::Math).then_some(summary.accuracy);
             rows.push(EvalRow {
                 method: c.method.clone(),
                 strength: c.strength,
@@ -519,7 +548,7 @@ pub fn evaluate(
                 n: rs.len(),
                 refusal_rate,
                 accuracy,
-                mean_tokens: rs.iter().map(|r| r.generated_tokens as f64).sum::<f64>() / n,
+                mean_tokens: summary.mean_reasoning_tokens,
             });
         }
     }

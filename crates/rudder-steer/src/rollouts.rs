@@ -261,6 +261,39 @@ pub fn run(
     Ok(fresh)
 }
 
+/// What a group of rollouts amounts to.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub rollouts: usize,
+    pub mean_reasoning_tokens: f64,
+    /// Correct over graded (NaN when nothing had a gold answer).
+    pub accuracy: f64,
+    pub graded: usize,
+    pub undecided: usize,
+    pub finished_by_length: usize,
+}
+
+pub fn summarise<'a>(rows: impl IntoIterator<Item = &'a Rollout>) -> Summary {
+    let (mut s, mut tokens, mut correct) = (Summary::default(), 0f64, 0usize);
+    for r in rows {
+        s.rollouts += 1;
+        tokens += r.reasoning_tokens as f64;
+        if let Some(v) = r.verdict {
+            s.graded += 1;
+            correct += (v == Verdict::Correct) as usize;
+            s.undecided += (v == Verdict::Undecided) as usize;
+        }
+        s.finished_by_length += (r.finish == Finish::Length) as usize;
+    }
+    s.mean_reasoning_tokens = tokens / s.rollouts.max(1) as f64;
+    s.accuracy = if s.graded > 0 {
+        correct as f64 / s.graded as f64
+    } else {
+        f64::NAN
+    };
+    s
+}
+
 /// Per-question means over rollouts: (mean reasoning tokens, accuracy or NaN without gold).
 pub fn per_question(rows: &[&Rollout], n: usize) -> Vec<(f64, f64)> {
     let mut sum = vec![(0f64, 0f64, 0usize, 0usize); n];

@@ -20,10 +20,9 @@ use serde_json::{Value, json};
 
 use crate::activations::{ActivationSet, CaptureConfig, capture};
 use crate::direction::{SteeringVectors, diff_of_means};
-use crate::grade::Verdict;
 use crate::probe::{Linear, ProbeKind, fit};
 use crate::prompts::{PromptSet, Rendering};
-use crate::rollouts::{Journal, RolloutConfig, per_question, run};
+use crate::rollouts::{Journal, RolloutConfig, per_question, run, summarise};
 use crate::stats::{self, Split, train_test_split};
 use crate::{Result, SteerError};
 
@@ -452,10 +451,12 @@ pub fn detection(benign: &[f64], attack: &[f64], target_fpr: f64) -> Value {
 }
 
 pub(crate) fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap_or_default())
-        .map_err(|e| SteerError::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| SteerError::file(path, e))
+    crate::activations::write_atomic(
+        path,
+        serde_json::to_string_pretty(v)
+            .unwrap_or_default()
+            .as_bytes(),
+    )
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -554,14 +555,7 @@ pub fn plan(
         .map(|&i| cfg.rendering.ids(&lm, &set.items[i].text))
         .collect::<Result<_>>()?;
     let template_hash = cfg.rendering.template_hash(&lm);
-    let engine = Engine::start(
-        lm.clone(),
-        EngineConfig {
-            max_rows: cfg.batch.max(1),
-            max_queue: 1 << 20,
-            prefill_chunk: 512,
-        },
-    );
+    let engine = Engine::start(lm.clone(), EngineConfig::offline(cfg.batch));
     let mut journal = Journal::open(&out.join("rollouts.jsonl"))?;
     let mut timings = Timings::open(out.join("timings.json"));
     let rc = RolloutConfig {
@@ -710,31 +704,24 @@ pub fn plan(
         }
         let rows: Vec<&crate::rollouts::Rollout> =
             journal.tagged("sweep").filter(|r| r.alpha == a).collect();
-        let mut per_level: BTreeMap<String, (f64, f64, usize, usize)> = BTreeMap::new();
+        let mut per_level: BTreeMap<String, Vec<&crate::rollouts::Rollout>> = BTreeMap::new();
         for r in &rows {
-            let l = labels[sweep_idx[r.question]].clone();
-            let e = per_level.entry(l).or_default();
-            e.0 += r.reasoning_tokens as f64;
-            e.2 += 1;
-            if let Some(v) = r.verdict {
-                e.3 += 1;
-                if v == Verdict::Correct {
-                    e.1 += 1.0;
-                }
-            }
+            per_level
+                .entry(labels[sweep_idx[r.question]].clone())
+                .or_default()
+                .push(r);
         }
-        let n = rows.len().max(1) as f64;
-        let graded = rows.iter().filter(|r| r.verdict.is_some()).count();
-        sweep_rows.push(json!({
-            "alpha": a,
-            "mean_reasoning_tokens": rows.iter().map(|r| r.reasoning_tokens as f64).sum::<f64>() / n,
-            "accuracy": if graded > 0 { rows.iter().filter(|r| r.verdict == Some(Verdict::Correct)).count() as f64 / graded as f64 } else { f64::NAN },
-            "undecided": rows.iter().filter(|r| r.verdict == Some(Verdict::Undecided)).count(),
-            "finished_by_length": rows.iter().filter(|r| r.finish == rudder_lm::generate::Finish::Length).count(),
-            "rollouts": rows.len(),
-            "per_level": per_level.iter().map(|(l, v)| (l.clone(), json!({"mean_reasoning_tokens": v.0 / v.2.max(1) as f64, "accuracy": if v.3 > 0 { v.1 / v.3 as f64 } else { f64::NAN }, "rollouts": v.2}))).collect::<BTreeMap<_, _>>(),
-            "interventions": {"sites": vectors.vectors.len(), "kind": "add_vector", "alpha": a, "positions": "all", "phases": "both", "vector_file": vec_path},
-        }));
+        let mut row = serde_json::to_value(summarise(rows.iter().copied()))
+            .map_err(|e| SteerError::Invalid(e.to_string()))?;
+        row["alpha"] = json!(a);
+        row["per_level"] = json!(
+            per_level
+                .iter()
+                .map(|(l, v)| (l.clone(), json!(summarise(v.iter().copied()))))
+                .collect::<BTreeMap<_, _>>()
+        );
+        row["interventions"] = json!({"sites": vectors.vectors.len(), "kind": "add_vector", "alpha": a, "positions": "all", "phases": "both", "vector_file": vec_path});
+        sweep_rows.push(row);
     }
     write_json(&out.join("sweep.json"), &sweep_rows)?;
     drop(engine);
@@ -894,13 +881,35 @@ pub fn plan(
     Ok(metrics)
 }
 
-/// Applies a steering file's vectors as interventions (for generation commands).
-pub fn vector_interventions(
+/// A steering file as interventions at `strength`: an AlphaSteer file (gated, prefill only),
+/// a steering-vector file or llama.cpp control vector (added at every position), or an
+/// intervention list (its strengths scaled). Checked against `(layers, hidden)` when given.
+pub fn steering_file(
     path: &Path,
-    lm: &LanguageModel,
     strength: f32,
+    dims: Option<(usize, usize)>,
 ) -> Result<Interventions> {
-    let v = SteeringVectors::load(path)?;
-    v.check(lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size, path)?;
-    Ok(v.interventions(strength, None, Positions::All, Phases::Both))
+    if crate::alphasteer::SteerFile::is_one(path) {
+        let f = crate::alphasteer::SteerFile::load(path)?;
+        if let Some((l, d)) = dims {
+            f.check(l, d, path)?;
+        }
+        return Ok(f.interventions(strength));
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext == "safetensors" || ext == "gguf" {
+        let v = SteeringVectors::load(path)?;
+        if let Some((l, d)) = dims {
+            v.check(l, d, path)?;
+        }
+        return Ok(v.interventions(strength, None, Positions::All, Phases::Both));
+    }
+    let mut iv = Interventions::from_json_file(path)?;
+    for i in &mut iv.interventions {
+        i.alpha *= strength;
+    }
+    if let Some((l, d)) = dims {
+        iv.validate(l, d).map_err(|e| SteerError::file(path, e))?;
+    }
+    Ok(iv)
 }

@@ -159,42 +159,6 @@ pub fn run_alphasteer(cmd: AlphaSteerCmd) -> Result<()> {
     }
 }
 
-/// "8-14,16" → [8, …, 14, 16].
-pub fn parse_layers(s: &str, layers: usize) -> Result<Vec<usize>> {
-    let mut v = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (a.trim(), b.trim()),
-            None => (part, part),
-        };
-        let a: usize = a
-            .parse()
-            .with_context(|| format!("--layers {part:?}: not a layer number"))?;
-        let b: usize = b
-            .parse()
-            .with_context(|| format!("--layers {part:?}: not a layer number"))?;
-        if a > b || b >= layers {
-            bail!("--layers {part:?}: the model has layers 0..{}", layers - 1);
-        }
-        v.extend(a..=b);
-    }
-    v.sort();
-    v.dedup();
-    if v.is_empty() {
-        bail!("--layers {s:?}: no layers");
-    }
-    Ok(v)
-}
-
-fn sha256_file(p: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let b = std::fs::read(p).with_context(|| format!("{}", p.display()))?;
-    Ok(Sha256::digest(&b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect())
-}
-
 fn load_prompts(files: &[PathBuf], limit: usize) -> Result<Vec<String>> {
     let mut v = Vec::new();
     for f in files {
@@ -269,7 +233,7 @@ fn run_fit_acts(a: &FitArgs, b: &Path, h: &Path) -> Result<()> {
     }
     let max = present.iter().max().copied().unwrap_or(0) + 1;
     let layers = match &a.layers {
-        Some(s) => parse_layers(s, max)?,
+        Some(s) => crate::steer_cmd::parse_layers(s, max)?,
         None => present.clone(),
     };
     if let Some(l) = layers.iter().find(|l| !present.contains(l)) {
@@ -305,7 +269,7 @@ fn run_fit(a: FitArgs) -> Result<()> {
     let lm = crate::steer_cmd::open_model(&a.model)?;
     let (nl, d) = (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size);
     let layers = match &a.layers {
-        Some(s) => parse_layers(s, nl)?,
+        Some(s) => crate::steer_cmd::parse_layers(s, nl)?,
         None => ((nl as f64 * 0.25).floor() as usize
             ..=((nl as f64 * 0.6).floor() as usize).min(nl - 1))
             .collect(),
@@ -373,7 +337,10 @@ fn run_fit(a: FitArgs) -> Result<()> {
     let mut hashes = BTreeMap::new();
     for (_, files, _) in &sets {
         for f in files {
-            hashes.insert(f.display().to_string(), sha256_file(f)?);
+            hashes.insert(
+                f.display().to_string(),
+                rudder_data::assets::sha256_file(f)?,
+            );
         }
     }
     let file = SteerFile {
@@ -398,49 +365,70 @@ fn run_fit(a: FitArgs) -> Result<()> {
     Ok(())
 }
 
-fn judge_client(j: &JudgeLlmArgs) -> Result<Option<(rudder_client::Client, Decision, String)>> {
-    let Some(b) = &j.judge_llm else {
-        return Ok(None);
-    };
-    let mut spec = rudder_client::LlmSpec::new(b);
-    spec.model = j.judge_model.clone();
-    spec.cache = j.judge_cache.clone();
-    if j.judge_cache.is_some() {
-        spec.cache_mode = rudder_client::replay::CacheMode::RecordMissing;
-    }
-    let client = rudder_client::Client::from_spec(&spec)?;
-    let decision = match j.judge_decisions.as_str() {
-        "text" => Decision::Text,
-        "logprob" => Decision::Logprob,
-        o => bail!("--judge-decisions {o:?}: expected text or logprob"),
-    };
-    Ok(Some((
-        client,
-        decision,
-        j.judge_model.clone().unwrap_or_default(),
-    )))
+/// The LLM judge of `--judge-llm`: one client (an in-process judge loads its model once) and
+/// one runtime for every call of a command.
+struct LlmJudge {
+    client: rudder_client::Client,
+    decision: Decision,
+    model: String,
+    rt: tokio::runtime::Runtime,
 }
 
-fn judge_pairs(
-    j: &JudgeLlmArgs,
-    pairs: &[(String, String)],
-) -> Result<Option<Vec<refusal::Judgement>>> {
-    let Some((client, decision, model)) = judge_client(j)? else {
-        return Ok(None);
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let pb = crate::steer_cmd::bar("LLM judge", pairs.len() as u64);
-    // in chunks, so the bar moves and an interruption keeps the cache of what was judged
-    let mut out = Vec::new();
-    for chunk in pairs.chunks(16) {
-        out.extend(rt.block_on(refusal::llm_judge(&client, &model, chunk, decision, 2)));
-        pb.inc(chunk.len() as u64);
+impl LlmJudge {
+    fn open(j: &JudgeLlmArgs) -> Result<Option<Self>> {
+        let Some(b) = &j.judge_llm else {
+            return Ok(None);
+        };
+        let mut spec = rudder_client::LlmSpec::new(b);
+        spec.model = j.judge_model.clone();
+        spec.cache = j.judge_cache.clone();
+        if j.judge_cache.is_some() {
+            spec.cache_mode = rudder_client::replay::CacheMode::RecordMissing;
+        }
+        let decision = match j.judge_decisions.as_str() {
+            "text" => Decision::Text,
+            "logprob" => Decision::Logprob,
+            o => bail!("--judge-decisions {o:?}: expected text or logprob"),
+        };
+        Ok(Some(LlmJudge {
+            client: rudder_client::Client::from_spec(&spec)?,
+            decision,
+            model: j.judge_model.clone().unwrap_or_default(),
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?,
+        }))
     }
-    pb.finish_and_clear();
-    Ok(Some(out))
+
+    /// XSTest classes of (question, response) pairs.
+    fn classify(&self, pairs: &[(String, String)]) -> Vec<refusal::Judgement> {
+        let pb = crate::steer_cmd::bar("LLM judge", pairs.len() as u64);
+        // in chunks, so the bar moves and an interruption keeps the cache of what was judged
+        let mut out = Vec::new();
+        for chunk in pairs.chunks(16) {
+            out.extend(self.rt.block_on(refusal::llm_judge(
+                &self.client,
+                &self.model,
+                chunk,
+                self.decision,
+                2,
+            )));
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        out
+    }
+
+    fn win_rate(&self, items: &[(String, String, String)]) -> (f64, usize) {
+        self.rt.block_on(refusal::win_rate(
+            &self.client,
+            &self.model,
+            items,
+            self.decision,
+            0,
+        ))
+    }
 }
 
 #[derive(Serialize)]
@@ -559,14 +547,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         keyword_window: a.keyword_window,
         judge_llm: a.judge.judge_llm.as_deref(),
     })?;
-    let engine = Engine::start(
-        lm.clone(),
-        EngineConfig {
-            max_rows: a.batch.max(1),
-            max_queue: 1 << 20,
-            prefill_chunk: 512,
-        },
-    );
+    let engine = Engine::start(lm.clone(), EngineConfig::offline(a.batch));
     let mut journal = Journal::open(&a.out.join("responses.jsonl"))?;
     let cfg = EvalConfig {
         limit: a.limit,
@@ -574,36 +555,21 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         keyword_window: a.keyword_window,
     };
     let t0 = std::time::Instant::now();
-    let mut pb: Option<(String, indicatif::ProgressBar)> = None;
+    let mut bars = crate::steer_cmd::StepBars::default();
     let rows = refusal::evaluate(
         &engine,
         &sets,
         &conditions,
         &cfg,
         &mut journal,
-        &mut |label, done, total| {
-            if pb.as_ref().is_none_or(|(l, _)| l != label) {
-                if let Some((_, b)) = pb.take() {
-                    b.finish_and_clear();
-                }
-                pb = Some((
-                    label.to_string(),
-                    crate::steer_cmd::bar(label, total as u64),
-                ));
-            }
-            if let Some((_, b)) = &pb {
-                b.set_position(done as u64);
-            }
-        },
+        &mut |label, done, total| bars.update(label, done, total),
     )?;
-    if let Some((_, b)) = pb.take() {
-        b.finish_and_clear();
-    }
+    bars.finish();
     drop(engine);
     let seconds = t0.elapsed().as_secs_f64();
     // the LLM judge over refusal-scored sets
     let mut judge_rows: Vec<Value> = Vec::new();
-    if a.judge.judge_llm.is_some() {
+    if let Some(judge) = LlmJudge::open(&a.judge)? {
         let mut pairs = Vec::new();
         let mut keys = Vec::new();
         for set in sets
@@ -627,34 +593,25 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                 }
             }
         }
-        let js = judge_pairs(&a.judge, &pairs)?.unwrap_or_default();
-        let mut by: BTreeMap<(String, u64, String), Vec<(bool, Option<bool>)>> = BTreeMap::new();
+        let js = judge.classify(&pairs);
+        let mut by: BTreeMap<(String, u64, String), (Vec<bool>, Vec<Option<refusal::Class>>)> =
+            BTreeMap::new();
         for (k, j) in keys.iter().zip(&js) {
-            by.entry((k.0.clone(), k.1.to_bits(), k.2.clone()))
-                .or_default()
-                .push((k.3, j.class.map(|c| c.refuses())));
+            let e = by
+                .entry((k.0.clone(), k.1.to_bits(), k.2.clone()))
+                .or_default();
+            e.0.push(k.3);
+            e.1.push(j.class);
         }
-        for ((m, s, set), v) in by {
-            let judged: Vec<(bool, bool)> =
-                v.iter().filter_map(|(k, l)| l.map(|l| (*k, l))).collect();
-            let (agree, kappa) = refusal::agreement(
-                &judged.iter().map(|x| x.0).collect::<Vec<_>>(),
-                &judged.iter().map(|x| x.1).collect::<Vec<_>>(),
-            );
-            judge_rows.push(json!({
-                "method": m, "strength": f64::from_bits(s), "set": set, "n": v.len(),
-                "unparsed": v.len() - judged.len(),
-                "llm_refusal_rate": judged.iter().filter(|x| x.1).count() as f64 / judged.len().max(1) as f64,
-                "keyword_refusal_rate": v.iter().filter(|x| x.0).count() as f64 / v.len().max(1) as f64,
-                "agreement": agree, "kappa": kappa,
-            }));
+        for ((m, s, set), (kw, llm)) in by {
+            let mut row = serde_json::to_value(refusal::compare(&kw, &llm))?;
+            row["method"] = json!(m);
+            row["strength"] = json!(f64::from_bits(s));
+            row["set"] = json!(set);
+            judge_rows.push(row);
         }
         // AlpacaEval-style win rate of each steered condition against the unsteered answers
-        if let Some((client, decision, model)) = judge_client(&a.judge)? {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+        {
             for set in sets.iter().filter(|s| s.kind == SetKind::Open) {
                 let (_, texts, _) = refusal::load_set(&lm, set, a.limit)?;
                 let base: BTreeMap<usize, String> = journal
@@ -678,8 +635,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                                 .map(|b| (texts[r.question].clone(), b.clone(), r.text.clone()))
                         })
                         .collect();
-                    let (wr, undecided) =
-                        rt.block_on(refusal::win_rate(&client, &model, &items, decision, 0));
+                    let (wr, undecided) = judge.win_rate(&items);
                     judge_rows.push(json!({"method": c.method, "strength": c.strength, "set": set.name, "n": items.len(),
                         "win_rate_vs_unsteered": wr, "undecided": undecided}));
                 }
@@ -836,28 +792,14 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn run_judge(a: JudgeArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.responses)
-        .with_context(|| format!("{}", a.responses.display()))?;
-    let records: Vec<Value> = match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Array(v)) => v,
-        Ok(_) => bail!(
-            "{}: expected a JSON array or JSON Lines of records",
-            a.responses.display()
-        ),
-        Err(_) => text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l).with_context(|| {
-                    format!("{}: line {}: invalid JSON", a.responses.display(), i + 1)
-                })
-            })
-            .collect::<Result<_>>()?,
-    };
+    let records: Vec<Value> = rudder_steer::prompts::read_records(&a.responses)?
+        .into_iter()
+        .map(|(v, _)| v)
+        .collect();
     if records.is_empty() {
         bail!("{}: no records", a.responses.display());
     }
+    let judge = LlmJudge::open(&a.judge)?;
     let mut out = Vec::new();
     let mut verdicts = Vec::new();
     println!(
@@ -896,23 +838,17 @@ pub fn run_judge(a: JudgeArgs) -> Result<()> {
             .map(|(_, r)| refusal::keyword_refuses(r, a.keyword_window))
             .collect();
         let rate = kw.iter().filter(|&&x| x).count() as f64 / kw.len() as f64;
-        let llm = judge_pairs(&a.judge, &pairs)?;
+        let llm = judge.as_ref().map(|j| j.classify(&pairs));
         match &llm {
             None => println!("| {field} | {} | {rate:.3} |", kw.len()),
             Some(js) => {
-                let both: Vec<(bool, bool)> = kw
-                    .iter()
-                    .zip(js)
-                    .filter_map(|(k, j)| j.class.map(|c| (*k, c.refuses())))
-                    .collect();
-                let (ag, kappa) = refusal::agreement(
-                    &both.iter().map(|x| x.0).collect::<Vec<_>>(),
-                    &both.iter().map(|x| x.1).collect::<Vec<_>>(),
-                );
-                let lr = both.iter().filter(|x| x.1).count() as f64 / both.len().max(1) as f64;
+                let c = refusal::compare(&kw, &js.iter().map(|j| j.class).collect::<Vec<_>>());
                 println!(
-                    "| {field} | {} | {rate:.3} | {lr:.3} | {ag:.3} | {kappa:.3} |",
-                    kw.len()
+                    "| {field} | {} | {rate:.3} | {:.3} | {:.3} | {:.3} |",
+                    kw.len(),
+                    c.llm_refusal_rate,
+                    c.agreement,
+                    c.kappa
                 );
             }
         }

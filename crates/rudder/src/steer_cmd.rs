@@ -237,7 +237,7 @@ pub struct SweepArgs {
         default_value = "-0.2,-0.15,-0.1,-0.05,0,0.05,0.1,0.15,0.2"
     )]
     pub alphas: Vec<f64>,
-    /// Only layers a..b (inclusive), e.g. 10..20.
+    /// Only these layers, e.g. 10..20 or 8-14,16.
     #[arg(long)]
     pub layers: Option<String>,
     /// all, prompt, last, generated or from:K.
@@ -347,6 +347,28 @@ pub(crate) fn open_model(m: &str) -> Result<LanguageModel> {
     Ok(lm)
 }
 
+/// One progress bar per step of a long run: a new bar when the step's label changes.
+#[derive(Default)]
+pub(crate) struct StepBars(Option<(String, indicatif::ProgressBar)>);
+
+impl StepBars {
+    pub(crate) fn update(&mut self, label: &str, done: usize, total: usize) {
+        if self.0.as_ref().is_none_or(|(l, _)| l != label) {
+            self.finish();
+            self.0 = Some((label.to_string(), bar(label, total as u64)));
+        }
+        if let Some((_, b)) = &self.0 {
+            b.set_position(done as u64);
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if let Some((_, b)) = self.0.take() {
+            b.finish();
+        }
+    }
+}
+
 pub(crate) fn bar(label: &str, total: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
@@ -407,21 +429,11 @@ fn run_plan(a: PlanArgs) -> Result<()> {
     cfg.attack = a.attack.clone();
     cfg.batch = a.batch.max(1);
     let t0 = std::time::Instant::now();
-    let mut current: Option<(String, indicatif::ProgressBar)> = None;
+    let mut bars = StepBars::default();
     let metrics = study::plan(lm.clone(), &cfg, &a.out, &mut |step, d, t| {
-        if current.as_ref().map(|c| c.0.as_str()) != Some(step) {
-            if let Some((_, pb)) = current.take() {
-                pb.finish();
-            }
-            current = Some((step.to_string(), bar(step, t as u64)));
-        }
-        if let Some((_, pb)) = &current {
-            pb.set_position(d as u64);
-        }
+        bars.update(step, d, t)
     })?;
-    if let Some((_, pb)) = current.take() {
-        pb.finish();
-    }
+    bars.finish();
     plots_and_summary(&a.out, &metrics, t0.elapsed().as_secs_f64())?;
     eprintln!("study written to {} (summary.md)", a.out.display());
     Ok(())
@@ -934,12 +946,32 @@ fn run_import(a: ImportArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_band(s: &Option<String>) -> Result<Option<std::ops::RangeInclusive<usize>>> {
-    let Some(s) = s else { return Ok(None) };
-    let (a, b) = s
-        .split_once("..")
-        .with_context(|| format!("--layers {s:?}: expected A..B"))?;
-    Ok(Some(a.trim().parse()?..=b.trim().parse()?))
+/// Layer lists for `--layers`: "8-14,16" or "8..14,16" → [8, …, 14, 16], checked against the
+/// model's layer count.
+pub(crate) fn parse_layers(s: &str, layers: usize) -> Result<Vec<usize>> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once("..").or_else(|| part.split_once('-')) {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: usize = a
+            .parse()
+            .with_context(|| format!("--layers {part:?}: not a layer number"))?;
+        let b: usize = b
+            .parse()
+            .with_context(|| format!("--layers {part:?}: not a layer number"))?;
+        if a > b || b >= layers {
+            bail!("--layers {part:?}: the model has layers 0..{}", layers - 1);
+        }
+        v.extend(a..=b);
+    }
+    v.sort();
+    v.dedup();
+    if v.is_empty() {
+        bail!("--layers {s:?}: no layers");
+    }
+    Ok(v)
 }
 
 fn run_sweep(a: SweepArgs) -> Result<()> {
@@ -964,16 +996,16 @@ fn run_sweep(a: SweepArgs) -> Result<()> {
         .iter()
         .map(|p| study::gold_answer(&p.record))
         .collect();
-    let band = parse_band(&a.layers)?;
+    let band = a
+        .layers
+        .as_deref()
+        .map(|s| parse_layers(s, lm.decoder.cfg.num_layers))
+        .transpose()?;
     let positions: Positions = a.positions.parse()?;
     std::fs::create_dir_all(&a.out)?;
     let engine = rudder_lm::engine::Engine::start(
         lm.clone(),
-        rudder_lm::engine::EngineConfig {
-            max_rows: a.batch.max(1),
-            max_queue: 1 << 20,
-            prefill_chunk: 512,
-        },
+        rudder_lm::engine::EngineConfig::offline(a.batch),
     );
     let mut journal = Journal::open(&a.out.join("rollouts.jsonl"))?;
     let rc = RolloutConfig {
@@ -989,7 +1021,7 @@ fn run_sweep(a: SweepArgs) -> Result<()> {
     };
     let mut rows = Vec::new();
     for &alpha in &a.alphas {
-        let iv = vectors.interventions(alpha as f32, band.clone(), positions, Phases::Both);
+        let iv = vectors.interventions(alpha as f32, band.as_deref(), positions, Phases::Both);
         let pb = bar(&format!("α = {alpha}"), (ids.len() * rc.per_prompt) as u64);
         run(
             &engine,
@@ -1007,22 +1039,19 @@ fn run_sweep(a: SweepArgs) -> Result<()> {
             .tagged("sweep")
             .filter(|r| r.alpha == alpha)
             .collect();
-        let n = rs.len().max(1) as f64;
-        let graded = rs.iter().filter(|r| r.verdict.is_some()).count();
         let mut per_label = serde_json::Map::new();
         if let Some(labels) = set.labels() {
             for l in rudder_steer::direction::distinct(&labels) {
-                let sub: Vec<_> = rs.iter().filter(|r| labels[r.question] == l).collect();
-                per_label.insert(l, json!({"mean_reasoning_tokens": sub.iter().map(|r| r.reasoning_tokens as f64).sum::<f64>() / sub.len().max(1) as f64, "rollouts": sub.len()}));
+                let sub = rudder_steer::rollouts::summarise(
+                    rs.iter().copied().filter(|r| labels[r.question] == l),
+                );
+                per_label.insert(l, json!(sub));
             }
         }
-        let row = json!({
-            "alpha": alpha,
-            "mean_reasoning_tokens": rs.iter().map(|r| r.reasoning_tokens as f64).sum::<f64>() / n,
-            "accuracy": if graded > 0 { rs.iter().filter(|r| r.verdict == Some(rudder_steer::grade::Verdict::Correct)).count() as f64 / graded as f64 } else { f64::NAN },
-            "rollouts": rs.len(), "per_label": per_label,
-            "interventions": iv.interventions.iter().map(|i| json!({"site": i.site.to_string(), "alpha": i.alpha, "positions": i.positions, "phases": i.phases})).collect::<Vec<_>>(),
-        });
+        let mut row = json!(rudder_steer::rollouts::summarise(rs.iter().copied()));
+        row["alpha"] = json!(alpha);
+        row["per_label"] = json!(per_label);
+        row["interventions"] = json!(iv.interventions.iter().map(|i| json!({"site": i.site.to_string(), "alpha": i.alpha, "positions": i.positions, "phases": i.phases})).collect::<Vec<_>>());
         println!(
             "α = {alpha:>6}: mean length {:.1}, accuracy {:.3}",
             row["mean_reasoning_tokens"].as_f64().unwrap_or(f64::NAN),
@@ -1153,46 +1182,12 @@ pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
     Ok(())
 }
 
-/// A steering file as interventions at `strength`: an AlphaSteer file (gated, prefill only), a
-/// steering-vector file or llama.cpp control vector (added everywhere), or an intervention list
-/// (its strengths scaled). Checked against `lm` when given.
+/// `study::steering_file`, checked against `lm` when given.
 pub(crate) fn steering_file(
     path: &Path,
     strength: f32,
     lm: Option<&LanguageModel>,
 ) -> Result<rudder_lm::hooks::Interventions> {
-    let side = {
-        let mut p = path.as_os_str().to_owned();
-        p.push(".json");
-        PathBuf::from(p)
-    };
     let dims = lm.map(|lm| (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size));
-    let is_alpha = std::fs::read(&side)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .is_some_and(|v| v["format"] == rudder_steer::alphasteer::FORMAT);
-    if is_alpha {
-        let f = rudder_steer::alphasteer::SteerFile::load(path)?;
-        if let Some((l, d)) = dims {
-            f.check(l, d, path)?;
-        }
-        return Ok(f.interventions(strength));
-    }
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext == "safetensors" || ext == "gguf" {
-        let v = SteeringVectors::load(path)?;
-        if let Some((l, d)) = dims {
-            v.check(l, d, path)?;
-        }
-        return Ok(v.interventions(strength, None, Positions::All, Phases::Both));
-    }
-    let mut iv = rudder_lm::hooks::Interventions::from_json_file(path)?;
-    for i in &mut iv.interventions {
-        i.alpha *= strength;
-    }
-    if let Some((l, d)) = dims {
-        iv.validate(l, d)
-            .with_context(|| format!("{}", path.display()))?;
-    }
-    Ok(iv)
+    Ok(study::steering_file(path, strength, dims)?)
 }
