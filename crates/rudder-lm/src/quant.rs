@@ -645,20 +645,34 @@ mod precision {
     use super::*;
     use candle_core::{Device, Tensor, quantized::QTensor};
 
+    fn quantized(dtype: GgmlDType, rows: usize, cols: usize) -> QMatrix {
+        let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        QMatrix::new(
+            QFormat::from_ggml(dtype).unwrap(),
+            rows,
+            cols,
+            q.data().unwrap().to_vec(),
+        )
+        .unwrap()
+    }
+
+    fn activations(n: usize, cols: usize) -> Vec<f32> {
+        Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn long_prefills_are_blocked_without_changing_a_row() {
         // 300 activation rows of width 576 span three L2 blocks (112 rows each, one partial):
         // every row equals the same row multiplied on its own.
         let (rows, cols, n) = (40, 576, 300);
-        let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let m = QMatrix::new(QFormat::Q4_1, rows, cols, q.data().unwrap().to_vec()).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let m = quantized(GgmlDType::Q4_1, rows, cols);
+        let x = activations(n, cols);
         let y = m.matmul(&x, n);
         for i in [0, 7, 111, 112, 113, 224, 250, 299] {
             let yi = m.matmul(&x[i * cols..(i + 1) * cols], 1);
@@ -674,23 +688,10 @@ mod precision {
     #[test]
     fn relative_error_of_int8_activations_is_small() {
         let (rows, cols, n) = (256, 576, 5);
-        let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let m = QMatrix::new(
-                QFormat::from_ggml(dtype).unwrap(),
-                rows,
-                cols,
-                q.data().unwrap().to_vec(),
-            )
-            .unwrap();
+            let m = quantized(dtype, rows, cols);
             let deq = m.dequantize();
-            let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let x = activations(n, cols);
             let y = m.matmul(&x, n);
             let (mut num, mut den) = (0f64, 0f64);
             for i in 0..n {

@@ -95,19 +95,8 @@ pub struct PlanArgs {
     /// Rollouts per question for the length labels (reference: 8).
     #[arg(long, default_value_t = 2)]
     pub rollouts: usize,
-    /// New-token cap per rollout (reference: 16,384).
-    #[arg(long, default_value_t = 256)]
-    pub max_tokens: usize,
-    #[arg(long, default_value_t = 0.6)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// End-of-reasoning marker (e.g. "</think>" for R1-distill models). Without it the whole
-    /// response (up to EOS) is the reasoning — right for models that do not think.
-    #[arg(long)]
-    pub marker: Option<String>,
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
     /// Probe: lasso (reference, α=10) or ridge.
     #[arg(long, default_value = "lasso")]
     pub probe: String,
@@ -130,11 +119,30 @@ pub struct PlanArgs {
     /// Attacked prompts for the detector (e.g. alpacaeval_overthink_attack.json).
     #[arg(long)]
     pub attack: Option<PathBuf>,
+    #[command(flatten)]
+    pub render: RenderArgs,
+}
+
+/// How rollouts are generated (plan and sweep).
+#[derive(Args, Clone)]
+pub struct RolloutArgs {
+    /// New-token cap per rollout (reference: 16,384).
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature, 0 = greedy (reference: 0.6).
+    #[arg(long, default_value_t = 0.6)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// End-of-reasoning marker (e.g. "</think>" for R1-distill models). Without it the whole
+    /// response (up to EOS) is the reasoning — right for models that do not think.
+    #[arg(long)]
+    pub marker: Option<String>,
     /// Generations decoded together.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    #[command(flatten)]
-    pub render: RenderArgs,
 }
 
 #[derive(Args)]
@@ -245,19 +253,8 @@ pub struct SweepArgs {
     pub positions: String,
     #[arg(long, default_value_t = 1)]
     pub rollouts: usize,
-    #[arg(long, default_value_t = 256)]
-    pub max_tokens: usize,
-    /// 0 = greedy (reference: 0.6).
-    #[arg(long, default_value_t = 0.6)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long)]
-    pub marker: Option<String>,
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
     #[command(flatten)]
     pub render: RenderArgs,
     #[arg(long, short)]
@@ -412,11 +409,11 @@ fn run_plan(a: PlanArgs) -> Result<()> {
     let mut cfg = PlanConfig::new(a.questions.clone());
     cfg.per_level = a.per_level;
     cfg.rollouts = a.rollouts.max(1);
-    cfg.max_tokens = a.max_tokens.max(1);
-    cfg.temperature = a.temperature;
-    cfg.top_p = a.top_p;
-    cfg.seed = a.seed;
-    cfg.marker = a.marker.clone();
+    cfg.max_tokens = a.rollout.max_tokens.max(1);
+    cfg.temperature = a.rollout.temperature;
+    cfg.top_p = a.rollout.top_p;
+    cfg.seed = a.rollout.seed;
+    cfg.marker = a.rollout.marker.clone();
     cfg.rendering = a.render.rendering(Rendering::reasoning());
     cfg.probe = probe_kind(&a.probe, a.probe_alpha)?;
     if let Some(al) = &a.alphas {
@@ -427,7 +424,7 @@ fn run_plan(a: PlanArgs) -> Result<()> {
     cfg.logit_questions = a.logit_questions;
     cfg.benign = a.benign.clone();
     cfg.attack = a.attack.clone();
-    cfg.batch = a.batch.max(1);
+    cfg.batch = a.rollout.batch.max(1);
     let t0 = std::time::Instant::now();
     let mut bars = StepBars::default();
     let metrics = study::plan(lm.clone(), &cfg, &a.out, &mut |step, d, t| {
@@ -1005,19 +1002,19 @@ fn run_sweep(a: SweepArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)?;
     let engine = rudder_lm::engine::Engine::start(
         lm.clone(),
-        rudder_lm::engine::EngineConfig::offline(a.batch),
+        rudder_lm::engine::EngineConfig::offline(a.rollout.batch),
     );
     let mut journal = Journal::open(&a.out.join("rollouts.jsonl"))?;
     let rc = RolloutConfig {
         per_prompt: a.rollouts.max(1),
         sampling: rudder_lm::generate::GenConfig {
-            max_new_tokens: a.max_tokens.max(1),
-            temperature: a.temperature,
-            top_p: a.top_p,
-            seed: a.seed,
+            max_new_tokens: a.rollout.max_tokens.max(1),
+            temperature: a.rollout.temperature,
+            top_p: a.rollout.top_p,
+            seed: a.rollout.seed,
             ..Default::default()
         },
-        marker: a.marker.clone(),
+        marker: a.rollout.marker.clone(),
     };
     let mut rows = Vec::new();
     for &alpha in &a.alphas {
