@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # rudder-lm next to its peers: parity (HF transformers f32, llama.cpp Q4_1) and speed (decode,
 # prefill, hidden-state capture, MiniLM embedding). Needs bench/lm_setup.sh and the fetched
-# assets (scripts/test.sh fetches them into $RUDDER_HOME, default .rudder/).
+# assets (scripts/test.sh fetches them into $RUDDER_HOME, default ~/.cache/rudder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RUDDER_HOME="${RUDDER_HOME:-$PWD/.rudder}"
+# the one asset cache: $RUDDER_HOME, else the cache folder the binary uses (XDG on Linux)
+export RUDDER_HOME="${RUDDER_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/rudder}"
 cargo build --release -p rudder
 A="$RUDDER_HOME/assets"
 PY=bench/.venv-lm/bin/python

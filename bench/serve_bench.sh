@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQ="${1:-64}"; MAXTOK="${2:-64}"; BURST="${3:-1000}"
-export RUDDER_HOME="${RUDDER_HOME:-$PWD/.rudder}"
+# the one asset cache: $RUDDER_HOME, else the cache folder the binary uses (XDG on Linux)
+export RUDDER_HOME="${RUDDER_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/rudder}"
 BIN=target/release/rudder
 PY=bench/.venv-serve/bin/python
 GGUF="$RUDDER_HOME/assets/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -6,7 +6,8 @@
 # usage: bench/steer_probe_speed.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RUDDER_HOME="${RUDDER_HOME:-$PWD/.rudder}"
+# the one asset cache: $RUDDER_HOME, else the cache folder the binary uses (XDG on Linux)
+export RUDDER_HOME="${RUDDER_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/rudder}"
 PY=bench/.venv-serve/bin/python
 BIN=target/release/rudder
 Q=../shared/data/steering/reasoning/math.json

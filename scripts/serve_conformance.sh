@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${1:-target/debug/rudder}"
-export RUDDER_HOME="${RUDDER_HOME:-$PWD/.rudder}"
+# the one asset cache: $RUDDER_HOME, else the cache folder the binary uses (XDG on Linux)
+export RUDDER_HOME="${RUDDER_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/rudder}"
 VENV="$RUDDER_HOME/py-openai"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, pydantic" 2>/dev/null; then
   python3 -m venv "$VENV"

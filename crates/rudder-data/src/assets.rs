@@ -141,11 +141,18 @@ pub struct Store {
 }
 
 impl Store {
-    /// `$RUDDER_HOME`, else the user's cache folder + `rudder`.
+    /// The one asset cache: `$RUDDER_HOME`, else `$XDG_CACHE_HOME/rudder`, else
+    /// `~/.cache/rudder` (the same rule on Linux and macOS, so the shell scripts, which spell it
+    /// the same way, and the binary always agree), else the platform's cache folder.
     pub fn from_env() -> Store {
-        let root = std::env::var_os("RUDDER_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let root = var("RUDDER_HOME")
+            .or_else(|| var("XDG_CACHE_HOME").filter(|p| p.is_absolute()).map(|p| p.join("rudder")))
+            .or_else(|| {
+                (cfg!(unix))
+                    .then(|| var("HOME").map(|h| h.join(".cache").join("rudder")))
+                    .flatten()
+            })
             .unwrap_or_else(|| {
                 dirs::cache_dir()
                     .unwrap_or_else(std::env::temp_dir)

@@ -3,6 +3,15 @@
 
 use std::collections::HashMap;
 
+/// Largest id count (`max id + 1`) that readers of index-valued files (ids used directly as
+/// array positions, as in LightGCN lines or `movie_detail.csv`) accept as-is for `distinct`
+/// distinct ids: small gaps (items that only appear in a test file, users without lines) are
+/// normal, but a single id of 2,000,000,000 must not make a reader allocate per id. Beyond
+/// this bound ids are remapped or refused before anything of that size is allocated.
+pub fn dense_limit(distinct: usize) -> usize {
+    distinct.saturating_mul(4).max(distinct.saturating_add(100_000))
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdMap {
     ext: Vec<String>,
@@ -72,6 +81,20 @@ impl IdMap {
             .iter()
             .enumerate()
             .all(|(i, s)| *s == i.to_string())
+    }
+
+    /// Dense ids for sparse numeric ids: the sorted distinct values become `0..n`, each keeping
+    /// its number as external id. Returns the map and a lookup from value to dense id.
+    pub fn from_sorted_numbers(values: &[u32]) -> (IdMap, HashMap<u32, u32>) {
+        let mut v = values.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        let mut m = IdMap::new();
+        let mut lookup = HashMap::with_capacity(v.len());
+        for x in v {
+            lookup.insert(x, m.insert(&x.to_string()));
+        }
+        (m, lookup)
     }
 
     /// Keep only the dense ids for which `keep[id]`, renumbering them in order.

@@ -70,6 +70,12 @@ fn time_order(x: &Interactions, u: u32) -> Vec<usize> {
 /// Split `ds.interactions` with `method`; the result carries the split.
 pub fn split(ds: &Dataset, method: &SplitMethod, seed: u64) -> Result<Dataset> {
     let x = &ds.interactions;
+    if x.is_empty() {
+        return Err(DataError::Config(format!(
+            "{}: no interactions left to split",
+            ds.name
+        )));
+    }
     let mut parts: [Vec<Interaction>; 3] = Default::default();
     match method {
         SplitMethod::Ratio { ratios } => {
@@ -172,6 +178,12 @@ pub fn split_with_ood(
         )));
     }
     let x = &ds.interactions;
+    if x.is_empty() {
+        return Err(DataError::Config(format!(
+            "{}: no interactions left to split",
+            ds.name
+        )));
+    }
     let pop = x.item_degrees();
     let n_ood = (fraction * x.len() as f64).round() as usize;
     let mut keys: Vec<(f64, usize)> = x

@@ -438,3 +438,43 @@ fn detection_failures_are_clear() {
         .to_string();
     assert!(e.contains("no such file or folder"), "{e}");
 }
+
+fn lightgcn(p: &Path) -> rudder_data::Dataset {
+    match formats::load(p, Some(Format::Lightgcn)).unwrap() {
+        formats::Loaded::Interactions(d) => d,
+        _ => unreachable!("LightGCN lines load as interactions"),
+    }
+}
+
+/// One id of 2,000,000,000 in LightGCN lines is remapped before any per-id allocation (the
+/// reader once grew to 8.8 GB and aborted); the original numbers stay the external ids.
+#[test]
+fn lightgcn_sparse_ids_are_remapped_not_allocated() {
+    let d = tmp();
+    let p = d.path();
+    write(p, "train.txt", b"0 1 2\n2000000000 2 3000000000\n");
+    write(p, "test.txt", b"0 3000000000\n");
+    let ds = lightgcn(p);
+    assert_eq!(ds.users.len(), 2);
+    assert_eq!(ds.items.len(), 3);
+    assert_eq!(ds.users.ext(1), "2000000000");
+    assert_eq!(ds.items.ext(2), "3000000000");
+    let s = ds.split.as_ref().unwrap();
+    assert_eq!(s.train.items(1), &[1, 2]);
+    assert_eq!(s.test.items(0), &[2]);
+    // small gaps keep the ids as array positions
+    write(p, "train.txt", b"0 1 2\n5 7\n");
+    write(p, "test.txt", b"0 9\n");
+    let ds = lightgcn(p);
+    assert!(ds.users.is_identity() && ds.items.is_identity());
+    assert_eq!((ds.users.len(), ds.items.len()), (6, 10));
+}
+
+#[test]
+fn agent4rec_sparse_movie_ids_are_refused() {
+    let d = tmp();
+    let p = d.path();
+    write(p, "train.txt", b"0 1 2\n");
+    write(p, "movie_detail.csv", b"movie_id,title\n0,A\n2000000000,B\n");
+    expect_err(p, Format::Lightgcn, "movie_detail.csv", Some(3), "dense row");
+}

@@ -1,4 +1,4 @@
-//! The engine on the real assets the test script fetches (`RUDDER_HOME`, default `.rudder/`):
+//! The engine on the real assets the test script fetches (`RUDDER_HOME`, default `~/.cache/rudder`):
 //! SmolLM2-135M-Instruct Q4_1 GGUF and all-MiniLM-L6-v2. Absent assets skip with a message
 //! unless `RUDDER_REQUIRE_ASSETS=1` (CI). Reference numbers: peer-baselines.md §4 and §6.
 

@@ -22,7 +22,8 @@ pub enum AssetsCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Print the folder of a fetched asset.
+    /// Print where a fetched asset is: the model file for a single-file model (GGUF), else its
+    /// folder (datasets, Hugging Face model folders).
     Path { name: String },
 }
 
@@ -111,8 +112,21 @@ pub fn run(cmd: AssetsCmd) -> Result<()> {
                     manifest.names().join(", ")
                 );
             }
-            println!("{}", store.require(&name)?.display());
+            let dir = store.require(&name)?;
+            println!("{}", main_file(&dir)?.display());
             Ok(())
         }
     }
+}
+
+/// A single-file model's file (the one `.gguf` in the asset folder), else the folder.
+fn main_file(dir: &std::path::Path) -> Result<PathBuf> {
+    let mut gguf = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "gguf") {
+            gguf.push(p);
+        }
+    }
+    Ok(if gguf.len() == 1 { gguf.remove(0) } else { dir.to_path_buf() })
 }

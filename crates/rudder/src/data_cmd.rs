@@ -203,11 +203,33 @@ fn split_cmd(a: SplitArgs) -> Result<()> {
             a.data
         );
     };
+    let before = ds.interactions.len();
     if let Some(t) = a.min_rating {
         ds = preprocess::implicit(&ds, t)?;
+        if ds.interactions.is_empty() {
+            bail!(
+                "`{}`: no interaction is rated at least {t} (--min-rating); nothing to split",
+                a.data
+            );
+        }
     }
     if let Some(k) = a.kcore {
+        let n = ds.interactions.len();
         ds = preprocess::kcore(&ds, k, k);
+        if ds.interactions.is_empty() {
+            bail!(
+                "`{}`: the {k}-core (--kcore {k}) is empty: no set of users and items with at \
+                 least {k} interactions each exists among its {n} interactions; use a smaller k",
+                a.data
+            );
+        }
+    }
+    if ds.interactions.len() < before {
+        eprintln!(
+            "filters kept {} of {before} interactions ({:.1}%)",
+            ds.interactions.len(),
+            100.0 * ds.interactions.len() as f64 / before.max(1) as f64
+        );
     }
     let ds = match a.ood_fraction {
         Some(f) => rudder_data::split::split_with_ood(&ds, &method, f, a.ood_gamma, a.seed),

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use rudder_data::texts::{ColumnSpec, read_text_column};
+use rudder_data::assets::Store;
+use rudder_data::formats::Loaded;
+use rudder_data::resolve;
+use rudder_data::texts::{ColumnSpec, TextColumn, read_text_column};
 use rudder_lm::bert::TextEncoder;
 
 #[derive(Args)]
@@ -12,10 +15,13 @@ pub struct EmbedArgs {
     /// Encoder folder (sentence-transformers layout) or asset name.
     #[arg(long, short, default_value = "all-minilm-l6-v2")]
     pub model: String,
-    /// Input file: RecBole .item, CSV/TSV with a header, MovieLens ::/| files, JSON lines.
+    /// Input: a file (RecBole .item, CSV/TSV with a header, MovieLens ::/| files, JSON lines),
+    /// or any data argument (`ml-100k`, a dataset folder), whose item table is read: titles by
+    /// default, or the field named by --column.
     #[arg(long, short)]
-    pub input: PathBuf,
-    /// Text column: a header name (e.g. movie_title, title) or a 0-based index.
+    pub input: String,
+    /// Text column: a header name (e.g. movie_title, title) or a 0-based index. For a data
+    /// argument, `title`/`movie_title` mean the item titles, anything else an item field.
     #[arg(long, short, default_value = "title")]
     pub column: String,
     /// Id column (name or index); default: the first column.
@@ -32,20 +38,50 @@ pub struct EmbedArgs {
     pub out: PathBuf,
 }
 
+/// The item texts of a dataset named by a data argument, in dense id order, with external ids.
+fn item_texts(arg: &str, column: &str) -> Result<TextColumn> {
+    let loaded = resolve::load(arg, None, &Store::from_env())?;
+    let Loaded::Interactions(ds) = loaded else {
+        bail!("`{arg}` holds sequences or prompts, not a dataset with an item table");
+    };
+    let t = &ds.item_table;
+    let texts: Vec<String> = if matches!(column, "title" | "movie_title") {
+        match &t.title {
+            Some(v) => v.clone(),
+            None => bail!("`{arg}`: the dataset has no item titles"),
+        }
+    } else {
+        match t.fields.get(column) {
+            Some(v) => v.clone(),
+            None => bail!(
+                "`{arg}`: no item field `{column}` (fields: title{})",
+                t.fields.keys().map(|k| format!(", {k}")).collect::<String>()
+            ),
+        }
+    };
+    let ids = (0..texts.len() as u32).map(|i| ds.items.ext(i).to_string()).collect();
+    Ok(TextColumn { ids, texts })
+}
+
 pub fn run(a: EmbedArgs) -> Result<()> {
+    let input = PathBuf::from(&a.input);
+    let col = if input.is_file() {
+        read_text_column(
+            &input,
+            &ColumnSpec {
+                column: a.column.clone(),
+                id_column: a.id_column.clone(),
+                sep: a.sep.clone(),
+            },
+        )?
+    } else {
+        item_texts(&a.input, &a.column)?
+    };
+    if col.texts.is_empty() {
+        bail!("{}: no rows", a.input);
+    }
     let dir = crate::lm_cmd::resolve_model(&a.model)?;
     let enc = TextEncoder::load(&dir)?;
-    let col = read_text_column(
-        &a.input,
-        &ColumnSpec {
-            column: a.column.clone(),
-            id_column: a.id_column.clone(),
-            sep: a.sep.clone(),
-        },
-    )?;
-    if col.texts.is_empty() {
-        bail!("{}: no rows", a.input.display());
-    }
     let pb = indicatif::ProgressBar::new(col.texts.len() as u64);
     pb.set_style(indicatif::ProgressStyle::with_template(
         "{bar:30} {pos}/{len} texts [{elapsed} < {eta}]",

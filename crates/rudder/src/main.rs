@@ -128,8 +128,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            // library errors already quote their source (`file: No such file or directory`):
+            // print a cause only when it adds something
+            let mut said = e.to_string();
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let c = cause.to_string();
+                if !said.contains(&c) {
+                    eprintln!("  caused by: {c}");
+                    said.push_str(&c);
+                }
             }
             ExitCode::FAILURE
         }

@@ -73,6 +73,69 @@ fn bad_input_is_an_error_not_a_panic() {
     );
     let o = rudder(&["data", "stats", "ml-1m"], home.path());
     assert!(text(&o).1.contains("rudder assets fetch ml-1m"));
+    // a library error that quotes its io source is not repeated by a `caused by` line
+    let o = rudder(
+        &["embed", "-i", "/no/such/file.item", "-m", dp, "-o", "/tmp/x.st"],
+        home.path(),
+    );
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("caused by"), "{err}");
+}
+
+/// Filters that leave nothing are an error naming the filter, not an empty dataset and exit 0.
+#[test]
+fn split_that_leaves_nothing_is_an_error() {
+    let home = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = rudder(
+        &[
+            "data",
+            "split",
+            "synth",
+            "--kcore",
+            "100000",
+            "--out",
+            out.path().join("s").to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--kcore 100000") && err.contains("is empty"), "{err}");
+    assert!(!out.path().join("s").exists());
+}
+
+/// One id of 2,000,000,000 in LightGCN lines is remapped (with a warning) instead of making
+/// `data stats` allocate per id; sparse ids stay the external ids.
+#[test]
+fn sparse_lightgcn_ids_do_not_allocate_per_id() {
+    let home = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("train.txt"), "0 1 2\n2000000000 2 5\n").unwrap();
+    let o = rudder(&["data", "stats", d.path().to_str().unwrap()], home.path());
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("user ids are sparse"), "{err}");
+    assert!(out.contains("users") && out.contains("2"), "{out}");
+}
+
+/// `assets path` names the model file of a single-file model, the folder otherwise.
+#[test]
+fn assets_path_names_the_model_file() {
+    let home = tempfile::tempdir().unwrap();
+    let a = home.path().join("assets/smollm2-135m-instruct");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::write(a.join("m.Q4_1.gguf"), b"").unwrap();
+    std::fs::write(
+        a.join(".rudder-asset.json"),
+        r#"{"name":"smollm2-135m-instruct","source":"test","format":"gguf","files":[],"fetched_unix":0}"#,
+    )
+    .unwrap();
+    let o = rudder(&["assets", "path", "smollm2-135m-instruct"], home.path());
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out.trim(), a.join("m.Q4_1.gguf").to_str().unwrap());
 }
 
 #[test]

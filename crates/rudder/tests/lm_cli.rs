@@ -339,6 +339,35 @@ fn smollm2_chats_and_minilm_embeds_titles() {
     )
     .unwrap();
     assert_eq!(idx["ids"][0], "1");
+    // a data argument (the asset name, as the README says) embeds the dataset's item titles
+    let out2 = d.path().join("t2.safetensors");
+    ok(&rudder(
+        &[
+            "embed",
+            "-m",
+            mini.to_str().unwrap(),
+            "-i",
+            "ml-100k",
+            "-o",
+            out2.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let e2 =
+        &candle_core::safetensors::load(&out2, &candle_core::Device::Cpu).unwrap()["embeddings"];
+    assert_eq!(e2.dims(), &[1682, 384]);
+    let idx2: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("t2.safetensors.json")).unwrap(),
+    )
+    .unwrap();
+    let row = idx2["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|v| v == "1")
+        .unwrap();
+    let toy: Vec<f32> = e2.get(row).unwrap().to_vec1().unwrap();
+    assert!(toy.iter().zip(&first).all(|(a, b)| (a - b).abs() < 1e-6));
 }
 
 #[test]

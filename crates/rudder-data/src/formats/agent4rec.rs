@@ -87,6 +87,19 @@ pub fn read_movie_detail(path: &Path) -> Result<(Table, usize)> {
         ids.push(id);
     }
     let n = ids.iter().map(|&i| i + 1).max().unwrap_or(0);
+    if n > crate::ids::dense_limit(ids.len()) {
+        let k = ids.iter().position(|&i| i + 1 == n).unwrap_or(0);
+        return Err(DataError::parse(
+            path,
+            csv.rows[k].0,
+            format!(
+                "movie_id {} is far above the {} rows of the file: movie ids must be dense row \
+                 indices 0..n-1",
+                n - 1,
+                ids.len()
+            ),
+        ));
+    }
     let mut seen = vec![0usize; n];
     for (k, &id) in ids.iter().enumerate() {
         if seen[id] != 0 {

@@ -10,7 +10,7 @@
 use crate::dataset::{Dataset, Split, Table};
 use crate::error::{DataError, Result};
 use crate::formats::{agent4rec, atomic};
-use crate::ids::IdMap;
+use crate::ids::{dense_limit, IdMap};
 use crate::interactions::Interactions;
 use crate::io::{numbered_lines, read_utf8, write_atomic};
 use std::collections::HashMap;
@@ -153,6 +153,28 @@ fn check_bound(
     Ok(())
 }
 
+/// When `ids` are too sparse to index arrays by (see [`dense_limit`]), the dense remapping.
+fn sparse_remap(ids: &[u32], what: &str, path: &Path) -> Option<(IdMap, HashMap<u32, u32>)> {
+    let max = ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+    // cheap first test: fewer ids than the limit for even one distinct id
+    if max <= dense_limit(1) {
+        return None;
+    }
+    let (m, lookup) = IdMap::from_sorted_numbers(ids);
+    if max <= dense_limit(m.len()) {
+        return None;
+    }
+    tracing::warn!(
+        "{}: {what} ids are sparse (largest {}, {} distinct): remapped to dense ids 0..{} in \
+         numeric order; the original numbers are kept as external ids",
+        path.display(),
+        max - 1,
+        m.len(),
+        m.len()
+    );
+    Some((m, lookup))
+}
+
 /// Read a LightGCN dataset folder.
 pub fn read_dir(dir: &Path) -> Result<Dataset> {
     let train_p = dir.join("train.txt");
@@ -232,21 +254,64 @@ pub fn read_dir(dir: &Path) -> Result<Dataset> {
     for (p, l) in &all_files {
         check_bound(p, l, ub, ib)?;
     }
-    let max_u = all_files
+    // Ids are array positions in this format. Without a companion list that fixes the id
+    // space, ids far sparser than their count (one id of 2,000,000,000) are remapped to dense
+    // ids before anything is allocated per id; the original numbers stay the external ids.
+    let user_ids: Vec<u32> = all_files
         .iter()
-        .flat_map(|(_, l)| l.iter().map(|x| x.0 as usize + 1))
+        .flat_map(|(_, l)| l.iter().map(|x| x.0))
+        .collect();
+    let item_ids: Vec<u32> = all_files
+        .iter()
+        .flat_map(|(_, l)| l.iter().flat_map(|x| x.1.iter().copied()))
+        .collect();
+    let remap_u = if ub.is_none() { sparse_remap(&user_ids, "user", &train_p) } else { None };
+    let remap_i = if ib.is_none() { sparse_remap(&item_ids, "item", &train_p) } else { None };
+    drop((user_ids, item_ids));
+    let mut train = train;
+    let mut valid = valid;
+    let mut test_lines = test_lines;
+    if remap_u.is_some() || remap_i.is_some() {
+        let apply = |lines: &mut Lines| {
+            for (u, items, _) in lines.iter_mut() {
+                if let Some((_, m)) = &remap_u {
+                    *u = m[u];
+                }
+                if let Some((_, m)) = &remap_i {
+                    for i in items.iter_mut() {
+                        *i = m[i];
+                    }
+                }
+            }
+        };
+        apply(&mut train);
+        apply(&mut valid);
+        for (_, l) in test_lines.iter_mut() {
+            apply(l);
+        }
+    }
+    let all_lines = || std::iter::once(&train).chain(std::iter::once(&valid)).chain(test_lines.iter().map(|(_, l)| l));
+    let max_u = all_lines()
+        .flat_map(|l| l.iter().map(|x| x.0 as usize + 1))
         .max()
         .unwrap_or(0);
-    let max_i = all_files
-        .iter()
-        .flat_map(|(_, l)| l.iter().flat_map(|x| x.1.iter().map(|&i| i as usize + 1)))
+    let max_i = all_lines()
+        .flat_map(|l| l.iter().flat_map(|x| x.1.iter().map(|&i| i as usize + 1)))
         .max()
         .unwrap_or(0);
     let n_users = ub.map_or(max_u, |b| b.0);
     let n_items = ib.map_or(max_i, |b| b.0);
 
-    let users = users_map.unwrap_or_else(|| IdMap::identity(n_users));
-    let items = items_map.unwrap_or_else(|| IdMap::identity(n_items));
+    let users = match (users_map, remap_u) {
+        (Some(m), _) => m,
+        (None, Some((m, _))) => m,
+        (None, None) => IdMap::identity(n_users),
+    };
+    let items = match (items_map, remap_i) {
+        (Some(m), _) => m,
+        (None, Some((m, _))) => m,
+        (None, None) => IdMap::identity(n_items),
+    };
 
     let train_x = to_interactions(&train, n_users, n_items);
     let valid_x = to_interactions(&valid, n_users, n_items);
