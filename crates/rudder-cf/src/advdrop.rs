@@ -572,6 +572,9 @@ impl Backbone for AdvDrop {
     fn custom_loss(&self, idx: &BatchIdx, step: u64) -> Option<Result<Tensor>> {
         Some(self.loss(idx, step))
     }
+    fn inner_optimizer(&self) -> Option<&RefCell<Adam>> {
+        Some(&self.mask_opt)
+    }
     fn adversarial(
         &self,
         epoch: usize,

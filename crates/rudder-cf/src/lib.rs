@@ -23,7 +23,9 @@ pub mod scorer;
 pub mod trainer;
 
 pub use config::{CfConfig, LossConfig, ModelKind};
-pub use trainer::{TrainObserver, TrainReport, train, train_with};
+pub use trainer::{
+    Checkpointing, TrainObserver, TrainReport, train, train_checkpointed, train_with,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CfError {

@@ -20,6 +20,11 @@ pub trait Backbone {
     fn extra_state(&self) -> Vec<(String, Var)> {
         Vec::new()
     }
+    /// An optimizer the model owns and steps itself (AdvDrop's mask-network Adam): its state is
+    /// checkpointed with the trainer's.
+    fn inner_optimizer(&self) -> Option<&std::cell::RefCell<rudder_nn::optim::Adam>> {
+        None
+    }
     /// A model-specific training loss for a batch (AdvDrop's two views + invariance); `None`
     /// uses the configured loss on `forward()`.
     fn custom_loss(&self, _idx: &crate::loss::BatchIdx, _step: u64) -> Option<Result<Tensor>> {

@@ -14,20 +14,62 @@ use rudder_data::sampler::{Sampler, SamplerConfig};
 use rudder_data::{Interactions, Split};
 use rudder_nn::optim::{Adam, AdamConfig};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The checkpoint file a run folder holds while training (removed once the run is written).
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// Where a training run checkpoints and whether it continues from an existing checkpoint.
+/// With a folder, the trainer writes `checkpoint.safetensors` (model, optimizer moments, the
+/// adversary and its optimizer, best-so-far weights, loop counters, history) and
+/// `metrics.jsonl` (the epochs so far) atomically at every evaluation; with `resume`, it
+/// restores them and continues, giving the numbers of an uninterrupted run.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpointing {
+    pub dir: Option<PathBuf>,
+    pub resume: bool,
+}
+
+/// Everything of the loop's state that is not a tensor.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LoopState {
+    config: CfConfig,
+    /// (users, items, train, valid interactions): the checkpoint belongs to this split
+    data: [usize; 4],
+    epochs_done: usize,
+    opt_steps: u64,
+    adv_opt_steps: Option<u64>,
+    inner_opt_steps: Option<u64>,
+    adv_done: usize,
+    since_best: usize,
+    best: Option<(f64, usize, EvalReport)>,
+    history: Vec<EpochRecord>,
+}
+
+/// The epoch lines of `metrics.jsonl`.
+fn history_lines(history: &[EpochRecord]) -> String {
+    let mut lines = String::new();
+    for r in history {
+        lines.push_str(&serde_json::to_string(r).expect("records serialise"));
+        lines.push('\n');
+    }
+    lines
+}
 
 /// Callbacks for progress display.
 pub trait TrainObserver {
     fn epoch_start(&mut self, _epoch: usize, _n_batches: usize) {}
     fn batch_done(&mut self, _loss: f64) {}
     fn epoch_done(&mut self, _rec: &EpochRecord) {}
+    /// Training continues from a checkpoint after `_epochs_done` epochs.
+    fn resumed(&mut self, _epochs_done: usize) {}
 }
 
 pub struct Silent;
 impl TrainObserver for Silent {}
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
     pub loss: f64,
@@ -147,6 +189,17 @@ pub fn train_with(
     inputs: &ModelInputs,
     obs: &mut dyn TrainObserver,
 ) -> Result<TrainReport> {
+    train_checkpointed(cfg, split, inputs, obs, &Checkpointing::default())
+}
+
+/// [`train_with`], checkpointing into (and optionally resuming from) a run folder.
+pub fn train_checkpointed(
+    cfg: &CfConfig,
+    split: &Split,
+    inputs: &ModelInputs,
+    obs: &mut dyn TrainObserver,
+    ck: &Checkpointing,
+) -> Result<TrainReport> {
     cfg.validate()?;
     let dev = Device::Cpu;
     let train = &split.train;
@@ -195,6 +248,137 @@ pub fn train_with(
     let mut best: Option<(f64, usize, Vec<Tensor>, EvalReport)> = None;
     let mut since_best = 0usize;
     let mut history = Vec::new();
+    let data_key = [
+        train.n_users(),
+        train.n_items(),
+        train.len(),
+        split.valid.len(),
+    ];
+    let ck_path = ck.dir.as_ref().map(|d| d.join(CHECKPOINT));
+    let ck_err = |p: &Path, why: String| CfError::Config(format!("{}: {why}", p.display()));
+
+    if let (true, Some(p)) = (ck.resume, &ck_path) {
+        if p.exists() {
+            let (t, meta) = rudder_nn::checkpoint::load_state(p, &dev)?;
+            let st: LoopState = serde_json::from_str(&meta)
+                .map_err(|e| ck_err(p, format!("unreadable checkpoint metadata: {e}")))?;
+            if st.config != *cfg {
+                return Err(ck_err(
+                    p,
+                    "the checkpoint was written with a different configuration; resume with the \
+                     run's own config.toml"
+                        .into(),
+                ));
+            }
+            if st.data != data_key {
+                return Err(ck_err(
+                    p,
+                    format!(
+                        "the checkpoint belongs to other data ({} users, {} items, {} train, {} \
+                         valid interactions; now {:?})",
+                        st.data[0], st.data[1], st.data[2], st.data[3], data_key
+                    ),
+                ));
+            }
+            let get = |name: &str| {
+                t.get(name)
+                    .ok_or_else(|| ck_err(p, format!("checkpoint lacks tensor `{name}`")))
+            };
+            for (n, v) in &state {
+                v.set(get(&format!("state.{n}"))?)?;
+            }
+            opt.load_state("opt", st.opt_steps, &t)?;
+            if let (Some(h), Some(ao), Some(steps)) = (&adv, adv_opt.as_mut(), st.adv_opt_steps) {
+                for (n, v) in h.params() {
+                    v.set(get(&format!("adv.{n}"))?)?;
+                }
+                ao.load_state("advopt", steps, &t)?;
+            }
+            if let (Some(o), Some(steps)) = (model.inner_optimizer(), st.inner_opt_steps) {
+                o.borrow_mut().load_state("inner", steps, &t)?;
+            }
+            best = match st.best {
+                Some((score, e, r)) => {
+                    let snap = state
+                        .iter()
+                        .map(|(n, _)| get(&format!("best.{n}")).cloned())
+                        .collect::<Result<Vec<_>>>()?;
+                    Some((score, e, snap, r))
+                }
+                None => None,
+            };
+            adv_done = st.adv_done;
+            since_best = st.since_best;
+            history = st.history;
+            // metrics.jsonl holds exactly the checkpointed epochs (a kill may have come
+            // between the checkpoint and this file)
+            rudder_data::io::write_bytes_atomic(
+                &p.with_file_name("metrics.jsonl"),
+                history_lines(&history).as_bytes(),
+            )?;
+            obs.resumed(st.epochs_done);
+        }
+    }
+    let start = history.len();
+    let save_checkpoint = |history: &[EpochRecord],
+                           opt: &Adam,
+                           adv_opt: Option<&Adam>,
+                           adv_done: usize,
+                           since_best: usize,
+                           best: &Option<(f64, usize, Vec<Tensor>, EvalReport)>|
+     -> Result<()> {
+        let Some(p) = &ck_path else { return Ok(()) };
+        let mut t: Vec<(String, Tensor)> = state
+            .iter()
+            .map(|(n, v)| (format!("state.{n}"), v.as_tensor().clone()))
+            .collect();
+        let (opt_steps, ot) = opt.state("opt")?;
+        t.extend(ot);
+        let mut adv_opt_steps = None;
+        if let (Some(h), Some(ao)) = (&adv, adv_opt) {
+            t.extend(
+                h.params()
+                    .into_iter()
+                    .map(|(n, v)| (format!("adv.{n}"), v.as_tensor().clone())),
+            );
+            let (s, at) = ao.state("advopt")?;
+            t.extend(at);
+            adv_opt_steps = Some(s);
+        }
+        let mut inner_opt_steps = None;
+        if let Some(o) = model.inner_optimizer() {
+            let (s, it) = o.borrow().state("inner")?;
+            t.extend(it);
+            inner_opt_steps = Some(s);
+        }
+        if let Some((_, _, snap, _)) = best {
+            t.extend(
+                state
+                    .iter()
+                    .zip(snap)
+                    .map(|((n, _), s)| (format!("best.{n}"), s.clone())),
+            );
+        }
+        let st = LoopState {
+            config: cfg.clone(),
+            data: data_key,
+            epochs_done: history.len(),
+            opt_steps,
+            adv_opt_steps,
+            inner_opt_steps,
+            adv_done,
+            since_best,
+            best: best.as_ref().map(|(s, e, _, r)| (*s, *e, r.clone())),
+            history: history.to_vec(),
+        };
+        let meta = serde_json::to_string(&st).map_err(|e| CfError::Config(e.to_string()))?;
+        rudder_nn::checkpoint::save_state(&t, &meta, p)?;
+        rudder_data::io::write_bytes_atomic(
+            &p.with_file_name("metrics.jsonl"),
+            history_lines(history).as_bytes(),
+        )?;
+        Ok(())
+    };
 
     let batch_loss =
         |m: &dyn Backbone, idx: &BatchIdx, hard: Option<&Hardness>, step: u64| -> Result<Tensor> {
@@ -245,7 +429,10 @@ pub fn train_with(
             })
         };
 
-    for epoch in 0..cfg.epochs {
+    for epoch in start..cfg.epochs {
+        if since_best >= cfg.patience && cfg.patience > 0 {
+            break;
+        }
         let t0 = Instant::now();
         let mut adv_seconds = None;
         let mut adv_stats = BTreeMap::new();
@@ -342,10 +529,18 @@ pub fn train_with(
                 since_best += 1;
             }
         }
+        let evaluated = rec.valid.is_some();
         obs.epoch_done(&rec);
         history.push(rec);
-        if since_best >= cfg.patience && cfg.patience > 0 {
-            break;
+        if evaluated || (epoch + 1) % cfg.eval_every == 0 || last {
+            save_checkpoint(
+                &history,
+                &opt,
+                adv_opt.as_ref(),
+                adv_done,
+                since_best,
+                &best,
+            )?;
         }
     }
     let (best_epoch, best_valid) = match best {
@@ -417,11 +612,7 @@ pub fn write_run(
         }
     };
     write_bytes_atomic(&dir.join("config.toml"), cfg_text.as_bytes())?;
-    let mut lines = String::new();
-    for r in &report.history {
-        lines.push_str(&serde_json::to_string(r).unwrap());
-        lines.push('\n');
-    }
+    let mut lines = history_lines(&report.history);
     for (n, r) in &report.tests {
         let mut m = metrics_json(r);
         m["split"] = n.clone().into();

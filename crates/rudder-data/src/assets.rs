@@ -145,9 +145,17 @@ impl Store {
     /// `~/.cache/rudder` (the same rule on Linux and macOS, so the shell scripts, which spell it
     /// the same way, and the binary always agree), else the platform's cache folder.
     pub fn from_env() -> Store {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let root = var("RUDDER_HOME")
-            .or_else(|| var("XDG_CACHE_HOME").filter(|p| p.is_absolute()).map(|p| p.join("rudder")))
+            .or_else(|| {
+                var("XDG_CACHE_HOME")
+                    .filter(|p| p.is_absolute())
+                    .map(|p| p.join("rudder"))
+            })
             .or_else(|| {
                 (cfg!(unix))
                     .then(|| var("HOME").map(|h| h.join(".cache").join("rudder")))

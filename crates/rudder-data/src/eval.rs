@@ -56,7 +56,7 @@ impl Default for EvalConfig {
 }
 
 /// One evaluated user.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UserResult {
     pub user: u32,
     pub n_truth: usize,
@@ -66,13 +66,13 @@ pub struct UserResult {
     pub metrics: Vec<[f64; 6]>,
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalReport {
     pub ks: Vec<usize>,
     pub n_users: usize,
     /// `"recall@20" → mean`, for every metric and cut-off.
     pub means: BTreeMap<String, f64>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub per_user: Vec<UserResult>,
 }
 

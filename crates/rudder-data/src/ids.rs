@@ -9,7 +9,9 @@ use std::collections::HashMap;
 /// normal, but a single id of 2,000,000,000 must not make a reader allocate per id. Beyond
 /// this bound ids are remapped or refused before anything of that size is allocated.
 pub fn dense_limit(distinct: usize) -> usize {
-    distinct.saturating_mul(4).max(distinct.saturating_add(100_000))
+    distinct
+        .saturating_mul(4)
+        .max(distinct.saturating_add(100_000))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -475,6 +475,16 @@ fn agent4rec_sparse_movie_ids_are_refused() {
     let d = tmp();
     let p = d.path();
     write(p, "train.txt", b"0 1 2\n");
-    write(p, "movie_detail.csv", b"movie_id,title\n0,A\n2000000000,B\n");
-    expect_err(p, Format::Lightgcn, "movie_detail.csv", Some(3), "dense row");
+    write(
+        p,
+        "movie_detail.csv",
+        b"movie_id,title\n0,A\n2000000000,B\n",
+    );
+    expect_err(
+        p,
+        Format::Lightgcn,
+        "movie_detail.csv",
+        Some(3),
+        "dense row",
+    );
 }

@@ -91,6 +91,60 @@ impl Adam {
         self.step
     }
 
+    /// The optimizer's state for a checkpoint: the step count and, per parameter (in group
+    /// and insertion order), its first and second moments as `{prefix}.{group}.{slot}.m|v`.
+    pub fn state(&self, prefix: &str) -> Result<(u64, Vec<(String, Tensor)>)> {
+        let mut out = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            for (si, s) in g.params.iter().enumerate() {
+                let n = s.m.len();
+                let dev = &candle_core::Device::Cpu;
+                out.push((
+                    format!("{prefix}.{gi}.{si}.m"),
+                    Tensor::from_slice(&s.m, n, dev)?,
+                ));
+                out.push((
+                    format!("{prefix}.{gi}.{si}.v"),
+                    Tensor::from_slice(&s.v, n, dev)?,
+                ));
+            }
+        }
+        Ok((self.step, out))
+    }
+
+    /// Restore what [`Adam::state`] saved (the parameters themselves are restored by the
+    /// caller). Every moment must be present with the parameter's size.
+    pub fn load_state(
+        &mut self,
+        prefix: &str,
+        steps: u64,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
+        for (gi, g) in self.groups.iter_mut().enumerate() {
+            for (si, s) in g.params.iter_mut().enumerate() {
+                for (k, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
+                    let name = format!("{prefix}.{gi}.{si}.{k}");
+                    let t = tensors.get(&name).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "checkpoint lacks optimizer state `{name}`"
+                        ))
+                    })?;
+                    let v = t.flatten_all()?.to_vec1::<f32>()?;
+                    if v.len() != dst.len() {
+                        return Err(candle_core::Error::Msg(format!(
+                            "optimizer state `{name}` has {} values, the parameter {}",
+                            v.len(),
+                            dst.len()
+                        )));
+                    }
+                    *dst = v;
+                }
+            }
+        }
+        self.step = steps;
+        Ok(())
+    }
+
     /// One update from the gradients in `grads`; parameters without a gradient are treated
     /// as having a zero gradient (their moments still decay, as in PyTorch with dense grads).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {

@@ -128,5 +128,9 @@ fn main_file(dir: &std::path::Path) -> Result<PathBuf> {
             gguf.push(p);
         }
     }
-    Ok(if gguf.len() == 1 { gguf.remove(0) } else { dir.to_path_buf() })
+    Ok(if gguf.len() == 1 {
+        gguf.remove(0)
+    } else {
+        dir.to_path_buf()
+    })
 }

@@ -6,7 +6,8 @@ use rudder_cf::config::AdvConfig;
 use rudder_cf::model::ModelInputs;
 use rudder_cf::presets::{PRESETS, preset};
 use rudder_cf::trainer::{
-    EpochRecord, TrainObserver, evaluate_tests, evaluate_valid, metrics_row, train_with, write_run,
+    EpochRecord, TrainObserver, evaluate_tests, evaluate_valid, metrics_row, train_checkpointed,
+    write_run,
 };
 use rudder_cf::{CfConfig, LossConfig, ModelKind};
 use rudder_data::assets::Store;
@@ -71,6 +72,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     out: Option<PathBuf>,
+    /// Continue an interrupted run from its last checkpoint (written at every evaluation),
+    /// with the options of its config.toml: the result equals an uninterrupted run with the
+    /// same seed and thread count.
+    #[arg(long, value_name = "RUN", conflicts_with_all = ["out", "config"])]
+    #[serde(skip)]
+    resume: Option<PathBuf>,
     /// Dataset: folder/file in any supported format, a fetched asset name, or `synth`.
     #[arg(long)]
     data: Option<String>,
@@ -537,6 +544,13 @@ pub struct Bar {
 }
 
 impl TrainObserver for Bar {
+    fn resumed(&mut self, epochs_done: usize) {
+        self.pb.set_position(epochs_done as u64);
+        self.pb.reset_eta();
+        self.pb.println(format!(
+            "resuming from the checkpoint after epoch {epochs_done}"
+        ));
+    }
     fn epoch_start(&mut self, epoch: usize, _n_batches: usize) {
         self.loss_sum = 0.0;
         self.n = 0;
@@ -577,7 +591,23 @@ pub fn progress_bar(epochs: usize, k: usize) -> Bar {
 
 pub fn run(cmd: CfCmd) -> Result<()> {
     match cmd {
-        CfCmd::Train(flags) => {
+        CfCmd::Train(mut flags) => {
+            if let Some(run) = flags.resume.clone() {
+                let cfg = run.join("config.toml");
+                if !cfg.exists() {
+                    bail!(
+                        "{}: no config.toml, so not a run folder `rudder cf train` started",
+                        run.display()
+                    );
+                }
+                if !run.join(rudder_cf::trainer::CHECKPOINT).exists()
+                    && run.join("summary.md").exists()
+                {
+                    bail!("{}: the run is complete; nothing to resume", run.display());
+                }
+                flags.config = Some(cfg);
+                flags.out = Some(run);
+            }
             let a = TrainArgs::merged(&flags)?;
             let out = flags
                 .out
@@ -608,14 +638,34 @@ pub fn run(cmd: CfCmd) -> Result<()> {
             );
             let run = RunDir::create(&out)?;
             let cfg_text = toml::to_string_pretty(&resolved)?;
+            let resuming = flags.resume.is_some();
+            if !resuming {
+                if run.path.join(rudder_cf::trainer::CHECKPOINT).exists() {
+                    bail!(
+                        "{} holds an interrupted run: continue it with `rudder cf train --resume \
+                         {0}`, or choose another --out",
+                        run.path.display()
+                    );
+                }
+                // written first, so that an interrupted run can be resumed from its folder
+                rudder_data::io::write_bytes_atomic(
+                    &run.path.join("config.toml"),
+                    cfg_text.as_bytes(),
+                )?;
+            }
             let inputs = model_inputs(&cfg, &ds, None)?;
             if let Some(f) = &inputs.item_features {
                 save_features(&run.path, f, &ds)?;
             }
             let mut bar = progress_bar(cfg.epochs, cfg.selection_k());
-            let report = train_with(&cfg, s, &inputs, &mut bar)?;
+            let ck = rudder_cf::Checkpointing {
+                dir: Some(run.path.clone()),
+                resume: resuming,
+            };
+            let report = train_checkpointed(&cfg, s, &inputs, &mut bar, &ck)?;
             bar.pb.finish_and_clear();
             write_run(&run.path, &data, Some(&cfg_text), &report)?;
+            let _ = std::fs::remove_file(run.path.join(rudder_cf::trainer::CHECKPOINT));
             crate::plots::training_curves(&run.path, &report);
             if cfg.model == ModelKind::Advdrop {
                 bias_diagnostic(&run.path, &cfg, s, &inputs, &report)?;

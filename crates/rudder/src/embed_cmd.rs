@@ -55,11 +55,16 @@ fn item_texts(arg: &str, column: &str) -> Result<TextColumn> {
             Some(v) => v.clone(),
             None => bail!(
                 "`{arg}`: no item field `{column}` (fields: title{})",
-                t.fields.keys().map(|k| format!(", {k}")).collect::<String>()
+                t.fields
+                    .keys()
+                    .map(|k| format!(", {k}"))
+                    .collect::<String>()
             ),
         }
     };
-    let ids = (0..texts.len() as u32).map(|i| ds.items.ext(i).to_string()).collect();
+    let ids = (0..texts.len() as u32)
+        .map(|i| ds.items.ext(i).to_string())
+        .collect();
     Ok(TextColumn { ids, texts })
 }
 

@@ -75,7 +75,15 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(text(&o).1.contains("rudder assets fetch ml-1m"));
     // a library error that quotes its io source is not repeated by a `caused by` line
     let o = rudder(
-        &["embed", "-i", "/no/such/file.item", "-m", dp, "-o", "/tmp/x.st"],
+        &[
+            "embed",
+            "-i",
+            "/no/such/file.item",
+            "-m",
+            dp,
+            "-o",
+            "/tmp/x.st",
+        ],
         home.path(),
     );
     let err = text(&o).1;
@@ -102,7 +110,10 @@ fn split_that_leaves_nothing_is_an_error() {
     );
     let err = text(&o).1;
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("--kcore 100000") && err.contains("is empty"), "{err}");
+    assert!(
+        err.contains("--kcore 100000") && err.contains("is empty"),
+        "{err}"
+    );
     assert!(!out.path().join("s").exists());
 }
 
@@ -391,5 +402,161 @@ fn cf_rejects_inconsistent_options() {
             err.starts_with("error: ") && !err.contains("panicked"),
             "{args:?}: {err}"
         );
+    }
+}
+
+/// `cf train` killed with SIGKILL mid-run and continued with `--resume` ends with exactly the
+/// metrics and weights of an uninterrupted run (same seed, same threads), and its metrics.jsonl
+/// has every epoch once: AdvInfoNCE (the adversary's hardness tables and their optimizer) and
+/// AdvDrop (the mask network's own optimizer), both with adversarial phases before and after
+/// the kill.
+#[cfg(unix)]
+#[test]
+fn cf_train_survives_sigkill_and_resumes_exactly() {
+    use std::os::unix::process::ExitStatusExt;
+    let home = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("syn");
+    let o = rudder(
+        &[
+            "data",
+            "synth",
+            "--users",
+            "400",
+            "--items",
+            "300",
+            "--out",
+            data.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(o.status.success());
+    let strip = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for k in ["seconds", "adv_seconds", "eval_seconds"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            })
+            .collect()
+    };
+    let cases: [(&str, &[&str], usize); 2] = [
+        (
+            "advinfonce",
+            &[
+                "--loss",
+                "advinfonce",
+                "--epochs",
+                "24",
+                "--adv-interval",
+                "2",
+                "--eta-epochs",
+                "12",
+                "--patience",
+                "0",
+            ],
+            5,
+        ),
+        (
+            "advdrop",
+            &["--model", "advdrop", "--epochs", "30", "--patience", "0"],
+            9,
+        ),
+    ];
+    for (name, extra, kill_after) in cases {
+        let args = |out: &Path| -> Vec<String> {
+            let mut v: Vec<String> = [
+                "--threads",
+                "2",
+                "cf",
+                "train",
+                "--data",
+                data.to_str().unwrap(),
+                "--eval-every",
+                "2",
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let whole = d.path().join(format!("{name}-whole"));
+        let a = args(&whole);
+        let o = rudder(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            home.path(),
+        );
+        assert!(o.status.success(), "{}", text(&o).1);
+
+        let cut = d.path().join(format!("{name}-cut"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rudder"))
+            .args(args(&cut))
+            .env("RUDDER_HOME", home.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let metrics = cut.join("metrics.jsonl");
+        let t0 = std::time::Instant::now();
+        loop {
+            let n = std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count());
+            if n >= kill_after {
+                break;
+            }
+            assert!(
+                t0.elapsed().as_secs() < 120,
+                "{name}: no checkpoint appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL
+        let st = child.wait().unwrap();
+        assert_eq!(
+            st.signal(),
+            Some(9),
+            "{name}: the run ended before the kill"
+        );
+        assert!(cut.join("checkpoint.safetensors").exists());
+        assert!(!cut.join("summary.md").exists());
+        // a fresh run into the interrupted folder is refused, not silently restarted
+        let o = rudder(
+            &args(&cut).iter().map(String::as_str).collect::<Vec<_>>(),
+            home.path(),
+        );
+        assert!(text(&o).1.contains("--resume"), "{}", text(&o).1);
+
+        let o = rudder(
+            &[
+                "--threads",
+                "2",
+                "cf",
+                "train",
+                "--resume",
+                cut.to_str().unwrap(),
+            ],
+            home.path(),
+        );
+        assert!(o.status.success(), "{name}: {}", text(&o).1);
+        let (w, c) = (strip(&whole.join("metrics.jsonl")), strip(&metrics));
+        assert_eq!(w.len(), c.len(), "{name}: lines lost or duplicated");
+        assert_eq!(w, c, "{name}: resumed metrics differ");
+        assert_eq!(
+            std::fs::read(whole.join("best.safetensors")).unwrap(),
+            std::fs::read(cut.join("best.safetensors")).unwrap(),
+            "{name}: resumed weights differ"
+        );
+        assert!(!cut.join("checkpoint.safetensors").exists());
+        let o = rudder(
+            &["cf", "train", "--resume", cut.to_str().unwrap()],
+            home.path(),
+        );
+        assert!(text(&o).1.contains("complete"), "{}", text(&o).1);
     }
 }

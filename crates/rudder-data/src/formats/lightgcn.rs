@@ -10,7 +10,7 @@
 use crate::dataset::{Dataset, Split, Table};
 use crate::error::{DataError, Result};
 use crate::formats::{agent4rec, atomic};
-use crate::ids::{dense_limit, IdMap};
+use crate::ids::{IdMap, dense_limit};
 use crate::interactions::Interactions;
 use crate::io::{numbered_lines, read_utf8, write_atomic};
 use std::collections::HashMap;
@@ -265,8 +265,16 @@ pub fn read_dir(dir: &Path) -> Result<Dataset> {
         .iter()
         .flat_map(|(_, l)| l.iter().flat_map(|x| x.1.iter().copied()))
         .collect();
-    let remap_u = if ub.is_none() { sparse_remap(&user_ids, "user", &train_p) } else { None };
-    let remap_i = if ib.is_none() { sparse_remap(&item_ids, "item", &train_p) } else { None };
+    let remap_u = if ub.is_none() {
+        sparse_remap(&user_ids, "user", &train_p)
+    } else {
+        None
+    };
+    let remap_i = if ib.is_none() {
+        sparse_remap(&item_ids, "item", &train_p)
+    } else {
+        None
+    };
     drop((user_ids, item_ids));
     let mut train = train;
     let mut valid = valid;
@@ -290,7 +298,11 @@ pub fn read_dir(dir: &Path) -> Result<Dataset> {
             apply(l);
         }
     }
-    let all_lines = || std::iter::once(&train).chain(std::iter::once(&valid)).chain(test_lines.iter().map(|(_, l)| l));
+    let all_lines = || {
+        std::iter::once(&train)
+            .chain(std::iter::once(&valid))
+            .chain(test_lines.iter().map(|(_, l)| l))
+    };
     let max_u = all_lines()
         .flat_map(|l| l.iter().map(|x| x.0 as usize + 1))
         .max()
