@@ -106,8 +106,7 @@ impl TextEncoder {
         if !tp.exists() {
             return Err(LmError::file(&tp, "tokenizer missing"));
         }
-        let mut tok = Tokenizer::from_file(&tp)
-            .map_err(|e| LmError::file(&tp, format!("invalid tokenizer: {e}")))?;
+        let mut tok = crate::tokenizer::tokenizer_from_file(&tp)?;
         tok.with_padding(None);
         tok.with_truncation(Some(TruncationParams {
             max_length: max_len,

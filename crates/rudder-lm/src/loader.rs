@@ -48,7 +48,8 @@ fn find_gguf(dir: &Path) -> Option<PathBuf> {
     v.into_iter().next()
 }
 
-fn hf_config(dir: &Path) -> Result<DecoderConfig> {
+/// The decoder configuration of a Hugging Face model folder (`config.json`).
+pub fn hf_config(dir: &Path) -> Result<DecoderConfig> {
     let p = dir.join("config.json");
     let text = std::fs::read_to_string(&p).map_err(|e| LmError::file(&p, e))?;
     let v: serde_json::Value =

@@ -41,6 +41,24 @@ fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
+/// Read a `tokenizer.json` with the `tokenizers` library. That library panics on some malformed
+/// files (an unwrap in its decoder deserialisation, found by fuzzing): the panic becomes an
+/// error naming the file.
+pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
+    match std::panic::catch_unwind(|| Tokenizer::from_file(path)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(LmError::file(path, format!("invalid tokenizer: {e}"))),
+        Err(p) => {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(LmError::file(path, format!("invalid tokenizer: {why}")))
+        }
+    }
+}
+
 impl Tok {
     /// `tokenizer.json` (required) plus `tokenizer_config.json` and `generation_config.json`
     /// (optional) from a model folder.
@@ -52,8 +70,7 @@ impl Tok {
                 "tokenizer missing (a model folder needs tokenizer.json)",
             ));
         }
-        let inner = Tokenizer::from_file(&tj)
-            .map_err(|e| LmError::file(&tj, format!("invalid tokenizer: {e}")))?;
+        let inner = tokenizer_from_file(&tj)?;
         let read = |name: &str| -> Result<Option<serde_json::Value>> {
             let p = dir.join(name);
             if !p.exists() {

@@ -101,25 +101,7 @@ impl Weights {
         // Check every tensor lies inside the file before anything is read.
         let size = file.metadata()?.len();
         for (name, info) in &content.tensor_infos {
-            let bs = info.ggml_dtype.block_size();
-            let n = info.shape.elem_count();
-            if n % bs != 0 {
-                return Err(LmError::file(
-                    path,
-                    format!("tensor {name}: {n} elements is not a multiple of the block size {bs}"),
-                ));
-            }
-            let end = content.tensor_data_offset
-                + info.offset
-                + (n / bs * info.ggml_dtype.type_size()) as u64;
-            if end > size {
-                return Err(LmError::file(
-                    path,
-                    format!(
-                        "truncated: tensor {name} ends at byte {end} but the file has {size} bytes"
-                    ),
-                ));
-            }
+            check_gguf_tensor(path, name, info, content.tensor_data_offset, size)?;
         }
         Ok(Weights::Gguf {
             content,
@@ -241,4 +223,52 @@ impl Weights {
 fn self_key_gguf(content: &gguf_file::Content, hf: &str) -> Option<String> {
     let g = gguf_name(hf)?;
     content.tensor_infos.contains_key(&g).then_some(g)
+}
+
+/// Check one GGUF tensor before anything of it is read: a non-empty shape whose element count
+/// does not overflow, a whole number of quantisation blocks, and bytes that lie inside the
+/// file. (candle reads a zero-element tensor through a misaligned pointer, and a product of
+/// claimed dimensions can overflow; both were found by fuzzing.)
+pub fn check_gguf_tensor(
+    path: &Path,
+    name: &str,
+    info: &gguf_file::TensorInfo,
+    data_offset: u64,
+    file_size: u64,
+) -> Result<()> {
+    let dims = info.shape.dims();
+    let n = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| LmError::file(path, format!("tensor {name}: shape {dims:?} overflows")))?;
+    if n == 0 {
+        return Err(LmError::file(
+            path,
+            format!("tensor {name}: shape {dims:?} has no elements"),
+        ));
+    }
+    let bs = info.ggml_dtype.block_size();
+    if n % bs != 0 {
+        return Err(LmError::file(
+            path,
+            format!("tensor {name}: {n} elements is not a multiple of the block size {bs}"),
+        ));
+    }
+    let bytes = ((n / bs) as u64).checked_mul(info.ggml_dtype.type_size() as u64);
+    let end = bytes.and_then(|b| {
+        data_offset
+            .checked_add(info.offset)
+            .and_then(|x| x.checked_add(b))
+    });
+    let bytes = bytes.unwrap_or(u64::MAX);
+    match end {
+        Some(end) if end <= file_size => Ok(()),
+        _ => Err(LmError::file(
+            path,
+            format!(
+                "truncated: tensor {name} ({bytes} bytes at offset {}) lies beyond the file's {file_size} bytes",
+                info.offset
+            ),
+        )),
+    }
 }

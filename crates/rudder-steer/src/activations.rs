@@ -65,7 +65,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// The JSON index next to a file: `<file>.json`.
-pub(crate) fn index_path(path: &Path) -> PathBuf {
+pub fn index_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".json");
     PathBuf::from(p)

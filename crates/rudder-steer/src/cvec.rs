@@ -161,6 +161,15 @@ impl ControlVector {
                     ),
                 ));
             }
+            let size = f.metadata().map_err(|e| SteerError::file(path, e))?.len();
+            rudder_lm::weights::check_gguf_tensor(
+                path,
+                name,
+                info,
+                content.tensor_data_offset,
+                size,
+            )
+            .map_err(|e| SteerError::file(path, e.to_string()))?;
             let t = content
                 .tensor(&mut f, name, &Device::Cpu)
                 .map_err(|e| SteerError::file(path, format!("{name}: {e}")))?
