@@ -73,6 +73,27 @@ impl DecoderConfig {
                 self.head_dim
             ));
         }
+        // Sizes come from files: bound them far above any real model before anything is
+        // allocated from them (a fuzzed block_count of 2^40 once reached Vec::with_capacity).
+        for (name, v, max) in [
+            ("num_hidden_layers", self.num_layers, 4096),
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 22),
+            ("vocab_size", self.vocab_size, 1 << 26),
+            ("num_attention_heads", self.num_heads, 1 << 14),
+            ("head_dim", self.head_dim, 1 << 16),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is beyond any real model (limit {max})"));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0)
+        {
+            return bad(format!(
+                "rms_norm_eps {} and rope_theta {} must be finite (rope_theta positive)",
+                self.rms_norm_eps, self.rope_theta
+            ));
+        }
         Ok(())
     }
 

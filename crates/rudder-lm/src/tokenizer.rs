@@ -41,11 +41,52 @@ fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
+/// The `tokenizers` library builds BPE merges unchecked: it cuts `continuing_subword_prefix`
+/// off each merge's second part (a slice panic, or invalid UTF-8 when the cut splits a
+/// character) and copies the merged token into a buffer as long as the longest vocabulary
+/// entry (a slice panic when the merge is longer); both found by fuzzing. Every second part
+/// must start with the prefix and every merged token must be in the vocabulary.
+fn check_bpe_merges(v: &serde_json::Value) -> std::result::Result<(), String> {
+    let m = &v["model"];
+    let (Some(merges), Some(vocab)) = (m["merges"].as_array(), m["vocab"].as_object()) else {
+        return Ok(());
+    };
+    let prefix = m["continuing_subword_prefix"].as_str().unwrap_or("");
+    for (k, mg) in merges.iter().enumerate() {
+        let pair = match mg {
+            serde_json::Value::String(s) => s.split_once(' '),
+            serde_json::Value::Array(a) => a
+                .first()
+                .and_then(|x| x.as_str())
+                .zip(a.get(1).and_then(|x| x.as_str())),
+            _ => None,
+        };
+        let Some((a, b)) = pair else { continue };
+        let Some(rest) = b.strip_prefix(prefix) else {
+            return Err(format!(
+                "model.merges[{k}]: `{b}` does not start with continuing_subword_prefix `{prefix}`"
+            ));
+        };
+        let merged = format!("{a}{rest}");
+        if !vocab.contains_key(&merged) {
+            return Err(format!(
+                "model.merges[{k}]: the merged token `{merged}` is not in the vocabulary"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Read a `tokenizer.json` with the `tokenizers` library. That library panics on some malformed
-/// files (an unwrap in its decoder deserialisation, found by fuzzing): the panic becomes an
-/// error naming the file.
+/// files (an unwrap in its decoder deserialisation, found by fuzzing): JSON syntax is checked
+/// first, and any other panic of the library becomes an error naming the file.
 pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
-    match std::panic::catch_unwind(|| Tokenizer::from_file(path)) {
+    let bytes = std::fs::read(path).map_err(|e| LmError::file(path, e))?;
+    // the library unwraps a syntax error met inside its `decoder` field: check the syntax first
+    let v = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(|e| LmError::file(path, format!("invalid JSON: {e}")))?;
+    check_bpe_merges(&v).map_err(|why| LmError::file(path, why))?;
+    match std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes)) {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(LmError::file(path, format!("invalid tokenizer: {e}"))),
         Err(p) => {
