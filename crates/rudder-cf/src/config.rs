@@ -51,6 +51,9 @@ pub struct AdvConfig {
     pub adv_reg: f64,
     /// Reproduce that bug: no regulariser on the adversary (plain gradient ascent).
     pub faithful_adv_reg: bool,
+    /// Reproduce the reference's repeating negatives (see `SamplerConfig::repeat_negatives`).
+    #[serde(default)]
+    pub faithful_negatives: bool,
 }
 
 impl Default for AdvConfig {
@@ -69,6 +72,7 @@ impl Default for AdvConfig {
             faithful_reg_typo: false,
             adv_reg: 1e-5,
             faithful_adv_reg: false,
+            faithful_negatives: false,
         }
     }
 }

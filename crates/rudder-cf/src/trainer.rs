@@ -223,6 +223,7 @@ pub fn train_checkpointed(
             drop_last: true,
             seed: cfg.seed,
             mode: cfg.sampler,
+            repeat_negatives: matches!(&cfg.loss, LossConfig::Advinfonce(a) if a.faithful_negatives),
         },
     )?;
     let cosine = cfg.loss.cosine();

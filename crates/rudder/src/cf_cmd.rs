@@ -162,8 +162,9 @@ pub struct TrainArgs {
     /// AdvInfoNCE: negative-term multiplier.
     #[arg(long)]
     k_neg: Option<f64>,
-    /// Reproduce the reference code: AdvInfoNCE's two bugs (the 0.5 ** ‖E_neg‖ regulariser typo
-    /// and the adversary step without its own regulariser); AlphaRec's model selection and early
+    /// Reproduce the reference code: AdvInfoNCE's three bugs (the 0.5 ** ‖E_neg‖ regulariser
+    /// typo, the adversary step without its own regulariser, and negatives that repeat every
+    /// epoch because reckit's generator is copied into fresh DataLoader workers); AlphaRec's model selection and early
     /// stopping on the test set.
     #[arg(long)]
     faithful: Option<bool>,
@@ -346,6 +347,7 @@ impl TrainArgs {
                 if let Some(v) = self.faithful {
                     a.faithful_reg_typo = v;
                     a.faithful_adv_reg = v;
+                    a.faithful_negatives = v;
                 }
                 if let Some(v) = self.adv_reg {
                     a.adv_reg = v;
@@ -497,7 +499,8 @@ impl TrainArgs {
                 r.eta_epochs = Some(a.eta_epochs);
                 r.adv_interval = Some(a.adv_interval);
                 r.k_neg = Some(a.k_neg);
-                r.faithful = Some(a.faithful_reg_typo && a.faithful_adv_reg);
+                r.faithful =
+                    Some(a.faithful_reg_typo && a.faithful_adv_reg && a.faithful_negatives);
                 r.adv_reg = Some(a.adv_reg);
             }
         }
