@@ -29,16 +29,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="$ROOT/bench/.venv-lm/bin/python"
 [ -x "$PY" ] || { echo "run bench/lm_setup.sh first (needs $PY)" >&2; exit 1; }
 "$PY" -m pip install -q tensorboard
-mkdir -p "$REF"
-if [ -d "$SRC/objects" ] || [ -f "$SRC/HEAD" ]; then
-  # a bare mirror: write each stored file (some large zips are absent from mirrors)
-  for f in $(git --git-dir="$SRC" ls-tree -r --name-only HEAD); do
-    mkdir -p "$REF/$(dirname "$f")"
-    git --git-dir="$SRC" show HEAD:"$f" > "$REF/$f" 2>/dev/null || rm -f "$REF/$f"
-  done
-else
-  cp -r "$SRC"/. "$REF"/
-fi
+"$ROOT/bench/ref_checkout.sh" "$SRC" "$REF"
 cd "$REF"
 sed -i 's/\.cuda(\([^)]*\))/.to(\1)/g' *.py module/*.py util/*.py
 sed -i 's/torch\.cuda\.FloatTensor(len(values))\.uniform_()/torch.rand(len(values))/' model.py

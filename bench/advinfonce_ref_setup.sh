@@ -30,15 +30,7 @@ if ! "$PY" -c "import reckit" 2>/dev/null; then
   "$PY" -m pip download -q --no-deps --no-build-isolation -d "$tmp" reckit==0.2.4
   "$PY" -m pip install -q --no-build-isolation "$tmp"/reckit-0.2.4.tar.gz
 fi
-mkdir -p "$REF"
-if [ -d "$SRC/objects" ] || [ -f "$SRC/HEAD" ]; then
-  for f in $(git --git-dir="$SRC" ls-tree -r --name-only HEAD); do
-    mkdir -p "$REF/$(dirname "$f")"
-    git --git-dir="$SRC" show HEAD:"$f" > "$REF/$f" 2>/dev/null || rm -f "$REF/$f"
-  done
-else
-  cp -r "$SRC"/. "$REF"/
-fi
+"$ROOT/bench/ref_checkout.sh" "$SRC" "$REF"
 cd "$REF"
 sed -i 's/\.cuda(\([^)][^)]*\))/.to(\1)/g; s/\.cuda()//g' *.py util/*.py evaluator/*.py
 sed -i 's/torch\.sparse\.FloatTensor(/torch.sparse_coo_tensor(/' data.py model.py
