@@ -37,7 +37,6 @@ struct LoopState {
     config: CfConfig,
     /// (users, items, train, valid interactions): the checkpoint belongs to this split
     data: [usize; 4],
-    epochs_done: usize,
     opt_steps: u64,
     adv_opt_steps: Option<u64>,
     inner_opt_steps: Option<u64>,
@@ -45,6 +44,14 @@ struct LoopState {
     since_best: usize,
     best: Option<(f64, usize, EvalReport)>,
     history: Vec<EpochRecord>,
+}
+
+/// Rewrite the run folder's `metrics.jsonl` (beside the checkpoint `ck`) with the epochs so far.
+fn write_progress(ck: &Path, history: &[EpochRecord]) -> Result<()> {
+    Ok(rudder_data::io::write_bytes_atomic(
+        &ck.with_file_name("metrics.jsonl"),
+        history_lines(history).as_bytes(),
+    )?)
 }
 
 /// The epoch lines of `metrics.jsonl`.
@@ -313,11 +320,8 @@ pub fn train_checkpointed(
             history = st.history;
             // metrics.jsonl holds exactly the checkpointed epochs (a kill may have come
             // between the checkpoint and this file)
-            rudder_data::io::write_bytes_atomic(
-                &p.with_file_name("metrics.jsonl"),
-                history_lines(&history).as_bytes(),
-            )?;
-            obs.resumed(st.epochs_done);
+            write_progress(p, &history)?;
+            obs.resumed(history.len());
         }
     }
     let start = history.len();
@@ -363,7 +367,6 @@ pub fn train_checkpointed(
         let st = LoopState {
             config: cfg.clone(),
             data: data_key,
-            epochs_done: history.len(),
             opt_steps,
             adv_opt_steps,
             inner_opt_steps,
@@ -374,11 +377,7 @@ pub fn train_checkpointed(
         };
         let meta = serde_json::to_string(&st).map_err(|e| CfError::Config(e.to_string()))?;
         rudder_nn::checkpoint::save_state(&t, &meta, p)?;
-        rudder_data::io::write_bytes_atomic(
-            &p.with_file_name("metrics.jsonl"),
-            history_lines(history).as_bytes(),
-        )?;
-        Ok(())
+        write_progress(p, history)
     };
 
     let batch_loss =
