@@ -372,7 +372,8 @@ pub fn seeds(shared: Option<&Path>, assets: Option<&Path>) -> Vec<(&'static str,
             }
         }
     }
-    let d = lm_shapes_hidden();
+    // vectors as wide as the tiny fixture model's hidden size
+    let d = TinySpec::new(Arch::Llama).hidden;
     let v: Vec<f32> = (0..d).map(|i| i as f32 / d as f32 - 0.5).collect();
     let sv = rudder_steer::direction::SteeringVectors {
         vectors: vec![(rudder_lm::hooks::Site::ResidPre(1), v.clone())],
@@ -523,9 +524,4 @@ pub fn seeds(shared: Option<&Path>, assets: Option<&Path>) -> Vec<(&'static str,
     }
     let _ = std::fs::remove_dir_all(&tmp);
     out
-}
-
-/// Hidden size of the tiny fixture model (vectors in the steering seeds have this length).
-fn lm_shapes_hidden() -> usize {
-    rudder_lm::fixtures::TinySpec::new(rudder_lm::config::Arch::Llama).hidden
 }
