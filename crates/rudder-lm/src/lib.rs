@@ -24,6 +24,7 @@ pub mod hooks;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod lora;
 pub mod quant;
 pub mod qwen2;
 pub mod ragged;

@@ -56,11 +56,17 @@ impl Weight {
 pub struct Linear {
     pub weight: Weight,
     pub bias: Option<Tensor>,
+    /// A LoRA adapter added to the output (`crate::lora`).
+    pub lora: Option<crate::lora::LoraSlot>,
 }
 
 impl Linear {
     pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     /// `x [.., in] → [.., out]`.
@@ -84,10 +90,23 @@ impl Linear {
             }
             Weight::Candle(m, _) => m.forward(&x.contiguous()?)?,
         };
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        self.add_lora(x, y)
+    }
+
+    /// `y + LoRA(x)` when an adapter is attached.
+    fn add_lora(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let Some(slot) = &self.lora else {
+            return Ok(y);
+        };
+        let inp = *x.dims().last().unwrap_or(&0);
+        let n = x.elem_count() / inp.max(1);
+        let d = slot.delta(&x.reshape((n, inp))?)?;
+        let d = d.reshape(y.shape())?;
+        Ok((y + d)?)
     }
 }
 
@@ -116,10 +135,11 @@ pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let mut shape = dims.clone();
         *shape.last_mut().unwrap() = q.rows;
         let t = Tensor::from_vec(y, shape, x.device())?;
-        out.push(match &l.bias {
+        let t = match &l.bias {
             Some(b) => t.broadcast_add(b)?,
             None => t,
-        });
+        };
+        out.push(l.add_lora(x, t)?);
     }
     Ok(out)
 }
