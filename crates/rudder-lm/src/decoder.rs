@@ -66,6 +66,34 @@ impl KvCache {
     pub fn batch(&self) -> usize {
         self.pad.len()
     }
+
+    /// A cache whose row `i` is row `rows[i]` of this one (keys, values and padding): one
+    /// prompt's prefix shared by several continuations. Differentiable on the gradient path.
+    pub fn expand_rows(&self, rows: &[u32]) -> Result<KvCache> {
+        let dev = Device::Cpu;
+        let idx = Tensor::from_slice(rows, rows.len(), &dev)?;
+        let mut out = KvCache::new(self.kv.len(), rows.iter().map(|&r| self.pad[r as usize]).collect());
+        out.len = self.len;
+        out.prompt_cols = self.prompt_cols;
+        for l in 0..self.kv.len() {
+            if let Some((k, v)) = &self.kv_grad[l] {
+                out.kv_grad[l] = Some((
+                    k.contiguous()?.index_select(&idx, 0)?,
+                    v.contiguous()?.index_select(&idx, 0)?,
+                ));
+            }
+            if let Some(c) = &self.kv[l]
+                && let (Some(k), Some(v)) = (c.k()?, c.v()?)
+            {
+                let k = k.contiguous()?.index_select(&idx, 0)?;
+                let v = v.contiguous()?.index_select(&idx, 0)?;
+                let mut nc = candle_nn::kv_cache::KvCache::new(2, k.dim(2)? + 128);
+                nc.append(&k, &v)?;
+                out.kv[l] = Some(nc);
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn lin(

@@ -60,6 +60,84 @@ pub fn continuation_logprobs(
     Ok(logp.gather(&tgt, 1)?.squeeze(1)?)
 }
 
+/// Per-token log-probabilities of several continuations of each prompt, computing each prompt
+/// once: the prompts run as one left-padded batch, their caches are shared by every branch,
+/// and the branches (right-padded) run as one more batch. Returns the flat tensor
+/// `[Σ_i Σ_j len(branches[i][j])]` in (prompt, branch, token) order; the values equal
+/// [`continuation_logprobs`] of each `(prompt, branch)` pair, and with a differentiable
+/// decoder the gradients of all branches meet in the shared prompt activations.
+pub fn branch_logprobs(
+    dec: &Decoder,
+    prompts: &[Vec<u32>],
+    branches: &[Vec<Vec<u32>>],
+    pad_id: u32,
+    hook: &mut dyn Hook,
+) -> Result<Tensor> {
+    if prompts.len() != branches.len() {
+        return Err(LmError::Config(format!(
+            "{} prompts but {} branch lists",
+            prompts.len(),
+            branches.len()
+        )));
+    }
+    for (i, (p, bs)) in prompts.iter().zip(branches).enumerate() {
+        if p.is_empty() || bs.is_empty() || bs.iter().any(|b| b.is_empty()) {
+            return Err(LmError::Config(format!(
+                "prompt {i}: prompt, branch list and every branch must be non-empty"
+            )));
+        }
+    }
+    let (ids, pads) = left_pad(prompts, pad_id)?;
+    let (b, tp) = ids.dims2()?;
+    let mut cache = dec.new_cache(pads);
+    let hp = dec.forward(&ids, &mut cache, Phase::Prefill, hook)?;
+    let d = hp.dim(D::Minus1)?;
+    let mut rows = Vec::new();
+    for (i, bs) in branches.iter().enumerate() {
+        rows.extend(std::iter::repeat_n(i as u32, bs.len()));
+    }
+    let nb = rows.len();
+    let lmax = branches.iter().flatten().map(|x| x.len()).max().unwrap_or(1);
+    // The last token of a branch is only a target; the inputs are tokens 0..len-1.
+    let width = (lmax - 1).max(1);
+    let mut flat = Vec::with_capacity(nb * width);
+    for x in branches.iter().flatten() {
+        let inp = &x[..x.len() - 1];
+        flat.extend_from_slice(inp);
+        flat.extend(std::iter::repeat_n(pad_id, width - inp.len()));
+    }
+    let hb = if lmax > 1 {
+        let mut bc = cache.expand_rows(&rows)?;
+        let bid = Tensor::from_vec(flat, (nb, width), &Device::Cpu)?;
+        Some(dec.forward(&bid, &mut bc, Phase::Prefill, hook)?.reshape((nb * width, d))?)
+    } else {
+        None
+    };
+    // Token 0 of every branch is predicted by its prompt's last column; token k ≥ 1 by the
+    // branch's column k-1.
+    let last = hp.narrow(1, tp - 1, 1)?.reshape((b, d))?;
+    let mut parts = Vec::new();
+    let mut targets = Vec::new();
+    let mut r = 0usize;
+    for (i, bs) in branches.iter().enumerate() {
+        for x in bs {
+            parts.push(last.narrow(0, i, 1)?);
+            if let Some(hb) = &hb
+                && x.len() > 1
+            {
+                parts.push(hb.narrow(0, r * width, x.len() - 1)?);
+            }
+            targets.extend_from_slice(x);
+            r += 1;
+        }
+    }
+    let sel = Tensor::cat(&parts, 0)?;
+    let n = targets.len();
+    let logp = rudder_nn::ops::log_softmax(&dec.logits(&sel)?)?;
+    let tgt = Tensor::from_vec(targets, (n, 1), &Device::Cpu)?;
+    Ok(logp.gather(&tgt, 1)?.squeeze(1)?)
+}
+
 /// Score `(prompt, continuation)` id pairs in batches of `batch`.
 pub fn score(
     dec: &Decoder,
@@ -82,4 +160,59 @@ pub fn score(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Arch;
+    use crate::fixtures::{TinySpec, write_hf_dir};
+    use crate::hooks::NoHook;
+    use crate::loader::{LoadOptions, load};
+
+    #[test]
+    fn shared_prefix_branches_equal_separate_pairs_values_and_gradients() {
+        let d = tempfile::tempdir().unwrap();
+        write_hf_dir(d.path(), &TinySpec::new(Arch::Llama)).unwrap();
+        let mut lm = load(d.path(), &LoadOptions::default()).unwrap();
+        let ad = lm
+            .decoder
+            .attach_lora(&crate::lora::LoraConfig { dropout: 0.0, ..Default::default() }, 1)
+            .unwrap();
+        for (_, v) in &ad.params {
+            v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();
+        }
+        let prompts = vec![vec![5u32, 9, 14, 22, 31], vec![40u32, 41]];
+        let branches = vec![
+            vec![vec![7u32, 8, 9], vec![60u32], vec![3u32, 4]],
+            vec![vec![11u32, 12, 13, 14], vec![2u32]],
+        ];
+        let mut pairs = Vec::new();
+        for (p, bs) in prompts.iter().zip(&branches) {
+            for b in bs {
+                pairs.push((p.clone(), b.clone()));
+            }
+        }
+        for differentiable in [false, true] {
+            lm.decoder.differentiable = differentiable;
+            let a = branch_logprobs(&lm.decoder, &prompts, &branches, 0, &mut NoHook).unwrap();
+            let b = continuation_logprobs(&lm.decoder, &pairs, 0, &mut NoHook).unwrap();
+            let (va, vb) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            assert_eq!(va.len(), 11);
+            for (x, y) in va.iter().zip(&vb) {
+                assert!((x - y).abs() < 5e-5 * (1.0 + y.abs()), "{va:?} vs {vb:?}");
+            }
+            if differentiable {
+                let ga = a.sum_all().unwrap().backward().unwrap();
+                let gb = b.sum_all().unwrap().backward().unwrap();
+                for (n, v) in &ad.params {
+                    let x = ga.get(v.as_tensor()).unwrap();
+                    let y = gb.get(v.as_tensor()).unwrap();
+                    let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let m = y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(diff <= 1e-3 * m.max(1e-3), "{n}: {diff} vs {m}");
+                }
+            }
+        }
+    }
 }

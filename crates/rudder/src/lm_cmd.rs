@@ -26,6 +26,9 @@ pub enum LmCmd {
     /// Teacher-forced logits (and optionally every HF hidden state) of one token sequence, to
     /// safetensors: tensors "ids" [T], "logits" [T, vocab], site names [T, d]. For parity checks.
     Dump(DumpArgs),
+    /// Write the model as a Hugging Face folder (GGUF weights dequantized, Q/K rows in
+    /// Hugging Face order), optionally with a LoRA adapter merged in.
+    ExportHf(ExportArgs),
     /// Prefill and greedy-decode speed on a fixed 256-token prompt (the peer-baseline protocol).
     Bench(BenchArgs),
 }
@@ -80,6 +83,23 @@ pub struct ModelArgs {
     /// Dequantize GGUF weights to f32 (exact parity with f32 tools; slower decoding).
     #[arg(long)]
     pub dequantize: bool,
+    /// A LoRA adapter folder in PEFT's layout (adapter_config.json +
+    /// adapter_model.safetensors), from `rudder llmrec` or Python peft, applied unmerged.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Fold --adapter into the weights before writing.
+    #[arg(long)]
+    pub merge: bool,
+    /// Output folder (config.json, model.safetensors in f32, tokenizer.json,
+    /// tokenizer_config.json): loads in transformers and in rudder.
+    #[arg(long, short)]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -234,17 +254,39 @@ pub fn resolve_model(arg: &str) -> Result<PathBuf> {
     Ok(rudder_data::assets::resolve_model(arg)?)
 }
 
-fn open(m: &ModelArgs) -> Result<LanguageModel> {
+pub(crate) fn open(m: &ModelArgs) -> Result<LanguageModel> {
     let path = resolve_model(&m.model)?;
     let sp = crate::progress::spinner(&format!("loading {}", path.display()));
-    let lm = load(
+    let mut lm = load(
         &path,
         &LoadOptions {
             dequantize: m.dequantize,
         },
     )?;
+    if let Some(a) = &m.adapter {
+        lm.decoder
+            .load_peft(a, 0)
+            .with_context(|| format!("--adapter {}", a.display()))?;
+    }
     sp.finish_and_clear();
     Ok(lm)
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    let mut m = a.model.clone();
+    if a.merge {
+        anyhow::ensure!(m.adapter.is_some(), "--merge needs --adapter");
+        m.dequantize = true;
+    }
+    let mut lm = open(&m)?;
+    if a.merge {
+        lm.decoder.merge_lora()?;
+    } else if m.adapter.is_some() {
+        bail!("--adapter without --merge would be dropped from the export; add --merge");
+    }
+    rudder_lm::lora::export_hf(&lm, &a.out)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
 }
 
 fn read_prompts(path: &Path) -> Result<Vec<String>> {
@@ -354,6 +396,7 @@ pub fn run(cmd: LmCmd) -> Result<()> {
         LmCmd::Capture(a) => run_capture(a),
         LmCmd::Bench(a) => run_bench(a),
         LmCmd::Dump(a) => run_dump(a),
+        LmCmd::ExportHf(a) => run_export(a),
         LmCmd::Info(m) => {
             let lm = open(&m)?;
             println!("{}", serde_json::to_string_pretty(&lm.info)?);
@@ -548,6 +591,7 @@ fn run_chat(a: ChatArgs) -> Result<()> {
     let lm = open(&ModelArgs {
         model: a.model.clone().unwrap_or_default(),
         dequantize: a.dequantize,
+        adapter: None,
     })?;
     let t = lm
         .chat
