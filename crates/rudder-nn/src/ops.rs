@@ -37,6 +37,30 @@ pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&n)
 }
 
+/// Layer normalisation over the last dimension with scale `w` and shift `b` (differentiable).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mu = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mu)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(w)?
+        .broadcast_add(b)
+}
+
+/// Inverted dropout: zero each value with probability `p` and scale the rest by `1/(1-p)`;
+/// the mask comes from `rng` (a seeded stream), so runs repeat exactly.
+pub fn dropout(x: &Tensor, p: f64, rng: &mut impl rand::RngCore) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let thresh = (p * u32::MAX as f64) as u32;
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let m: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.next_u32() < thresh { 0.0 } else { keep })
+        .collect();
+    x * Tensor::from_vec(m, x.shape(), x.device())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +96,34 @@ mod tests {
                 g[k]
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_and_dropout() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_slice(&[1.0f32, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 6.0], (2, 4), &dev)?;
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 1.0, 1.0], 4, &dev)?;
+        let b = Tensor::from_slice(&[0.0f32, 0.0, 0.5, 0.0], 4, &dev)?;
+        let y = layer_norm(x.as_tensor(), &w, &b, 1e-5)?.to_vec2::<f32>()?;
+        // row 0: mean 2.5, var 1.25
+        let s = (1.25f32 + 1e-5).sqrt();
+        assert!((y[0][0] - (-1.5 / s)).abs() < 1e-5 && (y[0][1] - 2.0 * (-0.5 / s)).abs() < 1e-5);
+        assert!((y[0][2] - (0.5 / s + 0.5)).abs() < 1e-5);
+        let g = layer_norm(x.as_tensor(), &w, &b, 1e-5)?
+            .narrow(1, 3, 1)?
+            .sum_all()?
+            .backward()?;
+        assert!(g.get(x.as_tensor()).is_some());
+        use rand::SeedableRng;
+        let big = Tensor::ones(10_000, candle_core::DType::F32, &dev)?;
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let d = dropout(&big, 0.1, &mut r)?.to_vec1::<f32>()?;
+        let zeros = d.iter().filter(|&&v| v == 0.0).count();
+        assert!((900..1100).contains(&zeros), "{zeros}");
+        assert!(d.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+        let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(d, dropout(&big, 0.1, &mut r2)?.to_vec1::<f32>()?);
         Ok(())
     }
 

@@ -334,3 +334,58 @@ mod tests {
         Ok(())
     }
 }
+
+/// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup from `start` to
+/// `peak` over `warmup` steps, then cosine decay from `peak` to `floor` at `total`. With
+/// `start = floor = 0` this is Hugging Face's `get_cosine_schedule_with_warmup`; iLoRA's
+/// schedule uses `start = floor = peak/100`.
+pub fn warmup_cosine(step: u64, total: u64, warmup: u64, peak: f64, start: f64, floor: f64) -> f64 {
+    if step < warmup {
+        return start + (peak - start) * step as f64 / warmup.max(1) as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let p = ((step - warmup) as f64 / span).min(1.0);
+    floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+}
+
+/// Scale `grads` so that their global L2 norm is at most `max_norm` (PyTorch
+/// `clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let c = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * c)?;
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine_and_clipping() {
+        assert_eq!(warmup_cosine(0, 100, 10, 1.0, 0.0, 0.0), 0.0);
+        assert!((warmup_cosine(5, 100, 10, 1.0, 0.0, 0.0) - 0.5).abs() < 1e-12);
+        assert!((warmup_cosine(10, 100, 10, 1.0, 0.0, 0.0) - 1.0).abs() < 1e-12);
+        assert!((warmup_cosine(55, 100, 10, 1.0, 0.0, 0.0) - 0.5).abs() < 1e-12);
+        assert!(warmup_cosine(100, 100, 10, 1.0, 0.0, 0.01) - 0.01 < 1e-12);
+        let dev = candle_core::Device::Cpu;
+        let mut g = vec![
+            Tensor::from_slice(&[3.0f32], 1, &dev).unwrap(),
+            Tensor::from_slice(&[4.0f32], 1, &dev).unwrap(),
+        ];
+        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert!((n - 5.0).abs() < 1e-9);
+        let a = g[0].to_vec1::<f32>().unwrap()[0];
+        assert!((a - 0.6).abs() < 1e-5, "{a}");
+        let n2 = clip_grad_norm(&mut g, 10.0).unwrap();
+        assert!((n2 - 1.0).abs() < 1e-4);
+    }
+}
