@@ -6,8 +6,13 @@
 //! - [`sasrec`], [`gru4rec`], [`caser`]: the sequential baselines, trained by the one loop in
 //!   [`seqtrain`] and evaluated by full ranking and on the 20-candidate protocol.
 
+pub mod caser;
 pub mod data;
 pub mod error;
+pub mod gru4rec;
 pub mod prompts;
+pub mod sasrec;
+pub mod seqrec;
+pub mod seqtrain;
 
 pub use error::{LlmrecError, Result};

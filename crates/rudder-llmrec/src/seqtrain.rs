@@ -1,0 +1,301 @@
+//! The one training loop of the sequential recommenders and their two evaluations.
+//!
+//! Training follows DROS's `SASRec_bce.py` (llmrec-seeds.md §3.1): each step draws
+//! `batch_size` rows at random (with replacement) from the training rows, one negative per row
+//! uniform over the catalogue and different from the target, and minimises
+//! `BCEWithLogits([s_target, s_neg], [1, 0])` with Adam (L2 added to the gradient). An epoch
+//! is `rows / batch_size` steps. After every epoch the model is ranked on the validation rows
+//! (full catalogue, NDCG@10 through the one evaluator); the best epoch's weights are kept.
+//!
+//! Evaluation: [`eval_full`] ranks the whole catalogue for each row; [`eval_candidates`] ranks
+//! only the row's 20 candidates (the LLM protocol: HR@1 is the share of rows whose target
+//! scores highest; every answer is valid).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::Rng;
+use rudder_data::eval::{DenseScores, EvalConfig, EvalReport, Evaluator};
+use rudder_data::sequences::SeqSample;
+use rudder_data::Interactions;
+use rudder_nn::optim::{Adam, AdamConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::caser::Caser;
+use crate::data::RecExample;
+use crate::gru4rec::Gru4Rec;
+use crate::sasrec::SasRec;
+use crate::seqrec::{SeqConfig, SeqKind, SeqModel, batch};
+use crate::{LlmrecError, Result};
+
+pub fn build(n_items: usize, cfg: &SeqConfig) -> Result<Box<dyn SeqModel + Send + Sync>> {
+    if cfg.hidden == 0 || cfg.window == 0 || cfg.batch_size == 0 {
+        return Err(LlmrecError::Config(
+            "hidden size, window and batch size must be positive".into(),
+        ));
+    }
+    Ok(match cfg.model {
+        SeqKind::Sasrec => Box::new(SasRec::new(n_items, cfg)?),
+        SeqKind::Gru4rec => Box::new(Gru4Rec::new(n_items, cfg)?),
+        SeqKind::Caser => Box::new(Caser::new(n_items, cfg)?),
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SeqEpoch {
+    pub epoch: usize,
+    pub loss: f64,
+    pub seconds: f64,
+    pub valid_ndcg10: f64,
+    pub valid_hit20: f64,
+}
+
+pub trait SeqObserver {
+    fn epoch_start(&mut self, _epoch: usize, _steps: usize) {}
+    fn step_done(&mut self) {}
+    fn epoch_done(&mut self, _rec: &SeqEpoch) {}
+}
+
+pub struct Quiet;
+impl SeqObserver for Quiet {}
+
+pub struct SeqTrainReport {
+    pub epochs: Vec<SeqEpoch>,
+    pub best_epoch: usize,
+}
+
+/// Check that every id of `rows` is an item (or the pad id `n_items`); `source` names the
+/// file in the error.
+pub fn check_rows(rows: &[SeqSample], n_items: usize, source: &str) -> Result<()> {
+    for (r, s) in rows.iter().enumerate() {
+        if let Some(&bad) = s.seq.iter().find(|&&i| i as usize > n_items) {
+            return Err(LlmrecError::Input(format!(
+                "{source}: line {}: item id {bad} is beyond the {n_items} items of the name map",
+                r + 1
+            )));
+        }
+        if s.next as usize >= n_items {
+            return Err(LlmrecError::Input(format!(
+                "{source}: line {}: target {} is not an item (the name map has {n_items})",
+                r + 1,
+                s.next
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn histories(rows: &[SeqSample], pad: u32) -> Vec<Vec<u32>> {
+    rows.iter().map(|s| s.history(Some(pad))).collect()
+}
+
+/// Scores of every item for every history `[N × n_items]`, row-major.
+pub fn score_all(model: &dyn SeqModel, hist: &[Vec<u32>], n_items: usize, window: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(hist.len() * n_items);
+    for chunk in hist.chunks(512) {
+        let refs: Vec<&[u32]> = chunk.iter().map(|h| h.as_slice()).collect();
+        let (ids, lens) = batch(&refs, window, n_items as u32)?;
+        out.extend(model.scores(&ids, &lens)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Full-catalogue ranking of the next item of each row.
+pub fn eval_full(model: &dyn SeqModel, rows: &[SeqSample], n_items: usize, window: usize, ks: &[usize]) -> Result<EvalReport> {
+    let hist = histories(rows, n_items as u32);
+    let scores = score_all(model, &hist, n_items, window)?;
+    let truth = Interactions::from_lists(n_items, &rows.iter().map(|s| vec![s.next]).collect::<Vec<_>>());
+    Ok(Evaluator::new(&truth).run(
+        &DenseScores { scores: &scores, n_items },
+        &EvalConfig { ks: ks.to_vec(), ..Default::default() },
+    )?)
+}
+
+/// Ranking of each example's candidates only (the LLM protocol).
+pub fn eval_candidates(model: &dyn SeqModel, ex: &[RecExample], n_items: usize, window: usize, ks: &[usize]) -> Result<EvalReport> {
+    let hist: Vec<Vec<u32>> = ex.iter().map(|e| e.history.clone()).collect();
+    let scores = score_all(model, &hist, n_items, window)?;
+    candidate_report(&scores, ex, n_items, ks)
+}
+
+/// The evaluator's candidate mode over precomputed `[N × n_items]` scores (only the
+/// candidates' entries are read).
+pub fn candidate_report(scores: &[f32], ex: &[RecExample], n_items: usize, ks: &[usize]) -> Result<EvalReport> {
+    let truth = Interactions::from_lists(n_items, &ex.iter().map(|e| vec![e.target]).collect::<Vec<_>>());
+    let cands: Vec<Vec<u32>> = ex.iter().map(|e| e.candidates.clone()).collect();
+    Ok(Evaluator::new(&truth).candidates(&cands).run(
+        &DenseScores { scores, n_items },
+        &EvalConfig { ks: ks.to_vec(), ..Default::default() },
+    )?)
+}
+
+/// Train `model` on `train` rows, keeping the weights of the epoch with the best validation
+/// NDCG@10 (restored into the model at the end).
+pub fn train(
+    model: &dyn SeqModel,
+    cfg: &SeqConfig,
+    n_items: usize,
+    train: &[SeqSample],
+    valid: &[SeqSample],
+    obs: &mut dyn SeqObserver,
+) -> Result<SeqTrainReport> {
+    if train.is_empty() || valid.is_empty() {
+        return Err(LlmrecError::Input("training and validation rows must be non-empty".into()));
+    }
+    check_rows(train, n_items, "training rows")?;
+    check_rows(valid, n_items, "validation rows")?;
+    let pad = n_items as u32;
+    let hist = histories(train, pad);
+    let params = model.params();
+    let mut opt = Adam::new(
+        params.iter().map(|(_, v)| v.clone()).collect(),
+        AdamConfig { weight_decay: cfg.l2, ..AdamConfig::adam(cfg.lr) },
+    )?;
+    let (w, b) = model.head();
+    let steps = (train.len() / cfg.batch_size).max(1);
+    let mut epochs = Vec::new();
+    let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
+    let mut since = 0;
+    for epoch in 0..cfg.epochs {
+        obs.epoch_start(epoch, steps);
+        let t0 = Instant::now();
+        let mut total = 0f64;
+        for step in 0..steps {
+            let mut rng = rudder_data::rng::stream(cfg.seed, &[epoch as u64, step as u64]);
+            let rows: Vec<usize> = (0..cfg.batch_size).map(|_| rng.random_range(0..train.len())).collect();
+            let refs: Vec<&[u32]> = rows.iter().map(|&r| hist[r].as_slice()).collect();
+            let (ids, lens) = batch(&refs, cfg.window, pad)?;
+            let pos: Vec<u32> = rows.iter().map(|&r| train[r].next).collect();
+            let neg: Vec<u32> = pos
+                .iter()
+                .map(|&p| loop {
+                    let n = rng.random_range(0..n_items as u32);
+                    if n != p {
+                        break n;
+                    }
+                })
+                .collect();
+            let h = model.encode(&ids, &lens, Some(&mut rng))?; // [B, d]
+            let bsz = rows.len();
+            let score = |items: &[u32]| -> Result<Tensor> {
+                let idx = Tensor::from_slice(items, bsz, &Device::Cpu)?;
+                let wi = w.as_tensor().index_select(&idx, 0)?;
+                let bi = b.as_tensor().index_select(&idx, 0)?;
+                Ok(((&h * wi)?.sum(1)? + bi)?)
+            };
+            let (sp, sn) = (score(&pos)?, score(&neg)?);
+            // BCE with logits: −log σ(s⁺) − log σ(−s⁻), averaged over the 2B logits
+            let loss = ((rudder_nn::ops::softplus(&sp.neg()?)? + rudder_nn::ops::softplus(&sn)?)?
+                .sum_all()?
+                / (2 * bsz) as f64)?;
+            total += loss.to_scalar::<f32>()? as f64;
+            opt.step(&loss.backward()?)?;
+            obs.step_done();
+        }
+        let rep = eval_full(model, valid, n_items, cfg.window, &[10, 20])?;
+        let rec = SeqEpoch {
+            epoch,
+            loss: total / steps as f64,
+            seconds: t0.elapsed().as_secs_f64(),
+            valid_ndcg10: rep.get("ndcg", 10),
+            valid_hit20: rep.get("hit", 20),
+        };
+        obs.epoch_done(&rec);
+        let better = best.as_ref().is_none_or(|(s, _, _)| rec.valid_ndcg10 > *s);
+        epochs.push(rec.clone());
+        if better {
+            let snap = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+            best = Some((rec.valid_ndcg10, epoch, snap));
+            since = 0;
+        } else {
+            since += 1;
+            if cfg.patience > 0 && since >= cfg.patience {
+                break;
+            }
+        }
+    }
+    let (_, best_epoch, snap) = best.expect("at least one epoch");
+    for ((_, v), t) in params.iter().zip(snap) {
+        v.set(&t)?;
+    }
+    Ok(SeqTrainReport { epochs, best_epoch })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Synthetic sequences where the next item is the last item + 1 (mod n): learnable.
+    fn rows(n_items: u32, count: usize, seed: u64) -> Vec<SeqSample> {
+        let mut rng = rudder_data::rng::stream(seed, &[]);
+        (0..count)
+            .map(|_| {
+                let len = rng.random_range(1..=10usize);
+                let start = rng.random_range(0..n_items);
+                let seq: Vec<u32> = (0..10)
+                    .map(|k| if k < len { (start + k as u32) % n_items } else { n_items })
+                    .collect();
+                SeqSample { seq, seq_ratings: None, len_seq: len, next: (start + len as u32) % n_items, next_rating: None }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        for kind in [SeqKind::Sasrec, SeqKind::Gru4rec, SeqKind::Caser] {
+            let cfg = SeqConfig { hidden: 16, ..SeqConfig::new(kind) };
+            let m = build(30, &cfg).unwrap();
+            let r = rows(30, 8, 1);
+            let hist: Vec<Vec<u32>> = r.iter().map(|s| s.history(Some(30))).collect();
+            let refs: Vec<&[u32]> = hist.iter().map(|h| h.as_slice()).collect();
+            let (ids, lens) = batch(&refs, 10, 30).unwrap();
+            let mut rng = rudder_data::rng::stream(0, &[]);
+            let h = m.encode(&ids, &lens, Some(&mut rng)).unwrap();
+            let (w, b) = m.head();
+            let s = h.matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+            let g = s.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let mut params = m.params();
+            // the padding row of the item table is never read with a non-zero multiplier
+            params.retain(|(n, _)| n != "item_emb");
+            rudder_nn::grad::assert_all_receive_gradient(&g, &params);
+            assert!(g.get(m.item_embeddings().as_tensor()).is_some(), "{kind:?} item_emb");
+        }
+    }
+
+    #[test]
+    fn each_model_learns_a_successor_rule_and_ranks_candidates() {
+        let n = 40u32;
+        let (tr, va) = (rows(n, 2000, 1), rows(n, 200, 2));
+        for kind in [SeqKind::Sasrec, SeqKind::Gru4rec, SeqKind::Caser] {
+            let cfg = SeqConfig { epochs: 8, batch_size: 128, hidden: 32, lr: 5e-3, l2: 0.0, patience: 0, ..SeqConfig::new(kind) };
+            let m = build(n as usize, &cfg).unwrap();
+            let before = eval_full(m.as_ref(), &va, n as usize, 10, &[10]).unwrap().get("hit", 10);
+            let rep = train(m.as_ref(), &cfg, n as usize, &tr, &va, &mut Quiet).unwrap();
+            let after = eval_full(m.as_ref(), &va, n as usize, 10, &[10]).unwrap().get("hit", 10);
+            assert!(after > 0.6 && after > before + 0.3, "{kind:?}: hit@10 {before} → {after}");
+            assert_eq!(rep.epochs.len(), 8);
+            let best = rep.epochs.iter().map(|e| e.valid_ndcg10).fold(0.0, f64::max);
+            assert_eq!(rep.epochs[rep.best_epoch].valid_ndcg10, best);
+            // candidate protocol: the target among 5 candidates
+            let ex: Vec<RecExample> = va
+                .iter()
+                .map(|s| {
+                    let h = s.history(Some(n));
+                    let c = crate::data::candidates_for(&h, s.next, n as usize, 5, 3).unwrap();
+                    RecExample { history: h, candidates: c, target: s.next }
+                })
+                .collect();
+            let hr1 = eval_candidates(m.as_ref(), &ex, n as usize, 10, &[1]).unwrap().get("hit", 1);
+            assert!(hr1 > 0.5, "{kind:?}: candidate HR@1 {hr1}");
+        }
+        // bad ids are refused with the row
+        let mut bad = rows(n, 3, 5);
+        bad[1].next = 99;
+        let m = build(n as usize, &SeqConfig::new(SeqKind::Sasrec)).unwrap();
+        let e = train(m.as_ref(), &SeqConfig::new(SeqKind::Sasrec), n as usize, &bad, &va, &mut Quiet)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("99"), "{e}");
+    }
+}
