@@ -44,6 +44,11 @@ impl Templates {
         Templates::parse(&name, &text, path)
     }
 
+    /// Templates given as text (one per line).
+    pub fn from_text(name: &str, text: &str) -> Result<Templates> {
+        Templates::parse(name, text, Path::new(name))
+    }
+
     fn parse(name: &str, text: &str, path: &Path) -> Result<Templates> {
         let mut lines = Vec::new();
         for (i, l) in text.lines().enumerate() {
