@@ -7,6 +7,7 @@ mod cf_cmd;
 mod data_cmd;
 mod demo_cmd;
 mod embed_cmd;
+mod llmrec_cmd;
 mod lm_cmd;
 mod plots;
 mod progress;
@@ -73,6 +74,10 @@ enum Command {
     /// reasoning-strength study (see docs/steer.md).
     #[command(subcommand)]
     Steer(steer_cmd::SteerCmd),
+    /// Language-model recommenders: SASRec / GRU4Rec / Caser baselines, LoRA SFT, DPO and
+    /// S-DPO on a rudder-lm model, HR@1 / ValidRatio and likelihood evaluation (docs/llmrec.md).
+    #[command(subcommand)]
+    Llmrec(llmrec_cmd::LlmrecCmd),
 }
 
 fn main() -> ExitCode {
@@ -123,6 +128,7 @@ fn main() -> ExitCode {
         Command::Embed(a) => embed_cmd::run(a),
         Command::Serve(a) => serve_cmd::run(a),
         Command::Steer(c) => steer_cmd::run(c),
+        Command::Llmrec(c) => llmrec_cmd::run(c),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

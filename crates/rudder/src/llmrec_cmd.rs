@@ -1,0 +1,764 @@
+//! `rudder llmrec …`: language-model recommenders on LLaRA/S-DPO data: the sequential
+//! baselines (sasrec, gru4rec, caser), LoRA training of a rudder-lm model (sft, dpo, sdpo) and
+//! evaluation (eval). See docs/llmrec.md.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use rand::seq::SliceRandom;
+use rudder_data::sequences::SeqSample;
+use rudder_llmrec::data::{Catalog, RecExample, Unknown, from_prompts, from_sequences};
+use rudder_llmrec::lmdata::{LmExample, Tokenize, tokenize};
+use rudder_llmrec::lmeval::{GenSummary, candidate_logps, generate_answers, likelihood_report, summarize};
+use rudder_llmrec::lmtrain::{EvalRecord, LmObserver, LmTrainConfig, Objective, RunFiles, StepRecord};
+use rudder_llmrec::prompts::Templates;
+use rudder_llmrec::seqrec::{SeqConfig, SeqKind};
+use rudder_llmrec::seqtrain::{self, SeqEpoch, SeqObserver};
+use rudder_lm::lora::{LoraConfig, Target};
+use rudder_lm::loader::{LanguageModel, LoadOptions, load};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::runs::RunDir;
+use crate::steer_cmd::StepBars;
+
+#[derive(Subcommand)]
+pub enum LlmrecCmd {
+    /// Train SASRec (the LLaRA variant) on the sequences; evaluate by full ranking and on the
+    /// 20-candidate protocol.
+    Sasrec(SeqArgs),
+    /// Train GRU4Rec (same data, loss and evaluation as sasrec).
+    Gru4rec(SeqArgs),
+    /// Train Caser (same data, loss and evaluation as sasrec).
+    Caser(SeqArgs),
+    /// Supervised fine-tuning of a LoRA adapter: cross-entropy on the answer title.
+    Sft(LmTrainArgs),
+    /// DPO from an SFT adapter: one rejected candidate per example.
+    Dpo(LmTrainArgs),
+    /// S-DPO from an SFT adapter: softmax preference loss over k rejected candidates.
+    Sdpo(LmTrainArgs),
+    /// Evaluate a model (optionally with a LoRA adapter): greedy generation read by S-DPO's and
+    /// LLaRA's rules (HR@1, ValidRatio), and likelihood ranking of the 20 candidates.
+    Eval(EvalArgs),
+}
+
+#[derive(Args, Clone, Serialize, Deserialize, Debug, PartialEq)]
+pub struct DataArgs {
+    /// LLaRA folder: train/val/test.jsonl (10 ids right-padded with the pad id) and id2name.txt
+    /// (e.g. ../shared/data/llara/lastfm). Required (except with --resume).
+    #[arg(long)]
+    pub seqs: Option<PathBuf>,
+    /// S-DPO prompt folder (val.json / test.json: historyList, itemList, trueSelection) for the
+    /// validation and test questions; without it they are built from val/test.jsonl with
+    /// S-DPO's candidate rule. Records naming titles absent from id2name are skipped (counted
+    /// in the summary).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Candidates per question (target included).
+    #[arg(long, default_value_t = 20)]
+    pub candidates: usize,
+    /// Evaluate on at most this many test questions (a fixed seeded subset, the same for every
+    /// command, so runs compare on the same questions).
+    #[arg(long)]
+    pub max_test: Option<usize>,
+    /// Seed of the candidate sets built from sequences.
+    #[arg(long, default_value_t = 1958)]
+    pub data_seed: u64,
+}
+
+struct Data {
+    catalog: Catalog,
+    train: Vec<SeqSample>,
+    val_rows: Vec<SeqSample>,
+    test_rows: Vec<SeqSample>,
+    val_ex: Vec<RecExample>,
+    test_ex: Vec<RecExample>,
+    notes: Vec<String>,
+}
+
+fn subset<T: Clone>(v: Vec<T>, max: Option<usize>, key: u64) -> Vec<T> {
+    match max {
+        Some(m) if m < v.len() => {
+            let mut idx: Vec<usize> = (0..v.len()).collect();
+            idx.shuffle(&mut rudder_data::rng::stream(0, &[key]));
+            let mut keep: Vec<usize> = idx.into_iter().take(m).collect();
+            keep.sort_unstable();
+            keep.into_iter().map(|i| v[i].clone()).collect()
+        }
+        _ => v,
+    }
+}
+
+impl DataArgs {
+    fn seqs(&self) -> Result<&Path> {
+        self.seqs
+            .as_deref()
+            .context("--seqs is required (the LLaRA sequence folder, e.g. ../shared/data/llara/lastfm)")
+    }
+}
+
+fn load_data(a: &DataArgs) -> Result<Data> {
+    let seqs = a.seqs()?;
+    let ds = rudder_data::formats::llara::read_dir(seqs)?;
+    let names = ds
+        .item_names
+        .clone()
+        .with_context(|| format!("{}: no id2name.txt or u.item with the item names", seqs.display()))?;
+    let catalog = Catalog::new(names);
+    let n = catalog.n_items();
+    let split = |s: &str| ds.splits.iter().find(|(k, _)| k == s).map(|(_, v)| v.clone());
+    let train = split("train").unwrap_or_default();
+    let val_rows = split("val").unwrap_or_default();
+    let test_rows = split("test").unwrap_or_default();
+    let mut notes = Vec::new();
+    let (val_ex, test_ex) = match &a.prompts {
+        Some(p) => {
+            let pd = rudder_data::formats::llara::read_prompt_dir(p)?;
+            let mut get = |s: &str| -> Result<Vec<RecExample>> {
+                let Some((_, recs)) = pd.splits.iter().find(|(k, _)| k == s) else {
+                    return Ok(Vec::new());
+                };
+                let src = p.join(format!("{s}.json"));
+                let (ex, skipped, first) = from_prompts(recs, &catalog, Unknown::Skip, &src)?;
+                if skipped > 0 {
+                    notes.push(format!(
+                        "{}: {skipped} of {} records skipped, their titles are not in the item names (first: {:?})",
+                        src.display(),
+                        recs.len(),
+                        first.unwrap_or_default()
+                    ));
+                }
+                Ok(ex)
+            };
+            let v = get("val")?;
+            let t = get("test")?;
+            (v, t)
+        }
+        None => {
+            let build = |rows: &[SeqSample], name: &str| {
+                from_sequences(rows, n, 1, a.candidates, a.data_seed, &seqs.join(name))
+            };
+            (build(&val_rows, "val.jsonl")?, build(&test_rows, "test.jsonl")?)
+        }
+    };
+    let n_test = test_ex.len();
+    let test_ex = subset(test_ex, a.max_test, 0x7E57);
+    if test_ex.len() < n_test {
+        notes.push(format!("test: a fixed subset of {} of the {n_test} questions", test_ex.len()));
+    }
+    Ok(Data {
+        catalog,
+        train,
+        val_rows,
+        test_rows,
+        val_ex,
+        test_ex,
+        notes,
+    })
+}
+
+#[derive(Args, Clone)]
+pub struct SeqArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// L2 coefficient (PyTorch Adam weight_decay); the shipped SASRec checkpoints used 1e-4.
+    #[arg(long, default_value_t = 1e-4)]
+    pub l2: f64,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
+    /// Stop after this many epochs without a better validation NDCG@10 (0 = never).
+    #[arg(long, default_value_t = 10)]
+    pub patience: usize,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// Run folder.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Serialize)]
+struct SeqRunConfig<'a> {
+    data: &'a DataArgs,
+    model: &'a SeqConfig,
+}
+
+struct SeqBars {
+    bars: StepBars,
+    epoch: usize,
+    steps: usize,
+    done: usize,
+}
+
+impl SeqObserver for SeqBars {
+    fn epoch_start(&mut self, epoch: usize, steps: usize) {
+        self.epoch = epoch;
+        self.steps = steps;
+        self.done = 0;
+    }
+    fn step_done(&mut self) {
+        self.done += 1;
+        if self.done % 20 == 0 || self.done == self.steps {
+            self.bars.update(&format!("epoch {}", self.epoch + 1), self.done, self.steps);
+        }
+    }
+    fn epoch_done(&mut self, r: &SeqEpoch) {
+        self.bars.finish();
+        eprintln!(
+            "epoch {:>3}  loss {:.4}  valid NDCG@10 {:.4}  HR@20 {:.4}  ({:.1} s)",
+            r.epoch + 1,
+            r.loss,
+            r.valid_ndcg10,
+            r.valid_hit20,
+            r.seconds
+        );
+    }
+}
+
+fn run_seq(kind: SeqKind, a: SeqArgs) -> Result<()> {
+    let d = load_data(&a.data)?;
+    anyhow::ensure!(!d.train.is_empty(), "{}: no train.jsonl", a.data.seqs()?.display());
+    anyhow::ensure!(!d.val_rows.is_empty(), "{}: no val.jsonl", a.data.seqs()?.display());
+    let cfg = SeqConfig {
+        hidden: a.hidden,
+        dropout: a.dropout,
+        lr: a.lr,
+        l2: a.l2,
+        batch_size: a.batch_size,
+        epochs: a.epochs,
+        patience: a.patience,
+        seed: a.seed,
+        ..SeqConfig::new(kind)
+    };
+    let run = RunDir::create(&a.out)?;
+    run.write_config(&SeqRunConfig { data: &a.data, model: &cfg })?;
+    let n = d.catalog.n_items();
+    let model = seqtrain::build(n, &cfg)?;
+    let mut obs = SeqBars { bars: StepBars::default(), epoch: 0, steps: 0, done: 0 };
+    let t0 = std::time::Instant::now();
+    let rep = seqtrain::train(model.as_ref(), &cfg, n, &d.train, &d.val_rows, &mut obs)?;
+    let train_s = t0.elapsed().as_secs_f64();
+    let params: Vec<(String, candle_core::Tensor)> =
+        model.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+    rudder_nn::checkpoint::save(&params, &run.path.join("model.safetensors"))?;
+    let ks = [1, 5, 10, 20];
+    let full = (!d.test_rows.is_empty())
+        .then(|| seqtrain::eval_full(model.as_ref(), &d.test_rows, n, cfg.window, &ks))
+        .transpose()?;
+    let cand = seqtrain::eval_candidates(model.as_ref(), &d.test_ex, n, cfg.window, &[1, 5, 10])?;
+    let mut lines: Vec<serde_json::Value> =
+        rep.epochs.iter().map(|e| serde_json::to_value(e).unwrap_or_default()).collect();
+    let result = json!({
+        "kind": "test",
+        "model": kind.name(),
+        "best_epoch": rep.best_epoch + 1,
+        "train_seconds": train_s,
+        "full_ranking": full.as_ref().map(|r| &r.means),
+        "full_ranking_rows": full.as_ref().map(|r| r.n_users),
+        "candidates": &cand.means,
+        "candidate_questions": cand.n_users,
+    });
+    lines.push(result.clone());
+    run.write_metrics(&lines)?;
+    crate::steer_cmd::write_json(&run.path.join("results.json"), &result)?;
+    let mut md = format!(
+        "# {} on {}\n\nTrained {} epochs ({:.0} s), best validation NDCG@10 at epoch {}.\n\n",
+        kind.name(),
+        a.data.seqs()?.display(),
+        rep.epochs.len(),
+        train_s,
+        rep.best_epoch + 1
+    );
+    md += "## LLM protocol: rank the 20 candidates (every answer valid)\n\n| questions | HR@1 | HR@5 | NDCG@5 | NDCG@10 |\n|---:|---:|---:|---:|---:|\n";
+    md += &format!(
+        "| {} | {:.4} | {:.4} | {:.4} | {:.4} |\n\n",
+        cand.n_users,
+        cand.get("hit", 1),
+        cand.get("hit", 5),
+        cand.get("ndcg", 5),
+        cand.get("ndcg", 10)
+    );
+    if let Some(f) = &full {
+        md += "## Full ranking of the next item (whole catalogue)\n\n| rows | HR@1 | HR@5 | HR@10 | HR@20 | NDCG@10 | NDCG@20 |\n|---:|---:|---:|---:|---:|---:|---:|\n";
+        md += &format!(
+            "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |\n\n",
+            f.n_users,
+            f.get("hit", 1),
+            f.get("hit", 5),
+            f.get("hit", 10),
+            f.get("hit", 20),
+            f.get("ndcg", 10),
+            f.get("ndcg", 20)
+        );
+    }
+    for n in &d.notes {
+        md += &format!("- {n}\n");
+    }
+    run.write_summary(&md)?;
+    let loss: Vec<(f64, f64)> = rep.epochs.iter().map(|e| ((e.epoch + 1) as f64, e.loss)).collect();
+    let nd: Vec<(f64, f64)> = rep.epochs.iter().map(|e| ((e.epoch + 1) as f64, e.valid_ndcg10)).collect();
+    if let Err(e) = crate::plots::lines(&run.path.join("loss.png"), "training loss (BCE)", "epoch", &[("loss", loss)])
+        .and_then(|_| crate::plots::lines(&run.path.join("valid.png"), "validation NDCG@10", "epoch", &[("NDCG@10", nd)]))
+    {
+        tracing::warn!("plots skipped: {e}");
+    }
+    print!("{md}");
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+pub struct LmModelArgs {
+    /// A model folder, .gguf file or fetched asset name; trained and evaluated in f32 (GGUF
+    /// weights are dequantized).
+    #[arg(long, short, default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// Prompt templates: music (S-DPO's 10 LastFM templates), movie (its 15 MovieLens
+    /// templates) or a file with one template per line ([HistoryHere], [CansHere]).
+    #[arg(long, default_value = "music")]
+    pub templates: String,
+    /// Prompts longer than this keep their last tokens (after BOS).
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_tokens: usize,
+}
+
+#[derive(Args, Clone)]
+pub struct LmTrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub lm: LmModelArgs,
+    /// Start from this adapter (PEFT folder; DPO/S-DPO: the SFT adapter, which is also the
+    /// frozen reference). Without it a fresh LoRA is created.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Continue an interrupted run from its folder (all settings come from its config.toml).
+    #[arg(long, conflicts_with = "out")]
+    pub resume: Option<PathBuf>,
+    /// Run folder.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Train on a fixed seeded subset of this many examples (the full LastFM set is 47,872).
+    #[arg(long)]
+    pub max_train: Option<usize>,
+    /// Validate on a fixed subset of this many questions.
+    #[arg(long, default_value_t = 200)]
+    pub max_val: usize,
+    /// Learning rate (reference: 1e-5 at 5 (SFT) / 3 (DPO) epochs of 47,872 examples).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Examples per forward/backward pass.
+    #[arg(long, default_value_t = 4)]
+    pub micro_batch: usize,
+    /// Examples per optimizer step (reference 128), reached by gradient accumulation.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Validate and checkpoint every this many epochs (reference: 0.2 SFT, 0.1 DPO).
+    #[arg(long)]
+    pub eval_every: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub beta: f64,
+    /// S-DPO negatives per example (DPO always uses 1).
+    #[arg(long, default_value_t = 3)]
+    pub negatives: usize,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// Projections to adapt, comma-separated (q,k,v,o,gate,up,down).
+    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
+    pub targets: String,
+    #[arg(long, default_value_t = 0.05)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.3)]
+    pub max_grad_norm: f64,
+    /// Run each answer as a full sequence instead of branching from the shared prompt.
+    #[arg(long)]
+    pub no_prefix_sharing: bool,
+    /// Recompute the reference log-probabilities every step instead of caching them once.
+    #[arg(long)]
+    pub no_reference_cache: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct LmRunConfig {
+    data: DataArgs,
+    model: String,
+    templates: String,
+    init_adapter: Option<PathBuf>,
+    max_train: Option<usize>,
+    max_val: usize,
+    tokenize: Tokenize,
+    train: LmTrainConfig,
+}
+
+struct LmBars {
+    bars: StepBars,
+    total: u64,
+}
+
+impl LmObserver for LmBars {
+    fn progress(&mut self, phase: &str, done: usize, total: usize) {
+        if !phase.starts_with("train") {
+            self.bars.update(phase, done, total);
+        }
+    }
+    fn step(&mut self, r: &StepRecord) {
+        self.bars.update("train (steps)", r.step as usize, self.total as usize);
+        let rw = r
+            .rewards
+            .as_ref()
+            .map(|w| format!("  reward margin {:+.3}  acc {:.2}", w.margin, w.accuracy))
+            .unwrap_or_default();
+        tracing::info!(
+            "step {}/{}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{rw}",
+            r.step,
+            self.total,
+            r.loss,
+            r.lr,
+            r.grad_norm,
+            r.tokens_per_s
+        );
+    }
+    fn eval(&mut self, r: &EvalRecord) {
+        self.bars.finish();
+        let rw = r
+            .val_rewards
+            .as_ref()
+            .map(|w| format!("  reward accuracy {:.3}", w.accuracy))
+            .unwrap_or_default();
+        eprintln!(
+            "step {:>5} (epoch {:.2})  validation loss {:.4}{rw}{}",
+            r.step,
+            r.epoch,
+            r.val_loss,
+            if r.best { "  (best)" } else { "" }
+        );
+    }
+}
+
+fn templates(spec: &str) -> Result<Templates> {
+    match Templates::builtin(spec) {
+        Some(t) => Ok(t),
+        None => Ok(Templates::from_file(Path::new(spec))?),
+    }
+}
+
+fn open_lm(model: &str) -> Result<LanguageModel> {
+    let path = crate::lm_cmd::resolve_model(model)?;
+    let sp = crate::progress::spinner(&format!("loading {}", path.display()));
+    let lm = load(&path, &LoadOptions { dequantize: true })?;
+    sp.finish_and_clear();
+    Ok(lm)
+}
+
+fn parse_targets(s: &str) -> Result<Vec<Target>> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| Target::parse(x).with_context(|| format!("--targets: {x:?} is not one of q,k,v,o,gate,up,down")))
+        .collect()
+}
+
+fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
+    let (rc, dir, resume) = match &a.resume {
+        Some(dir) => {
+            let p = dir.join("config.toml");
+            let text = std::fs::read_to_string(&p).with_context(|| format!("{}", p.display()))?;
+            let rc: LmRunConfig = toml::from_str(&text).with_context(|| format!("{}: not a llmrec training config", p.display()))?;
+            anyhow::ensure!(
+                rc.train.objective == objective,
+                "{} is a {} run, not {}",
+                dir.display(),
+                rc.train.objective.name(),
+                objective.name()
+            );
+            anyhow::ensure!(
+                dir.join("checkpoint.safetensors").exists(),
+                "{}: no checkpoint.safetensors (the run finished, or never reached its first validation)",
+                dir.display()
+            );
+            (rc, dir.clone(), true)
+        }
+        None => {
+            a.data.seqs()?;
+            let data = a.data.clone();
+            let out = a.out.clone().context("--out is required (the run folder)")?;
+            if out.join("checkpoint.safetensors").exists() {
+                bail!(
+                    "{} holds an interrupted run; continue it with `--resume {}` or choose another --out",
+                    out.display(),
+                    out.display()
+                );
+            }
+            let mut t = LmTrainConfig::reference(objective);
+            t.lora = LoraConfig { r: a.rank, alpha: a.alpha, dropout: a.lora_dropout, targets: parse_targets(&a.targets)? };
+            t.beta = a.beta;
+            t.negatives = if objective == Objective::Sdpo { a.negatives } else { 1 };
+            t.lr = a.lr.unwrap_or(t.lr);
+            t.epochs = a.epochs.unwrap_or(t.epochs);
+            t.eval_every = a.eval_every.unwrap_or(t.eval_every);
+            t.micro_batch = a.micro_batch;
+            t.effective_batch = a.batch;
+            t.warmup_ratio = a.warmup_ratio;
+            t.max_grad_norm = a.max_grad_norm;
+            t.prefix_sharing = !a.no_prefix_sharing;
+            t.cache_reference = !a.no_reference_cache;
+            t.seed = a.seed;
+            t.validate()?;
+            if objective != Objective::Sft && a.adapter.is_none() {
+                tracing::warn!("no --adapter: preference training starts from a fresh LoRA (the reference is the base model)");
+            }
+            let rc = LmRunConfig {
+                data,
+                model: a.lm.model.clone(),
+                templates: a.lm.templates.clone(),
+                init_adapter: a.adapter.clone(),
+                max_train: a.max_train,
+                max_val: a.max_val,
+                tokenize: Tokenize { seed: 1958, negatives: t.negatives, max_prompt_tokens: a.lm.max_prompt_tokens },
+                train: t,
+            };
+            (rc, out, false)
+        }
+    };
+    let run = RunDir::create(&dir)?;
+    if !resume {
+        run.write_config(&rc)?;
+    }
+    let d = load_data(&rc.data)?;
+    anyhow::ensure!(!d.train.is_empty(), "{}: no train.jsonl", rc.data.seqs()?.display());
+    let n = d.catalog.n_items();
+    let train_ex = from_sequences(&d.train, n, 3, rc.data.candidates, rc.data.data_seed, &rc.data.seqs()?.join("train.jsonl"))?;
+    let n_all = train_ex.len();
+    let train_ex = subset(train_ex, rc.max_train, 0x7A1);
+    let val_ex = subset(d.val_ex.clone(), Some(rc.max_val), 0x7A2);
+    anyhow::ensure!(!val_ex.is_empty(), "no validation questions (val.json / val.jsonl)");
+    let mut lm = open_lm(&rc.model)?;
+    let tpl = templates(&rc.templates)?;
+    let ctx = lm.decoder.cfg.max_position_embeddings;
+    let mut tk_train = rc.tokenize.clone();
+    let tr = tokenize(&train_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_train)?;
+    tk_train.seed ^= 0x5A1;
+    let va = tokenize(&val_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_train)?;
+    let adapter = match &rc.init_adapter {
+        Some(p) => lm.decoder.load_peft(p, rc.train.seed).with_context(|| format!("--adapter {}", p.display()))?,
+        None => lm.decoder.attach_lora(&rc.train.lora, rc.train.seed)?,
+    };
+    if rc.init_adapter.is_some() && adapter.cfg.r != rc.train.lora.r {
+        tracing::warn!("the adapter's own rank {} and alpha {} are kept", adapter.cfg.r, adapter.cfg.alpha);
+    }
+    let files = RunFiles { dir: dir.clone() };
+    let eff = rc.train.effective_batch.min(tr.len());
+    let total = ((rc.train.epochs * tr.len() as f64) / eff as f64).ceil() as u64;
+    eprintln!(
+        "{} on {} of {n_all} training examples ({} steps of {eff}, micro-batch {}), {} validation questions, {} adapter parameters",
+        objective.name(),
+        tr.len(),
+        total,
+        rc.train.micro_batch,
+        va.len(),
+        adapter.num_params()
+    );
+    let mut obs = LmBars { bars: StepBars::default(), total };
+    let t0 = std::time::Instant::now();
+    let base = rc.model.clone();
+    let rep = rudder_llmrec::lmtrain::train(&mut lm.decoder, &adapter, &rc.train, &tr, &va, lm.tok.pad, &base, &files, resume, &mut obs)?;
+    obs.bars.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    let steps = &rep.history.steps;
+    let mean = |f: &dyn Fn(&StepRecord) -> f64| steps.iter().map(f).sum::<f64>() / steps.len().max(1) as f64;
+    let summary_json = json!({
+        "objective": objective.name(),
+        "train_examples": tr.len(),
+        "val_questions": va.len(),
+        "steps": rep.total_steps,
+        "best_step": rep.best_step,
+        "best_val_loss": rep.best_val,
+        "seconds": secs,
+        "seconds_per_step": mean(&|s| s.seconds),
+        "tokens_per_s": mean(&|s| s.tokens_per_s),
+        "truncated_prompts": tr.iter().filter(|e| e.truncated).count(),
+    });
+    crate::steer_cmd::write_json(&dir.join("results.json"), &summary_json)?;
+    let mut md = format!(
+        "# {} of {} on {}\n\n{} steps of {eff} examples ({} of {n_all} training examples, {:.2} epochs), micro-batch {}, lr {:.1e}, LoRA r {} α {} dropout {}.\n\n",
+        objective.name().to_uppercase(),
+        rc.model,
+        rc.data.seqs()?.display(),
+        rep.total_steps,
+        tr.len(),
+        rc.train.epochs,
+        rc.train.micro_batch,
+        rc.train.lr,
+        adapter.cfg.r,
+        adapter.cfg.alpha,
+        adapter.cfg.dropout
+    );
+    md += &format!(
+        "Best validation loss {:.4} at step {} (adapter in `adapter/`, PEFT layout). {:.1} s per step, {:.0} tokens/s.\n\n",
+        rep.best_val,
+        rep.best_step,
+        mean(&|s| s.seconds),
+        mean(&|s| s.tokens_per_s)
+    );
+    md += "| step | validation loss | reward accuracy |\n|---:|---:|---:|\n";
+    for e in &rep.history.evals {
+        md += &format!(
+            "| {} | {:.4} | {} |\n",
+            e.step,
+            e.val_loss,
+            e.val_rewards.as_ref().map(|w| format!("{:.3}", w.accuracy)).unwrap_or_else(|| "–".into())
+        );
+    }
+    md += &format!(
+        "\nEvaluate: `rudder llmrec eval --model {} --adapter {} --seqs {}{} --out …`\n",
+        rc.model,
+        dir.join("adapter").display(),
+        rc.data.seqs()?.display(),
+        rc.data.prompts.as_ref().map(|p| format!(" --prompts {}", p.display())).unwrap_or_default()
+    );
+    run.write_summary(&md)?;
+    let loss: Vec<(f64, f64)> = steps.iter().map(|s| (s.step as f64, s.loss)).collect();
+    let val: Vec<(f64, f64)> = rep.history.evals.iter().map(|e| (e.step as f64, e.val_loss)).collect();
+    if let Err(e) = crate::plots::lines(&dir.join("loss.png"), &format!("{} loss", objective.name()), "optimizer step", &[("train", loss), ("validation", val)]) {
+        tracing::warn!("plots skipped: {e}");
+    }
+    print!("{md}");
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    Both,
+    Likelihood,
+    Generate,
+}
+
+#[derive(Args, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub lm: LmModelArgs,
+    /// A LoRA adapter folder (PEFT layout); without it the base model is evaluated (zero-shot).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "both")]
+    pub mode: EvalMode,
+    /// Greedy tokens per answer (S-DPO: 20).
+    #[arg(long, default_value_t = 20)]
+    pub max_new_tokens: usize,
+    /// Questions per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Run folder.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+struct EvalBars(StepBars);
+impl LmObserver for EvalBars {
+    fn progress(&mut self, phase: &str, done: usize, total: usize) {
+        self.0.update(phase, done, total);
+    }
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let d = load_data(&a.data)?;
+    anyhow::ensure!(!d.test_ex.is_empty(), "no test questions");
+    let run = RunDir::create(&a.out)?;
+    run.write_config(&json!({
+        "data": &a.data,
+        "model": a.lm.model,
+        "adapter": a.adapter,
+        "templates": a.lm.templates,
+        "mode": a.mode,
+        "max_new_tokens": a.max_new_tokens,
+        "max_prompt_tokens": a.lm.max_prompt_tokens,
+    }))?;
+    let mut lm = open_lm(&a.lm.model)?;
+    if let Some(p) = &a.adapter {
+        lm.decoder.load_peft(p, 0).with_context(|| format!("--adapter {}", p.display()))?;
+    }
+    let tpl = templates(&a.lm.templates)?;
+    let ctx = lm.decoder.cfg.max_position_embeddings;
+    let tk = Tokenize { seed: 1958, negatives: 0, max_prompt_tokens: a.lm.max_prompt_tokens };
+    let exs: Vec<LmExample> = tokenize(&d.test_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk)?;
+    let mut obs = EvalBars(StepBars::default());
+    let mut result = json!({"kind": "test", "model": a.lm.model, "adapter": a.adapter, "questions": exs.len()});
+    let label = a.adapter.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "zero-shot".into());
+    let mut md = format!("# {} ({label}) on {}\n\n{} test questions.\n\n", a.lm.model, a.data.seqs()?.display(), exs.len());
+    if a.mode != EvalMode::Generate {
+        let t0 = std::time::Instant::now();
+        let s = candidate_logps(&lm, &exs, a.batch, &mut obs)?;
+        obs.0.finish();
+        let rep = likelihood_report(&s, &d.test_ex, d.catalog.n_items(), &[1, 5, 10])?;
+        result["likelihood"] = json!(&rep.means);
+        result["likelihood_seconds"] = json!(t0.elapsed().as_secs_f64());
+        md += &format!(
+            "## Likelihood ranking of the candidates (every answer valid)\n\n| HR@1 | HR@5 | NDCG@5 | NDCG@10 |\n|---:|---:|---:|---:|\n| {:.4} | {:.4} | {:.4} | {:.4} |\n\n",
+            rep.get("hit", 1),
+            rep.get("hit", 5),
+            rep.get("ndcg", 5),
+            rep.get("ndcg", 10)
+        );
+    }
+    if a.mode != EvalMode::Likelihood {
+        let t0 = std::time::Instant::now();
+        let rows = generate_answers(&lm, &exs, a.max_new_tokens, a.batch, &mut obs)?;
+        obs.0.finish();
+        let s: GenSummary = summarize(&rows);
+        let mut g = String::new();
+        for r in &rows {
+            g.push_str(&serde_json::to_string(r)?);
+            g.push('\n');
+        }
+        rudder_data::io::write_bytes_atomic(&a.out.join("generations.jsonl"), g.as_bytes())?;
+        result["generation"] = json!(&s);
+        result["generation_seconds"] = json!(t0.elapsed().as_secs_f64());
+        md += &format!(
+            "## Greedy generation ({} new tokens)\n\n| rule | HR@1 (hits / all) | ValidRatio | hits / valid |\n|---|---:|---:|---:|\n| S-DPO (substring, case-sensitive) | {:.4} | {:.4} | {:.4} |\n| LLaRA/iLoRA (first line, lower case) | {:.4} | {:.4} | {:.4} |\n\nOutputs: `generations.jsonl`.\n\n",
+            a.max_new_tokens,
+            s.hr1,
+            s.valid_ratio,
+            if s.valid_ratio > 0.0 { s.hr1 / s.valid_ratio } else { 0.0 },
+            s.llara_hr1,
+            s.llara_valid_ratio,
+            s.llara_hr1_given_valid
+        );
+    }
+    for n in &d.notes {
+        md += &format!("- {n}\n");
+    }
+    run.write_metrics(std::slice::from_ref(&result))?;
+    crate::steer_cmd::write_json(&a.out.join("results.json"), &result)?;
+    run.write_summary(&md)?;
+    print!("{md}");
+    Ok(())
+}
+
+pub fn run(cmd: LlmrecCmd) -> Result<()> {
+    match cmd {
+        LlmrecCmd::Sasrec(a) => run_seq(SeqKind::Sasrec, a),
+        LlmrecCmd::Gru4rec(a) => run_seq(SeqKind::Gru4rec, a),
+        LlmrecCmd::Caser(a) => run_seq(SeqKind::Caser, a),
+        LlmrecCmd::Sft(a) => run_lm_train(Objective::Sft, a),
+        LlmrecCmd::Dpo(a) => run_lm_train(Objective::Dpo, a),
+        LlmrecCmd::Sdpo(a) => run_lm_train(Objective::Sdpo, a),
+        LlmrecCmd::Eval(a) => run_eval(a),
+    }
+}
