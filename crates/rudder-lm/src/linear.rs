@@ -80,7 +80,7 @@ impl Linear {
         let y = match &self.weight {
             Weight::Dense(w) => {
                 let x2 = x.reshape((n, inp))?;
-                x2.matmul(&w.t()?)?.reshape(out_shape)?
+                rudder_nn::frozen::matmul_t(&x2, w)?.reshape(out_shape)?
             }
             Weight::Quant(q) => {
                 let x2 = x.reshape((n, inp))?.contiguous()?;

@@ -172,26 +172,19 @@ impl LoraSlot {
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
         let x = if self.dropout > 0.0 && self.rt.training.load(Ordering::Relaxed) {
             let call = self.rt.calls.fetch_add(1, Ordering::Relaxed);
-            let mut rng = ChaCha8Rng::seed_from_u64(self.rt.seed);
-            rng.set_stream(call);
-            let keep = 1.0 - self.dropout;
-            let thresh = (self.dropout * u32::MAX as f64) as u32;
-            let inv = (1.0 / keep) as f32;
-            let mask: Vec<f32> = (0..x.elem_count())
-                .map(|_| {
-                    if rng.random::<u32>() < thresh {
-                        0.0
-                    } else {
-                        inv
-                    }
-                })
-                .collect();
-            (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
+            rudder_nn::frozen::dropout_stream(x, self.dropout, self.rt.seed, call)?
         } else {
             x.clone()
         };
-        let h = x.matmul(&self.a.as_tensor().t()?)?;
-        Ok((h.matmul(&self.b.as_tensor().t()?)? * self.scale)?)
+        // Outside training the adapter is a constant: no graph is recorded (a KV cache would
+        // otherwise keep every step's graph alive).
+        let (a, b) = if self.rt.training.load(Ordering::Relaxed) {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        };
+        let h = x.matmul(&a.t()?)?;
+        Ok((h.matmul(&b.t()?)? * self.scale)?)
     }
 }
 
@@ -213,7 +206,7 @@ fn peft_name(l: usize, t: Target, ab: &str) -> String {
 }
 
 impl Adapter {
-    /// Dropout on (training) or off (evaluation).
+    /// Training (dropout on, gradients recorded) or evaluation (neither).
     pub fn set_training(&self, on: bool) {
         self.rt.training.store(on, Ordering::Relaxed);
     }

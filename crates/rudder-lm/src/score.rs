@@ -182,6 +182,7 @@ mod tests {
         for (_, v) in &ad.params {
             v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();
         }
+        ad.set_training(true); // dropout is 0: only gradients are switched on
         let prompts = vec![vec![5u32, 9, 14, 22, 31], vec![40u32, 41]];
         let branches = vec![
             vec![vec![7u32, 8, 9], vec![60u32], vec![3u32, 4]],

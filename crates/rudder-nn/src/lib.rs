@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod cpu;
+pub mod frozen;
 pub mod grad;
 pub mod graph;
 pub mod init;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# LastFM pipeline of docs/llmrec.md: SFT → DPO / S-DPO from the SFT adapter, evaluation of the
+# zero-shot model and of each adapter (likelihood ranking and greedy generation) on the same
+# fixed test subset, and the three sequential baselines. Scale through the environment:
+#   SFT_TRAIN=256 PREF_TRAIN=128 MAX_TEST=200 MAX_VAL=64 SEQ_EPOCHS=30 bench/llmrec_lastfm.sh OUT
+# Results: OUT/*/results.json and summary.md; bench/llmrec_report.py OUT prints the table.
+set -euo pipefail
+OUT=${1:-bench/out/llmrec}
+RUDDER=${RUDDER_BIN:-target/release/rudder}
+DATA=${RUDDER_SHARED_DATA:-../shared/data}
+SEQS=$DATA/llara/lastfm
+PROMPTS=$DATA/llara/sdpo-lastfm
+SFT_TRAIN=${SFT_TRAIN:-256}
+PREF_TRAIN=${PREF_TRAIN:-128}
+MAX_TEST=${MAX_TEST:-200}
+MAX_VAL=${MAX_VAL:-64}
+SEQ_EPOCHS=${SEQ_EPOCHS:-30}
+BATCH=${BATCH:-16}
+D="--seqs $SEQS --prompts $PROMPTS"
+mkdir -p "$OUT"
+step() { echo "== $(date +%H:%M:%S) $*" >&2; }
+
+[ -f "$OUT/sft/results.json" ] || { step sft; rm -rf "$OUT/sft"
+  $RUDDER llmrec sft $D --max-train "$SFT_TRAIN" --batch "$BATCH" --epochs 1 --lr 3e-4 \
+    --eval-every 0.25 --max-val "$MAX_VAL" --out "$OUT/sft" > "$OUT/sft.log" 2>&1; }
+for m in dpo sdpo; do
+  [ -f "$OUT/$m/results.json" ] || { step $m; rm -rf "$OUT/$m"
+    $RUDDER llmrec $m $D --adapter "$OUT/sft/adapter" --max-train "$PREF_TRAIN" --batch "$BATCH" \
+      --epochs 1 --lr 1e-4 --eval-every 0.5 --max-val "$MAX_VAL" --out "$OUT/$m" > "$OUT/$m.log" 2>&1; }
+done
+ev() { # name [adapter]
+  [ -f "$OUT/eval-$1/results.json" ] && return 0
+  step "eval $1"
+  $RUDDER llmrec eval $D --max-test "$MAX_TEST" ${2:+--adapter "$2"} --out "$OUT/eval-$1" > "$OUT/eval-$1.log" 2>&1
+}
+ev zero-shot
+for m in sft dpo sdpo; do ev $m "$OUT/$m/adapter"; done
+for m in sasrec gru4rec caser; do
+  [ -f "$OUT/$m/results.json" ] || { step $m; rm -rf "$OUT/$m"
+    $RUDDER llmrec $m $D --max-test "$MAX_TEST" --epochs "$SEQ_EPOCHS" --patience 5 --out "$OUT/$m" > "$OUT/$m.log" 2>&1; }
+done
+step done
