@@ -18,8 +18,21 @@ impl RunDir {
         })
     }
 
+    /// `config.toml`; absent (`None`/null) settings are left out (TOML has no null).
     pub fn write_config<T: serde::Serialize>(&self, cfg: &T) -> Result<()> {
-        let text = toml::to_string_pretty(cfg).context("serialising the run config")?;
+        fn strip(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    m.retain(|_, x| !x.is_null());
+                    m.values_mut().for_each(strip);
+                }
+                serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+                _ => {}
+            }
+        }
+        let mut v = serde_json::to_value(cfg).context("serialising the run config")?;
+        strip(&mut v);
+        let text = toml::to_string_pretty(&v).context("serialising the run config")?;
         write_bytes_atomic(&self.path.join("config.toml"), text.as_bytes())?;
         Ok(())
     }
