@@ -6,7 +6,9 @@
 //! doubles the backward pass. The forward is candle's matmul on a copy of the input's
 //! storage; when the input records no graph (inference) the plain matmul runs instead.
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+#[cfg(test)]
+use candle_core::Device;
 
 struct FrozenMatmulT {
     w: Tensor,
@@ -18,17 +20,32 @@ impl CustomOp1 for FrozenMatmulT {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("frozen matmul: f32 input expected")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("frozen matmul: contiguous input expected")
-        };
+        let x = crate::cpu::f32_slice(s, l, "frozen matmul")?;
         let (n, inp) = l.shape().dims2()?;
-        let x = Tensor::from_slice(&v[a..b], (n, inp), &Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?;
-        let out = self.w.dim(0)?;
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), Shape::from((n, out))))
+        let (out, win) = self.w.dims2()?;
+        if win != inp {
+            candle_core::bail!("frozen matmul: input width {inp}, weight [{out}, {win}]");
+        }
+        // One gemm straight from the input's storage into the output (no copies):
+        // dst[n, out] = x[n, in] · Wᵀ, Wᵀ read through W's row-major strides.
+        let mut dst = vec![0f32; n * out];
+        crate::cpu::with_f32(&self.w, "frozen matmul", |w| {
+            let threads = rayon::current_num_threads();
+            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            // SAFETY: every pointer covers the matrix its strides describe: x is n×inp
+            // row-major, w is out×inp row-major (read as its transpose), dst is n×out.
+            unsafe {
+                gemm::gemm(
+                    n, out, inp,
+                    dst.as_mut_ptr(), 1, out as isize, false,
+                    x.as_ptr(), 1, inp as isize,
+                    w.as_ptr(), inp as isize, 1,
+                    0.0f32, 1.0f32, false, false, false, par,
+                );
+            }
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(dst), Shape::from((n, out))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
