@@ -7,86 +7,56 @@
 
 use candle_core::{D, Device, Tensor, Var};
 
-use crate::seqrec::{DropRng, SeqConfig, SeqModel, gather_last, linear, var};
 use crate::Result;
-use rudder_nn::init;
+use crate::seqrec::{DropRng, ParamSet, SeqConfig, SeqModel, gather_last};
 
 pub struct Gru4Rec {
-    pub n_items: usize,
     cfg: SeqConfig,
-    emb: Var,
-    p: Vec<(String, Var)>,
+    p: ParamSet,
 }
 
 impl Gru4Rec {
     pub fn new(n_items: usize, cfg: &SeqConfig) -> Result<Gru4Rec> {
-        let (d, s, dev) = (cfg.hidden, cfg.seed, &Device::Cpu);
-        let emb = var(init::normal(n_items + 1, d, 0.01, s, 1, dev)?)?;
-        let mut p = Vec::new();
-        for (k, name) in ["ih", "hh"].iter().enumerate() {
-            let (w, b) = init::linear_uniform(3 * d, d, s, 30 + k as u64, dev)?;
-            p.push((format!("gru.{name}.weight"), var(w)?));
-            p.push((format!("gru.{name}.bias"), var(b)?));
-        }
-        let (w, b) = init::linear_uniform(n_items, d, s, 20, dev)?;
-        p.push(("out.weight".into(), var(w)?));
-        p.push(("out.bias".into(), var(b)?));
-        Ok(Gru4Rec {
-            n_items,
-            cfg: cfg.clone(),
-            emb,
-            p,
-        })
+        let d = cfg.hidden;
+        let mut p = ParamSet::new(n_items, d, cfg.seed)?;
+        p.add_linear("gru.ih", 3 * d, d, 30)?;
+        p.add_linear("gru.hh", 3 * d, d, 31)?;
+        p.add_linear("out", n_items, d, 20)?;
+        Ok(Gru4Rec { cfg: cfg.clone(), p })
     }
+}
 
-    fn get(&self, name: &str) -> &Var {
-        &self.p.iter().find(|(n, _)| n == name).expect("parameter").1
-    }
+/// σ(x) = 1 / (1 + e^{−x}), differentiable.
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
 }
 
 impl SeqModel for Gru4Rec {
     fn encode(&self, seq: &Tensor, lens: &[usize], _rng: DropRng) -> Result<Tensor> {
         let (b, l) = seq.dims2()?;
         let d = self.cfg.hidden;
-        let x = self
-            .emb
-            .as_tensor()
-            .index_select(&seq.flatten_all()?, 0)?
-            .reshape((b, l, d))?;
-        let gi = linear(&x, self.get("gru.ih.weight"), self.get("gru.ih.bias"))?; // [B, L, 3d]
+        let gi = self.p.linear(&self.p.embed(seq)?, "gru.ih")?; // [B, L, 3d]
         let mut h = Tensor::zeros((b, d), candle_core::DType::F32, &Device::Cpu)?;
         let mut outs = Vec::with_capacity(l);
+        let part = |t: &Tensor, k: usize| t.narrow(D::Minus1, k * d, d);
         for t in 0..l {
             let git = gi.narrow(1, t, 1)?.squeeze(1)?;
-            let gh = linear(&h, self.get("gru.hh.weight"), self.get("gru.hh.bias"))?;
-            let (ir, iz, inn) = (git.narrow(D::Minus1, 0, d)?, git.narrow(D::Minus1, d, d)?, git.narrow(D::Minus1, 2 * d, d)?);
-            let (hr, hz, hn) = (gh.narrow(D::Minus1, 0, d)?, gh.narrow(D::Minus1, d, d)?, gh.narrow(D::Minus1, 2 * d, d)?);
-            let r = candle_nn_sigmoid(&(ir + hr)?)?;
-            let z = candle_nn_sigmoid(&(iz + hz)?)?;
-            let n = (inn + (r * hn)?)?.tanh()?;
+            let gh = self.p.linear(&h, "gru.hh")?;
+            let r = sigmoid(&(part(&git, 0)? + part(&gh, 0)?)?)?;
+            let z = sigmoid(&(part(&git, 1)? + part(&gh, 1)?)?)?;
+            let n = (part(&git, 2)? + (r * part(&gh, 2)?)?)?.tanh()?;
             h = ((z.affine(-1.0, 1.0)? * n)? + (z * &h)?)?;
             outs.push(h.clone());
         }
-        let hs = Tensor::stack(&outs, 1)?; // [B, L, d]
-        gather_last(&hs, lens)
+        gather_last(&Tensor::stack(&outs, 1)?, lens)
     }
-
     fn head(&self) -> (&Var, &Var) {
-        (self.get("out.weight"), self.get("out.bias"))
+        self.p.head()
     }
-
     fn params(&self) -> Vec<(String, Var)> {
-        let mut v = vec![("item_emb".to_string(), self.emb.clone())];
-        v.extend(self.p.iter().cloned());
-        v
+        self.p.all()
     }
-
     fn item_embeddings(&self) -> &Var {
-        &self.emb
+        &self.p.emb
     }
-}
-
-/// σ(x) = 1 / (1 + e^{−x}), differentiable.
-fn candle_nn_sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
 }

@@ -7,67 +7,42 @@
 
 use candle_core::{Device, Tensor, Var};
 
-use crate::seqrec::{DropRng, SeqConfig, SeqModel, filled, gather_last, linear, pad_mask, var, zeros};
 use crate::Result;
+use crate::seqrec::{DropRng, ParamSet, SeqConfig, SeqModel, filled, gather_last, pad_mask, var, zeros};
 use rudder_nn::init;
 use rudder_nn::ops::{dropout, layer_norm, softmax};
 
 pub struct SasRec {
     pub n_items: usize,
     cfg: SeqConfig,
-    emb: Var,
-    pos: Var,
-    p: Vec<(String, Var)>,
+    p: ParamSet,
 }
 
 const LN_EPS: f64 = 1e-8;
 
 impl SasRec {
     pub fn new(n_items: usize, cfg: &SeqConfig) -> Result<SasRec> {
-        let (d, l, s, dev) = (cfg.hidden, cfg.window, cfg.seed, &Device::Cpu);
-        let emb = var(init::normal(n_items + 1, d, 0.01, s, 1, dev)?)?;
-        let pos = var(init::normal(l, d, 0.01, s, 2, dev)?)?;
-        let mut p: Vec<(String, Var)> = Vec::new();
+        let d = cfg.hidden;
+        let mut p = ParamSet::new(n_items, d, cfg.seed)?;
+        p.add("pos_emb", var(init::normal(cfg.window, d, 0.01, cfg.seed, 2, &Device::Cpu)?)?);
         for (k, name) in ["wq", "wk", "wv", "ff1", "ff2"].iter().enumerate() {
-            let (w, b) = init::linear_uniform(d, d, s, 10 + k as u64, dev)?;
-            p.push((format!("{name}.weight"), var(w)?));
-            p.push((format!("{name}.bias"), var(b)?));
+            p.add_linear(name, d, d, 10 + k as u64)?;
         }
         for name in ["ln1", "ln2", "ln_ff", "ln3"] {
-            p.push((format!("{name}.weight"), filled(&[d], 1.0)?));
-            p.push((format!("{name}.bias"), zeros(&[d])?));
+            p.add(format!("{name}.weight"), filled(&[d], 1.0)?);
+            p.add(format!("{name}.bias"), zeros(&[d])?);
         }
-        let (w, b) = init::linear_uniform(n_items, d, s, 20, dev)?;
-        p.push(("out.weight".into(), var(w)?));
-        p.push(("out.bias".into(), var(b)?));
-        Ok(SasRec {
-            n_items,
-            cfg: cfg.clone(),
-            emb,
-            pos,
-            p,
-        })
-    }
-
-    fn get(&self, name: &str) -> &Var {
-        &self.p.iter().find(|(n, _)| n == name).expect("parameter").1
+        p.add_linear("out", n_items, d, 20)?;
+        Ok(SasRec { n_items, cfg: cfg.clone(), p })
     }
 
     fn ln(&self, x: &Tensor, name: &str) -> Result<Tensor> {
         Ok(layer_norm(
             x,
-            self.get(&format!("{name}.weight")).as_tensor(),
-            self.get(&format!("{name}.bias")).as_tensor(),
+            self.p.get(&format!("{name}.weight")).as_tensor(),
+            self.p.get(&format!("{name}.bias")).as_tensor(),
             LN_EPS,
         )?)
-    }
-
-    fn lin(&self, x: &Tensor, name: &str) -> Result<Tensor> {
-        linear(
-            x,
-            self.get(&format!("{name}.weight")),
-            self.get(&format!("{name}.bias")),
-        )
     }
 }
 
@@ -85,16 +60,14 @@ impl SeqModel for SasRec {
         let pd = self.cfg.dropout;
         let mask = pad_mask(seq, self.n_items as u32)?; // [B, L, 1]
         let e = self
-            .emb
-            .as_tensor()
-            .index_select(&seq.flatten_all()?, 0)?
-            .reshape((b, l, d))?
-            .broadcast_add(&self.pos.as_tensor().unsqueeze(0)?)?;
+            .p
+            .embed(seq)?
+            .broadcast_add(&self.p.get("pos_emb").as_tensor().unsqueeze(0)?)?;
         let x = drop(&e, pd, &mut rng)?.broadcast_mul(&mask)?;
         let qin = self.ln(&x, "ln1")?;
-        let q = self.lin(&qin, "wq")?;
-        let k = self.lin(&x, "wk")?;
-        let v = self.lin(&x, "wv")?;
+        let q = self.p.linear(&qin, "wq")?;
+        let k = self.p.linear(&x, "wk")?;
+        let v = self.p.linear(&x, "wv")?;
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?; // [B, L, L]
         // causal mask and key-padding mask
         let keys = mask.flatten_all()?.to_vec1::<f32>()?;
@@ -121,7 +94,7 @@ impl SeqModel for SasRec {
         let att = drop(&softmax(&scores)?, pd, &mut rng)?;
         let a = (att.matmul(&v)? + &qin)?;
         let z = self.ln(&a, "ln2")?;
-        let f = self.lin(&self.lin(&z, "ff1")?.relu()?, "ff2")?;
+        let f = self.p.linear(&self.p.linear(&z, "ff1")?.relu()?, "ff2")?;
         let f = drop(&f, pd, &mut rng)?;
         let f = self.ln(&(f + &z)?, "ln_ff")?;
         let h = self.ln(&f.broadcast_mul(&mask)?, "ln3")?;
@@ -129,19 +102,12 @@ impl SeqModel for SasRec {
     }
 
     fn head(&self) -> (&Var, &Var) {
-        (self.get("out.weight"), self.get("out.bias"))
+        self.p.head()
     }
-
     fn params(&self) -> Vec<(String, Var)> {
-        let mut v = vec![
-            ("item_emb".to_string(), self.emb.clone()),
-            ("pos_emb".to_string(), self.pos.clone()),
-        ];
-        v.extend(self.p.iter().cloned());
-        v
+        self.p.all()
     }
-
     fn item_embeddings(&self) -> &Var {
-        &self.emb
+        &self.p.emb
     }
 }

@@ -90,6 +90,53 @@ pub trait SeqModel {
     }
 }
 
+/// The parameters of a sequential model: the item table `[n_items + 1, d]` (N(0, 0.01), row
+/// `n_items` is padding) and the other tensors by name; the output layer is `out.weight` /
+/// `out.bias`.
+pub struct ParamSet {
+    pub emb: Var,
+    pub named: Vec<(String, Var)>,
+    pub seed: u64,
+}
+
+impl ParamSet {
+    pub fn new(n_items: usize, d: usize, seed: u64) -> Result<ParamSet> {
+        let emb = var(rudder_nn::init::normal(n_items + 1, d, 0.01, seed, 1, &Device::Cpu)?)?;
+        Ok(ParamSet { emb, named: Vec::new(), seed })
+    }
+    pub fn add(&mut self, name: impl Into<String>, v: Var) {
+        self.named.push((name.into(), v));
+    }
+    /// `{name}.weight [out, inp]` and `{name}.bias [out]`, PyTorch's `nn.Linear` initialisation.
+    pub fn add_linear(&mut self, name: &str, out: usize, inp: usize, key: u64) -> Result<()> {
+        let (w, b) = rudder_nn::init::linear_uniform(out, inp, self.seed, key, &Device::Cpu)?;
+        self.add(format!("{name}.weight"), var(w)?);
+        self.add(format!("{name}.bias"), var(b)?);
+        Ok(())
+    }
+    pub fn get(&self, name: &str) -> &Var {
+        &self.named.iter().find(|(n, _)| n == name).expect("parameter").1
+    }
+    /// `x · Wᵀ + b` with the named linear layer.
+    pub fn linear(&self, x: &Tensor, name: &str) -> Result<Tensor> {
+        linear(x, self.get(&format!("{name}.weight")), self.get(&format!("{name}.bias")))
+    }
+    /// The embeddings `[B, L, d]` of the ids `seq [B, L]`.
+    pub fn embed(&self, seq: &Tensor) -> Result<Tensor> {
+        let (b, l) = seq.dims2()?;
+        let d = self.emb.dims()[1];
+        Ok(self.emb.as_tensor().index_select(&seq.flatten_all()?, 0)?.reshape((b, l, d))?)
+    }
+    pub fn head(&self) -> (&Var, &Var) {
+        (self.get("out.weight"), self.get("out.bias"))
+    }
+    pub fn all(&self) -> Vec<(String, Var)> {
+        let mut v = vec![("item_emb".to_string(), self.emb.clone())];
+        v.extend(self.named.iter().cloned());
+        v
+    }
+}
+
 /// A fresh parameter from a tensor.
 pub fn var(t: Tensor) -> Result<Var> {
     Ok(Var::from_tensor(&t)?)
