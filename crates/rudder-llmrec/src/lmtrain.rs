@@ -574,7 +574,7 @@ pub fn train(
         obs.step(&rec);
         state.history.steps.push(rec);
 
-        if state.step % eval_steps == 0 || state.step == total_steps {
+        if state.step.is_multiple_of(eval_steps) || state.step == total_steps {
             let (vl, vr) = validate(mode.dec, val, ref_val.as_deref(), cfg, pad, obs)?;
             let best = vl < state.best_val;
             if best {
