@@ -88,7 +88,7 @@ mod tests {
         let p1 = Tensor::from_slice(&[-2.0f32, -3.0], (1, 2), &dev).unwrap();
         let r1 = Tensor::from_slice(&[-2.5f32, -2.0], (1, 2), &dev).unwrap();
         let (l1, _) = sdpo_loss(&p1, &r1, 0.1).unwrap();
-        let m = 0.1 * ((-2.0 + 2.5) - (-3.0 + 2.0));
+        let m: f64 = 0.1 * ((-2.0 + 2.5) - (-3.0 + 2.0));
         let dpo = (1.0f64 + (-m).exp()).ln();
         assert!((l1.to_scalar::<f32>().unwrap() as f64 - dpo).abs() < 1e-6);
     }
