@@ -53,9 +53,11 @@ impl CustomOp1 for FrozenMatmulT {
     }
 }
 
-/// `x [n, in] · wᵀ` for `w [out, in]` that never receives a gradient.
+/// `x [n, in] · wᵀ` for `w [out, in]`. When `w` is a constant (not a variable, not computed
+/// from one) its gradient is never computed; a trainable `w` takes candle's matmul and gets
+/// its gradient as usual.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.track_op() && x.device().is_cpu() {
+    if x.track_op() && !w.track_op() && x.device().is_cpu() {
         x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmulT { w: w.clone() })))
     } else {
         x.matmul(&w.t()?)
@@ -82,6 +84,10 @@ mod tests {
         let (x1, x2) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
         assert!((x1 - x2)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
         assert!(ga.get(&w).is_none(), "no gradient is computed for the frozen weight");
+        // a trainable weight still gets its gradient
+        let wv = Var::from_tensor(&w)?;
+        let g = matmul_t(x.as_tensor(), wv.as_tensor())?.sum_all()?.backward()?;
+        assert!(g.get(wv.as_tensor()).is_some() && g.get(x.as_tensor()).is_some());
         Ok(())
     }
 }
