@@ -5,7 +5,7 @@
 //! full-catalogue output layer. Filters: Xavier-normal weights, bias 0.1. Convolutions over a
 //! full-width kernel are window matmuls here, which is the same arithmetic.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 
 use crate::Result;
 use crate::seqrec::{DropRng, ParamSet, SeqConfig, SeqModel, filled, pad_mask, var};
@@ -70,13 +70,7 @@ impl SeqModel for Caser {
             None => z,
         })
     }
-    fn head(&self) -> (&Var, &Var) {
-        self.p.head()
-    }
-    fn params(&self) -> Vec<(String, Var)> {
-        self.p.all()
-    }
-    fn item_embeddings(&self) -> &Var {
-        &self.p.emb
+    fn param_set(&self) -> &ParamSet {
+        &self.p
     }
 }

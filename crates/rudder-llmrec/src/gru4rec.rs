@@ -5,7 +5,7 @@
 //! `r = σ(W_ir x + b_ir + W_hr h + b_hr)`, `z = σ(W_iz x + b_iz + W_hz h + b_hz)`,
 //! `n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`, `h' = (1 − z) ⊙ n + z ⊙ h`.
 
-use candle_core::{D, Device, Tensor, Var};
+use candle_core::{D, Device, Tensor};
 
 use crate::Result;
 use crate::seqrec::{DropRng, ParamSet, SeqConfig, SeqModel, gather_last};
@@ -50,13 +50,7 @@ impl SeqModel for Gru4Rec {
         }
         gather_last(&Tensor::stack(&outs, 1)?, lens)
     }
-    fn head(&self) -> (&Var, &Var) {
-        self.p.head()
-    }
-    fn params(&self) -> Vec<(String, Var)> {
-        self.p.all()
-    }
-    fn item_embeddings(&self) -> &Var {
-        &self.p.emb
+    fn param_set(&self) -> &ParamSet {
+        &self.p
     }
 }

@@ -5,7 +5,7 @@
 //! and a full-catalogue output layer with bias. Keys at padding are masked (the
 //! `−2³²+1` additive mask of the reference is `−∞` here: identical after softmax).
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 
 use crate::Result;
 use crate::seqrec::{DropRng, ParamSet, SeqConfig, SeqModel, filled, gather_last, pad_mask, var, zeros};
@@ -101,13 +101,7 @@ impl SeqModel for SasRec {
         gather_last(&h, lens)
     }
 
-    fn head(&self) -> (&Var, &Var) {
-        self.p.head()
-    }
-    fn params(&self) -> Vec<(String, Var)> {
-        self.p.all()
-    }
-    fn item_embeddings(&self) -> &Var {
-        &self.p.emb
+    fn param_set(&self) -> &ParamSet {
+        &self.p
     }
 }

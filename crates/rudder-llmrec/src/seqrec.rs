@@ -75,12 +75,20 @@ pub trait SeqModel {
     /// User representations `[B, d']` of right-padded histories `seq [B, window]` (u32) with
     /// real lengths `lens`.
     fn encode(&self, seq: &Tensor, lens: &[usize], rng: DropRng) -> Result<Tensor>;
+    /// The model's parameters.
+    fn param_set(&self) -> &ParamSet;
     /// The output layer: weights `[n_items, d']` and bias `[n_items]`.
-    fn head(&self) -> (&Var, &Var);
+    fn head(&self) -> (&Var, &Var) {
+        self.param_set().head()
+    }
     /// Every trainable parameter with its name.
-    fn params(&self) -> Vec<(String, Var)>;
+    fn params(&self) -> Vec<(String, Var)> {
+        self.param_set().all()
+    }
     /// The item-embedding table `[n_items + 1, d]` (row `n_items` is padding).
-    fn item_embeddings(&self) -> &Var;
+    fn item_embeddings(&self) -> &Var {
+        &self.param_set().emb
+    }
 
     /// Scores of every item `[B, n_items]` (evaluation mode).
     fn scores(&self, seq: &Tensor, lens: &[usize]) -> Result<Tensor> {
