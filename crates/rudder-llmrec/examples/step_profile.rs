@@ -31,7 +31,14 @@ fn main() {
     let ad = lm.decoder.attach_lora(&LoraConfig::default(), 1).unwrap();
     let mut opt = Adam::new(ad.vars(), AdamConfig::adamw(1e-4, 0.0)).unwrap();
     let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..b)
-        .map(|r| ((0..t as u32).map(|i| 100 + (i * 7 + r as u32) % 5000).collect(), vec![300, 400, 500, 2]))
+        .map(|r| {
+            (
+                (0..t as u32)
+                    .map(|i| 100 + (i * 7 + r as u32) % 5000)
+                    .collect(),
+                vec![300, 400, 500, 2],
+            )
+        })
         .collect();
     lm.decoder.differentiable = true;
     ad.set_training(true);
@@ -44,9 +51,19 @@ fn main() {
         let t1 = Instant::now();
         let g = loss.backward().unwrap();
         let t2 = Instant::now();
-        let mut gs: Vec<_> = ad.params.iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().clone()).collect();
+        let mut gs: Vec<_> = ad
+            .params
+            .iter()
+            .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+            .collect();
         clip_grad_norm(&mut gs, 0.3).unwrap();
-        opt.step_with(|p| ad.params.iter().position(|(_, v)| v.as_tensor().id() == p.id()).map(|i| gs[i].clone())).unwrap();
+        opt.step_with(|p| {
+            ad.params
+                .iter()
+                .position(|(_, v)| v.as_tensor().id() == p.id())
+                .map(|i| gs[i].clone())
+        })
+        .unwrap();
         if s > 0 {
             times.push(t0.elapsed().as_secs_f64());
             fw += (t1 - t0).as_secs_f64();

@@ -20,7 +20,13 @@ pub struct Caser {
 
 impl Caser {
     pub fn new(n_items: usize, cfg: &SeqConfig) -> Result<Caser> {
-        let (d, l, f, s, dev) = (cfg.hidden, cfg.window, cfg.caser_filters, cfg.seed, &Device::Cpu);
+        let (d, l, f, s, dev) = (
+            cfg.hidden,
+            cfg.window,
+            cfg.caser_filters,
+            cfg.seed,
+            &Device::Cpu,
+        );
         let mut p = ParamSet::new(n_items, d, s)?;
         for &h in &cfg.caser_heights {
             if h == 0 || h > l {
@@ -29,14 +35,21 @@ impl Caser {
                 )));
             }
             let std = (2.0 / (h * d + f * h * d) as f64).sqrt();
-            p.add(format!("conv_h{h}.weight"), var(init::normal(f, h * d, std, s, 40 + h as u64, dev)?)?);
+            p.add(
+                format!("conv_h{h}.weight"),
+                var(init::normal(f, h * d, std, s, 40 + h as u64, dev)?)?,
+            );
             p.add(format!("conv_h{h}.bias"), filled(&[f], 0.1)?);
         }
         let std = (2.0 / (2 * l) as f64).sqrt();
         p.add("conv_v.weight", var(init::normal(1, l, std, s, 50, dev)?)?);
         p.add("conv_v.bias", filled(&[1], 0.1)?);
         p.add_linear("out", n_items, f * cfg.caser_heights.len() + d, 20)?;
-        Ok(Caser { n_items, cfg: cfg.clone(), p })
+        Ok(Caser {
+            n_items,
+            cfg: cfg.clone(),
+            p,
+        })
     }
 }
 
@@ -44,7 +57,10 @@ impl SeqModel for Caser {
     fn encode(&self, seq: &Tensor, _lens: &[usize], rng: DropRng) -> Result<Tensor> {
         let (b, l) = seq.dims2()?;
         let d = self.cfg.hidden;
-        let e = self.p.embed(seq)?.broadcast_mul(&pad_mask(seq, self.n_items as u32)?)?;
+        let e = self
+            .p
+            .embed(seq)?
+            .broadcast_mul(&pad_mask(seq, self.n_items as u32)?)?;
         let mut feats = Vec::new();
         for &h in &self.cfg.caser_heights {
             let windows: Vec<Tensor> = (0..=l - h)

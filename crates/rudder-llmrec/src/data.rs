@@ -97,7 +97,10 @@ pub fn candidates_for(
         }
     }
     chosen.push(target);
-    chosen.shuffle(&mut rudder_data::rng::stream(seed, &[0xCA5E, target as u64]));
+    chosen.shuffle(&mut rudder_data::rng::stream(
+        seed,
+        &[0xCA5E, target as u64],
+    ));
     Ok(chosen)
 }
 
@@ -119,7 +122,10 @@ pub fn from_sequences(
         if let Some(&bad) = history.iter().chain([&s.next]).find(|&&i| i >= pad) {
             return Err(LlmrecError::file(
                 source,
-                format!("line {}: item id {bad} is not in the catalogue of {n_items} items", r + 1),
+                format!(
+                    "line {}: item id {bad} is not in the catalogue of {n_items} items",
+                    r + 1
+                ),
             ));
         }
         if history.len() < min_history.max(1) {
@@ -159,7 +165,10 @@ pub fn from_prompts(
             return Err(at("empty historyList".into()));
         }
         if !p.candidates.contains(&p.target) {
-            return Err(at(format!("trueSelection {:?} is not in itemList", p.target)));
+            return Err(at(format!(
+                "trueSelection {:?} is not in itemList",
+                p.target
+            )));
         }
         let mut ids = Vec::new();
         for t in p.history.iter().chain(&p.candidates) {
@@ -209,10 +218,7 @@ mod tests {
             next,
             next_rating: None,
         };
-        let rows = vec![
-            row(vec![0, 1, 30, 30], 2, 2),
-            row(vec![0, 1, 2, 30], 3, 4),
-        ];
+        let rows = vec![row(vec![0, 1, 30, 30], 2, 2), row(vec![0, 1, 2, 30], 3, 4)];
         let ex = from_sequences(&rows, 30, 3, 20, 1, Path::new("train.jsonl")).unwrap();
         assert_eq!(ex.len(), 1);
         assert_eq!(ex[0].history, vec![0, 1, 2]);
@@ -221,7 +227,10 @@ mod tests {
         let e = from_sequences(&bad, 30, 1, 20, 1, Path::new("train.jsonl"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("train.jsonl") && e.contains("line 1") && e.contains("31"), "{e}");
+        assert!(
+            e.contains("train.jsonl") && e.contains("line 1") && e.contains("31"),
+            "{e}"
+        );
 
         let cat = Catalog::new(vec!["a".into(), "b".into(), "c".into(), "d".into()]);
         let p = |h: &[&str], c: &[&str], t: &str| PromptSample {
@@ -231,11 +240,20 @@ mod tests {
         };
         let recs = vec![p(&["a"], &["b", "c"], "c"), p(&["zz"], &["b", "c"], "b")];
         let src = Path::new("test.json");
-        let e = from_prompts(&recs, &cat, Unknown::Refuse, src).unwrap_err().to_string();
+        let e = from_prompts(&recs, &cat, Unknown::Refuse, src)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("record 1") && e.contains("\"zz\""), "{e}");
         let (ex, skipped, first) = from_prompts(&recs, &cat, Unknown::Skip, src).unwrap();
         assert_eq!((ex.len(), skipped, first.as_deref()), (1, 1, Some("zz")));
-        assert_eq!(ex[0], RecExample { history: vec![0], candidates: vec![1, 2], target: 2 });
+        assert_eq!(
+            ex[0],
+            RecExample {
+                history: vec![0],
+                candidates: vec![1, 2],
+                target: 2
+            }
+        );
         let e = from_prompts(&[p(&[], &["b"], "b")], &cat, Unknown::Skip, src).unwrap_err();
         assert!(e.to_string().contains("empty historyList"));
         let e = from_prompts(&[p(&["a"], &["b"], "d")], &cat, Unknown::Skip, src).unwrap_err();

@@ -22,7 +22,10 @@ impl Gru4Rec {
         p.add_linear("gru.ih", 3 * d, d, 30)?;
         p.add_linear("gru.hh", 3 * d, d, 31)?;
         p.add_linear("out", n_items, d, 20)?;
-        Ok(Gru4Rec { cfg: cfg.clone(), p })
+        Ok(Gru4Rec {
+            cfg: cfg.clone(),
+            p,
+        })
     }
 }
 

@@ -14,8 +14,8 @@ pub mod lmdata;
 pub mod lmeval;
 pub mod lmtrain;
 pub mod prompts;
-pub mod sdpo;
 pub mod sasrec;
+pub mod sdpo;
 pub mod seqrec;
 pub mod seqtrain;
 

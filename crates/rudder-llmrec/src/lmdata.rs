@@ -59,7 +59,11 @@ pub fn tokenize(
     let mut out = Vec::with_capacity(ex.len());
     for (i, e) in ex.iter().enumerate() {
         let hist: Vec<&str> = e.history.iter().map(|&h| catalog.title(h)).collect();
-        let titles: Vec<String> = e.candidates.iter().map(|&c| catalog.title(c).to_string()).collect();
+        let titles: Vec<String> = e
+            .candidates
+            .iter()
+            .map(|&c| catalog.title(c).to_string())
+            .collect();
         let cands: Vec<&str> = titles.iter().map(String::as_str).collect();
         let text = templates.render(templates.pick(opt.seed, i), &hist, &cands);
         let mut prompt = tok.encode(&text, true)?;
@@ -67,7 +71,11 @@ pub fn tokenize(
         if prompt.len() > opt.max_prompt_tokens.max(2) {
             let keep_bos = tok.bos.is_some() && prompt.first() == tok.bos.as_ref();
             let tail = prompt.split_off(prompt.len() - (opt.max_prompt_tokens - keep_bos as usize));
-            prompt = if keep_bos { [vec![prompt[0]], tail].concat() } else { tail };
+            prompt = if keep_bos {
+                [vec![prompt[0]], tail].concat()
+            } else {
+                tail
+            };
             truncated = true;
         }
         let mut responses = Vec::with_capacity(titles.len());
@@ -87,7 +95,10 @@ pub fn tokenize(
         let pool: Vec<usize> = (0..titles.len()).filter(|&j| j != target).collect();
         let k = opt.negatives.min(pool.len());
         let mut rng = rudder_data::rng::stream(opt.seed, &[0xD90, i as u64]);
-        let mut negatives: Vec<usize> = sample(&mut rng, pool.len(), k).into_iter().map(|j| pool[j]).collect();
+        let mut negatives: Vec<usize> = sample(&mut rng, pool.len(), k)
+            .into_iter()
+            .map(|j| pool[j])
+            .collect();
         negatives.sort_unstable();
         out.push(LmExample {
             prompt,

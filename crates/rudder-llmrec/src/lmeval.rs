@@ -18,19 +18,25 @@ use rudder_lm::loader::LanguageModel;
 use rudder_lm::score::branch_logprobs;
 use serde::{Deserialize, Serialize};
 
+use crate::Result;
 use crate::data::RecExample;
 use crate::lmdata::LmExample;
 use crate::lmtrain::LmObserver;
 use crate::seqtrain::candidate_report;
-use crate::Result;
 
 /// Sequence log-probability of every candidate answer of every example.
-pub fn candidate_logps(lm: &LanguageModel, exs: &[LmExample], batch: usize, obs: &mut dyn LmObserver) -> Result<Vec<Vec<f32>>> {
+pub fn candidate_logps(
+    lm: &LanguageModel,
+    exs: &[LmExample],
+    batch: usize,
+    obs: &mut dyn LmObserver,
+) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
         let br: Vec<Vec<Vec<u32>>> = chunk.iter().map(|e| e.responses.clone()).collect();
-        let lp = branch_logprobs(&lm.decoder, &prompts, &br, lm.tok.pad, &mut NoHook)?.to_vec1::<f32>()?;
+        let lp = branch_logprobs(&lm.decoder, &prompts, &br, lm.tok.pad, &mut NoHook)?
+            .to_vec1::<f32>()?;
         let mut o = 0;
         for e in chunk {
             let mut row = Vec::with_capacity(e.responses.len());
@@ -46,7 +52,12 @@ pub fn candidate_logps(lm: &LanguageModel, exs: &[LmExample], batch: usize, obs:
 }
 
 /// Rank each example's candidates by `scores[e][j]` through the one evaluator.
-pub fn likelihood_report(scores: &[Vec<f32>], ex: &[RecExample], n_items: usize, ks: &[usize]) -> Result<EvalReport> {
+pub fn likelihood_report(
+    scores: &[Vec<f32>],
+    ex: &[RecExample],
+    n_items: usize,
+    ks: &[usize],
+) -> Result<EvalReport> {
     let mut dense = vec![f32::NEG_INFINITY; ex.len() * n_items];
     for (r, (e, s)) in ex.iter().zip(scores).enumerate() {
         for (&c, &v) in e.candidates.iter().zip(s) {
@@ -65,7 +76,13 @@ pub fn judge_sdpo(text: &str, titles: &[String], target: usize) -> (bool, bool) 
 
 /// LLaRA/iLoRA's reading (first line, lower case): (valid, correct).
 pub fn judge_llara(text: &str, titles: &[String], target: usize) -> (bool, bool) {
-    let line = text.trim().split('\n').next().unwrap_or("").trim().to_lowercase();
+    let line = text
+        .trim()
+        .split('\n')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_lowercase();
     let hits: Vec<usize> = titles
         .iter()
         .enumerate()
@@ -108,15 +125,28 @@ pub fn summarize(rows: &[GenRow]) -> GenSummary {
         n: rows.len(),
         hr1: c(&|r| r.hit) / n,
         valid_ratio: c(&|r| r.valid) / n,
-        llara_hr1_given_valid: if lv > 0.0 { c(&|r| r.llara_hit) / lv } else { 0.0 },
+        llara_hr1_given_valid: if lv > 0.0 {
+            c(&|r| r.llara_hit) / lv
+        } else {
+            0.0
+        },
         llara_valid_ratio: lv / n,
         llara_hr1: c(&|r| r.llara_hit) / n,
     }
 }
 
 /// Greedy answers to every example's prompt, read by both rules.
-pub fn generate_answers(lm: &LanguageModel, exs: &[LmExample], max_new_tokens: usize, batch: usize, obs: &mut dyn LmObserver) -> Result<Vec<GenRow>> {
-    let cfg = GenConfig { max_new_tokens, ..GenConfig::default() };
+pub fn generate_answers(
+    lm: &LanguageModel,
+    exs: &[LmExample],
+    max_new_tokens: usize,
+    batch: usize,
+    obs: &mut dyn LmObserver,
+) -> Result<Vec<GenRow>> {
+    let cfg = GenConfig {
+        max_new_tokens,
+        ..GenConfig::default()
+    };
     let mut rows = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
@@ -125,7 +155,15 @@ pub fn generate_answers(lm: &LanguageModel, exs: &[LmExample], max_new_tokens: u
             let text = g.text.trim().to_string();
             let (valid, hit) = judge_sdpo(&text, &e.titles, e.target);
             let (llara_valid, llara_hit) = judge_llara(&text, &e.titles, e.target);
-            rows.push(GenRow { index: rows.len(), output: text, target: e.titles[e.target].clone(), valid, hit, llara_valid, llara_hit });
+            rows.push(GenRow {
+                index: rows.len(),
+                output: text,
+                target: e.titles[e.target].clone(),
+                valid,
+                hit,
+                llara_valid,
+                llara_hit,
+            });
         }
         obs.progress("generation", rows.len(), exs.len());
     }
@@ -152,13 +190,48 @@ mod tests {
         assert_eq!(judge_llara("Blur\nMuse", &c, 3), (true, true)); // first line only
         assert_eq!(judge_sdpo("Blur\nMuse", &c, 3), (false, false));
         let rows = vec![
-            GenRow { index: 0, output: String::new(), target: String::new(), valid: true, hit: true, llara_valid: true, llara_hit: true },
-            GenRow { index: 1, output: String::new(), target: String::new(), valid: true, hit: false, llara_valid: false, llara_hit: false },
-            GenRow { index: 2, output: String::new(), target: String::new(), valid: false, hit: false, llara_valid: false, llara_hit: false },
-            GenRow { index: 3, output: String::new(), target: String::new(), valid: true, hit: true, llara_valid: true, llara_hit: false },
+            GenRow {
+                index: 0,
+                output: String::new(),
+                target: String::new(),
+                valid: true,
+                hit: true,
+                llara_valid: true,
+                llara_hit: true,
+            },
+            GenRow {
+                index: 1,
+                output: String::new(),
+                target: String::new(),
+                valid: true,
+                hit: false,
+                llara_valid: false,
+                llara_hit: false,
+            },
+            GenRow {
+                index: 2,
+                output: String::new(),
+                target: String::new(),
+                valid: false,
+                hit: false,
+                llara_valid: false,
+                llara_hit: false,
+            },
+            GenRow {
+                index: 3,
+                output: String::new(),
+                target: String::new(),
+                valid: true,
+                hit: true,
+                llara_valid: true,
+                llara_hit: false,
+            },
         ];
         let s = summarize(&rows);
         assert_eq!((s.hr1, s.valid_ratio), (0.5, 0.75));
-        assert_eq!((s.llara_hr1_given_valid, s.llara_valid_ratio, s.llara_hr1), (0.5, 0.5, 0.25));
+        assert_eq!(
+            (s.llara_hr1_given_valid, s.llara_valid_ratio, s.llara_hr1),
+            (0.5, 0.5, 0.25)
+        );
     }
 }

@@ -121,7 +121,9 @@ impl LmTrainConfig {
         if self.objective == Objective::Dpo && self.negatives != 1 {
             return bad("DPO uses exactly one negative (S-DPO takes several)".into());
         }
-        self.lora.validate().map_err(|e| LlmrecError::Config(e.to_string()))
+        self.lora
+            .validate()
+            .map_err(|e| LlmrecError::Config(e.to_string()))
     }
 
     fn accum(&self) -> usize {
@@ -248,7 +250,13 @@ fn branches(ex: &LmExample, objective: Objective) -> Vec<Vec<u32>> {
 
 /// Per-token log-probabilities of each example's branches (flat) and the number of token
 /// positions the decoder processed.
-fn logprobs(dec: &Decoder, exs: &[&LmExample], objective: Objective, share: bool, pad: u32) -> Result<(Tensor, Vec<usize>, usize)> {
+fn logprobs(
+    dec: &Decoder,
+    exs: &[&LmExample],
+    objective: Objective,
+    share: bool,
+    pad: u32,
+) -> Result<(Tensor, Vec<usize>, usize)> {
     let br: Vec<Vec<Vec<u32>>> = exs.iter().map(|e| branches(e, objective)).collect();
     let lens: Vec<usize> = br.iter().flatten().map(Vec::len).collect();
     if share {
@@ -265,7 +273,11 @@ fn logprobs(dec: &Decoder, exs: &[&LmExample], objective: Objective, share: bool
                 pairs.push((e.prompt.clone(), b.clone()));
             }
         }
-        let tmax = pairs.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
+        let tmax = pairs
+            .iter()
+            .map(|(p, c)| p.len() + c.len())
+            .max()
+            .unwrap_or(0);
         let tokens = pairs.len() * tmax;
         let lp = continuation_logprobs(dec, &pairs, pad, &mut NoHook)?;
         Ok((lp, lens, tokens))
@@ -288,7 +300,12 @@ fn segment_sums(flat: &Tensor, lens: &[usize]) -> Result<Tensor> {
 }
 
 /// Sequence log-probabilities `[B, 1+k]` of the examples' branches, evaluation mode.
-pub fn sequence_logps(dec: &Decoder, exs: &[&LmExample], objective: Objective, pad: u32) -> Result<Vec<Vec<f32>>> {
+pub fn sequence_logps(
+    dec: &Decoder,
+    exs: &[&LmExample],
+    objective: Objective,
+    pad: u32,
+) -> Result<Vec<Vec<f32>>> {
     let (lp, lens, _) = logprobs(dec, exs, objective, true, pad)?;
     let sums = segment_sums(&lp, &lens)?.to_vec1::<f32>()?;
     let per = sums.len() / exs.len().max(1);
@@ -312,7 +329,15 @@ impl Mode<'_> {
 }
 
 /// Reference log-probabilities of every example (evaluation mode, current adapter).
-fn reference_table(dec: &Decoder, exs: &[LmExample], objective: Objective, pad: u32, batch: usize, phase: &str, obs: &mut dyn LmObserver) -> Result<Vec<Vec<f32>>> {
+fn reference_table(
+    dec: &Decoder,
+    exs: &[LmExample],
+    objective: Objective,
+    pad: u32,
+    batch: usize,
+    phase: &str,
+    obs: &mut dyn LmObserver,
+) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
         let refs: Vec<&LmExample> = chunk.iter().collect();
@@ -333,7 +358,13 @@ fn tensor_table(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 
 /// The objective's loss over `exs` (mean over the examples' answer tokens for SFT, mean over
 /// examples for the preference losses), differentiable when the decoder is.
-fn batch_loss(dec: &Decoder, exs: &[&LmExample], refs: Option<&[Vec<f32>]>, cfg: &LmTrainConfig, pad: u32) -> Result<(Tensor, Option<RewardStats>, usize)> {
+fn batch_loss(
+    dec: &Decoder,
+    exs: &[&LmExample],
+    refs: Option<&[Vec<f32>]>,
+    cfg: &LmTrainConfig,
+    pad: u32,
+) -> Result<(Tensor, Option<RewardStats>, usize)> {
     let (lp, lens, tokens) = logprobs(dec, exs, cfg.objective, cfg.prefix_sharing, pad)?;
     if cfg.objective == Objective::Sft {
         let n = lp.elem_count();
@@ -341,7 +372,9 @@ fn batch_loss(dec: &Decoder, exs: &[&LmExample], refs: Option<&[Vec<f32>]>, cfg:
     }
     let per = 1 + cfg.negatives;
     let pol = segment_sums(&lp, &lens)?.reshape((exs.len(), per))?;
-    let refs = refs.ok_or_else(|| LlmrecError::Config("preference loss without reference log-probabilities".into()))?;
+    let refs = refs.ok_or_else(|| {
+        LlmrecError::Config("preference loss without reference log-probabilities".into())
+    })?;
     let r = table_tensor(refs)?;
     let (loss, st) = sdpo_loss(&pol, &r, cfg.beta)?;
     Ok((loss, Some(st), tokens))
@@ -354,7 +387,14 @@ fn sample_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 /// Validation loss (and reward statistics) in evaluation mode.
-fn validate(dec: &Decoder, val: &[LmExample], refs: Option<&[Vec<f32>]>, cfg: &LmTrainConfig, pad: u32, obs: &mut dyn LmObserver) -> Result<(f64, Option<RewardStats>)> {
+fn validate(
+    dec: &Decoder,
+    val: &[LmExample],
+    refs: Option<&[Vec<f32>]>,
+    cfg: &LmTrainConfig,
+    pad: u32,
+    obs: &mut dyn LmObserver,
+) -> Result<(f64, Option<RewardStats>)> {
     let bs = (cfg.micro_batch * 2).max(1);
     let mut total = 0f64;
     let mut weight = 0f64;
@@ -364,7 +404,9 @@ fn validate(dec: &Decoder, val: &[LmExample], refs: Option<&[Vec<f32>]>, cfg: &L
         let r = refs.map(|r| &r[c * bs..c * bs + chunk.len()]);
         let (loss, st, _) = batch_loss(dec, &exs, r, cfg, pad)?;
         let w = if cfg.objective == Objective::Sft {
-            exs.iter().map(|e| e.responses[e.target].len()).sum::<usize>() as f64
+            exs.iter()
+                .map(|e| e.responses[e.target].len())
+                .sum::<usize>() as f64
         } else {
             exs.len() as f64
         };
@@ -381,7 +423,12 @@ fn validate(dec: &Decoder, val: &[LmExample], refs: Option<&[Vec<f32>]>, cfg: &L
     }
     let st = (cfg.objective != Objective::Sft).then(|| {
         let n = val.len() as f64;
-        RewardStats { chosen: rw.chosen / n, rejected: rw.rejected / n, margin: rw.margin / n, accuracy: rw.accuracy / n }
+        RewardStats {
+            chosen: rw.chosen / n,
+            rejected: rw.rejected / n,
+            margin: rw.margin / n,
+            accuracy: rw.accuracy / n,
+        }
     });
     Ok((total / weight.max(1.0), st))
 }
@@ -404,10 +451,16 @@ pub fn train(
 ) -> Result<LmTrainReport> {
     cfg.validate()?;
     if train.is_empty() || val.is_empty() {
-        return Err(LlmrecError::Input("training and validation examples must be non-empty".into()));
+        return Err(LlmrecError::Input(
+            "training and validation examples must be non-empty".into(),
+        ));
     }
     if cfg.objective != Objective::Sft
-        && let Some((i, e)) = train.iter().chain(val).enumerate().find(|(_, e)| e.negatives.len() != cfg.negatives)
+        && let Some((i, e)) = train
+            .iter()
+            .chain(val)
+            .enumerate()
+            .find(|(_, e)| e.negatives.len() != cfg.negatives)
     {
         return Err(LlmrecError::Input(format!(
             "example {i} has {} negatives, the objective needs {}",
@@ -426,13 +479,25 @@ pub fn train(
     let mut mode = Mode { dec, adapter };
 
     // The reference: the adapter the run starts from.
-    let mut init: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
-    let mut state = LoopState { step: 0, best_val: f64::INFINITY, best_step: 0, dropout_calls: 0, adam_steps: 0, history: History::default() };
+    let mut init: Vec<Tensor> = params
+        .iter()
+        .map(|(_, v)| v.as_tensor().copy())
+        .collect::<candle_core::Result<_>>()?;
+    let mut state = LoopState {
+        step: 0,
+        best_val: f64::INFINITY,
+        best_step: 0,
+        dropout_calls: 0,
+        adam_steps: 0,
+        history: History::default(),
+    };
     let mut resumed_from = None;
     if resume {
         let ck = files.checkpoint();
-        let (map, meta) = rudder_nn::checkpoint::load_state(&ck, &Device::Cpu).map_err(|e| LlmrecError::file(&ck, e))?;
-        state = serde_json::from_str(&meta).map_err(|e| LlmrecError::file(&ck, format!("loop state: {e}")))?;
+        let (map, meta) = rudder_nn::checkpoint::load_state(&ck, &Device::Cpu)
+            .map_err(|e| LlmrecError::file(&ck, e))?;
+        state = serde_json::from_str(&meta)
+            .map_err(|e| LlmrecError::file(&ck, format!("loop state: {e}")))?;
         let mut ad = std::collections::HashMap::new();
         let mut init_map = std::collections::HashMap::new();
         for (k, t) in &map {
@@ -446,13 +511,23 @@ pub fn train(
         adapter.load_tensors(&ad, &ck)?;
         // the reference is the adapter the run started from, not the one it resumes from
         for ((name, v), slot) in params.iter().zip(init.iter_mut()) {
-            let t = init_map.get(name).ok_or_else(|| LlmrecError::file(&ck, format!("lacks the initial adapter tensor {name}")))?;
+            let t = init_map.get(name).ok_or_else(|| {
+                LlmrecError::file(&ck, format!("lacks the initial adapter tensor {name}"))
+            })?;
             if t.dims() != v.dims() {
-                return Err(LlmrecError::file(&ck, format!("initial tensor {name} has shape {:?}, the adapter {:?}", t.dims(), v.dims())));
+                return Err(LlmrecError::file(
+                    &ck,
+                    format!(
+                        "initial tensor {name} has shape {:?}, the adapter {:?}",
+                        t.dims(),
+                        v.dims()
+                    ),
+                ));
             }
             *slot = t.clone();
         }
-        opt.load_state("adam", state.adam_steps, &map).map_err(|e| LlmrecError::file(&ck, e))?;
+        opt.load_state("adam", state.adam_steps, &map)
+            .map_err(|e| LlmrecError::file(&ck, e))?;
         adapter.set_dropout_calls(state.dropout_calls);
         resumed_from = Some(state.step);
     }
@@ -463,17 +538,43 @@ pub fn train(
     } else {
         let rp = files.reference();
         if resume && rp.exists() {
-            let m = candle_core::safetensors::load(&rp, &Device::Cpu).map_err(|e| LlmrecError::file(&rp, e))?;
-            let get = |k: &str| m.get(k).ok_or_else(|| LlmrecError::file(&rp, format!("tensor {k} is missing")));
-            (Some(tensor_table(get("train")?)?), Some(tensor_table(get("val")?)?))
+            let m = candle_core::safetensors::load(&rp, &Device::Cpu)
+                .map_err(|e| LlmrecError::file(&rp, e))?;
+            let get = |k: &str| {
+                m.get(k)
+                    .ok_or_else(|| LlmrecError::file(&rp, format!("tensor {k} is missing")))
+            };
+            (
+                Some(tensor_table(get("train")?)?),
+                Some(tensor_table(get("val")?)?),
+            )
         } else {
             mode.eval();
-            let cur: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+            let cur: Vec<Tensor> = params
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?;
             set_all(&params, &init)?;
             let bs = cfg.micro_batch * 2;
-            let rv = reference_table(mode.dec, val, cfg.objective, pad, bs, "reference (validation)", obs)?;
+            let rv = reference_table(
+                mode.dec,
+                val,
+                cfg.objective,
+                pad,
+                bs,
+                "reference (validation)",
+                obs,
+            )?;
             let rt = if cfg.cache_reference {
-                Some(reference_table(mode.dec, train, cfg.objective, pad, bs, "reference (training)", obs)?)
+                Some(reference_table(
+                    mode.dec,
+                    train,
+                    cfg.objective,
+                    pad,
+                    bs,
+                    "reference (training)",
+                    obs,
+                )?)
             } else {
                 None
             };
@@ -505,7 +606,9 @@ pub fn train(
     while state.step < total_steps {
         let t0 = Instant::now();
         let step = state.step;
-        let idx: Vec<usize> = (step * eff as u64..(step + 1) * eff as u64).map(&mut sample).collect();
+        let idx: Vec<usize> = (step * eff as u64..(step + 1) * eff as u64)
+            .map(&mut sample)
+            .collect();
         let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
@@ -519,7 +622,10 @@ pub fn train(
             } else {
                 // no cache: the reference runs now (initial adapter, evaluation mode)
                 mode.eval();
-                let cur: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+                let cur: Vec<Tensor> = params
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().copy())
+                    .collect::<candle_core::Result<_>>()?;
                 set_all(&params, &init)?;
                 let r = sequence_logps(mode.dec, &exs, cfg.objective, pad)?;
                 set_all(&params, &cur)?;
@@ -546,7 +652,11 @@ pub fn train(
                     });
                 }
             }
-            obs.progress("train (micro-batches of this step)", m + 1, accum.min(idx.len().div_ceil(cfg.micro_batch)));
+            obs.progress(
+                "train (micro-batches of this step)",
+                m + 1,
+                accum.min(idx.len().div_ceil(cfg.micro_batch)),
+            );
         }
         mode.eval();
         let mut gs: Vec<Tensor> = acc
@@ -557,7 +667,12 @@ pub fn train(
         let grad_norm = clip_grad_norm(&mut gs, cfg.max_grad_norm)?;
         let lr = warmup_cosine(step, total_steps, warmup, cfg.lr, 0.0, 0.0);
         opt.set_lr(lr);
-        opt.step_with(|p| params.iter().position(|(_, v)| v.as_tensor().id() == p.id()).map(|i| gs[i].clone()))?;
+        opt.step_with(|p| {
+            params
+                .iter()
+                .position(|(_, v)| v.as_tensor().id() == p.id())
+                .map(|i| gs[i].clone())
+        })?;
         state.step += 1;
         let secs = t0.elapsed().as_secs_f64();
         let rec = StepRecord {
@@ -580,9 +695,16 @@ pub fn train(
             if best {
                 state.best_val = vl;
                 state.best_step = state.step;
-                mode.dec.save_peft(adapter, &files.best_adapter(), base_model)?;
+                mode.dec
+                    .save_peft(adapter, &files.best_adapter(), base_model)?;
             }
-            let er = EvalRecord { step: state.step, epoch: (state.step * eff as u64) as f64 / n as f64, val_loss: vl, val_rewards: vr, best };
+            let er = EvalRecord {
+                step: state.step,
+                epoch: (state.step * eff as u64) as f64 / n as f64,
+                val_loss: vl,
+                val_rewards: vr,
+                best,
+            };
             obs.eval(&er);
             state.history.evals.push(er);
             // checkpoint, then metrics (both atomic)
@@ -595,7 +717,8 @@ pub fn train(
             for ((name, _), t) in params.iter().zip(&init) {
                 tensors.push((format!("initial.{name}"), t.clone()));
             }
-            let meta = serde_json::to_string(&state).map_err(|e| LlmrecError::Config(e.to_string()))?;
+            let meta =
+                serde_json::to_string(&state).map_err(|e| LlmrecError::Config(e.to_string()))?;
             rudder_nn::checkpoint::save_state(&tensors, &meta, &files.checkpoint())?;
             write_atomic(&files.metrics(), state.history.jsonl().as_bytes())?;
         }
@@ -636,7 +759,10 @@ mod tests {
     use rudder_lm::loader::{LanguageModel, LoadOptions, load};
 
     fn setup(dir: &Path) -> (LanguageModel, Vec<LmExample>, Vec<LmExample>) {
-        let spec = TinySpec { context: 256, ..TinySpec::new(Arch::Llama) };
+        let spec = TinySpec {
+            context: 256,
+            ..TinySpec::new(Arch::Llama)
+        };
         write_hf_dir(&dir.join("m"), &spec).unwrap();
         let lm = load(&dir.join("m"), &LoadOptions::default()).unwrap();
         let names: Vec<String> = (0..30).map(|i| format!("x{i}")).collect();
@@ -646,11 +772,18 @@ mod tests {
             .map(|i| {
                 let h = vec![i % 30, (i + 1) % 30];
                 let t = (i + 2) % 30;
-                RecExample { candidates: candidates_for(&h, t, 30, 4, 1).unwrap(), history: h, target: t }
+                RecExample {
+                    candidates: candidates_for(&h, t, 30, 4, 1).unwrap(),
+                    history: h,
+                    target: t,
+                }
             })
             .collect();
         let tpl = Templates::from_text("t", "h [HistoryHere] c [CansHere] a:").unwrap();
-        let opt = Tokenize { negatives: 2, ..Tokenize::default() };
+        let opt = Tokenize {
+            negatives: 2,
+            ..Tokenize::default()
+        };
         let all = tokenize(&ex, &cat, &tpl, &lm.tok, 256, &opt).unwrap();
         (lm, all[..16].to_vec(), all[16..].to_vec())
     }
@@ -675,7 +808,10 @@ mod tests {
     }
 
     fn adapter_values(a: &Adapter) -> Vec<Vec<f32>> {
-        a.params.iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+        a.params
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
     }
 
     #[test]
@@ -683,17 +819,48 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (mut lm, tr, va) = setup(d.path());
         let ad = lm.decoder.attach_lora(&LoraConfig::default(), 1).unwrap();
-        let files = RunFiles { dir: d.path().join("run") };
+        let files = RunFiles {
+            dir: d.path().join("run"),
+        };
         std::fs::create_dir_all(&files.dir).unwrap();
-        let c = LmTrainConfig { epochs: 6.0, ..cfg(Objective::Sft) };
-        let rep = train(&mut lm.decoder, &ad, &c, &tr, &va, lm.tok.pad, "tiny", &files, false, &mut Silent).unwrap();
+        let c = LmTrainConfig {
+            epochs: 6.0,
+            ..cfg(Objective::Sft)
+        };
+        let rep = train(
+            &mut lm.decoder,
+            &ad,
+            &c,
+            &tr,
+            &va,
+            lm.tok.pad,
+            "tiny",
+            &files,
+            false,
+            &mut Silent,
+        )
+        .unwrap();
         assert!(rep.completed && rep.total_steps == 24);
         let first = rep.history.evals.first().unwrap().val_loss;
         assert!(rep.best_val < first * 0.9, "{first} → {}", rep.best_val);
-        assert!(files.best_adapter().join("adapter_model.safetensors").exists());
-        assert!(!files.checkpoint().exists(), "a finished run leaves no checkpoint");
+        assert!(
+            files
+                .best_adapter()
+                .join("adapter_model.safetensors")
+                .exists()
+        );
+        assert!(
+            !files.checkpoint().exists(),
+            "a finished run leaves no checkpoint"
+        );
         let lines = std::fs::read_to_string(files.metrics()).unwrap();
-        assert_eq!(lines.lines().filter(|l| l.contains("\"kind\":\"step\"")).count(), 24);
+        assert_eq!(
+            lines
+                .lines()
+                .filter(|l| l.contains("\"kind\":\"step\""))
+                .count(),
+            24
+        );
         // warmup then decay
         let lrs: Vec<f64> = rep.history.steps.iter().map(|s| s.lr).collect();
         assert!(lrs[0] == 0.0 && lrs[2] > lrs[23]);
@@ -704,16 +871,35 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (mut lm, tr, va) = setup(d.path());
         let c = cfg(Objective::Sdpo);
-        let run = |lm: &mut LanguageModel, name: &str, c: &LmTrainConfig, stop: Option<u64>, resume: bool| {
-            let files = RunFiles { dir: d.path().join(name) };
+        let run = |lm: &mut LanguageModel,
+                   name: &str,
+                   c: &LmTrainConfig,
+                   stop: Option<u64>,
+                   resume: bool| {
+            let files = RunFiles {
+                dir: d.path().join(name),
+            };
             std::fs::create_dir_all(&files.dir).unwrap();
             let ad = lm.decoder.attach_lora(&c.lora, 7).unwrap();
             // a non-trivial starting adapter (as after SFT), the reference of the run
             for (k, (_, v)) in ad.params.iter().enumerate() {
-                let t = (v.as_tensor().ones_like().unwrap() * (0.01 * (k % 5) as f64 - 0.02)).unwrap();
+                let t =
+                    (v.as_tensor().ones_like().unwrap() * (0.01 * (k % 5) as f64 - 0.02)).unwrap();
                 v.set(&t).unwrap();
             }
-            let rep = train(&mut lm.decoder, &ad, c, &tr, &va, lm.tok.pad, "tiny", &files, resume, &mut StopAt(stop.unwrap_or(u64::MAX))).unwrap();
+            let rep = train(
+                &mut lm.decoder,
+                &ad,
+                c,
+                &tr,
+                &va,
+                lm.tok.pad,
+                "tiny",
+                &files,
+                resume,
+                &mut StopAt(stop.unwrap_or(u64::MAX)),
+            )
+            .unwrap();
             (rep, adapter_values(&ad))
         };
         let (full, want) = run(&mut lm, "full", &c, None, false);
@@ -727,22 +913,53 @@ mod tests {
         assert_eq!(got, want, "resumed run must equal the uninterrupted one");
         let m1 = std::fs::read_to_string(d.path().join("full/metrics.jsonl")).unwrap();
         let m2 = std::fs::read_to_string(d.path().join("cut/metrics.jsonl")).unwrap();
-        let strip = |m: &str| m.lines().map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            for k in ["seconds", "tokens_per_s"] { v.as_object_mut().unwrap().remove(k); }
-            v
-        }).collect::<Vec<_>>();
+        let strip = |m: &str| {
+            m.lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    for k in ["seconds", "tokens_per_s"] {
+                        v.as_object_mut().unwrap().remove(k);
+                    }
+                    v
+                })
+                .collect::<Vec<_>>()
+        };
         assert_eq!(strip(&m1), strip(&m2));
         // without prefix sharing and without the reference cache: the same losses (dropout
         // off: its masks depend on the tensor shapes)
-        let c0 = LmTrainConfig { lora: LoraConfig { dropout: 0.0, ..c.lora.clone() }, ..c.clone() };
+        let c0 = LmTrainConfig {
+            lora: LoraConfig {
+                dropout: 0.0,
+                ..c.lora.clone()
+            },
+            ..c.clone()
+        };
         let (shared, _) = run(&mut lm, "shared", &c0, None, false);
-        let (plain, _) = run(&mut lm, "plain", &LmTrainConfig { prefix_sharing: false, cache_reference: false, ..c0.clone() }, None, false);
+        let (plain, _) = run(
+            &mut lm,
+            "plain",
+            &LmTrainConfig {
+                prefix_sharing: false,
+                cache_reference: false,
+                ..c0.clone()
+            },
+            None,
+            false,
+        );
         for (a, b) in shared.history.steps.iter().zip(&plain.history.steps) {
-            assert!((a.loss - b.loss).abs() < 1e-3 * (1.0 + b.loss.abs()), "{} vs {}", a.loss, b.loss);
+            assert!(
+                (a.loss - b.loss).abs() < 1e-3 * (1.0 + b.loss.abs()),
+                "{} vs {}",
+                a.loss,
+                b.loss
+            );
         }
         // a DPO config with several negatives is refused
-        let e = LmTrainConfig { negatives: 3, ..LmTrainConfig::reference(Objective::Dpo) }.validate();
+        let e = LmTrainConfig {
+            negatives: 3,
+            ..LmTrainConfig::reference(Objective::Dpo)
+        }
+        .validate();
         assert!(e.is_err());
     }
 }

@@ -105,7 +105,10 @@ mod tests {
         assert_eq!(t.lines.len(), 10);
         assert_eq!(Templates::builtin("movie").unwrap().lines.len(), 15);
         let p = t.render(0, &["A", "B"], &["C", "D"]);
-        assert!(p.contains("bands A, B recently") && p.contains("names: C, D."), "{p}");
+        assert!(
+            p.contains("bands A, B recently") && p.contains("names: C, D."),
+            "{p}"
+        );
         assert!(p.ends_with("Answer:"));
         let picks: Vec<usize> = (0..50).map(|i| t.pick(3, i)).collect();
         assert_eq!(picks, (0..50).map(|i| t.pick(3, i)).collect::<Vec<_>>());

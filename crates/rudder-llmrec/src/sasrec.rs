@@ -8,7 +8,9 @@
 use candle_core::{Device, Tensor};
 
 use crate::Result;
-use crate::seqrec::{DropRng, ParamSet, SeqConfig, SeqModel, filled, gather_last, pad_mask, var, zeros};
+use crate::seqrec::{
+    DropRng, ParamSet, SeqConfig, SeqModel, filled, gather_last, pad_mask, var, zeros,
+};
 use rudder_nn::init;
 use rudder_nn::ops::{dropout, layer_norm, softmax};
 
@@ -24,7 +26,17 @@ impl SasRec {
     pub fn new(n_items: usize, cfg: &SeqConfig) -> Result<SasRec> {
         let d = cfg.hidden;
         let mut p = ParamSet::new(n_items, d, cfg.seed)?;
-        p.add("pos_emb", var(init::normal(cfg.window, d, 0.01, cfg.seed, 2, &Device::Cpu)?)?);
+        p.add(
+            "pos_emb",
+            var(init::normal(
+                cfg.window,
+                d,
+                0.01,
+                cfg.seed,
+                2,
+                &Device::Cpu,
+            )?)?,
+        );
         for (k, name) in ["wq", "wk", "wv", "ff1", "ff2"].iter().enumerate() {
             p.add_linear(name, d, d, 10 + k as u64)?;
         }
@@ -33,7 +45,11 @@ impl SasRec {
             p.add(format!("{name}.bias"), zeros(&[d])?);
         }
         p.add_linear("out", n_items, d, 20)?;
-        Ok(SasRec { n_items, cfg: cfg.clone(), p })
+        Ok(SasRec {
+            n_items,
+            cfg: cfg.clone(),
+            p,
+        })
     }
 
     fn ln(&self, x: &Tensor, name: &str) -> Result<Tensor> {

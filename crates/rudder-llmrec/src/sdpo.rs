@@ -29,7 +29,12 @@ pub fn sdpo_loss(policy: &Tensor, reference: &Tensor, beta: f64) -> Result<(Tens
     let rj = r.narrow(1, 1, n - 1)?;
     let diff = rj.broadcast_sub(&rw)?; // [B, k]
     let m = diff.max_keepdim(D::Minus1)?.detach();
-    let lse = (diff.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?;
+    let lse = (diff
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + m)?;
     let loss = (rudder_nn::ops::softplus(&lse)?.sum_all()? / b as f64)?;
     let rv = r.to_vec2::<f32>()?;
     let mut st = RewardStats::default();
@@ -40,7 +45,12 @@ pub fn sdpo_loss(policy: &Tensor, reference: &Tensor, beta: f64) -> Result<(Tens
         st.margin += row[0] as f64 - rej;
         st.accuracy += row[1..].iter().all(|&x| row[0] > x) as u8 as f64;
     }
-    for v in [&mut st.chosen, &mut st.rejected, &mut st.margin, &mut st.accuracy] {
+    for v in [
+        &mut st.chosen,
+        &mut st.rejected,
+        &mut st.margin,
+        &mut st.accuracy,
+    ] {
         *v /= b as f64;
     }
     Ok((loss, st))
@@ -64,13 +74,19 @@ mod tests {
         let mut want = 0.0;
         let mut gw = [[0f64; 4]; 2];
         for b in 0..2 {
-            let rr: Vec<f64> = (0..4).map(|j| beta * (pol[b][j] - refv[b][j]) as f64).collect();
+            let rr: Vec<f64> = (0..4)
+                .map(|j| beta * (pol[b][j] - refv[b][j]) as f64)
+                .collect();
             let z: f64 = rr.iter().map(|x| x.exp()).sum();
             want += -(rr[0].exp() / z).ln() / 2.0;
             // ∂L/∂r_w = −β(1 − p_w), ∂L/∂r_j = β p_j   (per example, then /B)
             for j in 0..4 {
                 let pj = rr[j].exp() / z;
-                gw[b][j] = if j == 0 { -beta * (1.0 - pj) } else { beta * pj } / 2.0;
+                gw[b][j] = if j == 0 {
+                    -beta * (1.0 - pj)
+                } else {
+                    beta * pj
+                } / 2.0;
             }
         }
         let got = loss.to_scalar::<f32>().unwrap() as f64;

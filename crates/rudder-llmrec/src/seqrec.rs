@@ -94,7 +94,8 @@ pub trait SeqModel {
     fn scores(&self, seq: &Tensor, lens: &[usize]) -> Result<Tensor> {
         let h = self.encode(seq, lens, None)?;
         let (w, b) = self.head();
-        Ok(h.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?)
+        Ok(h.matmul(&w.as_tensor().t()?)?
+            .broadcast_add(b.as_tensor())?)
     }
 }
 
@@ -109,8 +110,19 @@ pub struct ParamSet {
 
 impl ParamSet {
     pub fn new(n_items: usize, d: usize, seed: u64) -> Result<ParamSet> {
-        let emb = var(rudder_nn::init::normal(n_items + 1, d, 0.01, seed, 1, &Device::Cpu)?)?;
-        Ok(ParamSet { emb, named: Vec::new(), seed })
+        let emb = var(rudder_nn::init::normal(
+            n_items + 1,
+            d,
+            0.01,
+            seed,
+            1,
+            &Device::Cpu,
+        )?)?;
+        Ok(ParamSet {
+            emb,
+            named: Vec::new(),
+            seed,
+        })
     }
     pub fn add(&mut self, name: impl Into<String>, v: Var) {
         self.named.push((name.into(), v));
@@ -123,17 +135,30 @@ impl ParamSet {
         Ok(())
     }
     pub fn get(&self, name: &str) -> &Var {
-        &self.named.iter().find(|(n, _)| n == name).expect("parameter").1
+        &self
+            .named
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("parameter")
+            .1
     }
     /// `x · Wᵀ + b` with the named linear layer.
     pub fn linear(&self, x: &Tensor, name: &str) -> Result<Tensor> {
-        linear(x, self.get(&format!("{name}.weight")), self.get(&format!("{name}.bias")))
+        linear(
+            x,
+            self.get(&format!("{name}.weight")),
+            self.get(&format!("{name}.bias")),
+        )
     }
     /// The embeddings `[B, L, d]` of the ids `seq [B, L]`.
     pub fn embed(&self, seq: &Tensor) -> Result<Tensor> {
         let (b, l) = seq.dims2()?;
         let d = self.emb.dims()[1];
-        Ok(self.emb.as_tensor().index_select(&seq.flatten_all()?, 0)?.reshape((b, l, d))?)
+        Ok(self
+            .emb
+            .as_tensor()
+            .index_select(&seq.flatten_all()?, 0)?
+            .reshape((b, l, d))?)
     }
     pub fn head(&self) -> (&Var, &Var) {
         (self.get("out.weight"), self.get("out.bias"))
@@ -204,7 +229,10 @@ pub fn gather_last(h: &Tensor, lens: &[usize]) -> Result<Tensor> {
 /// `1` at real positions, `0` at padding: `[B, L, 1]`.
 pub fn pad_mask(seq: &Tensor, pad: u32) -> Result<Tensor> {
     let v = seq.flatten_all()?.to_vec1::<u32>()?;
-    let m: Vec<f32> = v.iter().map(|&i| if i == pad { 0.0 } else { 1.0 }).collect();
+    let m: Vec<f32> = v
+        .iter()
+        .map(|&i| if i == pad { 0.0 } else { 1.0 })
+        .collect();
     let (b, l) = seq.dims2()?;
     Ok(Tensor::from_vec(m, (b, l, 1), &Device::Cpu)?)
 }

@@ -15,9 +15,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use rand::Rng;
+use rudder_data::Interactions;
 use rudder_data::eval::{DenseScores, EvalConfig, EvalReport, Evaluator};
 use rudder_data::sequences::SeqSample;
-use rudder_data::Interactions;
 use rudder_nn::optim::{Adam, AdamConfig};
 use serde::{Deserialize, Serialize};
 
@@ -90,7 +90,12 @@ fn histories(rows: &[SeqSample], pad: u32) -> Vec<Vec<u32>> {
 }
 
 /// Scores of every item for every history `[N × n_items]`, row-major.
-pub fn score_all(model: &dyn SeqModel, hist: &[Vec<u32>], n_items: usize, window: usize) -> Result<Vec<f32>> {
+pub fn score_all(
+    model: &dyn SeqModel,
+    hist: &[Vec<u32>],
+    n_items: usize,
+    window: usize,
+) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(hist.len() * n_items);
     for chunk in hist.chunks(512) {
         let refs: Vec<&[u32]> = chunk.iter().map(|h| h.as_slice()).collect();
@@ -101,18 +106,39 @@ pub fn score_all(model: &dyn SeqModel, hist: &[Vec<u32>], n_items: usize, window
 }
 
 /// Full-catalogue ranking of the next item of each row.
-pub fn eval_full(model: &dyn SeqModel, rows: &[SeqSample], n_items: usize, window: usize, ks: &[usize]) -> Result<EvalReport> {
+pub fn eval_full(
+    model: &dyn SeqModel,
+    rows: &[SeqSample],
+    n_items: usize,
+    window: usize,
+    ks: &[usize],
+) -> Result<EvalReport> {
     let hist = histories(rows, n_items as u32);
     let scores = score_all(model, &hist, n_items, window)?;
-    let truth = Interactions::from_lists(n_items, &rows.iter().map(|s| vec![s.next]).collect::<Vec<_>>());
+    let truth = Interactions::from_lists(
+        n_items,
+        &rows.iter().map(|s| vec![s.next]).collect::<Vec<_>>(),
+    );
     Ok(Evaluator::new(&truth).run(
-        &DenseScores { scores: &scores, n_items },
-        &EvalConfig { ks: ks.to_vec(), ..Default::default() },
+        &DenseScores {
+            scores: &scores,
+            n_items,
+        },
+        &EvalConfig {
+            ks: ks.to_vec(),
+            ..Default::default()
+        },
     )?)
 }
 
 /// Ranking of each example's candidates only (the LLM protocol).
-pub fn eval_candidates(model: &dyn SeqModel, ex: &[RecExample], n_items: usize, window: usize, ks: &[usize]) -> Result<EvalReport> {
+pub fn eval_candidates(
+    model: &dyn SeqModel,
+    ex: &[RecExample],
+    n_items: usize,
+    window: usize,
+    ks: &[usize],
+) -> Result<EvalReport> {
     let hist: Vec<Vec<u32>> = ex.iter().map(|e| e.history.clone()).collect();
     let scores = score_all(model, &hist, n_items, window)?;
     candidate_report(&scores, ex, n_items, ks)
@@ -120,12 +146,23 @@ pub fn eval_candidates(model: &dyn SeqModel, ex: &[RecExample], n_items: usize, 
 
 /// The evaluator's candidate mode over precomputed `[N × n_items]` scores (only the
 /// candidates' entries are read).
-pub fn candidate_report(scores: &[f32], ex: &[RecExample], n_items: usize, ks: &[usize]) -> Result<EvalReport> {
-    let truth = Interactions::from_lists(n_items, &ex.iter().map(|e| vec![e.target]).collect::<Vec<_>>());
+pub fn candidate_report(
+    scores: &[f32],
+    ex: &[RecExample],
+    n_items: usize,
+    ks: &[usize],
+) -> Result<EvalReport> {
+    let truth = Interactions::from_lists(
+        n_items,
+        &ex.iter().map(|e| vec![e.target]).collect::<Vec<_>>(),
+    );
     let cands: Vec<Vec<u32>> = ex.iter().map(|e| e.candidates.clone()).collect();
     Ok(Evaluator::new(&truth).candidates(&cands).run(
         &DenseScores { scores, n_items },
-        &EvalConfig { ks: ks.to_vec(), ..Default::default() },
+        &EvalConfig {
+            ks: ks.to_vec(),
+            ..Default::default()
+        },
     )?)
 }
 
@@ -140,7 +177,9 @@ pub fn train(
     obs: &mut dyn SeqObserver,
 ) -> Result<SeqTrainReport> {
     if train.is_empty() || valid.is_empty() {
-        return Err(LlmrecError::Input("training and validation rows must be non-empty".into()));
+        return Err(LlmrecError::Input(
+            "training and validation rows must be non-empty".into(),
+        ));
     }
     check_rows(train, n_items, "training rows")?;
     check_rows(valid, n_items, "validation rows")?;
@@ -149,7 +188,10 @@ pub fn train(
     let params = model.params();
     let mut opt = Adam::new(
         params.iter().map(|(_, v)| v.clone()).collect(),
-        AdamConfig { weight_decay: cfg.l2, ..AdamConfig::adam(cfg.lr) },
+        AdamConfig {
+            weight_decay: cfg.l2,
+            ..AdamConfig::adam(cfg.lr)
+        },
     )?;
     let (w, b) = model.head();
     let steps = (train.len() / cfg.batch_size).max(1);
@@ -162,16 +204,20 @@ pub fn train(
         let mut total = 0f64;
         for step in 0..steps {
             let mut rng = rudder_data::rng::stream(cfg.seed, &[epoch as u64, step as u64]);
-            let rows: Vec<usize> = (0..cfg.batch_size).map(|_| rng.random_range(0..train.len())).collect();
+            let rows: Vec<usize> = (0..cfg.batch_size)
+                .map(|_| rng.random_range(0..train.len()))
+                .collect();
             let refs: Vec<&[u32]> = rows.iter().map(|&r| hist[r].as_slice()).collect();
             let (ids, lens) = batch(&refs, cfg.window, pad)?;
             let pos: Vec<u32> = rows.iter().map(|&r| train[r].next).collect();
             let neg: Vec<u32> = pos
                 .iter()
-                .map(|&p| loop {
-                    let n = rng.random_range(0..n_items as u32);
-                    if n != p {
-                        break n;
+                .map(|&p| {
+                    loop {
+                        let n = rng.random_range(0..n_items as u32);
+                        if n != p {
+                            break n;
+                        }
                     }
                 })
                 .collect();
@@ -204,7 +250,10 @@ pub fn train(
         let better = best.as_ref().is_none_or(|(s, _, _)| rec.valid_ndcg10 > *s);
         epochs.push(rec.clone());
         if better {
-            let snap = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+            let snap = params
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<Vec<_>>>()?;
             best = Some((rec.valid_ndcg10, epoch, snap));
             since = 0;
         } else {
@@ -233,9 +282,21 @@ mod tests {
                 let len = rng.random_range(1..=10usize);
                 let start = rng.random_range(0..n_items);
                 let seq: Vec<u32> = (0..10)
-                    .map(|k| if k < len { (start + k as u32) % n_items } else { n_items })
+                    .map(|k| {
+                        if k < len {
+                            (start + k as u32) % n_items
+                        } else {
+                            n_items
+                        }
+                    })
                     .collect();
-                SeqSample { seq, seq_ratings: None, len_seq: len, next: (start + len as u32) % n_items, next_rating: None }
+                SeqSample {
+                    seq,
+                    seq_ratings: None,
+                    len_seq: len,
+                    next: (start + len as u32) % n_items,
+                    next_rating: None,
+                }
             })
             .collect()
     }
@@ -243,7 +304,10 @@ mod tests {
     #[test]
     fn every_parameter_gets_a_gradient() {
         for kind in [SeqKind::Sasrec, SeqKind::Gru4rec, SeqKind::Caser] {
-            let cfg = SeqConfig { hidden: 16, ..SeqConfig::new(kind) };
+            let cfg = SeqConfig {
+                hidden: 16,
+                ..SeqConfig::new(kind)
+            };
             let m = build(30, &cfg).unwrap();
             let r = rows(30, 8, 1);
             let hist: Vec<Vec<u32>> = r.iter().map(|s| s.history(Some(30))).collect();
@@ -252,13 +316,20 @@ mod tests {
             let mut rng = rudder_data::rng::stream(0, &[]);
             let h = m.encode(&ids, &lens, Some(&mut rng)).unwrap();
             let (w, b) = m.head();
-            let s = h.matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+            let s = h
+                .matmul(&w.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_add(b.as_tensor())
+                .unwrap();
             let g = s.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let mut params = m.params();
             // the padding row of the item table is never read with a non-zero multiplier
             params.retain(|(n, _)| n != "item_emb");
             rudder_nn::grad::assert_all_receive_gradient(&g, &params);
-            assert!(g.get(m.item_embeddings().as_tensor()).is_some(), "{kind:?} item_emb");
+            assert!(
+                g.get(m.item_embeddings().as_tensor()).is_some(),
+                "{kind:?} item_emb"
+            );
         }
     }
 
@@ -267,14 +338,33 @@ mod tests {
         let n = 40u32;
         let (tr, va) = (rows(n, 2000, 1), rows(n, 200, 2));
         for kind in [SeqKind::Sasrec, SeqKind::Gru4rec, SeqKind::Caser] {
-            let cfg = SeqConfig { epochs: 8, batch_size: 128, hidden: 32, lr: 5e-3, l2: 0.0, patience: 0, ..SeqConfig::new(kind) };
+            let cfg = SeqConfig {
+                epochs: 8,
+                batch_size: 128,
+                hidden: 32,
+                lr: 5e-3,
+                l2: 0.0,
+                patience: 0,
+                ..SeqConfig::new(kind)
+            };
             let m = build(n as usize, &cfg).unwrap();
-            let before = eval_full(m.as_ref(), &va, n as usize, 10, &[10]).unwrap().get("hit", 10);
+            let before = eval_full(m.as_ref(), &va, n as usize, 10, &[10])
+                .unwrap()
+                .get("hit", 10);
             let rep = train(m.as_ref(), &cfg, n as usize, &tr, &va, &mut Quiet).unwrap();
-            let after = eval_full(m.as_ref(), &va, n as usize, 10, &[10]).unwrap().get("hit", 10);
-            assert!(after > 0.6 && after > before + 0.3, "{kind:?}: hit@10 {before} → {after}");
+            let after = eval_full(m.as_ref(), &va, n as usize, 10, &[10])
+                .unwrap()
+                .get("hit", 10);
+            assert!(
+                after > 0.6 && after > before + 0.3,
+                "{kind:?}: hit@10 {before} → {after}"
+            );
             assert_eq!(rep.epochs.len(), 8);
-            let best = rep.epochs.iter().map(|e| e.valid_ndcg10).fold(0.0, f64::max);
+            let best = rep
+                .epochs
+                .iter()
+                .map(|e| e.valid_ndcg10)
+                .fold(0.0, f64::max);
             assert_eq!(rep.epochs[rep.best_epoch].valid_ndcg10, best);
             // candidate protocol: the target among 5 candidates
             let ex: Vec<RecExample> = va
@@ -282,20 +372,33 @@ mod tests {
                 .map(|s| {
                     let h = s.history(Some(n));
                     let c = crate::data::candidates_for(&h, s.next, n as usize, 5, 3).unwrap();
-                    RecExample { history: h, candidates: c, target: s.next }
+                    RecExample {
+                        history: h,
+                        candidates: c,
+                        target: s.next,
+                    }
                 })
                 .collect();
-            let hr1 = eval_candidates(m.as_ref(), &ex, n as usize, 10, &[1]).unwrap().get("hit", 1);
+            let hr1 = eval_candidates(m.as_ref(), &ex, n as usize, 10, &[1])
+                .unwrap()
+                .get("hit", 1);
             assert!(hr1 > 0.5, "{kind:?}: candidate HR@1 {hr1}");
         }
         // bad ids are refused with the row
         let mut bad = rows(n, 3, 5);
         bad[1].next = 99;
         let m = build(n as usize, &SeqConfig::new(SeqKind::Sasrec)).unwrap();
-        let e = train(m.as_ref(), &SeqConfig::new(SeqKind::Sasrec), n as usize, &bad, &va, &mut Quiet)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = train(
+            m.as_ref(),
+            &SeqConfig::new(SeqKind::Sasrec),
+            n as usize,
+            &bad,
+            &va,
+            &mut Quiet,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("line 2") && e.contains("99"), "{e}");
     }
 }

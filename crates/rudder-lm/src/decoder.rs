@@ -72,7 +72,10 @@ impl KvCache {
     pub fn expand_rows(&self, rows: &[u32]) -> Result<KvCache> {
         let dev = Device::Cpu;
         let idx = Tensor::from_slice(rows, rows.len(), &dev)?;
-        let mut out = KvCache::new(self.kv.len(), rows.iter().map(|&r| self.pad[r as usize]).collect());
+        let mut out = KvCache::new(
+            self.kv.len(),
+            rows.iter().map(|&r| self.pad[r as usize]).collect(),
+        );
         out.len = self.len;
         out.prompt_cols = self.prompt_cols;
         for l in 0..self.kv.len() {

@@ -240,7 +240,11 @@ impl Adapter {
             if t.dims() != v.dims() {
                 return Err(LmError::file(
                     source,
-                    format!("tensor {n} has shape {:?}, expected {:?}", t.dims(), v.dims()),
+                    format!(
+                        "tensor {n} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        v.dims()
+                    ),
                 ));
             }
             v.set(&t.to_dtype(DType::F32)?)?;
@@ -389,8 +393,8 @@ impl Decoder {
     pub fn load_peft(&mut self, dir: &Path, seed: u64) -> Result<Adapter> {
         let cj = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cj).map_err(|e| LmError::file(&cj, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| LmError::file(&cj, format!("invalid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LmError::file(&cj, format!("invalid JSON: {e}")))?;
         let field = |k: &str| {
             v.get(k)
                 .ok_or_else(|| LmError::file(&cj, format!("field {k} is missing")))
@@ -409,17 +413,26 @@ impl Decoder {
         let alpha = field("lora_alpha")?
             .as_f64()
             .ok_or_else(|| LmError::file(&cj, "field lora_alpha: not a number"))?;
-        let dropout = v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0);
+        let dropout = v
+            .get("lora_dropout")
+            .and_then(|x| x.as_f64())
+            .unwrap_or(0.0);
         for (k, bad) in [
             ("use_dora", true),
             ("use_rslora", true),
             ("fan_in_fan_out", true),
         ] {
             if v.get(k).and_then(|x| x.as_bool()) == Some(bad) {
-                return Err(LmError::file(&cj, format!("field {k}: true is not supported")));
+                return Err(LmError::file(
+                    &cj,
+                    format!("field {k}: true is not supported"),
+                ));
             }
         }
-        if v.get("bias").and_then(|x| x.as_str()).is_some_and(|b| b != "none") {
+        if v.get("bias")
+            .and_then(|x| x.as_str())
+            .is_some_and(|b| b != "none")
+        {
             return Err(LmError::file(&cj, "field bias: only \"none\" is supported"));
         }
         let tm: Vec<String> = match field("target_modules")? {
@@ -449,14 +462,21 @@ impl Decoder {
         };
         let st = dir.join("adapter_model.safetensors");
         if !st.exists() {
-            return Err(LmError::file(&st, "no such file (adapter_model.bin is not read; convert it to safetensors)"));
+            return Err(LmError::file(
+                &st,
+                "no such file (adapter_model.bin is not read; convert it to safetensors)",
+            ));
         }
         let raw = candle_core::safetensors::load(&st, &Device::Cpu)
             .map_err(|e| LmError::file(&st, format!("not a safetensors file: {e}")))?;
         // PEFT may store names with the adapter name (".default") in older releases.
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (k, t) in raw {
-            map.insert(k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."), t);
+            map.insert(
+                k.replace(".lora_A.default.", ".lora_A.")
+                    .replace(".lora_B.default.", ".lora_B."),
+                t,
+            );
         }
         let adapter = self.attach_lora(&cfg, seed)?;
         let mut want: HashSet<&str> = HashSet::new();
@@ -467,7 +487,10 @@ impl Decoder {
             self.detach_lora();
             return Err(LmError::file(
                 &st,
-                format!("tensor {extra} does not belong to a {}-layer model with targets {tm:?}", self.cfg.num_layers),
+                format!(
+                    "tensor {extra} does not belong to a {}-layer model with targets {tm:?}",
+                    self.cfg.num_layers
+                ),
             ));
         }
         // Back to the decoder's row order.
@@ -495,7 +518,6 @@ impl Decoder {
         Ok(adapter)
     }
 }
-
 
 /// Write `lm` as a Hugging Face model folder (`config.json`, f32 `model.safetensors`,
 /// `tokenizer.json`, `tokenizer_config.json`), dequantizing GGUF weights and restoring the
@@ -616,7 +638,12 @@ mod tests {
         let h = dec
             .forward(&t, &mut cache, Phase::Prefill, &mut NoHook)
             .unwrap();
-        dec.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        dec.logits(&h)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
     fn randomize(a: &Adapter, seed: u64) {
@@ -686,7 +713,11 @@ mod tests {
         assert_eq!(base_free, logits(&lm.decoder, &IDS));
         lm.decoder.merge_lora().unwrap();
         let merged = logits(&lm.decoder, &IDS);
-        assert!(rel(&merged, &base_free) < 1e-5, "{}", rel(&merged, &base_free));
+        assert!(
+            rel(&merged, &base_free) < 1e-5,
+            "{}",
+            rel(&merged, &base_free)
+        );
     }
 
     #[test]
@@ -708,12 +739,21 @@ mod tests {
         // and saving from the GGUF model gives the same files' tensors
         let pd2 = d.path().join("adapter2");
         gg.decoder.save_peft(&back, &pd2, "tiny").unwrap();
-        let a = candle_core::safetensors::load(pd.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-        let b = candle_core::safetensors::load(pd2.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let a = candle_core::safetensors::load(pd.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+        let b = candle_core::safetensors::load(pd2.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
         assert_eq!(a.len(), b.len());
         for (k, x) in &a {
             let y = &b[k];
-            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-7, "{k}");
         }
         // the GGUF model exported as a Hugging Face folder loads back to the same logits
@@ -742,7 +782,12 @@ mod tests {
         m.remove("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight");
         candle_core::safetensors::save(&m, &st).unwrap();
         let e = err(&mut lm);
-        assert!(e.contains("adapter_model.safetensors") && e.contains("up_proj.lora_B") && e.contains("missing"), "{e}");
+        assert!(
+            e.contains("adapter_model.safetensors")
+                && e.contains("up_proj.lora_B")
+                && e.contains("missing"),
+            "{e}"
+        );
         // extra tensor (an adapter for a deeper model)
         let mut m = orig.clone();
         m.insert(
@@ -751,7 +796,10 @@ mod tests {
         );
         candle_core::safetensors::save(&m, &st).unwrap();
         let e = err(&mut lm);
-        assert!(e.contains("layers.7") && e.contains("does not belong"), "{e}");
+        assert!(
+            e.contains("layers.7") && e.contains("does not belong"),
+            "{e}"
+        );
         // another model shape
         let mut m = orig.clone();
         m.insert(
@@ -769,7 +817,10 @@ mod tests {
         let text = std::fs::read_to_string(&cj).unwrap();
         std::fs::write(&cj, text.replace("\"down_proj\"", "\"embed_tokens\"")).unwrap();
         let e = err(&mut lm);
-        assert!(e.contains("adapter_config.json") && e.contains("embed_tokens"), "{e}");
+        assert!(
+            e.contains("adapter_config.json") && e.contains("embed_tokens"),
+            "{e}"
+        );
         std::fs::write(&cj, "{").unwrap();
         assert!(err(&mut lm).contains("invalid JSON"));
     }

@@ -97,7 +97,12 @@ pub fn branch_logprobs(
         rows.extend(std::iter::repeat_n(i as u32, bs.len()));
     }
     let nb = rows.len();
-    let lmax = branches.iter().flatten().map(|x| x.len()).max().unwrap_or(1);
+    let lmax = branches
+        .iter()
+        .flatten()
+        .map(|x| x.len())
+        .max()
+        .unwrap_or(1);
     // The last token of a branch is only a target; the inputs are tokens 0..len-1.
     let width = (lmax - 1).max(1);
     let mut flat = Vec::with_capacity(nb * width);
@@ -109,7 +114,10 @@ pub fn branch_logprobs(
     let hb = if lmax > 1 {
         let mut bc = cache.expand_rows(&rows)?;
         let bid = Tensor::from_vec(flat, (nb, width), &Device::Cpu)?;
-        Some(dec.forward(&bid, &mut bc, Phase::Prefill, hook)?.reshape((nb * width, d))?)
+        Some(
+            dec.forward(&bid, &mut bc, Phase::Prefill, hook)?
+                .reshape((nb * width, d))?,
+        )
     } else {
         None
     };
@@ -177,10 +185,17 @@ mod tests {
         let mut lm = load(d.path(), &LoadOptions::default()).unwrap();
         let ad = lm
             .decoder
-            .attach_lora(&crate::lora::LoraConfig { dropout: 0.0, ..Default::default() }, 1)
+            .attach_lora(
+                &crate::lora::LoraConfig {
+                    dropout: 0.0,
+                    ..Default::default()
+                },
+                1,
+            )
             .unwrap();
         for (_, v) in &ad.params {
-            v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();
+            v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+                .unwrap();
         }
         ad.set_training(true); // dropout is 0: only gradients are switched on
         let prompts = vec![vec![5u32, 9, 14, 22, 31], vec![40u32, 41]];
@@ -209,8 +224,21 @@ mod tests {
                 for (n, v) in &ad.params {
                     let x = ga.get(v.as_tensor()).unwrap();
                     let y = gb.get(v.as_tensor()).unwrap();
-                    let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                    let m = y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let diff = (x - y)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    let m = y
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
                     assert!(diff <= 1e-3 * m.max(1e-3), "{n}: {diff} vs {m}");
                 }
             }

@@ -6,9 +6,9 @@
 //! doubles the backward pass. The forward is candle's matmul on a copy of the input's
 //! storage; when the input records no graph (inference) the plain matmul runs instead.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 #[cfg(test)]
 use candle_core::Device;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 struct FrozenMatmulT {
     w: Tensor,
@@ -31,16 +31,34 @@ impl CustomOp1 for FrozenMatmulT {
         let mut dst = vec![0f32; n * out];
         crate::cpu::with_f32(&self.w, "frozen matmul", |w| {
             let threads = rayon::current_num_threads();
-            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
             // SAFETY: every pointer covers the matrix its strides describe: x is n×inp
             // row-major, w is out×inp row-major (read as its transpose), dst is n×out.
             unsafe {
                 gemm::gemm(
-                    n, out, inp,
-                    dst.as_mut_ptr(), 1, out as isize, false,
-                    x.as_ptr(), 1, inp as isize,
-                    w.as_ptr(), inp as isize, 1,
-                    0.0f32, 1.0f32, false, false, false, par,
+                    n,
+                    out,
+                    inp,
+                    dst.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    inp as isize,
+                    w.as_ptr(),
+                    inp as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    par,
                 );
             }
             Ok(())
@@ -58,7 +76,10 @@ impl CustomOp1 for FrozenMatmulT {
 /// its gradient as usual.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.track_op() && !w.track_op() && x.device().is_cpu() {
-        x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmulT { w: w.clone() })))
+        x.contiguous()?
+            .apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmulT {
+                w: w.clone(),
+            })))
     } else {
         x.matmul(&w.t()?)
     }
@@ -81,12 +102,20 @@ mod tests {
         assert!(d < 1e-6);
         let ga = (a * &up)?.sum_all()?.backward()?;
         let gb = (b * &up)?.sum_all()?.backward()?;
-        let (x1, x2) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
+        let (x1, x2) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
         assert!((x1 - x2)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
-        assert!(ga.get(&w).is_none(), "no gradient is computed for the frozen weight");
+        assert!(
+            ga.get(&w).is_none(),
+            "no gradient is computed for the frozen weight"
+        );
         // a trainable weight still gets its gradient
         let wv = Var::from_tensor(&w)?;
-        let g = matmul_t(x.as_tensor(), wv.as_tensor())?.sum_all()?.backward()?;
+        let g = matmul_t(x.as_tensor(), wv.as_tensor())?
+            .sum_all()?
+            .backward()?;
         assert!(g.get(wv.as_tensor()).is_some() && g.get(x.as_tensor()).is_some());
         Ok(())
     }
@@ -118,7 +147,10 @@ pub fn dropout_stream(x: &Tensor, p: f64, seed: u64, stream: u64) -> Result<Tens
     if !x.track_op() {
         return x * Tensor::from_vec(mask, x.shape(), x.device())?;
     }
-    x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(MaskMul { mask: std::sync::Arc::new(mask) })))
+    x.contiguous()?
+        .apply_op1_arc(std::sync::Arc::new(Box::new(MaskMul {
+            mask: std::sync::Arc::new(mask),
+        })))
 }
 
 struct MaskMul {
@@ -136,7 +168,11 @@ impl CustomOp1 for MaskMul {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("dropout: contiguous input expected")
         };
-        let out: Vec<f32> = v[a..b].iter().zip(self.mask.iter()).map(|(x, m)| x * m).collect();
+        let out: Vec<f32> = v[a..b]
+            .iter()
+            .zip(self.mask.iter())
+            .map(|(x, m)| x * m)
+            .collect();
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -158,13 +194,30 @@ mod dropout_tests {
         let v = y.flatten_all()?.to_vec1::<f32>()?;
         let zeros = v.iter().filter(|&&a| a == 0.0).count();
         assert!((29_000..31_000).contains(&zeros), "{zeros}");
-        assert_eq!(v, dropout_stream(x.as_tensor(), 0.1, 5, 9)?.flatten_all()?.to_vec1::<f32>()?);
-        assert_ne!(v, dropout_stream(x.as_tensor(), 0.1, 5, 10)?.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            v,
+            dropout_stream(x.as_tensor(), 0.1, 5, 9)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        );
+        assert_ne!(
+            v,
+            dropout_stream(x.as_tensor(), 0.1, 5, 10)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        );
         let g = y.sum_all()?.backward()?;
-        let g = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let g = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(g, v, "d(sum(x⊙m))/dx = m");
         // the same mask from one thread
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let w = one.install(|| dropout_stream(x.as_tensor(), 0.1, 5, 9))?;
         assert_eq!(w.flatten_all()?.to_vec1::<f32>()?, v);
         Ok(())

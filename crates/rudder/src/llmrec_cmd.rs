@@ -10,13 +10,17 @@ use rand::seq::SliceRandom;
 use rudder_data::sequences::SeqSample;
 use rudder_llmrec::data::{Catalog, RecExample, Unknown, from_prompts, from_sequences};
 use rudder_llmrec::lmdata::{LmExample, Tokenize, tokenize};
-use rudder_llmrec::lmeval::{GenSummary, candidate_logps, generate_answers, likelihood_report, summarize};
-use rudder_llmrec::lmtrain::{EvalRecord, LmObserver, LmTrainConfig, Objective, RunFiles, StepRecord};
+use rudder_llmrec::lmeval::{
+    GenSummary, candidate_logps, generate_answers, likelihood_report, summarize,
+};
+use rudder_llmrec::lmtrain::{
+    EvalRecord, LmObserver, LmTrainConfig, Objective, RunFiles, StepRecord,
+};
 use rudder_llmrec::prompts::Templates;
 use rudder_llmrec::seqrec::{SeqConfig, SeqKind};
 use rudder_llmrec::seqtrain::{self, SeqEpoch, SeqObserver};
-use rudder_lm::lora::{LoraConfig, Target};
 use rudder_lm::loader::{LanguageModel, LoadOptions, load};
+use rudder_lm::lora::{LoraConfig, Target};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -92,22 +96,29 @@ fn subset<T: Clone>(v: Vec<T>, max: Option<usize>, key: u64) -> Vec<T> {
 
 impl DataArgs {
     fn seqs(&self) -> Result<&Path> {
-        self.seqs
-            .as_deref()
-            .context("--seqs is required (the LLaRA sequence folder, e.g. ../shared/data/llara/lastfm)")
+        self.seqs.as_deref().context(
+            "--seqs is required (the LLaRA sequence folder, e.g. ../shared/data/llara/lastfm)",
+        )
     }
 }
 
 fn load_data(a: &DataArgs) -> Result<Data> {
     let seqs = a.seqs()?;
     let ds = rudder_data::formats::llara::read_dir(seqs)?;
-    let names = ds
-        .item_names
-        .clone()
-        .with_context(|| format!("{}: no id2name.txt or u.item with the item names", seqs.display()))?;
+    let names = ds.item_names.clone().with_context(|| {
+        format!(
+            "{}: no id2name.txt or u.item with the item names",
+            seqs.display()
+        )
+    })?;
     let catalog = Catalog::new(names);
     let n = catalog.n_items();
-    let split = |s: &str| ds.splits.iter().find(|(k, _)| k == s).map(|(_, v)| v.clone());
+    let split = |s: &str| {
+        ds.splits
+            .iter()
+            .find(|(k, _)| k == s)
+            .map(|(_, v)| v.clone())
+    };
     let train = split("train").unwrap_or_default();
     let val_rows = split("val").unwrap_or_default();
     let test_rows = split("test").unwrap_or_default();
@@ -139,13 +150,19 @@ fn load_data(a: &DataArgs) -> Result<Data> {
             let build = |rows: &[SeqSample], name: &str| {
                 from_sequences(rows, n, 1, a.candidates, a.data_seed, &seqs.join(name))
             };
-            (build(&val_rows, "val.jsonl")?, build(&test_rows, "test.jsonl")?)
+            (
+                build(&val_rows, "val.jsonl")?,
+                build(&test_rows, "test.jsonl")?,
+            )
         }
     };
     let n_test = test_ex.len();
     let test_ex = subset(test_ex, a.max_test, 0x7E57);
     if test_ex.len() < n_test {
-        notes.push(format!("test: a fixed subset of {} of the {n_test} questions", test_ex.len()));
+        notes.push(format!(
+            "test: a fixed subset of {} of the {n_test} questions",
+            test_ex.len()
+        ));
     }
     Ok(Data {
         catalog,
@@ -207,7 +224,8 @@ impl SeqObserver for SeqBars {
     fn step_done(&mut self) {
         self.done += 1;
         if self.done % 20 == 0 || self.done == self.steps {
-            self.bars.update(&format!("epoch {}", self.epoch + 1), self.done, self.steps);
+            self.bars
+                .update(&format!("epoch {}", self.epoch + 1), self.done, self.steps);
         }
     }
     fn epoch_done(&mut self, r: &SeqEpoch) {
@@ -225,8 +243,16 @@ impl SeqObserver for SeqBars {
 
 fn run_seq(kind: SeqKind, a: SeqArgs) -> Result<()> {
     let d = load_data(&a.data)?;
-    anyhow::ensure!(!d.train.is_empty(), "{}: no train.jsonl", a.data.seqs()?.display());
-    anyhow::ensure!(!d.val_rows.is_empty(), "{}: no val.jsonl", a.data.seqs()?.display());
+    anyhow::ensure!(
+        !d.train.is_empty(),
+        "{}: no train.jsonl",
+        a.data.seqs()?.display()
+    );
+    anyhow::ensure!(
+        !d.val_rows.is_empty(),
+        "{}: no val.jsonl",
+        a.data.seqs()?.display()
+    );
     let cfg = SeqConfig {
         hidden: a.hidden,
         dropout: a.dropout,
@@ -239,23 +265,37 @@ fn run_seq(kind: SeqKind, a: SeqArgs) -> Result<()> {
         ..SeqConfig::new(kind)
     };
     let run = RunDir::create(&a.out)?;
-    run.write_config(&SeqRunConfig { data: &a.data, model: &cfg })?;
+    run.write_config(&SeqRunConfig {
+        data: &a.data,
+        model: &cfg,
+    })?;
     let n = d.catalog.n_items();
     let model = seqtrain::build(n, &cfg)?;
-    let mut obs = SeqBars { bars: StepBars::default(), epoch: 0, steps: 0, done: 0 };
+    let mut obs = SeqBars {
+        bars: StepBars::default(),
+        epoch: 0,
+        steps: 0,
+        done: 0,
+    };
     let t0 = std::time::Instant::now();
     let rep = seqtrain::train(model.as_ref(), &cfg, n, &d.train, &d.val_rows, &mut obs)?;
     let train_s = t0.elapsed().as_secs_f64();
-    let params: Vec<(String, candle_core::Tensor)> =
-        model.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+    let params: Vec<(String, candle_core::Tensor)> = model
+        .params()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
     rudder_nn::checkpoint::save(&params, &run.path.join("model.safetensors"))?;
     let ks = [1, 5, 10, 20];
     let full = (!d.test_rows.is_empty())
         .then(|| seqtrain::eval_full(model.as_ref(), &d.test_rows, n, cfg.window, &ks))
         .transpose()?;
     let cand = seqtrain::eval_candidates(model.as_ref(), &d.test_ex, n, cfg.window, &[1, 5, 10])?;
-    let mut lines: Vec<serde_json::Value> =
-        rep.epochs.iter().map(|e| serde_json::to_value(e).unwrap_or_default()).collect();
+    let mut lines: Vec<serde_json::Value> = rep
+        .epochs
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap_or_default())
+        .collect();
     let result = json!({
         "kind": "test",
         "model": kind.name(),
@@ -303,11 +343,30 @@ fn run_seq(kind: SeqKind, a: SeqArgs) -> Result<()> {
         md += &format!("- {n}\n");
     }
     run.write_summary(&md)?;
-    let loss: Vec<(f64, f64)> = rep.epochs.iter().map(|e| ((e.epoch + 1) as f64, e.loss)).collect();
-    let nd: Vec<(f64, f64)> = rep.epochs.iter().map(|e| ((e.epoch + 1) as f64, e.valid_ndcg10)).collect();
-    if let Err(e) = crate::plots::lines(&run.path.join("loss.png"), "training loss (BCE)", "epoch", &[("loss", loss)])
-        .and_then(|_| crate::plots::lines(&run.path.join("valid.png"), "validation NDCG@10", "epoch", &[("NDCG@10", nd)]))
-    {
+    let loss: Vec<(f64, f64)> = rep
+        .epochs
+        .iter()
+        .map(|e| ((e.epoch + 1) as f64, e.loss))
+        .collect();
+    let nd: Vec<(f64, f64)> = rep
+        .epochs
+        .iter()
+        .map(|e| ((e.epoch + 1) as f64, e.valid_ndcg10))
+        .collect();
+    if let Err(e) = crate::plots::lines(
+        &run.path.join("loss.png"),
+        "training loss (BCE)",
+        "epoch",
+        &[("loss", loss)],
+    )
+    .and_then(|_| {
+        crate::plots::lines(
+            &run.path.join("valid.png"),
+            "validation NDCG@10",
+            "epoch",
+            &[("NDCG@10", nd)],
+        )
+    }) {
         tracing::warn!("plots skipped: {e}");
     }
     print!("{md}");
@@ -417,7 +476,8 @@ impl LmObserver for LmBars {
         }
     }
     fn step(&mut self, r: &StepRecord) {
-        self.bars.update("train (steps)", r.step as usize, self.total as usize);
+        self.bars
+            .update("train (steps)", r.step as usize, self.total as usize);
         let rw = r
             .rewards
             .as_ref()
@@ -468,7 +528,10 @@ fn open_lm(model: &str) -> Result<LanguageModel> {
 fn parse_targets(s: &str) -> Result<Vec<Target>> {
     s.split(',')
         .filter(|x| !x.trim().is_empty())
-        .map(|x| Target::parse(x).with_context(|| format!("--targets: {x:?} is not one of q,k,v,o,gate,up,down")))
+        .map(|x| {
+            Target::parse(x)
+                .with_context(|| format!("--targets: {x:?} is not one of q,k,v,o,gate,up,down"))
+        })
         .collect()
 }
 
@@ -477,7 +540,8 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
         Some(dir) => {
             let p = dir.join("config.toml");
             let text = std::fs::read_to_string(&p).with_context(|| format!("{}", p.display()))?;
-            let rc: LmRunConfig = toml::from_str(&text).with_context(|| format!("{}: not a llmrec training config", p.display()))?;
+            let rc: LmRunConfig = toml::from_str(&text)
+                .with_context(|| format!("{}: not a llmrec training config", p.display()))?;
             anyhow::ensure!(
                 rc.train.objective == objective,
                 "{} is a {} run, not {}",
@@ -495,7 +559,10 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
         None => {
             a.data.seqs()?;
             let data = a.data.clone();
-            let out = a.out.clone().context("--out is required (the run folder)")?;
+            let out = a
+                .out
+                .clone()
+                .context("--out is required (the run folder)")?;
             if out.join("checkpoint.safetensors").exists() {
                 bail!(
                     "{} holds an interrupted run; continue it with `--resume {}` or choose another --out",
@@ -504,9 +571,18 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
                 );
             }
             let mut t = LmTrainConfig::reference(objective);
-            t.lora = LoraConfig { r: a.rank, alpha: a.alpha, dropout: a.lora_dropout, targets: parse_targets(&a.targets)? };
+            t.lora = LoraConfig {
+                r: a.rank,
+                alpha: a.alpha,
+                dropout: a.lora_dropout,
+                targets: parse_targets(&a.targets)?,
+            };
             t.beta = a.beta;
-            t.negatives = if objective == Objective::Sdpo { a.negatives } else { 1 };
+            t.negatives = if objective == Objective::Sdpo {
+                a.negatives
+            } else {
+                1
+            };
             t.lr = a.lr.unwrap_or(t.lr);
             t.epochs = a.epochs.unwrap_or(t.epochs);
             t.eval_every = a.eval_every.unwrap_or(t.eval_every);
@@ -519,7 +595,9 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
             t.seed = a.seed;
             t.validate()?;
             if objective != Objective::Sft && a.adapter.is_none() {
-                tracing::warn!("no --adapter: preference training starts from a fresh LoRA (the reference is the base model)");
+                tracing::warn!(
+                    "no --adapter: preference training starts from a fresh LoRA (the reference is the base model)"
+                );
             }
             let rc = LmRunConfig {
                 data,
@@ -528,7 +606,11 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
                 init_adapter: a.adapter.clone(),
                 max_train: a.max_train,
                 max_val: a.max_val,
-                tokenize: Tokenize { seed: 1958, negatives: t.negatives, max_prompt_tokens: a.lm.max_prompt_tokens },
+                tokenize: Tokenize {
+                    seed: 1958,
+                    negatives: t.negatives,
+                    max_prompt_tokens: a.lm.max_prompt_tokens,
+                },
                 train: t,
             };
             (rc, out, false)
@@ -539,13 +621,27 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
         run.write_config(&rc)?;
     }
     let d = load_data(&rc.data)?;
-    anyhow::ensure!(!d.train.is_empty(), "{}: no train.jsonl", rc.data.seqs()?.display());
+    anyhow::ensure!(
+        !d.train.is_empty(),
+        "{}: no train.jsonl",
+        rc.data.seqs()?.display()
+    );
     let n = d.catalog.n_items();
-    let train_ex = from_sequences(&d.train, n, 3, rc.data.candidates, rc.data.data_seed, &rc.data.seqs()?.join("train.jsonl"))?;
+    let train_ex = from_sequences(
+        &d.train,
+        n,
+        3,
+        rc.data.candidates,
+        rc.data.data_seed,
+        &rc.data.seqs()?.join("train.jsonl"),
+    )?;
     let n_all = train_ex.len();
     let train_ex = subset(train_ex, rc.max_train, 0x7A1);
     let val_ex = subset(d.val_ex.clone(), Some(rc.max_val), 0x7A2);
-    anyhow::ensure!(!val_ex.is_empty(), "no validation questions (val.json / val.jsonl)");
+    anyhow::ensure!(
+        !val_ex.is_empty(),
+        "no validation questions (val.json / val.jsonl)"
+    );
     let mut lm = open_lm(&rc.model)?;
     let tpl = templates(&rc.templates)?;
     let ctx = lm.decoder.cfg.max_position_embeddings;
@@ -554,11 +650,18 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
     tk_train.seed ^= 0x5A1;
     let va = tokenize(&val_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_train)?;
     let adapter = match &rc.init_adapter {
-        Some(p) => lm.decoder.load_peft(p, rc.train.seed).with_context(|| format!("--adapter {}", p.display()))?,
+        Some(p) => lm
+            .decoder
+            .load_peft(p, rc.train.seed)
+            .with_context(|| format!("--adapter {}", p.display()))?,
         None => lm.decoder.attach_lora(&rc.train.lora, rc.train.seed)?,
     };
     if rc.init_adapter.is_some() && adapter.cfg.r != rc.train.lora.r {
-        tracing::warn!("the adapter's own rank {} and alpha {} are kept", adapter.cfg.r, adapter.cfg.alpha);
+        tracing::warn!(
+            "the adapter's own rank {} and alpha {} are kept",
+            adapter.cfg.r,
+            adapter.cfg.alpha
+        );
     }
     let files = RunFiles { dir: dir.clone() };
     let eff = rc.train.effective_batch.min(tr.len());
@@ -572,14 +675,30 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
         va.len(),
         adapter.num_params()
     );
-    let mut obs = LmBars { bars: StepBars::default(), total };
+    let mut obs = LmBars {
+        bars: StepBars::default(),
+        total,
+    };
     let t0 = std::time::Instant::now();
     let base = rc.model.clone();
-    let rep = rudder_llmrec::lmtrain::train(&mut lm.decoder, &adapter, &rc.train, &tr, &va, lm.tok.pad, &base, &files, resume, &mut obs)?;
+    let rep = rudder_llmrec::lmtrain::train(
+        &mut lm.decoder,
+        &adapter,
+        &rc.train,
+        &tr,
+        &va,
+        lm.tok.pad,
+        &base,
+        &files,
+        resume,
+        &mut obs,
+    )?;
     obs.bars.finish();
     let secs = t0.elapsed().as_secs_f64();
     let steps = &rep.history.steps;
-    let mean = |f: &dyn Fn(&StepRecord) -> f64| steps.iter().map(f).sum::<f64>() / steps.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&StepRecord) -> f64| {
+        steps.iter().map(f).sum::<f64>() / steps.len().max(1) as f64
+    };
     let summary_json = json!({
         "objective": objective.name(),
         "train_examples": tr.len(),
@@ -620,7 +739,10 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
             "| {} | {:.4} | {} |\n",
             e.step,
             e.val_loss,
-            e.val_rewards.as_ref().map(|w| format!("{:.3}", w.accuracy)).unwrap_or_else(|| "–".into())
+            e.val_rewards
+                .as_ref()
+                .map(|w| format!("{:.3}", w.accuracy))
+                .unwrap_or_else(|| "–".into())
         );
     }
     md += &format!(
@@ -628,12 +750,26 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
         rc.model,
         dir.join("adapter").display(),
         rc.data.seqs()?.display(),
-        rc.data.prompts.as_ref().map(|p| format!(" --prompts {}", p.display())).unwrap_or_default()
+        rc.data
+            .prompts
+            .as_ref()
+            .map(|p| format!(" --prompts {}", p.display()))
+            .unwrap_or_default()
     );
     run.write_summary(&md)?;
     let loss: Vec<(f64, f64)> = steps.iter().map(|s| (s.step as f64, s.loss)).collect();
-    let val: Vec<(f64, f64)> = rep.history.evals.iter().map(|e| (e.step as f64, e.val_loss)).collect();
-    if let Err(e) = crate::plots::lines(&dir.join("loss.png"), &format!("{} loss", objective.name()), "optimizer step", &[("train", loss), ("validation", val)]) {
+    let val: Vec<(f64, f64)> = rep
+        .history
+        .evals
+        .iter()
+        .map(|e| (e.step as f64, e.val_loss))
+        .collect();
+    if let Err(e) = crate::plots::lines(
+        &dir.join("loss.png"),
+        &format!("{} loss", objective.name()),
+        "optimizer step",
+        &[("train", loss), ("validation", val)],
+    ) {
         tracing::warn!("plots skipped: {e}");
     }
     print!("{md}");
@@ -692,16 +828,32 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     }))?;
     let mut lm = open_lm(&a.lm.model)?;
     if let Some(p) = &a.adapter {
-        lm.decoder.load_peft(p, 0).with_context(|| format!("--adapter {}", p.display()))?;
+        lm.decoder
+            .load_peft(p, 0)
+            .with_context(|| format!("--adapter {}", p.display()))?;
     }
     let tpl = templates(&a.lm.templates)?;
     let ctx = lm.decoder.cfg.max_position_embeddings;
-    let tk = Tokenize { seed: 1958, negatives: 0, max_prompt_tokens: a.lm.max_prompt_tokens };
+    let tk = Tokenize {
+        seed: 1958,
+        negatives: 0,
+        max_prompt_tokens: a.lm.max_prompt_tokens,
+    };
     let exs: Vec<LmExample> = tokenize(&d.test_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk)?;
     let mut obs = EvalBars(StepBars::default());
-    let mut result = json!({"kind": "test", "model": a.lm.model, "adapter": a.adapter, "questions": exs.len()});
-    let label = a.adapter.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "zero-shot".into());
-    let mut md = format!("# {} ({label}) on {}\n\n{} test questions.\n\n", a.lm.model, a.data.seqs()?.display(), exs.len());
+    let mut result =
+        json!({"kind": "test", "model": a.lm.model, "adapter": a.adapter, "questions": exs.len()});
+    let label = a
+        .adapter
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "zero-shot".into());
+    let mut md = format!(
+        "# {} ({label}) on {}\n\n{} test questions.\n\n",
+        a.lm.model,
+        a.data.seqs()?.display(),
+        exs.len()
+    );
     if a.mode != EvalMode::Generate {
         let t0 = std::time::Instant::now();
         let s = candidate_logps(&lm, &exs, a.batch, &mut obs)?;
@@ -735,7 +887,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             a.max_new_tokens,
             s.hr1,
             s.valid_ratio,
-            if s.valid_ratio > 0.0 { s.hr1 / s.valid_ratio } else { 0.0 },
+            if s.valid_ratio > 0.0 {
+                s.hr1 / s.valid_ratio
+            } else {
+                0.0
+            },
             s.llara_hr1,
             s.llara_valid_ratio,
             s.llara_hr1_given_valid

@@ -8,7 +8,10 @@ use rudder_lm::config::Arch;
 use rudder_lm::fixtures::{TinySpec, write_hf_dir};
 
 fn rudder(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rudder")).args(args).output().expect("rudder runs")
+    Command::new(env!("CARGO_BIN_EXE_rudder"))
+        .args(args)
+        .output()
+        .expect("rudder runs")
 }
 
 fn ok(o: &Output) -> String {
@@ -31,10 +34,18 @@ fn llara_dir(dir: &Path) -> PathBuf {
     let names: String = (0..30).map(|i| format!("{i}::x{i}\n")).collect();
     std::fs::write(d.join("id2name.txt"), names).unwrap();
     let row = |start: u32, len: usize| {
-        let seq: Vec<u32> = (0..10).map(|k| if k < len { (start + k as u32) % 30 } else { 30 }).collect();
-        format!("{{\"seq\": {:?}, \"len_seq\": {len}, \"next\": {}}}\n", seq, (start + len as u32) % 30)
+        let seq: Vec<u32> = (0..10)
+            .map(|k| if k < len { (start + k as u32) % 30 } else { 30 })
+            .collect();
+        format!(
+            "{{\"seq\": {:?}, \"len_seq\": {len}, \"next\": {}}}\n",
+            seq,
+            (start + len as u32) % 30
+        )
     };
-    let train: String = (0..120).map(|i| row(i % 30, 3 + (i as usize % 5))).collect();
+    let train: String = (0..120)
+        .map(|i| row(i % 30, 3 + (i as usize % 5)))
+        .collect();
     let val: String = (0..10).map(|i| row(i * 3 % 30, 4)).collect();
     let test: String = (0..10).map(|i| row((i * 7 + 1) % 30, 5)).collect();
     std::fs::write(d.join("train.jsonl"), train).unwrap();
@@ -45,7 +56,15 @@ fn llara_dir(dir: &Path) -> PathBuf {
 
 fn model(dir: &Path, layers: usize) -> PathBuf {
     let m = dir.join(format!("tiny{layers}"));
-    write_hf_dir(&m, &TinySpec { context: 512, layers, ..TinySpec::new(Arch::Llama) }).unwrap();
+    write_hf_dir(
+        &m,
+        &TinySpec {
+            context: 512,
+            layers,
+            ..TinySpec::new(Arch::Llama)
+        },
+    )
+    .unwrap();
     m
 }
 
@@ -61,44 +80,170 @@ fn baselines_sft_sdpo_and_eval_write_run_folders() {
     let tp = tpl.to_str().unwrap();
     let run = |n: &str| t.path().join(n).to_str().unwrap().to_string();
 
-    let out = ok(&rudder(&["llmrec", "sasrec", "--seqs", s, "--candidates", "5", "--epochs", "2", "--batch-size", "32", "--out", &run("sas")]));
-    assert!(out.contains("LLM protocol") && out.contains("Full ranking"), "{out}");
-    for f in ["config.toml", "metrics.jsonl", "summary.md", "results.json", "model.safetensors"] {
+    let out = ok(&rudder(&[
+        "llmrec",
+        "sasrec",
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--out",
+        &run("sas"),
+    ]));
+    assert!(
+        out.contains("LLM protocol") && out.contains("Full ranking"),
+        "{out}"
+    );
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.md",
+        "results.json",
+        "model.safetensors",
+    ] {
         assert!(t.path().join("sas").join(f).exists(), "{f}");
     }
 
-    let common = ["--seqs", s, "--candidates", "5", "--model", ms, "--templates", tp, "--batch", "4", "--micro-batch", "2", "--epochs", "1", "--eval-every", "0.5", "--max-val", "4", "--max-train", "8", "--lr", "1e-3"];
+    let common = [
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--model",
+        ms,
+        "--templates",
+        tp,
+        "--batch",
+        "4",
+        "--micro-batch",
+        "2",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0.5",
+        "--max-val",
+        "4",
+        "--max-train",
+        "8",
+        "--lr",
+        "1e-3",
+    ];
     let sft = run("sft");
-    let out = ok(&rudder(&[&["llmrec", "sft"][..], &common, &["--out", &sft]].concat()));
+    let out = ok(&rudder(
+        &[&["llmrec", "sft"][..], &common, &["--out", &sft]].concat(),
+    ));
     assert!(out.contains("Best validation loss"), "{out}");
     let adapter = t.path().join("sft/adapter");
-    assert!(adapter.join("adapter_config.json").exists() && adapter.join("adapter_model.safetensors").exists());
+    assert!(
+        adapter.join("adapter_config.json").exists()
+            && adapter.join("adapter_model.safetensors").exists()
+    );
     assert!(!t.path().join("sft/checkpoint.safetensors").exists());
     // a finished run cannot be resumed; an interrupted one cannot be overwritten
     assert!(fails(&rudder(&["llmrec", "sft", "--resume", &sft])).contains("no checkpoint"));
     std::fs::write(t.path().join("sft/checkpoint.safetensors"), b"x").unwrap();
-    assert!(fails(&rudder(&[&["llmrec", "sft"][..], &common, &["--out", &sft]].concat())).contains("--resume"));
+    assert!(
+        fails(&rudder(
+            &[&["llmrec", "sft"][..], &common, &["--out", &sft]].concat()
+        ))
+        .contains("--resume")
+    );
 
     let a = adapter.to_str().unwrap();
-    let out = ok(&rudder(&[&["llmrec", "sdpo"][..], &common, &["--adapter", a, "--negatives", "2", "--out", &run("sdpo")]].concat()));
+    let out = ok(&rudder(
+        &[
+            &["llmrec", "sdpo"][..],
+            &common,
+            &["--adapter", a, "--negatives", "2", "--out", &run("sdpo")],
+        ]
+        .concat(),
+    ));
     assert!(out.contains("reward accuracy"), "{out}");
     assert!(t.path().join("sdpo/reference_logps.safetensors").exists());
 
-    let out = ok(&rudder(&["llmrec", "eval", "--seqs", s, "--candidates", "5", "--model", ms, "--templates", tp, "--adapter", a, "--max-new-tokens", "4", "--out", &run("ev")]));
-    assert!(out.contains("Likelihood ranking") && out.contains("S-DPO (substring"), "{out}");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.path().join("ev/results.json")).unwrap()).unwrap();
+    let out = ok(&rudder(&[
+        "llmrec",
+        "eval",
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--model",
+        ms,
+        "--templates",
+        tp,
+        "--adapter",
+        a,
+        "--max-new-tokens",
+        "4",
+        "--out",
+        &run("ev"),
+    ]));
+    assert!(
+        out.contains("Likelihood ranking") && out.contains("S-DPO (substring"),
+        "{out}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join("ev/results.json")).unwrap())
+            .unwrap();
     assert_eq!(r["questions"], 10);
     assert!(r["likelihood"]["hit@1"].as_f64().is_some());
-    assert_eq!(std::fs::read_to_string(t.path().join("ev/generations.jsonl")).unwrap().lines().count(), 10);
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("ev/generations.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        10
+    );
 
     // the adapter works on every lm command and can be merged into an exported folder
-    ok(&rudder(&["lm", "score", "--model", ms, "--adapter", a, "--prompt", "h x1", "--continuation", " x2"]));
-    ok(&rudder(&["lm", "export-hf", "--model", ms, "--adapter", a, "--merge", "--out", &run("merged")]));
+    ok(&rudder(&[
+        "lm",
+        "score",
+        "--model",
+        ms,
+        "--adapter",
+        a,
+        "--prompt",
+        "h x1",
+        "--continuation",
+        " x2",
+    ]));
+    ok(&rudder(&[
+        "lm",
+        "export-hf",
+        "--model",
+        ms,
+        "--adapter",
+        a,
+        "--merge",
+        "--out",
+        &run("merged"),
+    ]));
     assert!(ok(&rudder(&["lm", "info", "--model", &run("merged")])).contains("llama"));
 
     // an adapter of another model shape is refused, naming the file
     let m3 = model(t.path(), 3);
-    let e = fails(&rudder(&["llmrec", "eval", "--seqs", s, "--candidates", "5", "--model", m3.to_str().unwrap(), "--templates", tp, "--adapter", a, "--out", &run("ev3")]));
+    let e = fails(&rudder(&[
+        "llmrec",
+        "eval",
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--model",
+        m3.to_str().unwrap(),
+        "--templates",
+        tp,
+        "--adapter",
+        a,
+        "--out",
+        &run("ev3"),
+    ]));
     assert!(e.contains("adapter") && e.contains("missing"), "{e}");
 }
 
@@ -107,17 +252,53 @@ fn bad_sequence_files_are_named_with_the_line() {
     let t = tempfile::tempdir().unwrap();
     let seqs = llara_dir(t.path());
     let mut test = std::fs::read_to_string(seqs.join("test.jsonl")).unwrap();
-    test.push_str("{\"seq\": [1, 2, 45, 30, 30, 30, 30, 30, 30, 30], \"len_seq\": 3, \"next\": 4}\n");
+    test.push_str(
+        "{\"seq\": [1, 2, 45, 30, 30, 30, 30, 30, 30, 30], \"len_seq\": 3, \"next\": 4}\n",
+    );
     std::fs::write(seqs.join("test.jsonl"), test).unwrap();
-    let e = fails(&rudder(&["llmrec", "gru4rec", "--seqs", seqs.to_str().unwrap(), "--candidates", "5", "--epochs", "1", "--out", t.path().join("r").to_str().unwrap()]));
+    let e = fails(&rudder(&[
+        "llmrec",
+        "gru4rec",
+        "--seqs",
+        seqs.to_str().unwrap(),
+        "--candidates",
+        "5",
+        "--epochs",
+        "1",
+        "--out",
+        t.path().join("r").to_str().unwrap(),
+    ]));
     assert!(e.contains("test.jsonl") && e.contains("11"), "{e}");
-    let e = fails(&rudder(&["llmrec", "caser", "--candidates", "5", "--out", t.path().join("r2").to_str().unwrap()]));
+    let e = fails(&rudder(&[
+        "llmrec",
+        "caser",
+        "--candidates",
+        "5",
+        "--out",
+        t.path().join("r2").to_str().unwrap(),
+    ]));
     assert!(e.contains("--seqs is required"), "{e}");
     // a template without its placeholders
     let tpl = t.path().join("bad.txt");
     std::fs::write(&tpl, "no placeholders here\n").unwrap();
     let good = llara_dir(&t.path().join("good"));
     let m = model(t.path(), 1);
-    let e = fails(&rudder(&["llmrec", "eval", "--seqs", good.to_str().unwrap(), "--candidates", "5", "--model", m.to_str().unwrap(), "--templates", tpl.to_str().unwrap(), "--out", t.path().join("r3").to_str().unwrap()]));
-    assert!(e.contains("bad.txt") && e.contains("line 1") && e.contains("[HistoryHere]"), "{e}");
+    let e = fails(&rudder(&[
+        "llmrec",
+        "eval",
+        "--seqs",
+        good.to_str().unwrap(),
+        "--candidates",
+        "5",
+        "--model",
+        m.to_str().unwrap(),
+        "--templates",
+        tpl.to_str().unwrap(),
+        "--out",
+        t.path().join("r3").to_str().unwrap(),
+    ]));
+    assert!(
+        e.contains("bad.txt") && e.contains("line 1") && e.contains("[HistoryHere]"),
+        "{e}"
+    );
 }
