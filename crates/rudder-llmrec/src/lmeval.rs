@@ -15,13 +15,12 @@ use rudder_data::eval::EvalReport;
 use rudder_lm::generate::{GenConfig, generate};
 use rudder_lm::hooks::NoHook;
 use rudder_lm::loader::LanguageModel;
-use rudder_lm::score::branch_logprobs;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
 use crate::data::RecExample;
 use crate::lmdata::LmExample;
-use crate::lmtrain::LmObserver;
+use crate::lmtrain::{LmObserver, answer_logps};
 use crate::seqtrain::candidate_report;
 
 /// Sequence log-probability of every candidate answer of every example.
@@ -35,17 +34,7 @@ pub fn candidate_logps(
     for chunk in exs.chunks(batch.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
         let br: Vec<Vec<Vec<u32>>> = chunk.iter().map(|e| e.responses.clone()).collect();
-        let lp = branch_logprobs(&lm.decoder, &prompts, &br, lm.tok.pad, &mut NoHook)?
-            .to_vec1::<f32>()?;
-        let mut o = 0;
-        for e in chunk {
-            let mut row = Vec::with_capacity(e.responses.len());
-            for r in &e.responses {
-                row.push(lp[o..o + r.len()].iter().sum());
-                o += r.len();
-            }
-            out.push(row);
-        }
+        out.extend(answer_logps(&lm.decoder, &prompts, &br, lm.tok.pad)?.0);
         obs.progress("likelihood ranking", out.len(), exs.len());
     }
     Ok(out)

@@ -261,9 +261,7 @@ fn logprobs(
     let lens: Vec<usize> = br.iter().flatten().map(Vec::len).collect();
     if share {
         let prompts: Vec<Vec<u32>> = exs.iter().map(|e| e.prompt.clone()).collect();
-        let pmax = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let bmax = lens.iter().max().copied().unwrap_or(1);
-        let tokens = prompts.len() * pmax + lens.len() * (bmax - 1).max(1);
+        let tokens = shared_tokens(&prompts, &lens);
         let lp = branch_logprobs(dec, &prompts, &br, pad, &mut NoHook)?;
         Ok((lp, lens, tokens))
     } else {
@@ -299,17 +297,51 @@ fn segment_sums(flat: &Tensor, lens: &[usize]) -> Result<Tensor> {
     Ok(s.matmul(&flat.unsqueeze(1)?)?.squeeze(1)?)
 }
 
-/// Sequence log-probabilities `[B, 1+k]` of the examples' branches, evaluation mode.
+/// Sequence log-probabilities (sums over each answer's tokens) of several answers per prompt,
+/// the prompt computed once and shared (evaluation: no graph is kept), and the token positions
+/// the decoder processed.
+pub fn answer_logps(
+    dec: &Decoder,
+    prompts: &[Vec<u32>],
+    answers: &[Vec<Vec<u32>>],
+    pad: u32,
+) -> Result<(Vec<Vec<f32>>, usize)> {
+    let lens: Vec<usize> = answers.iter().flatten().map(Vec::len).collect();
+    let lp = branch_logprobs(dec, prompts, answers, pad, &mut NoHook)?.to_vec1::<f32>()?;
+    let mut o = 0;
+    let rows = answers
+        .iter()
+        .map(|bs| {
+            bs.iter()
+                .map(|b| {
+                    let v: f32 = lp[o..o + b.len()].iter().sum();
+                    o += b.len();
+                    v
+                })
+                .collect()
+        })
+        .collect();
+    Ok((rows, shared_tokens(prompts, &lens)))
+}
+
+/// Token positions of a shared-prefix pass: the padded prompt batch and the padded branches.
+fn shared_tokens(prompts: &[Vec<u32>], lens: &[usize]) -> usize {
+    let pmax = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let bmax = lens.iter().max().copied().unwrap_or(1);
+    prompts.len() * pmax + lens.len() * (bmax.max(1) - 1).max(1)
+}
+
+/// Sequence log-probabilities `[B, 1+k]` of the examples' branches (the objective's answers),
+/// evaluation mode, and the token positions processed.
 pub fn sequence_logps(
     dec: &Decoder,
     exs: &[&LmExample],
     objective: Objective,
     pad: u32,
-) -> Result<Vec<Vec<f32>>> {
-    let (lp, lens, _) = logprobs(dec, exs, objective, true, pad)?;
-    let sums = segment_sums(&lp, &lens)?.to_vec1::<f32>()?;
-    let per = sums.len() / exs.len().max(1);
-    Ok(sums.chunks(per).map(|c| c.to_vec()).collect())
+) -> Result<(Vec<Vec<f32>>, usize)> {
+    let prompts: Vec<Vec<u32>> = exs.iter().map(|e| e.prompt.clone()).collect();
+    let br: Vec<Vec<Vec<u32>>> = exs.iter().map(|e| branches(e, objective)).collect();
+    answer_logps(dec, &prompts, &br, pad)
 }
 
 struct Mode<'a> {
@@ -341,7 +373,7 @@ fn reference_table(
     let mut out = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
         let refs: Vec<&LmExample> = chunk.iter().collect();
-        out.extend(sequence_logps(dec, &refs, objective, pad)?);
+        out.extend(sequence_logps(dec, &refs, objective, pad)?.0);
         obs.progress(phase, out.len(), exs.len());
     }
     Ok(out)
@@ -627,9 +659,9 @@ pub fn train(
                     .map(|(_, v)| v.as_tensor().copy())
                     .collect::<candle_core::Result<_>>()?;
                 set_all(&params, &init)?;
-                let r = sequence_logps(mode.dec, &exs, cfg.objective, pad)?;
+                let (r, tk) = sequence_logps(mode.dec, &exs, cfg.objective, pad)?;
                 set_all(&params, &cur)?;
-                tokens += exs.iter().map(|e| e.prompt.len() + 8).sum::<usize>();
+                tokens += tk;
                 Some(r)
             };
             mode.train();

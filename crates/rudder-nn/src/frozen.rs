@@ -144,6 +144,18 @@ pub fn dropout_stream(x: &Tensor, p: f64, seed: u64, stream: u64) -> Result<Tens
             *o = if rng.next_u32() < thresh { 0.0 } else { keep };
         }
     });
+    apply_mask(x, mask)
+}
+
+/// `x ⊙ mask` as one op whose backward is `g ⊙ mask` (no gradient for the constant mask).
+pub fn apply_mask(x: &Tensor, mask: Vec<f32>) -> Result<Tensor> {
+    if mask.len() != x.elem_count() {
+        candle_core::bail!(
+            "mask of {} values for {} elements",
+            mask.len(),
+            x.elem_count()
+        );
+    }
     if !x.track_op() {
         return x * Tensor::from_vec(mask, x.shape(), x.device())?;
     }

@@ -19,7 +19,7 @@ use rudder_llmrec::lmtrain::{
 use rudder_llmrec::prompts::Templates;
 use rudder_llmrec::seqrec::{SeqConfig, SeqKind};
 use rudder_llmrec::seqtrain::{self, SeqEpoch, SeqObserver};
-use rudder_lm::loader::{LanguageModel, LoadOptions, load};
+use rudder_lm::loader::LanguageModel;
 use rudder_lm::lora::{LoraConfig, Target};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -517,12 +517,13 @@ fn templates(spec: &str) -> Result<Templates> {
     }
 }
 
+/// Training and evaluation run in f32 (GGUF weights dequantized).
 fn open_lm(model: &str) -> Result<LanguageModel> {
-    let path = crate::lm_cmd::resolve_model(model)?;
-    let sp = crate::progress::spinner(&format!("loading {}", path.display()));
-    let lm = load(&path, &LoadOptions { dequantize: true })?;
-    sp.finish_and_clear();
-    Ok(lm)
+    crate::lm_cmd::open(&crate::lm_cmd::ModelArgs {
+        model: model.to_string(),
+        dequantize: true,
+        adapter: None,
+    })
 }
 
 fn parse_targets(s: &str) -> Result<Vec<Target>> {
