@@ -671,18 +671,24 @@ impl InProcess {
     /// Submit jobs; their events arrive on the returned [`Running`] tagged with `base + i`.
     pub fn start(&self, jobs: Vec<Job>, base: u32) -> std::result::Result<Running, ApiError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut tickets = Vec::new();
-        for (i, j) in jobs.into_iter().enumerate() {
-            let tx = tx.clone();
-            let idx = base + i as u32;
-            match self
-                .engine
-                .submit(j, Box::new(move |e| tx.send((idx, e)).is_ok()))
-            {
-                Ok(t) => tickets.push(t.cancel_on_drop()),
-                Err(e) => return Err(ApiError::submit(e)), // tickets dropped: started jobs cancelled
-            }
-        }
+        let group = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, j)| {
+                let tx = tx.clone();
+                let idx = base + i as u32;
+                let sink: rudder_lm::engine::Sink = Box::new(move |e| tx.send((idx, e)).is_ok());
+                (j, sink)
+            })
+            .collect();
+        // one group: a request's choices are admitted (and prefilled) together
+        let tickets = self
+            .engine
+            .submit_all(group)
+            .map_err(ApiError::submit)?
+            .into_iter()
+            .map(|t| t.cancel_on_drop())
+            .collect();
         Ok(Running {
             rx,
             _tickets: tickets,

@@ -200,7 +200,9 @@ pub struct Stats {
 }
 
 enum Msg {
-    Job(Box<Pending>),
+    /// Jobs admitted together (the `n` choices of one request share their first step, so
+    /// their numbers do not depend on when the engine thread wakes between them).
+    Jobs(Vec<Pending>),
     Score {
         pairs: Vec<(Vec<u32>, Vec<u32>)>,
         interventions: Option<Interventions>,
@@ -270,39 +272,60 @@ impl Engine {
 
     /// Queue a generation; its events go to `sink` on the engine thread.
     pub fn submit(&self, job: Job, sink: Sink) -> std::result::Result<Ticket, SubmitError> {
-        self.check_prompt(&job.prompt)?;
-        if let Some(iv) = &job.interventions {
-            let c = &self.lm.decoder.cfg;
-            iv.validate(c.num_layers, c.hidden_size)?;
-        }
-        if let Some(cap) = &job.capture {
-            for s in &cap.sites {
-                s.check(self.lm.decoder.cfg.num_layers)?;
+        Ok(self
+            .submit_all(vec![(job, sink)])?
+            .pop()
+            .expect("one ticket per job"))
+    }
+
+    /// Queue several generations as one group: they are admitted in the same step while rows
+    /// are free, so a request's choices are computed in the same batch whatever the timing.
+    /// Every job is checked before any is queued; on an error nothing is queued.
+    pub fn submit_all(
+        &self,
+        jobs: Vec<(Job, Sink)>,
+    ) -> std::result::Result<Vec<Ticket>, SubmitError> {
+        for (job, _) in &jobs {
+            self.check_prompt(&job.prompt)?;
+            if let Some(iv) = &job.interventions {
+                let c = &self.lm.decoder.cfg;
+                iv.validate(c.num_layers, c.hidden_size)?;
+            }
+            if let Some(cap) = &job.capture {
+                for s in &cap.sites {
+                    s.check(self.lm.decoder.cfg.num_layers)?;
+                }
             }
         }
-        let queued = self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        if queued >= self.cfg.max_queue {
-            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+        let n = jobs.len();
+        let queued = self.stats.queued.fetch_add(n, Ordering::SeqCst);
+        if queued + n > self.cfg.max_queue {
+            self.stats.queued.fetch_sub(n, Ordering::SeqCst);
             return Err(SubmitError::Busy {
                 queued,
                 limit: self.cfg.max_queue,
             });
         }
-        let cancel = Arc::new(AtomicBool::new(false));
-        let p = Pending {
-            job,
-            sink,
-            cancel: cancel.clone(),
-            submitted: Instant::now(),
-        };
-        if let Err(e) = self.send(Msg::Job(Box::new(p))) {
-            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+        let mut tickets = Vec::with_capacity(n);
+        let mut group = Vec::with_capacity(n);
+        for (job, sink) in jobs {
+            let cancel = Arc::new(AtomicBool::new(false));
+            group.push(Pending {
+                job,
+                sink,
+                cancel: cancel.clone(),
+                submitted: Instant::now(),
+            });
+            tickets.push(Ticket {
+                cancel,
+                on_drop: false,
+            });
+        }
+        if let Err(e) = self.send(Msg::Jobs(group)) {
+            self.stats.queued.fetch_sub(n, Ordering::SeqCst);
             return Err(e);
         }
-        Ok(Ticket {
-            cancel,
-            on_drop: false,
-        })
+        Ok(tickets)
     }
 
     /// Generate and wait (a blocking convenience over [`Engine::submit`]).
@@ -602,7 +625,7 @@ impl<'m> Row<'m> {
 }
 
 fn run(lm: &LanguageModel, cfg: &EngineConfig, rx: mpsc::Receiver<Msg>, stats: &Stats) {
-    let mut waiting: VecDeque<Box<Pending>> = VecDeque::new();
+    let mut waiting: VecDeque<Pending> = VecDeque::new();
     let mut rows: Vec<Row> = Vec::new();
     let mut draining = false;
     let max_rows = cfg.max_rows.max(1);
@@ -630,7 +653,7 @@ fn run(lm: &LanguageModel, cfg: &EngineConfig, rx: mpsc::Receiver<Msg>, stats: &
         }
         for m in msgs {
             match m {
-                Msg::Job(p) => waiting.push_back(p),
+                Msg::Jobs(ps) => waiting.extend(ps),
                 Msg::Score {
                     pairs,
                     interventions,
@@ -679,7 +702,7 @@ fn run(lm: &LanguageModel, cfg: &EngineConfig, rx: mpsc::Receiver<Msg>, stats: &
             stats
                 .prompt_tokens
                 .fetch_add(p.job.prompt.len() as u64, Ordering::Relaxed);
-            rows.push(Row::new(lm, *p));
+            rows.push(Row::new(lm, p));
         }
         // drop what is over (cancelled, finished before starting)
         let mut i = 0;

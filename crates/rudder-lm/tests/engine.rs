@@ -475,3 +475,84 @@ fn gated_edits_keep_the_prompt_whole_and_equal_the_padded_path() {
     let got = eng.generate_blocking(j).unwrap();
     assert_eq!(got.tokens, want[0].tokens);
 }
+
+#[test]
+fn a_group_is_admitted_together_or_refused_whole() {
+    // A request's choices go in as one group: they share their steps, so the same group gives
+    // bit-identical log-probabilities run after run however the engine thread is scheduled
+    // (rows at different batch positions may differ in the last float bits, never more). A
+    // group larger than the queue's room is refused whole, leaving nothing queued.
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = Arc::new(model(tmp.path(), Arch::Llama));
+    let p = prompts(&lm)[2].clone();
+    let eng = Engine::start(
+        lm.clone(),
+        EngineConfig {
+            max_rows: 4,
+            max_queue: 3,
+            prefill_chunk: 256, // room for the whole group's prompts in one step
+        },
+    );
+    let cfg = GenConfig {
+        max_new_tokens: 6,
+        ignore_eos: true,
+        ..GenConfig::default()
+    };
+    let mut first: Option<Vec<Vec<(f32, Vec<(u32, f32)>)>>> = None;
+    for _ in 0..8 {
+        let (tx, rx) = mpsc::channel();
+        let group = (0..3)
+            .map(|i| {
+                let mut j = Job::new(p.clone(), cfg.clone());
+                j.logprobs = Some(3);
+                let tx = tx.clone();
+                let sink: rudder_lm::engine::Sink = Box::new(move |e| {
+                    if let Event::Token(t) = e {
+                        let _ = tx.send((i, t.logprob.unwrap(), t.top));
+                    }
+                    true
+                });
+                (j, sink)
+            })
+            .collect();
+        let tickets = eng.submit_all(group).unwrap();
+        drop(tx);
+        let mut per: Vec<Vec<(f32, Vec<(u32, f32)>)>> = vec![Vec::new(); 3];
+        for (i, lp, top) in rx.iter() {
+            // sinks run on the engine thread in step order: rows admitted together advance
+            // in lockstep, none a token ahead of another
+            let low = per.iter().map(|r| r.len()).min().unwrap();
+            assert_eq!(per[i].len(), low, "row {i} ran ahead of its group");
+            per[i].push((lp, top));
+        }
+        drop(tickets);
+        assert_eq!(per[0].len(), 6);
+        for row in &per[1..] {
+            for (a, b) in per[0].iter().zip(row) {
+                assert!((a.0 - b.0).abs() < 1e-4, "{a:?} vs {b:?}");
+                assert_eq!(a.1[0].0, b.1[0].0);
+            }
+        }
+        match &first {
+            None => first = Some(per),
+            Some(f) => assert_eq!(f, &per, "the same group gave different numbers"),
+        }
+    }
+    let four = (0..4)
+        .map(|_| {
+            let sink: rudder_lm::engine::Sink = Box::new(|_| true);
+            (Job::new(p.clone(), cfg.clone()), sink)
+        })
+        .collect();
+    match eng.submit_all(four) {
+        Err(SubmitError::Busy { limit: 3, .. }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a group over the queue limit was accepted"),
+    }
+    assert_eq!(
+        eng.stats.queued.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let o = eng.generate_blocking(Job::new(p, cfg)).unwrap();
+    assert_eq!(o.tokens.len(), 6);
+}
