@@ -9,6 +9,13 @@
 //! rudder and Python `peft`. GGUF Llama files keep Q/K rows in llama.cpp's interleaved order;
 //! the `B` rows of q/k adapters are reordered on the way in and out so files always hold the
 //! Hugging Face order. [`export_hf`] writes the base model itself as a Hugging Face folder.
+//!
+//! **MoE-LoRA** (iLoRA, llmrec-seeds.md §2.4): with `experts = K > 1` the rank is split into K
+//! experts of `r/K` rows of `A` (and columns of `B`); expert outputs are mixed by a gate
+//! `g ∈ R^{G×K}` per sequence, shared by every token and layer, with scaling `α/(r/K)`:
+//! `y = W x + (α/(r/K)) Σ_k g_k B_k (A_k x)`. That equals LoRA with the rank activations
+//! `A x` multiplied by `g` repeated `r/K` times, which is how it runs. The gate is set for a
+//! batch with [`Adapter::set_gate`] (`G` = 1, broadcast, or one row per batch row).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -114,6 +121,13 @@ pub struct LoraConfig {
     pub alpha: f64,
     pub dropout: f64,
     pub targets: Vec<Target>,
+    /// MoE-LoRA experts splitting the rank (1 = plain LoRA).
+    #[serde(default = "one")]
+    pub experts: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for LoraConfig {
@@ -123,19 +137,27 @@ impl Default for LoraConfig {
             alpha: 32.0,
             dropout: 0.1,
             targets: ALL_TARGETS.to_vec(),
+            experts: 1,
         }
     }
 }
 
 impl LoraConfig {
+    /// `α / r` (plain LoRA) or `α / (r/K)` (MoE-LoRA, as iLoRA scales each expert).
     pub fn scale(&self) -> f64 {
-        self.alpha / self.r as f64
+        self.alpha / (self.r / self.experts.max(1)) as f64
     }
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 || self.targets.is_empty() {
             return Err(LmError::Config(
                 "LoRA needs a positive rank and at least one target module".into(),
             ));
+        }
+        if self.experts == 0 || !self.r.is_multiple_of(self.experts) {
+            return Err(LmError::Config(format!(
+                "MoE-LoRA: {} experts do not divide the rank {} (each expert takes r/K rows)",
+                self.experts, self.r
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) || !self.alpha.is_finite() {
             return Err(LmError::Config(format!(
@@ -155,6 +177,26 @@ pub struct LoraRuntime {
     training: AtomicBool,
     seed: u64,
     calls: AtomicU64,
+    /// MoE-LoRA: the rank gate `[G, r]` of the current batch (each expert's weight repeated
+    /// over its rows), `None` for plain LoRA.
+    experts: usize,
+    gate: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl LoraRuntime {
+    fn new(seed: u64, experts: usize) -> Self {
+        LoraRuntime {
+            training: AtomicBool::new(false),
+            seed,
+            calls: AtomicU64::new(0),
+            experts,
+            gate: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn gate(&self) -> Option<Tensor> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// The adapter attached to one linear layer.
@@ -183,7 +225,31 @@ impl LoraSlot {
         } else {
             (self.a.as_tensor().detach(), self.b.as_tensor().detach())
         };
-        let h = x.matmul(&a.t()?)?;
+        let mut h = x.matmul(&a.t()?)?;
+        if self.rt.experts > 1 {
+            let g = self.rt.gate().ok_or_else(|| {
+                LmError::Config(
+                    "MoE-LoRA adapter without a gate: set one for the batch (Adapter::set_gate)"
+                        .into(),
+                )
+            })?;
+            let (rows, r) = g.dims2()?;
+            let n = h.dim(0)?;
+            if !n.is_multiple_of(rows) {
+                return Err(LmError::Config(format!(
+                    "MoE-LoRA gate has {rows} rows for {n} token positions"
+                )));
+            }
+            let g = if self.rt.training.load(Ordering::Relaxed) {
+                g
+            } else {
+                g.detach()
+            };
+            h = h
+                .reshape((rows, n / rows, r))?
+                .broadcast_mul(&g.unsqueeze(1)?)?
+                .reshape((n, r))?;
+        }
         Ok((h.matmul(&b.t()?)? * self.scale)?)
     }
 }
@@ -206,6 +272,40 @@ fn peft_name(l: usize, t: Target, ab: &str) -> String {
 }
 
 impl Adapter {
+    /// MoE-LoRA: the expert weights `[G, K]` of the next forward passes (`G` = 1 for every row,
+    /// or one row per batch row, in batch order; a sequence's rows must be contiguous as the
+    /// decoder lays out `[B, T]`); `None` clears it. Differentiable: the gradient reaches
+    /// whatever computed the gate. Plain LoRA refuses a gate.
+    pub fn set_gate(&self, gate: Option<&Tensor>) -> Result<()> {
+        let k = self.cfg.experts;
+        let expanded = match gate {
+            None => None,
+            Some(g) => {
+                if k <= 1 {
+                    return Err(LmError::Config("a plain LoRA adapter takes no gate".into()));
+                }
+                let (_, gk) = g.dims2()?;
+                if gk != k {
+                    return Err(LmError::Config(format!(
+                        "gate of width {gk} for {k} experts"
+                    )));
+                }
+                // [K, r] with row k holding ones on expert k's r/K rank rows
+                let re = self.cfg.r / k;
+                let mut m = vec![0f32; k * self.cfg.r];
+                for e in 0..k {
+                    for j in 0..re {
+                        m[e * self.cfg.r + e * re + j] = 1.0;
+                    }
+                }
+                let spread = Tensor::from_vec(m, (k, self.cfg.r), g.device())?;
+                Some(g.matmul(&spread)?)
+            }
+        };
+        *self.rt.gate.lock().unwrap_or_else(|e| e.into_inner()) = expanded;
+        Ok(())
+    }
+
     /// Training (dropout on, gradients recorded) or evaluation (neither).
     pub fn set_training(&self, on: bool) {
         self.rt.training.store(on, Ordering::Relaxed);
@@ -268,11 +368,7 @@ impl Decoder {
     /// projection of every layer, replacing any adapter already there.
     pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Adapter> {
         cfg.validate()?;
-        let rt = Arc::new(LoraRuntime {
-            training: AtomicBool::new(false),
-            seed,
-            calls: AtomicU64::new(0),
-        });
+        let rt = Arc::new(LoraRuntime::new(seed, cfg.experts));
         let mut params = Vec::new();
         let mut init = ChaCha8Rng::seed_from_u64(seed);
         for l in 0..self.cfg.num_layers {
@@ -321,6 +417,12 @@ impl Decoder {
                 let Some(slot) = lin.lora.take() else {
                     continue;
                 };
+                if slot.rt.experts > 1 {
+                    lin.lora = Some(slot);
+                    return Err(LmError::Config(
+                        "a MoE-LoRA adapter cannot be merged: its gate differs per sequence".into(),
+                    ));
+                }
                 let Weight::Dense(w) = &lin.weight else {
                     lin.lora = Some(slot);
                     return Err(LmError::Config(format!(
@@ -371,6 +473,7 @@ impl Decoder {
             "init_lora_weights": true,
             "use_rslora": false,
             "use_dora": false,
+            "rudder_experts": adapter.cfg.experts,
             "modules_to_save": null,
             "layers_to_transform": null,
             "revision": null,
@@ -454,12 +557,18 @@ impl Decoder {
             targets.push(t);
         }
         targets.sort_by_key(|t| ALL_TARGETS.iter().position(|x| x == t));
+        let experts = v
+            .get("rudder_experts")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(1) as usize;
         let cfg = LoraConfig {
             r,
             alpha,
             dropout,
             targets,
+            experts,
         };
+        cfg.validate().map_err(|e| LmError::file(&cj, e))?;
         let st = dir.join("adapter_model.safetensors");
         if !st.exists() {
             return Err(LmError::file(
@@ -692,6 +801,117 @@ mod tests {
         lm.decoder.detach_lora();
         assert_eq!(with, logits(&lm.decoder, &IDS));
         drop(fresh);
+    }
+
+    #[test]
+    fn moe_lora_gates_experts_per_sequence() {
+        let d = tempfile::tempdir().unwrap();
+        let mut lm = tiny(d.path());
+        let moe = LoraConfig {
+            experts: 4,
+            dropout: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(moe.scale(), 16.0); // α/(r/K), as iLoRA scales
+        let bad = LoraConfig {
+            experts: 3,
+            ..Default::default()
+        };
+        let e = lm.decoder.attach_lora(&bad, 1).err().unwrap().to_string();
+        assert!(e.contains("3 experts do not divide the rank 8"), "{e}");
+        let ad = lm.decoder.attach_lora(&moe, 3).unwrap();
+        randomize(&ad, 4);
+        // no gate: a clear error, not a silent plain LoRA
+        let t = Tensor::from_slice(&IDS, (1, IDS.len()), &Device::Cpu).unwrap();
+        let mut c = lm.decoder.new_cache(vec![0]);
+        let e = lm
+            .decoder
+            .forward(&t, &mut c, Phase::Prefill, &mut NoHook)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("without a gate"), "{e}");
+        // a one-hot gate on expert k equals plain LoRA on rank rows 2k..2k+2 with α/2 scaling
+        let k = 2;
+        let onehot = Tensor::from_vec(vec![0f32, 0.0, 1.0, 0.0], (1, 4), &Device::Cpu).unwrap();
+        ad.set_gate(Some(&onehot)).unwrap();
+        let gated = logits(&lm.decoder, &IDS);
+        let vals: Vec<Tensor> = ad
+            .params
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy().unwrap())
+            .collect();
+        lm.decoder.detach_lora();
+        let plain = lm
+            .decoder
+            .attach_lora(
+                &LoraConfig {
+                    r: 2,
+                    alpha: 32.0,
+                    dropout: 0.0,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        for ((n, v), full) in plain.params.iter().zip(&vals) {
+            let part = if n.ends_with("lora_A.weight") {
+                full.narrow(0, 2 * k, 2).unwrap()
+            } else {
+                full.narrow(1, 2 * k, 2).unwrap()
+            };
+            v.set(&part.contiguous().unwrap()).unwrap();
+        }
+        assert!(rel(&gated, &logits(&lm.decoder, &IDS)) < 1e-5);
+        lm.decoder.detach_lora();
+        // per-row gates: each row of a batch follows its own gate; every A/B and the gate's
+        // source receive gradient in training
+        let ad = lm.decoder.attach_lora(&moe, 3).unwrap();
+        randomize(&ad, 4);
+        let src = Var::from_tensor(
+            &Tensor::from_vec(
+                vec![0.1f32, 0.2, 0.3, 0.4, 0.7, 0.1, 0.1, 0.1],
+                (2, 4),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        ad.set_training(true);
+        lm.decoder.differentiable = true;
+        ad.set_gate(Some(src.as_tensor())).unwrap();
+        let pair = (IDS[..4].to_vec(), IDS[4..].to_vec());
+        let lp = crate::score::continuation_logprobs(
+            &lm.decoder,
+            &[pair.clone(), pair.clone()],
+            0,
+            &mut NoHook,
+        )
+        .unwrap();
+        let grads = lp.sum_all().unwrap().backward().unwrap();
+        rudder_nn::grad::assert_all_receive_gradient(&grads, &ad.params);
+        let gs = grads
+            .get(src.as_tensor())
+            .expect("the gate receives a gradient");
+        assert!(
+            gs.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+        let v = lp.reshape((2, 3)).unwrap().to_vec2::<f32>().unwrap();
+        assert!(v[0] != v[1], "different gates, different outputs");
+        // a gate for the wrong number of rows is refused
+        let three = Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap();
+        ad.set_gate(Some(&three)).unwrap();
+        assert!(
+            crate::score::continuation_logprobs(&lm.decoder, &[pair.clone(), pair], 0, &mut NoHook)
+                .is_err()
+        );
+        assert!(lm.decoder.merge_lora().is_err());
     }
 
     #[test]

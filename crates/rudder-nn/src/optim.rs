@@ -45,6 +45,8 @@ struct Slot {
 
 struct Group {
     cfg: AdamConfig,
+    /// This group's learning rate is `mult ×` the rate given to [`Adam::set_lr`].
+    mult: f64,
     params: Vec<Slot>,
 }
 
@@ -66,6 +68,12 @@ impl Adam {
     }
 
     pub fn add_group(&mut self, params: Vec<Var>, cfg: AdamConfig) -> Result<()> {
+        self.add_scaled_group(params, cfg, 1.0)
+    }
+
+    /// A group whose learning rate follows [`Adam::set_lr`] times `mult` (iLoRA's router runs
+    /// at 0.3× the schedule).
+    pub fn add_scaled_group(&mut self, params: Vec<Var>, cfg: AdamConfig, mult: f64) -> Result<()> {
         let params = params
             .into_iter()
             .map(|var| {
@@ -77,13 +85,13 @@ impl Adam {
                 }
             })
             .collect();
-        self.groups.push(Group { cfg, params });
+        self.groups.push(Group { cfg, mult, params });
         Ok(())
     }
 
     pub fn set_lr(&mut self, lr: f64) {
         for g in &mut self.groups {
-            g.cfg.lr = lr;
+            g.cfg.lr = lr * g.mult;
         }
     }
 
