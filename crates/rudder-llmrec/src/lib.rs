@@ -14,6 +14,7 @@ pub mod lmdata;
 pub mod lmeval;
 pub mod lmtrain;
 pub mod prompts;
+pub mod router;
 pub mod sasrec;
 pub mod sdpo;
 pub mod seqrec;
