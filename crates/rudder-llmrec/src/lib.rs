@@ -10,6 +10,7 @@ pub mod caser;
 pub mod data;
 pub mod error;
 pub mod gru4rec;
+pub mod hybrid;
 pub mod lmdata;
 pub mod lmeval;
 pub mod lmtrain;

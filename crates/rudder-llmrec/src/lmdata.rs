@@ -25,6 +25,8 @@ pub struct LmExample {
     /// Candidate titles in order (for generation-based validity and hits).
     pub titles: Vec<String>,
     pub truncated: bool,
+    /// LLaRA's hybrid form (`crate::hybrid::attach_hybrid`), when the method uses one.
+    pub hybrid: Option<crate::hybrid::Hybrid>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -108,6 +110,7 @@ pub fn tokenize(
             prompt_text: text,
             titles,
             truncated,
+            hybrid: None,
         });
     }
     Ok(out)

@@ -24,10 +24,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
+use rand::Rng;
 use rand::seq::SliceRandom;
 use rudder_lm::decoder::Decoder;
-use rudder_lm::hooks::NoHook;
+use rudder_lm::hooks::{Hook, NoHook};
 use rudder_lm::lora::{Adapter, LoraConfig};
 use rudder_lm::score::{branch_logprobs, continuation_logprobs};
 use rudder_nn::optim::{Adam, AdamConfig, clip_grad_norm, warmup_cosine};
@@ -36,6 +37,65 @@ use serde::{Deserialize, Serialize};
 use crate::lmdata::LmExample;
 use crate::sdpo::{RewardStats, sdpo_loss};
 use crate::{LlmrecError, Result};
+
+/// Parameters of a [`Conditioner`] optimised together (Adam with coupled weight decay, the
+/// learning rate `lr_mult ×` the schedule).
+pub struct ParamGroup {
+    pub name: String,
+    pub params: Vec<(String, Var)>,
+    pub lr_mult: f64,
+    pub weight_decay: f64,
+}
+
+/// What a forward pass over a batch runs: the prompts and the hook.
+pub struct Prepared {
+    pub prompts: Vec<Vec<u32>>,
+    pub hook: Box<dyn Hook>,
+}
+
+/// A method that conditions the language model on more than the prompt text (LLaRA's spliced
+/// item embeddings, iLoRA's gate): its own trainable parameters and, per batch, the prompts, a
+/// hook and the adapter's gate. It plugs into [`train`] (SFT only) and the evaluation.
+pub trait Conditioner {
+    fn groups(&self) -> Vec<ParamGroup>;
+    /// Probability that a training batch uses the hybrid form at `step` of `total` optimizer
+    /// steps (the curriculum); evaluation always does.
+    fn hybrid_probability(&self, step: u64, total: u64, steps_per_epoch: f64) -> f64;
+    /// Prepare a pass over `exs`: the prompts (hybrid or text), the hook, and the adapter's
+    /// gate (set here, cleared by the caller with `adapter.set_gate(None)`).
+    fn prepare(
+        &self,
+        exs: &[&LmExample],
+        hybrid: bool,
+        training: bool,
+        adapter: &Adapter,
+    ) -> Result<Prepared>;
+    /// Parameters and buffers (checkpoints, the saved model).
+    fn tensors(&self) -> Vec<(String, Tensor)>;
+    fn load(
+        &self,
+        map: &std::collections::HashMap<String, Tensor>,
+        prefix: &str,
+        source: &Path,
+    ) -> Result<()>;
+}
+
+/// The prompts and hook of a pass: the conditioner's, or the examples' own text prompts.
+pub fn prepare(
+    cond: Option<&dyn Conditioner>,
+    exs: &[&LmExample],
+    hybrid: bool,
+    training: bool,
+    adapter: &Adapter,
+) -> Result<Prepared> {
+    match cond {
+        Some(c) => c.prepare(exs, hybrid, training, adapter),
+        None => Ok(Prepared {
+            prompts: exs.iter().map(|e| e.prompt.clone()).collect(),
+            hook: Box::new(NoHook),
+        }),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,6 +136,10 @@ pub struct LmTrainConfig {
     pub prefix_sharing: bool,
     pub cache_reference: bool,
     pub seed: u64,
+    /// The schedule starts warmup at, and decays to, this fraction of `lr` (iLoRA: 0.01;
+    /// S-DPO: 0).
+    #[serde(default)]
+    pub lr_floor: f64,
 }
 
 impl LmTrainConfig {
@@ -101,6 +165,7 @@ impl LmTrainConfig {
             prefix_sharing: true,
             cache_reference: true,
             seed: 42,
+            lr_floor: 0.0,
         }
     }
 
@@ -235,6 +300,9 @@ impl RunFiles {
     }
 }
 
+/// The conditioner's tensors beside the best adapter (`adapter/conditioner.safetensors`).
+pub const CONDITIONER_FILE: &str = "conditioner.safetensors";
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     rudder_data::io::write_bytes_atomic(path, bytes).map_err(LlmrecError::from)
 }
@@ -256,19 +324,25 @@ fn logprobs(
     objective: Objective,
     share: bool,
     pad: u32,
+    prep: &mut Prepared,
 ) -> Result<(Tensor, Vec<usize>, usize)> {
     let br: Vec<Vec<Vec<u32>>> = exs.iter().map(|e| branches(e, objective)).collect();
     let lens: Vec<usize> = br.iter().flatten().map(Vec::len).collect();
+    let prompts = &prep.prompts;
     if share {
-        let prompts: Vec<Vec<u32>> = exs.iter().map(|e| e.prompt.clone()).collect();
-        let tokens = shared_tokens(&prompts, &lens);
-        let lp = branch_logprobs(dec, &prompts, &br, pad, &mut NoHook)?;
+        let tokens = shared_tokens(prompts, &lens);
+        let lp = branch_logprobs(dec, prompts, &br, pad, prep.hook.as_mut())?;
         Ok((lp, lens, tokens))
     } else {
+        if prompts.len() != exs.len() {
+            return Err(LlmrecError::Config(
+                "a conditioned pass runs one sequence per example".into(),
+            ));
+        }
         let mut pairs = Vec::new();
-        for (e, bs) in exs.iter().zip(&br) {
+        for (p, bs) in prompts.iter().zip(&br) {
             for b in bs {
-                pairs.push((e.prompt.clone(), b.clone()));
+                pairs.push((p.clone(), b.clone()));
             }
         }
         let tmax = pairs
@@ -277,7 +351,7 @@ fn logprobs(
             .max()
             .unwrap_or(0);
         let tokens = pairs.len() * tmax;
-        let lp = continuation_logprobs(dec, &pairs, pad, &mut NoHook)?;
+        let lp = continuation_logprobs(dec, &pairs, pad, prep.hook.as_mut())?;
         Ok((lp, lens, tokens))
     }
 }
@@ -396,8 +470,12 @@ fn batch_loss(
     refs: Option<&[Vec<f32>]>,
     cfg: &LmTrainConfig,
     pad: u32,
+    prep: &mut Prepared,
 ) -> Result<(Tensor, Option<RewardStats>, usize)> {
-    let (lp, lens, tokens) = logprobs(dec, exs, cfg.objective, cfg.prefix_sharing, pad)?;
+    // prefix sharing gains nothing with one answer (SFT), and a conditioned pass wants one
+    // row per example
+    let share = cfg.prefix_sharing && cfg.objective != Objective::Sft;
+    let (lp, lens, tokens) = logprobs(dec, exs, cfg.objective, share, pad, prep)?;
     if cfg.objective == Objective::Sft {
         let n = lp.elem_count();
         return Ok(((lp.sum_all()?.neg()? / n as f64)?, None, tokens));
@@ -419,12 +497,15 @@ fn sample_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 /// Validation loss (and reward statistics) in evaluation mode.
+#[allow(clippy::too_many_arguments)]
 fn validate(
     dec: &Decoder,
     val: &[LmExample],
     refs: Option<&[Vec<f32>]>,
     cfg: &LmTrainConfig,
     pad: u32,
+    cond: Option<&dyn Conditioner>,
+    adapter: &Adapter,
     obs: &mut dyn LmObserver,
 ) -> Result<(f64, Option<RewardStats>)> {
     let bs = (cfg.micro_batch * 2).max(1);
@@ -434,7 +515,10 @@ fn validate(
     for (c, chunk) in val.chunks(bs).enumerate() {
         let exs: Vec<&LmExample> = chunk.iter().collect();
         let r = refs.map(|r| &r[c * bs..c * bs + chunk.len()]);
-        let (loss, st, _) = batch_loss(dec, &exs, r, cfg, pad)?;
+        let mut prep = prepare(cond, &exs, true, false, adapter)?;
+        let out = batch_loss(dec, &exs, r, cfg, pad, &mut prep);
+        adapter.set_gate(None)?;
+        let (loss, st, _) = out?;
         let w = if cfg.objective == Objective::Sft {
             exs.iter()
                 .map(|e| e.responses[e.target].len())
@@ -479,9 +563,15 @@ pub fn train(
     base_model: &str,
     files: &RunFiles,
     resume: bool,
+    cond: Option<&dyn Conditioner>,
     obs: &mut dyn LmObserver,
 ) -> Result<LmTrainReport> {
     cfg.validate()?;
+    if cond.is_some() && cfg.objective != Objective::Sft {
+        return Err(LlmrecError::Config(
+            "hybrid prompts and gates train with the SFT objective only".into(),
+        ));
+    }
     if train.is_empty() || val.is_empty() {
         return Err(LlmrecError::Input(
             "training and validation examples must be non-empty".into(),
@@ -508,6 +598,24 @@ pub fn train(
     let accum = cfg.accum();
     let params = adapter.params.clone();
     let mut opt = Adam::new(adapter.vars(), AdamConfig::adamw(cfg.lr, cfg.weight_decay))?;
+    // everything the optimizer updates: the adapter, then the conditioner's groups
+    let mut all = params.clone();
+    for g in cond.map(|c| c.groups()).unwrap_or_default() {
+        let vars = g.params.iter().map(|(_, v)| v.clone()).collect();
+        opt.add_scaled_group(
+            vars,
+            AdamConfig {
+                weight_decay: g.weight_decay,
+                ..AdamConfig::adam(cfg.lr)
+            },
+            g.lr_mult,
+        )?;
+        all.extend(
+            g.params
+                .into_iter()
+                .map(|(n, v)| (format!("{}.{n}", g.name), v)),
+        );
+    }
     let mut mode = Mode { dec, adapter };
 
     // The reference: the adapter the run starts from.
@@ -541,6 +649,9 @@ pub fn train(
             }
         }
         adapter.load_tensors(&ad, &ck)?;
+        if let Some(c) = cond {
+            c.load(&map, "cond.", &ck)?;
+        }
         // the reference is the adapter the run started from, not the one it resumes from
         for ((name, v), slot) in params.iter().zip(init.iter_mut()) {
             let t = init_map.get(name).ok_or_else(|| {
@@ -641,7 +752,10 @@ pub fn train(
         let idx: Vec<usize> = (step * eff as u64..(step + 1) * eff as u64)
             .map(&mut sample)
             .collect();
-        let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut acc: Vec<Option<Tensor>> = vec![None; all.len()];
+        let p_hybrid = cond.map_or(0.0, |c| {
+            c.hybrid_probability(step, total_steps, n as f64 / eff as f64)
+        });
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
         let mut rw = RewardStats::default();
@@ -665,7 +779,14 @@ pub fn train(
                 Some(r)
             };
             mode.train();
-            let (loss, st, tk) = batch_loss(mode.dec, &exs, refs.as_deref(), cfg, pad)?;
+            let hybrid = p_hybrid > 0.0
+                && rudder_data::rng::stream(cfg.seed, &[0xC0C, step, m as u64]).random::<f64>()
+                    < p_hybrid;
+            let mut prep = prepare(cond, &exs, hybrid, true, adapter)?;
+            let out = batch_loss(mode.dec, &exs, refs.as_deref(), cfg, pad, &mut prep);
+            adapter.set_gate(None)?;
+            drop(prep);
+            let (loss, st, tk) = out?;
             tokens += tk;
             let w = exs.len() as f64 / idx.len() as f64;
             loss_sum += loss.to_scalar::<f32>()? as f64 * w;
@@ -676,7 +797,7 @@ pub fn train(
                 rw.accuracy += st.accuracy * w;
             }
             let grads = (loss * w)?.backward()?;
-            for (a, (_, v)) in acc.iter_mut().zip(&params) {
+            for (a, (_, v)) in acc.iter_mut().zip(&all) {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     *a = Some(match a.take() {
                         Some(x) => (x + g)?,
@@ -693,15 +814,15 @@ pub fn train(
         mode.eval();
         let mut gs: Vec<Tensor> = acc
             .into_iter()
-            .zip(&params)
+            .zip(&all)
             .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
         let grad_norm = clip_grad_norm(&mut gs, cfg.max_grad_norm)?;
-        let lr = warmup_cosine(step, total_steps, warmup, cfg.lr, 0.0, 0.0);
+        let lo = cfg.lr * cfg.lr_floor;
+        let lr = warmup_cosine(step, total_steps, warmup, cfg.lr, lo, lo);
         opt.set_lr(lr);
         opt.step_with(|p| {
-            params
-                .iter()
+            all.iter()
                 .position(|(_, v)| v.as_tensor().id() == p.id())
                 .map(|i| gs[i].clone())
         })?;
@@ -722,13 +843,28 @@ pub fn train(
         state.history.steps.push(rec);
 
         if state.step.is_multiple_of(eval_steps) || state.step == total_steps {
-            let (vl, vr) = validate(mode.dec, val, ref_val.as_deref(), cfg, pad, obs)?;
+            let (vl, vr) = validate(
+                mode.dec,
+                val,
+                ref_val.as_deref(),
+                cfg,
+                pad,
+                cond,
+                adapter,
+                obs,
+            )?;
             let best = vl < state.best_val;
             if best {
                 state.best_val = vl;
                 state.best_step = state.step;
                 mode.dec
                     .save_peft(adapter, &files.best_adapter(), base_model)?;
+                if let Some(c) = cond {
+                    rudder_nn::checkpoint::save(
+                        &c.tensors(),
+                        &files.best_adapter().join(CONDITIONER_FILE),
+                    )?;
+                }
             }
             let er = EvalRecord {
                 step: state.step,
@@ -748,6 +884,9 @@ pub fn train(
             }
             for ((name, _), t) in params.iter().zip(&init) {
                 tensors.push((format!("initial.{name}"), t.clone()));
+            }
+            if let Some(c) = cond {
+                tensors.extend(c.tensors().into_iter().map(|(k, v)| (format!("cond.{k}"), v)));
             }
             let meta =
                 serde_json::to_string(&state).map_err(|e| LlmrecError::Config(e.to_string()))?;
@@ -869,6 +1008,7 @@ mod tests {
             "tiny",
             &files,
             false,
+            None,
             &mut Silent,
         )
         .unwrap();
@@ -929,6 +1069,7 @@ mod tests {
                 "tiny",
                 &files,
                 resume,
+                None,
                 &mut StopAt(stop.unwrap_or(u64::MAX)),
             )
             .unwrap();

@@ -577,6 +577,7 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
                 alpha: a.alpha,
                 dropout: a.lora_dropout,
                 targets: parse_targets(&a.targets)?,
+                experts: 1,
             };
             t.beta = a.beta;
             t.negatives = if objective == Objective::Sdpo {
@@ -692,6 +693,7 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
         &base,
         &files,
         resume,
+        None,
         &mut obs,
     )?;
     obs.bars.finish();
