@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod gru4rec;
 pub mod hybrid;
+pub mod ilora;
 pub mod lmdata;
 pub mod lmeval;
 pub mod lmtrain;

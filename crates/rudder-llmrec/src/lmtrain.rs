@@ -886,7 +886,11 @@ pub fn train(
                 tensors.push((format!("initial.{name}"), t.clone()));
             }
             if let Some(c) = cond {
-                tensors.extend(c.tensors().into_iter().map(|(k, v)| (format!("cond.{k}"), v)));
+                tensors.extend(
+                    c.tensors()
+                        .into_iter()
+                        .map(|(k, v)| (format!("cond.{k}"), v)),
+                );
             }
             let meta =
                 serde_json::to_string(&state).map_err(|e| LlmrecError::Config(e.to_string()))?;
@@ -1134,5 +1138,181 @@ mod tests {
         }
         .validate();
         assert!(e.is_err());
+    }
+
+    /// Tiny LM, a tiny SASRec over the same 30 items, and hybrid examples.
+    fn hybrid_setup(
+        dir: &Path,
+    ) -> (
+        LanguageModel,
+        Vec<LmExample>,
+        Vec<LmExample>,
+        Box<dyn crate::seqrec::SeqModel + Send + Sync>,
+    ) {
+        let spec = TinySpec {
+            context: 256,
+            ..TinySpec::new(Arch::Llama)
+        };
+        write_hf_dir(&dir.join("m"), &spec).unwrap();
+        let lm = load(&dir.join("m"), &LoadOptions::default()).unwrap();
+        let cat = Catalog::new((0..30).map(|i| format!("x{i}")).collect());
+        let ex: Vec<RecExample> = (0..24u32)
+            .map(|i| {
+                let h = vec![i % 30, (i + 1) % 30, (i + 5) % 30];
+                let t = (i + 2) % 30;
+                RecExample {
+                    candidates: candidates_for(&h, t, 30, 4, 1).unwrap(),
+                    history: h,
+                    target: t,
+                }
+            })
+            .collect();
+        let tpl = Templates::from_text("t", "h [HistoryHere] c [CansHere] a:").unwrap();
+        let opt = Tokenize::default();
+        let mut all = tokenize(&ex, &cat, &tpl, &lm.tok, 256, &opt).unwrap();
+        crate::hybrid::attach_hybrid(&mut all, &ex, &cat, &tpl, &lm.tok, 256, &opt).unwrap();
+        let h = all[0].hybrid.as_ref().unwrap();
+        assert_eq!(h.slots.len(), 3 + 4);
+        for &(p, _) in &h.slots {
+            assert_eq!(h.prompt[p], lm.tok.pad, "a marker sits at every slot");
+        }
+        let sc = crate::seqrec::SeqConfig {
+            hidden: 16,
+            ..crate::seqrec::SeqConfig::new(crate::seqrec::SeqKind::Sasrec)
+        };
+        let seq = crate::seqtrain::build(30, &sc).unwrap();
+        (lm, all[..16].to_vec(), all[16..].to_vec(), seq)
+    }
+
+    #[test]
+    fn ilora_trains_every_part_and_resumes_exactly() {
+        use crate::ilora::{Curriculum, SeqConditioner};
+        use crate::router::RouterKind;
+        let d = tempfile::tempdir().unwrap();
+        let moe = LoraConfig {
+            r: 8,
+            experts: 4,
+            ..LoraConfig::default()
+        };
+        let cond = |seq, curriculum| {
+            SeqConditioner::new(
+                seq,
+                10,
+                30,
+                64,
+                Some((RouterKind::Resnet, 4)),
+                curriculum,
+                5,
+            )
+            .unwrap()
+        };
+        // gradient coverage: projector, router and every expert of every adapted layer
+        {
+            let (mut lm, tr, _, seq) = hybrid_setup(&d.path().join("g"));
+            assert_eq!(lm.decoder.cfg.hidden_size, 64);
+            let c = cond(seq, Curriculum::Hybrid);
+            let ad = lm.decoder.attach_lora(&moe, 3).unwrap();
+            for (_, v) in &ad.params {
+                v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+                    .unwrap();
+            }
+            ad.set_training(true);
+            lm.decoder.differentiable = true;
+            let exs: Vec<&LmExample> = tr[..3].iter().collect();
+            let mut prep = c.prepare(&exs, true, true, &ad).unwrap();
+            let (lp, _, _) = logprobs(
+                &lm.decoder,
+                &exs,
+                Objective::Sft,
+                false,
+                lm.tok.pad,
+                &mut prep,
+            )
+            .unwrap();
+            let grads = lp.sum_all().unwrap().backward().unwrap();
+            ad.set_gate(None).unwrap();
+            rudder_nn::grad::assert_all_receive_gradient(&grads, &ad.params);
+            for g in c.groups() {
+                rudder_nn::grad::assert_all_receive_gradient(&grads, &g.params);
+            }
+            // a text-only pass still gates the experts (the router learns), the projector idles
+            let mut prep = c.prepare(&exs, false, true, &ad).unwrap();
+            let (lp, _, _) = logprobs(
+                &lm.decoder,
+                &exs,
+                Objective::Sft,
+                false,
+                lm.tok.pad,
+                &mut prep,
+            )
+            .unwrap();
+            let grads = lp.sum_all().unwrap().backward().unwrap();
+            ad.set_gate(None).unwrap();
+            let router = &c.groups()[1].params;
+            rudder_nn::grad::assert_all_receive_gradient(&grads, router);
+            assert!(grads.get(c.projector.w1.as_tensor()).is_none());
+            // the adapter's expert count must match the router's
+            lm.decoder.detach_lora();
+            let plain = lm.decoder.attach_lora(&LoraConfig::default(), 3).unwrap();
+            let e = c
+                .prepare(&exs, true, false, &plain)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("router has 4 experts, the adapter 1"), "{e}");
+        }
+        // training through the one loop; killed and resumed equals uninterrupted, with the
+        // router's batch-norm statistics and the projector restored
+        let run = |name: &str, stop: Option<u64>, resume: bool| {
+            let (mut lm, tr, va, seq) = hybrid_setup(&d.path().join("m"));
+            let c = cond(seq, Curriculum::Linear);
+            let files = RunFiles {
+                dir: d.path().join(name),
+            };
+            std::fs::create_dir_all(&files.dir).unwrap();
+            let ad = lm.decoder.attach_lora(&moe, 7).unwrap();
+            let cfgs = LmTrainConfig {
+                lora: moe.clone(),
+                lr_floor: 0.01,
+                ..cfg(Objective::Sft)
+            };
+            let rep = train(
+                &mut lm.decoder,
+                &ad,
+                &cfgs,
+                &tr,
+                &va,
+                lm.tok.pad,
+                "tiny",
+                &files,
+                resume,
+                Some(&c),
+                &mut StopAt(stop.unwrap_or(u64::MAX)),
+            )
+            .unwrap();
+            let mut vals = adapter_values(&ad);
+            for (_, t) in c.tensors() {
+                vals.push(t.flatten_all().unwrap().to_vec1().unwrap());
+            }
+            (rep, vals, files)
+        };
+        let (full, want, files) = run("full", None, false);
+        assert_eq!(full.total_steps, 8);
+        assert!(files.best_adapter().join(CONDITIONER_FILE).exists());
+        let first = full.history.evals.first().unwrap().val_loss;
+        assert!(
+            full.best_val < first,
+            "validation loss {first} → {}",
+            full.best_val
+        );
+        let (part, _, _) = run("cut", Some(5), false);
+        assert!(!part.completed);
+        let (res, got, _) = run("cut", None, true);
+        assert_eq!(res.resumed_from, Some(4));
+        let diff = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(
+            got.len() == want.len() && diff.is_none(),
+            "resumed iLoRA run must equal the uninterrupted one (tensor {diff:?} differs)"
+        );
     }
 }

@@ -41,6 +41,44 @@ pub fn build(n_items: usize, cfg: &SeqConfig) -> Result<Box<dyn SeqModel + Send 
     })
 }
 
+/// Set `model`'s parameters from a saved run (`model.safetensors`, names as
+/// [`SeqModel::params`]); a run for another item set or architecture is refused naming the file.
+pub fn load_params(
+    model: &dyn SeqModel,
+    map: &std::collections::HashMap<String, Tensor>,
+    source: &std::path::Path,
+) -> Result<()> {
+    for (n, v) in model.params() {
+        let t = map.get(&n).ok_or_else(|| {
+            LlmrecError::file(
+                source,
+                format!("tensor {n} is missing (another model kind?)"),
+            )
+        })?;
+        if t.dims() != v.dims() {
+            let what = if v.dims()[0] != t.dims()[0] && (n == "item_emb" || n.starts_with("out.")) {
+                format!(
+                    "it was trained on {} items, this data has {}",
+                    t.dims()[0] - (n == "item_emb") as usize,
+                    v.dims()[0] - (n == "item_emb") as usize
+                )
+            } else {
+                "another hidden size or window".to_string()
+            };
+            return Err(LlmrecError::file(
+                source,
+                format!(
+                    "tensor {n} has shape {:?}, the model expects {:?}: {what}",
+                    t.dims(),
+                    v.dims()
+                ),
+            ));
+        }
+        v.set(t)?;
+    }
+    Ok(())
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SeqEpoch {
     pub epoch: usize,
