@@ -20,21 +20,46 @@ use serde::{Deserialize, Serialize};
 use crate::Result;
 use crate::data::RecExample;
 use crate::lmdata::LmExample;
-use crate::lmtrain::{LmObserver, answer_logps};
+use crate::lmtrain::{Conditioner, LmObserver, answer_logps};
 use crate::seqtrain::candidate_report;
+use rudder_lm::lora::Adapter;
 
-/// Sequence log-probability of every candidate answer of every example.
+/// A conditioned model (LLaRA, iLoRA): the conditioner and the adapter whose gate it sets.
+pub type Conditioned<'a> = Option<(&'a dyn Conditioner, &'a Adapter)>;
+
+/// Sequence log-probability of every candidate answer of every example. A conditioned model
+/// reads its hybrid prompts and scores one question at a time (its gate is per question).
 pub fn candidate_logps(
     lm: &LanguageModel,
     exs: &[LmExample],
     batch: usize,
+    cond: Conditioned,
     obs: &mut dyn LmObserver,
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(exs.len());
-    for chunk in exs.chunks(batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
+    let batch = if cond.is_some() { 1 } else { batch.max(1) };
+    for chunk in exs.chunks(batch) {
+        let refs: Vec<&LmExample> = chunk.iter().collect();
         let br: Vec<Vec<Vec<u32>>> = chunk.iter().map(|e| e.responses.clone()).collect();
-        out.extend(answer_logps(&lm.decoder, &prompts, &br, lm.tok.pad)?.0);
+        let rows = match cond {
+            None => {
+                let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
+                answer_logps(&lm.decoder, &prompts, &br, lm.tok.pad, &mut NoHook)?.0
+            }
+            Some((c, ad)) => {
+                let mut prep = c.prepare(&refs, true, false, ad)?;
+                let r = answer_logps(
+                    &lm.decoder,
+                    &prep.prompts,
+                    &br,
+                    lm.tok.pad,
+                    prep.hook.as_mut(),
+                );
+                ad.set_gate(None)?;
+                r?.0
+            }
+        };
+        out.extend(rows);
         obs.progress("likelihood ranking", out.len(), exs.len());
     }
     Ok(out)
@@ -130,6 +155,7 @@ pub fn generate_answers(
     exs: &[LmExample],
     max_new_tokens: usize,
     batch: usize,
+    cond: Conditioned,
     obs: &mut dyn LmObserver,
 ) -> Result<Vec<GenRow>> {
     let cfg = GenConfig {
@@ -138,8 +164,19 @@ pub fn generate_answers(
     };
     let mut rows = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
-        let gens = generate(lm, &prompts, &cfg, &mut NoHook, &mut |_, _| {})?;
+        let gens = match cond {
+            None => {
+                let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
+                generate(lm, &prompts, &cfg, &mut NoHook, &mut |_, _| {})?
+            }
+            Some((c, ad)) => {
+                let refs: Vec<&LmExample> = chunk.iter().collect();
+                let mut prep = c.prepare(&refs, true, false, ad)?;
+                let g = generate(lm, &prep.prompts, &cfg, prep.hook.as_mut(), &mut |_, _| {});
+                ad.set_gate(None)?;
+                g?
+            }
+        };
         for (e, g) in chunk.iter().zip(gens) {
             let text = g.text.trim().to_string();
             let (valid, hit) = judge_sdpo(&text, &e.titles, e.target);

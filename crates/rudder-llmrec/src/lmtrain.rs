@@ -379,9 +379,10 @@ pub fn answer_logps(
     prompts: &[Vec<u32>],
     answers: &[Vec<Vec<u32>>],
     pad: u32,
+    hook: &mut dyn Hook,
 ) -> Result<(Vec<Vec<f32>>, usize)> {
     let lens: Vec<usize> = answers.iter().flatten().map(Vec::len).collect();
-    let lp = branch_logprobs(dec, prompts, answers, pad, &mut NoHook)?.to_vec1::<f32>()?;
+    let lp = branch_logprobs(dec, prompts, answers, pad, hook)?.to_vec1::<f32>()?;
     let mut o = 0;
     let rows = answers
         .iter()
@@ -415,7 +416,7 @@ pub fn sequence_logps(
 ) -> Result<(Vec<Vec<f32>>, usize)> {
     let prompts: Vec<Vec<u32>> = exs.iter().map(|e| e.prompt.clone()).collect();
     let br: Vec<Vec<Vec<u32>>> = exs.iter().map(|e| branches(e, objective)).collect();
-    answer_logps(dec, &prompts, &br, pad)
+    answer_logps(dec, &prompts, &br, pad, &mut NoHook)
 }
 
 struct Mode<'a> {

@@ -98,7 +98,7 @@ fn smollm2_prompts_fit_and_likelihood_ranking_runs() {
             .all(|e| !e.truncated && e.prompt.len() < 400 && e.responses.len() == 20)
     );
     let few = &exs[..4];
-    let s = candidate_logps(&lm, few, 4, &mut Silent).unwrap();
+    let s = candidate_logps(&lm, few, 4, None, &mut Silent).unwrap();
     assert!(s.iter().flatten().all(|v| v.is_finite() && *v < 0.0));
     let rep = likelihood_report(&s, &test[..4], cat.n_items(), &[1, 20]).unwrap();
     assert_eq!(rep.get("hit", 20), 1.0, "the target is always among the 20");

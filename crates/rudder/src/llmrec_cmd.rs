@@ -9,12 +9,14 @@ use clap::{Args, Subcommand};
 use rand::seq::SliceRandom;
 use rudder_data::sequences::SeqSample;
 use rudder_llmrec::data::{Catalog, RecExample, Unknown, from_prompts, from_sequences};
+use rudder_llmrec::hybrid::attach_hybrid;
+use rudder_llmrec::ilora::{Curriculum, SeqConditioner};
 use rudder_llmrec::lmdata::{LmExample, Tokenize, tokenize};
 use rudder_llmrec::lmeval::{
     GenSummary, candidate_logps, generate_answers, likelihood_report, summarize,
 };
 use rudder_llmrec::lmtrain::{
-    EvalRecord, LmObserver, LmTrainConfig, Objective, RunFiles, StepRecord,
+    Conditioner, EvalRecord, LmObserver, LmTrainConfig, Objective, RunFiles, StepRecord,
 };
 use rudder_llmrec::prompts::Templates;
 use rudder_llmrec::seqrec::{SeqConfig, SeqKind};
@@ -42,9 +44,114 @@ pub enum LlmrecCmd {
     Dpo(LmTrainArgs),
     /// S-DPO from an SFT adapter: softmax preference loss over k rejected candidates.
     Sdpo(LmTrainArgs),
+    /// LLaRA: hybrid prompts (the frozen SASRec's item embeddings, projected into the model at a
+    /// marker after every title) and one LoRA, trained by SFT with the text→hybrid curriculum.
+    Llara(HybridArgs),
+    /// iLoRA: LLaRA with a mixture of LoRA experts (K splitting the rank) mixed per sequence by a
+    /// router over the frozen SASRec user vector.
+    Ilora(HybridArgs),
     /// Evaluate a model (optionally with a LoRA adapter): greedy generation read by S-DPO's and
-    /// LLaRA's rules (HR@1, ValidRatio), and likelihood ranking of the 20 candidates.
+    /// LLaRA's rules (HR@1, ValidRatio), and likelihood ranking of the 20 candidates. A LLaRA or
+    /// iLoRA adapter folder (with hybrid.json) is evaluated on hybrid prompts with its gate.
     Eval(EvalArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RouterArg {
+    /// The reference's ResNet-1D router (batch norm, ~90K parameters).
+    Resnet,
+    /// Ablation: softmax of a linear map of the user vector.
+    Linear,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CurriculumArg {
+    /// Hybrid probability ramps from 0 to 1 over the run (what LLaRA describes).
+    Linear,
+    /// The reference as coded: ramps 0 → 1/epochs within each epoch and resets.
+    Faithful,
+    /// Always hybrid.
+    Hybrid,
+    /// Text-only training batches (evaluation is still hybrid).
+    Text,
+}
+
+#[derive(Args, Clone)]
+pub struct HybridArgs {
+    #[command(flatten)]
+    pub train: LmTrainArgs,
+    /// The SASRec run folder (`rudder llmrec sasrec --out RUN`) on the same item set; its item
+    /// embeddings and user vectors are used frozen. Required except with --resume.
+    #[arg(long)]
+    pub sasrec: Option<PathBuf>,
+    /// iLoRA experts splitting the LoRA rank (must divide --rank).
+    #[arg(long, default_value_t = 4)]
+    pub experts: usize,
+    /// iLoRA gate network.
+    #[arg(long, value_enum, default_value = "resnet")]
+    pub router: RouterArg,
+    /// Mix of text-only and hybrid training batches.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub curriculum: CurriculumArg,
+    /// The reference's curriculum as coded (same as --curriculum faithful).
+    #[arg(long)]
+    pub faithful: bool,
+}
+
+/// What a LLaRA / iLoRA run adds to an SFT run (config.toml `[hybrid]`, and
+/// `adapter/hybrid.json` for evaluation).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct HybridConfig {
+    method: String,
+    sasrec: PathBuf,
+    experts: usize,
+    router: rudder_llmrec::router::RouterKind,
+    curriculum: rudder_llmrec::ilora::Curriculum,
+}
+
+#[derive(Deserialize)]
+struct SavedSeqRun {
+    model: SeqConfig,
+}
+
+/// The trained sequential model of a run folder, checked against the data's item count.
+fn load_seq_run(
+    dir: &Path,
+    n_items: usize,
+) -> Result<(
+    Box<dyn rudder_llmrec::seqrec::SeqModel + Send + Sync>,
+    SeqConfig,
+)> {
+    let p = dir.join("config.toml");
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("--sasrec {}: no run config", p.display()))?;
+    let rc: SavedSeqRun = toml::from_str(&text)
+        .with_context(|| format!("{}: not a sequential-model run config", p.display()))?;
+    let model = seqtrain::build(n_items, &rc.model)?;
+    let w = dir.join("model.safetensors");
+    let map = rudder_nn::checkpoint::load(&w, &candle_core::Device::Cpu)
+        .with_context(|| format!("{}", w.display()))?;
+    seqtrain::load_params(model.as_ref(), &map, &w)?;
+    Ok((model, rc.model))
+}
+
+fn build_conditioner(
+    h: &HybridConfig,
+    n_items: usize,
+    d_model: usize,
+    seed: u64,
+) -> Result<SeqConditioner> {
+    let (seq, sc) = load_seq_run(&h.sasrec, n_items)?;
+    let router = (h.method == "ilora").then_some((h.router, h.experts));
+    Ok(SeqConditioner::new(
+        seq,
+        sc.window,
+        n_items,
+        d_model,
+        router,
+        h.curriculum,
+        seed,
+    )?)
 }
 
 #[derive(Args, Clone, Serialize, Deserialize, Debug, PartialEq)]
@@ -462,6 +569,8 @@ struct LmRunConfig {
     max_val: usize,
     tokenize: Tokenize,
     train: LmTrainConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hybrid: Option<HybridConfig>,
 }
 
 struct LmBars {
@@ -536,19 +645,29 @@ fn parse_targets(s: &str) -> Result<Vec<Target>> {
         .collect()
 }
 
-fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
+fn run_lm_train(
+    objective: Objective,
+    a: LmTrainArgs,
+    hy: Option<(&str, HybridArgs)>,
+) -> Result<()> {
+    let method = hy
+        .as_ref()
+        .map_or(objective.name(), |(m, _)| *m)
+        .to_string();
     let (rc, dir, resume) = match &a.resume {
         Some(dir) => {
             let p = dir.join("config.toml");
             let text = std::fs::read_to_string(&p).with_context(|| format!("{}", p.display()))?;
             let rc: LmRunConfig = toml::from_str(&text)
                 .with_context(|| format!("{}: not a llmrec training config", p.display()))?;
+            let was = rc
+                .hybrid
+                .as_ref()
+                .map_or(rc.train.objective.name().to_string(), |h| h.method.clone());
             anyhow::ensure!(
-                rc.train.objective == objective,
-                "{} is a {} run, not {}",
+                was == method,
+                "{} is a {was} run, not {method}",
                 dir.display(),
-                rc.train.objective.name(),
-                objective.name()
             );
             anyhow::ensure!(
                 dir.join("checkpoint.safetensors").exists(),
@@ -577,7 +696,41 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
                 alpha: a.alpha,
                 dropout: a.lora_dropout,
                 targets: parse_targets(&a.targets)?,
-                experts: 1,
+                experts: match &hy {
+                    Some(("ilora", h)) => h.experts,
+                    _ => 1,
+                },
+            };
+            let hybrid = match &hy {
+                None => None,
+                Some((m, h)) => {
+                    // the reference's LastFM settings (train_lastfm.sh): lr 7e-4 to a floor of
+                    // 1%, validated every epoch
+                    t.lr = 7e-4;
+                    t.eval_every = 1.0;
+                    t.lr_floor = 0.01;
+                    let sasrec = h
+                        .sasrec
+                        .clone()
+                        .context("--sasrec is required (a `rudder llmrec sasrec` run folder)")?;
+                    let sasrec = std::fs::canonicalize(&sasrec)
+                        .with_context(|| format!("--sasrec {}", sasrec.display()))?;
+                    Some(HybridConfig {
+                        method: m.to_string(),
+                        sasrec,
+                        experts: t.lora.experts,
+                        router: match h.router {
+                            RouterArg::Resnet => rudder_llmrec::router::RouterKind::Resnet,
+                            RouterArg::Linear => rudder_llmrec::router::RouterKind::Linear,
+                        },
+                        curriculum: match (h.faithful, h.curriculum) {
+                            (true, _) | (_, CurriculumArg::Faithful) => Curriculum::Faithful,
+                            (_, CurriculumArg::Linear) => Curriculum::Linear,
+                            (_, CurriculumArg::Hybrid) => Curriculum::Hybrid,
+                            (_, CurriculumArg::Text) => Curriculum::Text,
+                        },
+                    })
+                }
             };
             t.beta = a.beta;
             t.negatives = if objective == Objective::Sdpo {
@@ -614,6 +767,7 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
                     max_prompt_tokens: a.lm.max_prompt_tokens,
                 },
                 train: t,
+                hybrid,
             };
             (rc, out, false)
         }
@@ -647,10 +801,28 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
     let mut lm = open_lm(&rc.model)?;
     let tpl = templates(&rc.templates)?;
     let ctx = lm.decoder.cfg.max_position_embeddings;
-    let mut tk_train = rc.tokenize.clone();
-    let tr = tokenize(&train_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_train)?;
-    tk_train.seed ^= 0x5A1;
-    let va = tokenize(&val_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_train)?;
+    let tk_train = rc.tokenize.clone();
+    let mut tr = tokenize(&train_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_train)?;
+    let tk_val = Tokenize {
+        seed: tk_train.seed ^ 0x5A1,
+        ..tk_train.clone()
+    };
+    let mut va = tokenize(&val_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_val)?;
+    let cond = match &rc.hybrid {
+        None => None,
+        Some(h) => {
+            attach_hybrid(
+                &mut tr, &train_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_train,
+            )?;
+            attach_hybrid(&mut va, &val_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_val)?;
+            Some(build_conditioner(
+                h,
+                n,
+                lm.decoder.cfg.hidden_size,
+                rc.train.seed,
+            )?)
+        }
+    };
     let adapter = match &rc.init_adapter {
         Some(p) => lm
             .decoder
@@ -666,11 +838,15 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
         );
     }
     let files = RunFiles { dir: dir.clone() };
+    if let Some(h) = &rc.hybrid {
+        std::fs::create_dir_all(files.best_adapter())?;
+        crate::steer_cmd::write_json(&files.best_adapter().join("hybrid.json"), &json!(h))?;
+    }
     let eff = rc.train.effective_batch.min(tr.len());
     let total = ((rc.train.epochs * tr.len() as f64) / eff as f64).ceil() as u64;
     eprintln!(
         "{} on {} of {n_all} training examples ({} steps of {eff}, micro-batch {}), {} validation questions, {} adapter parameters",
-        objective.name(),
+        method,
         tr.len(),
         total,
         rc.train.micro_batch,
@@ -693,7 +869,7 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
         &base,
         &files,
         resume,
-        None,
+        cond.as_ref().map(|c| c as &dyn Conditioner),
         &mut obs,
     )?;
     obs.bars.finish();
@@ -747,6 +923,25 @@ fn run_lm_train(objective: Objective, a: LmTrainArgs) -> Result<()> {
                 .map(|w| format!("{:.3}", w.accuracy))
                 .unwrap_or_else(|| "–".into())
         );
+    }
+    if let Some(c) = &cond {
+        // the best weights' gates on the validation questions
+        let w = files
+            .best_adapter()
+            .join(rudder_llmrec::lmtrain::CONDITIONER_FILE);
+        let map = rudder_nn::checkpoint::load(&w, &candle_core::Device::Cpu)
+            .with_context(|| format!("{}", w.display()))?;
+        c.load(&map, "", &w)?;
+        let hist: Vec<&[u32]> = val_ex.iter().map(|e| e.history.as_slice()).collect();
+        if let Some((_, g)) = gate_diagnostics(c, &hist, &d.train, n, &dir)? {
+            md += &format!(
+                "\n{}",
+                g.replace(
+                    "## iLoRA gates",
+                    "## iLoRA gates on the validation questions"
+                )
+            );
+        }
     }
     md += &format!(
         "\nEvaluate: `rudder llmrec eval --model {} --adapter {} --seqs {}{} --out …`\n",
@@ -830,11 +1025,14 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         "max_prompt_tokens": a.lm.max_prompt_tokens,
     }))?;
     let mut lm = open_lm(&a.lm.model)?;
-    if let Some(p) = &a.adapter {
-        lm.decoder
-            .load_peft(p, 0)
-            .with_context(|| format!("--adapter {}", p.display()))?;
-    }
+    let adapter = match &a.adapter {
+        Some(p) => Some(
+            lm.decoder
+                .load_peft(p, 0)
+                .with_context(|| format!("--adapter {}", p.display()))?,
+        ),
+        None => None,
+    };
     let tpl = templates(&a.lm.templates)?;
     let ctx = lm.decoder.cfg.max_position_embeddings;
     let tk = Tokenize {
@@ -842,7 +1040,28 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         negatives: 0,
         max_prompt_tokens: a.lm.max_prompt_tokens,
     };
-    let exs: Vec<LmExample> = tokenize(&d.test_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk)?;
+    let mut exs: Vec<LmExample> = tokenize(&d.test_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk)?;
+    // a LLaRA / iLoRA adapter: hybrid prompts, the trained projector and router
+    let hybrid_file = a.adapter.as_ref().map(|p| p.join("hybrid.json"));
+    let cond = match hybrid_file.filter(|f| f.exists()) {
+        None => None,
+        Some(f) => {
+            let h: HybridConfig = serde_json::from_str(&std::fs::read_to_string(&f)?)
+                .with_context(|| format!("{}: not a hybrid adapter description", f.display()))?;
+            let n = d.catalog.n_items();
+            let c = build_conditioner(&h, n, lm.decoder.cfg.hidden_size, 0)?;
+            let w = f.with_file_name(rudder_llmrec::lmtrain::CONDITIONER_FILE);
+            let map = rudder_nn::checkpoint::load(&w, &candle_core::Device::Cpu)
+                .with_context(|| format!("{}", w.display()))?;
+            c.load(&map, "", &w)?;
+            attach_hybrid(&mut exs, &d.test_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk)?;
+            Some((c, h))
+        }
+    };
+    let conditioned = match (&cond, &adapter) {
+        (Some((c, _)), Some(ad)) => Some((c as &dyn Conditioner, ad)),
+        _ => None,
+    };
     let mut obs = EvalBars(StepBars::default());
     let mut result =
         json!({"kind": "test", "model": a.lm.model, "adapter": a.adapter, "questions": exs.len()});
@@ -859,7 +1078,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     );
     if a.mode != EvalMode::Generate {
         let t0 = std::time::Instant::now();
-        let s = candidate_logps(&lm, &exs, a.batch, &mut obs)?;
+        let s = candidate_logps(&lm, &exs, a.batch, conditioned, &mut obs)?;
         obs.0.finish();
         let rep = likelihood_report(&s, &d.test_ex, d.catalog.n_items(), &[1, 5, 10])?;
         result["likelihood"] = json!(&rep.means);
@@ -874,7 +1093,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     }
     if a.mode != EvalMode::Likelihood {
         let t0 = std::time::Instant::now();
-        let rows = generate_answers(&lm, &exs, a.max_new_tokens, a.batch, &mut obs)?;
+        let rows = generate_answers(&lm, &exs, a.max_new_tokens, a.batch, conditioned, &mut obs)?;
         obs.0.finish();
         let s: GenSummary = summarize(&rows);
         let mut g = String::new();
@@ -900,6 +1119,18 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             s.llara_hr1_given_valid
         );
     }
+    if let Some((c, h)) = &cond {
+        md += &format!(
+            "Hybrid prompts ({}; SASRec {}).\n\n",
+            h.method,
+            h.sasrec.display()
+        );
+        let hist: Vec<&[u32]> = d.test_ex.iter().map(|e| e.history.as_slice()).collect();
+        if let Some(g) = gate_diagnostics(c, &hist, &d.train, d.catalog.n_items(), &a.out)? {
+            result["gates"] = g.0;
+            md += &g.1;
+        }
+    }
     for n in &d.notes {
         md += &format!("- {n}\n");
     }
@@ -910,14 +1141,146 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// iLoRA's gates over the questions' histories: expert usage, entropy, and the mean gate of
+/// niche, middle and mainstream users (terciles of the mean training popularity of their history
+/// items); `gates.json` and `gates.png` in `out`.
+fn gate_diagnostics(
+    c: &SeqConditioner,
+    hist: &[&[u32]],
+    train: &[SeqSample],
+    n_items: usize,
+    out: &Path,
+) -> Result<Option<(serde_json::Value, String)>> {
+    let Some(g) = c.gates(hist)? else {
+        return Ok(None);
+    };
+    let g = g.to_vec2::<f32>()?;
+    let k = g.first().map_or(0, Vec::len);
+    let mut pop = vec![0f64; n_items];
+    for s in train {
+        if (s.next as usize) < n_items {
+            pop[s.next as usize] += 1.0;
+        }
+    }
+    let user_pop: Vec<f64> = hist
+        .iter()
+        .map(|h| {
+            let v: Vec<f64> = h
+                .iter()
+                .filter(|&&i| (i as usize) < n_items)
+                .map(|&i| pop[i as usize])
+                .collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..hist.len()).collect();
+    order.sort_by(|&a, &b| user_pop[a].total_cmp(&user_pop[b]));
+    let mut group = vec![0usize; hist.len()];
+    for (rank, &u) in order.iter().enumerate() {
+        group[u] = rank * 3 / hist.len().max(1);
+    }
+    let names = ["niche", "middle", "mainstream"];
+    let mean = |rows: &[usize]| -> Vec<f64> {
+        let mut m = vec![0f64; k];
+        for &r in rows {
+            for (j, v) in g[r].iter().enumerate() {
+                m[j] += *v as f64;
+            }
+        }
+        m.iter().map(|x| x / rows.len().max(1) as f64).collect()
+    };
+    let all: Vec<usize> = (0..g.len()).collect();
+    let usage = mean(&all);
+    let entropy = g
+        .iter()
+        .map(|row| {
+            -row.iter()
+                .filter(|&&p| p > 0.0)
+                .map(|&p| (p as f64) * (p as f64).ln())
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / g.len().max(1) as f64;
+    let mut top = vec![0usize; k];
+    for row in &g {
+        let j = (0..k)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap_or(0);
+        top[j] += 1;
+    }
+    let by_group: Vec<(String, Vec<f64>)> = (0..3)
+        .map(|gi| {
+            let rows: Vec<usize> = (0..g.len()).filter(|&r| group[r] == gi).collect();
+            (names[gi].to_string(), mean(&rows))
+        })
+        .collect();
+    let v = json!({
+        "experts": k,
+        "usage": usage,
+        "mean_entropy": entropy,
+        "max_entropy": (k as f64).ln(),
+        "argmax_counts": top,
+        "by_user_type": by_group.iter().map(|(n, m)| json!({"users": n, "mean_gate": m})).collect::<Vec<_>>(),
+    });
+    crate::steer_cmd::write_json(&out.join("gates.json"), &v)?;
+    let series: Vec<(&str, Vec<(f64, f64)>)> = by_group
+        .iter()
+        .map(|(n, m)| {
+            (
+                n.as_str(),
+                m.iter()
+                    .enumerate()
+                    .map(|(j, x)| ((j + 1) as f64, *x))
+                    .collect(),
+            )
+        })
+        .collect();
+    if let Err(e) = crate::plots::lines(
+        &out.join("gates.png"),
+        "mean gate per expert by user type (history popularity terciles)",
+        "expert",
+        &series,
+    ) {
+        tracing::warn!("gate plot skipped: {e}");
+    }
+    let mut md = format!(
+        "## iLoRA gates ({k} experts)\n\nMean entropy {entropy:.3} (uniform: {:.3}); expert usage {}; most-weighted expert counts {:?}.\n\n| users | {} |\n|---|{}\n",
+        (k as f64).ln(),
+        usage
+            .iter()
+            .map(|x| format!("{x:.3}"))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        top,
+        (1..=k)
+            .map(|j| format!("expert {j}"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---:|".repeat(k)
+    );
+    for (n, m) in &by_group {
+        md += &format!(
+            "| {n} | {} |\n",
+            m.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    md += "\nPlot: `gates.png`; values: `gates.json`.\n\n";
+    Ok(Some((v, md)))
+}
+
 pub fn run(cmd: LlmrecCmd) -> Result<()> {
     match cmd {
         LlmrecCmd::Sasrec(a) => run_seq(SeqKind::Sasrec, a),
         LlmrecCmd::Gru4rec(a) => run_seq(SeqKind::Gru4rec, a),
         LlmrecCmd::Caser(a) => run_seq(SeqKind::Caser, a),
-        LlmrecCmd::Sft(a) => run_lm_train(Objective::Sft, a),
-        LlmrecCmd::Dpo(a) => run_lm_train(Objective::Dpo, a),
-        LlmrecCmd::Sdpo(a) => run_lm_train(Objective::Sdpo, a),
+        LlmrecCmd::Sft(a) => run_lm_train(Objective::Sft, a, None),
+        LlmrecCmd::Dpo(a) => run_lm_train(Objective::Dpo, a, None),
+        LlmrecCmd::Sdpo(a) => run_lm_train(Objective::Sdpo, a, None),
+        LlmrecCmd::Llara(h) => run_lm_train(Objective::Sft, h.train.clone(), Some(("llara", h))),
+        LlmrecCmd::Ilora(h) => run_lm_train(Objective::Sft, h.train.clone(), Some(("ilora", h))),
         LlmrecCmd::Eval(a) => run_eval(a),
     }
 }

@@ -302,3 +302,173 @@ fn bad_sequence_files_are_named_with_the_line() {
         "{e}"
     );
 }
+
+#[test]
+fn llara_and_ilora_train_resume_and_evaluate_on_hybrid_prompts() {
+    let t = tempfile::tempdir().unwrap();
+    let seqs = llara_dir(t.path());
+    let s = seqs.to_str().unwrap();
+    let m = model(t.path(), 2);
+    let ms = m.to_str().unwrap();
+    let tpl = t.path().join("t.txt");
+    std::fs::write(&tpl, "h [HistoryHere] c [CansHere] a:\n").unwrap();
+    let tp = tpl.to_str().unwrap();
+    let run = |n: &str| t.path().join(n).to_str().unwrap().to_string();
+    ok(&rudder(&[
+        "llmrec",
+        "sasrec",
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--epochs",
+        "1",
+        "--hidden",
+        "16",
+        "--batch-size",
+        "32",
+        "--out",
+        &run("sas"),
+    ]));
+    let sas = run("sas");
+    let common = [
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--model",
+        ms,
+        "--templates",
+        tp,
+        "--batch",
+        "4",
+        "--micro-batch",
+        "2",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0.5",
+        "--max-val",
+        "4",
+        "--max-train",
+        "8",
+        "--sasrec",
+        &sas,
+    ];
+    let out = ok(&rudder(
+        &[&["llmrec", "llara"][..], &common, &["--out", &run("llara")]].concat(),
+    ));
+    assert!(out.contains("Best validation loss"), "{out}");
+    let la = t.path().join("llara/adapter");
+    for f in [
+        "hybrid.json",
+        "conditioner.safetensors",
+        "adapter_config.json",
+    ] {
+        assert!(la.join(f).exists(), "{f}");
+    }
+    // iLoRA: K must divide r
+    let e = fails(&rudder(
+        &[
+            &["llmrec", "ilora"][..],
+            &common,
+            &["--experts", "3", "--out", &run("bad")],
+        ]
+        .concat(),
+    ));
+    assert!(e.contains("3 experts do not divide the rank 8"), "{e}");
+    let il = run("ilora");
+    let out = ok(&rudder(
+        &[
+            &["llmrec", "ilora"][..],
+            &common,
+            &["--experts", "4", "--out", &il],
+        ]
+        .concat(),
+    ));
+    assert!(
+        out.contains("iLoRA gates on the validation questions"),
+        "{out}"
+    );
+    assert!(t.path().join("ilora/gates.png").exists());
+    let cfg = std::fs::read_to_string(t.path().join("ilora/config.toml")).unwrap();
+    assert!(
+        cfg.contains("[hybrid]") && cfg.contains("experts = 4"),
+        "{cfg}"
+    );
+    // a finished iLoRA run is not an SFT run to resume
+    std::fs::write(t.path().join("ilora/checkpoint.safetensors"), b"x").unwrap();
+    let e = fails(&rudder(&["llmrec", "sft", "--resume", &il]));
+    assert!(e.contains("is a ilora run, not sft"), "{e}");
+    std::fs::remove_file(t.path().join("ilora/checkpoint.safetensors")).unwrap();
+
+    let ia = t.path().join("ilora/adapter");
+    let out = ok(&rudder(&[
+        "llmrec",
+        "eval",
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--model",
+        ms,
+        "--templates",
+        tp,
+        "--adapter",
+        ia.to_str().unwrap(),
+        "--max-new-tokens",
+        "3",
+        "--out",
+        &run("ev"),
+    ]));
+    assert!(
+        out.contains("Hybrid prompts (ilora") && out.contains("## iLoRA gates (4 experts)"),
+        "{out}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join("ev/results.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["gates"]["experts"], 4);
+    assert!(r["likelihood"]["hit@1"].as_f64().is_some());
+
+    // a SASRec run for another item set is refused, naming the file and the counts
+    let other = t.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let names: String = (0..20).map(|i| format!("{i}::x{i}\n")).collect();
+    std::fs::write(other.join("id2name.txt"), names).unwrap();
+    let row = |a: u32| {
+        format!(
+            "{{\"seq\": [{a}, {}, 20, 20, 20, 20, 20, 20, 20, 20], \"len_seq\": 2, \"next\": {}}}\n",
+            (a + 1) % 20,
+            (a + 2) % 20
+        )
+    };
+    let rows: String = (0..20).map(row).collect();
+    for f in ["train.jsonl", "val.jsonl", "test.jsonl"] {
+        std::fs::write(other.join(f), &rows).unwrap();
+    }
+    let e = fails(&rudder(&[
+        "llmrec",
+        "llara",
+        "--seqs",
+        other.to_str().unwrap(),
+        "--candidates",
+        "5",
+        "--model",
+        ms,
+        "--templates",
+        tp,
+        "--max-train",
+        "4",
+        "--max-val",
+        "2",
+        "--sasrec",
+        &sas,
+        "--out",
+        &run("wrong"),
+    ]));
+    assert!(
+        e.contains("model.safetensors") && e.contains("trained on 30 items, this data has 20"),
+        "{e}"
+    );
+}
