@@ -3,7 +3,11 @@
 //! PROMPT prompt tokens + 4 answer tokens (loss on the answer only) + clipping + AdamW, in f32,
 //! LoRA r 8, α 32, dropout 0.1 on all seven projections.
 //!
-//! `cargo run --release -p rudder-llmrec --example step_profile -- MODEL [BATCH] [PROMPT] [STEPS]`
+//! With EXPERTS > 1 the adapter is MoE-LoRA (iLoRA) at the same total rank, gated per sequence
+//! by the ResNet router over a fixed random 64-dim user vector (router forward and backward
+//! included in the step), so plain and MoE-LoRA steps compare at equal rank.
+//!
+//! `cargo run --release -p rudder-llmrec --example step_profile -- MODEL [BATCH] [PROMPT] [STEPS] [EXPERTS]`
 use std::time::Instant;
 
 use rudder_lm::hooks::NoHook;
@@ -27,9 +31,32 @@ fn main() {
     let b: usize = args.get(2).map_or(4, |s| s.parse().unwrap());
     let t: usize = args.get(3).map_or(180, |s| s.parse().unwrap());
     let steps: usize = args.get(4).map_or(4, |s| s.parse().unwrap());
+    let experts: usize = args.get(5).map_or(1, |s| s.parse().unwrap());
     let mut lm = load(&path, &LoadOptions { dequantize: true }).unwrap();
-    let ad = lm.decoder.attach_lora(&LoraConfig::default(), 1).unwrap();
+    let ad = lm
+        .decoder
+        .attach_lora(
+            &LoraConfig {
+                experts,
+                ..LoraConfig::default()
+            },
+            1,
+        )
+        .unwrap();
     let mut opt = Adam::new(ad.vars(), AdamConfig::adamw(1e-4, 0.0)).unwrap();
+    let router = (experts > 1).then(|| {
+        rudder_llmrec::router::Router::new(rudder_llmrec::router::RouterKind::Resnet, 64, experts, 3)
+            .unwrap()
+    });
+    if let Some(r) = &router {
+        let vars = r.params().into_iter().map(|(_, v)| v).collect();
+        opt.add_scaled_group(vars, AdamConfig::adam(1e-4), 0.3).unwrap();
+    }
+    let users = candle_core::Tensor::randn(0f32, 1.0, (b, 64), &candle_core::Device::Cpu).unwrap();
+    let mut params = ad.params.clone();
+    if let Some(r) = &router {
+        params.extend(r.params());
+    }
     let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..b)
         .map(|r| {
             (
@@ -46,19 +73,22 @@ fn main() {
     let (mut fw, mut bw) = (0.0, 0.0);
     for s in 0..=steps {
         let t0 = Instant::now();
+        if let Some(r) = &router {
+            ad.set_gate(Some(&r.forward(&users, true).unwrap())).unwrap();
+        }
         let lp = continuation_logprobs(&lm.decoder, &pairs, 0, &mut NoHook).unwrap();
         let loss = (lp.sum_all().unwrap().neg().unwrap() / lp.elem_count() as f64).unwrap();
         let t1 = Instant::now();
         let g = loss.backward().unwrap();
         let t2 = Instant::now();
-        let mut gs: Vec<_> = ad
-            .params
+        ad.set_gate(None).unwrap();
+        let mut gs: Vec<_> = params
             .iter()
             .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
             .collect();
         clip_grad_norm(&mut gs, 0.3).unwrap();
         opt.step_with(|p| {
-            ad.params
+            params
                 .iter()
                 .position(|(_, v)| v.as_tensor().id() == p.id())
                 .map(|i| gs[i].clone())
@@ -74,7 +104,7 @@ fn main() {
     let med = times[times.len() / 2];
     println!(
         "{}",
-        serde_json::json!({"tool": "rudder", "batch": b, "prompt": t, "threads": rayon::current_num_threads(),
+        serde_json::json!({"tool": "rudder", "batch": b, "prompt": t, "experts": experts, "threads": rayon::current_num_threads(),
             "median_step_s": med, "tokens_per_s": (b * (t + 4)) as f64 / med,
             "forward_s": fw / steps as f64, "backward_s": bw / steps as f64, "peak_rss_mb": peak_rss_mb()})
     );
