@@ -45,12 +45,18 @@ fn main() {
         .unwrap();
     let mut opt = Adam::new(ad.vars(), AdamConfig::adamw(1e-4, 0.0)).unwrap();
     let router = (experts > 1).then(|| {
-        rudder_llmrec::router::Router::new(rudder_llmrec::router::RouterKind::Resnet, 64, experts, 3)
-            .unwrap()
+        rudder_llmrec::router::Router::new(
+            rudder_llmrec::router::RouterKind::Resnet,
+            64,
+            experts,
+            3,
+        )
+        .unwrap()
     });
     if let Some(r) = &router {
         let vars = r.params().into_iter().map(|(_, v)| v).collect();
-        opt.add_scaled_group(vars, AdamConfig::adam(1e-4), 0.3).unwrap();
+        opt.add_scaled_group(vars, AdamConfig::adam(1e-4), 0.3)
+            .unwrap();
     }
     let users = candle_core::Tensor::randn(0f32, 1.0, (b, 64), &candle_core::Device::Cpu).unwrap();
     let mut params = ad.params.clone();
@@ -74,7 +80,8 @@ fn main() {
     for s in 0..=steps {
         let t0 = Instant::now();
         if let Some(r) = &router {
-            ad.set_gate(Some(&r.forward(&users, true).unwrap())).unwrap();
+            ad.set_gate(Some(&r.forward(&users, true).unwrap()))
+                .unwrap();
         }
         let lp = continuation_logprobs(&lm.decoder, &pairs, 0, &mut NoHook).unwrap();
         let loss = (lp.sum_all().unwrap().neg().unwrap() / lp.elem_count() as f64).unwrap();

@@ -26,3 +26,22 @@ impl LlmrecError {
 }
 
 pub type Result<T> = std::result::Result<T, LlmrecError>;
+
+/// Tensor `key` of a loaded file with the expected shape; missing or misshaped names the file.
+pub fn named_tensor(
+    map: &std::collections::HashMap<String, candle_core::Tensor>,
+    key: &str,
+    dims: &[usize],
+    source: &std::path::Path,
+) -> Result<candle_core::Tensor> {
+    let t = map
+        .get(key)
+        .ok_or_else(|| LlmrecError::file(source, format!("tensor {key} is missing")))?;
+    if t.dims() != dims {
+        return Err(LlmrecError::file(
+            source,
+            format!("tensor {key} has shape {:?}, expected {dims:?}", t.dims()),
+        ));
+    }
+    Ok(t.clone())
+}

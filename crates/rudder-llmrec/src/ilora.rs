@@ -241,21 +241,12 @@ impl Conditioner for SeqConditioner {
 
     fn load(&self, map: &HashMap<String, Tensor>, prefix: &str, source: &Path) -> Result<()> {
         for (n, v) in self.projector.params() {
-            let k = format!("{prefix}{n}");
-            let t = map
-                .get(&k)
-                .ok_or_else(|| LlmrecError::file(source, format!("tensor {k} is missing")))?;
-            if t.dims() != v.dims() {
-                return Err(LlmrecError::file(
-                    source,
-                    format!(
-                        "tensor {k} has shape {:?}, expected {:?}",
-                        t.dims(),
-                        v.dims()
-                    ),
-                ));
-            }
-            v.set(t)?;
+            v.set(&crate::error::named_tensor(
+                map,
+                &format!("{prefix}{n}"),
+                v.dims(),
+                source,
+            )?)?;
         }
         if let Some(r) = &self.router {
             r.load(map, &format!("{prefix}router."), source)?;

@@ -934,19 +934,19 @@ mod tests {
     use rudder_lm::fixtures::{TinySpec, write_hf_dir};
     use rudder_lm::loader::{LanguageModel, LoadOptions, load};
 
-    fn setup(dir: &Path) -> (LanguageModel, Vec<LmExample>, Vec<LmExample>) {
+    /// A tiny model over 30 items `x0..x29` whose next item is the first history item + 2, and
+    /// 24 questions with histories at `offsets` from their first item.
+    fn world(dir: &Path, offsets: &[u32]) -> (LanguageModel, Catalog, Vec<RecExample>, Templates) {
         let spec = TinySpec {
             context: 256,
             ..TinySpec::new(Arch::Llama)
         };
         write_hf_dir(&dir.join("m"), &spec).unwrap();
         let lm = load(&dir.join("m"), &LoadOptions::default()).unwrap();
-        let names: Vec<String> = (0..30).map(|i| format!("x{i}")).collect();
-        let cat = Catalog::new(names);
-        // the next item is the last one + 1: learnable from the prompt
+        let cat = Catalog::new((0..30).map(|i| format!("x{i}")).collect());
         let ex: Vec<RecExample> = (0..24u32)
             .map(|i| {
-                let h = vec![i % 30, (i + 1) % 30];
+                let h: Vec<u32> = offsets.iter().map(|o| (i + o) % 30).collect();
                 let t = (i + 2) % 30;
                 RecExample {
                     candidates: candidates_for(&h, t, 30, 4, 1).unwrap(),
@@ -956,6 +956,12 @@ mod tests {
             })
             .collect();
         let tpl = Templates::from_text("t", "h [HistoryHere] c [CansHere] a:").unwrap();
+        (lm, cat, ex, tpl)
+    }
+
+    fn setup(dir: &Path) -> (LanguageModel, Vec<LmExample>, Vec<LmExample>) {
+        // the next item is the first history item + 2: learnable from the prompt
+        let (lm, cat, ex, tpl) = world(dir, &[0, 1]);
         let opt = Tokenize {
             negatives: 2,
             ..Tokenize::default()
@@ -1150,25 +1156,7 @@ mod tests {
         Vec<LmExample>,
         Box<dyn crate::seqrec::SeqModel + Send + Sync>,
     ) {
-        let spec = TinySpec {
-            context: 256,
-            ..TinySpec::new(Arch::Llama)
-        };
-        write_hf_dir(&dir.join("m"), &spec).unwrap();
-        let lm = load(&dir.join("m"), &LoadOptions::default()).unwrap();
-        let cat = Catalog::new((0..30).map(|i| format!("x{i}")).collect());
-        let ex: Vec<RecExample> = (0..24u32)
-            .map(|i| {
-                let h = vec![i % 30, (i + 1) % 30, (i + 5) % 30];
-                let t = (i + 2) % 30;
-                RecExample {
-                    candidates: candidates_for(&h, t, 30, 4, 1).unwrap(),
-                    history: h,
-                    target: t,
-                }
-            })
-            .collect();
-        let tpl = Templates::from_text("t", "h [HistoryHere] c [CansHere] a:").unwrap();
+        let (lm, cat, ex, tpl) = world(dir, &[0, 1, 5]);
         let opt = Tokenize::default();
         let mut all = tokenize(&ex, &cat, &tpl, &lm.tok, 256, &opt).unwrap();
         crate::hybrid::attach_hybrid(&mut all, &ex, &cat, &tpl, &lm.tok, 256, &opt).unwrap();
@@ -1220,35 +1208,28 @@ mod tests {
             ad.set_training(true);
             lm.decoder.differentiable = true;
             let exs: Vec<&LmExample> = tr[..3].iter().collect();
-            let mut prep = c.prepare(&exs, true, true, &ad).unwrap();
-            let (lp, _, _) = logprobs(
-                &lm.decoder,
-                &exs,
-                Objective::Sft,
-                false,
-                lm.tok.pad,
-                &mut prep,
-            )
-            .unwrap();
-            let grads = lp.sum_all().unwrap().backward().unwrap();
-            ad.set_gate(None).unwrap();
+            let pass = |hybrid: bool| {
+                let mut prep = c.prepare(&exs, hybrid, true, &ad).unwrap();
+                let (lp, _, _) = logprobs(
+                    &lm.decoder,
+                    &exs,
+                    Objective::Sft,
+                    false,
+                    lm.tok.pad,
+                    &mut prep,
+                )
+                .unwrap();
+                let grads = lp.sum_all().unwrap().backward().unwrap();
+                ad.set_gate(None).unwrap();
+                grads
+            };
+            let grads = pass(true);
             rudder_nn::grad::assert_all_receive_gradient(&grads, &ad.params);
             for g in c.groups() {
                 rudder_nn::grad::assert_all_receive_gradient(&grads, &g.params);
             }
             // a text-only pass still gates the experts (the router learns), the projector idles
-            let mut prep = c.prepare(&exs, false, true, &ad).unwrap();
-            let (lp, _, _) = logprobs(
-                &lm.decoder,
-                &exs,
-                Objective::Sft,
-                false,
-                lm.tok.pad,
-                &mut prep,
-            )
-            .unwrap();
-            let grads = lp.sum_all().unwrap().backward().unwrap();
-            ad.set_gate(None).unwrap();
+            let grads = pass(false);
             let router = &c.groups()[1].params;
             rudder_nn::grad::assert_all_receive_gradient(&grads, router);
             assert!(grads.get(c.projector.w1.as_tensor()).is_none());

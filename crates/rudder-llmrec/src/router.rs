@@ -317,18 +317,8 @@ impl Router {
         prefix: &str,
         source: &std::path::Path,
     ) -> Result<()> {
-        let get = |n: &str, dims: &[usize]| -> Result<Tensor> {
-            let k = format!("{prefix}{n}");
-            let t = map
-                .get(&k)
-                .ok_or_else(|| LlmrecError::file(source, format!("tensor {k} is missing")))?;
-            if t.dims() != dims {
-                return Err(LlmrecError::file(
-                    source,
-                    format!("tensor {k} has shape {:?}, expected {dims:?}", t.dims()),
-                ));
-            }
-            Ok(t.clone())
+        let get = |n: &str, dims: &[usize]| {
+            crate::error::named_tensor(map, &format!("{prefix}{n}"), dims, source)
         };
         for (n, v) in self.params() {
             v.set(&get(&n, v.dims())?)?;

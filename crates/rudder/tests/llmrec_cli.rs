@@ -68,6 +68,58 @@ fn model(dir: &Path, layers: usize) -> PathBuf {
     m
 }
 
+/// The one-line template file of these tests.
+fn template(dir: &Path) -> String {
+    let tpl = dir.join("t.txt");
+    std::fs::write(&tpl, "h [HistoryHere] c [CansHere] a:\n").unwrap();
+    tpl.to_str().unwrap().to_string()
+}
+
+/// `rudder llmrec eval` of `adapter` on the test questions of these tests.
+fn eval_flags<'a>(s: &'a str, ms: &'a str, tp: &'a str, adapter: &'a str) -> Vec<&'a str> {
+    vec![
+        "llmrec",
+        "eval",
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--model",
+        ms,
+        "--templates",
+        tp,
+        "--adapter",
+        adapter,
+    ]
+}
+
+/// The LoRA training flags of these tests (5 candidates, 8 examples, batch 4 of micro-batches
+/// of 2, one epoch validated twice).
+fn lora_flags<'a>(s: &'a str, ms: &'a str, tp: &'a str) -> Vec<&'a str> {
+    vec![
+        "--seqs",
+        s,
+        "--candidates",
+        "5",
+        "--model",
+        ms,
+        "--templates",
+        tp,
+        "--batch",
+        "4",
+        "--micro-batch",
+        "2",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0.5",
+        "--max-val",
+        "4",
+        "--max-train",
+        "8",
+    ]
+}
+
 #[test]
 fn baselines_sft_sdpo_and_eval_write_run_folders() {
     let t = tempfile::tempdir().unwrap();
@@ -75,9 +127,7 @@ fn baselines_sft_sdpo_and_eval_write_run_folders() {
     let s = seqs.to_str().unwrap();
     let m = model(t.path(), 2);
     let ms = m.to_str().unwrap();
-    let tpl = t.path().join("t.txt");
-    std::fs::write(&tpl, "h [HistoryHere] c [CansHere] a:\n").unwrap();
-    let tp = tpl.to_str().unwrap();
+    let tp = &template(t.path());
     let run = |n: &str| t.path().join(n).to_str().unwrap().to_string();
 
     let out = ok(&rudder(&[
@@ -108,30 +158,7 @@ fn baselines_sft_sdpo_and_eval_write_run_folders() {
         assert!(t.path().join("sas").join(f).exists(), "{f}");
     }
 
-    let common = [
-        "--seqs",
-        s,
-        "--candidates",
-        "5",
-        "--model",
-        ms,
-        "--templates",
-        tp,
-        "--batch",
-        "4",
-        "--micro-batch",
-        "2",
-        "--epochs",
-        "1",
-        "--eval-every",
-        "0.5",
-        "--max-val",
-        "4",
-        "--max-train",
-        "8",
-        "--lr",
-        "1e-3",
-    ];
+    let common = [lora_flags(s, ms, tp), vec!["--lr", "1e-3"]].concat();
     let sft = run("sft");
     let out = ok(&rudder(
         &[&["llmrec", "sft"][..], &common, &["--out", &sft]].concat(),
@@ -165,24 +192,13 @@ fn baselines_sft_sdpo_and_eval_write_run_folders() {
     assert!(out.contains("reward accuracy"), "{out}");
     assert!(t.path().join("sdpo/reference_logps.safetensors").exists());
 
-    let out = ok(&rudder(&[
-        "llmrec",
-        "eval",
-        "--seqs",
-        s,
-        "--candidates",
-        "5",
-        "--model",
-        ms,
-        "--templates",
-        tp,
-        "--adapter",
-        a,
-        "--max-new-tokens",
-        "4",
-        "--out",
-        &run("ev"),
-    ]));
+    let out = ok(&rudder(
+        &[
+            eval_flags(s, ms, tp, a),
+            vec!["--max-new-tokens", "4", "--out", &run("ev")],
+        ]
+        .concat(),
+    ));
     assert!(
         out.contains("Likelihood ranking") && out.contains("S-DPO (substring"),
         "{out}"
@@ -310,9 +326,7 @@ fn llara_and_ilora_train_resume_and_evaluate_on_hybrid_prompts() {
     let s = seqs.to_str().unwrap();
     let m = model(t.path(), 2);
     let ms = m.to_str().unwrap();
-    let tpl = t.path().join("t.txt");
-    std::fs::write(&tpl, "h [HistoryHere] c [CansHere] a:\n").unwrap();
-    let tp = tpl.to_str().unwrap();
+    let tp = &template(t.path());
     let run = |n: &str| t.path().join(n).to_str().unwrap().to_string();
     ok(&rudder(&[
         "llmrec",
@@ -331,30 +345,7 @@ fn llara_and_ilora_train_resume_and_evaluate_on_hybrid_prompts() {
         &run("sas"),
     ]));
     let sas = run("sas");
-    let common = [
-        "--seqs",
-        s,
-        "--candidates",
-        "5",
-        "--model",
-        ms,
-        "--templates",
-        tp,
-        "--batch",
-        "4",
-        "--micro-batch",
-        "2",
-        "--epochs",
-        "1",
-        "--eval-every",
-        "0.5",
-        "--max-val",
-        "4",
-        "--max-train",
-        "8",
-        "--sasrec",
-        &sas,
-    ];
+    let common = [lora_flags(s, ms, tp), vec!["--sasrec", &sas]].concat();
     let out = ok(&rudder(
         &[&["llmrec", "llara"][..], &common, &["--out", &run("llara")]].concat(),
     ));
@@ -403,24 +394,13 @@ fn llara_and_ilora_train_resume_and_evaluate_on_hybrid_prompts() {
     std::fs::remove_file(t.path().join("ilora/checkpoint.safetensors")).unwrap();
 
     let ia = t.path().join("ilora/adapter");
-    let out = ok(&rudder(&[
-        "llmrec",
-        "eval",
-        "--seqs",
-        s,
-        "--candidates",
-        "5",
-        "--model",
-        ms,
-        "--templates",
-        tp,
-        "--adapter",
-        ia.to_str().unwrap(),
-        "--max-new-tokens",
-        "3",
-        "--out",
-        &run("ev"),
-    ]));
+    let out = ok(&rudder(
+        &[
+            eval_flags(s, ms, tp, ia.to_str().unwrap()),
+            vec!["--max-new-tokens", "3", "--out", &run("ev")],
+        ]
+        .concat(),
+    ));
     assert!(
         out.contains("Hybrid prompts (ilora") && out.contains("## iLoRA gates (4 experts)"),
         "{out}"
