@@ -120,11 +120,29 @@ impl SeqConditioner {
         Ok(())
     }
 
-    /// Frozen user vectors `[B, d]` of the histories (the last `window` items of each).
-    pub fn users(&self, histories: &[&[u32]]) -> Result<Tensor> {
-        for h in histories {
-            self.check_items(h, "history")?;
+    /// Refuse histories the sequential model cannot read whole: longer than its window (LLaRA's
+    /// rows hold at most 10 items; S-DPO's prompt files list up to 215) or naming unknown items.
+    pub fn check_histories<'a>(
+        &self,
+        histories: impl IntoIterator<Item = &'a [u32]>,
+        what: &str,
+    ) -> Result<()> {
+        for (i, h) in histories.into_iter().enumerate() {
+            if h.len() > self.window {
+                return Err(LlmrecError::Input(format!(
+                    "{what} {i}: a history of {} items, longer than the sequential model's window of {}; build the questions from the LLaRA sequence files (no --prompts) or train the SASRec with a longer window",
+                    h.len(),
+                    self.window
+                )));
+            }
+            self.check_items(h, &format!("{what} {i}"))?;
         }
+        Ok(())
+    }
+
+    /// Frozen user vectors `[B, d]` of the histories.
+    pub fn users(&self, histories: &[&[u32]]) -> Result<Tensor> {
+        self.check_histories(histories.iter().copied(), "history")?;
         let (ids, lens) = batch(histories, self.window, self.n_items as u32)?;
         Ok(self.seq.encode(&ids, &lens, None)?.detach())
     }

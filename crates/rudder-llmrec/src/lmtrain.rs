@@ -1233,6 +1233,18 @@ mod tests {
             let router = &c.groups()[1].params;
             rudder_nn::grad::assert_all_receive_gradient(&grads, router);
             assert!(grads.get(c.projector.w1.as_tensor()).is_none());
+            // a history longer than the SASRec window, or naming an unknown item, is refused
+            let long = [1u32; 11];
+            let e = c
+                .check_histories([&long[..]], "question")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("question 0: a history of 11 items") && e.contains("window of 10"),
+                "{e}"
+            );
+            let e = c.users(&[&[3u32, 31][..]]).unwrap_err().to_string();
+            assert!(e.contains("item 31 is outside"), "{e}");
             // the adapter's expert count must match the router's
             lm.decoder.detach_lora();
             let plain = lm.decoder.attach_lora(&LoraConfig::default(), 3).unwrap();

@@ -811,16 +811,20 @@ fn run_lm_train(
     let cond = match &rc.hybrid {
         None => None,
         Some(h) => {
+            let c = build_conditioner(h, n, lm.decoder.cfg.hidden_size, rc.train.seed)?;
+            c.check_histories(
+                train_ex.iter().map(|e| e.history.as_slice()),
+                "training example",
+            )?;
+            c.check_histories(
+                val_ex.iter().map(|e| e.history.as_slice()),
+                "validation question",
+            )?;
             attach_hybrid(
                 &mut tr, &train_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_train,
             )?;
             attach_hybrid(&mut va, &val_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk_val)?;
-            Some(build_conditioner(
-                h,
-                n,
-                lm.decoder.cfg.hidden_size,
-                rc.train.seed,
-            )?)
+            Some(c)
         }
     };
     let adapter = match &rc.init_adapter {
@@ -1054,6 +1058,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             let map = rudder_nn::checkpoint::load(&w, &candle_core::Device::Cpu)
                 .with_context(|| format!("{}", w.display()))?;
             c.load(&map, "", &w)?;
+            c.check_histories(
+                d.test_ex.iter().map(|e| e.history.as_slice()),
+                "test question",
+            )?;
             attach_hybrid(&mut exs, &d.test_ex, &d.catalog, &tpl, &lm.tok, ctx, &tk)?;
             Some((c, h))
         }
