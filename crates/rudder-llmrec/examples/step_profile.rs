@@ -49,6 +49,7 @@ fn main() {
             rudder_llmrec::router::RouterKind::Resnet,
             64,
             experts,
+            lm.decoder.cfg.num_layers,
             3,
         )
         .unwrap()

@@ -72,12 +72,15 @@ pub struct SeqConditioner {
 
 impl SeqConditioner {
     /// `seq` is the trained sequential model (frozen here); `d_model` the language model's
-    /// width; `router` for iLoRA (its expert count must be the adapter's).
+    /// width and `layers` its depth; `router` for iLoRA (its expert count must be the
+    /// adapter's).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         seq: Box<dyn SeqModel + Send + Sync>,
         window: usize,
         n_items: usize,
         d_model: usize,
+        layers: usize,
         router: Option<(RouterKind, usize)>,
         curriculum: Curriculum,
         seed: u64,
@@ -98,7 +101,7 @@ impl SeqConditioner {
             )?
             .dims()[1];
         let router = router
-            .map(|(kind, k)| Router::new(kind, user_dim, k, seed))
+            .map(|(kind, k)| Router::new(kind, user_dim, k, layers, seed))
             .transpose()?;
         Ok(SeqConditioner {
             seq,
@@ -203,10 +206,13 @@ impl Conditioner for SeqConditioner {
                 )));
             }
             let hist: Vec<&[u32]> = hy.iter().map(|h| h.history.as_slice()).collect();
-            let g = r.forward(&self.users(&hist)?, training)?;
-            adapter
-                .set_gate(Some(&g))
-                .map_err(|e| LlmrecError::Config(e.to_string()))?;
+            let g = r.gates(&self.users(&hist)?, training)?;
+            let set = if g.len() == 1 {
+                adapter.set_gate(Some(&g[0]))
+            } else {
+                adapter.set_layer_gates(&g)
+            };
+            set.map_err(|e| LlmrecError::Config(e.to_string()))?;
         }
         if !hybrid {
             return Ok(Prepared {

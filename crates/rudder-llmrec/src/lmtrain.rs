@@ -1183,18 +1183,39 @@ mod tests {
             experts: 4,
             ..LoraConfig::default()
         };
-        let cond = |seq, curriculum| {
-            SeqConditioner::new(
-                seq,
-                10,
-                30,
-                64,
-                Some((RouterKind::Resnet, 4)),
-                curriculum,
-                5,
-            )
-            .unwrap()
+        let cond_with = |seq, curriculum, kind| {
+            SeqConditioner::new(seq, 10, 30, 64, 2, Some((kind, 4)), curriculum, 5).unwrap()
         };
+        let cond = |seq, curriculum| cond_with(seq, curriculum, RouterKind::Resnet);
+        // per-layer gates (the reference's Dense gating): each layer's gate learns
+        {
+            let (mut lm, tr, _, seq) = hybrid_setup(&d.path().join("l"));
+            assert_eq!(lm.decoder.cfg.num_layers, 2);
+            let c = cond_with(seq, Curriculum::Hybrid, RouterKind::Layer);
+            let ad = lm.decoder.attach_lora(&moe, 3).unwrap();
+            for (_, v) in &ad.params {
+                v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+                    .unwrap();
+            }
+            ad.set_training(true);
+            lm.decoder.differentiable = true;
+            let exs: Vec<&LmExample> = tr[..2].iter().collect();
+            let mut prep = c.prepare(&exs, true, true, &ad).unwrap();
+            let (lp, _, _) = logprobs(
+                &lm.decoder,
+                &exs,
+                Objective::Sft,
+                false,
+                lm.tok.pad,
+                &mut prep,
+            )
+            .unwrap();
+            let grads = lp.sum_all().unwrap().backward().unwrap();
+            ad.set_gate(None).unwrap();
+            let router = &c.groups()[1].params;
+            assert_eq!(router.len(), 2);
+            rudder_nn::grad::assert_all_receive_gradient(&grads, router);
+        }
         // gradient coverage: projector, router and every expert of every adapted layer
         {
             let (mut lm, tr, _, seq) = hybrid_setup(&d.path().join("g"));

@@ -7,8 +7,11 @@
 //!   shortcut subsampling and zero-padding channels: ResNet "option A"); average pooling;
 //!   `Linear(64→K)`; softmax. Batch norm uses batch statistics in training and running
 //!   statistics (momentum 0.1, unbiased variance) in evaluation, as PyTorch's does.
-//! - [`RouterKind::Linear`]: the ablation, `softmax(W u)` with `W ∈ R^{K×d}` and no bias (the
-//!   reference's `Dense` gate, here one gate shared by every layer).
+//! - [`RouterKind::Linear`]: an ablation, `softmax(W u)` with `W ∈ R^{K×d}` and no bias, one
+//!   gate shared by every layer.
+//! - [`RouterKind::Layer`]: the reference's per-layer `Dense` gates (built in `gating.py` but
+//!   bypassed by `--router share`): every decoder layer mixes its experts by its own
+//!   `softmax(W_l u)`.
 
 use std::sync::Mutex;
 
@@ -23,6 +26,7 @@ use crate::{LlmrecError, Result};
 pub enum RouterKind {
     Resnet,
     Linear,
+    Layer,
 }
 
 struct BatchNorm {
@@ -152,10 +156,19 @@ pub struct Router {
     blocks: Vec<Block>,
     fc: Var,
     fc_b: Option<Var>,
+    /// per-layer gates (`RouterKind::Layer`)
+    per_layer: Vec<Var>,
 }
 
 impl Router {
-    pub fn new(kind: RouterKind, dim: usize, experts: usize, seed: u64) -> Result<Router> {
+    /// `layers`: the decoder's layer count (used by [`RouterKind::Layer`]).
+    pub fn new(
+        kind: RouterKind,
+        dim: usize,
+        experts: usize,
+        layers: usize,
+        seed: u64,
+    ) -> Result<Router> {
         if experts < 2 {
             return Err(LlmrecError::Config(format!(
                 "a router needs at least 2 experts, not {experts}"
@@ -174,7 +187,7 @@ impl Router {
             )?)?)
         };
         match kind {
-            RouterKind::Linear => Ok(Router {
+            RouterKind::Linear | RouterKind::Layer => Ok(Router {
                 kind,
                 experts,
                 dim,
@@ -182,6 +195,13 @@ impl Router {
                 blocks: Vec::new(),
                 fc: lin(&mut rng, experts, dim)?,
                 fc_b: None,
+                per_layer: if kind == RouterKind::Layer {
+                    (0..layers.max(1))
+                        .map(|_| lin(&mut rng, experts, dim))
+                        .collect::<Result<_>>()?
+                } else {
+                    Vec::new()
+                },
             }),
             RouterKind::Resnet => {
                 if dim < 4 {
@@ -228,13 +248,26 @@ impl Router {
                         experts,
                         &Device::Cpu,
                     )?)?),
+                    per_layer: Vec::new(),
                 })
             }
         }
     }
 
-    /// Expert weights `[B, K]` (rows sum to 1) of user vectors `u [B, d]`.
-    pub fn forward(&self, u: &Tensor, training: bool) -> Result<Tensor> {
+    /// The gates to apply: one `[B, K]` for every layer, or one per layer
+    /// ([`RouterKind::Layer`]).
+    pub fn gates(&self, u: &Tensor, training: bool) -> Result<Vec<Tensor>> {
+        if self.per_layer.is_empty() {
+            return Ok(vec![self.forward(u, training)?]);
+        }
+        self.check(u)?;
+        self.per_layer
+            .iter()
+            .map(|w| Ok(rudder_nn::ops::softmax(&u.matmul(&w.as_tensor().t()?)?)?))
+            .collect()
+    }
+
+    fn check(&self, u: &Tensor) -> Result<()> {
         let (_, d) = u.dims2()?;
         if d != self.dim {
             return Err(LlmrecError::Config(format!(
@@ -242,6 +275,18 @@ impl Router {
                 self.dim
             )));
         }
+        Ok(())
+    }
+
+    /// Expert weights `[B, K]` (rows sum to 1) of user vectors `u [B, d]`; for per-layer gates,
+    /// their mean over the layers (diagnostics).
+    pub fn forward(&self, u: &Tensor, training: bool) -> Result<Tensor> {
+        if !self.per_layer.is_empty() {
+            let g = self.gates(u, training)?;
+            let n = g.len() as f64;
+            return Ok((Tensor::stack(&g, 0)?.sum(0)? / n)?);
+        }
+        self.check(u)?;
         let logits = match &self.stem {
             None => u.matmul(&self.fc.as_tensor().t()?)?,
             Some((conv, bn)) => {
@@ -279,9 +324,14 @@ impl Router {
             v.push((format!("{}.weight", blk.c2.name), blk.c2.w.clone()));
             bn(&mut v, &blk.b2);
         }
-        v.push(("linear.weight".into(), self.fc.clone()));
+        if self.per_layer.is_empty() {
+            v.push(("linear.weight".into(), self.fc.clone()));
+        }
         if let Some(b) = &self.fc_b {
             v.push(("linear.bias".into(), b.clone()));
+        }
+        for (l, w) in self.per_layer.iter().enumerate() {
+            v.push((format!("layers.{l}.weight"), w.clone()));
         }
         v
     }
@@ -342,8 +392,13 @@ mod tests {
     #[test]
     fn both_routers_give_distributions_and_every_parameter_learns() -> Result<()> {
         let u = Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu)?;
-        for kind in [RouterKind::Resnet, RouterKind::Linear] {
-            let r = Router::new(kind, 64, 4, 7)?;
+        for kind in [RouterKind::Resnet, RouterKind::Linear, RouterKind::Layer] {
+            let r = Router::new(kind, 64, 4, 3, 7)?;
+            let gs = r.gates(&u, true)?;
+            assert_eq!(gs.len(), if kind == RouterKind::Layer { 3 } else { 1 });
+            if kind == RouterKind::Layer {
+                assert_ne!(gs[0].to_vec2::<f32>()?, gs[1].to_vec2::<f32>()?);
+            }
             let g = r.forward(&u, true)?;
             assert_eq!(g.dims(), &[5, 4]);
             for row in g.to_vec2::<f32>()? {
@@ -354,7 +409,7 @@ mod tests {
             rudder_nn::grad::assert_all_receive_gradient(&grads, &r.params());
         }
         // the ResNet router: 3 + 2·9 norms, ~90K parameters at 4 experts (the reference's size)
-        let r = Router::new(RouterKind::Resnet, 64, 4, 7)?;
+        let r = Router::new(RouterKind::Resnet, 64, 4, 3, 7)?;
         let n: usize = r.params().iter().map(|(_, v)| v.elem_count()).sum();
         assert!((70_000..100_000).contains(&n), "{n} parameters");
         Ok(())
@@ -362,7 +417,7 @@ mod tests {
 
     #[test]
     fn batch_norm_tracks_running_statistics_and_round_trips() -> Result<()> {
-        let r = Router::new(RouterKind::Resnet, 16, 2, 1)?;
+        let r = Router::new(RouterKind::Resnet, 16, 2, 3, 1)?;
         let u = (Tensor::randn(0f32, 1.0, (6, 16), &Device::Cpu)? * 3.0)?;
         let before = r.forward(&u, false)?.to_vec2::<f32>()?;
         for _ in 0..3 {
@@ -379,7 +434,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (format!("router.{k}"), v))
             .collect();
-        let r2 = Router::new(RouterKind::Resnet, 16, 2, 99)?;
+        let r2 = Router::new(RouterKind::Resnet, 16, 2, 3, 99)?;
         r2.load(&map, "router.", d.path())?;
         assert_eq!(r2.forward(&u, false)?.to_vec2::<f32>()?, after);
         let small: std::collections::HashMap<String, Tensor> = map
@@ -392,7 +447,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("running_var is missing"), "{e}");
-        assert!(Router::new(RouterKind::Linear, 64, 1, 0).is_err());
+        assert!(Router::new(RouterKind::Linear, 64, 1, 3, 0).is_err());
         assert!(
             r.forward(&Tensor::zeros((2, 8), DType::F32, &Device::Cpu)?, false)
                 .is_err()

@@ -180,7 +180,8 @@ pub struct LoraRuntime {
     /// MoE-LoRA: the rank gate `[G, r]` of the current batch (each expert's weight repeated
     /// over its rows), `None` for plain LoRA.
     experts: usize,
-    gate: std::sync::Mutex<Option<Tensor>>,
+    /// One gate for every layer, or one per layer (empty: none set).
+    gate: std::sync::Mutex<Vec<Tensor>>,
 }
 
 impl LoraRuntime {
@@ -190,18 +191,25 @@ impl LoraRuntime {
             seed,
             calls: AtomicU64::new(0),
             experts,
-            gate: std::sync::Mutex::new(None),
+            gate: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    fn gate(&self) -> Option<Tensor> {
-        self.gate.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn gate(&self, layer: usize) -> Option<Tensor> {
+        let g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        match g.len() {
+            0 => None,
+            1 => Some(g[0].clone()),
+            _ => g.get(layer).cloned(),
+        }
     }
 }
 
 /// The adapter attached to one linear layer.
 #[derive(Clone, Debug)]
 pub struct LoraSlot {
+    /// The decoder layer (selects a per-layer gate).
+    pub layer: usize,
     pub a: Var,
     pub b: Var,
     pub scale: f64,
@@ -227,7 +235,7 @@ impl LoraSlot {
         };
         let mut h = x.matmul(&a.t()?)?;
         if self.rt.experts > 1 {
-            let g = self.rt.gate().ok_or_else(|| {
+            let g = self.rt.gate(self.layer).ok_or_else(|| {
                 LmError::Config(
                     "MoE-LoRA adapter without a gate: set one for the batch (Adapter::set_gate)"
                         .into(),
@@ -259,6 +267,8 @@ impl LoraSlot {
 /// train/eval switch.
 pub struct Adapter {
     pub cfg: LoraConfig,
+    /// Decoder layers the adapter spans.
+    pub layers: usize,
     pub rt: Arc<LoraRuntime>,
     /// `(peft name, var)` in layer, then target order: `…lora_A.weight`, `…lora_B.weight`.
     pub params: Vec<(String, Var)>,
@@ -277,31 +287,47 @@ impl Adapter {
     /// decoder lays out `[B, T]`); `None` clears it. Differentiable: the gradient reaches
     /// whatever computed the gate. Plain LoRA refuses a gate.
     pub fn set_gate(&self, gate: Option<&Tensor>) -> Result<()> {
+        let gates: Vec<Tensor> = gate.into_iter().cloned().collect();
+        self.store_gates(&gates)
+    }
+
+    /// MoE-LoRA with one gate per decoder layer (`gates[l]`, each `[G, K]`), as the
+    /// reference's per-layer `Dense` gates would mix the experts.
+    pub fn set_layer_gates(&self, gates: &[Tensor]) -> Result<()> {
+        if gates.len() != self.layers {
+            return Err(LmError::Config(format!(
+                "{} layer gates for {} layers",
+                gates.len(),
+                self.layers
+            )));
+        }
+        self.store_gates(gates)
+    }
+
+    fn store_gates(&self, gates: &[Tensor]) -> Result<()> {
         let k = self.cfg.experts;
-        let expanded = match gate {
-            None => None,
-            Some(g) => {
-                if k <= 1 {
-                    return Err(LmError::Config("a plain LoRA adapter takes no gate".into()));
-                }
-                let (_, gk) = g.dims2()?;
-                if gk != k {
-                    return Err(LmError::Config(format!(
-                        "gate of width {gk} for {k} experts"
-                    )));
-                }
-                // [K, r] with row k holding ones on expert k's r/K rank rows
-                let re = self.cfg.r / k;
-                let mut m = vec![0f32; k * self.cfg.r];
-                for e in 0..k {
-                    for j in 0..re {
-                        m[e * self.cfg.r + e * re + j] = 1.0;
-                    }
-                }
-                let spread = Tensor::from_vec(m, (k, self.cfg.r), g.device())?;
-                Some(g.matmul(&spread)?)
+        let mut expanded = Vec::with_capacity(gates.len());
+        for g in gates {
+            if k <= 1 {
+                return Err(LmError::Config("a plain LoRA adapter takes no gate".into()));
             }
-        };
+            let (_, gk) = g.dims2()?;
+            if gk != k {
+                return Err(LmError::Config(format!(
+                    "gate of width {gk} for {k} experts"
+                )));
+            }
+            // [K, r] with row k holding ones on expert k's r/K rank rows
+            let re = self.cfg.r / k;
+            let mut m = vec![0f32; k * self.cfg.r];
+            for e in 0..k {
+                for j in 0..re {
+                    m[e * self.cfg.r + e * re + j] = 1.0;
+                }
+            }
+            let spread = Tensor::from_vec(m, (k, self.cfg.r), g.device())?;
+            expanded.push(g.matmul(&spread)?);
+        }
         *self.rt.gate.lock().unwrap_or_else(|e| e.into_inner()) = expanded;
         Ok(())
     }
@@ -382,6 +408,7 @@ impl Decoder {
                 let a = Var::from_tensor(&Tensor::from_vec(av, (cfg.r, inp), &Device::Cpu)?)?;
                 let b = Var::zeros((out, cfg.r), DType::F32, &Device::Cpu)?;
                 lin.lora = Some(LoraSlot {
+                    layer: l,
                     a: a.clone(),
                     b: b.clone(),
                     scale: cfg.scale(),
@@ -394,6 +421,7 @@ impl Decoder {
         }
         Ok(Adapter {
             cfg: cfg.clone(),
+            layers: self.cfg.num_layers,
             rt,
             params,
         })
@@ -912,6 +940,31 @@ mod tests {
                 .is_err()
         );
         assert!(lm.decoder.merge_lora().is_err());
+        // per-layer gates: one per layer, each layer reads its own
+        let layers = lm.decoder.cfg.num_layers;
+        let e = ad
+            .set_layer_gates(&[onehot.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("1 layer gates for {layers} layers")),
+            "{e}"
+        );
+        ad.set_training(false);
+        lm.decoder.differentiable = false;
+        let same: Vec<Tensor> = (0..layers).map(|_| onehot.clone()).collect();
+        ad.set_layer_gates(&same).unwrap();
+        let a = logits(&lm.decoder, &IDS);
+        ad.set_gate(Some(&onehot)).unwrap();
+        assert_eq!(
+            a,
+            logits(&lm.decoder, &IDS),
+            "equal per-layer gates = one shared gate"
+        );
+        let mut other = same.clone();
+        other[0] = Tensor::from_vec(vec![1f32, 0.0, 0.0, 0.0], (1, 4), &Device::Cpu).unwrap();
+        ad.set_layer_gates(&other).unwrap();
+        assert_ne!(a, logits(&lm.decoder, &IDS));
     }
 
     #[test]

@@ -60,8 +60,10 @@ pub enum LlmrecCmd {
 pub enum RouterArg {
     /// The reference's ResNet-1D router (batch norm, ~90K parameters).
     Resnet,
-    /// Ablation: softmax of a linear map of the user vector.
+    /// Ablation: softmax of a linear map of the user vector, one gate for every layer.
     Linear,
+    /// The reference's per-layer Dense gates: each layer its own softmax(W_l u).
+    Layer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -138,7 +140,7 @@ fn load_seq_run(
 fn build_conditioner(
     h: &HybridConfig,
     n_items: usize,
-    d_model: usize,
+    lm: &LanguageModel,
     seed: u64,
 ) -> Result<SeqConditioner> {
     let (seq, sc) = load_seq_run(&h.sasrec, n_items)?;
@@ -147,7 +149,8 @@ fn build_conditioner(
         seq,
         sc.window,
         n_items,
-        d_model,
+        lm.decoder.cfg.hidden_size,
+        lm.decoder.cfg.num_layers,
         router,
         h.curriculum,
         seed,
@@ -722,6 +725,7 @@ fn run_lm_train(
                         router: match h.router {
                             RouterArg::Resnet => rudder_llmrec::router::RouterKind::Resnet,
                             RouterArg::Linear => rudder_llmrec::router::RouterKind::Linear,
+                            RouterArg::Layer => rudder_llmrec::router::RouterKind::Layer,
                         },
                         curriculum: match (h.faithful, h.curriculum) {
                             (true, _) | (_, CurriculumArg::Faithful) => Curriculum::Faithful,
@@ -811,7 +815,7 @@ fn run_lm_train(
     let cond = match &rc.hybrid {
         None => None,
         Some(h) => {
-            let c = build_conditioner(h, n, lm.decoder.cfg.hidden_size, rc.train.seed)?;
+            let c = build_conditioner(h, n, &lm, rc.train.seed)?;
             c.check_histories(
                 train_ex.iter().map(|e| e.history.as_slice()),
                 "training example",
@@ -1053,7 +1057,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             let h: HybridConfig = serde_json::from_str(&std::fs::read_to_string(&f)?)
                 .with_context(|| format!("{}: not a hybrid adapter description", f.display()))?;
             let n = d.catalog.n_items();
-            let c = build_conditioner(&h, n, lm.decoder.cfg.hidden_size, 0)?;
+            let c = build_conditioner(&h, n, &lm, 0)?;
             let w = f.with_file_name(rudder_llmrec::lmtrain::CONDITIONER_FILE);
             let map = rudder_nn::checkpoint::load(&w, &candle_core::Device::Cpu)
                 .with_context(|| format!("{}", w.display()))?;
