@@ -746,6 +746,40 @@ pub fn train(
         order_cache.as_ref().unwrap().1[(s % n as u64) as usize]
     };
 
+    // the starting point is validated too, so "best" can be the adapter the run started from
+    // (a preference stage that only hurts keeps its SFT adapter)
+    if !resume {
+        mode.eval();
+        let (vl, vr) = validate(
+            mode.dec,
+            val,
+            ref_val.as_deref(),
+            cfg,
+            pad,
+            cond,
+            adapter,
+            obs,
+        )?;
+        state.best_val = vl;
+        state.best_step = 0;
+        mode.dec
+            .save_peft(adapter, &files.best_adapter(), base_model)?;
+        if let Some(c) = cond {
+            rudder_nn::checkpoint::save(
+                &c.tensors(),
+                &files.best_adapter().join(CONDITIONER_FILE),
+            )?;
+        }
+        let er = EvalRecord {
+            step: 0,
+            epoch: 0.0,
+            val_loss: vl,
+            val_rewards: vr,
+            best: true,
+        };
+        obs.eval(&er);
+        state.history.evals.push(er);
+    }
     let mut completed = true;
     while state.step < total_steps {
         let t0 = Instant::now();
@@ -1024,6 +1058,8 @@ mod tests {
         )
         .unwrap();
         assert!(rep.completed && rep.total_steps == 24);
+        // the starting adapter is validated first (step 0)
+        assert_eq!(rep.history.evals[0].step, 0);
         let first = rep.history.evals.first().unwrap().val_loss;
         assert!(rep.best_val < first * 0.9, "{first} → {}", rep.best_val);
         assert!(
