@@ -746,39 +746,37 @@ pub fn train(
         order_cache.as_ref().unwrap().1[(s % n as u64) as usize]
     };
 
+    // validate, keep the best adapter (and conditioner), record
+    let evaluate = |dec: &Decoder, state: &mut LoopState, obs: &mut dyn LmObserver| -> Result<()> {
+        let (vl, vr) = validate(dec, val, ref_val.as_deref(), cfg, pad, cond, adapter, obs)?;
+        let best = vl < state.best_val;
+        if best {
+            state.best_val = vl;
+            state.best_step = state.step;
+            dec.save_peft(adapter, &files.best_adapter(), base_model)?;
+            if let Some(c) = cond {
+                rudder_nn::checkpoint::save(
+                    &c.tensors(),
+                    &files.best_adapter().join(CONDITIONER_FILE),
+                )?;
+            }
+        }
+        let er = EvalRecord {
+            step: state.step,
+            epoch: (state.step * eff as u64) as f64 / n as f64,
+            val_loss: vl,
+            val_rewards: vr,
+            best,
+        };
+        obs.eval(&er);
+        state.history.evals.push(er);
+        Ok(())
+    };
     // the starting point is validated too, so "best" can be the adapter the run started from
     // (a preference stage that only hurts keeps its SFT adapter)
     if !resume {
         mode.eval();
-        let (vl, vr) = validate(
-            mode.dec,
-            val,
-            ref_val.as_deref(),
-            cfg,
-            pad,
-            cond,
-            adapter,
-            obs,
-        )?;
-        state.best_val = vl;
-        state.best_step = 0;
-        mode.dec
-            .save_peft(adapter, &files.best_adapter(), base_model)?;
-        if let Some(c) = cond {
-            rudder_nn::checkpoint::save(
-                &c.tensors(),
-                &files.best_adapter().join(CONDITIONER_FILE),
-            )?;
-        }
-        let er = EvalRecord {
-            step: 0,
-            epoch: 0.0,
-            val_loss: vl,
-            val_rewards: vr,
-            best: true,
-        };
-        obs.eval(&er);
-        state.history.evals.push(er);
+        evaluate(mode.dec, &mut state, obs)?;
     }
     let mut completed = true;
     while state.step < total_steps {
@@ -878,38 +876,7 @@ pub fn train(
         state.history.steps.push(rec);
 
         if state.step.is_multiple_of(eval_steps) || state.step == total_steps {
-            let (vl, vr) = validate(
-                mode.dec,
-                val,
-                ref_val.as_deref(),
-                cfg,
-                pad,
-                cond,
-                adapter,
-                obs,
-            )?;
-            let best = vl < state.best_val;
-            if best {
-                state.best_val = vl;
-                state.best_step = state.step;
-                mode.dec
-                    .save_peft(adapter, &files.best_adapter(), base_model)?;
-                if let Some(c) = cond {
-                    rudder_nn::checkpoint::save(
-                        &c.tensors(),
-                        &files.best_adapter().join(CONDITIONER_FILE),
-                    )?;
-                }
-            }
-            let er = EvalRecord {
-                step: state.step,
-                epoch: (state.step * eff as u64) as f64 / n as f64,
-                val_loss: vl,
-                val_rewards: vr,
-                best,
-            };
-            obs.eval(&er);
-            state.history.evals.push(er);
+            evaluate(mode.dec, &mut state, obs)?;
             // checkpoint, then metrics (both atomic)
             state.dropout_calls = adapter.dropout_calls();
             let (adam_steps, mut tensors) = opt.state("adam")?;
@@ -1209,6 +1176,41 @@ mod tests {
         (lm, all[..16].to_vec(), all[16..].to_vec(), seq)
     }
 
+    /// A MoE adapter set to 0.05 everywhere, in training mode.
+    fn moe_adapter(lm: &mut LanguageModel, moe: &LoraConfig) -> Adapter {
+        let ad = lm.decoder.attach_lora(moe, 3).unwrap();
+        for (_, v) in &ad.params {
+            v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+                .unwrap();
+        }
+        ad.set_training(true);
+        lm.decoder.differentiable = true;
+        ad
+    }
+
+    /// The gradients of one conditioned training pass over `exs`' answers.
+    fn conditioned_grads(
+        lm: &LanguageModel,
+        c: &dyn Conditioner,
+        ad: &Adapter,
+        exs: &[&LmExample],
+        hybrid: bool,
+    ) -> candle_core::backprop::GradStore {
+        let mut prep = c.prepare(exs, hybrid, true, ad).unwrap();
+        let (lp, _, _) = logprobs(
+            &lm.decoder,
+            exs,
+            Objective::Sft,
+            false,
+            lm.tok.pad,
+            &mut prep,
+        )
+        .unwrap();
+        let grads = lp.sum_all().unwrap().backward().unwrap();
+        ad.set_gate(None).unwrap();
+        grads
+    }
+
     #[test]
     fn ilora_trains_every_part_and_resumes_exactly() {
         use crate::ilora::{Curriculum, SeqConditioner};
@@ -1228,26 +1230,9 @@ mod tests {
             let (mut lm, tr, _, seq) = hybrid_setup(&d.path().join("l"));
             assert_eq!(lm.decoder.cfg.num_layers, 2);
             let c = cond_with(seq, Curriculum::Hybrid, RouterKind::Layer);
-            let ad = lm.decoder.attach_lora(&moe, 3).unwrap();
-            for (_, v) in &ad.params {
-                v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
-                    .unwrap();
-            }
-            ad.set_training(true);
-            lm.decoder.differentiable = true;
+            let ad = moe_adapter(&mut lm, &moe);
             let exs: Vec<&LmExample> = tr[..2].iter().collect();
-            let mut prep = c.prepare(&exs, true, true, &ad).unwrap();
-            let (lp, _, _) = logprobs(
-                &lm.decoder,
-                &exs,
-                Objective::Sft,
-                false,
-                lm.tok.pad,
-                &mut prep,
-            )
-            .unwrap();
-            let grads = lp.sum_all().unwrap().backward().unwrap();
-            ad.set_gate(None).unwrap();
+            let grads = conditioned_grads(&lm, &c, &ad, &exs, true);
             let router = &c.groups()[1].params;
             assert_eq!(router.len(), 2);
             rudder_nn::grad::assert_all_receive_gradient(&grads, router);
@@ -1257,29 +1242,9 @@ mod tests {
             let (mut lm, tr, _, seq) = hybrid_setup(&d.path().join("g"));
             assert_eq!(lm.decoder.cfg.hidden_size, 64);
             let c = cond(seq, Curriculum::Hybrid);
-            let ad = lm.decoder.attach_lora(&moe, 3).unwrap();
-            for (_, v) in &ad.params {
-                v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
-                    .unwrap();
-            }
-            ad.set_training(true);
-            lm.decoder.differentiable = true;
+            let ad = moe_adapter(&mut lm, &moe);
             let exs: Vec<&LmExample> = tr[..3].iter().collect();
-            let pass = |hybrid: bool| {
-                let mut prep = c.prepare(&exs, hybrid, true, &ad).unwrap();
-                let (lp, _, _) = logprobs(
-                    &lm.decoder,
-                    &exs,
-                    Objective::Sft,
-                    false,
-                    lm.tok.pad,
-                    &mut prep,
-                )
-                .unwrap();
-                let grads = lp.sum_all().unwrap().backward().unwrap();
-                ad.set_gate(None).unwrap();
-                grads
-            };
+            let pass = |hybrid: bool| conditioned_grads(&lm, &c, &ad, &exs, hybrid);
             let grads = pass(true);
             rudder_nn::grad::assert_all_receive_gradient(&grads, &ad.params);
             for g in c.groups() {
