@@ -159,12 +159,16 @@ pub enum SubmitError {
 /// Cancels its request when asked (or when dropped, if armed with [`Ticket::cancel_on_drop`]).
 pub struct Ticket {
     cancel: Arc<AtomicBool>,
+    counted: Arc<AtomicBool>,
+    stats: Arc<Stats>,
     on_drop: bool,
 }
 
 impl Ticket {
+    /// Cancel the request; one still waiting stops counting against the queue limit at once.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
+        uncount(&self.counted, &self.stats);
     }
     pub fn cancel_on_drop(mut self) -> Self {
         self.on_drop = true;
@@ -217,7 +221,17 @@ struct Pending {
     job: Job,
     sink: Sink,
     cancel: Arc<AtomicBool>,
+    /// Still counted in `Stats::queued`: whoever clears it (admission, or a cancel while
+    /// waiting) takes it off the count, exactly once.
+    counted: Arc<AtomicBool>,
     submitted: Instant,
+}
+
+/// Take a waiting job off the queue count once (whoever gets there first).
+fn uncount(counted: &AtomicBool, stats: &Stats) {
+    if counted.swap(false, Ordering::SeqCst) {
+        stats.queued.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct Engine {
@@ -308,21 +322,29 @@ impl Engine {
         }
         let mut tickets = Vec::with_capacity(n);
         let mut group = Vec::with_capacity(n);
+        let mut counts = Vec::with_capacity(n);
         for (job, sink) in jobs {
             let cancel = Arc::new(AtomicBool::new(false));
+            let counted = Arc::new(AtomicBool::new(true));
             group.push(Pending {
                 job,
                 sink,
                 cancel: cancel.clone(),
+                counted: counted.clone(),
                 submitted: Instant::now(),
             });
+            counts.push(counted.clone());
             tickets.push(Ticket {
                 cancel,
+                counted,
+                stats: self.stats.clone(),
                 on_drop: false,
             });
         }
         if let Err(e) = self.send(Msg::Jobs(group)) {
-            self.stats.queued.fetch_sub(n, Ordering::SeqCst);
+            for c in &counts {
+                uncount(c, &self.stats);
+            }
             return Err(e);
         }
         Ok(tickets)
@@ -438,6 +460,7 @@ impl<'m> Row<'m> {
             sink,
             cancel,
             submitted,
+            ..
         } = p;
         let ctx = lm.decoder.cfg.max_position_embeddings;
         let max_new = job
@@ -677,7 +700,7 @@ fn run(lm: &LanguageModel, cfg: &EngineConfig, rx: mpsc::Receiver<Msg>, stats: &
                     draining = true;
                     if abort {
                         for p in waiting.drain(..) {
-                            stats.queued.fetch_sub(1, Ordering::SeqCst);
+                            uncount(&p.counted, stats);
                             let mut sink = p.sink;
                             sink(Event::Failed("the server is shutting down".into()));
                         }
@@ -694,7 +717,7 @@ fn run(lm: &LanguageModel, cfg: &EngineConfig, rx: mpsc::Receiver<Msg>, stats: &
         // admit waiting requests into free rows
         while rows.len() < max_rows {
             let Some(p) = waiting.pop_front() else { break };
-            stats.queued.fetch_sub(1, Ordering::SeqCst);
+            uncount(&p.counted, stats);
             if p.cancel.load(Ordering::Relaxed) {
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;

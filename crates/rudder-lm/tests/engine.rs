@@ -412,6 +412,11 @@ fn full_queue_refuses_and_cancel_frees_the_row() {
     for t in &tickets {
         t.cancel();
     }
+    // cancelled requests stop counting against the queue at once, before the engine sees them
+    assert_eq!(
+        eng.stats.queued.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     // everything cancelled: a new request runs to its end
     let o = eng
         .generate_blocking(Job::new(
