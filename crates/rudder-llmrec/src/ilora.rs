@@ -93,13 +93,8 @@ impl SeqConditioner {
                 rows
             )));
         }
-        let user_dim = seq
-            .encode(
-                &Tensor::zeros((1, window), candle_core::DType::U32, &Device::Cpu)?,
-                &[1],
-                None,
-            )?
-            .dims()[1];
+        // the user vector is what the output layer reads: [n_items, d']
+        let user_dim = seq.head().0.dims()[1];
         let router = router
             .map(|(kind, k)| Router::new(kind, user_dim, k, layers, seed))
             .transpose()?;

@@ -134,12 +134,11 @@ impl Block {
         let s = match self.shortcut {
             None => x.clone(),
             Some((stride, padc)) => {
-                let (b, c, l) = x.dims3()?;
+                let (b, _, l) = x.dims3()?;
                 let idx: Vec<u32> = (0..l).step_by(stride).map(|i| i as u32).collect();
                 let n = idx.len();
                 let sub = x.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, 2)?;
                 let z = Tensor::zeros((b, padc, n), DType::F32, &Device::Cpu)?;
-                let _ = c;
                 Tensor::cat(&[&z, &sub, &z], 1)?
             }
         };

@@ -305,27 +305,26 @@ impl Adapter {
     }
 
     fn store_gates(&self, gates: &[Tensor]) -> Result<()> {
-        let k = self.cfg.experts;
+        let (k, r) = (self.cfg.experts, self.cfg.r);
+        if k <= 1 && !gates.is_empty() {
+            return Err(LmError::Config("a plain LoRA adapter takes no gate".into()));
+        }
+        // [K, r] with row k holding ones on expert k's r/K rank rows: `g · spread` repeats each
+        // expert's weight over its rows
+        let re = r / k.max(1);
+        let mut m = vec![0f32; k * r];
+        for e in 0..k {
+            m[e * r + e * re..e * r + (e + 1) * re].fill(1.0);
+        }
+        let spread = Tensor::from_vec(m, (k, r), &Device::Cpu)?;
         let mut expanded = Vec::with_capacity(gates.len());
         for g in gates {
-            if k <= 1 {
-                return Err(LmError::Config("a plain LoRA adapter takes no gate".into()));
-            }
             let (_, gk) = g.dims2()?;
             if gk != k {
                 return Err(LmError::Config(format!(
                     "gate of width {gk} for {k} experts"
                 )));
             }
-            // [K, r] with row k holding ones on expert k's r/K rank rows
-            let re = self.cfg.r / k;
-            let mut m = vec![0f32; k * self.cfg.r];
-            for e in 0..k {
-                for j in 0..re {
-                    m[e * self.cfg.r + e * re + j] = 1.0;
-                }
-            }
-            let spread = Tensor::from_vec(m, (k, self.cfg.r), g.device())?;
             expanded.push(g.matmul(&spread)?);
         }
         *self.rt.gate.lock().unwrap_or_else(|e| e.into_inner()) = expanded;
@@ -1019,14 +1018,7 @@ mod tests {
         assert_eq!(a.len(), b.len());
         for (k, x) in &a {
             let y = &b[k];
-            let d = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = rudder_nn::grad::max_abs(&(x - y).unwrap());
             assert!(d < 1e-7, "{k}");
         }
         // the GGUF model exported as a Hugging Face folder loads back to the same logits

@@ -25,6 +25,15 @@ pub fn missing_gradients(grads: &GradStore, params: &[(String, Var)]) -> Result<
     Ok(missing)
 }
 
+/// `max |t|` over all elements, as f32 (for tests comparing tensors).
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.max_all())
+        .and_then(|m| m.to_dtype(candle_core::DType::F32))
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("max |t|")
+}
+
 /// Panics (for tests) naming every parameter without a gradient.
 pub fn assert_all_receive_gradient(grads: &GradStore, params: &[(String, Var)]) {
     let missing = missing_gradients(grads, params).expect("gradient check");
