@@ -13,19 +13,14 @@
 
 use rudder_data::eval::EvalReport;
 use rudder_lm::generate::{GenConfig, generate};
-use rudder_lm::hooks::NoHook;
 use rudder_lm::loader::LanguageModel;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
 use crate::data::RecExample;
 use crate::lmdata::LmExample;
-use crate::lmtrain::{Conditioner, LmObserver, answer_logps};
+use crate::lmtrain::{Conditioned, LmObserver, answer_logps, with_prepared};
 use crate::seqtrain::candidate_report;
-use rudder_lm::lora::Adapter;
-
-/// A conditioned model (LLaRA, iLoRA): the conditioner and the adapter whose gate it sets.
-pub type Conditioned<'a> = Option<(&'a dyn Conditioner, &'a Adapter)>;
 
 /// Sequence log-probability of every candidate answer of every example. A conditioned model
 /// reads its hybrid prompts and scores one question at a time (its gate is per question).
@@ -41,24 +36,9 @@ pub fn candidate_logps(
     for chunk in exs.chunks(batch) {
         let refs: Vec<&LmExample> = chunk.iter().collect();
         let br: Vec<Vec<Vec<u32>>> = chunk.iter().map(|e| e.responses.clone()).collect();
-        let rows = match cond {
-            None => {
-                let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
-                answer_logps(&lm.decoder, &prompts, &br, lm.tok.pad, &mut NoHook)?.0
-            }
-            Some((c, ad)) => {
-                let mut prep = c.prepare(&refs, true, false, ad)?;
-                let r = answer_logps(
-                    &lm.decoder,
-                    &prep.prompts,
-                    &br,
-                    lm.tok.pad,
-                    prep.hook.as_mut(),
-                );
-                ad.set_gate(None)?;
-                r?.0
-            }
-        };
+        let (rows, _) = with_prepared(cond, &refs, true, false, |p| {
+            answer_logps(&lm.decoder, &p.prompts, &br, lm.tok.pad, p.hook.as_mut())
+        })?;
         out.extend(rows);
         obs.progress("likelihood ranking", out.len(), exs.len());
     }
@@ -164,19 +144,16 @@ pub fn generate_answers(
     };
     let mut rows = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
-        let gens = match cond {
-            None => {
-                let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
-                generate(lm, &prompts, &cfg, &mut NoHook, &mut |_, _| {})?
-            }
-            Some((c, ad)) => {
-                let refs: Vec<&LmExample> = chunk.iter().collect();
-                let mut prep = c.prepare(&refs, true, false, ad)?;
-                let g = generate(lm, &prep.prompts, &cfg, prep.hook.as_mut(), &mut |_, _| {});
-                ad.set_gate(None)?;
-                g?
-            }
-        };
+        let refs: Vec<&LmExample> = chunk.iter().collect();
+        let gens = with_prepared(cond, &refs, true, false, |p| {
+            Ok(generate(
+                lm,
+                &p.prompts,
+                &cfg,
+                p.hook.as_mut(),
+                &mut |_, _| {},
+            )?)
+        })?;
         for (e, g) in chunk.iter().zip(gens) {
             let text = g.text.trim().to_string();
             let (valid, hit) = judge_sdpo(&text, &e.titles, e.target);

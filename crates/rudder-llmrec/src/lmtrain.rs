@@ -80,17 +80,26 @@ pub trait Conditioner {
     ) -> Result<()>;
 }
 
-/// The prompts and hook of a pass: the conditioner's, or the examples' own text prompts.
-pub fn prepare(
-    cond: Option<&dyn Conditioner>,
+/// A conditioned model (LLaRA, iLoRA): the conditioner and the adapter whose gate it sets.
+pub type Conditioned<'a> = Option<(&'a dyn Conditioner, &'a Adapter)>;
+
+/// Run `f` on a pass over `exs`: with the conditioner's prompts, hook and gate (cleared after,
+/// whatever `f` returns), or the examples' own text prompts.
+pub fn with_prepared<T>(
+    cond: Conditioned,
     exs: &[&LmExample],
     hybrid: bool,
     training: bool,
-    adapter: &Adapter,
-) -> Result<Prepared> {
+    f: impl FnOnce(&mut Prepared) -> Result<T>,
+) -> Result<T> {
     match cond {
-        Some(c) => c.prepare(exs, hybrid, training, adapter),
-        None => Ok(Prepared {
+        Some((c, ad)) => {
+            let mut prep = c.prepare(exs, hybrid, training, ad)?;
+            let out = f(&mut prep);
+            ad.set_gate(None)?;
+            out
+        }
+        None => f(&mut Prepared {
             prompts: exs.iter().map(|e| e.prompt.clone()).collect(),
             hook: Box::new(NoHook),
         }),
@@ -516,10 +525,9 @@ fn validate(
     for (c, chunk) in val.chunks(bs).enumerate() {
         let exs: Vec<&LmExample> = chunk.iter().collect();
         let r = refs.map(|r| &r[c * bs..c * bs + chunk.len()]);
-        let mut prep = prepare(cond, &exs, true, false, adapter)?;
-        let out = batch_loss(dec, &exs, r, cfg, pad, &mut prep);
-        adapter.set_gate(None)?;
-        let (loss, st, _) = out?;
+        let (loss, st, _) = with_prepared(cond.map(|c| (c, adapter)), &exs, true, false, |p| {
+            batch_loss(dec, &exs, r, cfg, pad, p)
+        })?;
         let w = if cfg.objective == Objective::Sft {
             exs.iter()
                 .map(|e| e.responses[e.target].len())
@@ -815,11 +823,10 @@ pub fn train(
             let hybrid = p_hybrid > 0.0
                 && rudder_data::rng::stream(cfg.seed, &[0xC0C, step, m as u64]).random::<f64>()
                     < p_hybrid;
-            let mut prep = prepare(cond, &exs, hybrid, true, adapter)?;
-            let out = batch_loss(mode.dec, &exs, refs.as_deref(), cfg, pad, &mut prep);
-            adapter.set_gate(None)?;
-            drop(prep);
-            let (loss, st, tk) = out?;
+            let (loss, st, tk) =
+                with_prepared(cond.map(|c| (c, adapter)), &exs, hybrid, true, |p| {
+                    batch_loss(mode.dec, &exs, refs.as_deref(), cfg, pad, p)
+                })?;
             tokens += tk;
             let w = exs.len() as f64 / idx.len() as f64;
             loss_sum += loss.to_scalar::<f32>()? as f64 * w;
