@@ -1,0 +1,1617 @@
+//! Agent4Rec: one language-model agent per user browses pages of recommendations, decides what
+//! fits its taste, watches, rates, reflects, tires and leaves, and is interviewed afterwards.
+//!
+//! The episode follows the reference step by step (pages of k items from a static ranking with
+//! train and test masked, P1 page reaction, factual memory, P2 exit decision with its memory,
+//! a satisfaction reflection every fourth memory, forced exit after the last page, P3 interview
+//! with the whole memory stream), with the reference's pitfalls fixed: replies are read by page
+//! position with a tolerant parser, a reply that stays unreadable after a bounded number of
+//! retries is recorded as such, the memory clock is logical, ties are seeded. Every exchange goes
+//! through the client layer and the [`Journal`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use rudder_client::{ChatMessage, ChatRequest, LlmClient};
+use rudder_data::{Dataset, Interactions};
+
+use crate::journal::Journal;
+use crate::memory::{Embedder, Memory, MemoryKind};
+use crate::pages::{self, Baseline, Source};
+use crate::parse;
+use crate::profile::{self, Profile};
+use crate::prompts;
+use crate::{AgentError, Result};
+
+/// How the agent's choices are read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decisions {
+    /// From the generated text (the reference).
+    #[default]
+    Text,
+    /// From the model's log-probabilities over the allowed answers (ALIGN yes/no per item,
+    /// rating 1–5 per aligned item, [EXIT]/[NEXT], interview 1–10, WATCH yes/no): no parsing,
+    /// which small models need. Every aligned item is watched.
+    Logprob,
+}
+
+impl std::str::FromStr for Decisions {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "text" => Ok(Decisions::Text),
+            "logprob" => Ok(Decisions::Logprob),
+            _ => Err(format!("unknown decisions `{s}` (text or logprob)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SimConfig {
+    /// Users 0..agents are simulated (as the reference).
+    pub agents: usize,
+    pub pages: usize,
+    pub per_page: usize,
+    pub seed: u64,
+    pub temperature: f32,
+    pub max_tokens: u32,
+    pub decisions: Decisions,
+    /// Extra attempts for a reply that cannot be read.
+    pub retries: u32,
+    /// The reference's reading of replies (strict regexes, exact titles over the catalogue).
+    pub faithful: bool,
+    /// Skip the exit question on the last allowed page (its answer cannot matter; the reference
+    /// asks it, so cost comparisons keep it by default).
+    pub skip_last_exit: bool,
+    /// Agents in flight at once.
+    pub concurrency: usize,
+    /// Model name sent with every request.
+    pub model: String,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            agents: 50,
+            pages: 5,
+            per_page: 4,
+            seed: 101,
+            temperature: 0.2,
+            max_tokens: 512,
+            decisions: Decisions::Text,
+            retries: 2,
+            faithful: false,
+            skip_last_exit: false,
+            concurrency: 16,
+            model: String::new(),
+        }
+    }
+}
+
+/// The items as the agents see them.
+pub struct Catalog {
+    pub titles: Vec<String>,
+    pub mean_rating: Vec<f64>,
+    pub summary: Vec<String>,
+    pub genres: Vec<Vec<String>>,
+    by_title: std::collections::HashMap<String, u32>,
+}
+
+impl Catalog {
+    /// From the dataset's item table (`title`; `rating`, `summary`, `genres` when present, as
+    /// in Agent4Rec's `movie_detail.csv`). Without a `rating` column the mean rating shown is
+    /// the mean of the data's ratings, or 0.
+    pub fn from_dataset(ds: &Dataset) -> Result<Catalog> {
+        let n = ds.n_items();
+        let titles = ds.item_table.title.clone().ok_or_else(|| {
+            AgentError::Input(format!(
+                "{}: the items have no titles (the agents read titles; Agent4Rec data has movie_detail.csv)",
+                ds.name
+            ))
+        })?;
+        let field = |name: &str| ds.item_table.fields.get(name);
+        let mean_rating = match field("rating") {
+            Some(c) => c
+                .iter()
+                .map(|v| v.trim().parse::<f64>().unwrap_or(0.0))
+                .collect(),
+            None => {
+                let mut sum = vec![0.0; n];
+                let mut cnt = vec![0usize; n];
+                for it in ds.interactions.iter() {
+                    if let Some(r) = it.rating {
+                        sum[it.item as usize] += r as f64;
+                        cnt[it.item as usize] += 1;
+                    }
+                }
+                (0..n).map(|i| sum[i] / cnt[i].max(1) as f64).collect()
+            }
+        };
+        let summary = field("summary")
+            .cloned()
+            .unwrap_or_else(|| vec![String::new(); n]);
+        let genres = field("genres")
+            .map(|c| {
+                c.iter()
+                    .map(|g| {
+                        g.split('|')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![Vec::new(); n]);
+        let mut by_title = std::collections::HashMap::new();
+        for (i, t) in titles.iter().enumerate() {
+            by_title.entry(t.clone()).or_insert(i as u32);
+        }
+        Ok(Catalog {
+            titles,
+            mean_rating,
+            summary,
+            genres,
+            by_title,
+        })
+    }
+
+    pub fn line(&self, i: u32) -> String {
+        let i = i as usize;
+        prompts::item_line(&self.titles[i], self.mean_rating[i], &self.summary[i])
+    }
+
+    /// Exact title → item over the whole catalogue (the reference's mapping).
+    pub fn exact(&self, title: &str) -> Option<u32> {
+        self.by_title.get(title).copied()
+    }
+}
+
+/// Receives progress as agents work.
+pub trait Progress: Send + Sync {
+    fn page(&self, _agent: u32, _page: usize) {}
+    fn agent_done(&self, _agent: u32, _tokens: u64, _failed: bool) {}
+}
+
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// What every agent shares.
+pub struct Env<'a> {
+    pub client: &'a dyn LlmClient,
+    pub journal: &'a Journal,
+    pub cfg: &'a SimConfig,
+    pub catalog: &'a Catalog,
+    pub embedder: Arc<dyn Embedder>,
+    pub progress: &'a dyn Progress,
+}
+
+/// Calls, tokens and reading failures of one agent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentUsage {
+    pub calls: u64,
+    /// Calls answered from the journal of an interrupted run.
+    pub from_journal: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Extra attempts after unreadable replies.
+    pub retries: u64,
+    /// Replies still unreadable after the last attempt.
+    pub unparsed: u64,
+}
+
+/// One exchange, for the transcript.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Exchange {
+    pub seq: u32,
+    pub kind: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continuations: Option<Vec<String>>,
+    pub reply: Value,
+}
+
+struct Ctx<'e, 'a> {
+    env: &'e Env<'a>,
+    scope: String,
+    agent: u32,
+    seq: u32,
+    usage: AgentUsage,
+    exchanges: Vec<Exchange>,
+}
+
+fn sha(v: &Value) -> String {
+    let d = Sha256::digest(v.to_string().as_bytes());
+    d.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+impl Ctx<'_, '_> {
+    fn seed(&self, seq: u32) -> u64 {
+        let scope: Vec<u64> = self.scope.bytes().map(u64::from).collect();
+        let h = rudder_data::rng::hash_keys(self.env.cfg.seed, &scope);
+        rudder_data::rng::hash_keys(h, &[self.agent as u64, seq as u64]) >> 1
+    }
+
+    /// The journal's answer for the next call, after checking it was asked the same request.
+    fn recorded(&mut self, seq: u32, hash: &str) -> Result<Option<Value>> {
+        let key = (self.scope.clone(), self.agent, seq);
+        match self.env.journal.call(&key) {
+            Some((line, rec)) => {
+                if rec["hash"].as_str() != Some(hash) {
+                    return Err(AgentError::Journal {
+                        path: self.env.journal.path().display().to_string(),
+                        line: *line,
+                        reason: format!(
+                            "agent {} call {seq} ({}): the recorded request differs from this run's (the data, prompts or settings changed since); start a new --out",
+                            self.agent, self.scope
+                        ),
+                    });
+                }
+                self.usage.from_journal += 1;
+                Ok(Some(rec.clone()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn account(&mut self, rec: &Value) {
+        self.usage.calls += 1;
+        self.usage.prompt_tokens += rec["usage"]["prompt"].as_u64().unwrap_or(0);
+        self.usage.completion_tokens += rec["usage"]["completion"].as_u64().unwrap_or(0);
+    }
+
+    /// One chat completion.
+    async fn chat(&mut self, kind: &str, messages: Vec<ChatMessage>) -> Result<String> {
+        let seq = self.seq;
+        self.seq += 1;
+        let cfg = self.env.cfg;
+        let req = ChatRequest {
+            model: cfg.model.clone(),
+            messages: messages.clone(),
+            max_tokens: Some(cfg.max_tokens),
+            temperature: Some(cfg.temperature),
+            seed: Some(self.seed(seq)),
+            ..Default::default()
+        };
+        let hash = sha(&serde_json::to_value(&req).unwrap_or_default());
+        let rec = match self.recorded(seq, &hash)? {
+            Some(r) => r,
+            None => {
+                let r = self.env.client.chat(req).await?;
+                let u = r.usage.unwrap_or_default();
+                let rec = json!({
+                    "t": "llm", "scope": self.scope, "agent": self.agent, "seq": seq,
+                    "kind": kind, "hash": hash, "messages": messages, "reply": r.text(),
+                    "usage": {"prompt": u.prompt_tokens, "completion": u.completion_tokens},
+                });
+                self.env.journal.append(&rec)?;
+                rec
+            }
+        };
+        self.account(&rec);
+        let text = rec["reply"].as_str().unwrap_or("").to_string();
+        self.exchanges.push(Exchange {
+            seq,
+            kind: kind.into(),
+            messages,
+            continuations: None,
+            reply: text.clone().into(),
+        });
+        Ok(text)
+    }
+
+    /// The most likely of `continuations` as the assistant's reply (the first on ties).
+    async fn choose(
+        &mut self,
+        kind: &str,
+        messages: Vec<ChatMessage>,
+        continuations: Vec<String>,
+    ) -> Result<usize> {
+        let seq = self.seq;
+        self.seq += 1;
+        let key = json!({"model": self.env.cfg.model, "messages": messages, "continuations": continuations});
+        let hash = sha(&key);
+        let rec = match self.recorded(seq, &hash)? {
+            Some(r) => r,
+            None => {
+                let s = self
+                    .env
+                    .client
+                    .continuation_logprobs(
+                        &self.env.cfg.model,
+                        messages.clone(),
+                        continuations.clone(),
+                    )
+                    .await?;
+                let lp: Vec<Value> = s
+                    .logprobs
+                    .iter()
+                    .map(|&x| if x.is_finite() { json!(x) } else { Value::Null })
+                    .collect();
+                let rec = json!({
+                    "t": "llm", "scope": self.scope, "agent": self.agent, "seq": seq,
+                    "kind": kind, "hash": hash, "messages": messages,
+                    "continuations": continuations, "reply": lp,
+                    "usage": {"prompt": 0, "completion": 0},
+                });
+                self.env.journal.append(&rec)?;
+                rec
+            }
+        };
+        self.account(&rec);
+        let lp: Vec<f64> = rec["reply"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|v| v.as_f64().unwrap_or(f64::NEG_INFINITY))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let best = rudder_client::Scores {
+            logprobs: lp,
+            exact: true,
+        }
+        .best()
+        .unwrap_or(0);
+        self.exchanges.push(Exchange {
+            seq,
+            kind: kind.into(),
+            messages,
+            continuations: Some(continuations),
+            reply: rec["reply"].clone(),
+        });
+        Ok(best)
+    }
+
+    /// Ask until `read` accepts the reply, at most 1 + retries times; the last reading is
+    /// returned with whether it was accepted.
+    async fn ask<T>(
+        &mut self,
+        kind: &str,
+        messages: Vec<ChatMessage>,
+        read: impl Fn(&str) -> (T, bool),
+    ) -> Result<(T, bool, String, u32)> {
+        let mut attempt = 0;
+        loop {
+            let text = self.chat(kind, messages.clone()).await?;
+            let (v, ok) = read(&text);
+            attempt += 1;
+            if ok || attempt > self.env.cfg.retries {
+                if !ok {
+                    self.usage.unparsed += 1;
+                }
+                return Ok((v, ok, text, attempt));
+            }
+            self.usage.retries += 1;
+        }
+    }
+}
+
+/// What an agent did on one page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PageRecord {
+    pub page: usize,
+    pub items: Vec<u32>,
+    /// The page's items in the user's held-out (valid) split.
+    pub ground_truth: Vec<u32>,
+    /// ALIGN per position (`None`: unreadable).
+    pub align: Vec<Option<bool>>,
+    pub aligned: Vec<u32>,
+    pub watched: Vec<u32>,
+    pub ratings: Vec<u8>,
+    pub feelings: Vec<String>,
+    /// The reaction was read completely.
+    pub reaction_read: bool,
+    pub attempts: u32,
+    pub exit: bool,
+    /// The exit answer was readable (else: continue, as the reference).
+    pub exit_read: bool,
+    pub positive: Option<bool>,
+    /// The satisfaction reflection made after this page, if one was due.
+    pub reflection: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InterviewRecord {
+    pub rating: Option<u8>,
+    pub reason: String,
+    pub reply: String,
+}
+
+/// One agent's whole episode.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Episode {
+    pub user: u32,
+    pub activity: u8,
+    pub conformity: u8,
+    pub diversity: u8,
+    pub pages: Vec<PageRecord>,
+    pub interview: InterviewRecord,
+    pub usage: AgentUsage,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub exchanges: Vec<Exchange>,
+}
+
+impl Episode {
+    pub fn exit_page(&self) -> usize {
+        self.pages.len()
+    }
+}
+
+fn titles_of(cat: &Catalog, items: &[u32]) -> Vec<String> {
+    items
+        .iter()
+        .map(|&i| cat.titles[i as usize].clone())
+        .collect()
+}
+
+fn factual_memory(page: usize, cat: &Catalog, r: &PageRecord) -> String {
+    let t = |v: &[u32]| titles_of(cat, v).join(", ");
+    let disliked: Vec<u32> = r
+        .items
+        .iter()
+        .enumerate()
+        .filter(|(p, i)| {
+            r.align[*p] != Some(true)
+                || r.watched
+                    .iter()
+                    .position(|w| w == *i)
+                    .is_some_and(|k| r.ratings[k] < 4)
+        })
+        .map(|(_, &i)| i)
+        .collect();
+    format!(
+        "The recommender recommended the following movies to me on page {page}: {}, among them, I watched {} and rate them {} respectively. I dislike the rest movies: {}.",
+        t(&r.aligned),
+        if r.watched.is_empty() {
+            "none".to_string()
+        } else {
+            t(&r.watched)
+        },
+        if r.ratings.is_empty() {
+            "-".to_string()
+        } else {
+            r.ratings
+                .iter()
+                .map(u8::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        if disliked.is_empty() {
+            "none".to_string()
+        } else {
+            t(&disliked)
+        }
+    )
+}
+
+/// Store a memory and run the satisfaction reflection when one is due.
+async fn remember(
+    ctx: &mut Ctx<'_, '_>,
+    mem: &mut Memory,
+    text: &str,
+    kind: MemoryKind,
+) -> Result<Option<String>> {
+    if !mem.add(text, kind)? {
+        return Ok(None);
+    }
+    let context = mem.retrieve(prompts::QUERY_REFLECT)?;
+    let reflection = ctx
+        .chat(
+            "reflection",
+            vec![ChatMessage::user(&prompts::reflection(&context))],
+        )
+        .await?;
+    let reflection = reflection.trim().to_string();
+    mem.add_reflection(&reflection)?;
+    Ok(Some(reflection))
+}
+
+/// The page reaction (P1) read by text or by log-probabilities.
+async fn react(
+    ctx: &mut Ctx<'_, '_>,
+    profile: &Profile,
+    mem: &Memory,
+    page: usize,
+    items: &[u32],
+) -> Result<(parse::PageReaction, bool, u32)> {
+    let cat = ctx.env.catalog;
+    let context = if mem.is_empty() {
+        Vec::new()
+    } else {
+        mem.retrieve(prompts::QUERY_PAGE)?
+    };
+    let lines: Vec<String> = items.iter().map(|&i| cat.line(i)).collect();
+    let titles = titles_of(cat, items);
+    let messages = vec![
+        ChatMessage::system(&prompts::reaction_system(profile, &context)),
+        ChatMessage::user(&prompts::reaction_user(page, &lines)),
+    ];
+    match ctx.env.cfg.decisions {
+        Decisions::Text => {
+            let faithful = ctx.env.cfg.faithful;
+            let (r, ok, _, attempts) = ctx
+                .ask("reaction", messages, |text| {
+                    let r = if faithful {
+                        parse::strict::page_reaction(text, items, &|t| cat.exact(t))
+                    } else {
+                        parse::page_reaction(text, &titles)
+                    };
+                    // the faithful reading never retries: the reference accepts any non-empty reply
+                    let ok = if faithful {
+                        !text.trim().is_empty()
+                    } else {
+                        r.complete()
+                    };
+                    (r, ok)
+                })
+                .await?;
+            Ok((r, ok, attempts))
+        }
+        Decisions::Logprob => {
+            let mut r = parse::PageReaction {
+                align: vec![None; items.len()],
+                align_reason: vec![String::new(); items.len()],
+                ..Default::default()
+            };
+            for (p, t) in titles.iter().enumerate() {
+                let k = ctx
+                    .choose(
+                        "align",
+                        messages.clone(),
+                        vec![
+                            format!("MOVIE: {t}; ALIGN: yes"),
+                            format!("MOVIE: {t}; ALIGN: no"),
+                        ],
+                    )
+                    .await?;
+                r.align[p] = Some(k == 0);
+            }
+            for p in 0..items.len() {
+                if r.align[p] != Some(true) {
+                    continue;
+                }
+                let t = &titles[p];
+                let k = ctx
+                    .choose(
+                        "rating",
+                        messages.clone(),
+                        (1..=5)
+                            .map(|x| format!("MOVIE: {t}; RATING: {x}; FEELING:"))
+                            .collect(),
+                    )
+                    .await?;
+                r.ratings.push((p, k as u8 + 1, String::new()));
+            }
+            Ok((r, true, 1))
+        }
+    }
+}
+
+/// Run one agent's episode over its ranking.
+pub async fn episode(
+    env: &Env<'_>,
+    scope: &str,
+    profile: &Profile,
+    ranking: &[u32],
+    held_out: &HashSet<u32>,
+) -> Result<Episode> {
+    let t0 = Instant::now();
+    let cfg = env.cfg;
+    let mut ctx = Ctx {
+        env,
+        scope: scope.to_string(),
+        agent: profile.user,
+        seq: 0,
+        usage: AgentUsage::default(),
+        exchanges: Vec::new(),
+    };
+    let mut mem = Memory::new(env.embedder.clone());
+    let mut records = Vec::new();
+    let k = cfg.per_page.max(1);
+    for page in 1..=cfg.pages {
+        let lo = (page - 1) * k;
+        if lo >= ranking.len() {
+            break;
+        }
+        let items: Vec<u32> = ranking[lo..(lo + k).min(ranking.len())].to_vec();
+        let (reaction, read, attempts) = react(&mut ctx, profile, &mem, page, &items).await?;
+        let mut rec = PageRecord {
+            page,
+            ground_truth: items
+                .iter()
+                .copied()
+                .filter(|i| held_out.contains(i))
+                .collect(),
+            align: reaction.align.clone(),
+            aligned: (0..items.len())
+                .filter(|&p| reaction.align[p] == Some(true))
+                .map(|p| items[p])
+                .collect(),
+            watched: reaction.ratings.iter().map(|r| items[r.0]).collect(),
+            ratings: reaction.ratings.iter().map(|r| r.1).collect(),
+            feelings: reaction.ratings.iter().map(|r| r.2.clone()).collect(),
+            items,
+            reaction_read: read,
+            attempts,
+            exit: false,
+            exit_read: true,
+            positive: None,
+            reflection: None,
+        };
+        let fact = factual_memory(page, env.catalog, &rec);
+        let mut reflection = remember(&mut ctx, &mut mem, &fact, MemoryKind::Factual).await?;
+        let last = page >= cfg.pages;
+        if !(last && cfg.skip_last_exit) {
+            let context = mem.retrieve(prompts::QUERY_EXIT)?;
+            let messages = vec![
+                ChatMessage::system(&prompts::exit_system(profile, page, &context)),
+                ChatMessage::user(prompts::EXIT_USER),
+            ];
+            match cfg.decisions {
+                Decisions::Text => {
+                    let faithful = cfg.faithful;
+                    let (d, ok, _, _) = ctx
+                        .ask("exit", messages, |text| {
+                            let d = parse::decision(text);
+                            if faithful {
+                                let exit = text.contains("[EXIT]") || text.contains("[exit]");
+                                let ok = !text.trim().is_empty();
+                                (
+                                    parse::Decision {
+                                        exit: Some(exit),
+                                        ..d
+                                    },
+                                    ok,
+                                )
+                            } else {
+                                let ok = d.exit.is_some();
+                                (d, ok)
+                            }
+                        })
+                        .await?;
+                    rec.exit = d.exit.unwrap_or(false);
+                    rec.exit_read = ok;
+                    rec.positive = d.positive;
+                }
+                Decisions::Logprob => {
+                    let c = ctx
+                        .choose(
+                            "exit",
+                            messages,
+                            vec!["[EXIT]; Reason:".into(), "[NEXT]; Reason:".into()],
+                        )
+                        .await?;
+                    rec.exit = c == 0;
+                }
+            }
+            let note = if rec.exit && !last {
+                format!(
+                    "After browsing {page} pages, I decided to leave the recommendation system."
+                )
+            } else {
+                format!("Turn to page {} of the recommendation.", page + 1)
+            };
+            if let Some(r) = remember(&mut ctx, &mut mem, &note, MemoryKind::Decision).await? {
+                reflection = Some(r);
+            }
+        }
+        rec.reflection = reflection;
+        env.journal
+            .step(scope, profile.user, &format!("page{page}"), json!(rec))?;
+        env.progress.page(profile.user, page);
+        let stop = rec.exit || last;
+        records.push(rec);
+        if stop {
+            break;
+        }
+    }
+    let (system, user) = prompts::interview_messages(profile, &mem.all());
+    let messages = vec![ChatMessage::system(&system), ChatMessage::user(&user)];
+    let interview = match cfg.decisions {
+        Decisions::Text => {
+            let (iv, _, text, _) = ctx
+                .ask("interview", messages, |text| {
+                    let iv = parse::interview(text);
+                    let ok = iv.rating.is_some();
+                    (iv, ok)
+                })
+                .await?;
+            InterviewRecord {
+                rating: iv.rating,
+                reason: iv.reason,
+                reply: text,
+            }
+        }
+        Decisions::Logprob => {
+            let c = ctx
+                .choose(
+                    "interview",
+                    messages,
+                    (1..=10).map(|x| format!("RATING: {x};")).collect(),
+                )
+                .await?;
+            InterviewRecord {
+                rating: Some(c as u8 + 1),
+                reason: String::new(),
+                reply: String::new(),
+            }
+        }
+    };
+    env.journal
+        .step(scope, profile.user, "interview", json!(interview))?;
+    let ep = Episode {
+        user: profile.user,
+        activity: profile.activity,
+        conformity: profile.conformity,
+        diversity: profile.diversity,
+        pages: records,
+        interview,
+        usage: ctx.usage,
+        seconds: t0.elapsed().as_secs_f64(),
+        exchanges: ctx.exchanges,
+    };
+    env.journal.step(
+        scope,
+        profile.user,
+        "done",
+        json!({"exit_page": ep.exit_page(), "usage": ep.usage}),
+    )?;
+    Ok(ep)
+}
+
+/// The agents' users with their profiles (users 0..n, as the reference).
+pub fn profiles(ds: &Dataset, n: usize) -> Result<Vec<Profile>> {
+    if n > ds.n_users() {
+        return Err(AgentError::Input(format!(
+            "--agents {n}: {} has only {} users",
+            ds.name,
+            ds.n_users()
+        )));
+    }
+    (0..n as u32)
+        .map(|u| profile::profile(&ds.user_table, u, ds.n_users(), &ds.name))
+        .collect()
+}
+
+/// Run agents concurrently (bounded); results in user order, failures isolated.
+async fn run_agents<'x, F, Fut, T>(
+    env: &Env<'_>,
+    users: Vec<u32>,
+    f: F,
+) -> Vec<(u32, std::result::Result<T, String>)>
+where
+    F: Fn(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let conc = env.cfg.concurrency.max(1);
+    let mut out: Vec<(u32, std::result::Result<T, String>)> = futures_util::stream::iter(users)
+        .map(|u| {
+            let fut = f(u);
+            async move { (u, fut.await.map_err(|e| e.to_string())) }
+        })
+        .buffer_unordered(conc)
+        .collect()
+        .await;
+    out.sort_by_key(|x| x.0);
+    out
+}
+
+/// The recommender in the loop.
+pub enum Recommender {
+    Baseline(Baseline),
+    /// A trained CF model: its configuration (for retraining between rounds), inputs, and the
+    /// scorer of its current weights.
+    Cf {
+        name: String,
+        cfg: Box<rudder_cf::CfConfig>,
+        inputs: rudder_cf::model::ModelInputs,
+        scorer: rudder_cf::scorer::EmbeddingScorer,
+    },
+}
+
+impl Recommender {
+    pub fn name(&self) -> String {
+        match self {
+            Recommender::Baseline(b) => match b {
+                Baseline::PopSample => "pop".into(),
+                Baseline::Pop => "pop-plain".into(),
+                Baseline::Random => "random".into(),
+            },
+            Recommender::Cf { name, .. } => name.clone(),
+        }
+    }
+}
+
+/// One round of the interactive simulation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Round {
+    pub round: usize,
+    pub metrics: SimMetrics,
+    pub episodes: Vec<Episode>,
+    pub failures: Vec<(u32, String)>,
+    /// Train interactions the recommender of this round was trained on.
+    pub train_size: usize,
+}
+
+/// Interactive simulation over `rounds` rounds; between rounds the recommender is retrained on
+/// train + the items the agents aligned with (the filter-bubble protocol).
+#[allow(clippy::too_many_arguments)]
+pub async fn simulate(
+    env: &Env<'_>,
+    ds: &Dataset,
+    profiles: &[Profile],
+    mut rec: Recommender,
+    rounds: usize,
+    on_round: &mut dyn FnMut(&Round, &Interactions) -> Result<()>,
+) -> Result<Vec<Round>> {
+    let split = ds.split.as_ref().ok_or_else(|| {
+        AgentError::Input(format!(
+            "{}: the simulation needs train/valid/test",
+            ds.name
+        ))
+    })?;
+    let n_items = ds.n_items();
+    let users: Vec<u32> = profiles.iter().map(|p| p.user).collect();
+    let mut train = split.train.clone();
+    let mut out = Vec::new();
+    let depth = env.cfg.pages * env.cfg.per_page;
+    for round in 0..rounds.max(1) {
+        if round > 0 {
+            if let Recommender::Cf {
+                cfg,
+                inputs,
+                scorer,
+                ..
+            } = &mut rec
+            {
+                let s = rudder_data::Split {
+                    train: train.clone(),
+                    valid: split.valid.clone(),
+                    test: split.test.clone(),
+                    extra_tests: Vec::new(),
+                };
+                let report = rudder_cf::trainer::train_with(
+                    cfg,
+                    &s,
+                    inputs,
+                    &mut rudder_cf::trainer::Silent,
+                )?;
+                *scorer = report.scorer()?;
+            }
+        }
+        let source = match &rec {
+            Recommender::Baseline(b) => Source::Baseline(*b),
+            Recommender::Cf { scorer, .. } => Source::Scores(scorer),
+        };
+        let ranks = pages::rankings(
+            &source,
+            &users,
+            n_items,
+            &train,
+            &split.test,
+            env.cfg.seed ^ round as u64,
+            depth,
+        );
+        let scope = format!("sim/r{round}");
+        let held: Vec<HashSet<u32>> = users
+            .iter()
+            .map(|&u| split.valid.items(u).iter().copied().collect())
+            .collect();
+        let results = run_agents(env, (0..users.len() as u32).collect(), |k| {
+            let k = k as usize;
+            let scope = scope.clone();
+            let (p, r, h) = (&profiles[k], &ranks[k], &held[k]);
+            async move {
+                let ep = episode(env, &scope, p, r, h).await;
+                env.progress.agent_done(
+                    p.user,
+                    ep.as_ref()
+                        .map(|e| e.usage.prompt_tokens + e.usage.completion_tokens)
+                        .unwrap_or(0),
+                    ep.is_err(),
+                );
+                ep
+            }
+        })
+        .await;
+        let mut episodes = Vec::new();
+        let mut failures = Vec::new();
+        for (k, r) in results {
+            match r {
+                Ok(e) => episodes.push(e),
+                Err(e) => {
+                    let u = users[k as usize];
+                    // a failure of the journal or of a resumed request is the run's, not the agent's
+                    if e.contains("journal") || e.contains("recorded request differs") {
+                        return Err(AgentError::Input(e));
+                    }
+                    env.journal.step(&scope, u, "failed", json!({"error": e}))?;
+                    failures.push((u, e));
+                }
+            }
+        }
+        let train_size = train.len();
+        let metrics = SimMetrics::compute(
+            &episodes,
+            failures.len(),
+            env.cfg,
+            env.catalog,
+            &split.train,
+        );
+        // feedback: train + aligned items
+        let mut lists: Vec<Vec<u32>> = (0..train.n_users() as u32)
+            .map(|u| train.items(u).to_vec())
+            .collect();
+        for e in &episodes {
+            let l = &mut lists[e.user as usize];
+            for p in &e.pages {
+                for &i in &p.aligned {
+                    if !l.contains(&i) {
+                        l.push(i);
+                    }
+                }
+            }
+        }
+        let next_train = Interactions::from_lists(n_items, &lists);
+        let r = Round {
+            round,
+            metrics,
+            episodes,
+            failures,
+            train_size,
+        };
+        on_round(&r, &next_train)?;
+        out.push(r);
+        train = next_train;
+    }
+    Ok(out)
+}
+
+/// Per trait level: agents, mean exit page, watch rate and interview rating.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraitGroup {
+    pub level: u8,
+    pub agents: usize,
+    pub exit_page: f64,
+    pub watch_rate: f64,
+    pub satisfaction: Option<f64>,
+}
+
+/// The run's numbers. Names of the reference's `metrics.txt` are kept where the quantity is
+/// the same; each field says what it is.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SimMetrics {
+    pub agents: usize,
+    pub failed: usize,
+    pub pages: usize,
+    /// Σ|ALIGN=yes ∩ held-out| / max(Σ|ALIGN=yes|, 1) per agent, averaged over agents: the
+    /// share of items the agent liked that the real user also interacted with. The reference's
+    /// `metrics.txt` prints this as "Average recall".
+    pub align_precision: f64,
+    /// Σ|ALIGN=yes ∩ held-out| / max(Σ|held-out on pages|, 1) per agent, averaged: the share of
+    /// the real user's items shown that the agent liked. Printed by the reference as "Average
+    /// precision".
+    pub align_recall: f64,
+    /// The reference's "Overall click rate": watched / (max pages × items per page) per agent
+    /// (the *maximum* number of pages, even for agents that left early), averaged.
+    pub click_rate: f64,
+    /// Watched / items actually shown, per agent, averaged.
+    pub watch_rate: f64,
+    /// The reference's "Average number of likes": ALIGN=yes items per page, averaged per agent
+    /// then over agents.
+    pub likes_per_page: f64,
+    /// Mean pages browsed (the reference's "Average exit page").
+    pub exit_page: f64,
+    /// Agents leaving after page 1, 2, … (index 0 = page 1).
+    pub exit_pages: Vec<usize>,
+    /// Mean of all ratings given (1–5).
+    pub mean_rating: Option<f64>,
+    /// Ratings given, counts of 1..5.
+    pub rating_counts: [usize; 5],
+    /// Mean interview rating (1–10) over readable interviews.
+    pub satisfaction: Option<f64>,
+    pub satisfaction_n: usize,
+    pub interview_counts: [usize; 10],
+    /// Watch rate on page i among agents who reached it (index 0 = page 1).
+    pub watch_rate_by_page: Vec<f64>,
+    /// Share of reflections that start "satisfied".
+    pub reflections_satisfied: Option<f64>,
+    pub reflections: usize,
+    /// Mean number of distinct genres among the items shown to an agent.
+    pub genre_diversity: f64,
+    /// Mean train popularity (interactions in the original train split) of the items shown.
+    pub shown_popularity: f64,
+    pub unparsed_reactions: usize,
+    pub unparsed_exits: usize,
+    pub unparsed_interviews: usize,
+    pub retries: u64,
+    pub calls: u64,
+    pub calls_from_journal: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub tokens_per_agent: f64,
+    pub calls_per_agent: f64,
+    /// Mean wall time of an episode (agents run concurrently).
+    pub seconds_per_agent: f64,
+    pub by_activity: Vec<TraitGroup>,
+    pub by_conformity: Vec<TraitGroup>,
+    pub by_diversity: Vec<TraitGroup>,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+impl SimMetrics {
+    pub fn compute(
+        eps: &[Episode],
+        failed: usize,
+        cfg: &SimConfig,
+        cat: &Catalog,
+        train0: &Interactions,
+    ) -> SimMetrics {
+        let mut m = SimMetrics {
+            agents: eps.len(),
+            failed,
+            ..Default::default()
+        };
+        let counts = train0.item_degrees();
+        let (mut prec, mut rec, mut click, mut watch, mut likes, mut exitp) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut ratings = Vec::new();
+        let mut by_page: Vec<(usize, usize)> = vec![(0, 0); cfg.pages];
+        let mut sats = Vec::new();
+        let (mut refl_n, mut refl_sat) = (0usize, 0usize);
+        let (mut genre_div, mut pop) = (vec![], vec![]);
+        m.exit_pages = vec![0; cfg.pages];
+        for e in eps {
+            let (mut hits, mut al, mut gt, mut w, mut shown) = (0, 0, 0, 0, 0);
+            let mut genres = HashSet::new();
+            for p in &e.pages {
+                let g: HashSet<u32> = p.ground_truth.iter().copied().collect();
+                hits += p.aligned.iter().filter(|i| g.contains(i)).count();
+                al += p.aligned.len();
+                gt += p.ground_truth.len();
+                w += p.watched.len();
+                shown += p.items.len();
+                ratings.extend(p.ratings.iter().copied());
+                if let Some(b) = by_page.get_mut(p.page - 1) {
+                    b.0 += p.watched.len();
+                    b.1 += p.items.len();
+                }
+                m.unparsed_reactions += usize::from(!p.reaction_read);
+                m.unparsed_exits += usize::from(!p.exit_read);
+                if let Some(r) = &p.reflection {
+                    refl_n += 1;
+                    refl_sat += usize::from(parse::satisfaction(r) == Some(true));
+                }
+                for &i in &p.items {
+                    for gname in &cat.genres[i as usize] {
+                        genres.insert(gname.clone());
+                    }
+                    pop.push(counts.get(i as usize).copied().unwrap_or(0) as f64);
+                }
+            }
+            // per-agent likes mean (the reference averages per agent first)
+            let n_pages = e.pages.len().max(1);
+            let agent_likes: f64 =
+                e.pages.iter().map(|p| p.aligned.len() as f64).sum::<f64>() / n_pages as f64;
+            likes.push(agent_likes);
+            prec.push(hits as f64 / al.max(1) as f64);
+            rec.push(hits as f64 / gt.max(1) as f64);
+            click.push(w as f64 / (cfg.pages * cfg.per_page).max(1) as f64);
+            watch.push(w as f64 / shown.max(1) as f64);
+            exitp.push(e.exit_page() as f64);
+            if let Some(b) = m.exit_pages.get_mut(e.exit_page().saturating_sub(1)) {
+                *b += 1;
+            }
+            genre_div.push(genres.len() as f64);
+            if let Some(r) = e.interview.rating {
+                sats.push(r as f64);
+                m.interview_counts[(r - 1) as usize] += 1;
+            } else {
+                m.unparsed_interviews += 1;
+            }
+            m.retries += e.usage.retries;
+            m.calls += e.usage.calls;
+            m.calls_from_journal += e.usage.from_journal;
+            m.prompt_tokens += e.usage.prompt_tokens;
+            m.completion_tokens += e.usage.completion_tokens;
+            m.pages += e.pages.len();
+        }
+        m.align_precision = mean(&prec);
+        m.align_recall = mean(&rec);
+        m.click_rate = mean(&click);
+        m.watch_rate = mean(&watch);
+        m.likes_per_page = mean(&likes);
+        m.exit_page = mean(&exitp);
+        for &r in &ratings {
+            if (1..=5).contains(&r) {
+                m.rating_counts[(r - 1) as usize] += 1;
+            }
+        }
+        m.mean_rating = (!ratings.is_empty())
+            .then(|| ratings.iter().map(|&r| r as f64).sum::<f64>() / ratings.len() as f64);
+        m.satisfaction_n = sats.len();
+        m.satisfaction = (!sats.is_empty()).then(|| mean(&sats));
+        m.watch_rate_by_page = by_page
+            .iter()
+            .take_while(|b| b.1 > 0)
+            .map(|b| b.0 as f64 / b.1 as f64)
+            .collect();
+        m.reflections = refl_n;
+        m.reflections_satisfied = (refl_n > 0).then(|| refl_sat as f64 / refl_n as f64);
+        m.genre_diversity = mean(&genre_div);
+        m.shown_popularity = mean(&pop);
+        let n = eps.len().max(1) as f64;
+        m.tokens_per_agent = (m.prompt_tokens + m.completion_tokens) as f64 / n;
+        m.calls_per_agent = m.calls as f64 / n;
+        m.seconds_per_agent = eps.iter().map(|e| e.seconds).sum::<f64>() / n;
+        let group = |f: fn(&Episode) -> u8| -> Vec<TraitGroup> {
+            (1..=3u8)
+                .map(|lvl| {
+                    let g: Vec<&Episode> = eps.iter().filter(|e| f(e) == lvl).collect();
+                    let s: Vec<f64> = g
+                        .iter()
+                        .filter_map(|e| e.interview.rating.map(f64::from))
+                        .collect();
+                    TraitGroup {
+                        level: lvl,
+                        agents: g.len(),
+                        exit_page: mean(
+                            &g.iter().map(|e| e.exit_page() as f64).collect::<Vec<_>>(),
+                        ),
+                        watch_rate: mean(
+                            &g.iter()
+                                .map(|e| {
+                                    let w: usize = e.pages.iter().map(|p| p.watched.len()).sum();
+                                    let s: usize = e.pages.iter().map(|p| p.items.len()).sum();
+                                    w as f64 / s.max(1) as f64
+                                })
+                                .collect::<Vec<_>>(),
+                        ),
+                        satisfaction: (!s.is_empty()).then(|| mean(&s)),
+                    }
+                })
+                .collect()
+        };
+        m.by_activity = group(|e| e.activity);
+        m.by_conformity = group(|e| e.conformity);
+        m.by_diversity = group(|e| e.diversity);
+        m
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The taste-discrimination test
+
+/// One agent's forced choice at one ratio.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ForcedRecord {
+    pub user: u32,
+    pub items: Vec<u32>,
+    pub truth: Vec<bool>,
+    /// WATCH per item (`None`: unreadable, counted as no).
+    pub said: Vec<Option<bool>>,
+    pub read: bool,
+    pub usage: AgentUsage,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiscMetrics {
+    pub ratio: usize,
+    pub agents: usize,
+    pub failed: usize,
+    pub items_per_agent: f64,
+    pub accuracy: f64,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    /// Share of items the agents said yes to.
+    pub yes_rate: f64,
+    pub unparsed: usize,
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl DiscMetrics {
+    /// Per-agent accuracy / precision / recall / F1 (0 where undefined), averaged over agents.
+    pub fn compute(ratio: usize, recs: &[ForcedRecord], failed: usize) -> DiscMetrics {
+        let mut m = DiscMetrics {
+            ratio,
+            agents: recs.len(),
+            failed,
+            ..Default::default()
+        };
+        let (mut acc, mut pr, mut rc, mut f1, mut yes, mut n_items) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for r in recs {
+            let (mut tp, mut fp, mut fneg, mut tn) = (0f64, 0f64, 0f64, 0f64);
+            for (t, s) in r.truth.iter().zip(&r.said) {
+                let s = s.unwrap_or(false);
+                match (t, s) {
+                    (true, true) => tp += 1.0,
+                    (false, true) => fp += 1.0,
+                    (true, false) => fneg += 1.0,
+                    (false, false) => tn += 1.0,
+                }
+            }
+            let n = (tp + fp + fneg + tn).max(1.0);
+            let p = if tp + fp > 0.0 { tp / (tp + fp) } else { 0.0 };
+            let rcl = if tp + fneg > 0.0 {
+                tp / (tp + fneg)
+            } else {
+                0.0
+            };
+            acc.push((tp + tn) / n);
+            pr.push(p);
+            rc.push(rcl);
+            f1.push(if p + rcl > 0.0 {
+                2.0 * p * rcl / (p + rcl)
+            } else {
+                0.0
+            });
+            yes.push((tp + fp) / n);
+            n_items.push(n);
+            m.unparsed += usize::from(!r.read);
+            m.calls += r.usage.calls;
+            m.prompt_tokens += r.usage.prompt_tokens;
+            m.completion_tokens += r.usage.completion_tokens;
+        }
+        m.accuracy = mean(&acc);
+        m.precision = mean(&pr);
+        m.recall = mean(&rc);
+        m.f1 = mean(&f1);
+        m.yes_rate = mean(&yes);
+        m.items_per_agent = mean(&n_items);
+        m
+    }
+}
+
+/// Candidates of the 1:m test for user `u`: c = min(|valid ∪ test|, 20 / (m+1)) observed items
+/// and c·m never-interacted ones, shuffled (seeded).
+pub fn forced_candidates(
+    ds: &Dataset,
+    u: u32,
+    m: usize,
+    seed: u64,
+) -> Result<(Vec<u32>, Vec<bool>)> {
+    let s = ds
+        .split
+        .as_ref()
+        .ok_or_else(|| AgentError::Input(format!("{}: needs train/valid/test", ds.name)))?;
+    let mut rng = rudder_data::rng::stream(seed, &[0x6469_7363, m as u64, u as u64]);
+    let mut observed: Vec<u32> = s.valid.items(u).to_vec();
+    observed.extend_from_slice(s.test.items(u));
+    observed.sort_unstable();
+    observed.dedup();
+    let seen: HashSet<u32> = observed
+        .iter()
+        .copied()
+        .chain(s.train.items(u).iter().copied())
+        .collect();
+    let c = observed.len().min(20 / (m + 1));
+    observed.shuffle(&mut rng);
+    observed.truncate(c);
+    let mut unobserved: Vec<u32> = (0..ds.n_items() as u32)
+        .filter(|i| !seen.contains(i))
+        .collect();
+    if unobserved.len() < c * m {
+        return Err(AgentError::Input(format!(
+            "user {u}: only {} never-interacted items for a 1:{m} test with {c} positives",
+            unobserved.len()
+        )));
+    }
+    unobserved.shuffle(&mut rng);
+    unobserved.truncate(c * m);
+    let mut items: Vec<(u32, bool)> = observed
+        .into_iter()
+        .map(|i| (i, true))
+        .chain(unobserved.into_iter().map(|i| (i, false)))
+        .collect();
+    items.shuffle(&mut rng);
+    Ok(items.into_iter().unzip())
+}
+
+/// P5 for one agent.
+pub async fn forced_choice(
+    env: &Env<'_>,
+    scope: &str,
+    profile: &Profile,
+    items: Vec<u32>,
+    truth: Vec<bool>,
+) -> Result<ForcedRecord> {
+    let mut ctx = Ctx {
+        env,
+        scope: scope.to_string(),
+        agent: profile.user,
+        seq: 0,
+        usage: AgentUsage::default(),
+        exchanges: Vec::new(),
+    };
+    let cat = env.catalog;
+    let lines: Vec<String> = items.iter().map(|&i| cat.line(i)).collect();
+    let titles = titles_of(cat, &items);
+    let (system, user) = prompts::forced_messages(profile, &lines);
+    let messages = vec![ChatMessage::system(&system), ChatMessage::user(&user)];
+    let (said, read) = match env.cfg.decisions {
+        Decisions::Text => {
+            let (v, ok, _, _) = ctx
+                .ask("forced", messages, |text| {
+                    let v = parse::forced_choice(text, &titles);
+                    let ok = v.iter().all(Option::is_some);
+                    (v, ok)
+                })
+                .await?;
+            (v, ok)
+        }
+        Decisions::Logprob => {
+            let mut v = Vec::with_capacity(titles.len());
+            for t in &titles {
+                let c = ctx
+                    .choose(
+                        "forced",
+                        messages.clone(),
+                        vec![
+                            format!("MOVIE: {t}; WATCH: yes"),
+                            format!("MOVIE: {t}; WATCH: no"),
+                        ],
+                    )
+                    .await?;
+                v.push(Some(c == 0));
+            }
+            (v, true)
+        }
+    };
+    let r = ForcedRecord {
+        user: profile.user,
+        items,
+        truth,
+        said,
+        read,
+        usage: ctx.usage,
+    };
+    env.journal.step(scope, profile.user, "forced", json!(r))?;
+    Ok(r)
+}
+
+/// The discrimination test at each ratio 1:m.
+pub async fn discriminate(
+    env: &Env<'_>,
+    ds: &Dataset,
+    profiles: &[Profile],
+    ratios: &[usize],
+) -> Result<Vec<(DiscMetrics, Vec<ForcedRecord>)>> {
+    let mut out = Vec::new();
+    for &m in ratios {
+        let scope = format!("disc/1:{m}");
+        let mut cands = Vec::new();
+        for p in profiles {
+            cands.push(forced_candidates(ds, p.user, m, env.cfg.seed)?);
+        }
+        let results = run_agents(env, (0..profiles.len() as u32).collect(), |k| {
+            let k = k as usize;
+            let scope = scope.clone();
+            let (items, truth) = cands[k].clone();
+            let p = &profiles[k];
+            async move {
+                let r = forced_choice(env, &scope, p, items, truth).await;
+                env.progress.agent_done(
+                    p.user,
+                    r.as_ref()
+                        .map(|r| r.usage.prompt_tokens + r.usage.completion_tokens)
+                        .unwrap_or(0),
+                    r.is_err(),
+                );
+                r
+            }
+        })
+        .await;
+        let mut recs = Vec::new();
+        let mut failed = 0;
+        for (k, r) in results {
+            match r {
+                Ok(r) => recs.push(r),
+                Err(e) => {
+                    if e.contains("journal") || e.contains("recorded request differs") {
+                        return Err(AgentError::Input(e));
+                    }
+                    failed += 1;
+                    env.journal.step(
+                        &scope,
+                        profiles[k as usize].user,
+                        "failed",
+                        json!({"error": e}),
+                    )?;
+                }
+            }
+        }
+        out.push((DiscMetrics::compute(m, &recs, failed), recs));
+    }
+    Ok(out)
+}
+
+/// The LightGCN-format train file of a round's feedback (`user item item …`, the data's own
+/// ids).
+pub fn feedback_lines(ds: &Dataset, train: &Interactions) -> String {
+    let mut s = String::new();
+    for u in 0..train.n_users() as u32 {
+        s.push_str(ds.users.ext(u));
+        for &i in train.items(u) {
+            s.push(' ');
+            s.push_str(ds.items.ext(i));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Episodes as JSON lines (behaviour), interviews as JSON lines, and the transcript.
+pub fn episode_lines(round: &Round) -> (String, String, String) {
+    let (mut b, mut iv, mut tr) = (String::new(), String::new(), String::new());
+    for e in &round.episodes {
+        b.push_str(
+            &json!({"round": round.round, "user": e.user, "activity": e.activity,
+                "conformity": e.conformity, "diversity": e.diversity, "exit_page": e.exit_page(),
+                "pages": e.pages, "usage": e.usage, "seconds": e.seconds})
+            .to_string(),
+        );
+        b.push('\n');
+        iv.push_str(
+            &json!({"round": round.round, "user": e.user, "rating": e.interview.rating,
+                "reason": e.interview.reason, "reply": e.interview.reply})
+            .to_string(),
+        );
+        iv.push('\n');
+        for x in &e.exchanges {
+            tr.push_str(&json!({"round": round.round, "user": e.user, "exchange": x}).to_string());
+            tr.push('\n');
+        }
+    }
+    (b, iv, tr)
+}
+
+/// A map of metrics by name, for tables.
+pub fn headline(m: &SimMetrics) -> BTreeMap<&'static str, f64> {
+    let mut t = BTreeMap::new();
+    t.insert("align_precision", m.align_precision);
+    t.insert("align_recall", m.align_recall);
+    t.insert("click_rate", m.click_rate);
+    t.insert("watch_rate", m.watch_rate);
+    t.insert("likes_per_page", m.likes_per_page);
+    t.insert("exit_page", m.exit_page);
+    if let Some(s) = m.satisfaction {
+        t.insert("satisfaction", s);
+    }
+    if let Some(r) = m.mean_rating {
+        t.insert("mean_rating", r);
+    }
+    t
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persona generation (P6)
+
+/// A user's rating history grouped by rating value 1..5 (titles, shuffled with the seed, at most
+/// `per_rating` each), from the train split when there is one.
+pub fn rating_history(
+    ds: &Dataset,
+    u: u32,
+    per_rating: usize,
+    seed: u64,
+) -> Result<[Vec<String>; 5]> {
+    let inter = ds
+        .split
+        .as_ref()
+        .map(|s| &s.train)
+        .unwrap_or(&ds.interactions);
+    let ratings = inter.ratings(u).ok_or_else(|| {
+        AgentError::Input(format!(
+            "{}: no ratings: persona generation needs a dataset with ratings and titles (e.g. ml-100k, ml-1m)",
+            ds.name
+        ))
+    })?;
+    let titles = ds
+        .item_table
+        .title
+        .as_ref()
+        .ok_or_else(|| AgentError::Input(format!("{}: the items have no titles", ds.name)))?;
+    let mut rows: Vec<(u32, f32)> = inter
+        .items(u)
+        .iter()
+        .copied()
+        .zip(ratings.iter().copied())
+        .collect();
+    let mut rng = rudder_data::rng::stream(seed, &[0x7065_7273, u as u64]);
+    rows.shuffle(&mut rng);
+    let mut out: [Vec<String>; 5] = Default::default();
+    for (i, r) in rows {
+        let k = (r.round() as i64).clamp(1, 5) as usize - 1;
+        if out[k].len() < per_rating {
+            out[k].push(titles[i as usize].clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Generate personas (P6) for `users`; each reply is read as TASTE/REASON pairs and HIGH/LOW
+/// RATINGS (retried when no TASTE line can be read).
+pub async fn personas(
+    env: &Env<'_>,
+    ds: &Dataset,
+    users: &[u32],
+    per_rating: usize,
+) -> Result<Vec<(u32, std::result::Result<(parse::Persona, bool), String>)>> {
+    let mut hist = Vec::with_capacity(users.len());
+    for &u in users {
+        hist.push(rating_history(ds, u, per_rating, env.cfg.seed)?);
+    }
+    let res = run_agents(env, (0..users.len() as u32).collect(), |k| {
+        let h = &hist[k as usize];
+        let u = users[k as usize];
+        async move {
+            let mut ctx = Ctx {
+                env,
+                scope: "persona".into(),
+                agent: u,
+                seq: 0,
+                usage: AgentUsage::default(),
+                exchanges: Vec::new(),
+            };
+            let (system, user) = prompts::persona_messages(h);
+            // the reference sends the user message first
+            let messages = vec![ChatMessage::user(&user), ChatMessage::system(&system)];
+            let (p, ok, _, _) = ctx
+                .ask("persona", messages, |text| {
+                    let p = parse::persona(text);
+                    let ok = !p.taste.is_empty();
+                    (p, ok)
+                })
+                .await?;
+            env.journal
+                .step("persona", u, "done", json!({"persona": p, "read": ok}))?;
+            env.progress.agent_done(
+                u,
+                ctx.usage.prompt_tokens + ctx.usage.completion_tokens,
+                false,
+            );
+            Ok((p, ok))
+        }
+    })
+    .await;
+    Ok(res
+        .into_iter()
+        .map(|(k, r)| (users[k as usize], r))
+        .collect())
+}
+
+/// `personas.csv` in Agent4Rec's layout (`taste,reason,high_rating,low_rating`, lists joined
+/// with `"| "`, row k = the k-th user given).
+pub fn personas_csv(rows: &[(u32, parse::Persona)]) -> String {
+    let q = |v: &[String]| format!("\"{}\"", v.join("| ").replace('"', "\"\""));
+    let mut s = String::from("taste,reason,high_rating,low_rating\n");
+    for (_, p) in rows {
+        s.push_str(&format!(
+            "{},{},{},{}\n",
+            q(&p.taste),
+            q(&p.reason),
+            q(&p.high_rating),
+            q(&p.low_rating)
+        ));
+    }
+    s
+}
