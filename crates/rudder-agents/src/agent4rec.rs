@@ -30,6 +30,9 @@ use crate::profile::{self, Profile};
 use crate::prompts;
 use crate::{AgentError, Result};
 
+/// Longest satisfaction reflection (one sentence is asked for).
+pub const REFLECTION_MAX_TOKENS: u32 = 128;
+
 /// How the agent's choices are read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -272,10 +275,16 @@ impl Ctx<'_, '_> {
         let seq = self.seq;
         self.seq += 1;
         let cfg = self.env.cfg;
+        // the reflection asks for one sentence
+        let max_tokens = if kind == "reflection" {
+            cfg.max_tokens.min(REFLECTION_MAX_TOKENS)
+        } else {
+            cfg.max_tokens
+        };
         let req = ChatRequest {
             model: cfg.model.clone(),
             messages: messages.clone(),
-            max_tokens: Some(cfg.max_tokens),
+            max_tokens: Some(max_tokens),
             temperature: Some(cfg.temperature),
             seed: Some(self.seed(seq)),
             ..Default::default()
@@ -314,8 +323,22 @@ impl Ctx<'_, '_> {
         messages: Vec<ChatMessage>,
         continuations: Vec<String>,
     ) -> Result<usize> {
+        Ok(self
+            .choose_groups(kind, messages, vec![continuations])
+            .await?[0])
+    }
+
+    /// Several choices about one conversation in one call (the backend computes the prompt
+    /// once): the most likely continuation of each group, the first on ties.
+    async fn choose_groups(
+        &mut self,
+        kind: &str,
+        messages: Vec<ChatMessage>,
+        groups: Vec<Vec<String>>,
+    ) -> Result<Vec<usize>> {
         let seq = self.seq;
         self.seq += 1;
+        let continuations: Vec<String> = groups.iter().flatten().cloned().collect();
         let key = json!({"model": self.env.cfg.model, "messages": messages, "continuations": continuations});
         let hash = sha(&key);
         let rec = match self.recorded(seq, &hash)? {
@@ -330,6 +353,15 @@ impl Ctx<'_, '_> {
                         continuations.clone(),
                     )
                     .await?;
+                if s.logprobs.len() != continuations.len() {
+                    return Err(AgentError::Client(rudder_client::ClientError::Protocol(
+                        format!(
+                            "{} log-probabilities for {} continuations",
+                            s.logprobs.len(),
+                            continuations.len()
+                        ),
+                    )));
+                }
                 let lp: Vec<Value> = s
                     .logprobs
                     .iter()
@@ -354,12 +386,23 @@ impl Ctx<'_, '_> {
                     .collect()
             })
             .unwrap_or_default();
-        let best = rudder_client::Scores {
-            logprobs: lp,
-            exact: true,
+        let mut best = Vec::with_capacity(groups.len());
+        let mut o = 0;
+        for g in &groups {
+            let part = lp
+                .get(o..o + g.len())
+                .map(<[f64]>::to_vec)
+                .unwrap_or_default();
+            o += g.len();
+            best.push(
+                rudder_client::Scores {
+                    logprobs: part,
+                    exact: true,
+                }
+                .best()
+                .unwrap_or(0),
+            );
         }
-        .best()
-        .unwrap_or(0);
         self.exchanges.push(Exchange {
             seq,
             kind: kind.into(),
@@ -504,13 +547,26 @@ async fn remember(
         return Ok(None);
     }
     let context = mem.retrieve(prompts::QUERY_REFLECT)?;
-    let reflection = ctx
-        .chat(
-            "reflection",
-            vec![ChatMessage::user(&prompts::reflection(&context))],
-        )
-        .await?;
-    let reflection = reflection.trim().to_string();
+    let messages = vec![ChatMessage::user(&prompts::reflection(&context))];
+    let reflection = match ctx.env.cfg.decisions {
+        Decisions::Text => ctx.chat("reflection", messages).await?.trim().to_string(),
+        Decisions::Logprob => {
+            let c = ctx
+                .choose(
+                    "reflection",
+                    messages,
+                    vec![
+                        "satisfied with the recommendation result because".into(),
+                        "unsatisfied with the recommendation result because".into(),
+                    ],
+                )
+                .await?;
+            format!(
+                "{} with the recommendation result.",
+                if c == 0 { "satisfied" } else { "unsatisfied" }
+            )
+        }
+    };
     mem.add_reflection(&reflection)?;
     Ok(Some(reflection))
 }
@@ -562,34 +618,35 @@ async fn react(
                 align_reason: vec![String::new(); items.len()],
                 ..Default::default()
             };
-            for (p, t) in titles.iter().enumerate() {
-                let k = ctx
-                    .choose(
-                        "align",
-                        messages.clone(),
-                        vec![
-                            format!("MOVIE: {t}; ALIGN: yes"),
-                            format!("MOVIE: {t}; ALIGN: no"),
-                        ],
-                    )
-                    .await?;
+            let groups = titles
+                .iter()
+                .map(|t| {
+                    vec![
+                        format!("MOVIE: {t}; ALIGN: yes"),
+                        format!("MOVIE: {t}; ALIGN: no"),
+                    ]
+                })
+                .collect();
+            let picks = ctx.choose_groups("align", messages.clone(), groups).await?;
+            for (p, k) in picks.into_iter().enumerate() {
                 r.align[p] = Some(k == 0);
             }
-            for p in 0..items.len() {
-                if r.align[p] != Some(true) {
-                    continue;
-                }
-                let t = &titles[p];
-                let k = ctx
-                    .choose(
-                        "rating",
-                        messages.clone(),
+            let aligned: Vec<usize> = (0..items.len())
+                .filter(|&p| r.align[p] == Some(true))
+                .collect();
+            if !aligned.is_empty() {
+                let groups = aligned
+                    .iter()
+                    .map(|&p| {
                         (1..=5)
-                            .map(|x| format!("MOVIE: {t}; RATING: {x}; FEELING:"))
-                            .collect(),
-                    )
-                    .await?;
-                r.ratings.push((p, k as u8 + 1, String::new()));
+                            .map(|x| format!("MOVIE: {}; RATING: {x}; FEELING:", titles[p]))
+                            .collect()
+                    })
+                    .collect();
+                let picks = ctx.choose_groups("rating", messages, groups).await?;
+                for (&p, k) in aligned.iter().zip(picks) {
+                    r.ratings.push((p, k as u8 + 1, String::new()));
+                }
             }
             Ok((r, true, 1))
         }
@@ -1360,20 +1417,21 @@ pub async fn forced_choice(
             (v, ok)
         }
         Decisions::Logprob => {
-            let mut v = Vec::with_capacity(titles.len());
-            for t in &titles {
-                let c = ctx
-                    .choose(
-                        "forced",
-                        messages.clone(),
-                        vec![
-                            format!("MOVIE: {t}; WATCH: yes"),
-                            format!("MOVIE: {t}; WATCH: no"),
-                        ],
-                    )
-                    .await?;
-                v.push(Some(c == 0));
-            }
+            let groups = titles
+                .iter()
+                .map(|t| {
+                    vec![
+                        format!("MOVIE: {t}; WATCH: yes"),
+                        format!("MOVIE: {t}; WATCH: no"),
+                    ]
+                })
+                .collect();
+            let v: Vec<Option<bool>> = ctx
+                .choose_groups("forced", messages, groups)
+                .await?
+                .into_iter()
+                .map(|c| Some(c == 0))
+                .collect();
             (v, true)
         }
     };

@@ -76,7 +76,9 @@ fn reply_for(req: &ChatRequest) -> String {
         for &m in &movies {
             let yes = if m % 2 == 0 { "yes" } else { "no" };
             // markdown and lower case, as small models write
-            s.push_str(&format!("- **Movie:** movie {m}; align: {yes}; reason: r\n"));
+            s.push_str(&format!(
+                "- **Movie:** movie {m}; align: {yes}; reason: r\n"
+            ));
         }
         s.push_str("NUM: 2; WATCH: …; REASON: r;\n");
         for &m in movies.iter().filter(|m| *m % 2 == 0) {
@@ -98,7 +100,10 @@ fn reply_for(req: &ChatRequest) -> String {
             .filter_map(|l| l.strip_prefix("<- Movie "))
             .map(|l| {
                 let m: u32 = l.split(' ').next().unwrap().parse().unwrap();
-                format!("MOVIE: Movie {m}; WATCH: {}; REASON: r", if m % 2 == 0 { "yes" } else { "no" })
+                format!(
+                    "MOVIE: Movie {m}; WATCH: {}; REASON: r",
+                    if m % 2 == 0 { "yes" } else { "no" }
+                )
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -153,14 +158,21 @@ impl LlmClient for Scripted {
             let lp = continuations
                 .iter()
                 .map(|c| {
-                    if c.contains("yes") || c.contains("[NEXT]") || c.contains("RATING: 5; FEELING") || c.contains("RATING: 8;") {
+                    if c.contains("yes")
+                        || c.contains("[NEXT]")
+                        || c.contains("RATING: 5; FEELING")
+                        || c.contains("RATING: 8;")
+                    {
                         -0.1
                     } else {
                         -3.0
                     }
                 })
                 .collect();
-            Ok(Scores { logprobs: lp, exact: true })
+            Ok(Scores {
+                logprobs: lp,
+                exact: true,
+            })
         })
     }
     fn describe(&self) -> String {
@@ -218,8 +230,12 @@ async fn an_episode_follows_the_page_protocol() {
     let tmp = tempfile::tempdir().unwrap();
     world(tmp.path());
     let ds = load(tmp.path());
-    let j = Journal::open(&tmp.path().join("j.jsonl"), &serde_json::json!({"t": "header"}), false)
-        .unwrap();
+    let j = Journal::open(
+        &tmp.path().join("j.jsonl"),
+        &serde_json::json!({"t": "header"}),
+        false,
+    )
+    .unwrap();
     let client = Scripted {
         calls: AtomicUsize::new(0),
         fail_after: usize::MAX,
@@ -233,7 +249,13 @@ async fn an_episode_follows_the_page_protocol() {
         assert_eq!(e.exit_page(), 2, "leaves on page 2");
         // 2 pages × (reaction + exit) + 1 reflection (after page 2) + interview
         assert_eq!(e.usage.calls, 6, "user {}", e.user);
-        assert!(e.pages[1].reflection.as_deref().unwrap().starts_with("satisfied"));
+        assert!(
+            e.pages[1]
+                .reflection
+                .as_deref()
+                .unwrap()
+                .starts_with("satisfied")
+        );
         assert!(e.pages[0].reflection.is_none());
         for p in &e.pages {
             assert!(p.reaction_read);
@@ -257,9 +279,17 @@ async fn an_episode_follows_the_page_protocol() {
     assert_eq!(m.exit_pages[1], 6);
     assert_eq!(m.satisfaction, Some(7.0));
     assert_eq!(m.reflections_satisfied, Some(1.0));
-    let aligned: usize = r.episodes.iter().flat_map(|e| &e.pages).map(|p| p.aligned.len()).sum();
+    let aligned: usize = r
+        .episodes
+        .iter()
+        .flat_map(|e| &e.pages)
+        .map(|p| p.aligned.len())
+        .sum();
     assert!((m.likes_per_page - aligned as f64 / 12.0).abs() < 1e-9);
-    assert!((m.click_rate - m.watch_rate * 8.0 / 20.0).abs() < 1e-9, "click rate divides by max pages");
+    assert!(
+        (m.click_rate - m.watch_rate * 8.0 / 20.0).abs() < 1e-9,
+        "click rate divides by max pages"
+    );
     assert_eq!(m.calls, 36);
     assert_eq!(m.prompt_tokens, 3600);
     assert_eq!(m.unparsed_reactions, 0);
@@ -267,7 +297,12 @@ async fn an_episode_follows_the_page_protocol() {
     let s = ds.split.as_ref().unwrap();
     let e = &r.episodes[0];
     let held: std::collections::HashSet<u32> = s.valid.items(0).iter().copied().collect();
-    let hits: usize = e.pages.iter().flat_map(|p| &p.aligned).filter(|i| held.contains(i)).count();
+    let hits: usize = e
+        .pages
+        .iter()
+        .flat_map(|p| &p.aligned)
+        .filter(|i| held.contains(i))
+        .count();
     let al: usize = e.pages.iter().map(|p| p.aligned.len()).sum();
     assert!(al > 0);
     let _ = hits; // per-agent values are averaged; checked through the definitions above
@@ -281,12 +316,18 @@ async fn a_run_resumes_from_its_journal_with_the_same_numbers() {
     let header = serde_json::json!({"t": "header", "v": 1});
     // uninterrupted
     let j = Journal::open(&tmp.path().join("a.jsonl"), &header, false).unwrap();
-    let full = Scripted { calls: AtomicUsize::new(0), fail_after: usize::MAX };
+    let full = Scripted {
+        calls: AtomicUsize::new(0),
+        fail_after: usize::MAX,
+    };
     let a = run(&ds, &full, &j, &cfg()).await.unwrap();
     // interrupted: the model goes away after 10 calls; agents fail, the run records them
     let path = tmp.path().join("b.jsonl");
     let j = Journal::open(&path, &header, false).unwrap();
-    let broken = Scripted { calls: AtomicUsize::new(0), fail_after: 10 };
+    let broken = Scripted {
+        calls: AtomicUsize::new(0),
+        fail_after: 10,
+    };
     let b1 = run(&ds, &broken, &j, &cfg()).await.unwrap();
     assert!(!b1[0].failures.is_empty(), "some agents failed");
     drop(j);
@@ -297,7 +338,10 @@ async fn a_run_resumes_from_its_journal_with_the_same_numbers() {
     let j = Journal::open(&path, &header, true).unwrap();
     assert!(j.repaired_bytes > 0);
     assert_eq!(j.n_calls(), 10, "the 10 answered calls are in the journal");
-    let resumed = Scripted { calls: AtomicUsize::new(0), fail_after: usize::MAX };
+    let resumed = Scripted {
+        calls: AtomicUsize::new(0),
+        fail_after: usize::MAX,
+    };
     let b = run(&ds, &resumed, &j, &cfg()).await.unwrap();
     assert!(b[0].failures.is_empty());
     assert_eq!(
@@ -334,14 +378,26 @@ async fn log_probability_decisions_and_discrimination() {
     let tmp = tempfile::tempdir().unwrap();
     world(tmp.path());
     let ds = load(tmp.path());
-    let j = Journal::open(&tmp.path().join("j.jsonl"), &serde_json::json!({"t": "h"}), false).unwrap();
-    let client = Scripted { calls: AtomicUsize::new(0), fail_after: usize::MAX };
+    let j = Journal::open(
+        &tmp.path().join("j.jsonl"),
+        &serde_json::json!({"t": "h"}),
+        false,
+    )
+    .unwrap();
+    let client = Scripted {
+        calls: AtomicUsize::new(0),
+        fail_after: usize::MAX,
+    };
     let mut c = cfg();
     c.decisions = Decisions::Logprob;
     c.pages = 3;
     let r = run(&ds, &client, &j, &c).await.unwrap();
     for e in &r[0].episodes {
-        assert_eq!(e.exit_page(), 3, "always [NEXT]: forced exit after the last page");
+        assert_eq!(
+            e.exit_page(),
+            3,
+            "always [NEXT]: forced exit after the last page"
+        );
         for p in &e.pages {
             assert!(p.align.iter().all(|a| *a == Some(true)));
             assert!(p.ratings.iter().all(|&x| x == 5));
@@ -360,7 +416,9 @@ async fn log_probability_decisions_and_discrimination() {
         progress: &NoProgress,
     };
     let profiles = agent4rec::profiles(&ds, 6).unwrap();
-    let d = agent4rec::discriminate(&env, &ds, &profiles, &[1, 3]).await.unwrap();
+    let d = agent4rec::discriminate(&env, &ds, &profiles, &[1, 3])
+        .await
+        .unwrap();
     for (m, recs) in &d {
         assert_eq!(m.agents, 6);
         for r in recs {
@@ -373,7 +431,11 @@ async fn log_probability_decisions_and_discrimination() {
         }
         assert!(m.accuracy > 0.0 && m.accuracy <= 1.0);
     }
-    assert_eq!(d[0].1[0].truth.len(), 20, "1:1: 10 observed (valid ∪ test) + 10 unobserved");
+    assert_eq!(
+        d[0].1[0].truth.len(),
+        20,
+        "1:1: 10 observed (valid ∪ test) + 10 unobserved"
+    );
 }
 
 #[test]

@@ -686,7 +686,7 @@ fn run(lm: &LanguageModel, cfg: &EngineConfig, rx: mpsc::Receiver<Msg>, stats: &
                         Some(mut iv) => {
                             crate::score::score(&lm.decoder, &pairs, lm.tok.pad, 8, &mut iv)
                         }
-                        None => crate::score::score(
+                        None => crate::score::score_shared(
                             &lm.decoder,
                             &pairs,
                             lm.tok.pad,

@@ -170,6 +170,67 @@ pub fn score(
     Ok(out)
 }
 
+/// [`score`], computing each distinct prompt once: pairs that share their prompt run as
+/// branches of one prefix cache ([`branch_logprobs`]), the rest in batches of `batch`. Values
+/// equal [`score`]'s. Used when choices are read from log-probabilities (several answers to
+/// one question); a hook sees the prompt and the branches as two passes, so callers with
+/// position-selected interventions use [`score`].
+pub fn score_shared(
+    dec: &Decoder,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    pad_id: u32,
+    batch: usize,
+    hook: &mut dyn Hook,
+) -> Result<Vec<SeqScore>> {
+    let mut groups: Vec<(&[u32], Vec<usize>)> = Vec::new();
+    let mut at: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+    for (k, (p, c)) in pairs.iter().enumerate() {
+        if p.is_empty() || c.is_empty() {
+            // let `score` report it
+            return score(dec, pairs, pad_id, batch, hook);
+        }
+        let g = *at.entry(p.as_slice()).or_insert_with(|| {
+            groups.push((p.as_slice(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push(k);
+    }
+    let mut out: Vec<Option<SeqScore>> = vec![None; pairs.len()];
+    let mut singles = Vec::new();
+    for (prompt, idx) in &groups {
+        if idx.len() < 2 {
+            singles.extend(idx.iter().copied());
+            continue;
+        }
+        let branches: Vec<Vec<u32>> = idx.iter().map(|&k| pairs[k].1.clone()).collect();
+        let lp = branch_logprobs(dec, &[prompt.to_vec()], &[branches], pad_id, hook)?
+            .to_vec1::<f32>()?;
+        let mut o = 0;
+        for &k in idx {
+            let n = pairs[k].1.len();
+            let v = lp[o..o + n].to_vec();
+            o += n;
+            out[k] = Some(SeqScore {
+                sum_logprob: v.iter().map(|&x| x as f64).sum(),
+                token_logprobs: v,
+            });
+        }
+    }
+    if !singles.is_empty() {
+        let sp: Vec<(Vec<u32>, Vec<u32>)> = singles.iter().map(|&k| pairs[k].clone()).collect();
+        for (k, s) in singles
+            .into_iter()
+            .zip(score(dec, &sp, pad_id, batch, hook)?)
+        {
+            out[k] = Some(s);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every pair scored"))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +238,37 @@ mod tests {
     use crate::fixtures::{TinySpec, write_hf_dir};
     use crate::hooks::NoHook;
     use crate::loader::{LoadOptions, load};
+
+    #[test]
+    fn score_shared_equals_score_in_input_order() {
+        let d = tempfile::tempdir().unwrap();
+        write_hf_dir(d.path(), &TinySpec::new(Arch::Llama)).unwrap();
+        let lm = load(d.path(), &LoadOptions::default()).unwrap();
+        let p1 = vec![5u32, 9, 14, 22, 31];
+        let p2 = vec![40u32, 41];
+        // interleaved groups and a single
+        let pairs = vec![
+            (p1.clone(), vec![7u32, 8, 9]),
+            (p2.clone(), vec![11u32]),
+            (p1.clone(), vec![60u32]),
+            (vec![3u32, 3, 3], vec![2u32, 2]),
+            (p1.clone(), vec![3u32, 4]),
+            (p2.clone(), vec![12u32, 13, 14, 15]),
+        ];
+        let a = score(&lm.decoder, &pairs, 0, 8, &mut NoHook).unwrap();
+        let b = score_shared(&lm.decoder, &pairs, 0, 8, &mut NoHook).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.token_logprobs.len(), y.token_logprobs.len());
+            assert!(
+                (x.sum_logprob - y.sum_logprob).abs() < 1e-4 * (1.0 + x.sum_logprob.abs()),
+                "{} vs {}",
+                x.sum_logprob,
+                y.sum_logprob
+            );
+        }
+        assert!(score_shared(&lm.decoder, &[(vec![], vec![1])], 0, 8, &mut NoHook).is_err());
+    }
 
     #[test]
     fn shared_prefix_branches_equal_separate_pairs_values_and_gradients() {

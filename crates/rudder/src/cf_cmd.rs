@@ -814,6 +814,24 @@ fn read_run(run: &Path) -> Result<(TrainArgs, CfConfig)> {
     Ok((args, cfg))
 }
 
+/// A trained run for other commands (the Agent4Rec simulator): its configuration, data, a
+/// scorer of its final embeddings, and the model inputs (for retraining on new data).
+pub(crate) fn open_run(
+    run: &Path,
+) -> Result<(
+    CfConfig,
+    Dataset,
+    rudder_cf::scorer::EmbeddingScorer,
+    ModelInputs,
+)> {
+    let l = load_run(run)?;
+    let sc = rudder_cf::scorer::EmbeddingScorer::new(&l.users, &l.items, l.cfg.loss.cosine())?;
+    let saved = run.join("item_features.safetensors");
+    let features = saved.exists().then(|| saved.to_string_lossy().into_owned());
+    let inputs = model_inputs(&l.cfg, &l.ds, features.as_deref())?;
+    Ok((l.cfg, l.ds, sc, inputs))
+}
+
 fn load_run(run: &Path) -> Result<TrainedRun> {
     let (args, cfg) = read_run(run)?;
     let data = args

@@ -13,6 +13,7 @@ mod plots;
 mod progress;
 mod runs;
 mod serve_cmd;
+mod sim_cmd;
 mod steer_cmd;
 
 use clap::{Parser, Subcommand};
@@ -78,6 +79,10 @@ enum Command {
     /// S-DPO on a rudder-lm model, HR@1 / ValidRatio and likelihood evaluation (docs/llmrec.md).
     #[command(subcommand)]
     Llmrec(llmrec_cmd::LlmrecCmd),
+    /// Generative-agent simulation: Agent4Rec user agents browsing a recommender, the taste
+    /// discrimination test, persona generation (docs/sim.md).
+    #[command(subcommand)]
+    Sim(sim_cmd::SimCmd),
 }
 
 fn main() -> ExitCode {
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve_cmd::run(a),
         Command::Steer(c) => steer_cmd::run(c),
         Command::Llmrec(c) => llmrec_cmd::run(c),
+        Command::Sim(c) => sim_cmd::run(c),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -194,3 +194,74 @@ pub fn scatter(
     root.present().map_err(|x| e(&x))?;
     Ok(())
 }
+
+/// Grouped bars: for each integer category x (1, 2, …), one bar per named series side by side.
+pub fn bars(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<(), String> {
+    if !font_ready() {
+        return Err("no TrueType font found (set RUDDER_FONT to a .ttf file)".into());
+    }
+    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).collect();
+    if pts.is_empty() {
+        return Ok(());
+    }
+    let x0 = pts.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) - 0.6;
+    let x1 = pts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max) + 0.6;
+    let y1 = pts.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, 0.0..y1)
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_label_formatter(&|v| {
+            if (v - v.round()).abs() < 1e-9 {
+                format!("{}", v.round() as i64)
+            } else {
+                String::new()
+            }
+        })
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(&x))?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let w = 0.8 / series.len().max(1) as f64;
+    for (k, (name, s)) in series.iter().enumerate() {
+        let c = colours[k % colours.len()];
+        let off = -0.4 + w * k as f64;
+        chart
+            .draw_series(s.iter().map(|&(x, y)| {
+                Rectangle::new(
+                    [(x + off, 0.0), (x + off + w * 0.9, y)],
+                    c.mix(0.7).filled(),
+                )
+            }))
+            .map_err(|x| e(&x))?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
+    }
+    if series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|x| e(&x))?;
+    }
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
