@@ -74,6 +74,9 @@ pub struct SimConfig {
     /// Skip the exit question on the last allowed page (its answer cannot matter; the reference
     /// asks it, so cost comparisons keep it by default).
     pub skip_last_exit: bool,
+    /// Log-probability decisions relative to a content-free version of the same question
+    /// (contextual calibration): removes the model's prior for the answer words.
+    pub calibrate: bool,
     /// Agents in flight at once.
     pub concurrency: usize,
     /// Model name sent with every request.
@@ -93,6 +96,7 @@ impl Default for SimConfig {
             retries: 2,
             faithful: false,
             skip_last_exit: false,
+            calibrate: true,
             concurrency: 16,
             model: String::new(),
         }
@@ -329,16 +333,59 @@ impl Ctx<'_, '_> {
     }
 
     /// Several choices about one conversation in one call (the backend computes the prompt
-    /// once): the most likely continuation of each group, the first on ties.
+    /// once): the most likely continuation of each group, the first on ties. With
+    /// calibration, each option's log-probability is taken relative to the same conversation
+    /// with its first message replaced by "N/A" (contextual calibration, Zhao et al. 2021):
+    /// what the agent's persona, state and memories add, without the model's prior for the
+    /// answer words.
     async fn choose_groups(
         &mut self,
         kind: &str,
         messages: Vec<ChatMessage>,
         groups: Vec<Vec<String>>,
     ) -> Result<Vec<usize>> {
+        let continuations: Vec<String> = groups.iter().flatten().cloned().collect();
+        let mut lp = self.score(kind, messages.clone(), continuations.clone()).await?;
+        if self.env.cfg.calibrate {
+            let mut neutral = messages;
+            if let Some(first) = neutral.first_mut() {
+                first.content = "N/A".into();
+            }
+            let base = self
+                .score(&format!("{kind}-neutral"), neutral, continuations)
+                .await?;
+            for (x, b) in lp.iter_mut().zip(base) {
+                *x -= b;
+            }
+        }
+        let mut best = Vec::with_capacity(groups.len());
+        let mut o = 0;
+        for g in &groups {
+            let part = lp.get(o..o + g.len()).map(<[f64]>::to_vec).unwrap_or_default();
+            o += g.len();
+            best.push(
+                rudder_client::Scores {
+                    logprobs: part,
+                    exact: true,
+                    usage: None,
+                }
+                .best()
+                .unwrap_or(0),
+            );
+        }
+        Ok(best)
+    }
+
+    /// ln p(continuation | messages) of each continuation (−∞ where the backend gives none),
+    /// journaled as one call.
+    async fn score(
+        &mut self,
+        kind: &str,
+        messages: Vec<ChatMessage>,
+        continuations: Vec<String>,
+    ) -> Result<Vec<f64>> {
         let seq = self.seq;
         self.seq += 1;
-        let continuations: Vec<String> = groups.iter().flatten().cloned().collect();
         let key = json!({"model": self.env.cfg.model, "messages": messages, "continuations": continuations});
         let hash = sha(&key);
         let rec = match self.recorded(seq, &hash)? {
@@ -347,20 +394,20 @@ impl Ctx<'_, '_> {
                 let s = self
                     .env
                     .client
-                    .continuation_logprobs(
-                        &self.env.cfg.model,
-                        messages.clone(),
-                        continuations.clone(),
-                    )
+                    .continuation_logprobs(&self.env.cfg.model, messages.clone(), continuations.clone())
                     .await?;
-                if s.logprobs.len() != continuations.len() {
-                    return Err(AgentError::Client(rudder_client::ClientError::Protocol(
-                        format!(
-                            "{} log-probabilities for {} continuations",
-                            s.logprobs.len(),
-                            continuations.len()
-                        ),
+                if !s.exact {
+                    return Err(AgentError::Input(format!(
+                        "--decisions logprob needs exact log-probabilities of whole answers; {} offers only its first token's alternatives (use the in-process model or `rudder serve`, or --decisions text)",
+                        self.env.client.describe()
                     )));
+                }
+                if s.logprobs.len() != continuations.len() {
+                    return Err(AgentError::Client(rudder_client::ClientError::Protocol(format!(
+                        "{} log-probabilities for {} continuations",
+                        s.logprobs.len(),
+                        continuations.len()
+                    ))));
                 }
                 let lp: Vec<Value> = s
                     .logprobs
@@ -371,7 +418,10 @@ impl Ctx<'_, '_> {
                     "t": "llm", "scope": self.scope, "agent": self.agent, "seq": seq,
                     "kind": kind, "hash": hash, "messages": messages,
                     "continuations": continuations, "reply": lp,
-                    "usage": {"prompt": 0, "completion": 0},
+                    "usage": {
+                        "prompt": s.usage.map_or(0, |u| u.prompt_tokens),
+                        "completion": s.usage.map_or(0, |u| u.completion_tokens),
+                    },
                 });
                 self.env.journal.append(&rec)?;
                 rec
@@ -386,23 +436,6 @@ impl Ctx<'_, '_> {
                     .collect()
             })
             .unwrap_or_default();
-        let mut best = Vec::with_capacity(groups.len());
-        let mut o = 0;
-        for g in &groups {
-            let part = lp
-                .get(o..o + g.len())
-                .map(<[f64]>::to_vec)
-                .unwrap_or_default();
-            o += g.len();
-            best.push(
-                rudder_client::Scores {
-                    logprobs: part,
-                    exact: true,
-                }
-                .best()
-                .unwrap_or(0),
-            );
-        }
         self.exchanges.push(Exchange {
             seq,
             kind: kind.into(),
@@ -410,7 +443,7 @@ impl Ctx<'_, '_> {
             continuations: Some(continuations),
             reply: rec["reply"].clone(),
         });
-        Ok(best)
+        Ok(lp)
     }
 
     /// Ask until `read` accepts the reply, at most 1 + retries times; the last reading is
@@ -618,7 +651,9 @@ async fn react(
                 align_reason: vec![String::new(); items.len()],
                 ..Default::default()
             };
-            let groups = titles
+            // one call: ALIGN yes/no for every item and a rating 1–5 for every item (used for
+            // the aligned ones), so the page is read once
+            let mut groups: Vec<Vec<String>> = titles
                 .iter()
                 .map(|t| {
                     vec![
@@ -627,25 +662,17 @@ async fn react(
                     ]
                 })
                 .collect();
-            let picks = ctx.choose_groups("align", messages.clone(), groups).await?;
-            for (p, k) in picks.into_iter().enumerate() {
-                r.align[p] = Some(k == 0);
-            }
-            let aligned: Vec<usize> = (0..items.len())
-                .filter(|&p| r.align[p] == Some(true))
-                .collect();
-            if !aligned.is_empty() {
-                let groups = aligned
-                    .iter()
-                    .map(|&p| {
-                        (1..=5)
-                            .map(|x| format!("MOVIE: {}; RATING: {x}; FEELING:", titles[p]))
-                            .collect()
-                    })
-                    .collect();
-                let picks = ctx.choose_groups("rating", messages, groups).await?;
-                for (&p, k) in aligned.iter().zip(picks) {
-                    r.ratings.push((p, k as u8 + 1, String::new()));
+            groups.extend(titles.iter().map(|t| {
+                (1..=5)
+                    .map(|x| format!("MOVIE: {t}; RATING: {x}; FEELING:"))
+                    .collect::<Vec<_>>()
+            }));
+            let picks = ctx.choose_groups("reaction", messages, groups).await?;
+            let n = items.len();
+            for p in 0..n {
+                r.align[p] = Some(picks[p] == 0);
+                if picks[p] == 0 {
+                    r.ratings.push((p, picks[n + p] as u8 + 1, String::new()));
                 }
             }
             Ok((r, true, 1))

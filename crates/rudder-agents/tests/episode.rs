@@ -149,30 +149,31 @@ impl LlmClient for Scripted {
     fn continuation_logprobs<'a>(
         &'a self,
         _model: &'a str,
-        _messages: Vec<ChatMessage>,
+        messages: Vec<ChatMessage>,
         continuations: Vec<String>,
     ) -> BoxFut<'a, rudder_client::Result<Scores>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            // prefers "yes", the highest rating, [NEXT]
+            let neutral = messages[0].content == "N/A";
+            // the model's prior: [EXIT] over [NEXT] by 2 nats whatever the agent; the agent's
+            // state adds 1.5 for [NEXT]; otherwise it prefers "yes", rating 5 and 8/10
             let lp = continuations
                 .iter()
                 .map(|c| {
-                    if c.contains("yes")
-                        || c.contains("[NEXT]")
-                        || c.contains("RATING: 5; FEELING")
-                        || c.contains("RATING: 8;")
-                    {
+                    if c.starts_with("[EXIT]") {
+                        -1.0
+                    } else if c.starts_with("[NEXT]") {
+                        if neutral { -3.0 } else { -1.5 }
+                    } else if neutral {
+                        0.0
+                    } else if c.contains("yes") || c.contains("RATING: 5; FEELING") || c.contains("RATING: 8;") {
                         -0.1
                     } else {
                         -3.0
                     }
                 })
                 .collect();
-            Ok(Scores {
-                logprobs: lp,
-                exact: true,
-            })
+            Ok(Scores { logprobs: lp, exact: true, usage: None })
         })
     }
     fn describe(&self) -> String {

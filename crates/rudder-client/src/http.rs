@@ -360,6 +360,7 @@ impl LlmClient for HttpClient {
                     ..Default::default()
                 });
                 let r = self.chat(req).await?;
+                let usage = r.usage;
                 let lp = r
                     .rudder
                     .and_then(|x| x.continuation_logprobs)
@@ -371,6 +372,7 @@ impl LlmClient for HttpClient {
                 return Ok(Scores {
                     logprobs: lp,
                     exact: true,
+                    usage,
                 });
             }
             // any other server: the first token's top alternatives
@@ -392,6 +394,7 @@ impl LlmClient for HttpClient {
             Ok(Scores {
                 logprobs: first_token_scores(&top, &continuations),
                 exact: false,
+                usage: r.usage,
             })
         })
     }

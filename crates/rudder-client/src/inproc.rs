@@ -951,9 +951,15 @@ impl LlmClient for InProcess {
             if conts.iter().any(|c| c.is_empty()) {
                 return Err(ClientError::Local("an empty continuation".into()));
             }
+            let read = (prompt.len() + conts.iter().map(Vec::len).sum::<usize>()) as u64;
             Ok(Scores {
                 logprobs: self.score_tokens(&prompt, &conts).await?,
                 exact: true,
+                usage: Some(crate::openai::Usage {
+                    prompt_tokens: read,
+                    completion_tokens: 0,
+                    total_tokens: read,
+                }),
             })
         })
     }

@@ -83,6 +83,9 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 pub struct Scores {
     pub logprobs: Vec<f64>,
     pub exact: bool,
+    /// Tokens read: the prompt (once) plus every continuation, as prompt tokens; none generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<openai::Usage>,
 }
 
 impl Scores {
@@ -563,7 +566,7 @@ impl LlmClient for Client {
                 self.backend
                     .continuation_logprobs(model, messages, continuations)
             };
-            self.cached("score", key_req, false, |_: &Scores| None, |_| {}, call)
+            self.cached("score", key_req, false, |s: &Scores| s.usage, |_| {}, call)
                 .await
         })
     }

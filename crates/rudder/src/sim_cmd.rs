@@ -67,6 +67,12 @@ pub struct Agent4recArgs {
     /// probabilities over the allowed answers; in-process or log-prob-capable servers).
     #[arg(long, default_value = "text")]
     pub decisions: String,
+    /// With --decisions logprob: each option's log-probability relative to the same question
+    /// with the agent's first message (persona, state, memories) replaced by "N/A" (contextual
+    /// calibration), which removes a small model's prior for the answer words.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[serde(default = "yes")]
+    pub calibrate: bool,
     /// simulate | discriminate (the 1:m taste test of --ratios).
     #[arg(long, default_value = "simulate")]
     pub mode: String,
@@ -181,6 +187,10 @@ fn client(
     Ok(c)
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -259,6 +269,7 @@ fn header(a: &Agent4recArgs, model: &str) -> serde_json::Value {
         "mode": a.mode, "ratios": a.ratios, "rounds": a.rounds, "seed": a.seed,
         "temperature": a.temperature, "max_tokens": a.max_tokens, "retries": a.retries,
         "faithful": a.faithful, "skip_last_exit": a.skip_last_exit, "embedder": a.embedder,
+        "calibrate": a.calibrate && a.decisions == "logprob",
     })
 }
 
@@ -397,6 +408,7 @@ fn agent4rec_run(mut a: Agent4recArgs) -> Result<()> {
         retries: a.retries,
         faithful: a.faithful,
         skip_last_exit: a.skip_last_exit,
+        calibrate: a.calibrate,
         concurrency: a.concurrency,
         model: model.clone(),
     };

@@ -1,0 +1,287 @@
+//! `rudder sim agent4rec` end to end on a generated Agent4Rec-layout folder and a tiny
+//! random-weight model: a run killed with SIGKILL and resumed ends with exactly the numbers of
+//! an uninterrupted one (the resumed part replayed from the uninterrupted run's recording), the
+//! discrimination mode, and bad input answered by name.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+
+use rudder_lm::config::Arch;
+use rudder_lm::fixtures::{TinySpec, write_hf_dir};
+
+mod common;
+use common::{fails, ok, rudder};
+
+fn world(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let n_items = 40u32;
+    let (mut train, mut valid, mut test) = (String::new(), String::new(), String::new());
+    for u in 0..6u32 {
+        let items = |off: u32| -> String {
+            (0..5)
+                .map(|k| ((u * 7 + off + k * 3) % n_items).to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        train.push_str(&format!("{u} {}\n", items(0)));
+        valid.push_str(&format!("{u} {}\n", items(1)));
+        test.push_str(&format!("{u} {}\n", items(2)));
+    }
+    std::fs::write(dir.join("train.txt"), train).unwrap();
+    std::fs::write(dir.join("valid.txt"), valid).unwrap();
+    std::fs::write(dir.join("test.txt"), test).unwrap();
+    let mut md = String::from("movie_id,title,genres,rating,summary\n");
+    for i in 0..n_items {
+        let g = ["Drama", "Comedy|Drama", "Action", "Horror"][i as usize % 4];
+        md.push_str(&format!("{i},Film {i} ({}),{g},3.5,A plot {i}.\n", 1960 + i));
+    }
+    std::fs::write(dir.join("movie_detail.csv"), md).unwrap();
+    let mut st = String::from("user_id,activity,diversity,conformity\n");
+    let mut pe = String::from("taste,reason,high_rating,low_rating\n");
+    for u in 0..6 {
+        st.push_str(&format!("{u},{},{},2\n", u % 3 + 1, (u + 1) % 3 + 1));
+        pe.push_str("I enjoy dramas.| I like comedies.,r,You are kind.,x\n");
+    }
+    std::fs::write(dir.join("user_statistic.csv"), st).unwrap();
+    std::fs::write(dir.join("personas.csv"), pe).unwrap();
+}
+
+fn model(dir: &Path) -> String {
+    let mut spec = TinySpec::new(Arch::Llama);
+    spec.context = 4096;
+    let m = dir.join("m");
+    write_hf_dir(&m, &spec).unwrap();
+    format!("inproc:{}", m.display())
+}
+
+fn args(data: &Path, llm: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "sim",
+        "agent4rec",
+        "--data",
+        data.to_str().unwrap(),
+        "--recommender",
+        "pop",
+        "--agents",
+        "4",
+        "--pages",
+        "2",
+        "--llm",
+        llm,
+        "--embedder",
+        "hash",
+        "--max-tokens",
+        "12",
+        "--retries",
+        "1",
+        "--concurrency",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run(a: &[String]) -> std::process::Output {
+    rudder(&a.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// metrics.jsonl without what depends on wall time or on the resume itself.
+fn numbers(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds_per_agent");
+            o.remove("calls_from_journal");
+            v
+        })
+        .collect()
+}
+
+fn behaviour(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("behaviour.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["pages"].clone()
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_simulation_resumes_with_exactly_the_uninterrupted_numbers() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    world(&data);
+    let llm = model(d.path());
+    let cassette = d.path().join("cassette.jsonl");
+    let c = cassette.to_str().unwrap().to_string();
+
+    // uninterrupted, recording every exchange
+    let whole = d.path().join("whole");
+    let o = run(&args(&data, &llm, &["--llm-cache", &c, "--out", whole.to_str().unwrap()]));
+    let out = ok(&o);
+    assert!(out.contains("# Agent4Rec simulation"), "{out}");
+    for f in [
+        "config.toml",
+        "metrics.json",
+        "metrics.jsonl",
+        "summary.md",
+        "behaviour.jsonl",
+        "interviews.jsonl",
+        "transcript.jsonl",
+        "feedback_train.txt",
+        "journal.jsonl",
+    ] {
+        assert!(whole.join(f).exists(), "{f}");
+    }
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["simulation"]["agents"], 4);
+    // a random-weight model writes nothing readable: recorded as such, never dropped
+    assert!(m["simulation"]["unparsed_reactions"].as_u64().unwrap() > 0);
+
+    // the same run, killed after a few exchanges
+    let cut = d.path().join("cut");
+    let a = args(&data, &llm, &["--out", cut.to_str().unwrap()]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rudder"))
+        .args(&a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let journal = cut.join("journal.jsonl");
+    let t0 = std::time::Instant::now();
+    loop {
+        let n = std::fs::read_to_string(&journal).map_or(0, |s| s.matches("\"t\":\"llm\"").count());
+        if n >= 6 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no exchange journaled");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let st = child.wait().unwrap();
+    assert_eq!(st.signal(), Some(9), "the run ended before the kill");
+    assert!(!cut.join("metrics.json").exists());
+    // a fresh run into the interrupted folder is refused
+    fails(&run(&a), "--resume");
+    // resume: what the journal holds is reused, the rest replayed from the recording
+    let o = rudder(&[
+        "sim",
+        "agent4rec",
+        "--resume",
+        cut.to_str().unwrap(),
+        "--llm-cache",
+        &c,
+        "--llm-cache-mode",
+        "replay",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(&o);
+    assert!(err.contains("resuming"), "{err}");
+    assert_eq!(numbers(&whole), numbers(&cut));
+    assert_eq!(behaviour(&whole), behaviour(&cut));
+    let count = |p: &Path| {
+        std::fs::read_to_string(p.join("journal.jsonl"))
+            .unwrap()
+            .matches("\"t\":\"llm\"")
+            .count()
+    };
+    assert_eq!(count(&whole), count(&cut), "no exchange lost or repeated");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cut.join("metrics.json")).unwrap()).unwrap();
+    assert!(m["simulation"]["calls_from_journal"].as_u64().unwrap() >= 6);
+
+    // a malformed line inside the journal is an error naming it
+    let mut text = std::fs::read_to_string(cut.join("journal.jsonl")).unwrap();
+    text.insert_str(text.find('\n').unwrap() + 1, "garbage\n");
+    std::fs::write(cut.join("journal.jsonl"), text).unwrap();
+    std::fs::remove_file(cut.join("metrics.json")).unwrap();
+    fails(
+        &rudder(&["sim", "agent4rec", "--resume", cut.to_str().unwrap()]),
+        "journal.jsonl:2: not a journal record",
+    );
+}
+
+#[test]
+fn discrimination_with_log_probabilities() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    world(&data);
+    let llm = model(d.path());
+    let out = d.path().join("disc");
+    let o = run(&args(
+        &data,
+        &llm,
+        &[
+            "--mode",
+            "discriminate",
+            "--ratios",
+            "1,3",
+            "--decisions",
+            "logprob",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let s = ok(&o);
+    assert!(s.contains("| 1:1 | 4 |") && s.contains("| 1:3 | 4 |"), "{s}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let d0 = &m["discrimination"][0];
+    assert_eq!(d0["ratio"], 1);
+    let acc = d0["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert_eq!(d0["items_per_agent"].as_f64().unwrap(), 20.0);
+    assert!(out.join("discrimination.jsonl").exists());
+}
+
+#[test]
+fn bad_input_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    world(&data);
+    let llm = "inproc:/nonexistent-model";
+    // the base arguments with some flags' values replaced or added
+    let o = |extra: &[&str]| {
+        let mut a = args(&data, llm, &[]);
+        for kv in extra.chunks(2) {
+            match a.iter().position(|x| x == kv[0]) {
+                Some(i) => a[i + 1] = kv[1].to_string(),
+                None => a.extend([kv[0].to_string(), kv[1].to_string()]),
+            }
+        }
+        a.extend(["--out".into(), d.path().join("x").to_str().unwrap().into()]);
+        run(&a)
+    };
+    let mut a = args(&data, llm, &["--out", d.path().join("y").to_str().unwrap()]);
+    let i = a.iter().position(|x| x == "pop").unwrap();
+    a[i] = "popular".into();
+    fails(&run(&a), "not pop, pop-plain, random or a `rudder cf train` run folder");
+    fails(&o(&["--agents", "99"]), "--agents 99");
+    fails(&o(&["--decisions", "vibes"]), "unknown decisions `vibes`");
+    fails(&o(&["--mode", "dream"]), "--mode \"dream\"");
+    std::fs::write(
+        data.join("personas.csv"),
+        "taste,reason,high_rating,low_rating\nI like x.,r,h,l\n",
+    )
+    .unwrap();
+    fails(&o(&[]), "personas.csv: no persona for user 1");
+    std::fs::write(
+        data.join("user_statistic.csv"),
+        "user_id,activity,diversity,conformity\n0,1,1,9\n",
+    )
+    .unwrap();
+    fails(
+        &rudder(&["sim", "agent4rec", "--resume", d.path().join("nothing").to_str().unwrap()]),
+        "is this a simulation run folder?",
+    );
+}
