@@ -198,6 +198,138 @@ pub struct Env<'a> {
     pub catalog: &'a Catalog,
     pub embedder: Arc<dyn Embedder>,
     pub progress: &'a dyn Progress,
+    /// Content-free answer priors, measured once per run when log-probability decisions are
+    /// calibrated (see [`Priors`]).
+    pub priors: std::sync::OnceLock<Priors>,
+}
+
+/// The answers each kind of log-probability decision chooses among.
+pub mod options {
+    pub fn align(t: &str) -> Vec<String> {
+        vec![
+            format!("MOVIE: {t}; ALIGN: yes"),
+            format!("MOVIE: {t}; ALIGN: no"),
+        ]
+    }
+    pub fn rating(t: &str) -> Vec<String> {
+        (1..=5)
+            .map(|x| format!("MOVIE: {t}; RATING: {x}; FEELING:"))
+            .collect()
+    }
+    pub fn exit() -> Vec<String> {
+        vec!["[EXIT]; Reason:".into(), "[NEXT]; Reason:".into()]
+    }
+    pub fn interview() -> Vec<String> {
+        (1..=10).map(|x| format!("RATING: {x};")).collect()
+    }
+    pub fn reflection() -> Vec<String> {
+        vec![
+            "satisfied with the recommendation result because".into(),
+            "unsatisfied with the recommendation result because".into(),
+        ]
+    }
+    pub fn forced(t: &str) -> Vec<String> {
+        vec![
+            format!("MOVIE: {t}; WATCH: yes"),
+            format!("MOVIE: {t}; WATCH: no"),
+        ]
+    }
+}
+
+/// Contextual calibration (Zhao et al., 2021): the log-probability of every answer of every
+/// kind of decision given a content-free version of its prompt (persona, state, memories, page
+/// and titles replaced by "N/A"), measured once per run. A calibrated decision takes the answer
+/// with the highest log-probability minus its prior, which removes a small model's preference
+/// for some answer words whatever the question (SmolLM2-135M prefers `[EXIT]` to `[NEXT]` by
+/// about 3 nats for every agent).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Priors {
+    pub align: Vec<f64>,
+    pub rating: Vec<f64>,
+    pub exit: Vec<f64>,
+    pub interview: Vec<f64>,
+    pub reflection: Vec<f64>,
+    pub forced: Vec<f64>,
+}
+
+/// Measure the priors (journaled under the scope `calibration`).
+pub async fn measure_priors(env: &Env<'_>) -> Result<Priors> {
+    let mut ctx = Ctx {
+        env,
+        scope: "calibration".into(),
+        agent: 0,
+        seq: 0,
+        usage: AgentUsage::default(),
+        exchanges: Vec::new(),
+    };
+    let na = || "N/A".to_string();
+    let page = vec![
+        ChatMessage::system("N/A"),
+        ChatMessage::user(&prompts::reaction_user_text("N/A", &[na()])),
+    ];
+    let mut both = options::align("N/A");
+    both.extend(options::rating("N/A"));
+    let lp = ctx.score("prior-reaction", page, both).await?;
+    let exit = ctx
+        .score(
+            "prior-exit",
+            vec![
+                ChatMessage::system("N/A"),
+                ChatMessage::user(prompts::EXIT_USER),
+            ],
+            options::exit(),
+        )
+        .await?;
+    let interview = ctx
+        .score(
+            "prior-interview",
+            vec![
+                ChatMessage::system("N/A"),
+                ChatMessage::user(&prompts::interview_user("N/A", &[na()])),
+            ],
+            options::interview(),
+        )
+        .await?;
+    let reflection = ctx
+        .score(
+            "prior-reflection",
+            vec![ChatMessage::user(&prompts::reflection(&[na()]))],
+            options::reflection(),
+        )
+        .await?;
+    let forced = ctx
+        .score(
+            "prior-forced",
+            vec![
+                ChatMessage::system("N/A"),
+                ChatMessage::user(&prompts::forced_user(&[na()])),
+            ],
+            options::forced("N/A"),
+        )
+        .await?;
+    let finite = |v: Vec<f64>| -> Vec<f64> {
+        v.into_iter()
+            .map(|x| if x.is_finite() { x } else { 0.0 })
+            .collect()
+    };
+    let lp = finite(lp);
+    Ok(Priors {
+        align: lp[..2].to_vec(),
+        rating: lp[2..].to_vec(),
+        exit: finite(exit),
+        interview: finite(interview),
+        reflection: finite(reflection),
+        forced: finite(forced),
+    })
+}
+
+/// Measure the priors once, when the run calibrates log-probability decisions.
+async fn ensure_priors(env: &Env<'_>) -> Result<()> {
+    if env.cfg.decisions == Decisions::Logprob && env.cfg.calibrate && env.priors.get().is_none() {
+        let p = measure_priors(env).await?;
+        let _ = env.priors.set(p);
+    }
+    Ok(())
 }
 
 /// Calls, tokens and reading failures of one agent.
@@ -320,49 +452,49 @@ impl Ctx<'_, '_> {
         Ok(text)
     }
 
-    /// The most likely of `continuations` as the assistant's reply (the first on ties).
+    /// The most likely of `continuations` as the assistant's reply (the first on ties),
+    /// calibrated by `prior` when the run calibrates.
     async fn choose(
         &mut self,
         kind: &str,
         messages: Vec<ChatMessage>,
         continuations: Vec<String>,
+        prior: fn(&Priors) -> &[f64],
     ) -> Result<usize> {
         Ok(self
-            .choose_groups(kind, messages, vec![continuations])
+            .choose_groups(kind, messages, vec![(continuations, prior)])
             .await?[0])
     }
 
     /// Several choices about one conversation in one call (the backend computes the prompt
-    /// once): the most likely continuation of each group, the first on ties. With
-    /// calibration, each option's log-probability is taken relative to the same conversation
-    /// with its first message replaced by "N/A" (contextual calibration, Zhao et al. 2021):
-    /// what the agent's persona, state and memories add, without the model's prior for the
-    /// answer words.
+    /// once): the most likely continuation of each group, the first on ties; with calibration,
+    /// each option's log-probability minus its content-free prior ([`Priors`]).
     async fn choose_groups(
         &mut self,
         kind: &str,
         messages: Vec<ChatMessage>,
-        groups: Vec<Vec<String>>,
+        groups: Vec<(Vec<String>, fn(&Priors) -> &[f64])>,
     ) -> Result<Vec<usize>> {
-        let continuations: Vec<String> = groups.iter().flatten().cloned().collect();
-        let mut lp = self.score(kind, messages.clone(), continuations.clone()).await?;
-        if self.env.cfg.calibrate {
-            let mut neutral = messages;
-            if let Some(first) = neutral.first_mut() {
-                first.content = "N/A".into();
-            }
-            let base = self
-                .score(&format!("{kind}-neutral"), neutral, continuations)
-                .await?;
-            for (x, b) in lp.iter_mut().zip(base) {
-                *x -= b;
-            }
-        }
+        let continuations: Vec<String> = groups.iter().flat_map(|g| g.0.clone()).collect();
+        let lp = self.score(kind, messages, continuations).await?;
+        let priors = if self.env.cfg.calibrate {
+            self.env.priors.get()
+        } else {
+            None
+        };
         let mut best = Vec::with_capacity(groups.len());
         let mut o = 0;
-        for g in &groups {
-            let part = lp.get(o..o + g.len()).map(<[f64]>::to_vec).unwrap_or_default();
+        for (g, prior) in &groups {
+            let mut part = lp
+                .get(o..o + g.len())
+                .map(<[f64]>::to_vec)
+                .unwrap_or_default();
             o += g.len();
+            if let Some(p) = priors {
+                for (x, b) in part.iter_mut().zip(prior(p)) {
+                    *x -= b;
+                }
+            }
             best.push(
                 rudder_client::Scores {
                     logprobs: part,
@@ -394,7 +526,11 @@ impl Ctx<'_, '_> {
                 let s = self
                     .env
                     .client
-                    .continuation_logprobs(&self.env.cfg.model, messages.clone(), continuations.clone())
+                    .continuation_logprobs(
+                        &self.env.cfg.model,
+                        messages.clone(),
+                        continuations.clone(),
+                    )
                     .await?;
                 if !s.exact {
                     return Err(AgentError::Input(format!(
@@ -403,11 +539,13 @@ impl Ctx<'_, '_> {
                     )));
                 }
                 if s.logprobs.len() != continuations.len() {
-                    return Err(AgentError::Client(rudder_client::ClientError::Protocol(format!(
-                        "{} log-probabilities for {} continuations",
-                        s.logprobs.len(),
-                        continuations.len()
-                    ))));
+                    return Err(AgentError::Client(rudder_client::ClientError::Protocol(
+                        format!(
+                            "{} log-probabilities for {} continuations",
+                            s.logprobs.len(),
+                            continuations.len()
+                        ),
+                    )));
                 }
                 let lp: Vec<Value> = s
                     .logprobs
@@ -585,14 +723,9 @@ async fn remember(
         Decisions::Text => ctx.chat("reflection", messages).await?.trim().to_string(),
         Decisions::Logprob => {
             let c = ctx
-                .choose(
-                    "reflection",
-                    messages,
-                    vec![
-                        "satisfied with the recommendation result because".into(),
-                        "unsatisfied with the recommendation result because".into(),
-                    ],
-                )
+                .choose("reflection", messages, options::reflection(), |p| {
+                    &p.reflection
+                })
                 .await?;
             format!(
                 "{} with the recommendation result.",
@@ -653,19 +786,20 @@ async fn react(
             };
             // one call: ALIGN yes/no for every item and a rating 1–5 for every item (used for
             // the aligned ones), so the page is read once
-            let mut groups: Vec<Vec<String>> = titles
+            let mut groups: Vec<(Vec<String>, fn(&Priors) -> &[f64])> = titles
                 .iter()
                 .map(|t| {
-                    vec![
-                        format!("MOVIE: {t}; ALIGN: yes"),
-                        format!("MOVIE: {t}; ALIGN: no"),
-                    ]
+                    (
+                        options::align(t),
+                        (|p: &Priors| p.align.as_slice()) as fn(&Priors) -> &[f64],
+                    )
                 })
                 .collect();
             groups.extend(titles.iter().map(|t| {
-                (1..=5)
-                    .map(|x| format!("MOVIE: {t}; RATING: {x}; FEELING:"))
-                    .collect::<Vec<_>>()
+                (
+                    options::rating(t),
+                    (|p: &Priors| p.rating.as_slice()) as fn(&Priors) -> &[f64],
+                )
             }));
             let picks = ctx.choose_groups("reaction", messages, groups).await?;
             let n = items.len();
@@ -768,11 +902,7 @@ pub async fn episode(
                 }
                 Decisions::Logprob => {
                     let c = ctx
-                        .choose(
-                            "exit",
-                            messages,
-                            vec!["[EXIT]; Reason:".into(), "[NEXT]; Reason:".into()],
-                        )
+                        .choose("exit", messages, options::exit(), |p| &p.exit)
                         .await?;
                     rec.exit = c == 0;
                 }
@@ -817,11 +947,9 @@ pub async fn episode(
         }
         Decisions::Logprob => {
             let c = ctx
-                .choose(
-                    "interview",
-                    messages,
-                    (1..=10).map(|x| format!("RATING: {x};")).collect(),
-                )
+                .choose("interview", messages, options::interview(), |p| {
+                    &p.interview
+                })
                 .await?;
             InterviewRecord {
                 rating: Some(c as u8 + 1),
@@ -944,6 +1072,7 @@ pub async fn simulate(
         ))
     })?;
     let n_items = ds.n_items();
+    ensure_priors(env).await?;
     let users: Vec<u32> = profiles.iter().map(|p| p.user).collect();
     let mut train = split.train.clone();
     let mut out = Vec::new();
@@ -1447,10 +1576,10 @@ pub async fn forced_choice(
             let groups = titles
                 .iter()
                 .map(|t| {
-                    vec![
-                        format!("MOVIE: {t}; WATCH: yes"),
-                        format!("MOVIE: {t}; WATCH: no"),
-                    ]
+                    (
+                        options::forced(t),
+                        (|p: &Priors| p.forced.as_slice()) as fn(&Priors) -> &[f64],
+                    )
                 })
                 .collect();
             let v: Vec<Option<bool>> = ctx
@@ -1481,6 +1610,7 @@ pub async fn discriminate(
     profiles: &[Profile],
     ratios: &[usize],
 ) -> Result<Vec<(DiscMetrics, Vec<ForcedRecord>)>> {
+    ensure_priors(env).await?;
     let mut out = Vec::new();
     for &m in ratios {
         let scope = format!("disc/1:{m}");

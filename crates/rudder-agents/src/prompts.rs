@@ -5,7 +5,7 @@
 
 use crate::profile::Profile;
 
-pub const VERSION: &str = "agent4rec-prompts-1";
+pub const VERSION: &str = "agent4rec-prompts-2";
 
 /// The memory queries of the reference (retrieval is by similarity to these).
 pub const QUERY_PAGE: &str =
@@ -89,6 +89,11 @@ pub fn item_line(title: &str, mean_rating: f64, summary: &str) -> String {
 
 /// P1, user part: the page and the three instructions with their line formats.
 pub fn reaction_user(page: usize, lines: &[String]) -> String {
+    reaction_user_text(&page.to_string(), lines)
+}
+
+/// [`reaction_user`] with any page label (the content-free prompt uses "N/A").
+pub fn reaction_user_text(page: &str, lines: &[String]) -> String {
     format!(
         "#### Recommended List ####\nPAGE {page}\n{}\n\
 Please respond to all the movies in the ## Recommended List ## and provide explanations.\n\
@@ -131,20 +136,23 @@ Beyond that, your movie tastes are: {}.\n{DEFINITIONS}",
         diversity_text(p.diversity),
         p.taste_text()
     );
+    (system, interview_user(&p.user.to_string(), memories))
+}
+
+/// P3, user part (the content-free prompt uses "N/A" for the user and the memories).
+pub fn interview_user(who: &str, memories: &[String]) -> String {
     let mut mem = String::new();
     for m in memories {
         mem.push_str("- ");
         mem.push_str(m);
         mem.push('\n');
     }
-    let user = format!(
-        "Relevant context from user {}'s memory:\n{mem}\
-Act as user {} and assume you are being interviewed. Respond to: Are you satisfied with the recommendation system you just used? Rate it from 1 to 10 and explain why.\n\
+    format!(
+        "Relevant context from user {who}'s memory:\n{mem}\
+Act as user {who} and assume you are being interviewed. Respond to: Are you satisfied with the recommendation system you just used? Rate it from 1 to 10 and explain why.\n\
 Answer in this format:\nRATING: [integer between 1 and 10]; REASON: [explanation];\n\
-Put only the number in RATING.",
-        p.user, p.user
-    );
-    (system, user)
+Put only the number in RATING."
+    )
 }
 
 /// P4: the satisfaction reflection (one user message).
@@ -164,14 +172,18 @@ pub fn forced_messages(p: &Profile, lines: &[String]) -> (String, String) {
         "Assume you are a user browsing a movie recommendation system who has the following characteristics: Your movie tastes are: {}.",
         p.taste_text()
     );
-    let user = format!(
+    (system, forced_user(lines))
+}
+
+/// P5, user part.
+pub fn forced_user(lines: &[String]) -> String {
+    format!(
         "##recommended list##\n{}\n\
 Choose the movies you want to watch from the list and explain why. You only watch movies that align with your taste.\n\
 Answer one line per movie in this format:\nMOVIE: [movie name]; WATCH: [yes or no]; REASON: [brief reason]\n\
 Judge every movie in the list and write nothing else.",
         lines.join("\n")
-    );
-    (system, user)
+    )
 }
 
 /// P6: persona generation from a rating history (`by_rating[k]` = titles rated k+1).

@@ -107,6 +107,8 @@ fn reply_for(req: &ChatRequest) -> String {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    } else if user.contains("Given a user's rating history") {
+        "TASTE: I enjoy dramas.\nREASON: many fives\n**TASTE:** I like comedies\nREASON: r\nHIGH RATINGS: dramas\nLOW RATINGS: horror".into()
     } else if user.contains("satisfied") {
         "satisfied with the recommendation result because it fits".into()
     } else {
@@ -166,14 +168,21 @@ impl LlmClient for Scripted {
                         if neutral { -3.0 } else { -1.5 }
                     } else if neutral {
                         0.0
-                    } else if c.contains("yes") || c.contains("RATING: 5; FEELING") || c.contains("RATING: 8;") {
+                    } else if c.contains("yes")
+                        || c.contains("RATING: 5; FEELING")
+                        || c.contains("RATING: 8;")
+                    {
                         -0.1
                     } else {
                         -3.0
                     }
                 })
                 .collect();
-            Ok(Scores { logprobs: lp, exact: true, usage: None })
+            Ok(Scores {
+                logprobs: lp,
+                exact: true,
+                usage: None,
+            })
         })
     }
     fn describe(&self) -> String {
@@ -202,6 +211,7 @@ async fn run(
         catalog: &cat,
         embedder: Arc::new(HashEmbedder { dim: 512 }),
         progress: &NoProgress,
+        priors: Default::default(),
     };
     let profiles = agent4rec::profiles(ds, cfg.agents)?;
     agent4rec::simulate(
@@ -415,6 +425,7 @@ async fn log_probability_decisions_and_discrimination() {
         catalog: &cat,
         embedder: Arc::new(HashEmbedder { dim: 64 }),
         progress: &NoProgress,
+        priors: Default::default(),
     };
     let profiles = agent4rec::profiles(&ds, 6).unwrap();
     let d = agent4rec::discriminate(&env, &ds, &profiles, &[1, 3])
@@ -453,4 +464,91 @@ fn bad_profiles_are_named() {
     assert!(e.contains("no persona for user 1"), "{e}");
     let e = agent4rec::profiles(&ds, 99).unwrap_err().to_string();
     assert!(e.contains("--agents 99"), "{e}");
+}
+
+#[tokio::test]
+async fn personas_from_rating_histories() {
+    use rudder_data::{Dataset, IdMap, Interaction, Interactions, Table};
+    let mut users = IdMap::new();
+    let mut items = IdMap::new();
+    for u in 0..2 {
+        users.insert(&format!("u{u}"));
+    }
+    let mut titles = Vec::new();
+    for i in 0..12 {
+        items.insert(&format!("i{i}"));
+        titles.push(format!("Title {i}"));
+    }
+    let list: Vec<Interaction> = (0..12u32)
+        .map(|i| Interaction {
+            user: i % 2,
+            item: i,
+            rating: Some((i % 5 + 1) as f32),
+            timestamp: None,
+        })
+        .collect();
+    let inter = Interactions::from_interactions(2, 12, &list);
+    let ds = Dataset {
+        name: "tiny".into(),
+        users,
+        items,
+        user_table: Table::default(),
+        item_table: Table {
+            title: Some(titles),
+            ..Default::default()
+        },
+        interactions: inter,
+        split: None,
+    };
+    let h = agent4rec::rating_history(&ds, 0, 1, 5).unwrap();
+    // user 0 rated items 0,2,4,6,8,10 with 1,3,5,2,4,1: at most one title per value
+    assert_eq!(
+        h.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![1, 1, 1, 1, 1]
+    );
+    let h = agent4rec::rating_history(&ds, 0, 100, 5).unwrap();
+    assert_eq!(h[0].len(), 2, "two 1-star titles");
+    let tmp = tempfile::tempdir().unwrap();
+    let j = Journal::open(
+        &tmp.path().join("p.jsonl"),
+        &serde_json::json!({"t": "p"}),
+        false,
+    )
+    .unwrap();
+    let client = Scripted {
+        calls: AtomicUsize::new(0),
+        fail_after: usize::MAX,
+    };
+    let cat = Catalog::from_dataset(&ds).unwrap();
+    let c = cfg();
+    let env = Env {
+        client: &client,
+        journal: &j,
+        cfg: &c,
+        catalog: &cat,
+        embedder: Arc::new(HashEmbedder { dim: 8 }),
+        progress: &NoProgress,
+        priors: Default::default(),
+    };
+    let r = agent4rec::personas(&env, &ds, &[0, 1], 100).await.unwrap();
+    let rows: Vec<(u32, rudder_agents::parse::Persona)> =
+        r.into_iter().map(|(u, x)| (u, x.unwrap().0)).collect();
+    assert_eq!(
+        rows[0].1.taste,
+        vec!["I enjoy dramas.".to_string(), "I like comedies".to_string()]
+    );
+    let csv = agent4rec::personas_csv(&rows);
+    assert!(
+        csv.starts_with(
+            "taste,reason,high_rating,low_rating\n\"I enjoy dramas.| I like comedies\""
+        ),
+        "{csv}"
+    );
+    // a dataset without ratings is refused by name
+    let mut no = ds.clone();
+    no.interactions = Interactions::from_lists(12, &[vec![0], vec![1]]);
+    let e = agent4rec::rating_history(&no, 0, 5, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no ratings"), "{e}");
 }

@@ -425,6 +425,7 @@ fn agent4rec_run(mut a: Agent4recArgs) -> Result<()> {
         catalog: &catalog,
         embedder: emb.clone(),
         progress: &bar,
+        priors: Default::default(),
     };
     let rt = runtime()?;
     let t0 = std::time::Instant::now();
@@ -550,6 +551,19 @@ fn agent4rec_run(mut a: Agent4recArgs) -> Result<()> {
             serde_json::from_str(&format!("[{}]", lines.trim_end().replace('\n', ",")))?;
         metrics["simulation"] = serde_json::to_value(&last.metrics)?;
         sim_plots(&out, &rounds);
+    }
+    if let Some(p) = env.priors.get() {
+        metrics["priors"] = serde_json::to_value(p)?;
+        let f = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        summary.push_str(&format!(
+            "\nCalibration (content-free log-probabilities subtracted from every decision): ALIGN yes/no [{}], EXIT/NEXT [{}], rating 1–5 [{}], interview 1–10 [{}].\n",
+            f(&p.align), f(&p.exit), f(&p.rating), f(&p.interview)
+        ));
     }
     let usage = client.report();
     metrics["llm"] = serde_json::to_value(&usage)?;
@@ -758,6 +772,7 @@ fn personas(p: PersonaArgs) -> Result<()> {
         catalog: &catalog,
         embedder: Arc::new(HashEmbedder { dim: 8 }),
         progress: &bar,
+        priors: Default::default(),
     };
     let users: Vec<u32> = (0..p.users as u32).collect();
     let res = runtime()?.block_on(agent4rec::personas(&env, &ds, &users, p.per_rating))?;

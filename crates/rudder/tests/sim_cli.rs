@@ -33,7 +33,10 @@ fn world(dir: &Path) {
     let mut md = String::from("movie_id,title,genres,rating,summary\n");
     for i in 0..n_items {
         let g = ["Drama", "Comedy|Drama", "Action", "Horror"][i as usize % 4];
-        md.push_str(&format!("{i},Film {i} ({}),{g},3.5,A plot {i}.\n", 1960 + i));
+        md.push_str(&format!(
+            "{i},Film {i} ({}),{g},3.5,A plot {i}.\n",
+            1960 + i
+        ));
     }
     std::fs::write(dir.join("movie_detail.csv"), md).unwrap();
     let mut st = String::from("user_id,activity,diversity,conformity\n");
@@ -125,7 +128,11 @@ fn a_killed_simulation_resumes_with_exactly_the_uninterrupted_numbers() {
 
     // uninterrupted, recording every exchange
     let whole = d.path().join("whole");
-    let o = run(&args(&data, &llm, &["--llm-cache", &c, "--out", whole.to_str().unwrap()]));
+    let o = run(&args(
+        &data,
+        &llm,
+        &["--llm-cache", &c, "--out", whole.to_str().unwrap()],
+    ));
     let out = ok(&o);
     assert!(out.contains("# Agent4Rec simulation"), "{out}");
     for f in [
@@ -233,7 +240,10 @@ fn discrimination_with_log_probabilities() {
         ],
     ));
     let s = ok(&o);
-    assert!(s.contains("| 1:1 | 4 |") && s.contains("| 1:3 | 4 |"), "{s}");
+    assert!(
+        s.contains("| 1:1 | 4 |") && s.contains("| 1:3 | 4 |"),
+        "{s}"
+    );
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     let d0 = &m["discrimination"][0];
@@ -265,7 +275,10 @@ fn bad_input_is_named() {
     let mut a = args(&data, llm, &["--out", d.path().join("y").to_str().unwrap()]);
     let i = a.iter().position(|x| x == "pop").unwrap();
     a[i] = "popular".into();
-    fails(&run(&a), "not pop, pop-plain, random or a `rudder cf train` run folder");
+    fails(
+        &run(&a),
+        "not pop, pop-plain, random or a `rudder cf train` run folder",
+    );
     fails(&o(&["--agents", "99"]), "--agents 99");
     fails(&o(&["--decisions", "vibes"]), "unknown decisions `vibes`");
     fails(&o(&["--mode", "dream"]), "--mode \"dream\"");
@@ -281,7 +294,12 @@ fn bad_input_is_named() {
     )
     .unwrap();
     fails(
-        &rudder(&["sim", "agent4rec", "--resume", d.path().join("nothing").to_str().unwrap()]),
+        &rudder(&[
+            "sim",
+            "agent4rec",
+            "--resume",
+            d.path().join("nothing").to_str().unwrap(),
+        ]),
         "is this a simulation run folder?",
     );
 }
