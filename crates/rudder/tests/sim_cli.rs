@@ -303,3 +303,119 @@ fn bad_input_is_named() {
         "is this a simulation run folder?",
     );
 }
+
+#[test]
+fn a_cf_run_in_the_loop_is_retrained_between_rounds() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    world(&data);
+    let llm = model(d.path());
+    let run = d.path().join("mf");
+    ok(&rudder(&[
+        "cf",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        "mf",
+        "--dim",
+        "8",
+        "--epochs",
+        "3",
+        "--eval-every",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]));
+    let out = d.path().join("bubble");
+    let mut a = args(
+        &data,
+        &llm,
+        &[
+            "--rounds",
+            "2",
+            "--decisions",
+            "logprob",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let i = a.iter().position(|x| x == "pop").unwrap();
+    a[i] = run.to_str().unwrap().to_string();
+    let i = a.iter().position(|x| x == "--agents").unwrap();
+    a[i + 1] = "2".into();
+    let s = ok(&run(&a));
+    assert!(s.contains("| 0 |") && s.contains("| 1 |"), "{s}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    // round 1 trained on train + every item aligned in round 0 that was not in train
+    let aligned: usize = std::fs::read_to_string(out.join("behaviour_r0.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["pages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["aligned"].as_array().unwrap().len())
+                .sum::<usize>()
+        })
+        .sum();
+    let t0 = lines[0]["train_size"].as_u64().unwrap() as usize;
+    let t1 = lines[1]["train_size"].as_u64().unwrap() as usize;
+    assert_eq!(
+        t1,
+        t0 + aligned,
+        "aligned items are never in train (train is masked)"
+    );
+    let fb = std::fs::read_to_string(out.join("feedback_train_r0.txt")).unwrap();
+    assert_eq!(
+        fb.split_whitespace().count() - fb.lines().count(),
+        t1,
+        "the feedback file is the next round's train"
+    );
+    assert!(out.join("rounds_diversity.png").exists() || !out.join("ratings.png").exists());
+
+    // a run trained on another item set is refused by name
+    let other = d.path().join("other");
+    world(&other);
+    let md = std::fs::read_to_string(other.join("movie_detail.csv")).unwrap();
+    std::fs::write(
+        other.join("movie_detail.csv"),
+        format!("{md}40,Extra (2001),Drama,3.0,x\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        other.join("train.txt"),
+        "0 40 1 2\n1 3 4\n2 5\n3 6\n4 7\n5 8\n",
+    )
+    .unwrap();
+    let run2 = d.path().join("mf2");
+    ok(&rudder(&[
+        "cf",
+        "train",
+        "--data",
+        other.to_str().unwrap(),
+        "--model",
+        "mf",
+        "--dim",
+        "8",
+        "--epochs",
+        "1",
+        "--out",
+        run2.to_str().unwrap(),
+    ]));
+    let mut a = args(
+        &data,
+        &llm,
+        &["--out", d.path().join("z").to_str().unwrap()],
+    );
+    let i = a.iter().position(|x| x == "pop").unwrap();
+    a[i] = run2.to_str().unwrap().to_string();
+    fails(&run(&a), "the run was trained on another item set");
+}
