@@ -994,27 +994,74 @@ pub fn profiles(ds: &Dataset, n: usize) -> Result<Vec<Profile>> {
         .collect()
 }
 
-/// Run agents concurrently (bounded); results in user order, failures isolated.
-async fn run_agents<'x, F, Fut, T>(
+/// What one agent's work reports to the progress bar.
+trait Spent {
+    fn tokens(&self) -> u64;
+}
+impl Spent for Episode {
+    fn tokens(&self) -> u64 {
+        self.usage.prompt_tokens + self.usage.completion_tokens
+    }
+}
+impl Spent for ForcedRecord {
+    fn tokens(&self) -> u64 {
+        self.usage.prompt_tokens + self.usage.completion_tokens
+    }
+}
+impl Spent for PersonaRecord {
+    fn tokens(&self) -> u64 {
+        self.tokens
+    }
+}
+
+/// Run `f(k)` for the agents `users[k]` concurrently (at most `concurrency` at once); results
+/// in user order. A failing agent is isolated: its error is journaled (step `failed`) and
+/// returned beside the others. A journal or file error stops the run (resuming cannot be
+/// trusted past it).
+async fn run_agents<F, Fut, T>(
     env: &Env<'_>,
-    users: Vec<u32>,
+    scope: &str,
+    users: &[u32],
     f: F,
-) -> Vec<(u32, std::result::Result<T, String>)>
+) -> Result<(Vec<T>, Vec<(u32, String)>)>
 where
-    F: Fn(u32) -> Fut,
+    F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
+    T: Spent,
 {
     let conc = env.cfg.concurrency.max(1);
-    let mut out: Vec<(u32, std::result::Result<T, String>)> = futures_util::stream::iter(users)
-        .map(|u| {
-            let fut = f(u);
-            async move { (u, fut.await.map_err(|e| e.to_string())) }
+    let mut res: Vec<(usize, Result<T>)> = futures_util::stream::iter(0..users.len())
+        .map(|k| {
+            let fut = f(k);
+            async move {
+                let r = fut.await;
+                env.progress.agent_done(
+                    users[k],
+                    r.as_ref().map(Spent::tokens).unwrap_or(0),
+                    r.is_err(),
+                );
+                (k, r)
+            }
         })
         .buffer_unordered(conc)
         .collect()
         .await;
-    out.sort_by_key(|x| x.0);
-    out
+    res.sort_by_key(|x| x.0);
+    let mut ok = Vec::with_capacity(res.len());
+    let mut failed = Vec::new();
+    for (k, r) in res {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e @ (AgentError::Journal { .. } | AgentError::Io { .. })) => return Err(e),
+            Err(e) => {
+                let e = e.to_string();
+                env.journal
+                    .step(scope, users[k], "failed", json!({"error": e}))?;
+                failed.push((users[k], e));
+            }
+        }
+    }
+    Ok((ok, failed))
 }
 
 /// The recommender in the loop.
@@ -1119,39 +1166,12 @@ pub async fn simulate(
             .iter()
             .map(|&u| split.valid.items(u).iter().copied().collect())
             .collect();
-        let results = run_agents(env, (0..users.len() as u32).collect(), |k| {
-            let k = k as usize;
+        let (episodes, failures) = run_agents(env, &scope, &users, |k| {
             let scope = scope.clone();
             let (p, r, h) = (&profiles[k], &ranks[k], &held[k]);
-            async move {
-                let ep = episode(env, &scope, p, r, h).await;
-                env.progress.agent_done(
-                    p.user,
-                    ep.as_ref()
-                        .map(|e| e.usage.prompt_tokens + e.usage.completion_tokens)
-                        .unwrap_or(0),
-                    ep.is_err(),
-                );
-                ep
-            }
+            async move { episode(env, &scope, p, r, h).await }
         })
-        .await;
-        let mut episodes = Vec::new();
-        let mut failures = Vec::new();
-        for (k, r) in results {
-            match r {
-                Ok(e) => episodes.push(e),
-                Err(e) => {
-                    let u = users[k as usize];
-                    // a failure of the journal or of a resumed request is the run's, not the agent's
-                    if e.contains("journal") || e.contains("recorded request differs") {
-                        return Err(AgentError::Input(e));
-                    }
-                    env.journal.step(&scope, u, "failed", json!({"error": e}))?;
-                    failures.push((u, e));
-                }
-            }
-        }
+        .await?;
         let train_size = train.len();
         let metrics = SimMetrics::compute(
             &episodes,
@@ -1618,43 +1638,15 @@ pub async fn discriminate(
         for p in profiles {
             cands.push(forced_candidates(ds, p.user, m, env.cfg.seed)?);
         }
-        let results = run_agents(env, (0..profiles.len() as u32).collect(), |k| {
-            let k = k as usize;
+        let users: Vec<u32> = profiles.iter().map(|p| p.user).collect();
+        let (recs, failures) = run_agents(env, &scope, &users, |k| {
             let scope = scope.clone();
             let (items, truth) = cands[k].clone();
             let p = &profiles[k];
-            async move {
-                let r = forced_choice(env, &scope, p, items, truth).await;
-                env.progress.agent_done(
-                    p.user,
-                    r.as_ref()
-                        .map(|r| r.usage.prompt_tokens + r.usage.completion_tokens)
-                        .unwrap_or(0),
-                    r.is_err(),
-                );
-                r
-            }
+            async move { forced_choice(env, &scope, p, items, truth).await }
         })
-        .await;
-        let mut recs = Vec::new();
-        let mut failed = 0;
-        for (k, r) in results {
-            match r {
-                Ok(r) => recs.push(r),
-                Err(e) => {
-                    if e.contains("journal") || e.contains("recorded request differs") {
-                        return Err(AgentError::Input(e));
-                    }
-                    failed += 1;
-                    env.journal.step(
-                        &scope,
-                        profiles[k as usize].user,
-                        "failed",
-                        json!({"error": e}),
-                    )?;
-                }
-            }
-        }
+        .await?;
+        let failed = failures.len();
         out.push((DiscMetrics::compute(m, &recs, failed), recs));
     }
     Ok(out)
@@ -1770,14 +1762,14 @@ pub async fn personas(
     ds: &Dataset,
     users: &[u32],
     per_rating: usize,
-) -> Result<Vec<(u32, std::result::Result<(parse::Persona, bool), String>)>> {
+) -> Result<(Vec<PersonaRecord>, Vec<(u32, String)>)> {
     let mut hist = Vec::with_capacity(users.len());
     for &u in users {
         hist.push(rating_history(ds, u, per_rating, env.cfg.seed)?);
     }
-    let res = run_agents(env, (0..users.len() as u32).collect(), |k| {
-        let h = &hist[k as usize];
-        let u = users[k as usize];
+    run_agents(env, "persona", users, |k| {
+        let h = &hist[k];
+        let u = users[k];
         async move {
             let mut ctx = Ctx {
                 env,
@@ -1790,36 +1782,46 @@ pub async fn personas(
             let (system, user) = prompts::persona_messages(h);
             // the reference sends the user message first
             let messages = vec![ChatMessage::user(&user), ChatMessage::system(&system)];
-            let (p, ok, _, _) = ctx
+            let (persona, read, _, _) = ctx
                 .ask("persona", messages, |text| {
                     let p = parse::persona(text);
                     let ok = !p.taste.is_empty();
                     (p, ok)
                 })
                 .await?;
-            env.journal
-                .step("persona", u, "done", json!({"persona": p, "read": ok}))?;
-            env.progress.agent_done(
+            env.journal.step(
+                "persona",
                 u,
-                ctx.usage.prompt_tokens + ctx.usage.completion_tokens,
-                false,
-            );
-            Ok((p, ok))
+                "done",
+                json!({"persona": persona, "read": read}),
+            )?;
+            Ok(PersonaRecord {
+                user: u,
+                persona,
+                read,
+                tokens: ctx.usage.prompt_tokens + ctx.usage.completion_tokens,
+            })
         }
     })
-    .await;
-    Ok(res
-        .into_iter()
-        .map(|(k, r)| (users[k as usize], r))
-        .collect())
+    .await
+}
+
+/// One generated persona.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersonaRecord {
+    pub user: u32,
+    pub persona: parse::Persona,
+    /// A TASTE line was readable (after the retries).
+    pub read: bool,
+    pub tokens: u64,
 }
 
 /// `personas.csv` in Agent4Rec's layout (`taste,reason,high_rating,low_rating`, lists joined
 /// with `"| "`, row k = the k-th user given).
-pub fn personas_csv(rows: &[(u32, parse::Persona)]) -> String {
+pub fn personas_csv(rows: &[PersonaRecord]) -> String {
     let q = |v: &[String]| format!("\"{}\"", v.join("| ").replace('"', "\"\""));
     let mut s = String::from("taste,reason,high_rating,low_rating\n");
-    for (_, p) in rows {
+    for p in rows.iter().map(|r| &r.persona) {
         s.push_str(&format!(
             "{},{},{},{}\n",
             q(&p.taste),

@@ -13,6 +13,7 @@
 //!   with retraining (filter bubble), metrics.
 
 pub mod agent4rec;
+pub mod fixtures;
 pub mod journal;
 pub mod memory;
 pub mod pages;

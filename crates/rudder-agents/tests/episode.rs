@@ -14,42 +14,7 @@ use rudder_client::{BoxFut, ChatMessage, ChatRequest, ClientError, LlmClient, Sc
 
 /// Writes an Agent4Rec-layout folder: 6 users, 40 movies.
 fn world(dir: &std::path::Path) {
-    let n_items = 40;
-    let mut train = String::new();
-    let mut valid = String::new();
-    let mut test = String::new();
-    for u in 0..6u32 {
-        let items = |off: u32| -> String {
-            (0..5)
-                .map(|k| ((u * 7 + off + k * 3) % n_items).to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        train.push_str(&format!("{u} {}\n", items(0)));
-        valid.push_str(&format!("{u} {}\n", items(1)));
-        test.push_str(&format!("{u} {}\n", items(2)));
-    }
-    std::fs::write(dir.join("train.txt"), train).unwrap();
-    std::fs::write(dir.join("valid.txt"), valid).unwrap();
-    std::fs::write(dir.join("test.txt"), test).unwrap();
-    let mut md = String::from("movie_id,title,genres,rating,summary\n");
-    for i in 0..n_items {
-        let g = ["Drama", "Comedy|Drama", "Action", "Horror|Thriller"][i as usize % 4];
-        md.push_str(&format!(
-            "{i},Movie {i} ({}),{g},{:.2},A story number {i}.\n",
-            1950 + i,
-            2.5 + (i % 5) as f64 * 0.5
-        ));
-    }
-    std::fs::write(dir.join("movie_detail.csv"), md).unwrap();
-    let mut st = String::from("user_id,activity,diversity,conformity\n");
-    let mut pe = String::from("taste,reason,high_rating,low_rating\n");
-    for u in 0..6 {
-        st.push_str(&format!("{u},{},{},{}\n", u % 3 + 1, (u + 1) % 3 + 1, 2));
-        pe.push_str(" I enjoy dramas.|  I like comedies.,r,You are generous.,x\n");
-    }
-    std::fs::write(dir.join("user_statistic.csv"), st).unwrap();
-    std::fs::write(dir.join("personas.csv"), pe).unwrap();
+    rudder_agents::fixtures::write_world(dir).unwrap();
 }
 
 /// Replies from the prompt: likes even-numbered movies (rating 5 for those divisible by 4,
@@ -530,11 +495,11 @@ async fn personas_from_rating_histories() {
         progress: &NoProgress,
         priors: Default::default(),
     };
-    let r = agent4rec::personas(&env, &ds, &[0, 1], 100).await.unwrap();
-    let rows: Vec<(u32, rudder_agents::parse::Persona)> =
-        r.into_iter().map(|(u, x)| (u, x.unwrap().0)).collect();
+    let (rows, failed) = agent4rec::personas(&env, &ds, &[0, 1], 100).await.unwrap();
+    assert!(failed.is_empty());
+    assert!(rows.iter().all(|r| r.read));
     assert_eq!(
-        rows[0].1.taste,
+        rows[0].persona.taste,
         vec!["I enjoy dramas.".to_string(), "I like comedies".to_string()]
     );
     let csv = agent4rec::personas_csv(&rows);

@@ -775,24 +775,19 @@ fn personas(p: PersonaArgs) -> Result<()> {
         priors: Default::default(),
     };
     let users: Vec<u32> = (0..p.users as u32).collect();
-    let res = runtime()?.block_on(agent4rec::personas(&env, &ds, &users, p.per_rating))?;
+    let (rows, failed) =
+        runtime()?.block_on(agent4rec::personas(&env, &ds, &users, p.per_rating))?;
     bar.pb.finish_and_clear();
-    let mut rows = Vec::new();
-    let (mut unread, mut failed) = (0, Vec::new());
-    for (u, r) in res {
-        match r {
-            Ok((persona, ok)) => {
-                unread += usize::from(!ok);
-                rows.push((u, persona));
-            }
-            Err(e) => failed.push(format!("user {u}: {e}")),
-        }
-    }
+    let unread = rows.iter().filter(|r| !r.read).count();
     if !failed.is_empty() {
+        let f: Vec<String> = failed
+            .iter()
+            .map(|(u, e)| format!("user {u}: {e}"))
+            .collect();
         bail!(
             "{} personas failed (the journal keeps the others; run again to resume): {}",
-            failed.len(),
-            failed.join("; ")
+            f.len(),
+            f.join("; ")
         );
     }
     write_bytes_atomic(
@@ -800,7 +795,7 @@ fn personas(p: PersonaArgs) -> Result<()> {
         agent4rec::personas_csv(&rows).as_bytes(),
     )?;
     let mean_taste =
-        rows.iter().map(|r| r.1.taste.len()).sum::<usize>() as f64 / rows.len().max(1) as f64;
+        rows.iter().map(|r| r.persona.taste.len()).sum::<usize>() as f64 / rows.len().max(1) as f64;
     let md = format!(
         "# Personas\n\n{} users of `{}` through `{model}` ({}): {:.1} TASTE lines per persona, {} with no readable TASTE after the retries.\n\n{}\n",
         rows.len(),

@@ -12,41 +12,8 @@ use rudder_lm::fixtures::{TinySpec, write_hf_dir};
 mod common;
 use common::{fails, ok, rudder};
 
-fn world(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let n_items = 40u32;
-    let (mut train, mut valid, mut test) = (String::new(), String::new(), String::new());
-    for u in 0..6u32 {
-        let items = |off: u32| -> String {
-            (0..5)
-                .map(|k| ((u * 7 + off + k * 3) % n_items).to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        train.push_str(&format!("{u} {}\n", items(0)));
-        valid.push_str(&format!("{u} {}\n", items(1)));
-        test.push_str(&format!("{u} {}\n", items(2)));
-    }
-    std::fs::write(dir.join("train.txt"), train).unwrap();
-    std::fs::write(dir.join("valid.txt"), valid).unwrap();
-    std::fs::write(dir.join("test.txt"), test).unwrap();
-    let mut md = String::from("movie_id,title,genres,rating,summary\n");
-    for i in 0..n_items {
-        let g = ["Drama", "Comedy|Drama", "Action", "Horror"][i as usize % 4];
-        md.push_str(&format!(
-            "{i},Film {i} ({}),{g},3.5,A plot {i}.\n",
-            1960 + i
-        ));
-    }
-    std::fs::write(dir.join("movie_detail.csv"), md).unwrap();
-    let mut st = String::from("user_id,activity,diversity,conformity\n");
-    let mut pe = String::from("taste,reason,high_rating,low_rating\n");
-    for u in 0..6 {
-        st.push_str(&format!("{u},{},{},2\n", u % 3 + 1, (u + 1) % 3 + 1));
-        pe.push_str("I enjoy dramas.| I like comedies.,r,You are kind.,x\n");
-    }
-    std::fs::write(dir.join("user_statistic.csv"), st).unwrap();
-    std::fs::write(dir.join("personas.csv"), pe).unwrap();
+fn world(dir: &std::path::Path) {
+    rudder_agents::fixtures::write_world(dir).unwrap();
 }
 
 fn model(dir: &Path) -> String {
@@ -310,7 +277,7 @@ fn a_cf_run_in_the_loop_is_retrained_between_rounds() {
     let data = d.path().join("data");
     world(&data);
     let llm = model(d.path());
-    let run = d.path().join("mf");
+    let cf_run = d.path().join("mf");
     ok(&rudder(&[
         "cf",
         "train",
@@ -325,7 +292,7 @@ fn a_cf_run_in_the_loop_is_retrained_between_rounds() {
         "--eval-every",
         "1",
         "--out",
-        run.to_str().unwrap(),
+        cf_run.to_str().unwrap(),
     ]));
     let out = d.path().join("bubble");
     let mut a = args(
@@ -341,7 +308,7 @@ fn a_cf_run_in_the_loop_is_retrained_between_rounds() {
         ],
     );
     let i = a.iter().position(|x| x == "pop").unwrap();
-    a[i] = run.to_str().unwrap().to_string();
+    a[i] = cf_run.to_str().unwrap().to_string();
     let i = a.iter().position(|x| x == "--agents").unwrap();
     a[i + 1] = "2".into();
     let s = ok(&run(&a));
