@@ -16,6 +16,16 @@ pub struct SeqScore {
     pub token_logprobs: Vec<f32>,
 }
 
+impl SeqScore {
+    /// From per-token log-probabilities (summed in f64).
+    pub fn new(token_logprobs: Vec<f32>) -> Self {
+        SeqScore {
+            sum_logprob: token_logprobs.iter().map(|&x| x as f64).sum(),
+            token_logprobs,
+        }
+    }
+}
+
 /// Per-token log-probabilities of each continuation, as one flat tensor `[Σ len(cont)]` in row
 /// order (differentiable when the decoder is).
 pub fn continuation_logprobs(
@@ -159,12 +169,8 @@ pub fn score(
         let lp = continuation_logprobs(dec, chunk, pad_id, hook)?.to_vec1::<f32>()?;
         let mut o = 0;
         for (_, c) in chunk {
-            let v = lp[o..o + c.len()].to_vec();
+            out.push(SeqScore::new(lp[o..o + c.len()].to_vec()));
             o += c.len();
-            out.push(SeqScore {
-                sum_logprob: v.iter().map(|&x| x as f64).sum(),
-                token_logprobs: v,
-            });
         }
     }
     Ok(out)
@@ -208,12 +214,8 @@ pub fn score_shared(
         let mut o = 0;
         for &k in idx {
             let n = pairs[k].1.len();
-            let v = lp[o..o + n].to_vec();
+            out[k] = Some(SeqScore::new(lp[o..o + n].to_vec()));
             o += n;
-            out[k] = Some(SeqScore {
-                sum_logprob: v.iter().map(|&x| x as f64).sum(),
-                token_logprobs: v,
-            });
         }
     }
     if !singles.is_empty() {
