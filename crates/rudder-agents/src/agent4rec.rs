@@ -252,6 +252,9 @@ pub struct Priors {
     pub forced: Vec<f64>,
 }
 
+/// Which prior a group of answers is calibrated by.
+type PriorOf = fn(&Priors) -> &[f64];
+
 /// Measure the priors (journaled under the scope `calibration`).
 pub async fn measure_priors(env: &Env<'_>) -> Result<Priors> {
     let mut ctx = Ctx {
@@ -459,7 +462,7 @@ impl Ctx<'_, '_> {
         kind: &str,
         messages: Vec<ChatMessage>,
         continuations: Vec<String>,
-        prior: fn(&Priors) -> &[f64],
+        prior: PriorOf,
     ) -> Result<usize> {
         Ok(self
             .choose_groups(kind, messages, vec![(continuations, prior)])
@@ -473,7 +476,7 @@ impl Ctx<'_, '_> {
         &mut self,
         kind: &str,
         messages: Vec<ChatMessage>,
-        groups: Vec<(Vec<String>, fn(&Priors) -> &[f64])>,
+        groups: Vec<(Vec<String>, PriorOf)>,
     ) -> Result<Vec<usize>> {
         let continuations: Vec<String> = groups.iter().flat_map(|g| g.0.clone()).collect();
         let lp = self.score(kind, messages, continuations).await?;
@@ -786,19 +789,19 @@ async fn react(
             };
             // one call: ALIGN yes/no for every item and a rating 1–5 for every item (used for
             // the aligned ones), so the page is read once
-            let mut groups: Vec<(Vec<String>, fn(&Priors) -> &[f64])> = titles
+            let mut groups: Vec<(Vec<String>, PriorOf)> = titles
                 .iter()
                 .map(|t| {
                     (
                         options::align(t),
-                        (|p: &Priors| p.align.as_slice()) as fn(&Priors) -> &[f64],
+                        (|p: &Priors| p.align.as_slice()) as PriorOf,
                     )
                 })
                 .collect();
             groups.extend(titles.iter().map(|t| {
                 (
                     options::rating(t),
-                    (|p: &Priors| p.rating.as_slice()) as fn(&Priors) -> &[f64],
+                    (|p: &Priors| p.rating.as_slice()) as PriorOf,
                 )
             }));
             let picks = ctx.choose_groups("reaction", messages, groups).await?;
@@ -1598,7 +1601,7 @@ pub async fn forced_choice(
                 .map(|t| {
                     (
                         options::forced(t),
-                        (|p: &Priors| p.forced.as_slice()) as fn(&Priors) -> &[f64],
+                        (|p: &Priors| p.forced.as_slice()) as PriorOf,
                     )
                 })
                 .collect();

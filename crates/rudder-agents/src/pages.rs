@@ -130,7 +130,7 @@ pub fn rankings(
                     row.iter_mut().for_each(|x| *x = 0.0);
                     let mut pick = top600.clone();
                     // a seeded partial Fisher–Yates: the first POP_SAMPLE are the sample
-                    let mut rng = rudder_data::rng::stream(seed, &[0x706f_70, u as u64]);
+                    let mut rng = rudder_data::rng::stream(seed, &[0x0070_6f70, u as u64]);
                     for k in 0..POP_SAMPLE.min(pick.len()) {
                         let j = rand::Rng::random_range(&mut rng, k..pick.len());
                         pick.swap(k, j);

@@ -446,9 +446,9 @@ fn agent4rec_run(mut a: Agent4recArgs) -> Result<()> {
     if discriminate {
         let res = rt.block_on(agent4rec::discriminate(&env, &ds, &profiles, &a.ratios))?;
         bar.pb.finish_and_clear();
-        summary.push_str(&format!(
+        summary.push_str(
             "## Taste discrimination\n\nEach agent judges a shuffled list of items it rated in the held-out splits (valid ∪ test) and never-seen ones at 1:m; positive = observed. Per-agent scores averaged over agents.\n\n| ratio | agents | items/agent | accuracy | precision | recall | F1 | said yes | unreadable |\n|---|---|---|---|---|---|---|---|---|\n"
-        ));
+        );
         let mut rows = Vec::new();
         let mut lines = String::new();
         for (m, recs) in &res {
