@@ -63,6 +63,11 @@ pub struct Agent4recArgs {
     /// Requests in flight at once (also the number of agents working at once).
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Seconds one LLM request may take, waiting in the engine's queue included (an in-process
+    /// model serves requests one prefill at a time, so many agents in flight wait long).
+    #[arg(long, default_value_t = 900.0)]
+    #[serde(default = "default_llm_timeout")]
+    pub llm_timeout: f64,
     /// How choices are read: `text` (the replies, as the reference) or `logprob` (the model's
     /// probabilities over the allowed answers; in-process or log-prob-capable servers).
     #[arg(long, default_value = "text")]
@@ -169,8 +174,10 @@ fn client(
     cache: &Option<PathBuf>,
     mode: &str,
     conc: usize,
+    timeout_s: f64,
 ) -> Result<rudder_client::Client> {
     let mut spec = rudder_client::LlmSpec::new(llm);
+    spec.timeout_s = timeout_s;
     spec.model = model.clone();
     spec.cache = cache.clone();
     spec.cache_mode = match mode {
@@ -185,6 +192,10 @@ fn client(
     let c = rudder_client::Client::from_spec(&spec)?;
     sp.finish_and_clear();
     Ok(c)
+}
+
+fn default_llm_timeout() -> f64 {
+    900.0
 }
 
 fn yes() -> bool {
@@ -289,6 +300,7 @@ fn agent4rec_run(mut a: Agent4recArgs) -> Result<()> {
         saved.llm_cache = a.llm_cache.clone().or(saved.llm_cache);
         saved.llm_cache_mode = a.llm_cache_mode.clone();
         saved.concurrency = a.concurrency;
+        saved.llm_timeout = a.llm_timeout;
         a = saved;
         r
     } else {
@@ -374,6 +386,7 @@ fn agent4rec_run(mut a: Agent4recArgs) -> Result<()> {
         &a.llm_cache,
         &a.llm_cache_mode,
         a.concurrency,
+        a.llm_timeout,
     )?;
     client.price = Some(rudder_client::Price {
         prompt_per_1k: a.price_per_1k,
@@ -749,6 +762,7 @@ fn personas(p: PersonaArgs) -> Result<()> {
         &p.llm_cache,
         "record-missing",
         p.concurrency,
+        900.0,
     )?;
     let model = p.model.clone().unwrap_or_else(|| client.default_model());
     let header = serde_json::json!({"t": "header", "prompts": rudder_agents::prompts::VERSION, "kind": "personas",
