@@ -269,19 +269,32 @@ async fn an_episode_follows_the_page_protocol() {
     assert_eq!(m.calls, 36);
     assert_eq!(m.prompt_tokens, 3600);
     assert_eq!(m.unparsed_reactions, 0);
-    // precision/recall against the valid split
+    // precision / recall of ALIGN against the valid split, per agent then averaged
     let s = ds.split.as_ref().unwrap();
-    let e = &r.episodes[0];
-    let held: std::collections::HashSet<u32> = s.valid.items(0).iter().copied().collect();
-    let hits: usize = e
-        .pages
-        .iter()
-        .flat_map(|p| &p.aligned)
-        .filter(|i| held.contains(i))
-        .count();
-    let al: usize = e.pages.iter().map(|p| p.aligned.len()).sum();
-    assert!(al > 0);
-    let _ = hits; // per-agent values are averaged; checked through the definitions above
+    let (mut prec, mut rec) = (0.0, 0.0);
+    for e in &r.episodes {
+        let held: std::collections::HashSet<u32> = s.valid.items(e.user).iter().copied().collect();
+        let hits = e
+            .pages
+            .iter()
+            .flat_map(|p| &p.aligned)
+            .filter(|i| held.contains(i))
+            .count() as f64;
+        let al: usize = e.pages.iter().map(|p| p.aligned.len()).sum();
+        let gt: usize = e.pages.iter().map(|p| p.ground_truth.len()).sum();
+        assert_eq!(
+            gt,
+            e.pages
+                .iter()
+                .flat_map(|p| &p.items)
+                .filter(|i| held.contains(i))
+                .count()
+        );
+        prec += hits / al.max(1) as f64;
+        rec += hits / gt.max(1) as f64;
+    }
+    assert!((m.align_precision - prec / 6.0).abs() < 1e-12);
+    assert!((m.align_recall - rec / 6.0).abs() < 1e-12);
 }
 
 #[tokio::test]
