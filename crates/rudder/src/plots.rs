@@ -32,6 +32,31 @@ fn font_ready() -> bool {
     })
 }
 
+/// Every point of every series, or the reason no plot can be drawn (no font).
+fn points<'a>(series: &'a [(&str, Vec<(f64, f64)>)]) -> Result<Vec<&'a (f64, f64)>, String> {
+    if !font_ready() {
+        return Err("no TrueType font found (set RUDDER_FONT to a .ttf file)".into());
+    }
+    Ok(series.iter().flat_map(|(_, s)| s.iter()).collect())
+}
+
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// The series legend in the corner of a chart.
+fn legend<'a>(chart: &mut Chart<'a, 'a>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|x| x.to_string())
+}
+
 /// Line chart of several named series over x values.
 pub fn lines(
     path: &Path,
@@ -39,10 +64,7 @@ pub fn lines(
     x_label: &str,
     series: &[(&str, Vec<(f64, f64)>)],
 ) -> Result<(), String> {
-    if !font_ready() {
-        return Err("no TrueType font found (set RUDDER_FONT to a .ttf file)".into());
-    }
-    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).collect();
+    let pts = points(series)?;
     if pts.is_empty() {
         return Ok(());
     }
@@ -80,13 +102,7 @@ pub fn lines(
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
     if series.len() > 1 {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|x| e(&x))?;
+        legend(&mut chart)?;
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())
@@ -141,10 +157,7 @@ pub fn scatter(
     y_label: &str,
     series: &[(&str, Vec<(f64, f64)>)],
 ) -> Result<(), String> {
-    if !font_ready() {
-        return Err("no TrueType font found (set RUDDER_FONT to a .ttf file)".into());
-    }
-    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).collect();
+    let pts = points(series)?;
     if pts.is_empty() {
         return Ok(());
     }
@@ -184,13 +197,7 @@ pub fn scatter(
             .label(*name)
             .legend(move |(x, y)| Circle::new((x + 8, y), 4, c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(|x| e(&x))?;
+    legend(&mut chart)?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
 }
@@ -203,10 +210,7 @@ pub fn bars(
     y_label: &str,
     series: &[(&str, Vec<(f64, f64)>)],
 ) -> Result<(), String> {
-    if !font_ready() {
-        return Err("no TrueType font found (set RUDDER_FONT to a .ttf file)".into());
-    }
-    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).collect();
+    let pts = points(series)?;
     if pts.is_empty() {
         return Ok(());
     }
@@ -254,13 +258,7 @@ pub fn bars(
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
     }
     if series.len() > 1 {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|x| e(&x))?;
+        legend(&mut chart)?;
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())
