@@ -120,6 +120,11 @@ pub struct Agent4recArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
+    /// With --resume: grow the run to N agents (users 0..N); the agents already simulated are
+    /// kept from the journal.
+    #[arg(long, requires = "resume")]
+    #[serde(skip)]
+    pub extend_to: Option<usize>,
 }
 
 #[derive(Subcommand, Clone, Debug)]
@@ -270,12 +275,13 @@ impl agent4rec::Progress for Bar {
     }
 }
 
-/// The settings a journal belongs to (everything that changes an exchange or a number).
+/// The settings a journal belongs to (everything that changes an exchange; not the number of
+/// agents: an agent's episode does not depend on how many others run, so a run can grow).
 fn header(a: &Agent4recArgs, model: &str) -> serde_json::Value {
     serde_json::json!({
         "t": "header",
         "prompts": rudder_agents::prompts::VERSION,
-        "data": a.data, "recommender": a.recommender, "agents": a.agents, "pages": a.pages,
+        "data": a.data, "recommender": a.recommender, "pages": a.pages,
         "per_page": a.per_page, "llm": a.llm, "model": model, "decisions": a.decisions,
         "mode": a.mode, "ratios": a.ratios, "rounds": a.rounds, "seed": a.seed,
         "temperature": a.temperature, "max_tokens": a.max_tokens, "retries": a.retries,
@@ -301,6 +307,21 @@ fn agent4rec_run(mut a: Agent4recArgs) -> Result<()> {
         saved.llm_cache_mode = a.llm_cache_mode.clone();
         saved.concurrency = a.concurrency;
         saved.llm_timeout = a.llm_timeout;
+        if let Some(n) = a.extend_to {
+            if saved.rounds > 1 {
+                bail!(
+                    "--extend-to: a run of several rounds cannot grow (later rounds train on every agent's feedback)"
+                );
+            }
+            if n < saved.agents {
+                bail!(
+                    "--extend-to {n}: the run already has {} agents (a run can grow, not shrink)",
+                    saved.agents
+                );
+            }
+            saved.agents = n;
+            write_bytes_atomic(&p, toml::to_string(&saved)?.as_bytes())?;
+        }
         a = saved;
         r
     } else {

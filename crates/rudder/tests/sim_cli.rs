@@ -174,6 +174,39 @@ fn a_killed_simulation_resumes_with_exactly_the_uninterrupted_numbers() {
         serde_json::from_str(&std::fs::read_to_string(cut.join("metrics.json")).unwrap()).unwrap();
     assert!(m["simulation"]["calls_from_journal"].as_u64().unwrap() >= 6);
 
+    // the run grows: the four agents come from the journal, the fifth is new
+    let calls4 = m["simulation"]["calls"].as_u64().unwrap();
+    let o = rudder(&[
+        "sim",
+        "agent4rec",
+        "--resume",
+        cut.to_str().unwrap(),
+        "--extend-to",
+        "5",
+        "--llm-cache",
+        &c,
+    ]);
+    ok(&o);
+    let m5: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cut.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m5["simulation"]["agents"], 5);
+    assert_eq!(
+        m5["simulation"]["calls_from_journal"].as_u64().unwrap(),
+        calls4
+    );
+    assert_eq!(behaviour(&cut)[..4], behaviour(&whole)[..]);
+    fails(
+        &rudder(&[
+            "sim",
+            "agent4rec",
+            "--resume",
+            cut.to_str().unwrap(),
+            "--extend-to",
+            "3",
+        ]),
+        "a run can grow, not shrink",
+    );
+
     // a malformed line inside the journal is an error naming it
     let mut text = std::fs::read_to_string(cut.join("journal.jsonl")).unwrap();
     text.insert_str(text.find('\n').unwrap() + 1, "garbage\n");
