@@ -4,7 +4,8 @@
 #   bench/agent4rec.sh [OUT] [AGENTS]
 # Two simulations run side by side with one thread each (the quantized prefill gains only 1.4×
 # from a second thread on two cores, two processes gain 2×). Resumable: run it again after an
-# interruption and every run continues from its journal.
+# interruption and every run continues from its journal; run it with a larger AGENTS and the
+# finished runs grow to that many agents.
 set -euo pipefail
 OUT=${1:-bench/out/agent4rec}
 N=${2:-30}
@@ -18,9 +19,10 @@ for m in lightgcn mf; do
     --out "$OUT/cf-$m"
 done
 sim() { # NAME RECOMMENDER
-  if [ -f "$OUT/sim-$1/metrics.json" ]; then return; fi
+  if [ -f "$OUT/sim-$1/metrics.json" ] && grep -q "^agents = $N\$" "$OUT/sim-$1/config.toml"; then return; fi
   if [ -f "$OUT/sim-$1/journal.jsonl" ]; then
-    $R --threads 1 sim agent4rec --resume "$OUT/sim-$1" --concurrency 8
+    # continue an interrupted run, or grow a finished one to N agents (kept agents are replayed)
+    $R --threads 1 sim agent4rec --resume "$OUT/sim-$1" --extend-to "$N" --concurrency 8
   else
     $R --threads 1 sim agent4rec --data "$D" --recommender "$2" --agents "$N" --pages 5 --per-page 4 \
       --decisions logprob --concurrency 8 --out "$OUT/sim-$1"
