@@ -9,7 +9,7 @@
 //! retries is recorded as such, the memory clock is logical, ties are seeded. Every exchange goes
 //! through the client layer and the [`Journal`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -257,14 +257,7 @@ type PriorOf = fn(&Priors) -> &[f64];
 
 /// Measure the priors (journaled under the scope `calibration`).
 pub async fn measure_priors(env: &Env<'_>) -> Result<Priors> {
-    let mut ctx = Ctx {
-        env,
-        scope: "calibration".into(),
-        agent: 0,
-        seq: 0,
-        usage: AgentUsage::default(),
-        exchanges: Vec::new(),
-    };
+    let mut ctx = Ctx::new(env, "calibration", 0);
     let na = || "N/A".to_string();
     let page = vec![
         ChatMessage::system("N/A"),
@@ -374,7 +367,18 @@ fn sha(v: &Value) -> String {
     d.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
-impl Ctx<'_, '_> {
+impl<'e, 'a> Ctx<'e, 'a> {
+    fn new(env: &'e Env<'a>, scope: &str, agent: u32) -> Self {
+        Ctx {
+            env,
+            scope: scope.to_string(),
+            agent,
+            seq: 0,
+            usage: AgentUsage::default(),
+            exchanges: Vec::new(),
+        }
+    }
+
     fn seed(&self, seq: u32) -> u64 {
         let scope: Vec<u64> = self.scope.bytes().map(u64::from).collect();
         let h = rudder_data::rng::hash_keys(self.env.cfg.seed, &scope);
@@ -744,7 +748,7 @@ async fn remember(
 async fn react(
     ctx: &mut Ctx<'_, '_>,
     profile: &Profile,
-    mem: &Memory,
+    mem: &mut Memory,
     page: usize,
     items: &[u32],
 ) -> Result<(parse::PageReaction, bool, u32)> {
@@ -827,14 +831,7 @@ pub async fn episode(
 ) -> Result<Episode> {
     let t0 = Instant::now();
     let cfg = env.cfg;
-    let mut ctx = Ctx {
-        env,
-        scope: scope.to_string(),
-        agent: profile.user,
-        seq: 0,
-        usage: AgentUsage::default(),
-        exchanges: Vec::new(),
-    };
+    let mut ctx = Ctx::new(env, scope, profile.user);
     let mut mem = Memory::new(env.embedder.clone());
     let mut records = Vec::new();
     let k = cfg.per_page.max(1);
@@ -844,7 +841,7 @@ pub async fn episode(
             break;
         }
         let items: Vec<u32> = ranking[lo..(lo + k).min(ranking.len())].to_vec();
-        let (reaction, read, attempts) = react(&mut ctx, profile, &mem, page, &items).await?;
+        let (reaction, read, attempts) = react(&mut ctx, profile, &mut mem, page, &items).await?;
         let mut rec = PageRecord {
             page,
             ground_truth: items
@@ -1571,14 +1568,7 @@ pub async fn forced_choice(
     items: Vec<u32>,
     truth: Vec<bool>,
 ) -> Result<ForcedRecord> {
-    let mut ctx = Ctx {
-        env,
-        scope: scope.to_string(),
-        agent: profile.user,
-        seq: 0,
-        usage: AgentUsage::default(),
-        exchanges: Vec::new(),
-    };
+    let mut ctx = Ctx::new(env, scope, profile.user);
     let cat = env.catalog;
     let lines: Vec<String> = items.iter().map(|&i| cat.line(i)).collect();
     let titles = titles_of(cat, &items);
@@ -1695,24 +1685,6 @@ pub fn episode_lines(round: &Round) -> (String, String, String) {
     (b, iv, tr)
 }
 
-/// A map of metrics by name, for tables.
-pub fn headline(m: &SimMetrics) -> BTreeMap<&'static str, f64> {
-    let mut t = BTreeMap::new();
-    t.insert("align_precision", m.align_precision);
-    t.insert("align_recall", m.align_recall);
-    t.insert("click_rate", m.click_rate);
-    t.insert("watch_rate", m.watch_rate);
-    t.insert("likes_per_page", m.likes_per_page);
-    t.insert("exit_page", m.exit_page);
-    if let Some(s) = m.satisfaction {
-        t.insert("satisfaction", s);
-    }
-    if let Some(r) = m.mean_rating {
-        t.insert("mean_rating", r);
-    }
-    t
-}
-
 // ---------------------------------------------------------------------------------------------
 // Persona generation (P6)
 
@@ -1774,14 +1746,7 @@ pub async fn personas(
         let h = &hist[k];
         let u = users[k];
         async move {
-            let mut ctx = Ctx {
-                env,
-                scope: "persona".into(),
-                agent: u,
-                seq: 0,
-                usage: AgentUsage::default(),
-                exchanges: Vec::new(),
-            };
+            let mut ctx = Ctx::new(env, "persona", u);
             let (system, user) = prompts::persona_messages(h);
             // the reference sends the user message first
             let messages = vec![ChatMessage::user(&user), ChatMessage::system(&system)];

@@ -115,6 +115,8 @@ pub struct Record {
 pub struct Memory {
     embedder: Arc<dyn Embedder>,
     records: Vec<Record>,
+    /// Query embeddings: the memory is searched with a few fixed questions, encoded once.
+    queries: std::collections::HashMap<String, Vec<f32>>,
     importance: u32,
     pub threshold: u32,
     pub k: usize,
@@ -125,6 +127,7 @@ impl Memory {
         Memory {
             embedder,
             records: Vec::new(),
+            queries: std::collections::HashMap::new(),
             importance: 0,
             threshold: 3,
             k: 5,
@@ -169,16 +172,20 @@ impl Memory {
     }
 
     /// The `k` memories closest to `query` (L2 distance), ties in insertion order.
-    pub fn retrieve(&self, query: &str) -> Result<Vec<String>> {
+    pub fn retrieve(&mut self, query: &str) -> Result<Vec<String>> {
         if self.records.is_empty() {
             return Ok(Vec::new());
         }
-        let q = self.embedder.embed(&[query])?.pop().unwrap_or_default();
+        if !self.queries.contains_key(query) {
+            let e = self.embedder.embed(&[query])?.pop().unwrap_or_default();
+            self.queries.insert(query.to_string(), e);
+        }
+        let q = &self.queries[query];
         let mut d: Vec<(f32, usize)> = self
             .records
             .iter()
             .map(|r| {
-                let s: f32 = r.emb.iter().zip(&q).map(|(a, b)| (a - b) * (a - b)).sum();
+                let s: f32 = r.emb.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum();
                 (s, r.t)
             })
             .collect();
