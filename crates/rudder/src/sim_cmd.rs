@@ -185,13 +185,9 @@ fn client(
     spec.timeout_s = timeout_s;
     spec.model = model.clone();
     spec.cache = cache.clone();
-    spec.cache_mode = match mode {
-        "off" => rudder_client::replay::CacheMode::Off,
-        "record" => rudder_client::replay::CacheMode::Record,
-        "replay" => rudder_client::replay::CacheMode::Replay,
-        "record-missing" => rudder_client::replay::CacheMode::RecordMissing,
-        o => bail!("--llm-cache-mode {o:?}: expected off, record, replay or record-missing"),
-    };
+    spec.cache_mode = mode
+        .parse()
+        .map_err(|e: String| anyhow!("--llm-cache-mode: {e}"))?;
     spec.concurrency = conc.max(1);
     let sp = crate::progress::spinner(&format!("opening {llm}"));
     let c = rudder_client::Client::from_spec(&spec)?;
