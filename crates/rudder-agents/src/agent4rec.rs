@@ -413,17 +413,16 @@ impl<'e, 'a> Ctx<'e, 'a> {
         self.usage.completion_tokens += rec["usage"]["completion"].as_u64().unwrap_or(0);
     }
 
-    /// One chat completion.
-    async fn chat(&mut self, kind: &str, messages: Vec<ChatMessage>) -> Result<String> {
+    /// One chat completion of at most `max_tokens`.
+    async fn chat(
+        &mut self,
+        kind: &str,
+        messages: Vec<ChatMessage>,
+        max_tokens: u32,
+    ) -> Result<String> {
         let seq = self.seq;
         self.seq += 1;
         let cfg = self.env.cfg;
-        // the reflection asks for one sentence
-        let max_tokens = if kind == "reflection" {
-            cfg.max_tokens.min(REFLECTION_MAX_TOKENS)
-        } else {
-            cfg.max_tokens
-        };
         let req = ChatRequest {
             model: cfg.model.clone(),
             messages: messages.clone(),
@@ -601,7 +600,9 @@ impl<'e, 'a> Ctx<'e, 'a> {
     ) -> Result<(T, bool, String, u32)> {
         let mut attempt = 0;
         loop {
-            let text = self.chat(kind, messages.clone()).await?;
+            let text = self
+                .chat(kind, messages.clone(), self.env.cfg.max_tokens)
+                .await?;
             let (v, ok) = read(&text);
             attempt += 1;
             if ok || attempt > self.env.cfg.retries {
@@ -727,7 +728,16 @@ async fn remember(
     let context = mem.retrieve(prompts::QUERY_REFLECT)?;
     let messages = vec![ChatMessage::user(&prompts::reflection(&context))];
     let reflection = match ctx.env.cfg.decisions {
-        Decisions::Text => ctx.chat("reflection", messages).await?.trim().to_string(),
+        // the reflection asks for one sentence
+        Decisions::Text => ctx
+            .chat(
+                "reflection",
+                messages,
+                ctx.env.cfg.max_tokens.min(REFLECTION_MAX_TOKENS),
+            )
+            .await?
+            .trim()
+            .to_string(),
         Decisions::Logprob => {
             let c = ctx
                 .choose("reflection", messages, options::reflection(), |p| {
