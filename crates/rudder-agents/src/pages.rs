@@ -109,13 +109,21 @@ pub fn rankings(
     seed: u64,
     depth: usize,
 ) -> Vec<Vec<u32>> {
-    let counts = train.item_degrees();
-    let pop_scores: Vec<f32> = (0..n_items)
-        .map(|i| counts.get(i).copied().unwrap_or(0) as f32)
-        .collect();
-    let top600: Vec<u32> = {
-        let none = vec![false; n_items];
-        rank_row(&pop_scores, &none, seed, u32::MAX, POP_TOP)
+    // popularity, and its top 600, only for the baselines that use them
+    let pop_scores: Vec<f32> = match source {
+        Source::Baseline(Baseline::Pop | Baseline::PopSample) => {
+            let counts = train.item_degrees();
+            (0..n_items)
+                .map(|i| counts.get(i).copied().unwrap_or(0) as f32)
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let top600: Vec<u32> = match source {
+        Source::Baseline(Baseline::PopSample) => {
+            rank_row(&pop_scores, &vec![false; n_items], seed, u32::MAX, POP_TOP)
+        }
+        _ => Vec::new(),
     };
     let mut row = vec![0f32; n_items];
     users
