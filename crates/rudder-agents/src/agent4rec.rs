@@ -13,15 +13,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::StreamExt;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 
-use rudder_client::{ChatMessage, ChatRequest, LlmClient};
+use rudder_client::{ChatMessage, LlmClient};
 use rudder_data::{Dataset, Interactions};
 
+use crate::calls::{CallEnv, Ctx, Spent, run_all};
+pub use crate::calls::{AgentUsage, Exchange};
 use crate::journal::Journal;
 use crate::memory::{Embedder, Memory, MemoryKind};
 use crate::pages::{self, Baseline, Source};
@@ -203,6 +203,36 @@ pub struct Env<'a> {
     pub priors: std::sync::OnceLock<Priors>,
 }
 
+impl CallEnv for Env<'_> {
+    fn client(&self) -> &dyn LlmClient {
+        self.client
+    }
+    fn journal(&self) -> &Journal {
+        self.journal
+    }
+    fn model(&self) -> &str {
+        &self.cfg.model
+    }
+    fn seed(&self) -> u64 {
+        self.cfg.seed
+    }
+    fn temperature(&self) -> f32 {
+        self.cfg.temperature
+    }
+    fn max_tokens(&self) -> u32 {
+        self.cfg.max_tokens
+    }
+    fn retries(&self) -> u32 {
+        self.cfg.retries
+    }
+    fn concurrency(&self) -> usize {
+        self.cfg.concurrency
+    }
+    fn agent_done(&self, agent: u32, tokens: u64, failed: bool) {
+        self.progress.agent_done(agent, tokens, failed)
+    }
+}
+
 /// The answers each kind of log-probability decision chooses among.
 pub mod options {
     pub fn align(t: &str) -> Vec<String> {
@@ -328,136 +358,7 @@ async fn ensure_priors(env: &Env<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Calls, tokens and reading failures of one agent.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct AgentUsage {
-    pub calls: u64,
-    /// Calls answered from the journal of an interrupted run.
-    pub from_journal: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Extra attempts after unreadable replies.
-    pub retries: u64,
-    /// Replies still unreadable after the last attempt.
-    pub unparsed: u64,
-}
-
-/// One exchange, for the transcript.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Exchange {
-    pub seq: u32,
-    pub kind: String,
-    pub messages: Vec<ChatMessage>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub continuations: Option<Vec<String>>,
-    pub reply: Value,
-}
-
-struct Ctx<'e, 'a> {
-    env: &'e Env<'a>,
-    scope: String,
-    agent: u32,
-    seq: u32,
-    usage: AgentUsage,
-    exchanges: Vec<Exchange>,
-}
-
-fn sha(v: &Value) -> String {
-    let d = Sha256::digest(v.to_string().as_bytes());
-    d.iter().take(16).map(|b| format!("{b:02x}")).collect()
-}
-
-impl<'e, 'a> Ctx<'e, 'a> {
-    fn new(env: &'e Env<'a>, scope: &str, agent: u32) -> Self {
-        Ctx {
-            env,
-            scope: scope.to_string(),
-            agent,
-            seq: 0,
-            usage: AgentUsage::default(),
-            exchanges: Vec::new(),
-        }
-    }
-
-    fn seed(&self, seq: u32) -> u64 {
-        let scope: Vec<u64> = self.scope.bytes().map(u64::from).collect();
-        let h = rudder_data::rng::hash_keys(self.env.cfg.seed, &scope);
-        rudder_data::rng::hash_keys(h, &[self.agent as u64, seq as u64]) >> 1
-    }
-
-    /// The journal's answer for the next call, after checking it was asked the same request.
-    fn recorded(&mut self, seq: u32, hash: &str) -> Result<Option<Value>> {
-        let key = (self.scope.clone(), self.agent, seq);
-        match self.env.journal.call(&key) {
-            Some((line, rec)) => {
-                if rec["hash"].as_str() != Some(hash) {
-                    return Err(AgentError::Journal {
-                        path: self.env.journal.path().display().to_string(),
-                        line: *line,
-                        reason: format!(
-                            "agent {} call {seq} ({}): the recorded request differs from this run's (the data, prompts or settings changed since); start a new --out",
-                            self.agent, self.scope
-                        ),
-                    });
-                }
-                self.usage.from_journal += 1;
-                Ok(Some(rec.clone()))
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn account(&mut self, rec: &Value) {
-        self.usage.calls += 1;
-        self.usage.prompt_tokens += rec["usage"]["prompt"].as_u64().unwrap_or(0);
-        self.usage.completion_tokens += rec["usage"]["completion"].as_u64().unwrap_or(0);
-    }
-
-    /// One chat completion of at most `max_tokens`.
-    async fn chat(
-        &mut self,
-        kind: &str,
-        messages: Vec<ChatMessage>,
-        max_tokens: u32,
-    ) -> Result<String> {
-        let seq = self.seq;
-        self.seq += 1;
-        let cfg = self.env.cfg;
-        let req = ChatRequest {
-            model: cfg.model.clone(),
-            messages: messages.clone(),
-            max_tokens: Some(max_tokens),
-            temperature: Some(cfg.temperature),
-            seed: Some(self.seed(seq)),
-            ..Default::default()
-        };
-        let hash = sha(&serde_json::to_value(&req).unwrap_or_default());
-        let rec = match self.recorded(seq, &hash)? {
-            Some(r) => r,
-            None => {
-                let r = self.env.client.chat(req).await?;
-                let u = r.usage.unwrap_or_default();
-                let rec = json!({
-                    "t": "llm", "scope": self.scope, "agent": self.agent, "seq": seq,
-                    "kind": kind, "hash": hash, "messages": messages, "reply": r.text(),
-                    "usage": {"prompt": u.prompt_tokens, "completion": u.completion_tokens},
-                });
-                self.env.journal.append(&rec)?;
-                rec
-            }
-        };
-        self.account(&rec);
-        let text = rec["reply"].as_str().unwrap_or("").to_string();
-        self.exchanges.push(Exchange {
-            seq,
-            kind: kind.into(),
-            messages,
-            continuations: None,
-            reply: text.clone().into(),
-        });
-        Ok(text)
-    }
-
+impl Ctx<'_, Env<'_>> {
     /// The most likely of `continuations` as the assistant's reply (the first on ties),
     /// calibrated by `prior` when the run calibrates.
     async fn choose(
@@ -514,106 +415,6 @@ impl<'e, 'a> Ctx<'e, 'a> {
         Ok(best)
     }
 
-    /// ln p(continuation | messages) of each continuation (−∞ where the backend gives none),
-    /// journaled as one call.
-    async fn score(
-        &mut self,
-        kind: &str,
-        messages: Vec<ChatMessage>,
-        continuations: Vec<String>,
-    ) -> Result<Vec<f64>> {
-        let seq = self.seq;
-        self.seq += 1;
-        let key = json!({"model": self.env.cfg.model, "messages": messages, "continuations": continuations});
-        let hash = sha(&key);
-        let rec = match self.recorded(seq, &hash)? {
-            Some(r) => r,
-            None => {
-                let s = self
-                    .env
-                    .client
-                    .continuation_logprobs(
-                        &self.env.cfg.model,
-                        messages.clone(),
-                        continuations.clone(),
-                    )
-                    .await?;
-                if !s.exact {
-                    return Err(AgentError::Input(format!(
-                        "--decisions logprob needs exact log-probabilities of whole answers; {} offers only its first token's alternatives (use the in-process model or `rudder serve`, or --decisions text)",
-                        self.env.client.describe()
-                    )));
-                }
-                if s.logprobs.len() != continuations.len() {
-                    return Err(AgentError::Client(rudder_client::ClientError::Protocol(
-                        format!(
-                            "{} log-probabilities for {} continuations",
-                            s.logprobs.len(),
-                            continuations.len()
-                        ),
-                    )));
-                }
-                let lp: Vec<Value> = s
-                    .logprobs
-                    .iter()
-                    .map(|&x| if x.is_finite() { json!(x) } else { Value::Null })
-                    .collect();
-                let rec = json!({
-                    "t": "llm", "scope": self.scope, "agent": self.agent, "seq": seq,
-                    "kind": kind, "hash": hash, "messages": messages,
-                    "continuations": continuations, "reply": lp,
-                    "usage": {
-                        "prompt": s.usage.map_or(0, |u| u.prompt_tokens),
-                        "completion": s.usage.map_or(0, |u| u.completion_tokens),
-                    },
-                });
-                self.env.journal.append(&rec)?;
-                rec
-            }
-        };
-        self.account(&rec);
-        let lp: Vec<f64> = rec["reply"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|v| v.as_f64().unwrap_or(f64::NEG_INFINITY))
-                    .collect()
-            })
-            .unwrap_or_default();
-        self.exchanges.push(Exchange {
-            seq,
-            kind: kind.into(),
-            messages,
-            continuations: Some(continuations),
-            reply: rec["reply"].clone(),
-        });
-        Ok(lp)
-    }
-
-    /// Ask until `read` accepts the reply, at most 1 + retries times; the last reading is
-    /// returned with whether it was accepted.
-    async fn ask<T>(
-        &mut self,
-        kind: &str,
-        messages: Vec<ChatMessage>,
-        read: impl Fn(&str) -> (T, bool),
-    ) -> Result<(T, bool, String, u32)> {
-        let mut attempt = 0;
-        loop {
-            let text = self
-                .chat(kind, messages.clone(), self.env.cfg.max_tokens)
-                .await?;
-            let (v, ok) = read(&text);
-            attempt += 1;
-            if ok || attempt > self.env.cfg.retries {
-                if !ok {
-                    self.usage.unparsed += 1;
-                }
-                return Ok((v, ok, text, attempt));
-            }
-            self.usage.retries += 1;
-        }
-    }
 }
 
 /// What an agent did on one page.
@@ -717,7 +518,7 @@ fn factual_memory(page: usize, cat: &Catalog, r: &PageRecord) -> String {
 
 /// Store a memory and run the satisfaction reflection when one is due.
 async fn remember(
-    ctx: &mut Ctx<'_, '_>,
+    ctx: &mut Ctx<'_, Env<'_>>,
     mem: &mut Memory,
     text: &str,
     kind: MemoryKind,
@@ -756,7 +557,7 @@ async fn remember(
 
 /// The page reaction (P1) read by text or by log-probabilities.
 async fn react(
-    ctx: &mut Ctx<'_, '_>,
+    ctx: &mut Ctx<'_, Env<'_>>,
     profile: &Profile,
     mem: &mut Memory,
     page: usize,
@@ -1005,9 +806,6 @@ pub fn profiles(ds: &Dataset, n: usize) -> Result<Vec<Profile>> {
 }
 
 /// What one agent's work reports to the progress bar.
-trait Spent {
-    fn tokens(&self) -> u64;
-}
 impl Spent for Episode {
     fn tokens(&self) -> u64 {
         self.usage.prompt_tokens + self.usage.completion_tokens
@@ -1022,56 +820,6 @@ impl Spent for PersonaRecord {
     fn tokens(&self) -> u64 {
         self.tokens
     }
-}
-
-/// Run `f(k)` for the agents `users[k]` concurrently (at most `concurrency` at once); results
-/// in user order. A failing agent is isolated: its error is journaled (step `failed`) and
-/// returned beside the others. A journal or file error stops the run (resuming cannot be
-/// trusted past it).
-async fn run_agents<F, Fut, T>(
-    env: &Env<'_>,
-    scope: &str,
-    users: &[u32],
-    f: F,
-) -> Result<(Vec<T>, Vec<(u32, String)>)>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-    T: Spent,
-{
-    let conc = env.cfg.concurrency.max(1);
-    let mut res: Vec<(usize, Result<T>)> = futures_util::stream::iter(0..users.len())
-        .map(|k| {
-            let fut = f(k);
-            async move {
-                let r = fut.await;
-                env.progress.agent_done(
-                    users[k],
-                    r.as_ref().map(Spent::tokens).unwrap_or(0),
-                    r.is_err(),
-                );
-                (k, r)
-            }
-        })
-        .buffer_unordered(conc)
-        .collect()
-        .await;
-    res.sort_by_key(|x| x.0);
-    let mut ok = Vec::with_capacity(res.len());
-    let mut failed = Vec::new();
-    for (k, r) in res {
-        match r {
-            Ok(v) => ok.push(v),
-            Err(e @ (AgentError::Journal { .. } | AgentError::Io { .. })) => return Err(e),
-            Err(e) => {
-                let e = e.to_string();
-                env.journal
-                    .step(scope, users[k], "failed", json!({"error": e}))?;
-                failed.push((users[k], e));
-            }
-        }
-    }
-    Ok((ok, failed))
 }
 
 /// The recommender in the loop.
@@ -1176,7 +924,7 @@ pub async fn simulate(
             .iter()
             .map(|&u| split.valid.items(u).iter().copied().collect())
             .collect();
-        let (episodes, failures) = run_agents(env, &scope, &users, |k| {
+        let (episodes, failures) = run_all(env, &scope, &users, |k| {
             let scope = scope.clone();
             let (p, r, h) = (&profiles[k], &ranks[k], &held[k]);
             async move { episode(env, &scope, p, r, h).await }
@@ -1642,7 +1390,7 @@ pub async fn discriminate(
             cands.push(forced_candidates(ds, p.user, m, env.cfg.seed)?);
         }
         let users: Vec<u32> = profiles.iter().map(|p| p.user).collect();
-        let (recs, failures) = run_agents(env, &scope, &users, |k| {
+        let (recs, failures) = run_all(env, &scope, &users, |k| {
             let scope = scope.clone();
             let (items, truth) = cands[k].clone();
             let p = &profiles[k];
@@ -1752,7 +1500,7 @@ pub async fn personas(
     for &u in users {
         hist.push(rating_history(ds, u, per_rating, env.cfg.seed)?);
     }
-    run_agents(env, "persona", users, |k| {
+    run_all(env, "persona", users, |k| {
         let h = &hist[k];
         let u = users[k];
         async move {

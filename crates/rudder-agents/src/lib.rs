@@ -13,12 +13,15 @@
 //!   with retraining (filter bubble), metrics.
 
 pub mod agent4rec;
+pub mod calls;
 pub mod fixtures;
 pub mod journal;
 pub mod memory;
 pub mod pages;
 pub mod parse;
 pub mod profile;
+pub mod store;
+pub mod tasks;
 pub mod prompts;
 
 #[derive(Debug, thiserror::Error)]
