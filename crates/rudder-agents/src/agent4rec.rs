@@ -20,8 +20,8 @@ use serde_json::json;
 use rudder_client::{ChatMessage, LlmClient};
 use rudder_data::{Dataset, Interactions};
 
-use crate::calls::{CallEnv, Ctx, Spent, run_all};
 pub use crate::calls::{AgentUsage, Exchange};
+use crate::calls::{CallEnv, Ctx, Spent, run_all};
 use crate::journal::Journal;
 use crate::memory::{Embedder, Memory, MemoryKind};
 use crate::pages::{self, Baseline, Source};
@@ -414,7 +414,6 @@ impl Ctx<'_, Env<'_>> {
         }
         Ok(best)
     }
-
 }
 
 /// What an agent did on one page.

@@ -193,7 +193,11 @@ impl<'e, E: CallEnv + ?Sized> Ctx<'e, E> {
             None => {
                 let client = self.env.client();
                 let s = client
-                    .continuation_logprobs(self.env.model(), messages.clone(), continuations.clone())
+                    .continuation_logprobs(
+                        self.env.model(),
+                        messages.clone(),
+                        continuations.clone(),
+                    )
                     .await?;
                 if !s.exact {
                     return Err(AgentError::Input(format!(

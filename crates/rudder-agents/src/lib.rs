@@ -13,6 +13,7 @@
 //!   with retraining (filter bubble), metrics.
 
 pub mod agent4rec;
+pub mod agentrec;
 pub mod calls;
 pub mod fixtures;
 pub mod journal;
@@ -20,9 +21,10 @@ pub mod memory;
 pub mod pages;
 pub mod parse;
 pub mod profile;
+pub mod prompts;
 pub mod store;
 pub mod tasks;
-pub mod prompts;
+pub mod tool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

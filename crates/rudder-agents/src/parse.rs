@@ -704,3 +704,207 @@ MOVIE: The Graduate; RATING: 5; FEELING: f\nMOVIE: Toy Story (1995); RATING: 4; 
         assert_eq!(p.low_rating, vec!["horror".to_string()]);
     }
 }
+
+/// An AgentRecBench ranking reply read leniently: the last bracketed list that names a
+/// candidate (Python or JSON quoting, or none), else every line or comma-separated token that
+/// names one (numbered lines, bullets); a token names a candidate by its id, or by its display
+/// name (`names[k]`, normalised as titles are). Returns candidate positions in reply order,
+/// repeats and unknown tokens included as `None` so that the repair can count them.
+pub fn ranked_list(reply: &str, ids: &[String], names: &[String]) -> Vec<Option<usize>> {
+    let by_id: std::collections::HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(k, s)| (s.as_str(), k))
+        .collect();
+    let by_name: std::collections::HashMap<String, usize> = names
+        .iter()
+        .enumerate()
+        .map(|(k, s)| (norm_title(s), k))
+        .filter(|(s, _)| !s.is_empty())
+        .collect();
+    let token = |t: &str| -> Option<Option<usize>> {
+        let t = t
+            .trim()
+            .trim_matches(|c: char| c.is_whitespace() || "'\"`*[](){}<>.,;:-".contains(c));
+        if t.is_empty() {
+            return None;
+        }
+        if let Some(&k) = by_id.get(t) {
+            return Some(Some(k));
+        }
+        // "3. Heat (1995)", "- 1193: Heat", "item 1193"
+        let stripped = t
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start_matches(['.', ')', ':'])
+            .trim();
+        for cand in [t, stripped] {
+            if let Some(&k) = by_id.get(cand) {
+                return Some(Some(k));
+            }
+            let first = cand.split([':', ' ', '|']).next().unwrap_or("");
+            if let Some(&k) = by_id.get(first.trim_matches(|c: char| "'\"`*".contains(c))) {
+                return Some(Some(k));
+            }
+            if let Some(&k) = by_name.get(&norm_title(cand)) {
+                return Some(Some(k));
+            }
+        }
+        Some(None)
+    };
+    // Bracketed lists, last first.
+    let mut lists = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0usize;
+    for (i, c) in reply.char_indices() {
+        match c {
+            '[' => {
+                if depth == 0 {
+                    start = i + 1;
+                }
+                depth += 1;
+            }
+            ']' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    lists.push(&reply[start..i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    for l in lists.iter().rev() {
+        let got: Vec<Option<usize>> = l.split([',', '\n']).filter_map(token).collect();
+        if got.iter().any(Option::is_some) {
+            return got;
+        }
+    }
+    let mut got = Vec::new();
+    for line in reply.lines() {
+        let parts: Vec<&str> = if line.contains(',') {
+            line.split(',').collect()
+        } else {
+            vec![line]
+        };
+        for p in parts {
+            if let Some(Some(k)) = token(p) {
+                got.push(Some(k));
+            }
+        }
+    }
+    got
+}
+
+/// How a ranking was repaired into a permutation of the candidates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repairs {
+    /// Tokens that named no candidate (dropped).
+    pub dropped_unknown: u32,
+    /// Candidates named again (dropped).
+    pub deduped: u32,
+    /// Candidates the reply left out (appended in a seeded order).
+    pub appended: u32,
+}
+
+impl Repairs {
+    pub fn any(&self) -> bool {
+        self.dropped_unknown + self.deduped + self.appended > 0
+    }
+    pub fn add(&mut self, o: &Repairs) {
+        self.dropped_unknown += o.dropped_unknown;
+        self.deduped += o.deduped;
+        self.appended += o.appended;
+    }
+}
+
+/// A permutation of `0..n` from a read ranking: unknown tokens and repeats dropped, missing
+/// candidates appended in the order `fill` gives (a seeded shuffle).
+pub fn repair(read: &[Option<usize>], n: usize, fill: &[usize]) -> (Vec<usize>, Repairs) {
+    let mut seen = vec![false; n];
+    let mut out = Vec::with_capacity(n);
+    let mut r = Repairs::default();
+    for x in read {
+        match x {
+            Some(k) if *k < n => {
+                if seen[*k] {
+                    r.deduped += 1;
+                } else {
+                    seen[*k] = true;
+                    out.push(*k);
+                }
+            }
+            _ => r.dropped_unknown += 1,
+        }
+    }
+    for &k in fill {
+        if k < n && !seen[k] {
+            seen[k] = true;
+            out.push(k);
+            r.appended += 1;
+        }
+    }
+    (out, r)
+}
+
+#[cfg(test)]
+mod ranking_tests {
+    use super::*;
+
+    fn ids() -> Vec<String> {
+        ["1193", "661", "914", "3408"].map(String::from).to_vec()
+    }
+    fn names() -> Vec<String> {
+        [
+            "One Flew (1975)",
+            "James and the Giant Peach (1996)",
+            "My Fair Lady (1964)",
+            "Erin Brockovich (2000)",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    #[test]
+    fn lists_in_many_shapes() {
+        let (i, n) = (ids(), names());
+        assert_eq!(
+            ranked_list("['914', '1193', '661', '3408']", &i, &n),
+            vec![Some(2), Some(0), Some(1), Some(3)]
+        );
+        // reasoning first, the answer list last; JSON quotes; an unknown id
+        assert_eq!(
+            ranked_list(
+                "Step 1: I like [drama]. Answer: [\"3408\", \"999\", \"914\"]",
+                &i,
+                &n
+            ),
+            vec![Some(3), None, Some(2)]
+        );
+        // numbered lines with titles, no brackets
+        assert_eq!(
+            ranked_list(
+                "1. Erin Brockovich\n2. 661: James and the Giant Peach\n3) My Fair Lady (1964)",
+                &i,
+                &n
+            ),
+            vec![Some(3), Some(1), Some(2)]
+        );
+        assert!(ranked_list("I cannot help with that.", &i, &n).is_empty());
+    }
+
+    #[test]
+    fn repair_makes_a_permutation_and_counts() {
+        let (p, r) = repair(&[Some(2), None, Some(2), Some(0)], 4, &[3, 1, 0, 2]);
+        assert_eq!(p, vec![2, 0, 3, 1]);
+        assert_eq!(
+            r,
+            Repairs {
+                dropped_unknown: 1,
+                deduped: 1,
+                appended: 2
+            }
+        );
+        let (p, r) = repair(&[Some(1), Some(0)], 2, &[0, 1]);
+        assert_eq!(p, vec![1, 0]);
+        assert!(!r.any());
+    }
+}

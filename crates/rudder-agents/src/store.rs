@@ -174,7 +174,11 @@ pub fn parse_date(s: &str) -> Option<i64> {
             return None;
         }
         let rest = s[10..].trim_start_matches(['T', ' ']);
-        let secs = if rest.is_empty() { 0 } else { hms(&rest[..rest.len().min(8)])? };
+        let secs = if rest.is_empty() {
+            0
+        } else {
+            hms(&rest[..rest.len().min(8)])?
+        };
         return Some(days_from_civil(y, m, d) * 86400 + secs);
     }
     let f: Vec<&str> = s.split_whitespace().collect();
@@ -218,7 +222,12 @@ fn stars_of(r: &Map<String, Value>) -> Option<f32> {
 /// A stable review id from (source, user, item, time).
 pub fn review_id_of(source: &str, user: &str, item: &str, t: Option<i64>) -> String {
     let mut h = Sha256::new();
-    for part in [source, user, item, &t.map(|t| t.to_string()).unwrap_or_default()] {
+    for part in [
+        source,
+        user,
+        item,
+        &t.map(|t| t.to_string()).unwrap_or_default(),
+    ] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -311,7 +320,10 @@ impl Builder {
                         let user = r["user_id"].as_str().unwrap_or_default();
                         let item = r["item_id"].as_str().unwrap_or_default();
                         let t = r["_time"].as_i64();
-                        let stars = r["stars"].as_f64().map(|x| x.to_string()).unwrap_or_default();
+                        let stars = r["stars"]
+                            .as_f64()
+                            .map(|x| x.to_string())
+                            .unwrap_or_default();
                         if reviews
                             .insert(id.as_str(), bytes.as_slice())
                             .map_err(|e| db_err(&p, e))?
@@ -346,13 +358,21 @@ impl Builder {
         Ok(())
     }
 
-    fn review(&mut self, mut r: Map<String, Value>, source: &str) -> std::result::Result<(), String> {
+    fn review(
+        &mut self,
+        mut r: Map<String, Value>,
+        source: &str,
+    ) -> std::result::Result<(), String> {
         let user = str_field(&r, &["user_id"]).ok_or("no `user_id`")?;
-        let item = str_field(&r, &["item_id", "business_id", "parent_asin", "book_id", "asin"])
-            .ok_or("no `item_id`")?;
+        let item = str_field(
+            &r,
+            &["item_id", "business_id", "parent_asin", "book_id", "asin"],
+        )
+        .ok_or("no `item_id`")?;
         let t = review_time(&r);
         let src = str_field(&r, &["source"]).unwrap_or_else(|| source.to_string());
-        let id = str_field(&r, &["review_id"]).unwrap_or_else(|| review_id_of(&src, &user, &item, t));
+        let id =
+            str_field(&r, &["review_id"]).unwrap_or_else(|| review_id_of(&src, &user, &item, t));
         r.insert("review_id".into(), id.clone().into());
         r.insert("user_id".into(), user.into());
         r.insert("item_id".into(), item.into());
@@ -360,7 +380,8 @@ impl Builder {
             r.insert("stars".into(), json!(s));
         }
         r.insert("_time".into(), t.map_or(Value::Null, Value::from));
-        self.push(K_REVIEW, id, Value::Object(r)).map_err(|e| e.to_string())
+        self.push(K_REVIEW, id, Value::Object(r))
+            .map_err(|e| e.to_string())
     }
 
     fn finish(mut self, dest: &Path, started: std::time::Instant) -> Result<Store> {
@@ -402,13 +423,19 @@ impl Builder {
             let known_user = match &last_user {
                 Some((u, known)) if *u == user => *known,
                 _ => {
-                    let known = users.get(user.as_str()).map_err(|e| db_err(p, e))?.is_some();
+                    let known = users
+                        .get(user.as_str())
+                        .map_err(|e| db_err(p, e))?
+                        .is_some();
                     last_user = Some((user, known));
                     known
                 }
             };
             let item = v.value().split('\t').next().unwrap_or_default().to_string();
-            let known_item = items.get(item.as_str()).map_err(|e| db_err(p, e))?.is_some();
+            let known_item = items
+                .get(item.as_str())
+                .map_err(|e| db_err(p, e))?
+                .is_some();
             if !known_user || !known_item {
                 n += 1;
             }
@@ -484,7 +511,9 @@ fn stream_lines(
             }
             meta_skipped.0 += 1;
             if meta_skipped.1.len() < 5 {
-                meta_skipped.1.push(format!("{}:{ln}: {reason}", path.display()));
+                meta_skipped
+                    .1
+                    .push(format!("{}:{ln}: {reason}", path.display()));
             }
         }
     }
@@ -553,20 +582,42 @@ impl Store {
         let mut skipped = (0u64, Vec::new());
         let mut done = 0u64;
         let store_err = |e: AgentError| format!("store: {e}");
-        stream_lines(&files[0], opts, &mut skipped, &mut done, total, progress, |mut r| {
-            let id = str_field(&r, &["user_id"]).ok_or("no `user_id`")?;
-            r.insert("user_id".into(), id.clone().into());
-            b.push(K_USER, id, Value::Object(r)).map_err(store_err)
-        })?;
-        stream_lines(&files[1], opts, &mut skipped, &mut done, total, progress, |mut r| {
-            let id = str_field(&r, &["item_id", "business_id", "parent_asin", "book_id"])
-                .ok_or("no `item_id`")?;
-            r.insert("item_id".into(), id.clone().into());
-            b.push(K_ITEM, id, Value::Object(r)).map_err(store_err)
-        })?;
-        stream_lines(&files[2], opts, &mut skipped, &mut done, total, progress, |r| {
-            b.review(r, "")
-        })?;
+        stream_lines(
+            &files[0],
+            opts,
+            &mut skipped,
+            &mut done,
+            total,
+            progress,
+            |mut r| {
+                let id = str_field(&r, &["user_id"]).ok_or("no `user_id`")?;
+                r.insert("user_id".into(), id.clone().into());
+                b.push(K_USER, id, Value::Object(r)).map_err(store_err)
+            },
+        )?;
+        stream_lines(
+            &files[1],
+            opts,
+            &mut skipped,
+            &mut done,
+            total,
+            progress,
+            |mut r| {
+                let id = str_field(&r, &["item_id", "business_id", "parent_asin", "book_id"])
+                    .ok_or("no `item_id`")?;
+                r.insert("item_id".into(), id.clone().into());
+                b.push(K_ITEM, id, Value::Object(r)).map_err(store_err)
+            },
+        )?;
+        stream_lines(
+            &files[2],
+            opts,
+            &mut skipped,
+            &mut done,
+            total,
+            progress,
+            |r| b.review(r, ""),
+        )?;
         b.meta.skipped_lines = skipped.0;
         b.meta.skipped_examples = skipped.1;
         b.finish(dest, started)
@@ -635,7 +686,10 @@ impl Store {
             if let Some(s) = it.rating {
                 r.insert("stars".into(), json!(s));
             }
-            r.insert("timestamp".into(), it.timestamp.map_or(Value::Null, Value::from));
+            r.insert(
+                "timestamp".into(),
+                it.timestamp.map_or(Value::Null, Value::from),
+            );
             r.insert("text".into(), "".into());
             r.insert("source".into(), src.clone().into());
             b.review(r, &src).map_err(AgentError::Input)?;

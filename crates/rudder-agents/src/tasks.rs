@@ -142,7 +142,12 @@ impl TaskSet {
             let text = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
             let (v, _) = first_object(&p, &text)?;
             let task: Task = serde_path_to_error::deserialize(&v).map_err(|e| {
-                AgentError::Input(format!("{}: field `{}`: {}", p.display(), e.path(), e.inner()))
+                AgentError::Input(format!(
+                    "{}: field `{}`: {}",
+                    p.display(),
+                    e.path(),
+                    e.inner()
+                ))
             })?;
             if task.kind != "recommendation" {
                 return Err(AgentError::Input(format!(
@@ -414,11 +419,13 @@ pub fn build(ds: &Dataset, cfg: &BuildConfig) -> Result<(Vec<Loaded>, BuildRepor
     if cfg.candidates < 2 {
         return Err(AgentError::Input("--candidates must be at least 2".into()));
     }
-    let negatives = cfg.negatives.unwrap_or(if cfg.scenario == Scenario::ItemCold {
-        Negatives::Popularity
-    } else {
-        Negatives::Uniform
-    });
+    let negatives = cfg
+        .negatives
+        .unwrap_or(if cfg.scenario == Scenario::ItemCold {
+            Negatives::Popularity
+        } else {
+            Negatives::Uniform
+        });
     let n_items = ds.n_items();
     let mut pop = vec![0usize; n_items];
     for it in inter.iter() {
@@ -438,7 +445,9 @@ pub fn build(ds: &Dataset, cfg: &BuildConfig) -> Result<(Vec<Loaded>, BuildRepor
     for (r, &i) in by_pop.iter().enumerate() {
         rank_of[i as usize] = r;
     }
-    let seen_before: Vec<u32> = (0..n_items as u32).filter(|&i| pop[i as usize] > 0).collect();
+    let seen_before: Vec<u32> = (0..n_items as u32)
+        .filter(|&i| pop[i as usize] > 0)
+        .collect();
 
     struct Cand {
         user: u32,
@@ -472,10 +481,7 @@ pub fn build(ds: &Dataset, cfg: &BuildConfig) -> Result<(Vec<Loaded>, BuildRepor
         let hist = visible.len();
         let window = |days: i64| {
             let since = cutoff - days * 86_400;
-            let n = ts
-                .iter()
-                .filter(|&&t| t >= since && t < cutoff)
-                .count();
+            let n = ts.iter().filter(|&&t| t >= since && t < cutoff).count();
             (since, n)
         };
         let admit = match cfg.scenario {

@@ -3,6 +3,7 @@
 
 mod alphasteer_cmd;
 mod assets_cmd;
+mod bench_cmd;
 mod cf_cmd;
 mod data_cmd;
 mod demo_cmd;
@@ -83,6 +84,10 @@ enum Command {
     /// discrimination test, persona generation (docs/sim.md).
     #[command(subcommand)]
     Sim(sim_cmd::SimCmd),
+    /// Benchmarks of recommenders: AgentRecBench (language-model agents and classical models
+    /// ranking 20 candidates through a visibility-enforcing tool API; docs/agentrec.md).
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCmd),
 }
 
 fn main() -> ExitCode {
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
         Command::Steer(c) => steer_cmd::run(c),
         Command::Llmrec(c) => llmrec_cmd::run(c),
         Command::Sim(c) => sim_cmd::run(c),
+        Command::Bench(c) => bench_cmd::run(c),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -173,7 +173,7 @@ pub fn run(c: SimCmd) -> Result<()> {
     }
 }
 
-fn client(
+pub fn client(
     llm: &str,
     model: &Option<String>,
     cache: &Option<PathBuf>,
@@ -203,14 +203,14 @@ fn yes() -> bool {
     true
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?)
 }
 
-fn embedder(name: &str) -> Result<Arc<dyn Embedder>> {
+pub fn embedder(name: &str) -> Result<Arc<dyn Embedder>> {
     if name == "hash" {
         return Ok(Arc::new(HashEmbedder { dim: 384 }));
     }
