@@ -17,7 +17,7 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -90,8 +90,9 @@ pub trait BuildProgress {
 pub struct NoBuildProgress;
 impl BuildProgress for NoBuildProgress {}
 
+/// A built store, opened read-only (any number of processes may read it at once).
 pub struct Store {
-    db: Database,
+    db: ReadOnlyDatabase,
     path: PathBuf,
     pub meta: StoreMeta,
 }
@@ -530,9 +531,21 @@ impl Store {
                 path.display()
             )));
         }
-        let db = Database::builder()
-            .open(path)
-            .map_err(|e| db_err(path, e))?;
+        let db = match Database::builder().open_read_only(path) {
+            Ok(db) => db,
+            Err(first) => {
+                // A file left open for writing by a killed process needs a repair, which only
+                // a writable open does; repair once, then read.
+                drop(
+                    Database::builder()
+                        .open(path)
+                        .map_err(|_| db_err(path, &first))?,
+                );
+                Database::builder()
+                    .open_read_only(path)
+                    .map_err(|e| db_err(path, e))?
+            }
+        };
         let meta = {
             let tx = db.begin_read().map_err(|e| db_err(path, e))?;
             let t = tx.open_table(META).map_err(|e| db_err(path, e))?;

@@ -385,7 +385,7 @@ pub struct BuildReport {
     pub config: BuildConfig,
     pub cutoff: i64,
     pub negatives: Negatives,
-    /// Users with a positive target after `T`.
+    /// Users with a positive target after `T` (item cold start: a positive cold item).
     pub users_with_target: usize,
     /// Of those, the ones the scenario admits.
     pub eligible: usize,
@@ -468,6 +468,8 @@ pub fn build(ds: &Dataset, cfg: &BuildConfig) -> Result<(Vec<Loaded>, BuildRepor
             if t < cutoff {
                 visible.insert(i);
             } else if rs.is_none_or(|r| r[k] > cfg.positive_above)
+                // item cold start: the user's first positive among the cold items
+                && (cfg.scenario != Scenario::ItemCold || pop[i as usize] <= cfg.item_cold_max)
                 && target.is_none_or(|(bt, bi)| (t, i) < (bt, bi))
             {
                 target = Some((t, i));
