@@ -40,6 +40,9 @@ pub const STORE_VERSION: &str = "rudder-agentrec-store-1";
 
 /// Records written per transaction while building (bounds the builder's memory).
 const BATCH: usize = 100_000;
+/// Page cache of a build and of a reader (redb's default is 1 GiB): what bounds memory.
+const BUILD_CACHE: usize = 256 << 20;
+const READ_CACHE: usize = 128 << 20;
 
 fn db_err(path: &Path, e: impl std::fmt::Display) -> AgentError {
     AgentError::Input(format!("{}: record store: {e}", path.display()))
@@ -256,6 +259,7 @@ impl Builder {
     fn new(tmp: &Path, source: &str) -> Result<Builder> {
         let _ = std::fs::remove_file(tmp);
         let db = Database::builder()
+            .set_cache_size(BUILD_CACHE)
             .create(tmp)
             .map_err(|e| db_err(tmp, e))?;
         Ok(Builder {
@@ -531,7 +535,10 @@ impl Store {
                 path.display()
             )));
         }
-        let db = match Database::builder().open_read_only(path) {
+        let db = match Database::builder()
+            .set_cache_size(READ_CACHE)
+            .open_read_only(path)
+        {
             Ok(db) => db,
             Err(first) => {
                 // A file left open for writing by a killed process needs a repair, which only
@@ -542,6 +549,7 @@ impl Store {
                         .map_err(|_| db_err(path, &first))?,
                 );
                 Database::builder()
+                    .set_cache_size(READ_CACHE)
                     .open_read_only(path)
                     .map_err(|e| db_err(path, e))?
             }

@@ -16,52 +16,11 @@ use rudder_agents::tool::{ReviewsOf, Tool};
 use rudder_client::openai::{AssistantMessage, ChatChoice, ChatResponse, Usage};
 use rudder_client::{BoxFut, ChatMessage, ChatRequest, ClientError, LlmClient, Scores};
 
-const USERS: usize = 30;
-const ITEMS: usize = 60;
+const USERS: usize = rudder_agents::fixtures::RELEASE_USERS;
+const ITEMS: usize = rudder_agents::fixtures::RELEASE_ITEMS;
 
-fn date(day: usize) -> String {
-    // 2020-01-01 + day (at most 27 days into each month of 2020)
-    format!("2020-{:02}-{:02} 12:00:00", 1 + day / 28, 1 + day % 28)
-}
-
-/// A small release: user u reviews 12 businesses on consecutive days starting at day u; even
-/// businesses get 5 stars, odd ones 2. One Amazon-style review (timestamp in ms, no review id)
-/// and one Goodreads-style review (date_added) are added for user 0.
 fn write_release(dir: &Path, broken_line: bool) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut users = String::new();
-    for u in 0..USERS {
-        users.push_str(&format!(
-            "{{\"user_id\":\"u{u}\",\"name\":\"User {u}\",\"review_count\":12,\"source\":\"yelp\"}}\n"
-        ));
-    }
-    let mut items = String::new();
-    for i in 0..ITEMS {
-        items.push_str(&format!(
-            "{{\"business_id\":\"b{i}\",\"name\":\"Shop {i}\",\"stars\":3.5,\"review_count\":10,\"categories\":\"Food\",\"source\":\"yelp\",\"type\":\"business\"}}\n"
-        ));
-    }
-    let mut reviews = String::new();
-    for u in 0..USERS {
-        for j in 0..12 {
-            let i = (u * 7 + j * 5) % ITEMS;
-            let stars = if i % 2 == 0 { 5 } else { 2 };
-            reviews.push_str(&format!(
-                "{{\"review_id\":\"r{u}_{j}\",\"user_id\":\"u{u}\",\"business_id\":\"b{i}\",\"stars\":{stars},\"text\":\"visit {j}\",\"useful\":{j},\"date\":\"{}\"}}\n",
-                date(u + j * 3)
-            ));
-        }
-    }
-    if broken_line {
-        reviews.push_str("{\"user_id\": \"u1\", \"item_id\": \n");
-    }
-    // Amazon: ms timestamp, parent_asin, rating, no review id (2019, before every other one)
-    reviews.push_str("{\"user_id\":\"u0\",\"parent_asin\":\"b59\",\"rating\":4.0,\"timestamp\":1546300800000,\"text\":\"ok\"}\n");
-    // Goodreads: date_added with offset (2019 too)
-    reviews.push_str("{\"user_id\":\"u0\",\"book_id\":\"b58\",\"rating\":3,\"review_id\":\"g1\",\"review_text\":\"fine\",\"date_added\":\"Fri Aug 25 13:55:02 -0700 2019\"}\n");
-    std::fs::write(dir.join("user.json"), users).unwrap();
-    std::fs::write(dir.join("item.json"), items).unwrap();
-    std::fs::write(dir.join("review.json"), reviews).unwrap();
+    rudder_agents::fixtures::write_release(dir, broken_line).unwrap();
 }
 
 fn store(dir: &Path) -> Store {
