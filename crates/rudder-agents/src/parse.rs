@@ -725,7 +725,8 @@ pub fn ranked_list(reply: &str, ids: &[String], names: &[String]) -> Vec<Option<
     let token = |t: &str| -> Option<Option<usize>> {
         let t = t
             .trim()
-            .trim_matches(|c: char| c.is_whitespace() || "'\"`*[](){}<>.,;:-".contains(c));
+            // parentheses stay: "Heat (1995)" is a title
+            .trim_matches(|c: char| c.is_whitespace() || "'\"`*[]{}<>.,;:-".contains(c));
         if t.is_empty() {
             return None;
         }
@@ -773,14 +774,15 @@ pub fn ranked_list(reply: &str, ids: &[String], names: &[String]) -> Vec<Option<
         }
     }
     for l in lists.iter().rev() {
-        let got: Vec<Option<usize>> = l.split([',', '\n']).filter_map(token).collect();
+        let got: Vec<Option<usize>> = split_list(l).iter().filter_map(|x| token(x)).collect();
         if got.iter().any(Option::is_some) {
             return got;
         }
     }
     let mut got = Vec::new();
     for line in reply.lines() {
-        let parts: Vec<&str> = if line.contains(',') {
+        // the whole line first (titles hold commas), else its comma-separated parts
+        let parts: Vec<&str> = if line.contains(',') && token(line) == Some(None) {
             line.split(',').collect()
         } else {
             vec![line]
@@ -792,6 +794,52 @@ pub fn ranked_list(reply: &str, ids: &[String], names: &[String]) -> Vec<Option<
         }
     }
     got
+}
+
+/// The elements of a list body: quoted strings (a quote closes only before a comma, a line end
+/// or the end, so ids such as `'Wizard of Oz, The (1939)'` and apostrophes inside single quotes
+/// survive), else comma- or line-separated tokens.
+fn split_list(body: &str) -> Vec<String> {
+    let c: Vec<char> = body.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        if c[i].is_whitespace() || c[i] == ',' {
+            i += 1;
+            continue;
+        }
+        if c[i] == '\'' || c[i] == '"' {
+            let q = c[i];
+            let mut j = i + 1;
+            let close = loop {
+                if j >= c.len() {
+                    break None;
+                }
+                if c[j] == q {
+                    let mut k = j + 1;
+                    while k < c.len() && c[k] == ' ' {
+                        k += 1;
+                    }
+                    if k >= c.len() || c[k] == ',' || c[k] == '\n' {
+                        break Some(j);
+                    }
+                }
+                j += 1;
+            };
+            if let Some(j) = close {
+                out.push(c[i + 1..j].iter().collect());
+                i = j + 1;
+                continue;
+            }
+        }
+        let mut j = i;
+        while j < c.len() && c[j] != ',' && c[j] != '\n' {
+            j += 1;
+        }
+        out.push(c[i..j].iter().collect());
+        i = j;
+    }
+    out
 }
 
 /// How a ranking was repaired into a permutation of the candidates.
@@ -889,6 +937,22 @@ mod ranking_tests {
             vec![Some(3), Some(1), Some(2)]
         );
         assert!(ranked_list("I cannot help with that.", &i, &n).is_empty());
+        // ids with commas and apostrophes (the MovieLens asset's ids are titles)
+        let i2: Vec<String> = [
+            "Wizard of Oz, The (1939)",
+            "Schindler's List (1993)",
+            "Heat (1995)",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            ranked_list(
+                "['Heat (1995)', 'Schindler's List (1993)', \"Wizard of Oz, The (1939)\"]",
+                &i2,
+                &i2
+            ),
+            vec![Some(2), Some(1), Some(0)]
+        );
     }
 
     #[test]

@@ -854,7 +854,7 @@ mod tests {
     #[test]
     fn dates_of_the_three_sources() {
         assert_eq!(parse_date("1970-01-02"), Some(86400));
-        assert_eq!(parse_date("2018-07-07 22:09:11"), Some(1_530_999_351));
+        assert_eq!(parse_date("2018-07-07 22:09:11"), Some(1_531_001_351));
         // Goodreads: local time with offset.
         assert_eq!(
             parse_date("Fri Aug 25 13:55:02 -0700 2017"),
