@@ -67,10 +67,16 @@ pub enum Method {
     /// 15 reviews with names, candidates removed from the history, token caps, "think step by
     /// step but output only the list", one repaired ranking call.
     Selective,
+    /// The planning and tool-use modules: an LLM planner splits the task into subtasks (the
+    /// reference's `{'description': …}` format), each subtask is carried out by an LLM-chosen
+    /// tool call (`Action: tool, args End Action`) on the task's environment, and the ranking
+    /// call reads what was gathered. Falls back to the baseline's fixed plan when no subtask
+    /// can be read.
+    Planner,
 }
 
 impl Method {
-    pub const ALL: [Method; 14] = [
+    pub const ALL: [Method; 15] = [
         Method::Identity,
         Method::Random,
         Method::Pop,
@@ -85,6 +91,7 @@ impl Method {
         Method::CotMemory,
         Method::Agent4rec,
         Method::Selective,
+        Method::Planner,
     ];
 
     pub fn name(self) -> &'static str {
@@ -103,6 +110,7 @@ impl Method {
             Method::CotMemory => "cot-memory",
             Method::Agent4rec => "agent4rec",
             Method::Selective => "selective",
+            Method::Planner => "planner",
         }
     }
 
@@ -1094,6 +1102,20 @@ pub async fn run_task(env: &BenchEnv<'_>, t: &Loaded) -> Result<TaskRecord> {
                 reads.push(order);
             }
         }
+        Method::Planner => {
+            let (obs, n_actions) = timed!(plan_and_gather(&mut ctx, &tool, t, &ids, &names).await?);
+            let extra = format!(
+                "Information you gathered with the tools:\n{}\n",
+                cap(&obs, cfg.history_tokens)
+            );
+            let p = baseline_prompt(&v, cfg, &extra, "");
+            let (r, ok, _) = timed!(
+                ask_ranking(&mut ctx, "rank", vec![ChatMessage::user(&p)], &ids, &names).await?
+            );
+            let _ = n_actions;
+            unreadable = !ok;
+            reads.push(r);
+        }
         Method::Selective => {
             let s = Instant::now();
             let p = selective_prompt(&v, &tool, cfg)?;
@@ -1367,9 +1389,223 @@ pub async fn run_llm(env: &BenchEnv<'_>, set: &TaskSet) -> Result<Vec<TaskRecord
     Ok(out)
 }
 
+/// The tools a planner's subtasks may call (the reference's three, and the paper's query).
+const TOOLS: &str = "[1] get_user: the user's profile. Args: user_id\n\
+[2] get_item: an item's information. Args: item_id\n\
+[3] get_reviews: reviews. Args: user_id=… or item_id=…\n\
+[4] query_reviews: reviews sorted. Args: user_id=… or item_id=…, sort=date|relevance|popularity, limit=N";
+
+/// The planning module's few-shot example: the baseline's fixed plan.
+const PLAN_EXAMPLE: &str = "sub-task 1: {'description': 'First I need to find user information', 'reasoning instruction': 'None', 'tool use instruction': 'get_user'}\n\
+sub-task 2: {'description': 'Next, I need to find item information', 'reasoning instruction': 'None', 'tool use instruction': 'get_item'}\n\
+sub-task 3: {'description': 'Next, I need to find review information', 'reasoning instruction': 'None', 'tool use instruction': 'get_reviews'}";
+
+/// `{…}` substrings of a reply with a `description` (quoted either way), in order.
+pub fn read_plan(reply: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = reply;
+    while let Some(a) = rest.find('{') {
+        let Some(b) = rest[a..].find('}') else { break };
+        let body = &rest[a + 1..a + b];
+        if let Some(p) = body.find("description") {
+            let after = body[p + "description".len()..].trim_start_matches(|c: char| {
+                c == '\'' || c == '"' || c == ':' || c.is_whitespace()
+            });
+            let end = after
+                .find(|c: char| c == '\'' || c == '"')
+                .unwrap_or(after.len());
+            let d = after[..end].trim();
+            if !d.is_empty() {
+                out.push(d.to_string());
+            }
+        }
+        rest = &rest[a + b + 1..];
+    }
+    out
+}
+
+/// One tool call read from `Action: name, args End Action` (lenient: the first known tool
+/// name after `Action`, `key=value` or bare arguments).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Action {
+    pub tool: String,
+    pub args: Vec<(String, String)>,
+}
+
+pub fn read_action(reply: &str) -> Option<Action> {
+    let start = reply.find("Action").map_or(0, |p| p + "Action".len());
+    let text = &reply[start..];
+    let text = text.split("End Action").next().unwrap_or(text);
+    let tools = ["query_reviews", "get_reviews", "get_user", "get_item"];
+    let (pos, tool) = tools
+        .iter()
+        .filter_map(|t| text.find(t).map(|p| (p, *t)))
+        .min()?;
+    let args_text = &text[pos + tool.len()..];
+    let mut args = Vec::new();
+    for part in args_text.split([',', '(', ')', '\n', ';']) {
+        let part = part.trim().trim_matches(|c: char| "'\"`:[] ".contains(c));
+        if part.is_empty() {
+            continue;
+        }
+        match part.split_once('=') {
+            Some((k, v)) => args.push((
+                k.trim().to_string(),
+                v.trim()
+                    .trim_matches(|c: char| "'\"` ".contains(c))
+                    .to_string(),
+            )),
+            None => args.push((String::new(), part.to_string())),
+        }
+        if args.len() >= 4 {
+            break;
+        }
+    }
+    Some(Action {
+        tool: tool.to_string(),
+        args,
+    })
+}
+
+/// Carry out one action on the task's environment; the observation as text (capped).
+fn act(
+    tool: &Tool<'_>,
+    a: &Action,
+    user: &str,
+    ids: &[String],
+    fetched: &mut usize,
+) -> Result<String> {
+    let get = |k: &str| a.args.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
+    let bare = a
+        .args
+        .iter()
+        .find(|(k, _)| k.is_empty())
+        .map(|(_, v)| v.clone());
+    let obs = match a.tool.as_str() {
+        "get_user" => tool
+            .get_user(&get("user_id").or(bare).unwrap_or_else(|| user.to_string()))?
+            .map_or("no such user".into(), |v| as_text(&v)),
+        "get_item" => {
+            let id = get("item_id")
+                .or(bare)
+                .filter(|x| ids.contains(x))
+                .unwrap_or_else(|| {
+                    let id = ids[*fetched % ids.len()].clone();
+                    *fetched += 1;
+                    id
+                });
+            tool.get_item(&id)?
+                .map_or("no such item".into(), |v| format!("{id}: {}", as_text(&v)))
+        }
+        "get_reviews" | "query_reviews" => {
+            let of_item = get("item_id");
+            let who = get("user_id")
+                .or(bare.clone())
+                .unwrap_or_else(|| user.to_string());
+            let sort = match get("sort").as_deref() {
+                Some("relevance") => crate::tool::Sort::Relevance,
+                Some("popularity") => crate::tool::Sort::Popularity,
+                _ => crate::tool::Sort::Date,
+            };
+            let limit = get("limit")
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(15usize)
+                .min(50);
+            let of = match &of_item {
+                Some(i) => ReviewsOf::Item(i),
+                None => ReviewsOf::User(&who),
+            };
+            let v = tool.query_reviews(of, sort, crate::tool::Form::Text, "", limit)?;
+            let text = v.as_str().unwrap_or("").to_string();
+            if text.is_empty() {
+                "no visible reviews".into()
+            } else {
+                text
+            }
+        }
+        _ => "unknown tool".into(),
+    };
+    Ok(cap(&obs, 400))
+}
+
+/// The planning module, then one tool-use call per subtask (at most 4); returns what was
+/// observed and how many actions ran.
+async fn plan_and_gather(
+    ctx: &mut Ctx<'_, BenchEnv<'_>>,
+    tool: &Tool<'_>,
+    t: &Loaded,
+    ids: &[String],
+    _names: &[String],
+) -> Result<(String, usize)> {
+    let task = format!(
+        "Rank {} candidate items for user {} by how well they match the user's preference, using the user, item and review information of the platform.",
+        ids.len(),
+        t.task.user_id
+    );
+    let prompt = format!(
+        "You are a planner who divides a recommendation task into several subtasks. You also need to give the reasoning instructions for each subtask and the instructions for calling the tool. Your output format should follow the example below.\nThe following are some examples:\nTask: {PLAN_EXAMPLE}\n\nTask: {task}\n"
+    );
+    let reply = ctx
+        .chat(
+            "plan",
+            vec![ChatMessage::user(&prompt)],
+            ctx.env.cfg.max_tokens,
+        )
+        .await?;
+    let mut plan = read_plan(&reply);
+    if plan.is_empty() {
+        plan = vec![
+            "First I need to find user information".into(),
+            "Next, I need to find item information".into(),
+            "Next, I need to find review information".into(),
+        ];
+    }
+    plan.truncate(4);
+    let mut obs = Vec::new();
+    let mut fetched = 0usize;
+    for (k, sub) in plan.iter().enumerate() {
+        let p = format!(
+            "You have access to the following tools:\n{TOOLS}\nYou need to select the appropriate tool from the list of available tools according to the task description to complete the task:\n{sub}\nThe user is {}; the candidate items are {ids:?}.\nYou must use the tools by outputting the tool name followed by its arguments, delimited by commas. You can only invoke one tool at a time. You must begin your tool invocation with 'Action:' and end it with 'End Action'.",
+            t.task.user_id
+        );
+        let r = ctx
+            .chat(&format!("tool-{k}"), vec![ChatMessage::user(&p)], 60)
+            .await?;
+        match read_action(&r) {
+            Some(a) => {
+                let o = act(tool, &a, &t.task.user_id, ids, &mut fetched)?;
+                obs.push(format!("- {} → {o}", a.tool));
+            }
+            None => obs.push(format!("- ({sub}): no tool call could be read")),
+        }
+    }
+    let n = obs.len();
+    Ok((obs.join("\n"), n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plans_and_actions_are_read_leniently() {
+        let p = read_plan(
+            "sub-task 1: {'description': 'Look up the user', 'x': 1}\nsub-task 2: {\"description\": \"Read reviews\"}\n{no}",
+        );
+        assert_eq!(p, vec!["Look up the user", "Read reviews"]);
+        assert_eq!(
+            read_action("Thought: hm. Action: get_reviews, user_id=u1 End Action"),
+            Some(Action {
+                tool: "get_reviews".into(),
+                args: vec![("user_id".into(), "u1".into())]
+            })
+        );
+        assert_eq!(
+            read_action("get_item('b3')").unwrap().args,
+            vec![(String::new(), "b3".into())]
+        );
+        assert_eq!(read_action("I will think."), None);
+    }
 
     #[test]
     fn borda_and_ties() {

@@ -298,6 +298,9 @@ fn ranked_reply(prompt: &str) -> String {
         .filter_map(|l| l.strip_prefix("- "))
         .filter_map(|l| {
             let (id, rest) = l.split_once(':')?;
+            if id.trim().contains(' ') {
+                return None;
+            }
             let n: u32 = rest
                 .split("Shop ")
                 .nth(1)?
@@ -308,6 +311,25 @@ fn ranked_reply(prompt: &str) -> String {
             Some((n, id.trim().to_string()))
         })
         .collect();
+    // the baseline's prompt gives the candidates as JSON records
+    for part in prompt.split("\"item_id\":\"b").skip(1) {
+        let n: String = part.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(n) = n.parse::<u32>() {
+            if !ids.iter().any(|x| x.0 == n) {
+                ids.push((n, format!("b{n}")));
+            }
+        }
+    }
+    if prompt.contains("You are a planner") {
+        return "sub-task 1: {'description': 'find the user reviews'}\nsub-task 2: {'description': 'check items'}".into();
+    }
+    if prompt.contains("You have access to the following tools") {
+        return if prompt.contains("user reviews") {
+            "Thought: reviews. Action: get_reviews, user_id=u3 End Action".into()
+        } else {
+            "Action: get_item, b2 End Action".into()
+        };
+    }
     ids.sort_by_key(|(n, _)| (n % 2, *n));
     let list: Vec<String> = ids.iter().map(|(_, id)| format!("'{id}'")).collect();
     // a repeat and an unknown id, as small models write
@@ -525,6 +547,24 @@ fn a_language_model_agent_is_repaired_scored_isolated_and_resumed() {
         assert!(r.truth_rank.unwrap() <= evens(r));
         assert_eq!(r.calls, 1);
     }
+    // planning + tool use: the plan's two subtasks each make one tool call on the task's
+    // environment, then one ranking call that sees what was gathered
+    let plan = BenchConfig {
+        method: Method::Planner,
+        ..cfg.clone()
+    };
+    let c = Scripted {
+        calls: AtomicUsize::new(0),
+        mode: 0,
+    };
+    let recs = run(&s, &set, &c, &plan, &dir.path().join("j7.jsonl"), false);
+    for r in &recs {
+        assert_eq!(r.calls, 4, "{r:?}");
+        assert!(r.truth_rank.unwrap() <= evens(r), "{r:?}");
+    }
+    let j = std::fs::read_to_string(dir.path().join("j7.jsonl")).unwrap();
+    assert!(j.contains("Information you gathered with the tools") && j.contains("get_reviews"));
+
     // CoT cannot be read from one scored answer: a clear error per task
     let cot = BenchConfig {
         method: Method::Cot,

@@ -108,7 +108,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub data: Option<String>,
     /// identity, random, pop, mf, lightgcn (classical); baseline, cot, cot-sc, self-refine,
-    /// step-back, memory, cot-memory, agent4rec, selective (language-model agents).
+    /// step-back, memory, cot-memory, agent4rec, selective, planner (language-model agents).
     #[arg(long)]
     pub agent: String,
     /// Run only the first N tasks.
