@@ -21,7 +21,7 @@ use rudder_client::{ChatMessage, LlmClient};
 use rudder_data::{Dataset, Interactions};
 
 pub use crate::calls::{AgentUsage, Exchange};
-use crate::calls::{CallEnv, Ctx, Spent, run_all};
+use crate::calls::{CallEnv, CallSettings, Ctx, Spent, run_all};
 use crate::journal::Journal;
 use crate::memory::{Embedder, Memory, MemoryKind};
 use crate::pages::{self, Baseline, Source};
@@ -210,23 +210,16 @@ impl CallEnv for Env<'_> {
     fn journal(&self) -> &Journal {
         self.journal
     }
-    fn model(&self) -> &str {
-        &self.cfg.model
-    }
-    fn seed(&self) -> u64 {
-        self.cfg.seed
-    }
-    fn temperature(&self) -> f32 {
-        self.cfg.temperature
-    }
-    fn max_tokens(&self) -> u32 {
-        self.cfg.max_tokens
-    }
-    fn retries(&self) -> u32 {
-        self.cfg.retries
-    }
-    fn concurrency(&self) -> usize {
-        self.cfg.concurrency
+    fn settings(&self) -> CallSettings<'_> {
+        let c = self.cfg;
+        CallSettings {
+            model: &c.model,
+            seed: c.seed,
+            temperature: c.temperature,
+            max_tokens: c.max_tokens,
+            retries: c.retries,
+            concurrency: c.concurrency,
+        }
     }
     fn agent_done(&self, agent: u32, tokens: u64, failed: bool) {
         self.progress.agent_done(agent, tokens, failed)

@@ -15,19 +15,25 @@ use rudder_client::{ChatMessage, ChatRequest, LlmClient};
 use crate::journal::Journal;
 use crate::{AgentError, Result};
 
+/// The settings every call of a run uses.
+#[derive(Clone, Copy, Debug)]
+pub struct CallSettings<'a> {
+    /// Model name sent with every request.
+    pub model: &'a str,
+    pub seed: u64,
+    pub temperature: f32,
+    pub max_tokens: u32,
+    /// Extra attempts for a reply that cannot be read.
+    pub retries: u32,
+    /// Agents (or tasks) in flight at once.
+    pub concurrency: usize,
+}
+
 /// What a call context needs from the run it belongs to.
 pub trait CallEnv: Sync {
     fn client(&self) -> &dyn LlmClient;
     fn journal(&self) -> &Journal;
-    /// Model name sent with every request.
-    fn model(&self) -> &str;
-    fn seed(&self) -> u64;
-    fn temperature(&self) -> f32;
-    fn max_tokens(&self) -> u32;
-    /// Extra attempts for a reply that cannot be read.
-    fn retries(&self) -> u32;
-    /// Agents (or tasks) in flight at once.
-    fn concurrency(&self) -> usize;
+    fn settings(&self) -> CallSettings<'_>;
     /// Called when an agent finishes (tokens spent, whether it failed).
     fn agent_done(&self, _agent: u32, _tokens: u64, _failed: bool) {}
 }
@@ -87,7 +93,7 @@ impl<'e, E: CallEnv + ?Sized> Ctx<'e, E> {
 
     fn call_seed(&self, seq: u32) -> u64 {
         let scope: Vec<u64> = self.scope.bytes().map(u64::from).collect();
-        let h = rudder_data::rng::hash_keys(self.env.seed(), &scope);
+        let h = rudder_data::rng::hash_keys(self.env.settings().seed, &scope);
         rudder_data::rng::hash_keys(h, &[self.agent as u64, seq as u64]) >> 1
     }
 
@@ -126,7 +132,7 @@ impl<'e, E: CallEnv + ?Sized> Ctx<'e, E> {
         messages: Vec<ChatMessage>,
         max_tokens: u32,
     ) -> Result<String> {
-        let t = self.env.temperature();
+        let t = self.env.settings().temperature;
         self.chat_at(kind, messages, max_tokens, t).await
     }
 
@@ -142,7 +148,7 @@ impl<'e, E: CallEnv + ?Sized> Ctx<'e, E> {
         let seq = self.seq;
         self.seq += 1;
         let req = ChatRequest {
-            model: self.env.model().to_string(),
+            model: self.env.settings().model.to_string(),
             messages: messages.clone(),
             max_tokens: Some(max_tokens),
             temperature: Some(temperature),
@@ -186,7 +192,7 @@ impl<'e, E: CallEnv + ?Sized> Ctx<'e, E> {
     ) -> Result<Vec<f64>> {
         let seq = self.seq;
         self.seq += 1;
-        let key = json!({"model": self.env.model(), "messages": messages, "continuations": continuations});
+        let key = json!({"model": self.env.settings().model, "messages": messages, "continuations": continuations});
         let hash = sha(&key);
         let rec = match self.recorded(seq, &hash)? {
             Some(r) => r,
@@ -194,7 +200,7 @@ impl<'e, E: CallEnv + ?Sized> Ctx<'e, E> {
                 let client = self.env.client();
                 let s = client
                     .continuation_logprobs(
-                        self.env.model(),
+                        self.env.settings().model,
                         messages.clone(),
                         continuations.clone(),
                     )
@@ -259,7 +265,7 @@ impl<'e, E: CallEnv + ?Sized> Ctx<'e, E> {
         messages: Vec<ChatMessage>,
         read: impl Fn(&str) -> (T, bool),
     ) -> Result<(T, bool, String, u32)> {
-        let max_tokens = self.env.max_tokens();
+        let max_tokens = self.env.settings().max_tokens;
         self.ask_with(kind, messages, max_tokens, read).await
     }
 
@@ -276,7 +282,7 @@ impl<'e, E: CallEnv + ?Sized> Ctx<'e, E> {
             let text = self.chat(kind, messages.clone(), max_tokens).await?;
             let (v, ok) = read(&text);
             attempt += 1;
-            if ok || attempt > self.env.retries() {
+            if ok || attempt > self.env.settings().retries {
                 if !ok {
                     self.usage.unparsed += 1;
                 }
@@ -292,7 +298,7 @@ pub trait Spent {
     fn tokens(&self) -> u64;
 }
 
-/// Run `f(k)` for the agents `ids[k]` concurrently (at most `env.concurrency()` at once);
+/// Run `f(k)` for the agents `ids[k]` concurrently (at most `env.settings().concurrency` at once);
 /// results in id order. A failing agent is isolated: its error is journaled (step `failed`)
 /// and returned beside the others. A journal or file error stops the run (resuming cannot be
 /// trusted past it).
@@ -308,7 +314,7 @@ where
     Fut: std::future::Future<Output = Result<T>>,
     T: Spent,
 {
-    let conc = env.concurrency().max(1);
+    let conc = env.settings().concurrency.max(1);
     let mut res: Vec<(usize, Result<T>)> = futures_util::stream::iter(0..ids.len())
         .map(|k| {
             let fut = f(k);

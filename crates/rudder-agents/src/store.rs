@@ -246,14 +246,36 @@ struct Builder {
     db: Database,
     path: PathBuf,
     meta: StoreMeta,
-    pending: Vec<(u8, Vec<u8>, Vec<u8>)>,
+    pending: Vec<Pending>,
     tmin: i64,
     tmax: i64,
 }
 
 const K_USER: u8 = 0;
 const K_ITEM: u8 = 1;
-const K_REVIEW: u8 = 2;
+
+/// Insert a record; whether its id was new.
+fn put(
+    t: &mut redb::Table<&str, &[u8]>,
+    id: &str,
+    bytes: &[u8],
+) -> std::result::Result<bool, redb::StorageError> {
+    Ok(t.insert(id, bytes)?.is_none())
+}
+
+/// A record waiting for the next write transaction.
+enum Pending {
+    User(String, Vec<u8>),
+    Item(String, Vec<u8>),
+    Review {
+        id: String,
+        user: String,
+        item: String,
+        time: Option<i64>,
+        stars: Option<f32>,
+        bytes: Vec<u8>,
+    },
+}
 
 impl Builder {
     fn new(tmp: &Path, source: &str) -> Result<Builder> {
@@ -278,7 +300,15 @@ impl Builder {
 
     fn push(&mut self, kind: u8, id: String, rec: Value) -> Result<()> {
         let bytes = serde_json::to_vec(&rec).unwrap_or_default();
-        self.pending.push((kind, id.into_bytes(), bytes));
+        let pending = match kind {
+            K_USER => Pending::User(id, bytes),
+            _ => Pending::Item(id, bytes),
+        };
+        self.push_pending(pending)
+    }
+
+    fn push_pending(&mut self, p: Pending) -> Result<()> {
+        self.pending.push(p);
         if self.pending.len() >= BATCH {
             self.flush()?;
         }
@@ -290,52 +320,39 @@ impl Builder {
             return Ok(());
         }
         let p = self.path.clone();
-        let mut tx = self.db.begin_write().map_err(|e| db_err(&p, e))?;
+        let e = |x: redb::StorageError| db_err(&p, x);
+        let mut tx = self.db.begin_write().map_err(|x| db_err(&p, x))?;
         tx.set_durability(redb::Durability::None)
-            .map_err(|e| db_err(&p, e))?;
+            .map_err(|x| db_err(&p, x))?;
         {
-            let mut users = tx.open_table(USERS).map_err(|e| db_err(&p, e))?;
-            let mut items = tx.open_table(ITEMS).map_err(|e| db_err(&p, e))?;
-            let mut reviews = tx.open_table(REVIEWS).map_err(|e| db_err(&p, e))?;
-            let mut by_user = tx.open_table(BY_USER).map_err(|e| db_err(&p, e))?;
-            let mut by_item = tx.open_table(BY_ITEM).map_err(|e| db_err(&p, e))?;
-            for (kind, id, bytes) in self.pending.drain(..) {
-                let id = String::from_utf8(id).unwrap_or_default();
-                match kind {
-                    K_USER => {
-                        if users
-                            .insert(id.as_str(), bytes.as_slice())
-                            .map_err(|e| db_err(&p, e))?
-                            .is_none()
-                        {
-                            self.meta.users += 1;
-                        }
+            let mut users = tx.open_table(USERS).map_err(|x| db_err(&p, x))?;
+            let mut items = tx.open_table(ITEMS).map_err(|x| db_err(&p, x))?;
+            let mut reviews = tx.open_table(REVIEWS).map_err(|x| db_err(&p, x))?;
+            let mut by_user = tx.open_table(BY_USER).map_err(|x| db_err(&p, x))?;
+            let mut by_item = tx.open_table(BY_ITEM).map_err(|x| db_err(&p, x))?;
+            for rec in self.pending.drain(..) {
+                match rec {
+                    Pending::User(id, bytes) => {
+                        self.meta.users += u64::from(put(&mut users, &id, &bytes).map_err(e)?)
                     }
-                    K_ITEM => {
-                        if items
-                            .insert(id.as_str(), bytes.as_slice())
-                            .map_err(|e| db_err(&p, e))?
-                            .is_none()
-                        {
-                            self.meta.items += 1;
-                        }
+                    Pending::Item(id, bytes) => {
+                        self.meta.items += u64::from(put(&mut items, &id, &bytes).map_err(e)?)
                     }
-                    _ => {
-                        let r: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                        let user = r["user_id"].as_str().unwrap_or_default();
-                        let item = r["item_id"].as_str().unwrap_or_default();
-                        let t = r["_time"].as_i64();
-                        let stars = r["stars"]
-                            .as_f64()
-                            .map(|x| x.to_string())
-                            .unwrap_or_default();
+                    Pending::Review {
+                        id,
+                        user,
+                        item,
+                        time,
+                        stars,
+                        bytes,
+                    } => {
                         if reviews
                             .insert(id.as_str(), bytes.as_slice())
-                            .map_err(|e| db_err(&p, e))?
+                            .map_err(|x| db_err(&p, x))?
                             .is_none()
                         {
                             self.meta.reviews += 1;
-                            match t {
+                            match time {
                                 Some(t) => {
                                     self.tmin = self.tmin.min(t);
                                     self.tmax = self.tmax.max(t);
@@ -343,23 +360,24 @@ impl Builder {
                                 None => self.meta.undated += 1,
                             }
                         }
+                        let stars = stars.map(|x| x.to_string()).unwrap_or_default();
                         by_user
                             .insert(
-                                index_key(user, t, &id).as_slice(),
+                                index_key(&user, time, &id).as_slice(),
                                 format!("{item}\t{stars}").as_str(),
                             )
-                            .map_err(|e| db_err(&p, e))?;
+                            .map_err(|x| db_err(&p, x))?;
                         by_item
                             .insert(
-                                index_key(item, t, &id).as_slice(),
+                                index_key(&item, time, &id).as_slice(),
                                 format!("{user}\t{stars}").as_str(),
                             )
-                            .map_err(|e| db_err(&p, e))?;
+                            .map_err(|x| db_err(&p, x))?;
                     }
                 }
             }
         }
-        tx.commit().map_err(|e| db_err(&p, e))?;
+        tx.commit().map_err(|x| db_err(&p, x))?;
         Ok(())
     }
 
@@ -379,14 +397,23 @@ impl Builder {
         let id =
             str_field(&r, &["review_id"]).unwrap_or_else(|| review_id_of(&src, &user, &item, t));
         r.insert("review_id".into(), id.clone().into());
-        r.insert("user_id".into(), user.into());
-        r.insert("item_id".into(), item.into());
+        r.insert("user_id".into(), user.clone().into());
+        r.insert("item_id".into(), item.clone().into());
         if let Some(s) = stars_of(&r) {
             r.insert("stars".into(), json!(s));
         }
         r.insert("_time".into(), t.map_or(Value::Null, Value::from));
-        self.push(K_REVIEW, id, Value::Object(r))
-            .map_err(|e| e.to_string())
+        let stars = r.get("stars").and_then(Value::as_f64).map(|x| x as f32);
+        let bytes = serde_json::to_vec(&r).unwrap_or_default();
+        self.push_pending(Pending::Review {
+            id,
+            user,
+            item,
+            time: t,
+            stars,
+            bytes,
+        })
+        .map_err(|e| e.to_string())
     }
 
     fn finish(mut self, dest: &Path, started: std::time::Instant) -> Result<Store> {

@@ -13,7 +13,7 @@ use rudder_agents::journal::Journal;
 use rudder_agents::store::{BuildOptions, NoBuildProgress, Store};
 use rudder_agents::tasks::{self, BuildConfig, Scenario, TaskSet};
 use rudder_agents::tool::{ReviewsOf, Tool};
-use rudder_client::openai::{AssistantMessage, ChatChoice, ChatResponse, Usage};
+use rudder_client::openai::{ChatResponse, Usage};
 use rudder_client::{BoxFut, ChatMessage, ChatRequest, ClientError, LlmClient, Scores};
 
 const USERS: usize = rudder_agents::fixtures::RELEASE_USERS;
@@ -353,28 +353,15 @@ impl LlmClient for Scripted {
                 }
                 _ => ranked_reply(&req.messages.last().unwrap().content),
             };
-            Ok(ChatResponse {
-                id: "x".into(),
-                object: "chat.completion".into(),
-                created: 0,
-                model: "scripted".into(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant".into(),
-                        content: Some(text),
-                    },
-                    finish_reason: Some("stop".into()),
-                    logprobs: None,
-                }],
-                usage: Some(Usage {
+            Ok(ChatResponse::from_text(
+                "scripted",
+                text,
+                Some(Usage {
                     prompt_tokens: 300,
                     completion_tokens: 40,
                     total_tokens: 340,
                 }),
-                system_fingerprint: None,
-                rudder: None,
-            })
+            ))
         })
     }
     fn continuation_logprobs<'a>(

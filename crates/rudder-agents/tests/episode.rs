@@ -9,7 +9,7 @@ use rudder_agents::agent4rec::{self, Catalog, Decisions, Env, NoProgress, Recomm
 use rudder_agents::journal::Journal;
 use rudder_agents::memory::HashEmbedder;
 use rudder_agents::pages::Baseline;
-use rudder_client::openai::{AssistantMessage, ChatChoice, ChatResponse, Usage};
+use rudder_client::openai::{ChatResponse, Usage};
 use rudder_client::{BoxFut, ChatMessage, ChatRequest, ClientError, LlmClient, Scores};
 
 /// Writes an Agent4Rec-layout folder: 6 users, 40 movies.
@@ -89,28 +89,15 @@ impl LlmClient for Scripted {
                 return Err(ClientError::Connect("scripted outage".into()));
             }
             let text = reply_for(&req);
-            Ok(ChatResponse {
-                id: "x".into(),
-                object: "chat.completion".into(),
-                created: 0,
-                model: "scripted".into(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant".into(),
-                        content: Some(text),
-                    },
-                    finish_reason: Some("stop".into()),
-                    logprobs: None,
-                }],
-                usage: Some(Usage {
+            Ok(ChatResponse::from_text(
+                "scripted",
+                text,
+                Some(Usage {
                     prompt_tokens: 100,
                     completion_tokens: 10,
                     total_tokens: 110,
                 }),
-                system_fingerprint: None,
-                rudder: None,
-            })
+            ))
         })
     }
     fn continuation_logprobs<'a>(

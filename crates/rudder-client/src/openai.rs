@@ -282,6 +282,29 @@ pub struct ChatResponse {
 }
 
 impl ChatResponse {
+    /// A one-choice assistant reply (`finish_reason` "stop"), as a backend or a scripted test
+    /// client returns it.
+    pub fn from_text(model: &str, text: String, usage: Option<Usage>) -> ChatResponse {
+        ChatResponse {
+            id: "chatcmpl-local".into(),
+            object: "chat.completion".into(),
+            created: 0,
+            model: model.into(),
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: Some(text),
+                },
+                finish_reason: Some("stop".into()),
+                logprobs: None,
+            }],
+            usage,
+            system_fingerprint: None,
+            rudder: None,
+        }
+    }
+
     /// The first choice's text (empty if none).
     pub fn text(&self) -> &str {
         self.choices
