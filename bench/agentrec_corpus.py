@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Write a synthetic AgentSociety/AgentRecBench release (user.json, item.json, review.json,
 JSON Lines in the Yelp schema of the reference's data_process.py) of about SIZE_GB gigabytes,
-deterministically, to measure `rudder bench agentrec store` build time and peak memory.
+deterministically (half the reviews on items drawn from an exponential over the first few
+thousand, the most reviewed with about a thousand reviews, the rest uniform), to measure `rudder bench agentrec store` build time and peak memory.
 
 usage: bench/agentrec_corpus.py OUT_DIR [SIZE_GB=2]
 """
@@ -36,7 +37,7 @@ with open(os.path.join(out, "review.json"), "w") as f:
     while written < target:
         day = rng.randrange(3650)
         line = json.dumps({"review_id": f"r{k:010d}", "user_id": f"u{rng.randrange(n_users):08d}",
-            "item_id": f"b{min(int(rng.paretovariate(1.2)) - 1, n_items - 1) if rng.random() < 0.5 else rng.randrange(n_items):07d}",
+            "item_id": f"b{min(int(rng.expovariate(1 / 3000)), n_items - 1) if rng.random() < 0.5 else rng.randrange(n_items):07d}",
             "stars": float(rng.randint(1, 5)), "useful": rng.randint(0, 5), "funny": 0, "cool": 0,
             "text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))),
             "date": f"{2012 + day // 365}-{1 + (day % 365) // 31:02d}-{1 + day % 28:02d} 12:00:00",
