@@ -376,7 +376,9 @@ impl Decoder {
                 detail: "max_position_embeddings".into(),
             });
         }
-        if phase == Phase::Prefill && cache.len == 0 {
+        // A caller that reads a long prompt in chunks sets `prompt_cols` to the whole prompt
+        // first; otherwise the first prefill call is the prompt.
+        if phase == Phase::Prefill && cache.len == 0 && cache.prompt_cols == 0 {
             cache.prompt_cols = t;
         }
         let dev = ids.device().clone();

@@ -70,6 +70,11 @@ pub fn continuation_logprobs(
     Ok(logp.gather(&tgt, 1)?.squeeze(1)?)
 }
 
+/// Prompt columns read per forward pass by [`branch_logprobs`].
+const PROMPT_CHUNK: usize = 512;
+/// Branch rows run at once by [`branch_logprobs`].
+const BRANCH_GROUP: usize = 8;
+
 /// Per-token log-probabilities of several continuations of each prompt, computing each prompt
 /// once: the prompts run as one left-padded batch, their caches are shared by every branch,
 /// and the branches (right-padded) run as one more batch. Returns the flat tensor
@@ -100,7 +105,18 @@ pub fn branch_logprobs(
     let (ids, pads) = left_pad(prompts, pad_id)?;
     let (b, tp) = ids.dims2()?;
     let mut cache = dec.new_cache(pads);
-    let hp = dec.forward(&ids, &mut cache, Phase::Prefill, hook)?;
+    // The prompts are read in chunks: one pass over a long prompt would materialise its whole
+    // attention matrix (heads × tp × tp; 0.7 GB per layer at 4k tokens).
+    cache.prompt_cols = tp;
+    let mut hp = None;
+    let mut start = 0;
+    while start < tp {
+        let n = PROMPT_CHUNK.min(tp - start);
+        hp = Some(dec.forward(&ids.narrow(1, start, n)?, &mut cache, Phase::Prefill, hook)?);
+        start += n;
+    }
+    let hp = hp.expect("a non-empty prompt");
+    let tp = hp.dim(1)?;
     let d = hp.dim(D::Minus1)?;
     let mut rows = Vec::new();
     for (i, bs) in branches.iter().enumerate() {
@@ -122,12 +138,23 @@ pub fn branch_logprobs(
         flat.extend(std::iter::repeat_n(pad_id, width - inp.len()));
     }
     let hb = if lmax > 1 {
-        let mut bc = cache.expand_rows(&rows)?;
-        let bid = Tensor::from_vec(flat, (nb, width), &Device::Cpu)?;
-        Some(
-            dec.forward(&bid, &mut bc, Phase::Prefill, hook)?
-                .reshape((nb * width, d))?,
-        )
+        // Branches run in groups: each row of a group holds its own copy of the prompt's cache
+        // (about 200 MB per row for a 4k-token prompt of a 135M model).
+        let mut outs = Vec::new();
+        for g in (0..nb).step_by(BRANCH_GROUP) {
+            let n = BRANCH_GROUP.min(nb - g);
+            let mut bc = cache.expand_rows(&rows[g..g + n])?;
+            let bid = Tensor::from_vec(
+                flat[g * width..(g + n) * width].to_vec(),
+                (n, width),
+                &Device::Cpu,
+            )?;
+            outs.push(
+                dec.forward(&bid, &mut bc, Phase::Prefill, hook)?
+                    .reshape((n * width, d))?,
+            );
+        }
+        Some(Tensor::cat(&outs, 0)?)
     } else {
         None
     };
@@ -323,6 +350,36 @@ mod tests {
                     assert!(diff <= 1e-3 * m.max(1e-3), "{n}: {diff} vs {m}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn long_prompts_read_in_chunks_score_as_one_pass() {
+        let d = tempfile::tempdir().unwrap();
+        let mut spec = TinySpec::new(Arch::Llama);
+        spec.context = 4096;
+        write_hf_dir(d.path(), &spec).unwrap();
+        let lm = load(d.path(), &LoadOptions::default()).unwrap();
+        // two prompts of different lengths (left padding), both longer than one chunk
+        let p1: Vec<u32> = (0..1300u32).map(|i| 3 + (i * 7) % 90).collect();
+        let p2: Vec<u32> = (0..700u32).map(|i| 5 + (i * 11) % 80).collect();
+        let branches = vec![vec![vec![7u32, 8, 9], vec![60u32]], vec![vec![2u32, 4]]];
+        let pairs = vec![
+            (p1.clone(), vec![7u32, 8, 9]),
+            (p1.clone(), vec![60u32]),
+            (p2.clone(), vec![2u32, 4]),
+        ];
+        let a = branch_logprobs(&lm.decoder, &[p1, p2], &branches, 0, &mut NoHook)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = continuation_logprobs(&lm.decoder, &pairs, 0, &mut NoHook)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a.len(), 6);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{a:?} vs {b:?}");
         }
     }
 }
