@@ -45,6 +45,9 @@ pub enum Method {
     Pop,
     Mf,
     Lightgcn,
+    /// AlphaRec (rudder-cf): LightGCN over a projection of the items' language embeddings (the
+    /// titles encoded by a sentence encoder, MiniLM by default), InfoNCE.
+    Alpharec,
     /// The reference baseline agent (user → items → reviews, one ranking call), its
     /// one-candidate bug fixed (`faithful` keeps it).
     Baseline,
@@ -76,12 +79,13 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 15] = [
+    pub const ALL: [Method; 16] = [
         Method::Identity,
         Method::Random,
         Method::Pop,
         Method::Mf,
         Method::Lightgcn,
+        Method::Alpharec,
         Method::Baseline,
         Method::Cot,
         Method::CotSc,
@@ -101,6 +105,7 @@ impl Method {
             Method::Pop => "pop",
             Method::Mf => "mf",
             Method::Lightgcn => "lightgcn",
+            Method::Alpharec => "alpharec",
             Method::Baseline => "baseline",
             Method::Cot => "cot",
             Method::CotSc => "cot-sc",
@@ -118,7 +123,12 @@ impl Method {
     pub fn is_llm(self) -> bool {
         !matches!(
             self,
-            Method::Identity | Method::Random | Method::Pop | Method::Mf | Method::Lightgcn
+            Method::Identity
+                | Method::Random
+                | Method::Pop
+                | Method::Mf
+                | Method::Lightgcn
+                | Method::Alpharec
         )
     }
 
@@ -453,10 +463,41 @@ pub fn train_cf(
     seed: u64,
     obs: &mut dyn rudder_cf::trainer::TrainObserver,
 ) -> Result<CfModel> {
+    train_cf_with(
+        data,
+        method,
+        epochs,
+        seed,
+        &rudder_cf::model::ModelInputs::default(),
+        obs,
+    )
+}
+
+/// The items' titles from the store (title, name, else the id) on the dataset's item table,
+/// for encoders.
+pub fn with_titles(store: &Store, mut data: Dataset) -> Result<Dataset> {
+    let titles = (0..data.n_items() as u32)
+        .map(|i| store.item_name(data.items.ext(i)))
+        .collect::<Result<Vec<String>>>()?;
+    data.item_table.title = Some(titles);
+    Ok(data)
+}
+
+/// [`train_cf`] with model inputs (AlphaRec's item language features, one row per item of
+/// `data`).
+pub fn train_cf_with(
+    data: Dataset,
+    method: Method,
+    epochs: usize,
+    seed: u64,
+    inputs: &rudder_cf::model::ModelInputs,
+    obs: &mut dyn rudder_cf::trainer::TrainObserver,
+) -> Result<CfModel> {
     use rudder_cf::{CfConfig, LossConfig, ModelKind};
     let kind = match method {
         Method::Mf => ModelKind::Mf,
         Method::Lightgcn => ModelKind::Lightgcn,
+        Method::Alpharec => ModelKind::Alpharec,
         _ => {
             return Err(AgentError::Input(format!(
                 "{} is not a CF model",
@@ -489,19 +530,19 @@ pub fn train_cf(
         test: rudder_data::Interactions::empty(nu, ni),
         extra_tests: Vec::new(),
     };
-    let mut cfg = CfConfig::new(kind, LossConfig::Bpr { reg: 1e-4 });
+    let mut cfg = match kind {
+        // the paper's settings (InfoNCE, τ = 0.15, 256 negatives, two layers)
+        ModelKind::Alpharec => rudder_cf::presets::preset("alpharec")
+            .ok_or_else(|| AgentError::Input("no alpharec preset".into()))?,
+        _ => CfConfig::new(kind, LossConfig::Bpr { reg: 1e-4 }),
+    };
     cfg.epochs = epochs.max(1);
     cfg.eval_every = 5.min(cfg.epochs);
     cfg.patience = 4;
     cfg.ks = vec![20];
     cfg.seed = seed;
     cfg.batch_size = 4096;
-    let report = rudder_cf::trainer::train_with(
-        &cfg,
-        &split,
-        &rudder_cf::model::ModelInputs::default(),
-        obs,
-    )?;
+    let report = rudder_cf::trainer::train_with(&cfg, &split, inputs, obs)?;
     let best_valid = report.best_valid.as_ref().map(|r| r.get("ndcg", 20));
     Ok(CfModel {
         name: method.name().into(),
@@ -539,7 +580,7 @@ pub fn run_classical(
                 }
                 rank_by_scores(&s, &fill)
             }
-            Method::Mf | Method::Lightgcn => {
+            Method::Mf | Method::Lightgcn | Method::Alpharec => {
                 let m = cf.ok_or_else(|| AgentError::Input("no CF model given".into()))?;
                 let ni = m.data.n_items();
                 let mut s = vec![f64::NEG_INFINITY; n];
@@ -573,6 +614,18 @@ pub fn run_classical(
         out.push(rec);
     }
     Ok(out)
+}
+
+/// HR@1/3/5 of ranking every task's candidates by visible popularity (the baseline reported
+/// beside every run and every task set).
+pub fn popularity_order(store: &Store, set: &TaskSet, hide_candidates: bool) -> Result<[f64; 3]> {
+    let cfg = BenchConfig {
+        method: Method::Pop,
+        hide_candidates,
+        ..Default::default()
+    };
+    let m = metrics("pop", &run_classical(store, set, &cfg, None)?, 0.0);
+    Ok([m.hr1, m.hr3, m.hr5])
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ pub struct RunArgs {
     /// The record store or data (default: the one the task folder's manifest names).
     #[arg(long)]
     pub data: Option<String>,
-    /// identity, random, pop, mf, lightgcn (classical); baseline, cot, cot-sc, self-refine,
+    /// identity, random, pop, mf, lightgcn, alpharec (classical); baseline, cot, cot-sc, self-refine,
     /// step-back, memory, cot-memory, agent4rec, selective, planner (language-model agents).
     #[arg(long)]
     pub agent: String,
@@ -173,6 +173,9 @@ pub struct RunArgs {
     /// MF / LightGCN epochs at most (early stopping on each user's latest visible interaction).
     #[arg(long, default_value_t = 60)]
     pub cf_epochs: usize,
+    /// AlphaRec's title encoder (an asset name or folder).
+    #[arg(long, default_value = "all-minilm-l6-v2")]
+    pub encoder: String,
     /// Output run folder (an interrupted language-model run resumes with --resume).
     #[arg(long)]
     pub out: PathBuf,
@@ -399,6 +402,17 @@ fn build_cmd(a: BuildArgs) -> Result<()> {
         report.mean_target_popularity,
         a.out.display()
     );
+    let set = TaskSet {
+        dir: a.out.clone(),
+        tasks: built,
+        ..Default::default()
+    };
+    let id = tasks::positions(&set).identity_hr;
+    let pop = agentrec::popularity_order(&store, &set, true)?;
+    println!(
+        "  baselines HR@1/3/5: identity order {:.3}/{:.3}/{:.3}, popularity order {:.3}/{:.3}/{:.3} (random 0.05/0.15/0.25)",
+        id[0], id[1], id[2], pop[0], pop[1], pop[2]
+    );
     if report.built < a.tasks {
         println!(
             "  (asked for {}; only {} qualify)",
@@ -596,11 +610,33 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         ));
         (recs, cfg, client.describe())
     } else {
-        let cf = if matches!(method, Method::Mf | Method::Lightgcn) {
+        let cf = if matches!(method, Method::Mf | Method::Lightgcn | Method::Alpharec) {
             let data = agentrec::visible_training_data(&store, &set, cfg.hide_candidates)?;
             let n = data.interactions.len();
+            let inputs = if method == Method::Alpharec {
+                let enc = crate::lm_cmd::resolve_model(&a.encoder).with_context(|| {
+                    format!(
+                        "--encoder {}: not a fetched encoder or folder (try `rudder assets fetch all-minilm-l6-v2`)",
+                        a.encoder
+                    )
+                })?;
+                let titled = agentrec::with_titles(&store, data.clone())?;
+                let sp = crate::progress::spinner("encoding item titles");
+                let t = rudder_cf::features::encode_titles(
+                    &titled,
+                    &enc,
+                    rudder_cf::features::Pooling::Mean,
+                    &mut |_, _| {},
+                )?;
+                sp.finish_and_clear();
+                rudder_cf::model::ModelInputs {
+                    item_features: Some(t),
+                }
+            } else {
+                rudder_cf::model::ModelInputs::default()
+            };
             let mut obs = crate::cf_cmd::progress_bar(a.cf_epochs, 20);
-            let m = agentrec::train_cf(data, method, a.cf_epochs, a.seed, &mut obs)?;
+            let m = agentrec::train_cf_with(data, method, a.cf_epochs, a.seed, &inputs, &mut obs)?;
             obs.pb.finish_and_clear();
             notes.push(format!(
                 "{} trained (BPR) on the {n} interactions every task may see: {} epochs, best validation NDCG@20 {}",
@@ -617,6 +653,11 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     };
     let wall = t0.elapsed().as_secs_f64();
     let m = agentrec::metrics(method.name(), &records, wall);
+    let pop = agentrec::popularity_order(&store, &set, cfg.hide_candidates)?;
+    notes.push(format!(
+        "popularity order (visible reviews) on these tasks: HR@1/3/5 {:.3}/{:.3}/{:.3}",
+        pop[0], pop[1], pop[2]
+    ));
     write_run(&run, &a, &cfg, &set, &m, &records, &notes, &client_desc)?;
     println!("{}", table(&[(a.out.display().to_string(), m.clone())]));
     if m.failed > 0 {

@@ -140,6 +140,26 @@ fn agentrec_from_the_command_line() {
         serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m1["hr5"], m2["hr5"]);
     assert_eq!(m1["prompt_tokens"], m2["prompt_tokens"]);
+    // AlphaRec over the titles encoded by a language model (here the tiny decoder)
+    let ar = d.join("run-alpharec");
+    let o = ok(&rudder(&[
+        "bench",
+        "agentrec",
+        "run",
+        "--tasks",
+        s(&tasks),
+        "--agent",
+        "alpharec",
+        "--encoder",
+        s(&m),
+        "--cf-epochs",
+        "2",
+        "--out",
+        s(&ar),
+    ]));
+    assert!(o.contains("| alpharec |"), "{o}");
+    let summary = std::fs::read_to_string(ar.join("summary.md")).unwrap();
+    assert!(summary.contains("popularity order"), "{summary}");
     let lp = d.join("run-a4r");
     ok(&rudder(&[
         "bench",
