@@ -1268,9 +1268,9 @@ pub async fn run_task(env: &BenchEnv<'_>, t: &Loaded) -> Result<TaskRecord> {
                             let mut rec =
                                 finish_task(t, &presented, direct.as_deref().unwrap_or(&[]));
                             rec.repairs = rep;
-                            return Ok(complete(
+                            return complete(
                                 rec, &ctx, &tool, start, llm, env_s, unreadable, env.store, t,
-                            )?);
+                            );
                         }
                     }
                 }
@@ -1457,9 +1457,7 @@ pub fn read_plan(reply: &str) -> Vec<String> {
             let after = body[p + "description".len()..].trim_start_matches(|c: char| {
                 c == '\'' || c == '"' || c == ':' || c.is_whitespace()
             });
-            let end = after
-                .find(|c: char| c == '\'' || c == '"')
-                .unwrap_or(after.len());
+            let end = after.find(['\'', '"']).unwrap_or(after.len());
             let d = after[..end].trim();
             if !d.is_empty() {
                 out.push(d.to_string());

@@ -518,7 +518,7 @@ fn stream_lines(
         }
         ln += 1;
         *done += n as u64;
-        if ln % 20_000 == 0 {
+        if ln.is_multiple_of(20_000) {
             progress.bytes(*done, total);
         }
         let text = String::from_utf8_lossy(&line);

@@ -693,7 +693,7 @@ fn write_run(
         &run.path.join("metrics.json"),
         serde_json::to_string_pretty(m)?.as_bytes(),
     )?;
-    let mut hist = vec![0f64; 20];
+    let mut hist = [0f64; 20];
     for r in records {
         if let Some(k) = r.truth_rank.filter(|&k| k <= 20) {
             hist[k - 1] += 1.0;
