@@ -845,12 +845,20 @@ The information of the {n} candidate items: {items}\n{extra}\n\
     cap(&p, cfg.prompt_tokens)
 }
 
-fn named_history(
-    v: &View,
+/// One of the user's visible reviews with its item's display line (name and genres).
+struct Past<'v> {
+    item: &'v str,
+    line: String,
+    stars: f32,
+}
+
+/// The user's last `last` visible reviews outside `exclude`, oldest first.
+fn named_history<'v>(
+    v: &'v View,
     tool: &Tool<'_>,
     exclude: &[String],
     last: usize,
-) -> Result<Vec<(String, f32)>> {
+) -> Result<Vec<Past<'v>>> {
     let mut out = Vec::new();
     for r in v
         .history
@@ -871,7 +879,11 @@ fn named_history(
                 line.push_str(&format!(" [{}]", g.join(", ")));
             }
         }
-        out.push((line, r.stars.unwrap_or(0.0)));
+        out.push(Past {
+            item: &r.other,
+            line,
+            stars: r.stars.unwrap_or(0.0),
+        });
     }
     out.reverse();
     Ok(out)
@@ -890,20 +902,11 @@ fn selective_prompt(v: &View, tool: &Tool<'_>, cfg: &BenchConfig) -> Result<Stri
             (!t.trim().is_empty()).then(|| (r["item_id"].as_str().unwrap_or(""), cap(t.trim(), 50)))
         })
         .collect();
-    let recent: Vec<&str> = v
-        .history
-        .iter()
-        .rev()
-        .filter(|r| !ids.contains(&r.other))
-        .take(cfg.selective_reviews)
-        .map(|r| r.other.as_str())
-        .collect();
     let hist_lines: Vec<String> = hist
         .iter()
-        .zip(recent.iter().rev())
-        .map(|((name, s), item)| match text_of.get(item) {
-            Some(t) => format!("- {name}: {s} stars, \"{t}\""),
-            None => format!("- {name}: {s} stars"),
+        .map(|h| match text_of.get(h.item) {
+            Some(t) => format!("- {}: {} stars, \"{t}\"", h.line, h.stars),
+            None => format!("- {}: {} stars", h.line, h.stars),
         })
         .collect();
     let profile = v
@@ -958,7 +961,7 @@ fn memory_block(v: &View, tool: &Tool<'_>, emb: &dyn Embedder) -> Result<String>
     if hist.is_empty() {
         return Ok(String::new());
     }
-    let htexts: Vec<&str> = hist.iter().map(|h| h.0.as_str()).collect();
+    let htexts: Vec<&str> = hist.iter().map(|h| h.line.as_str()).collect();
     let hv = emb.embed(&htexts)?;
     let names = v.names();
     let cv = emb.embed(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -972,7 +975,7 @@ fn memory_block(v: &View, tool: &Tool<'_>, emb: &dyn Embedder) -> Result<String>
         if let Some((j, _)) = best {
             lines.push(format!(
                 "- for {} ({}): you rated {} {} stars",
-                v.cands[k].1, names[k], hist[j].0, hist[j].1
+                v.cands[k].1, names[k], hist[j].line, hist[j].stars
             ));
         }
     }
@@ -987,13 +990,13 @@ fn agent4rec_messages(v: &View, tool: &Tool<'_>, cfg: &BenchConfig) -> Result<Ve
     let hist = named_history(v, tool, &v.ids(), 200)?;
     let mut liked: Vec<&str> = hist
         .iter()
-        .filter(|h| h.1 >= 4.0)
-        .map(|h| h.0.as_str())
+        .filter(|h| h.stars >= 4.0)
+        .map(|h| h.line.as_str())
         .collect();
     let mut disliked: Vec<&str> = hist
         .iter()
-        .filter(|h| h.1 > 0.0 && h.1 <= 2.0)
-        .map(|h| h.0.as_str())
+        .filter(|h| h.stars > 0.0 && h.stars <= 2.0)
+        .map(|h| h.line.as_str())
         .collect();
     liked.reverse();
     disliked.reverse();
@@ -1002,7 +1005,7 @@ fn agent4rec_messages(v: &View, tool: &Tool<'_>, cfg: &BenchConfig) -> Result<Ve
     let mean = if hist.is_empty() {
         0.0
     } else {
-        hist.iter().map(|h| h.1 as f64).sum::<f64>() / hist.len() as f64
+        hist.iter().map(|h| h.stars as f64).sum::<f64>() / hist.len() as f64
     };
     let system = cap(
         &format!(
@@ -1099,6 +1102,7 @@ pub async fn run_task(env: &BenchEnv<'_>, t: &Loaded) -> Result<TaskRecord> {
     // `order` is in presented positions until mapped back at the end.
     let mut reads: Vec<Vec<Option<usize>>> = Vec::new();
     let mut direct: Option<Vec<usize>> = None;
+    let mut repairs = Repairs::default();
     let m = cfg.method;
     let logprob = cfg.decisions == Decisions::Logprob;
     if logprob && !m.supports_logprob() {
@@ -1149,7 +1153,7 @@ pub async fn run_task(env: &BenchEnv<'_>, t: &Loaded) -> Result<TaskRecord> {
             }
         }
         Method::Planner => {
-            let (obs, n_actions) = timed!(plan_and_gather(&mut ctx, &tool, t, &ids, &names).await?);
+            let obs = timed!(plan_and_gather(&mut ctx, &tool, t, &ids).await?);
             let extra = format!(
                 "Information you gathered with the tools:\n{}\n",
                 cap(&obs, cfg.history_tokens)
@@ -1158,7 +1162,6 @@ pub async fn run_task(env: &BenchEnv<'_>, t: &Loaded) -> Result<TaskRecord> {
             let (r, ok, _) = timed!(
                 ask_ranking(&mut ctx, "rank", vec![ChatMessage::user(&p)], &ids, &names).await?
             );
-            let _ = n_actions;
             unreadable = !ok;
             reads.push(r);
         }
@@ -1263,14 +1266,8 @@ pub async fn run_task(env: &BenchEnv<'_>, t: &Loaded) -> Result<TaskRecord> {
                         }
                         unreadable = !any;
                         if any {
-                            let fp = fill_presented(&fill, &presented);
-                            direct = Some(borda(&perms, n, &fp));
-                            let mut rec =
-                                finish_task(t, &presented, direct.as_deref().unwrap_or(&[]));
-                            rec.repairs = rep;
-                            return complete(
-                                rec, &ctx, &tool, start, llm, env_s, unreadable, env.store, t,
-                            );
+                            direct = Some(borda(&perms, n, &fill_presented(&fill, &presented)));
+                            repairs = rep;
                         }
                     }
                 }
@@ -1313,19 +1310,29 @@ pub async fn run_task(env: &BenchEnv<'_>, t: &Loaded) -> Result<TaskRecord> {
             }
         }
     }
-    let rec = match direct {
-        Some(order) => finish_task(t, &presented, &order),
-        None => {
-            let read = reads.pop().unwrap_or_default();
-            let (order, rep) = parse::repair(&read, n, &fill_presented(&fill, &presented));
-            let mut r = finish_task(t, &presented, &order);
-            r.repairs = rep;
-            r
-        }
+    let (order, repairs) = match direct {
+        Some(order) => (order, repairs),
+        None => parse::repair(
+            &reads.pop().unwrap_or_default(),
+            n,
+            &fill_presented(&fill, &presented),
+        ),
     };
-    complete(
-        rec, &ctx, &tool, start, llm, env_s, unreadable, env.store, t,
-    )
+    let ranking: Vec<usize> = order.iter().map(|&p| presented[p]).collect();
+    let mut rec = finish_record(t, &presented, &ranking);
+    rec.repairs = repairs;
+    rec.unreadable = unreadable;
+    rec.calls = ctx.usage.calls;
+    rec.prompt_tokens = ctx.usage.prompt_tokens;
+    rec.completion_tokens = ctx.usage.completion_tokens;
+    rec.llm_seconds = llm;
+    rec.env_seconds = env_s;
+    rec.env_calls = tool.calls.load(std::sync::atomic::Ordering::Relaxed);
+    rec.wall_seconds = start.elapsed().as_secs_f64();
+    // what the agent read already says which records exist
+    rec.unknown_user = v.user.is_none();
+    rec.unknown_candidates = v.cands.iter().filter(|c| c.2.is_none()).count() as u32;
+    Ok(rec)
 }
 
 /// The seeded fill order expressed in presented positions.
@@ -1335,42 +1342,6 @@ fn fill_presented(fill: &[usize], presented: &[usize]) -> Vec<usize> {
         pos_of[k] = p;
     }
     fill.iter().map(|&k| pos_of[k]).collect()
-}
-
-/// A record from an order over presented positions.
-fn finish_task(t: &Loaded, presented: &[usize], order: &[usize]) -> TaskRecord {
-    let ranking: Vec<usize> = order.iter().map(|&p| presented[p]).collect();
-    finish_record(t, presented, &ranking)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn complete(
-    mut rec: TaskRecord,
-    ctx: &Ctx<'_, BenchEnv<'_>>,
-    tool: &Tool<'_>,
-    start: Instant,
-    llm: f64,
-    env_s: f64,
-    unreadable: bool,
-    store: &Store,
-    t: &Loaded,
-) -> Result<TaskRecord> {
-    rec.unreadable = unreadable;
-    rec.calls = ctx.usage.calls;
-    rec.prompt_tokens = ctx.usage.prompt_tokens;
-    rec.completion_tokens = ctx.usage.completion_tokens;
-    rec.llm_seconds = llm;
-    rec.env_seconds = env_s;
-    rec.env_calls = tool.calls.load(std::sync::atomic::Ordering::Relaxed);
-    rec.wall_seconds = start.elapsed().as_secs_f64();
-    rec.unknown_user = store.user(&t.task.user_id)?.is_none();
-    rec.unknown_candidates = t
-        .task
-        .candidate_list
-        .iter()
-        .map(|id| store.item(id).map(|r| r.is_none() as u32))
-        .sum::<Result<u32>>()?;
-    Ok(rec)
 }
 
 /// Rank by the log-probability that the answer list starts with each candidate (one prompt
@@ -1573,14 +1544,13 @@ fn act(
 }
 
 /// The planning module, then one tool-use call per subtask (at most 4); returns what was
-/// observed and how many actions ran.
+/// observed.
 async fn plan_and_gather(
     ctx: &mut Ctx<'_, BenchEnv<'_>>,
     tool: &Tool<'_>,
     t: &Loaded,
     ids: &[String],
-    _names: &[String],
-) -> Result<(String, usize)> {
+) -> Result<String> {
     let task = format!(
         "Rank {} candidate items for user {} by how well they match the user's preference, using the user, item and review information of the platform.",
         ids.len(),
@@ -1623,8 +1593,7 @@ async fn plan_and_gather(
             None => obs.push(format!("- ({sub}): no tool call could be read")),
         }
     }
-    let n = obs.len();
-    Ok((obs.join("\n"), n))
+    Ok(obs.join("\n"))
 }
 
 #[cfg(test)]

@@ -251,6 +251,10 @@ struct Builder {
     tmax: i64,
 }
 
+/// An item's id under each source's name (Yelp, Amazon, Goodreads; Amazon reviews without a
+/// parent fall back to `asin`).
+const ITEM_ID_KEYS: [&str; 5] = ["item_id", "business_id", "parent_asin", "book_id", "asin"];
+
 const K_USER: u8 = 0;
 const K_ITEM: u8 = 1;
 
@@ -387,11 +391,7 @@ impl Builder {
         source: &str,
     ) -> std::result::Result<(), String> {
         let user = str_field(&r, &["user_id"]).ok_or("no `user_id`")?;
-        let item = str_field(
-            &r,
-            &["item_id", "business_id", "parent_asin", "book_id", "asin"],
-        )
-        .ok_or("no `item_id`")?;
+        let item = str_field(&r, &ITEM_ID_KEYS).ok_or("no `item_id`")?;
         let t = review_time(&r);
         let src = str_field(&r, &["source"]).unwrap_or_else(|| source.to_string());
         let id =
@@ -630,33 +630,25 @@ impl Store {
         let mut skipped = (0u64, Vec::new());
         let mut done = 0u64;
         let store_err = |e: AgentError| format!("store: {e}");
-        stream_lines(
-            &files[0],
-            opts,
-            &mut skipped,
-            &mut done,
-            total,
-            progress,
-            |mut r| {
-                let id = str_field(&r, &["user_id"]).ok_or("no `user_id`")?;
-                r.insert("user_id".into(), id.clone().into());
-                b.push(K_USER, id, Value::Object(r)).map_err(store_err)
-            },
-        )?;
-        stream_lines(
-            &files[1],
-            opts,
-            &mut skipped,
-            &mut done,
-            total,
-            progress,
-            |mut r| {
-                let id = str_field(&r, &["item_id", "business_id", "parent_asin", "book_id"])
-                    .ok_or("no `item_id`")?;
-                r.insert("item_id".into(), id.clone().into());
-                b.push(K_ITEM, id, Value::Object(r)).map_err(store_err)
-            },
-        )?;
+        // users, then items: records keyed by their id under the release's field names
+        for (file, kind, keys, name) in [
+            (&files[0], K_USER, &["user_id"][..], "user_id"),
+            (&files[1], K_ITEM, &ITEM_ID_KEYS[..], "item_id"),
+        ] {
+            stream_lines(
+                file,
+                opts,
+                &mut skipped,
+                &mut done,
+                total,
+                progress,
+                |mut r| {
+                    let id = str_field(&r, keys).ok_or_else(|| format!("no `{name}`"))?;
+                    r.insert(name.into(), id.clone().into());
+                    b.push(kind, id, Value::Object(r)).map_err(store_err)
+                },
+            )?;
+        }
         stream_lines(
             &files[2],
             opts,
