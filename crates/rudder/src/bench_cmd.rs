@@ -653,7 +653,11 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     };
     let wall = t0.elapsed().as_secs_f64();
     let m = agentrec::metrics(method.name(), &records, wall);
-    let pop = agentrec::popularity_order(&store, &set, cfg.hide_candidates)?;
+    let pop = if method == Method::Pop {
+        [m.hr1, m.hr3, m.hr5]
+    } else {
+        agentrec::popularity_order(&store, &set, cfg.hide_candidates)?
+    };
     notes.push(format!(
         "popularity order (visible reviews) on these tasks: HR@1/3/5 {:.3}/{:.3}/{:.3}",
         pop[0], pop[1], pop[2]
