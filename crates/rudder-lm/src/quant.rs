@@ -153,7 +153,7 @@ fn f16_to_f32(b: u16) -> f32 {
 impl QMatrix {
     /// From ggml block data (`rows · cols/32` blocks, row-major).
     pub fn new(format: QFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(format!(
                 "{cols} columns are not a multiple of the block size {QK}"
             ));
@@ -344,6 +344,30 @@ pub fn matmul_many(ms: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     matmul_many_with(ms, x, n, kernel())
 }
 
+/// The kernels this CPU runs, by name (`scalar`, `avx2`, `avx-vnni`, `avx512-vnni`), for
+/// benchmarks that compare them (`benches/quant_kernels.rs`).
+pub fn kernel_names() -> Vec<&'static str> {
+    kernels().into_iter().map(kernel_name).collect()
+}
+
+fn kernel_name(k: Kernel) -> &'static str {
+    match k {
+        Kernel::Scalar => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::AvxVnni => "avx-vnni",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => "avx512-vnni",
+    }
+}
+
+/// [`QMatrix::matmul`] with a named kernel from [`kernel_names`] (`None` if this CPU lacks it).
+pub fn matmul_with_kernel(m: &QMatrix, x: &[f32], n: usize, name: &str) -> Option<Vec<f32>> {
+    let k = kernels().into_iter().find(|&k| kernel_name(k) == name)?;
+    matmul_many_with(&[m], x, n, k).pop()
+}
+
 fn matmul_many_with(ms: &[&QMatrix], x: &[f32], n: usize, kern: Kernel) -> Vec<Vec<f32>> {
     let Some(first) = ms.first() else {
         return Vec::new();
@@ -504,6 +528,7 @@ unsafe fn store<const W: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // one index walks several register arrays
 mod avx {
     use super::*;
     use std::arch::x86_64::*;
@@ -739,6 +764,7 @@ mod avx {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // one index walks several register arrays
 mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
