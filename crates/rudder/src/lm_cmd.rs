@@ -69,6 +69,13 @@ pub struct BenchArgs {
     /// tokens/s per batch size, the curve the rollout and serving throughput rests on.
     #[arg(long, value_delimiter = ',')]
     pub batch: Vec<usize>,
+    /// A steering file (as for `lm generate --steer`) applied in every measured run, to measure
+    /// what steering costs: compare with a run without it.
+    #[arg(long)]
+    pub steer: Option<PathBuf>,
+    /// Strength λ of --steer.
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub strength: f32,
 }
 
 /// The benchmark paragraph of peer-baselines.md §6 (repeated, tokenized without BOS).
@@ -774,21 +781,46 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             .max_by(|&x, &y| v[x].total_cmp(&v[y]))
             .unwrap_or(0) as u32
     };
+    let steer = match &a.steer {
+        Some(p) => Some(crate::steer_cmd::steering_file(p, a.strength, Some(&lm))?.interventions),
+        None => None,
+    };
+    let mut hook: Box<dyn rudder_lm::hooks::Hook> = match &steer {
+        Some(iv) => Box::new(Interventions::new(iv.clone())),
+        None => Box::new(NoHook),
+    };
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    // With --steer, an unsteered prefill of the same prompt runs beside every steered one
+    // (order alternating), so the overhead is a paired ratio inside one process.
+    let mut paired = Vec::new();
     let mut first = Vec::new();
     for rep in 0..=a.reps {
         let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
-        let mut cache = lm.decoder.new_cache(vec![0]);
-        let t0 = std::time::Instant::now();
-        let h = lm
-            .decoder
-            .forward(&t, &mut cache, Phase::Prefill, &mut NoHook)?;
-        let logits = lm
-            .decoder
-            .logits(&h.i((.., ids.len() - 1.., ..))?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let t_pre = t0.elapsed().as_secs_f64();
+        let prefill = |hook: &mut dyn rudder_lm::hooks::Hook| -> Result<(f64, Vec<f32>, _)> {
+            let mut cache = lm.decoder.new_cache(vec![0]);
+            let t0 = std::time::Instant::now();
+            let h = lm.decoder.forward(&t, &mut cache, Phase::Prefill, hook)?;
+            let logits = lm
+                .decoder
+                .logits(&h.i((.., ids.len() - 1.., ..))?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Ok((t0.elapsed().as_secs_f64(), logits, cache))
+        };
+        let plain = if steer.is_some() && rep % 2 == 0 {
+            Some(prefill(&mut NoHook)?.0)
+        } else {
+            None
+        };
+        let (t_pre, logits, mut cache) = prefill(hook.as_mut())?;
+        let plain = match plain {
+            Some(p) => Some(p),
+            None if steer.is_some() => Some(prefill(&mut NoHook)?.0),
+            None => None,
+        };
+        if let (Some(p), true) = (plain, rep > 0) {
+            paired.push(t_pre / p);
+        }
         let mut tok = argmax(&logits);
         let mut out = vec![tok];
         let t1 = std::time::Instant::now();
@@ -796,7 +828,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             let x = Tensor::from_slice(&[tok], (1, 1), &Device::Cpu)?;
             let h = lm
                 .decoder
-                .forward(&x, &mut cache, Phase::Decode, &mut NoHook)?;
+                .forward(&x, &mut cache, Phase::Decode, hook.as_mut())?;
             tok = argmax(&lm.decoder.logits(&h)?.flatten_all()?.to_vec1::<f32>()?);
             out.push(tok);
         }
@@ -831,6 +863,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
                 },
             );
             j.stream_index = r as u64;
+            j.interventions = steer.clone().map(Interventions::new);
             eng.submit(
                 j,
                 Box::new(move |e| match e {
@@ -868,6 +901,9 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         "model": lm.info.path, "quantized": lm.info.quantized,
         "threads": rayon::current_num_threads(),
         "prompt_tokens": ids.len(), "decode_tokens": a.decode_tokens,
+        "steer": a.steer, "strength": a.steer.as_ref().map(|_| a.strength),
+        "steered_prefill_time_ratio": (!paired.is_empty()).then(|| median(paired.clone())),
+        "steered_prefill_time_ratios": paired,
         "prefill_tok_s": median(pre.clone()), "decode_tok_s": median(dec.clone()),
         "prefill_all": pre, "decode_all": dec,
         "greedy_first16": &first[..first.len().min(16)],

@@ -144,6 +144,46 @@ fn fit_generate_evaluate_and_judge() {
     assert_eq!(steered("0"), plain);
     assert_ne!(steered("40"), plain, "a strong gated edit changed nothing");
 
+    // `lm bench --steer` times a plain prefill beside every steered one (the overhead is their
+    // paired ratio) and decodes with the steered model
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "lm",
+            "bench",
+            "-m",
+            &m,
+            "--reps",
+            "2",
+            "--prompt-tokens",
+            "12",
+            "--decode-tokens",
+            "4",
+            "--batch",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&rudder(&args))).unwrap()
+    };
+    let steer_file = p("steer.safetensors");
+    let none = bench(&[]);
+    assert!(none["steered_prefill_time_ratio"].is_null());
+    let (b0, b40) = (
+        bench(&["--steer", &steer_file, "--strength", "0"]),
+        bench(&["--steer", &steer_file, "--strength", "40"]),
+    );
+    for b in [&b0, &b40] {
+        let r = b["steered_prefill_time_ratios"].as_array().unwrap();
+        assert_eq!(r.len(), 2, "{b}");
+        assert!(r.iter().all(|v| v.as_f64().unwrap() > 0.0), "{b}");
+        assert!(b["steered_prefill_time_ratio"].as_f64().unwrap() > 0.0);
+        assert_eq!(b["batched"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(b0["greedy_first16"], none["greedy_first16"]);
+    assert_ne!(
+        b40["greedy_first16"], none["greedy_first16"],
+        "steering changed nothing"
+    );
+
     // the evaluation: unsteered, AlphaSteer, the vector baseline, over four kinds of sets,
     // with the tiny model as its own LLM judge (refusal classes and the win rate)
     let inproc = format!("inproc:{m}");
