@@ -717,7 +717,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         if a.judge.judge_llm.is_some() { " and by the LLM judge (judge.json)" } else { "" },
         seconds
     ));
-    s.push_str("## Trade-off\n\n| method | λ | mean refusal on harmful sets (DSR) | XSTest-safe compliance | math accuracy |\n|---|---|---|---|---|\n");
+    s.push_str("## Trade-off\n\nCompliance by the keyword judge counts any non-refusal, gibberish included; the \"answered\" column also excludes degenerate responses (loops, repeated words or characters, symbol soup: `refusal::degenerate`).\n\n| method | λ | mean refusal on harmful sets (DSR) | XSTest-safe compliance | XSTest-safe answered | degenerate, harmful / safe | math accuracy |\n|---|---|---|---|---|---|---|\n");
     let f = |v: &Value| {
         v.as_f64()
             .filter(|x| x.is_finite())
@@ -726,18 +726,21 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     };
     for t in &trade {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} / {} | {} |\n",
             t["method"].as_str().unwrap_or(""),
             t["strength"],
             f(&t["dsr_mean"]),
             f(&t["xstest_compliance"]),
+            f(&t["xstest_clean_compliance"]),
+            f(&t["degenerate_harmful"]),
+            f(&t["degenerate_safe"]),
             f(&t["math_accuracy"])
         ));
     }
-    s.push_str("\n## Per set\n\n| method | λ | set | n | refusal rate | accuracy | mean tokens |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("\n## Per set\n\n| method | λ | set | n | refusal rate | accuracy | degenerate | mean tokens |\n|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.3} | {:.0} |\n",
             r.method,
             r.strength,
             r.set,
@@ -748,6 +751,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             r.accuracy
                 .map(|v| format!("{v:.3}"))
                 .unwrap_or_else(|| "–".into()),
+            r.degenerate_rate,
             r.mean_tokens
         ));
     }

@@ -239,6 +239,19 @@ fn fit_generate_evaluate_and_judge() {
         rows.iter().filter(|r| r.get("tradeoff").is_some()).count(),
         3
     );
+    // degeneration beside the keyword judge: a share per set, and on safe sets the answered
+    // share can only be below the keyword compliance
+    for r in rows.iter().filter(|r| r.get("set").is_some()) {
+        let dr = r["degenerate_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&dr), "{r}");
+        if r["kind"] == "safe" {
+            let clean = r["clean_compliance"].as_f64().unwrap();
+            assert!(clean <= 1.0 - r["refusal_rate"].as_f64().unwrap() + 1e-12, "{r}");
+        } else {
+            assert!(r["clean_compliance"].is_null(), "{r}");
+        }
+    }
+    assert!(out.contains("XSTest-safe answered"), "{out}");
     for f in ["summary.md", "config.toml", "responses.jsonl"] {
         assert!(d.path().join("run").join(f).exists(), "{f}");
     }
