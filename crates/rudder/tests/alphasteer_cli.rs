@@ -246,7 +246,10 @@ fn fit_generate_evaluate_and_judge() {
         assert!((0.0..=1.0).contains(&dr), "{r}");
         if r["kind"] == "safe" {
             let clean = r["clean_compliance"].as_f64().unwrap();
-            assert!(clean <= 1.0 - r["refusal_rate"].as_f64().unwrap() + 1e-12, "{r}");
+            assert!(
+                clean <= 1.0 - r["refusal_rate"].as_f64().unwrap() + 1e-12,
+                "{r}"
+            );
         } else {
             assert!(r["clean_compliance"].is_null(), "{r}");
         }
