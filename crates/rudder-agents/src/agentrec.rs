@@ -411,6 +411,8 @@ pub struct CfModel {
     pub scorer: rudder_cf::scorer::EmbeddingScorer,
     pub report_epochs: usize,
     pub best_valid: Option<f64>,
+    /// The training loss (`bpr`, or `infonce` for AlphaRec).
+    pub loss: &'static str,
 }
 
 /// The interactions every task may see: reviews before the earliest cut-off, and for each
@@ -549,6 +551,7 @@ pub fn train_cf_with(
         scorer: report.scorer()?,
         report_epochs: report.history.len(),
         best_valid,
+        loss: cfg.loss.name(),
         data,
     })
 }

@@ -611,7 +611,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         (recs, cfg, client.describe())
     } else {
         let cf = if matches!(method, Method::Mf | Method::Lightgcn | Method::Alpharec) {
-            let data = agentrec::visible_training_data(&store, &set, cfg.hide_candidates)?;
+            let mut data = agentrec::visible_training_data(&store, &set, cfg.hide_candidates)?;
             let n = data.interactions.len();
             let inputs = if method == Method::Alpharec {
                 let enc = crate::lm_cmd::resolve_model(&a.encoder).with_context(|| {
@@ -620,10 +620,10 @@ fn run_cmd(a: RunArgs) -> Result<()> {
                         a.encoder
                     )
                 })?;
-                let titled = agentrec::with_titles(&store, data.clone())?;
+                data = agentrec::with_titles(&store, data)?;
                 let sp = crate::progress::spinner("encoding item titles");
                 let t = rudder_cf::features::encode_titles(
-                    &titled,
+                    &data,
                     &enc,
                     rudder_cf::features::Pooling::Mean,
                     &mut |_, _| {},
@@ -639,8 +639,9 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             let m = agentrec::train_cf_with(data, method, a.cf_epochs, a.seed, &inputs, &mut obs)?;
             obs.pb.finish_and_clear();
             notes.push(format!(
-                "{} trained (BPR) on the {n} interactions every task may see: {} epochs, best validation NDCG@20 {}",
+                "{} trained ({}) on the {n} interactions every task may see: {} epochs, best validation NDCG@20 {}",
                 method.name(),
+                m.loss,
                 m.report_epochs,
                 m.best_valid.map_or("–".into(), |x| format!("{x:.4}"))
             ));

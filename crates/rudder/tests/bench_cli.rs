@@ -15,6 +15,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `rudder bench agentrec run --tasks TASKS --agent AGENT EXTRA… --out OUT`
+fn run_args<'a>(tasks: &'a Path, agent: &'a str, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "bench",
+        "agentrec",
+        "run",
+        "--tasks",
+        s(tasks),
+        "--agent",
+        agent,
+    ];
+    a.extend_from_slice(extra);
+    a.extend_from_slice(&["--out", s(out)]);
+    a
+}
+
 #[test]
 fn agentrec_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,19 +89,12 @@ fn agentrec_from_the_command_line() {
     // classical recommenders (the store comes from the task folder's manifest)
     for agent in ["identity", "pop", "mf"] {
         let run = d.join(format!("run-{agent}"));
-        let o = ok(&rudder(&[
-            "bench",
-            "agentrec",
-            "run",
-            "--tasks",
-            s(&tasks),
-            "--agent",
+        let o = ok(&rudder(&run_args(
+            &tasks,
             agent,
-            "--cf-epochs",
-            "3",
-            "--out",
-            s(&run),
-        ]));
+            &run,
+            &["--cf-epochs", "3"],
+        )));
         assert!(o.contains(&format!("| {agent} |")), "{o}");
         for f in [
             "config.toml",
@@ -107,25 +116,21 @@ fn agentrec_from_the_command_line() {
     write_hf_dir(&m, &spec).unwrap();
     let llm = format!("inproc:{}", m.display());
     let run = d.join("run-selective");
-    let args = [
-        "bench",
-        "agentrec",
-        "run",
-        "--tasks",
-        s(&tasks),
-        "--agent",
+    let args = run_args(
+        &tasks,
         "selective",
-        "--llm",
-        &llm,
-        "--max-tokens",
-        "8",
-        "--limit",
-        "3",
-        "--concurrency",
-        "1",
-        "--out",
-        s(&run),
-    ];
+        &run,
+        &[
+            "--llm",
+            &llm,
+            "--max-tokens",
+            "8",
+            "--limit",
+            "3",
+            "--concurrency",
+            "1",
+        ],
+    );
     ok(&rudder(&args));
     let m1: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
@@ -133,7 +138,7 @@ fn agentrec_from_the_command_line() {
     assert_eq!(m1["repaired_tasks"], 3, "{m1}");
     fails(&rudder(&args), "finished run");
     std::fs::remove_file(run.join("metrics.json")).unwrap();
-    let mut resumed = args.to_vec();
+    let mut resumed = args.clone();
     resumed.push("--resume");
     ok(&rudder(&resumed));
     let m2: serde_json::Value =
@@ -142,42 +147,23 @@ fn agentrec_from_the_command_line() {
     assert_eq!(m1["prompt_tokens"], m2["prompt_tokens"]);
     // AlphaRec over the titles encoded by a language model (here the tiny decoder)
     let ar = d.join("run-alpharec");
-    let o = ok(&rudder(&[
-        "bench",
-        "agentrec",
-        "run",
-        "--tasks",
-        s(&tasks),
-        "--agent",
+    let o = ok(&rudder(&run_args(
+        &tasks,
         "alpharec",
-        "--encoder",
-        s(&m),
-        "--cf-epochs",
-        "2",
-        "--out",
-        s(&ar),
-    ]));
+        &ar,
+        &["--encoder", s(&m), "--cf-epochs", "2"],
+    )));
     assert!(o.contains("| alpharec |"), "{o}");
     let summary = std::fs::read_to_string(ar.join("summary.md")).unwrap();
     assert!(summary.contains("popularity order"), "{summary}");
+    assert!(summary.contains("alpharec trained (infonce)"), "{summary}");
     let lp = d.join("run-a4r");
-    ok(&rudder(&[
-        "bench",
-        "agentrec",
-        "run",
-        "--tasks",
-        s(&tasks),
-        "--agent",
+    ok(&rudder(&run_args(
+        &tasks,
         "agent4rec",
-        "--llm",
-        &llm,
-        "--decisions",
-        "logprob",
-        "--limit",
-        "2",
-        "--out",
-        s(&lp),
-    ]));
+        &lp,
+        &["--llm", &llm, "--decisions", "logprob", "--limit", "2"],
+    )));
 
     let rep = d.join("report");
     let o = ok(&rudder(&[
