@@ -22,6 +22,8 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
+use crate::team::SendPtr;
+
 pub const QK: usize = 32;
 /// Weight rows interleaved in one group.
 pub const QG: usize = 16;
@@ -382,7 +384,7 @@ fn matmul_many_with(ms: &[&QMatrix], x: &[f32], n: usize, kern: Kernel) -> Vec<V
     };
     let qx = QActs::new(x, n, cols, tile);
     let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; n * m.rows]).collect();
-    let ptrs: Vec<SyncPtr> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
+    let ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
     let total: usize = ms.iter().map(|m| m.groups).sum();
     // Enough tasks to balance the pool, few enough to keep the scheduling overhead small.
     let chunk = (total / (rayon::current_num_threads() * 4)).clamp(1, 32);
@@ -409,10 +411,6 @@ fn matmul_many_with(ms: &[&QMatrix], x: &[f32], n: usize, kern: Kernel) -> Vec<V
     }
     ys
 }
-
-struct SyncPtr(*mut f32);
-unsafe impl Sync for SyncPtr {}
-unsafe impl Send for SyncPtr {}
 
 pub fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -497,14 +495,30 @@ fn format_code(f: QFormat) -> u8 {
     }
 }
 
-/// The tiles of rows `a0..a1` of the activations (`a0` a multiple of the tile size).
-fn tiles_of(qx: &QActs, a0: usize, a1: usize) -> impl Iterator<Item = (usize, &QTile)> {
-    let t0 = a0 / qx.tile;
-    let t1 = a1.div_ceil(qx.tile);
-    qx.tiles[t0..t1]
-        .iter()
+/// Every (row group, tile) pair of a task as (group, first activation row of the tile, tile):
+/// activation rows in L2-sized blocks ([`act_block`]), each block passed over by every row
+/// group of the task. (An iterator, not a callback: the kernel calls stay in the caller's
+/// `target_feature` function, where they inline.)
+fn tile_walk<'a>(
+    m: &QMatrix,
+    g0: usize,
+    g1: usize,
+    qx: &'a QActs,
+) -> impl Iterator<Item = (usize, usize, &'a QTile)> + 'a {
+    // act_block is a multiple of 8, so blocks start on a tile boundary
+    let per_block = act_block(m.cols) / qx.tile;
+    let tile = qx.tile;
+    qx.tiles
+        .chunks(per_block)
         .enumerate()
-        .map(move |(i, t)| ((t0 + i) * qx.tile, t))
+        .flat_map(move |(b, block)| {
+            (g0..g1).flat_map(move |g| {
+                block
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, x)| (g, (b * per_block + i) * tile, x))
+            })
+        })
 }
 
 /// Writes `T` rows of kernel results (`W` lanes each, `valid` of them real) at output row
@@ -636,49 +650,21 @@ mod avx {
         y: *mut f32,
     ) {
         unsafe {
-            let n_all = qx.tiles.iter().map(|t| t.t).sum::<usize>();
-            let step = act_block(m.cols);
-            let mut a0 = 0;
-            while a0 < n_all {
-                let a1 = (a0 + step).min(n_all);
-                for g in g0..g1 {
-                    for h in 0..2 {
-                        let r0 = g * QG + h * 8;
-                        if r0 >= m.rows {
-                            break;
-                        }
-                        let valid = (m.rows - r0).min(8);
-                        for (n0, x) in tiles_of(qx, a0, a1) {
-                            let mut out = [[0f32; 8]; 4];
-                            match x.t {
-                                4 => half::<4, F, VNNI>(m, g, h, x, &mut out),
-                                3 => half::<3, F, VNNI>(
-                                    m,
-                                    g,
-                                    h,
-                                    x,
-                                    (&mut out[..3]).try_into().unwrap(),
-                                ),
-                                2 => half::<2, F, VNNI>(
-                                    m,
-                                    g,
-                                    h,
-                                    x,
-                                    (&mut out[..2]).try_into().unwrap(),
-                                ),
-                                _ => half::<1, F, VNNI>(
-                                    m,
-                                    g,
-                                    h,
-                                    x,
-                                    (&mut out[..1]).try_into().unwrap(),
-                                ),
-                            }
-                            store(&out[..x.t], y, m.rows, n0, r0, valid);
-                        }
+            for (g, n0, x) in tile_walk(m, g0, g1, qx) {
+                for h in 0..2 {
+                    let r0 = g * QG + h * 8;
+                    if r0 >= m.rows {
+                        break;
                     }
+                    let mut out = [[0f32; 8]; 4];
+                    match x.t {
+                        4 => half::<4, F, VNNI>(m, g, h, x, &mut out),
+                        3 => half::<3, F, VNNI>(m, g, h, x, (&mut out[..3]).try_into().unwrap()),
+                        2 => half::<2, F, VNNI>(m, g, h, x, (&mut out[..2]).try_into().unwrap()),
+                        _ => half::<1, F, VNNI>(m, g, h, x, (&mut out[..1]).try_into().unwrap()),
+                    }
+                    store(&out[..x.t], y, m.rows, n0, r0, (m.rows - r0).min(8));
                 }
-                a0 = a1;
             }
         }
     }
@@ -844,30 +830,20 @@ mod avx512 {
     #[inline(always)]
     unsafe fn groups_loop<const F: u8>(m: &QMatrix, g0: usize, g1: usize, qx: &QActs, y: *mut f32) {
         unsafe {
-            let n_all = qx.tiles.iter().map(|t| t.t).sum::<usize>();
-            let step = act_block(m.cols);
-            let mut a0 = 0;
-            while a0 < n_all {
-                let a1 = (a0 + step).min(n_all);
-                for g in g0..g1 {
-                    let r0 = g * QG;
-                    let valid = (m.rows - r0).min(QG);
-                    for (n0, x) in tiles_of(qx, a0, a1) {
-                        let mut out = [[0f32; 16]; 8];
-                        match x.t {
-                            8 => group::<8, F>(m, g, x, &mut out),
-                            7 => group::<7, F>(m, g, x, (&mut out[..7]).try_into().unwrap()),
-                            6 => group::<6, F>(m, g, x, (&mut out[..6]).try_into().unwrap()),
-                            5 => group::<5, F>(m, g, x, (&mut out[..5]).try_into().unwrap()),
-                            4 => group::<4, F>(m, g, x, (&mut out[..4]).try_into().unwrap()),
-                            3 => group::<3, F>(m, g, x, (&mut out[..3]).try_into().unwrap()),
-                            2 => group::<2, F>(m, g, x, (&mut out[..2]).try_into().unwrap()),
-                            _ => group::<1, F>(m, g, x, (&mut out[..1]).try_into().unwrap()),
-                        }
-                        store(&out[..x.t], y, m.rows, n0, r0, valid);
-                    }
+            for (g, n0, x) in tile_walk(m, g0, g1, qx) {
+                let r0 = g * QG;
+                let mut out = [[0f32; 16]; 8];
+                match x.t {
+                    8 => group::<8, F>(m, g, x, &mut out),
+                    7 => group::<7, F>(m, g, x, (&mut out[..7]).try_into().unwrap()),
+                    6 => group::<6, F>(m, g, x, (&mut out[..6]).try_into().unwrap()),
+                    5 => group::<5, F>(m, g, x, (&mut out[..5]).try_into().unwrap()),
+                    4 => group::<4, F>(m, g, x, (&mut out[..4]).try_into().unwrap()),
+                    3 => group::<3, F>(m, g, x, (&mut out[..3]).try_into().unwrap()),
+                    2 => group::<2, F>(m, g, x, (&mut out[..2]).try_into().unwrap()),
+                    _ => group::<1, F>(m, g, x, (&mut out[..1]).try_into().unwrap()),
                 }
-                a0 = a1;
+                store(&out[..x.t], y, m.rows, n0, r0, (m.rows - r0).min(QG));
             }
         }
     }

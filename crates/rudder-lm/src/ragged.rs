@@ -206,7 +206,7 @@ impl Decoder {
             scale: 1.0 / (hd as f32).sqrt(),
         };
         let mut y = vec![0f32; n * qd];
-        let yp = SyncPtr(y.as_mut_ptr());
+        let yp = crate::team::SendPtr(y.as_mut_ptr());
         // Tokens are shared out by the decoding team (rayon's workers would fall asleep between
         // the layers' short attention calls, see `crate::team`).
         crate::team::Team::global().run(n, &|t| {
@@ -220,16 +220,6 @@ impl Decoder {
         layer
             .o
             .forward(&Tensor::from_vec(y, (n, qd), &Device::Cpu)?)
-    }
-}
-
-struct SyncPtr(*mut f32);
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    /// # Safety
-    /// `i` is inside the buffer.
-    unsafe fn at(&self, i: usize) -> *mut f32 {
-        unsafe { self.0.add(i) }
     }
 }
 
@@ -306,8 +296,7 @@ unsafe fn attend_avx2(
                         let kv = _mm256_loadu_ps(kg.add(p * kvd + c * 8));
                         a = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c * 8)), kv, a);
                     }
-                    let z = _mm256_setzero_ps();
-                    *srow.add(p) = _mm256_cvtss_f32(hsum8([a, z, z, z, z, z, z, z])) * sh.scale;
+                    *srow.add(p) = hsum(a) * sh.scale;
                 }
                 softmax_avx2(std::slice::from_raw_parts_mut(srow, upto));
             }
@@ -364,6 +353,17 @@ fn hsum8(a: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
     )
 }
 
+/// The sum of the eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
 /// In-place softmax with the vector form of [`crate::bert::exp_neg`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -381,8 +381,7 @@ fn softmax_avx2(row: &mut [f32]) {
             zv = _mm256_add_ps(zv, e);
         }
     }
-    let z8 = [zv, zv, zv, zv, zv, zv, zv, zv];
-    let mut z = _mm256_cvtss_f32(hsum8(z8));
+    let mut z = hsum(zv);
     for v in &mut row[n8..] {
         *v = crate::bert::exp_neg(*v - mx);
         z += *v;

@@ -11,6 +11,19 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// An output buffer shared with the team's tasks, each of which writes a disjoint part.
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+impl SendPtr {
+    /// # Safety
+    /// `i` is inside the buffer, and no other task writes what the caller writes through it.
+    pub(crate) unsafe fn at(&self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+
 struct Job {
     f: *const (dyn Fn(usize) + Sync),
     tasks: usize,
