@@ -781,10 +781,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             .max_by(|&x, &y| v[x].total_cmp(&v[y]))
             .unwrap_or(0) as u32
     };
-    let steer = match &a.steer {
-        Some(p) => Some(crate::steer_cmd::steering_file(p, a.strength, Some(&lm))?.interventions),
-        None => None,
-    };
+    let steer = a
+        .steer
+        .as_ref()
+        .map(|p| crate::steer_cmd::steering_file(p, a.strength, Some(&lm)).map(|s| s.interventions))
+        .transpose()?;
     let mut hook: Box<dyn rudder_lm::hooks::Hook> = match &steer {
         Some(iv) => Box::new(Interventions::new(iv.clone())),
         None => Box::new(NoHook),
@@ -807,17 +808,16 @@ fn run_bench(a: BenchArgs) -> Result<()> {
                 .to_vec1::<f32>()?;
             Ok((t0.elapsed().as_secs_f64(), logits, cache))
         };
-        let plain = if steer.is_some() && rep % 2 == 0 {
+        let plain_first = steer.is_some() && rep % 2 == 0;
+        let mut plain = if plain_first {
             Some(prefill(&mut NoHook)?.0)
         } else {
             None
         };
         let (t_pre, logits, mut cache) = prefill(hook.as_mut())?;
-        let plain = match plain {
-            Some(p) => Some(p),
-            None if steer.is_some() => Some(prefill(&mut NoHook)?.0),
-            None => None,
-        };
+        if steer.is_some() && !plain_first {
+            plain = Some(prefill(&mut NoHook)?.0);
+        }
         if let (Some(p), true) = (plain, rep > 0) {
             paired.push(t_pre / p);
         }
