@@ -173,8 +173,11 @@ impl Decoder {
                 w.matrix("lm_head.weight", cfg.vocab_size, d, dequantize)?,
                 None,
             )
-        } else if dequantize || !matches!(w, Weights::Gguf { .. }) {
+        } else if dequantize {
             Linear::new(Weight::Dense(embed.clone()), None)
+        } else if !matches!(w, Weights::Gguf { .. }) {
+            // Tied head for inference: a packed copy of the embedding matrix.
+            Linear::new(Weight::packed(&embed)?, None)
         } else {
             // Tied GGUF head: keep the (quantized) token embedding matrix as the head.
             Linear::new(
@@ -424,6 +427,7 @@ impl Decoder {
     pub fn weight_bytes(&self) -> usize {
         let w = |l: &Linear| match &l.weight {
             Weight::Dense(t) => t.elem_count() * 4,
+            Weight::Packed(p) => p.rows * p.cols * 4,
             Weight::Quant(q) => q.rows * q.cols / 32 * q.format.block_bytes(),
             Weight::Candle(_, (o, i)) => o * i,
         };

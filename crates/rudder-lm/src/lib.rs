@@ -15,6 +15,7 @@ pub mod chat;
 pub mod config;
 pub mod constrain;
 pub mod decoder;
+pub mod dense;
 pub mod engine;
 pub mod error;
 #[doc(hidden)]

@@ -4,6 +4,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, Device, Module, Tensor};
 
 use crate::Result;
+use crate::dense::PackedMatrix;
 use crate::quant::{QFormat, QMatrix};
 
 /// A `[out, in]` weight matrix.
@@ -11,8 +12,11 @@ pub enum Weight {
     Dense(Tensor),
     /// Q4_0 / Q4_1 / Q8_0, run by our own integer kernels.
     Quant(QMatrix),
-    /// Any other GGUF type (K-quants, F16…), run by candle's quantized matmul.
+    /// Any other GGUF type (K-quants…), run by candle's quantized matmul.
     Candle(QMatMul, (usize, usize)),
+    /// f32 weights packed for inference (`crate::dense`); models loaded for training keep
+    /// `Dense`.
+    Packed(PackedMatrix),
 }
 
 impl Weight {
@@ -27,22 +31,36 @@ impl Weight {
         }
     }
 
+    /// Pack a dense `[out, in]` matrix for inference.
+    pub fn packed(t: &Tensor) -> Result<Self> {
+        let (out, inp) = t.dims2()?;
+        let v = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        Ok(Weight::Packed(
+            PackedMatrix::new(out, inp, &v).map_err(crate::LmError::Config)?,
+        ))
+    }
+
     pub fn dims(&self) -> (usize, usize) {
         match self {
             Weight::Dense(t) => t.dims2().unwrap_or((0, 0)),
+            Weight::Packed(p) => (p.rows, p.cols),
             Weight::Quant(q) => (q.rows, q.cols),
             Weight::Candle(_, d) => *d,
         }
     }
 
     pub fn is_quantized(&self) -> bool {
-        !matches!(self, Weight::Dense(_))
+        !matches!(self, Weight::Dense(_) | Weight::Packed(_))
     }
 
     /// The f32 `[out, in]` matrix (dequantized if needed).
     pub fn to_dense(&self) -> Result<Tensor> {
         Ok(match self {
             Weight::Dense(t) => t.clone(),
+            Weight::Packed(p) => Tensor::from_vec(p.unpack(), (p.rows, p.cols), &Device::Cpu)?,
             Weight::Quant(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), &Device::Cpu)?,
             Weight::Candle(m, _) => match m {
                 QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
@@ -88,6 +106,18 @@ impl Linear {
                     rudder_nn::cpu::with_f32(&x2, "quantized matmul", |xs| Ok(q.matmul(xs, n)))?;
                 Tensor::from_vec(y, out_shape, x.device())?
             }
+            // A gradient through packed weights (rare: a model loaded for inference, then run
+            // differentiably) takes the plain product on the unpacked matrix.
+            Weight::Packed(_) if x.track_op() => {
+                let w = self.weight.to_dense()?;
+                let x2 = x.reshape((n, inp))?;
+                rudder_nn::frozen::matmul_t(&x2, &w)?.reshape(out_shape)?
+            }
+            Weight::Packed(p) => {
+                let x2 = x.reshape((n, inp))?.contiguous()?;
+                let y = rudder_nn::cpu::with_f32(&x2, "packed matmul", |xs| Ok(p.matmul(xs, n)))?;
+                Tensor::from_vec(y, out_shape, x.device())?
+            }
             Weight::Candle(m, _) => m.forward(&x.contiguous()?)?,
         };
         let y = match &self.bias {
@@ -110,30 +140,43 @@ impl Linear {
     }
 }
 
-/// Apply several linears to the same input. Quantized weights share one activation
-/// quantization and one parallel pass (Q/K/V, gate/up); anything else runs one by one.
+/// Apply several linears to the same input. Quantized or packed weights share one pass over
+/// the activations and one fork-join (Q/K/V, gate/up); anything else runs one by one.
 pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-    let qs: Vec<&crate::quant::QMatrix> = ls
+    let quant: Vec<&QMatrix> = ls
         .iter()
         .filter_map(|l| match &l.weight {
             Weight::Quant(q) => Some(q),
             _ => None,
         })
         .collect();
-    if qs.len() != ls.len() || ls.len() < 2 {
+    let packed: Vec<&PackedMatrix> = ls
+        .iter()
+        .filter_map(|l| match &l.weight {
+            Weight::Packed(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let one_pass =
+        ls.len() >= 2 && (quant.len() == ls.len() || (packed.len() == ls.len() && !x.track_op()));
+    if !one_pass {
         return ls.iter().map(|l| l.forward(x)).collect();
     }
     let dims = x.dims().to_vec();
     let inp = *dims.last().unwrap_or(&0);
     let n = x.elem_count() / inp.max(1);
     let x2 = x.reshape((n, inp))?.contiguous()?;
-    let ys = rudder_nn::cpu::with_f32(&x2, "quantized matmul", |xs| {
-        Ok(crate::quant::matmul_many(&qs, xs, n))
+    let ys = rudder_nn::cpu::with_f32(&x2, "matmul", |xs| {
+        Ok(if quant.is_empty() {
+            crate::dense::matmul_many(&packed, xs, n)
+        } else {
+            crate::quant::matmul_many(&quant, xs, n)
+        })
     })?;
     let mut out = Vec::with_capacity(ls.len());
-    for ((y, q), l) in ys.into_iter().zip(&qs).zip(ls) {
+    for (y, l) in ys.into_iter().zip(ls) {
         let mut shape = dims.clone();
-        *shape.last_mut().unwrap() = q.rows;
+        *shape.last_mut().unwrap() = l.weight.dims().0;
         let t = Tensor::from_vec(y, shape, x.device())?;
         let t = match &l.bias {
             Some(b) => t.broadcast_add(b)?,
@@ -199,5 +242,62 @@ mod tests {
             assert!(num / den < 0.02, "{dt:?}: relative error {}", num / den);
             assert_eq!(lin.weight.dims(), (24, 256));
         }
+    }
+
+    #[test]
+    fn packed_weights_equal_dense_ones_with_and_without_gradients() {
+        let w = Tensor::randn(0f32, 0.5, (40, 24), &Device::Cpu).unwrap();
+        let packed = Linear::new(Weight::packed(&w).unwrap(), None);
+        let dense = Linear::new(Weight::Dense(w.clone()), None);
+        assert!(matches!(packed.weight, Weight::Packed(_)));
+        assert_eq!(packed.weight.dims(), (40, 24));
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 24), &Device::Cpu).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (packed.forward(&x).unwrap(), dense.forward(&x).unwrap());
+        assert_eq!(a.dims(), &[2, 5, 40]);
+        assert!(diff(&a, &b) < 1e-5);
+        // forward_many takes one pass for all-packed weights
+        let many = forward_many(&[&packed, &packed], &x).unwrap();
+        assert!(diff(&many[1], &b) < 1e-5);
+        // a differentiable input still gets its gradient through packed weights
+        let v = candle_core::Var::from_tensor(&x).unwrap();
+        let ga = packed
+            .forward(v.as_tensor())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gb = dense
+            .forward(v.as_tensor())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let (ga, gb) = (ga.backward().unwrap(), gb.backward().unwrap());
+        let (ga, gb) = (
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+        );
+        assert!(diff(ga, gb) < 1e-4);
+        assert!(
+            ga.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
     }
 }

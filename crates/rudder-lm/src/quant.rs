@@ -402,8 +402,8 @@ fn matmul_many_with(ms: &[&QMatrix], x: &[f32], n: usize, kern: Kernel) -> Vec<V
         // detected at run time.
         unsafe { ms[i].groups_into(g0, g1, &qx, ptrs[i].0, kern) };
     };
-    if n <= 8 {
-        // Decoding: many short products with serial work between them.
+    if n <= 64 {
+        // Decoding (batches too): many short products with serial work between them.
         crate::team::Team::global().run(tasks.len(), &task);
     } else {
         // Prefill: long products while candle's own ops use rayon too.

@@ -178,7 +178,9 @@ impl Weights {
         Ok(t)
     }
 
-    /// A `[out, in]` matrix: quantized GGUF weights stay quantized unless `dequantize`.
+    /// A `[out, in]` matrix: quantized GGUF weights stay quantized unless `dequantize`; f32,
+    /// f16 and bf16 weights become f32, packed for inference ([`Weight::Packed`]) unless
+    /// `dequantize` (training needs the plain tensor).
     pub fn matrix(&mut self, hf: &str, out: usize, inp: usize, dequantize: bool) -> Result<Weight> {
         if let Weights::Gguf {
             content,
@@ -196,7 +198,7 @@ impl Weights {
                 let q = content
                     .tensor(file, &key, &Device::Cpu)
                     .map_err(|e| LmError::file(&*path, format!("tensor {key}: {e}")))?;
-                if !matches!(q.dtype(), GgmlDType::F32) {
+                if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     let dims = q.shape().dims().to_vec();
                     if dims != [out, inp] {
                         return Err(LmError::file(
@@ -208,7 +210,12 @@ impl Weights {
                 }
             }
         }
-        Ok(Weight::Dense(self.dense(hf, &[out, inp])?))
+        let t = self.dense(hf, &[out, inp])?;
+        if dequantize {
+            Ok(Weight::Dense(t))
+        } else {
+            Weight::packed(&t)
+        }
     }
 
     /// GGUF metadata (empty for safetensors).

@@ -1,0 +1,525 @@
+//! Dense f32 weight matrices packed once at load, for inference.
+//!
+//! candle's matmul hands `x · Wᵀ` to the gemm crate, which repacks the weight matrix on every
+//! call: a decoding step of a batch reads every weight twice and writes it once. Here the
+//! weights are repacked when the model loads: 16 rows interleaved column by column
+//! (`[group][column][16]`), so one 512-bit load (two 256-bit loads) holds one column of 16
+//! rows, a broadcast activation multiplies it, and one fused multiply-add advances 16 dot
+//! products of one activation row. A tile of activation rows (8 with AVX-512, 6 with AVX2)
+//! reuses every weight load; the products of a tile stay in registers until the last column.
+//! Rows past the last real row of the last group are zero (stores are masked).
+
+use rayon::prelude::*;
+
+use crate::team::SendPtr;
+
+/// Rows per interleaved group.
+pub const PG: usize = 16;
+
+/// A `[rows, cols]` f32 matrix in 16-row interleaved groups.
+pub struct PackedMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    groups: usize,
+    /// `[group][column][16]`.
+    data: Vec<f32>,
+}
+
+impl PackedMatrix {
+    /// Pack a row-major `[rows, cols]` matrix.
+    pub fn new(rows: usize, cols: usize, w: &[f32]) -> Result<Self, String> {
+        if rows == 0 || cols == 0 {
+            return Err(format!("a {rows}×{cols} matrix has no elements"));
+        }
+        if w.len() != rows * cols {
+            return Err(format!(
+                "{} values for a {rows}×{cols} matrix ({} expected)",
+                w.len(),
+                rows * cols
+            ));
+        }
+        let groups = rows.div_ceil(PG);
+        let mut data = vec![0f32; groups * cols * PG];
+        for (r, row) in w.chunks_exact(cols).enumerate() {
+            let (g, lane) = (r / PG, r % PG);
+            let base = g * cols * PG + lane;
+            for (c, &v) in row.iter().enumerate() {
+                data[base + c * PG] = v;
+            }
+        }
+        Ok(PackedMatrix {
+            rows,
+            cols,
+            groups,
+            data,
+        })
+    }
+
+    /// The row-major `[rows, cols]` matrix back.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.rows * self.cols];
+        for (r, row) in w.chunks_exact_mut(self.cols).enumerate() {
+            let base = (r / PG) * self.cols * PG + r % PG;
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = self.data[base + c * PG];
+            }
+        }
+        w
+    }
+
+    /// `y[n, rows] = x[n, cols] · Wᵀ`, with `x` row-major.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        matmul_many(&[self], x, n).pop().unwrap_or_default()
+    }
+
+    /// The 16 values of column `c` of group `g`.
+    fn col(&self, g: usize, c: usize) -> &[f32] {
+        let i = (g * self.cols + c) * PG;
+        &self.data[i..i + PG]
+    }
+
+    /// Row groups `g0..g1` against every activation row, written into `y` (`[n, rows]`).
+    ///
+    /// # Safety
+    /// `y` points to `n · rows` floats, no other thread writes the rows of groups `g0..g1`,
+    /// `x` holds `n · cols` floats, and `kernel` was chosen from features detected at run time.
+    unsafe fn groups_into(
+        &self,
+        g0: usize,
+        g1: usize,
+        x: &[f32],
+        n: usize,
+        y: *mut f32,
+        kernel: Kernel,
+    ) {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::groups_into(self, g0, g1, x, n, y) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { avx512::groups_into(self, g0, g1, x, n, y) },
+            Kernel::Scalar => {
+                for g in g0..g1 {
+                    let valid = (self.rows - g * PG).min(PG);
+                    for (i, xr) in x.chunks_exact(self.cols).enumerate().take(n) {
+                        let mut acc = [0f32; PG];
+                        for (c, &xv) in xr.iter().enumerate() {
+                            for (a, &w) in acc.iter_mut().zip(self.col(g, c)) {
+                                *a += w * xv;
+                            }
+                        }
+                        // SAFETY: rows g·16.. of activation row i belong to this task.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                acc.as_ptr(),
+                                y.add(i * self.rows + g * PG),
+                                valid,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The kernels, fastest available last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+fn kernels() -> Vec<Kernel> {
+    let mut ks = vec![Kernel::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::simd_available() {
+        ks.push(Kernel::Avx2);
+        if is_x86_feature_detected!("avx512f") {
+            ks.push(Kernel::Avx512);
+        }
+    }
+    ks
+}
+
+/// AVX-512, else AVX2 + FMA, else portable code (`RUDDER_NO_AVX512`, `RUDDER_NO_SIMD` step
+/// down, as for the quantized kernels).
+fn kernel() -> Kernel {
+    static K: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        let no512 = std::env::var_os("RUDDER_NO_AVX512").is_some();
+        kernels()
+            .into_iter()
+            .rev()
+            .find(|k| {
+                #[cfg(target_arch = "x86_64")]
+                if *k == Kernel::Avx512 {
+                    return !no512;
+                }
+                let _ = (k, no512);
+                true
+            })
+            .unwrap_or(Kernel::Scalar)
+    })
+}
+
+fn kernel_name(k: Kernel) -> &'static str {
+    match k {
+        Kernel::Scalar => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => "avx512",
+    }
+}
+
+/// The kernels this CPU runs, by name (`scalar`, `avx2`, `avx512`), for benchmarks.
+pub fn kernel_names() -> Vec<&'static str> {
+    kernels().into_iter().map(kernel_name).collect()
+}
+
+/// [`PackedMatrix::matmul`] with a named kernel from [`kernel_names`] (`None` if this CPU
+/// lacks it).
+pub fn matmul_with_kernel(m: &PackedMatrix, x: &[f32], n: usize, name: &str) -> Option<Vec<f32>> {
+    let k = kernels().into_iter().find(|&k| kernel_name(k) == name)?;
+    matmul_many_with(&[m], x, n, k).pop()
+}
+
+/// Several matrices with the same input width applied to the same activations in one parallel
+/// pass (Q/K/V, gate/up).
+pub fn matmul_many(ms: &[&PackedMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    matmul_many_with(ms, x, n, kernel())
+}
+
+fn matmul_many_with(ms: &[&PackedMatrix], x: &[f32], n: usize, kern: Kernel) -> Vec<Vec<f32>> {
+    let Some(first) = ms.first() else {
+        return Vec::new();
+    };
+    let cols = first.cols;
+    assert!(ms.iter().all(|m| m.cols == cols));
+    assert_eq!(x.len(), n * cols);
+    let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; n * m.rows]).collect();
+    if n == 0 {
+        return ys;
+    }
+    let ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
+    let total: usize = ms.iter().map(|m| m.groups).sum();
+    // Enough tasks to balance the pool; an even number of groups each, so that the AVX-512
+    // kernel's group pairs stay whole.
+    let chunk = ((total / (rayon::current_num_threads() * 4)).clamp(1, 32) + 1) / 2 * 2;
+    let mut tasks = Vec::new();
+    for (i, m) in ms.iter().enumerate() {
+        let mut g = 0;
+        while g < m.groups {
+            tasks.push((i, g, (g + chunk).min(m.groups)));
+            g += chunk;
+        }
+    }
+    let task = |ti: usize| {
+        let (i, g0, g1) = tasks[ti];
+        // SAFETY: each task owns the rows of groups g0..g1 of output i; the kernel was
+        // detected at run time; x holds n · cols values (asserted above).
+        unsafe { ms[i].groups_into(g0, g1, x, n, ptrs[i].0, kern) };
+    };
+    if n <= 64 {
+        // Decoding (batches too): many short products with serial work between them.
+        crate::team::Team::global().run(tasks.len(), &task);
+    } else {
+        (0..tasks.len()).into_par_iter().for_each(task);
+    }
+    ys
+}
+
+/// Activation rows per cache block: about 128 KiB of them, so that a block stays in L2 while
+/// every weight group of a task passes over it (a multiple of 24, so tiles of 8 and 6 divide it).
+fn act_block(cols: usize) -> usize {
+    ((131072 / (4 * cols.max(1))) / 24 * 24).max(24)
+}
+
+/// Calls `$f::<R>` for the run-time tile height `$t` (1..=`$max`).
+macro_rules! by_height {
+    ($t:expr, $f:ident, [$($r:literal),*], $args:tt) => {
+        match $t {
+            $($r => $f::<$r> $args,)*
+            _ => unreachable!("tile height {}", $t),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // one index walks several register arrays
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Output rows `16·g .. 16·(g+G)` of activation rows `n0 .. n0+R`.
+    #[inline(always)]
+    unsafe fn tile<const G: usize, const R: usize>(
+        m: &PackedMatrix,
+        g: usize,
+        x: *const f32,
+        n0: usize,
+        y: *mut f32,
+    ) {
+        unsafe {
+            let k = m.cols;
+            let w = m.data.as_ptr().add(g * k * PG);
+            let xp = x.add(n0 * k);
+            let mut acc = [[_mm512_setzero_ps(); R]; G];
+            for c in 0..k {
+                let mut wv = [_mm512_setzero_ps(); G];
+                for gi in 0..G {
+                    wv[gi] = _mm512_loadu_ps(w.add((gi * k + c) * PG));
+                }
+                for r in 0..R {
+                    let b = _mm512_set1_ps(*xp.add(r * k + c));
+                    for gi in 0..G {
+                        acc[gi][r] = _mm512_fmadd_ps(wv[gi], b, acc[gi][r]);
+                    }
+                }
+            }
+            for gi in 0..G {
+                let row0 = (g + gi) * PG;
+                let valid = (m.rows - row0).min(PG);
+                let mask = ((1u32 << valid) - 1) as __mmask16;
+                for r in 0..R {
+                    _mm512_mask_storeu_ps(y.add((n0 + r) * m.rows + row0), mask, acc[gi][r]);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pair<const R: usize>(
+        m: &PackedMatrix,
+        g: usize,
+        x: *const f32,
+        n0: usize,
+        y: *mut f32,
+    ) {
+        unsafe { tile::<2, R>(m, g, x, n0, y) }
+    }
+
+    #[inline(always)]
+    unsafe fn single<const R: usize>(
+        m: &PackedMatrix,
+        g: usize,
+        x: *const f32,
+        n0: usize,
+        y: *mut f32,
+    ) {
+        unsafe { tile::<1, R>(m, g, x, n0, y) }
+    }
+
+    /// # Safety
+    /// As [`PackedMatrix::groups_into`], with AVX-512F present.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn groups_into(
+        m: &PackedMatrix,
+        g0: usize,
+        g1: usize,
+        x: &[f32],
+        n: usize,
+        y: *mut f32,
+    ) {
+        let xp = x.as_ptr();
+        let blk = act_block(m.cols);
+        let mut b0 = 0;
+        while b0 < n {
+            let b1 = (b0 + blk).min(n);
+            let mut g = g0;
+            while g < g1 {
+                let two = g + 1 < g1;
+                let mut n0 = b0;
+                while n0 < b1 {
+                    let t = (b1 - n0).min(8);
+                    // SAFETY: forwarded from the caller.
+                    unsafe {
+                        if two {
+                            by_height!(t, pair, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y))
+                        } else {
+                            by_height!(t, single, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y))
+                        }
+                    }
+                    n0 += t;
+                }
+                g += if two { 2 } else { 1 };
+            }
+            b0 = b1;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Output rows `16·g .. 16·g+16` (two 8-lane halves) of activation rows `n0 .. n0+R`.
+    #[inline(always)]
+    unsafe fn tile<const R: usize>(
+        m: &PackedMatrix,
+        g: usize,
+        x: *const f32,
+        n0: usize,
+        y: *mut f32,
+    ) {
+        unsafe {
+            let k = m.cols;
+            let w = m.data.as_ptr().add(g * k * PG);
+            let xp = x.add(n0 * k);
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for c in 0..k {
+                let lo = _mm256_loadu_ps(w.add(c * PG));
+                let hi = _mm256_loadu_ps(w.add(c * PG + 8));
+                for r in 0..R {
+                    let b = _mm256_broadcast_ss(&*xp.add(r * k + c));
+                    acc[r][0] = _mm256_fmadd_ps(lo, b, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(hi, b, acc[r][1]);
+                }
+            }
+            let row0 = g * PG;
+            let valid = (m.rows - row0).min(PG);
+            for r in 0..R {
+                let out = y.add((n0 + r) * m.rows + row0);
+                if valid == PG {
+                    _mm256_storeu_ps(out, acc[r][0]);
+                    _mm256_storeu_ps(out.add(8), acc[r][1]);
+                } else {
+                    let mut buf = [0f32; PG];
+                    _mm256_storeu_ps(buf.as_mut_ptr(), acc[r][0]);
+                    _mm256_storeu_ps(buf.as_mut_ptr().add(8), acc[r][1]);
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), out, valid);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`PackedMatrix::groups_into`], with AVX2 and FMA present.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn groups_into(
+        m: &PackedMatrix,
+        g0: usize,
+        g1: usize,
+        x: &[f32],
+        n: usize,
+        y: *mut f32,
+    ) {
+        let xp = x.as_ptr();
+        let blk = act_block(m.cols);
+        let mut b0 = 0;
+        while b0 < n {
+            let b1 = (b0 + blk).min(n);
+            for g in g0..g1 {
+                let mut n0 = b0;
+                while n0 < b1 {
+                    let t = (b1 - n0).min(6);
+                    // SAFETY: forwarded from the caller.
+                    unsafe { by_height!(t, tile, [1, 2, 3, 4, 5, 6], (m, g, xp, n0, y)) }
+                    n0 += t;
+                }
+            }
+            b0 = b1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n * rows];
+        for i in 0..n {
+            for r in 0..rows {
+                let mut s = 0f64;
+                for c in 0..cols {
+                    s += w[r * cols + c] as f64 * x[i * cols + c] as f64;
+                }
+                y[i * rows + r] = s as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn packing_round_trips() {
+        let (rows, cols) = (37, 11);
+        let w = data(rows * cols, 1);
+        let p = PackedMatrix::new(rows, cols, &w).unwrap();
+        assert_eq!(p.unpack(), w);
+        assert!(PackedMatrix::new(3, 4, &w[..11]).is_err());
+        assert!(PackedMatrix::new(0, 4, &[]).is_err());
+    }
+
+    #[test]
+    fn every_kernel_matches_the_plain_product() {
+        // Row counts with partial groups and odd group counts; activation counts covering
+        // every tile height of both vector kernels and more than one cache block.
+        for &(rows, cols) in &[(16, 8), (37, 19), (70, 64), (96, 5000)] {
+            let w = data(rows * cols, rows as u64);
+            let p = PackedMatrix::new(rows, cols, &w).unwrap();
+            for n in [1, 2, 3, 5, 6, 7, 8, 9, 13, 16, 31, 64] {
+                let x = data(n * cols, 7 + n as u64);
+                let want = reference(&w, rows, cols, &x, n);
+                for k in kernels() {
+                    let got = matmul_many_with(&[&p], &x, n, k).pop().unwrap();
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (cols as f32).sqrt(),
+                            "{k:?} {rows}×{cols} n={n} at {i}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_matrices_share_one_pass() {
+        let cols = 40;
+        let (a, b) = (data(33 * cols, 3), data(64 * cols, 4));
+        let (pa, pb) = (
+            PackedMatrix::new(33, cols, &a).unwrap(),
+            PackedMatrix::new(64, cols, &b).unwrap(),
+        );
+        let x = data(50 * cols, 5);
+        let ys = matmul_many(&[&pa, &pb], &x, 50);
+        assert_eq!(ys[0], pa.matmul(&x, 50));
+        assert_eq!(ys[1], pb.matmul(&x, 50));
+        assert_eq!(matmul_many(&[&pa], &[], 0), vec![Vec::<f32>::new()]);
+    }
+
+    #[test]
+    fn blocks_cover_long_inputs() {
+        // More activation rows than one cache block (cols 4096 → 24-row blocks).
+        let (rows, cols, n) = (20, 4096, 53);
+        let w = data(rows * cols, 9);
+        let x = data(n * cols, 10);
+        assert!(n > act_block(cols));
+        let p = PackedMatrix::new(rows, cols, &w).unwrap();
+        let want = reference(&w, rows, cols, &x, n);
+        for k in kernels() {
+            let got = matmul_many_with(&[&p], &x, n, k).pop().unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-3, "{k:?}: {a} vs {b}");
+            }
+        }
+    }
+}
