@@ -194,6 +194,9 @@ pub struct Stats {
     pub queued: AtomicUsize,
     pub active: AtomicUsize,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens not computed because a row with the same prompt had read them
+    /// (their keys and values were copied; see [`share_prompts`]).
+    pub shared_prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub busy_ns: AtomicU64,
@@ -770,8 +773,53 @@ fn run(lm: &LanguageModel, cfg: &EngineConfig, rx: mpsc::Receiver<Msg>, stats: &
     }
 }
 
+/// Whether rows `a` and `b` compute the same keys and values over their prompts: the same
+/// tokens, no capture on either (a capture records what the row itself computes), and equal
+/// interventions without a gate (a gate reads the last prompt token, so such a prompt is read
+/// in one piece).
+fn same_prompt_state(a: &Row, b: &Row) -> bool {
+    a.prompt == b.prompt
+        && a.hook.cap.is_none()
+        && b.hook.cap.is_none()
+        && match (&a.hook.iv, &b.hook.iv) {
+            (None, None) => true,
+            (Some(x), Some(y)) => !x.needs_whole_prompt() && x.interventions == y.interventions,
+            _ => false,
+        }
+}
+
+/// Rows with the same prompt read it once (rollouts of one question, the `n` choices of one
+/// request). A row that has not started its prompt takes a copy of the keys and values of all
+/// but the last prompt token from a row that has read the whole prompt, then reads the last
+/// token itself (for its own first logits); while that row is still reading, it waits. Every
+/// position's keys and values are computed per token, so the copy equals what the row would
+/// have computed. Returns, per row, whether it waits this step.
+fn share_prompts(rows: &mut [Row], stats: &Stats) -> Vec<bool> {
+    let mut wait = vec![false; rows.len()];
+    for i in 0..rows.len() {
+        let len = rows[i].prompt.len();
+        if rows[i].fed != 0 || len < 2 {
+            continue;
+        }
+        let alike = |j: usize| j != i && same_prompt_state(&rows[i], &rows[j]);
+        let Some(j) = (0..rows.len()).find(|&j| rows[j].fed >= len && alike(j)) else {
+            // a row reading the same prompt now (or about to, earlier in this step)
+            wait[i] = (0..rows.len()).any(|j| (rows[j].fed > 0 || (j < i && !wait[j])) && alike(j));
+            continue;
+        };
+        let cache = rows[j].cache.prefix(len - 1);
+        rows[i].cache = cache;
+        rows[i].fed = len - 1;
+        stats
+            .shared_prompt_tokens
+            .fetch_add((len - 1) as u64, Ordering::Relaxed);
+    }
+    wait
+}
+
 /// One ragged forward pass over every row that has something to read, then sampling.
 fn step(lm: &LanguageModel, cfg: &EngineConfig, rows: &mut [Row], stats: &Stats) -> Result<()> {
+    let wait = share_prompts(rows, stats);
     let mut budget = cfg.prefill_chunk.max(1);
     let mut parts: Vec<RaggedRow> = Vec::new();
     let mut who: Vec<(usize, bool)> = Vec::new(); // (row, needs logits)
@@ -780,6 +828,9 @@ fn step(lm: &LanguageModel, cfg: &EngineConfig, rows: &mut [Row], stats: &Stats)
         one.push([r.next]);
     }
     for (i, (row, single)) in rows.iter_mut().zip(one.iter()).enumerate() {
+        if wait[i] {
+            continue;
+        }
         let Row {
             prompt,
             cache,

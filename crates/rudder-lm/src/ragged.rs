@@ -40,6 +40,28 @@ impl RowCache {
         }
     }
 
+    /// A copy of the first `n` positions (at most `len`), with room for the whole prompt: the
+    /// start of a row with the same prompt.
+    pub fn prefix(&self, n: usize) -> Self {
+        let n = n.min(self.len);
+        let width = self.k.first().map_or(0, |k| k.len() / self.len.max(1));
+        let take = |b: &Vec<Vec<f32>>| {
+            b.iter()
+                .map(|x| {
+                    let mut v = Vec::with_capacity(self.prompt_len.max(n) * width);
+                    v.extend_from_slice(&x[..n * width]);
+                    v
+                })
+                .collect()
+        };
+        RowCache {
+            k: take(&self.k),
+            v: take(&self.v),
+            len: n,
+            prompt_len: self.prompt_len,
+        }
+    }
+
     /// Bytes held by the keys and values.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum()

@@ -181,6 +181,12 @@ impl Metrics {
             );
             counter(
                 &mut out,
+                "rudder_shared_prompt_tokens_total",
+                "Prompt tokens copied from a row with the same prompt instead of computed.",
+                g(&s.shared_prompt_tokens),
+            );
+            counter(
+                &mut out,
                 "rudder_completion_tokens_total",
                 "Tokens generated.",
                 g(&s.completion_tokens),

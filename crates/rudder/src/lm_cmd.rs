@@ -65,10 +65,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
     /// Also measure batched decoding through the continuous-batching engine at these batch
-    /// sizes (each row: the bench prompt, greedy, `--decode-tokens` tokens): aggregate decode
-    /// tokens/s per batch size, the curve the rollout and serving throughput rests on.
+    /// sizes (each row: a rotation of the bench prompt, greedy, `--decode-tokens` tokens):
+    /// aggregate decode tokens/s per batch size, the curve the rollout and serving throughput
+    /// rests on.
     #[arg(long, value_delimiter = ',')]
     pub batch: Vec<usize>,
+    /// Rows per prompt in the batched runs: 1 = every row its own prompt; K = groups of K rows
+    /// with one prompt (K rollouts of one question), which the engine reads once per group.
+    #[arg(long, default_value_t = 1)]
+    pub rollouts: usize,
     /// A steering file (as for `lm generate --steer`) applied in every measured run, to measure
     /// what steering costs: compare with a run without it.
     #[arg(long)]
@@ -854,8 +859,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         let t0 = std::time::Instant::now();
         for r in 0..b.max(1) {
             let tx = tx.clone();
+            // one prompt per group of `--rollouts` rows (a rotation of the bench prompt)
+            let mut prompt = ids.clone();
+            prompt.rotate_left((r / a.rollouts.max(1)) * 7 % ids.len().max(1));
             let mut j = rudder_lm::engine::Job::new(
-                ids.clone(),
+                prompt,
                 GenConfig {
                     max_new_tokens: a.decode_tokens,
                     ignore_eos: true,
@@ -891,8 +899,13 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         let after = events.iter().filter(|e| e.1 && e.2 > last_first).count();
         let total = end.duration_since(t0).as_secs_f64();
         let decode = end.duration_since(last_first).as_secs_f64();
+        let shared = eng
+            .stats
+            .shared_prompt_tokens
+            .load(std::sync::atomic::Ordering::Relaxed);
         batched.push(serde_json::json!({
-            "batch": b, "wall_s": total,
+            "batch": b, "wall_s": total, "rollouts": a.rollouts.max(1),
+            "shared_prompt_tokens": shared,
             "aggregate_tok_s": (b * a.decode_tokens) as f64 / total,
             "decode_tok_s": after as f64 / decode.max(1e-9),
         }));

@@ -167,6 +167,11 @@ fn fit_generate_evaluate_and_judge() {
     let steer_file = p("steer.safetensors");
     let none = bench(&[]);
     assert!(none["steered_prefill_time_ratio"].is_null());
+    // two rows with their own prompts share nothing; as two rollouts of one prompt the second
+    // row copies the first one's 11 leading prompt positions
+    assert_eq!(none["batched"][0]["shared_prompt_tokens"], 0);
+    let pair = bench(&["--rollouts", "2"]);
+    assert_eq!(pair["batched"][0]["shared_prompt_tokens"], 11, "{pair}");
     let (b0, b40) = (
         bench(&["--steer", &steer_file, "--strength", "0"]),
         bench(&["--steer", &steer_file, "--strength", "40"]),
