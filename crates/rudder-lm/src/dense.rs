@@ -9,8 +9,6 @@
 //! reuses every weight load; the products of a tile stay in registers until the last column.
 //! Rows past the last real row of the last group are zero (stores are masked).
 
-use rayon::prelude::*;
-
 use crate::team::SendPtr;
 
 /// Rows per interleaved group.
@@ -205,30 +203,13 @@ fn matmul_many_with(ms: &[&PackedMatrix], x: &[f32], n: usize, kern: Kernel) -> 
         return ys;
     }
     let ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
-    let total: usize = ms.iter().map(|m| m.groups).sum();
-    // Enough tasks to balance the pool; an even number of groups each, so that the AVX-512
-    // kernel's group pairs stay whole.
-    let chunk = ((total / (rayon::current_num_threads() * 4)).clamp(1, 32) + 1) / 2 * 2;
-    let mut tasks = Vec::new();
-    for (i, m) in ms.iter().enumerate() {
-        let mut g = 0;
-        while g < m.groups {
-            tasks.push((i, g, (g + chunk).min(m.groups)));
-            g += chunk;
-        }
-    }
-    let task = |ti: usize| {
-        let (i, g0, g1) = tasks[ti];
+    let groups: Vec<usize> = ms.iter().map(|m| m.groups).collect();
+    // tasks of an even number of groups, so that the AVX-512 kernel's group pairs stay whole
+    crate::team::for_group_tasks(&groups, n, 2, &|i, g0, g1| {
         // SAFETY: each task owns the rows of groups g0..g1 of output i; the kernel was
         // detected at run time; x holds n · cols values (asserted above).
         unsafe { ms[i].groups_into(g0, g1, x, n, ptrs[i].0, kern) };
-    };
-    if n <= 64 {
-        // Decoding (batches too): many short products with serial work between them.
-        crate::team::Team::global().run(tasks.len(), &task);
-    } else {
-        (0..tasks.len()).into_par_iter().for_each(task);
-    }
+    });
     ys
 }
 

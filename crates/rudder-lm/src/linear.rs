@@ -143,20 +143,14 @@ impl Linear {
 /// Apply several linears to the same input. Quantized or packed weights share one pass over
 /// the activations and one fork-join (Q/K/V, gate/up); anything else runs one by one.
 pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-    let quant: Vec<&QMatrix> = ls
-        .iter()
-        .filter_map(|l| match &l.weight {
-            Weight::Quant(q) => Some(q),
-            _ => None,
-        })
-        .collect();
-    let packed: Vec<&PackedMatrix> = ls
-        .iter()
-        .filter_map(|l| match &l.weight {
-            Weight::Packed(p) => Some(p),
-            _ => None,
-        })
-        .collect();
+    let (mut quant, mut packed): (Vec<&QMatrix>, Vec<&PackedMatrix>) = (Vec::new(), Vec::new());
+    for l in ls {
+        match &l.weight {
+            Weight::Quant(q) => quant.push(q),
+            Weight::Packed(p) => packed.push(p),
+            _ => {}
+        }
+    }
     let one_pass =
         ls.len() >= 2 && (quant.len() == ls.len() || (packed.len() == ls.len() && !x.track_op()));
     if !one_pass {

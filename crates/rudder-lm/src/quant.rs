@@ -385,30 +385,12 @@ fn matmul_many_with(ms: &[&QMatrix], x: &[f32], n: usize, kern: Kernel) -> Vec<V
     let qx = QActs::new(x, n, cols, tile);
     let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; n * m.rows]).collect();
     let ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
-    let total: usize = ms.iter().map(|m| m.groups).sum();
-    // Enough tasks to balance the pool, few enough to keep the scheduling overhead small.
-    let chunk = (total / (rayon::current_num_threads() * 4)).clamp(1, 32);
-    let mut tasks = Vec::new();
-    for (i, m) in ms.iter().enumerate() {
-        let mut g = 0;
-        while g < m.groups {
-            tasks.push((i, g, (g + chunk).min(m.groups)));
-            g += chunk;
-        }
-    }
-    let task = |ti: usize| {
-        let (i, g0, g1) = tasks[ti];
+    let groups: Vec<usize> = ms.iter().map(|m| m.groups).collect();
+    crate::team::for_group_tasks(&groups, n, 1, &|i, g0, g1| {
         // SAFETY: each task owns the rows of groups g0..g1 of output i; the kernel was
         // detected at run time.
         unsafe { ms[i].groups_into(g0, g1, &qx, ptrs[i].0, kern) };
-    };
-    if n <= 64 {
-        // Decoding (batches too): many short products with serial work between them.
-        crate::team::Team::global().run(tasks.len(), &task);
-    } else {
-        // Prefill: long products while candle's own ops use rayon too.
-        (0..tasks.len()).into_par_iter().for_each(task);
-    }
+    });
     ys
 }
 

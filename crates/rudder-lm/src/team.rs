@@ -24,6 +24,42 @@ impl SendPtr {
     }
 }
 
+/// Runs `f(matrix, g0, g1)` over row groups `g0..g1` of several matrices (`groups[i]` groups
+/// each) for a product of `n` activation rows: tasks of up to 32 groups, enough to balance the
+/// pool, each a multiple of `align` groups; on the team for up to 64 rows (decode steps, batched
+/// or not: many short products with serial work between them), on rayon for longer ones.
+pub(crate) fn for_group_tasks(
+    groups: &[usize],
+    n: usize,
+    align: usize,
+    f: &(dyn Fn(usize, usize, usize) + Sync),
+) {
+    use rayon::prelude::*;
+    let total: usize = groups.iter().sum();
+    let align = align.max(1);
+    let chunk = (total / (rayon::current_num_threads() * 4))
+        .clamp(1, 32)
+        .div_ceil(align)
+        * align;
+    let mut tasks = Vec::new();
+    for (i, &gs) in groups.iter().enumerate() {
+        let mut g = 0;
+        while g < gs {
+            tasks.push((i, g, (g + chunk).min(gs)));
+            g += chunk;
+        }
+    }
+    let task = |ti: usize| {
+        let (i, g0, g1) = tasks[ti];
+        f(i, g0, g1)
+    };
+    if n <= 64 {
+        Team::global().run(tasks.len(), &task);
+    } else {
+        (0..tasks.len()).into_par_iter().for_each(task);
+    }
+}
+
 struct Job {
     f: *const (dyn Fn(usize) + Sync),
     tasks: usize,
