@@ -19,7 +19,9 @@
 //! residual — rudder-lm's `gated_add` edit.
 //!
 //! Sign convention (recorded in every steering file): `r = mean(harmful) − mean(benign)` at
-//! the same site, so **positive λ steers towards refusal**. (The reference's borrowed vector
+//! the same site (or `mean(refused) − mean(complied)` over the training prompts, by the
+//! model's own judged responses: [`Direction::RefusedComplied`]), so **positive λ steers
+//! towards refusal**. (The reference's borrowed vector
 //! points away from refusal, hence its negative λ grid.)
 
 use std::collections::BTreeMap;
@@ -226,18 +228,90 @@ pub struct FitConfig {
     pub per_layer_p: BTreeMap<usize, f64>,
     /// Ridge regularisation α (the reference: 10).
     pub alpha: f64,
+    /// How the refusal direction `r` is read from the training prompts.
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+/// The refusal direction's two groups.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// `mean(harmful) − mean(benign)` over the training prompts.
+    #[default]
+    HarmfulBenign,
+    /// `mean(refused) − mean(complied)` over all training prompts (benign and harmful), as the
+    /// model's own responses were judged ([`Refusals`]).
+    RefusedComplied,
+}
+
+/// Which training prompts the model refused (per row of the benign and the harmful set), for
+/// [`Direction::RefusedComplied`].
+#[derive(Clone, Debug, Default)]
+pub struct Refusals {
+    pub benign: Vec<bool>,
+    pub harmful: Vec<bool>,
+}
+
+/// `mean(refused rows) − mean(complied rows)` over the rows of `b` and `m` together.
+fn refused_minus_complied(b: MatRef<'_, f64>, m: MatRef<'_, f64>, r: &Refusals) -> Vec<f64> {
+    let d = b.ncols();
+    let (mut sr, mut sc) = (vec![0f64; d], vec![0f64; d]);
+    let (mut nr, mut nc) = (0usize, 0usize);
+    for (mat, flags) in [(b, &r.benign), (m, &r.harmful)] {
+        for (i, &refused) in flags.iter().enumerate() {
+            let (acc, n) = if refused {
+                (&mut sr, &mut nr)
+            } else {
+                (&mut sc, &mut nc)
+            };
+            *n += 1;
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a += mat[(i, j)];
+            }
+        }
+    }
+    (0..d)
+        .map(|j| sr[j] / nr.max(1) as f64 - sc[j] / nc.max(1) as f64)
+        .collect()
 }
 
 /// Fit every layer from captured activations (`ResidPre(l)` at the last prompt token) of the
 /// benign and malicious training prompts.
+/// `refusals` (the judged responses) is needed for [`Direction::RefusedComplied`] only.
 pub fn fit(
     benign: &crate::activations::ActivationSet,
     harmful: &crate::activations::ActivationSet,
     cfg: &FitConfig,
+    refusals: Option<&Refusals>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<LayerSteer>, Vec<LayerReport>)> {
     if cfg.layers.is_empty() {
         return Err(SteerError::Invalid("no layers to steer".into()));
+    }
+    if cfg.direction == Direction::RefusedComplied {
+        let r = refusals.ok_or_else(|| {
+            SteerError::Invalid(
+                "the refused-vs-complied direction needs the model's judged responses".into(),
+            )
+        })?;
+        if r.benign.len() != benign.len() || r.harmful.len() != harmful.len() {
+            return Err(SteerError::Invalid(format!(
+                "refusal flags for {} benign and {} harmful prompts, activations of {} and {}",
+                r.benign.len(),
+                r.harmful.len(),
+                benign.len(),
+                harmful.len()
+            )));
+        }
+        let refused = r.benign.iter().chain(&r.harmful).filter(|&&x| x).count();
+        let total = r.benign.len() + r.harmful.len();
+        if refused == 0 || refused == total {
+            return Err(SteerError::Invalid(format!(
+                "the model refused {refused} of {total} training prompts (keyword judge): the \
+                 refused-vs-complied direction needs both groups; use the harmful-vs-benign one"
+            )));
+        }
     }
     if benign.hidden != harmful.hidden {
         return Err(SteerError::Invalid(format!(
@@ -260,7 +334,12 @@ pub fn fit(
             .map_err(|e| SteerError::Invalid(format!("layer {l}: {e}")))?;
         let u = fit_gate(nb.q.as_ref(), hm.as_ref(), cfg.alpha)
             .map_err(|e| SteerError::Invalid(format!("layer {l}: {e}")))?;
-        let r = mean_difference(hm.as_ref(), hb.as_ref());
+        let r = match (cfg.direction, refusals) {
+            (Direction::RefusedComplied, Some(f)) => {
+                refused_minus_complied(hb.as_ref(), hm.as_ref(), f)
+            }
+            _ => mean_difference(hm.as_ref(), hb.as_ref()),
+        };
         let gate_mean = |m: &Mat<f64>| {
             (0..m.nrows())
                 .map(|i| (0..m.ncols()).map(|j| m[(i, j)] * u[j]).sum::<f64>())
@@ -488,6 +567,31 @@ mod tests {
             }
         });
         (hb, hm)
+    }
+
+    #[test]
+    fn refused_minus_complied_groups_rows_of_both_sets_by_the_judge() {
+        let (hb, hm) = data(6, 5, 4);
+        // refused: benign row 1, harmful rows 0 and 3; every other row complied
+        let flags = Refusals {
+            benign: vec![false, true, false, false, false],
+            harmful: vec![true, false, false, true],
+        };
+        let r = refused_minus_complied(hb.as_ref(), hm.as_ref(), &flags);
+        for j in 0..6 {
+            let refused = (hb[(1, j)] + hm[(0, j)] + hm[(3, j)]) / 3.0;
+            let complied =
+                (hb[(0, j)] + hb[(2, j)] + hb[(3, j)] + hb[(4, j)] + hm[(1, j)] + hm[(2, j)]) / 6.0;
+            assert!((r[j] - (refused - complied)).abs() < 1e-12, "column {j}");
+        }
+        // all harmful refused, all benign complied: the harmful-vs-benign direction
+        let split = Refusals {
+            benign: vec![false; 5],
+            harmful: vec![true; 4],
+        };
+        let a = refused_minus_complied(hb.as_ref(), hm.as_ref(), &split);
+        let b = mean_difference(hm.as_ref(), hb.as_ref());
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-12));
     }
 
     #[test]

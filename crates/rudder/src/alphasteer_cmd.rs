@@ -63,12 +63,27 @@ pub struct FitArgs {
     /// Ridge regularisation α of the fit.
     #[arg(long, default_value_t = 10.0)]
     pub alpha: f64,
+    /// The refusal direction: `harmful-benign` = mean(harmful) − mean(benign) training prompts;
+    /// `refused-complied` = mean(refused) − mean(complied), by the keyword judge on the
+    /// model's own greedy responses to every training prompt (generated, ≤ --judge-tokens
+    /// tokens, journalled in <out>.acts/responses.jsonl and reused).
+    #[arg(long, value_enum, default_value_t = DirectionArg::HarmfulBenign)]
+    pub direction: DirectionArg,
+    /// Response length judged for `--direction refused-complied`.
+    #[arg(long, default_value_t = 64)]
+    pub judge_tokens: usize,
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// Output steering file (safetensors; a JSON index is written next to it). Activations are
     /// cached in <out>.acts/ and reused.
     #[arg(long, short)]
     pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirectionArg {
+    HarmfulBenign,
+    RefusedComplied,
 }
 
 #[derive(Args)]
@@ -195,6 +210,10 @@ fn fit_config(a: &FitArgs, layers: Vec<usize>) -> Result<FitConfig> {
         },
         per_layer_p,
         alpha: a.alpha,
+        direction: match a.direction {
+            DirectionArg::HarmfulBenign => alphasteer::Direction::HarmfulBenign,
+            DirectionArg::RefusedComplied => alphasteer::Direction::RefusedComplied,
+        },
     };
     cfg.null_space.check()?;
     for &p in cfg.per_layer_p.values() {
@@ -243,8 +262,15 @@ fn run_fit_acts(a: &FitArgs, b: &Path, h: &Path) -> Result<()> {
         );
     }
     let cfg = fit_config(a, layers)?;
+    if a.direction == DirectionArg::RefusedComplied {
+        bail!(
+            "--direction refused-complied judges the model's responses to the training prompts: \
+             give --benign/--harmful prompt files (and the model), not activation files"
+        );
+    }
     let pb = crate::steer_cmd::bar("fit", cfg.layers.len() as u64);
-    let (steer, report) = alphasteer::fit(&sb, &sh, &cfg, &mut |k, _| pb.set_position(k as u64))?;
+    let (steer, report) =
+        alphasteer::fit(&sb, &sh, &cfg, None, &mut |k, _| pb.set_position(k as u64))?;
     pb.finish_and_clear();
     let file = SteerFile {
         layers: steer,
@@ -266,7 +292,7 @@ fn run_fit(a: FitArgs) -> Result<()> {
     if let (Some(b), Some(h)) = (&a.benign_acts, &a.harmful_acts) {
         return run_fit_acts(&a, b, h);
     }
-    let lm = crate::steer_cmd::open_model(&a.model)?;
+    let lm = Arc::new(crate::steer_cmd::open_model(&a.model)?);
     let (nl, d) = (lm.decoder.cfg.num_layers, lm.decoder.cfg.hidden_size);
     let layers = match &a.layers {
         Some(s) => crate::steer_cmd::parse_layers(s, nl)?,
@@ -327,15 +353,33 @@ fn run_fit(a: FitArgs) -> Result<()> {
                 s
             }
         };
-        sets.push((name, files.clone(), set));
+        sets.push((name, files.clone(), set, ids));
     }
+    let refusals = match a.direction {
+        DirectionArg::HarmfulBenign => None,
+        DirectionArg::RefusedComplied => Some(judge_training_prompts(
+            lm.clone(),
+            [&sets[0].3, &sets[1].3],
+            &a,
+            &acts_dir,
+        )?),
+    };
     let pb = crate::steer_cmd::bar("fit", layers.len() as u64);
-    let (steer, report) = alphasteer::fit(&sets[0].2, &sets[1].2, &cfg, &mut |k, _| {
-        pb.set_position(k as u64)
-    })?;
+    let (steer, report) = alphasteer::fit(
+        &sets[0].2,
+        &sets[1].2,
+        &cfg,
+        refusals.as_ref(),
+        &mut |k, _| pb.set_position(k as u64),
+    )?;
     pb.finish_and_clear();
+    let refused = refusals.as_ref().map(|r| {
+        json!({"benign": r.benign.iter().filter(|&&x| x).count(),
+               "harmful": r.harmful.iter().filter(|&&x| x).count(),
+               "judge": "keyword", "max_tokens": a.judge_tokens})
+    });
     let mut hashes = BTreeMap::new();
-    for (_, files, _) in &sets {
+    for (_, files, _, _) in &sets {
         for f in files {
             hashes.insert(
                 f.display().to_string(),
@@ -349,6 +393,7 @@ fn run_fit(a: FitArgs) -> Result<()> {
             "model": lm.info, "hidden_size": d, "num_layers": nl,
             "template_hash": rendering.template_hash(&lm),
             "fit": cfg, "benign_rows": sets[0].2.len(), "harmful_rows": sets[1].2.len(),
+            "refused_training_prompts": refused,
             "data_sha256": hashes,
             "strength_grid": [0.0, 0.25, 0.5, 1.0, 2.0],
             "report": report,
@@ -363,6 +408,59 @@ fn run_fit(a: FitArgs) -> Result<()> {
     );
     print_report(&report);
     Ok(())
+}
+
+/// Greedy responses of the model to the benign and harmful training prompts (journalled in
+/// `dir/responses.jsonl`, so a rerun generates only what is missing), judged by keywords: the
+/// groups of the refused-vs-complied direction.
+fn judge_training_prompts(
+    lm: Arc<rudder_lm::loader::LanguageModel>,
+    ids: [&Vec<Vec<u32>>; 2],
+    a: &FitArgs,
+    dir: &Path,
+) -> Result<alphasteer::Refusals> {
+    let engine = Engine::start(lm, EngineConfig::offline(a.batch.max(1)));
+    let mut journal = Journal::open(&dir.join("responses.jsonl"))?;
+    let rc = rudder_steer::rollouts::RolloutConfig {
+        per_prompt: 1,
+        sampling: rudder_lm::generate::GenConfig {
+            max_new_tokens: a.judge_tokens.max(1),
+            temperature: 0.0,
+            ..Default::default()
+        },
+        marker: None,
+    };
+    let mut flags: Vec<Vec<bool>> = Vec::new();
+    for (tag, ids) in ["benign", "harmful"].into_iter().zip(ids) {
+        let pb = crate::steer_cmd::bar(&format!("respond {tag}"), ids.len() as u64);
+        let gold = vec![None; ids.len()];
+        rudder_steer::rollouts::run(
+            &engine,
+            tag,
+            ids,
+            &gold,
+            &rc,
+            0.0,
+            None,
+            &mut journal,
+            &mut |d, _| pb.set_position(d as u64),
+        )?;
+        pb.finish_and_clear();
+        let mut f = vec![false; ids.len()];
+        for r in journal.tagged(tag).filter(|r| r.question < ids.len()) {
+            f[r.question] = refusal::keyword_refuses(&r.text, refusal::KEYWORD_WINDOW);
+        }
+        eprintln!(
+            "{tag}: the model refused {} of {} training prompts (keyword judge, ≤ {} tokens)",
+            f.iter().filter(|&&x| x).count(),
+            f.len(),
+            a.judge_tokens
+        );
+        flags.push(f);
+    }
+    let harmful = flags.pop().unwrap_or_default();
+    let benign = flags.pop().unwrap_or_default();
+    Ok(alphasteer::Refusals { benign, harmful })
 }
 
 /// The LLM judge of `--judge-llm`: one client (an in-process judge loads its model once) and

@@ -111,6 +111,44 @@ fn fit_generate_evaluate_and_judge() {
         &p("steer2.safetensors"),
     ]));
     assert_eq!(before, std::fs::read(p("steer2.safetensors")).unwrap());
+    // the refused-vs-complied direction judges the model's own responses: a random tiny model
+    // refuses nothing, which is a clear error (after its responses were journalled), and
+    // activation files alone cannot give it
+    let refused = |extra: &[&str]| {
+        let mut args = vec![
+            "steer",
+            "alphasteer",
+            "fit",
+            "--layers",
+            "1-2",
+            "--p",
+            "0.5",
+            "--direction",
+            "refused-complied",
+            "--judge-tokens",
+            "4",
+            "--out",
+        ];
+        let out = p("steer3.safetensors");
+        args.push(&out);
+        args.extend_from_slice(extra);
+        rudder(&args)
+    };
+    let (b, h) = (p("benign.json"), p("harmful.json"));
+    fails(
+        &refused(&["-m", &m, "--benign", &b, "--harmful", &h]),
+        "refused 0 of",
+    );
+    let journal = std::fs::read_to_string(p("steer3.safetensors.acts/responses.jsonl")).unwrap();
+    assert!(journal.lines().count() > 0);
+    let (ba, ha) = (
+        p("steer.safetensors.acts/benign.safetensors"),
+        p("steer.safetensors.acts/harmful.safetensors"),
+    );
+    fails(
+        &refused(&["--benign-acts", &ba, "--harmful-acts", &ha]),
+        "not activation files",
+    );
 
     // generation with the steering file: strength 0 is the plain model
     let steered = |s: &str| {
