@@ -219,6 +219,30 @@ fn act_block(cols: usize) -> usize {
     ((131072 / (4 * cols.max(1))) / 24 * 24).max(24)
 }
 
+/// Every (first group, groups in the unit, first activation row, tile height) of a task's
+/// work: activation rows in [`act_block`]s, each block walked by every unit of `unit` groups of
+/// `g0..g1` (the last one may be shorter), in tiles of at most `tile` rows. (An iterator, not a
+/// callback: the kernel calls stay in the caller's `target_feature` function, where they
+/// inline.)
+fn tile_walk(
+    cols: usize,
+    (g0, g1): (usize, usize),
+    n: usize,
+    unit: usize,
+    tile: usize,
+) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let blk = act_block(cols);
+    (0..n.div_ceil(blk)).flat_map(move |b| {
+        let (b0, b1) = (b * blk, ((b + 1) * blk).min(n));
+        (g0..g1).step_by(unit).flat_map(move |g| {
+            let gs = unit.min(g1 - g);
+            (b0..b1)
+                .step_by(tile)
+                .map(move |n0| (g, gs, n0, tile.min(b1 - n0)))
+        })
+    })
+}
+
 /// Calls `$f::<R>` for the run-time tile height `$t` (1..=`$max`).
 macro_rules! by_height {
     ($t:expr, $f:ident, [$($r:literal),*], $args:tt) => {
@@ -306,29 +330,15 @@ mod avx512 {
         y: *mut f32,
     ) {
         let xp = x.as_ptr();
-        let blk = act_block(m.cols);
-        let mut b0 = 0;
-        while b0 < n {
-            let b1 = (b0 + blk).min(n);
-            let mut g = g0;
-            while g < g1 {
-                let two = g + 1 < g1;
-                let mut n0 = b0;
-                while n0 < b1 {
-                    let t = (b1 - n0).min(8);
-                    // SAFETY: forwarded from the caller.
-                    unsafe {
-                        if two {
-                            by_height!(t, pair, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y))
-                        } else {
-                            by_height!(t, single, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y))
-                        }
-                    }
-                    n0 += t;
+        for (g, gs, n0, t) in tile_walk(m.cols, (g0, g1), n, 2, 8) {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                if gs == 2 {
+                    by_height!(t, pair, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y))
+                } else {
+                    by_height!(t, single, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y))
                 }
-                g += if two { 2 } else { 1 };
             }
-            b0 = b1;
         }
     }
 }
@@ -391,20 +401,9 @@ mod avx2 {
         y: *mut f32,
     ) {
         let xp = x.as_ptr();
-        let blk = act_block(m.cols);
-        let mut b0 = 0;
-        while b0 < n {
-            let b1 = (b0 + blk).min(n);
-            for g in g0..g1 {
-                let mut n0 = b0;
-                while n0 < b1 {
-                    let t = (b1 - n0).min(6);
-                    // SAFETY: forwarded from the caller.
-                    unsafe { by_height!(t, tile, [1, 2, 3, 4, 5, 6], (m, g, xp, n0, y)) }
-                    n0 += t;
-                }
-            }
-            b0 = b1;
+        for (g, _, n0, t) in tile_walk(m.cols, (g0, g1), n, 1, 6) {
+            // SAFETY: forwarded from the caller.
+            unsafe { by_height!(t, tile, [1, 2, 3, 4, 5, 6], (m, g, xp, n0, y)) }
         }
     }
 }
