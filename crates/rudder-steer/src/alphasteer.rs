@@ -372,6 +372,38 @@ pub fn fit(
     Ok((steer, report))
 }
 
+/// Mean gate `u·h` per steered layer over the rows of an activation set (prompts held out of
+/// the fit: the gate should stay near 0 on benign and near 1 on harmful ones), and the share of
+/// rows whose gate exceeds 0.5.
+pub fn gate_on(
+    steer: &[LayerSteer],
+    set: &crate::activations::ActivationSet,
+) -> Result<Vec<(usize, f64, f64)>> {
+    steer
+        .iter()
+        .map(|ls| {
+            let m = set.matrix(Site::ResidPre(ls.layer), None)?;
+            if m.ncols() != ls.gate.len() {
+                return Err(SteerError::Invalid(format!(
+                    "layer {}: activations of width {}, a gate of width {}",
+                    ls.layer,
+                    m.ncols(),
+                    ls.gate.len()
+                )));
+            }
+            let gates: Vec<f64> = (0..m.nrows())
+                .map(|i| (0..m.ncols()).map(|j| m[(i, j)] * ls.gate[j] as f64).sum())
+                .collect();
+            let n = gates.len().max(1) as f64;
+            Ok((
+                ls.layer,
+                gates.iter().sum::<f64>() / n,
+                gates.iter().filter(|&&g| g > 0.5).count() as f64 / n,
+            ))
+        })
+        .collect()
+}
+
 /// A fitted AlphaSteer file: safetensors (`layer.{l}.gate`, `layer.{l}.vector`) + JSON.
 pub struct SteerFile {
     pub layers: Vec<LayerSteer>,

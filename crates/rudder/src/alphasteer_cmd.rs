@@ -69,6 +69,16 @@ pub struct FitArgs {
     /// tokens, journalled in <out>.acts/responses.jsonl and reused).
     #[arg(long, value_enum, default_value_t = DirectionArg::HarmfulBenign)]
     pub direction: DirectionArg,
+    /// Held-out benign prompts (e.g. benign_val.json): after the fit, the gate's mean and the
+    /// share of prompts with a gate above 0.5 per layer on them (should stay near 0).
+    #[arg(long)]
+    pub benign_val: Vec<PathBuf>,
+    /// Held-out harmful prompts (e.g. harmful_val.json): the same (should be near 1).
+    #[arg(long)]
+    pub harmful_val: Vec<PathBuf>,
+    /// Only the first N prompts of each validation file (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit_val: usize,
     /// Response length judged for `--direction refused-complied`.
     #[arg(long, default_value_t = 64)]
     pub judge_tokens: usize,
@@ -262,6 +272,12 @@ fn run_fit_acts(a: &FitArgs, b: &Path, h: &Path) -> Result<()> {
         );
     }
     let cfg = fit_config(a, layers)?;
+    if !a.benign_val.is_empty() || !a.harmful_val.is_empty() {
+        bail!(
+            "--benign-val/--harmful-val are prompts the model reads: give --benign/--harmful \
+             prompt files (and the model), not activation files"
+        );
+    }
     if a.direction == DirectionArg::RefusedComplied {
         bail!(
             "--direction refused-complied judges the model's responses to the training prompts: \
@@ -313,7 +329,12 @@ fn run_fit(a: FitArgs) -> Result<()> {
     for (name, files, limit) in [
         ("benign", &a.benign, a.limit_benign),
         ("harmful", &a.harmful, a.limit_harmful),
+        ("benign_val", &a.benign_val, a.limit_val),
+        ("harmful_val", &a.harmful_val, a.limit_val),
     ] {
+        if files.is_empty() {
+            continue; // a validation set not asked for
+        }
         let texts = load_prompts(files, limit)?;
         let ids: Vec<Vec<u32>> = texts
             .iter()
@@ -373,6 +394,26 @@ fn run_fit(a: FitArgs) -> Result<()> {
         &mut |k, _| pb.set_position(k as u64),
     )?;
     pb.finish_and_clear();
+    // the gate on held-out prompts, per layer: (layer, mean gate, share above 0.5)
+    let mut validation = serde_json::Map::new();
+    for (name, _, set, _) in &sets[2..] {
+        let g = alphasteer::gate_on(&steer, set)?;
+        eprintln!(
+            "gate on {name} ({} prompts), per layer: mean / share > 0.5",
+            set.len()
+        );
+        for (l, mean, share) in &g {
+            eprintln!("{l:>5}  {mean:>7.3}  {share:>5.2}");
+        }
+        validation.insert(
+            name.to_string(),
+            json!(
+                g.iter()
+                    .map(|(l, m, s)| json!({"layer": l, "gate_mean": m, "gate_above_half": s}))
+                    .collect::<Vec<_>>()
+            ),
+        );
+    }
     let refused = refusals.as_ref().map(|r| {
         json!({"benign": r.benign.iter().filter(|&&x| x).count(),
                "harmful": r.harmful.iter().filter(|&&x| x).count(),
@@ -394,6 +435,7 @@ fn run_fit(a: FitArgs) -> Result<()> {
             "template_hash": rendering.template_hash(&lm),
             "fit": cfg, "benign_rows": sets[0].2.len(), "harmful_rows": sets[1].2.len(),
             "refused_training_prompts": refused,
+            "validation": validation,
             "data_sha256": hashes,
             "strength_grid": [0.0, 0.25, 0.5, 1.0, 2.0],
             "report": report,

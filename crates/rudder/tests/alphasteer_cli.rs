@@ -111,6 +111,42 @@ fn fit_generate_evaluate_and_judge() {
         &p("steer2.safetensors"),
     ]));
     assert_eq!(before, std::fs::read(p("steer2.safetensors")).unwrap());
+    // held-out prompts: the gate per layer on them, in the file (the stand-in validation files
+    // are the training files here, so the gate separates them as on the training rows)
+    ok(&rudder(&[
+        "steer",
+        "alphasteer",
+        "fit",
+        "-m",
+        &m,
+        "--benign",
+        &p("benign.json"),
+        "--harmful",
+        &p("harmful.json"),
+        "--benign-val",
+        &p("benign.json"),
+        "--harmful-val",
+        &p("harmful.json"),
+        "--layers",
+        "1-2",
+        "--p",
+        "0.5",
+        "--out",
+        &p("steer4.safetensors"),
+    ]));
+    let idx4: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p("steer4.safetensors.json")).unwrap()).unwrap();
+    let val = &idx4["meta"]["validation"];
+    for l in 0..2 {
+        let (b, h) = (&val["benign_val"][l], &val["harmful_val"][l]);
+        assert_eq!(b["layer"], l + 1);
+        assert!(
+            h["gate_mean"].as_f64().unwrap() > b["gate_mean"].as_f64().unwrap(),
+            "{val}"
+        );
+        let share = h["gate_above_half"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&share));
+    }
     // the refused-vs-complied direction judges the model's own responses: a random tiny model
     // refuses nothing, which is a clear error (after its responses were journalled), and
     // activation files alone cannot give it
