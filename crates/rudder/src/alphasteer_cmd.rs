@@ -82,6 +82,7 @@ pub struct FitArgs {
     /// Response length judged for `--direction refused-complied`.
     #[arg(long, default_value_t = 64)]
     pub judge_tokens: usize,
+    /// Prompts per capture batch (and rows decoded together for the judged responses).
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// Output steering file (safetensors; a JSON index is written next to it). Activations are
