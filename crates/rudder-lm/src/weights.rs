@@ -198,16 +198,18 @@ impl Weights {
                 let q = content
                     .tensor(file, &key, &Device::Cpu)
                     .map_err(|e| LmError::file(&*path, format!("tensor {key}: {e}")))?;
-                if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                    let dims = q.shape().dims().to_vec();
-                    if dims != [out, inp] {
-                        return Err(LmError::file(
-                            &*path,
-                            format!("tensor {key} has shape {dims:?}, expected {:?}", [out, inp]),
-                        ));
-                    }
-                    return Weight::from_qtensor(q);
+                let dims = q.shape().dims().to_vec();
+                if dims != [out, inp] {
+                    return Err(LmError::file(
+                        &*path,
+                        format!("tensor {key} has shape {dims:?}, expected {:?}", [out, inp]),
+                    ));
                 }
+                // float weights: from the tensor just read, not read a second time
+                if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                    return Weight::packed(&q.dequantize(&Device::Cpu)?);
+                }
+                return Weight::from_qtensor(q);
             }
         }
         let t = self.dense(hf, &[out, inp])?;
