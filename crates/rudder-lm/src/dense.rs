@@ -147,19 +147,12 @@ fn kernels() -> Vec<Kernel> {
 fn kernel() -> Kernel {
     static K: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *K.get_or_init(|| {
-        let no512 = std::env::var_os("RUDDER_NO_AVX512").is_some();
-        kernels()
-            .into_iter()
-            .rev()
-            .find(|k| {
-                #[cfg(target_arch = "x86_64")]
-                if *k == Kernel::Avx512 {
-                    return !no512;
-                }
-                let _ = (k, no512);
-                true
-            })
-            .unwrap_or(Kernel::Scalar)
+        let mut ks = kernels();
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var_os("RUDDER_NO_AVX512").is_some() {
+            ks.retain(|k| *k != Kernel::Avx512);
+        }
+        ks.pop().unwrap_or(Kernel::Scalar)
     })
 }
 
