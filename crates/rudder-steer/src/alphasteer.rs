@@ -340,12 +340,7 @@ pub fn fit(
             }
             _ => mean_difference(hm.as_ref(), hb.as_ref()),
         };
-        let gate_mean = |m: &Mat<f64>| {
-            (0..m.nrows())
-                .map(|i| (0..m.ncols()).map(|j| m[(i, j)] * u[j]).sum::<f64>())
-                .sum::<f64>()
-                / m.nrows() as f64
-        };
+        let gate_mean = |m: &Mat<f64>| mean(&row_gates(m.as_ref(), &u));
         let k = nb.q.ncols();
         report.push(LayerReport {
             layer: l,
@@ -372,6 +367,17 @@ pub fn fit(
     Ok((steer, report))
 }
 
+/// The gate `u·h` of every row `h` of `m`.
+fn row_gates(m: MatRef<'_, f64>, u: &[f64]) -> Vec<f64> {
+    (0..m.nrows())
+        .map(|i| u.iter().enumerate().map(|(j, &w)| m[(i, j)] * w).sum())
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
 /// Mean gate `u·h` per steered layer over the rows of an activation set (prompts held out of
 /// the fit: the gate should stay near 0 on benign and near 1 on harmful ones), and the share of
 /// rows whose gate exceeds 0.5.
@@ -391,13 +397,12 @@ pub fn gate_on(
                     ls.gate.len()
                 )));
             }
-            let gates: Vec<f64> = (0..m.nrows())
-                .map(|i| (0..m.ncols()).map(|j| m[(i, j)] * ls.gate[j] as f64).sum())
-                .collect();
+            let u: Vec<f64> = ls.gate.iter().map(|&g| g as f64).collect();
+            let gates = row_gates(m.as_ref(), &u);
             let n = gates.len().max(1) as f64;
             Ok((
                 ls.layer,
-                gates.iter().sum::<f64>() / n,
+                mean(&gates),
                 gates.iter().filter(|&&g| g > 0.5).count() as f64 / n,
             ))
         })
