@@ -44,25 +44,26 @@ fn fit_generate_evaluate_and_judge() {
     let d = tempfile::tempdir().unwrap();
     let m = setup(d.path());
     let p = |f: &str| d.path().join(f).to_str().unwrap().to_string();
-    ok(&rudder(&[
-        "steer",
-        "alphasteer",
-        "fit",
-        "-m",
-        &m,
-        "--benign",
-        &p("benign.json"),
-        "--harmful",
-        &p("harmful.json"),
-        "--layers",
-        "1-2",
-        "--p",
-        "0.5",
-        "--batch",
-        "8",
-        "--out",
-        &p("steer.safetensors"),
-    ]));
+    // every fit below steers layers 1-2 with p = 0.5
+    let fit = |extra: &[&str]| {
+        let mut args = vec![
+            "steer",
+            "alphasteer",
+            "fit",
+            "--layers",
+            "1-2",
+            "--p",
+            "0.5",
+        ];
+        args.extend_from_slice(extra);
+        rudder(&args)
+    };
+    let (b, h) = (p("benign.json"), p("harmful.json"));
+    let prompts = ["-m", &m, "--benign", &b, "--harmful", &h];
+    let steer = p("steer.safetensors");
+    ok(&fit(
+        &[&prompts[..], &["--batch", "8", "--out", &steer]].concat()
+    ));
     let idx: serde_json::Value =
         serde_json::from_slice(&std::fs::read(p("steer.safetensors.json")).unwrap()).unwrap();
     assert_eq!(idx["format"], "rudder-alphasteer-v1");
@@ -76,64 +77,27 @@ fn fit_generate_evaluate_and_judge() {
     );
     // refitting from the cached activations (no new capture) gives the same file
     let before = std::fs::read(p("steer.safetensors")).unwrap();
-    ok(&rudder(&[
-        "steer",
-        "alphasteer",
-        "fit",
-        "-m",
-        &m,
-        "--benign",
-        &p("benign.json"),
-        "--harmful",
-        &p("harmful.json"),
-        "--layers",
-        "1-2",
-        "--p",
-        "0.5",
-        "--out",
-        &p("steer.safetensors"),
-    ]));
+    ok(&fit(&[&prompts[..], &["--out", &steer]].concat()));
     assert_eq!(before, std::fs::read(p("steer.safetensors")).unwrap());
     // the same fit from the activation files alone
-    ok(&rudder(&[
-        "steer",
-        "alphasteer",
-        "fit",
-        "--benign-acts",
-        &p("steer.safetensors.acts/benign.safetensors"),
-        "--harmful-acts",
-        &p("steer.safetensors.acts/harmful.safetensors"),
-        "--layers",
-        "1-2",
-        "--p",
-        "0.5",
-        "--out",
-        &p("steer2.safetensors"),
-    ]));
+    let (ba, ha) = (
+        p("steer.safetensors.acts/benign.safetensors"),
+        p("steer.safetensors.acts/harmful.safetensors"),
+    );
+    let acts = ["--benign-acts", &ba, "--harmful-acts", &ha];
+    ok(&fit(
+        &[&acts[..], &["--out", &p("steer2.safetensors")]].concat()
+    ));
     assert_eq!(before, std::fs::read(p("steer2.safetensors")).unwrap());
     // held-out prompts: the gate per layer on them, in the file (the stand-in validation files
     // are the training files here, so the gate separates them as on the training rows)
-    ok(&rudder(&[
-        "steer",
-        "alphasteer",
-        "fit",
-        "-m",
-        &m,
-        "--benign",
-        &p("benign.json"),
-        "--harmful",
-        &p("harmful.json"),
-        "--benign-val",
-        &p("benign.json"),
-        "--harmful-val",
-        &p("harmful.json"),
-        "--layers",
-        "1-2",
-        "--p",
-        "0.5",
-        "--out",
-        &p("steer4.safetensors"),
-    ]));
+    let held_out = ["--benign-val", &b, "--harmful-val", &h];
+    ok(&fit(&[
+        &prompts[..],
+        &val,
+        &["--out", &p("steer4.safetensors")],
+    ]
+    .concat()));
     let idx4: serde_json::Value =
         serde_json::from_slice(&std::fs::read(p("steer4.safetensors.json")).unwrap()).unwrap();
     let val = &idx4["meta"]["validation"];
@@ -150,39 +114,20 @@ fn fit_generate_evaluate_and_judge() {
     // the refused-vs-complied direction judges the model's own responses: a random tiny model
     // refuses nothing, which is a clear error (after its responses were journalled), and
     // activation files alone cannot give it
-    let refused = |extra: &[&str]| {
-        let mut args = vec![
-            "steer",
-            "alphasteer",
-            "fit",
-            "--layers",
-            "1-2",
-            "--p",
-            "0.5",
-            "--direction",
-            "refused-complied",
-            "--judge-tokens",
-            "4",
-            "--out",
-        ];
-        let out = p("steer3.safetensors");
-        args.push(&out);
-        args.extend_from_slice(extra);
-        rudder(&args)
-    };
-    let (b, h) = (p("benign.json"), p("harmful.json"));
-    fails(
-        &refused(&["-m", &m, "--benign", &b, "--harmful", &h]),
-        "refused 0 of",
-    );
+    let out3 = p("steer3.safetensors");
+    let refused = [
+        "--direction",
+        "refused-complied",
+        "--judge-tokens",
+        "4",
+        "--out",
+        &out3,
+    ];
+    fails(&fit(&[&refused[..], &prompts].concat()), "refused 0 of");
     let journal = std::fs::read_to_string(p("steer3.safetensors.acts/responses.jsonl")).unwrap();
     assert!(journal.lines().count() > 0);
-    let (ba, ha) = (
-        p("steer.safetensors.acts/benign.safetensors"),
-        p("steer.safetensors.acts/harmful.safetensors"),
-    );
     fails(
-        &refused(&["--benign-acts", &ba, "--harmful-acts", &ha]),
+        &fit(&[&refused[..], &acts].concat()),
         "not activation files",
     );
 
