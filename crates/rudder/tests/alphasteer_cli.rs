@@ -94,7 +94,7 @@ fn fit_generate_evaluate_and_judge() {
     let held_out = ["--benign-val", &b, "--harmful-val", &h];
     ok(&fit(&[
         &prompts[..],
-        &val,
+        &held_out,
         &["--out", &p("steer4.safetensors")],
     ]
     .concat()));
