@@ -49,7 +49,7 @@ fn main() {
         let q = QTensor::quantize(&w, dt).unwrap();
         let fmt = QFormat::from_ggml(dt).unwrap();
         let m = QMatrix::new(fmt, rows, cols, q.data().unwrap().to_vec()).unwrap();
-        for n in [1usize, 8, 16, 32, 256] {
+        for n in [1usize, 8, 16, 32, 256, 736] {
             let x = acts(n, cols);
             let cells: Vec<String> = names
                 .iter()
@@ -78,7 +78,7 @@ fn main() {
         let p =
             PackedMatrix::new(rows, cols, &w.flatten_all().unwrap().to_vec1().unwrap()).unwrap();
         let wt = w.t().unwrap();
-        for n in [1usize, 8, 16, 32, 256] {
+        for n in [1usize, 8, 16, 32, 256, 736] {
             let x = acts(n, cols);
             let xt = Tensor::from_slice(&x, (n, cols), &Device::Cpu).unwrap();
             let mut cells = vec![gmacs(rows, cols, n, || {

@@ -328,6 +328,22 @@ impl Decoder {
                 cache.kv[l].get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, t + 128));
             kv.append(&k.contiguous()?, &v)?
         };
+        if self.differentiable {
+            // one op that keeps no score matrices for the backward (`rudder_nn::fused`)
+            let y = rudder_nn::fused::causal_attention(
+                &q,
+                &k,
+                &v,
+                kvh,
+                1.0 / (hd as f64).sqrt(),
+                rudder_nn::fused::CausalMask {
+                    start: cache.len,
+                    pad: cache.pad.clone(),
+                },
+            )?;
+            let y = y.transpose(1, 2)?.reshape((b, t, h * hd))?;
+            return layer.o.forward(&y);
+        }
         let total = k.dim(2)?;
         let rep = h / kvh;
         let q = q.reshape((b, kvh, rep * t, hd))?;

@@ -1,7 +1,7 @@
 //! Linear layers over dense f32 or quantized GGUF weights.
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{D, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
 use crate::Result;
 use crate::dense::PackedMatrix;
@@ -95,6 +95,12 @@ impl Linear {
         let (out_dim, _) = self.weight.dims();
         let mut out_shape = dims.clone();
         *out_shape.last_mut().unwrap() = out_dim;
+        if let (Weight::Dense(w), Some(slot), None) = (&self.weight, &self.lora, &self.bias) {
+            let x2 = x.reshape((n, inp))?;
+            if let Some(y) = slot.fused_forward(&x2, w) {
+                return Ok(y?.reshape(out_shape)?);
+            }
+        }
         let y = match &self.weight {
             Weight::Dense(w) => {
                 let x2 = x.reshape((n, inp))?;
@@ -181,13 +187,11 @@ pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
     Ok(out)
 }
 
-/// Root-mean-square norm with a learned scale. `differentiable` selects the slow op path that
-/// records gradients (candle's fused `rms_norm` has no backward).
+/// Root-mean-square norm with a learned scale. `differentiable` selects the op with a backward
+/// (`rudder_nn::fused::rms_norm`; candle's fused `rms_norm` has none).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
     if differentiable {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-        Ok(y.broadcast_mul(w)?)
+        Ok(rudder_nn::fused::rms_norm(x, w, eps)?)
     } else {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
     }

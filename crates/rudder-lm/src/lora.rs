@@ -218,22 +218,52 @@ pub struct LoraSlot {
 }
 
 impl LoraSlot {
+    /// `x · wᵀ + delta(x)` as one op (`rudder_nn::fused::lora_linear`) when training a plain
+    /// (single-expert) adapter over a frozen dense weight; `None` otherwise (the caller
+    /// composes the product and [`LoraSlot::delta`]). The same dropout stream and the same
+    /// numbers as the composition.
+    pub fn fused_forward(&self, x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
+        if self.rt.experts > 1 || !self.rt.training.load(Ordering::Relaxed) || w.track_op() {
+            return None;
+        }
+        let stream = if self.dropout > 0.0 {
+            self.rt.calls.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        Some(
+            rudder_nn::fused::lora_linear(
+                x,
+                w,
+                self.a.as_tensor(),
+                self.b.as_tensor(),
+                self.scale,
+                self.dropout,
+                self.rt.seed,
+                stream,
+            )
+            .map_err(Into::into),
+        )
+    }
+
     /// `scale · B (A · dropout(x))` for `x [n, in]` → `[n, out]`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.dropout > 0.0 && self.rt.training.load(Ordering::Relaxed) {
-            let call = self.rt.calls.fetch_add(1, Ordering::Relaxed);
-            rudder_nn::frozen::dropout_stream(x, self.dropout, self.rt.seed, call)?
-        } else {
-            x.clone()
-        };
         // Outside training the adapter is a constant: no graph is recorded (a KV cache would
         // otherwise keep every step's graph alive).
-        let (a, b) = if self.rt.training.load(Ordering::Relaxed) {
+        let training = self.rt.training.load(Ordering::Relaxed);
+        let (a, b) = if training {
             (self.a.as_tensor().clone(), self.b.as_tensor().clone())
         } else {
             (self.a.as_tensor().detach(), self.b.as_tensor().detach())
         };
-        let mut h = x.matmul(&a.t()?)?;
+        // Training with dropout: one op that draws the mask again in the backward instead of
+        // keeping it and the masked input alive (`rudder_nn::fused::dropout_project`).
+        let mut h = if self.dropout > 0.0 && training {
+            let call = self.rt.calls.fetch_add(1, Ordering::Relaxed);
+            rudder_nn::fused::dropout_project(x, &a, self.dropout, self.rt.seed, call)?
+        } else {
+            x.matmul(&a.t()?)?
+        };
         if self.rt.experts > 1 {
             let g = self.rt.gate(self.layer).ok_or_else(|| {
                 LmError::Config(

@@ -126,13 +126,22 @@ mod tests {
 /// the mask does not depend on the thread count); the backward is `g ⊙ m`. candle's `x * m`
 /// would also compute a gradient for the constant mask.
 pub fn dropout_stream(x: &Tensor, p: f64, seed: u64, stream: u64) -> Result<Tensor> {
-    use rand::{RngCore, SeedableRng};
-    use rayon::prelude::*;
     if p <= 0.0 {
         return Ok(x.clone());
     }
+    apply_mask(x, dropout_mask(x.elem_count(), p, seed, stream))
+}
+
+/// The mask of [`dropout_stream`]: `n` values in `{0, 1/(1−p)}`, value `i` from word `i` of
+/// ChaCha8 stream `stream` of `seed`, generated in parallel chunks (the same mask whatever the
+/// thread count). All ones when `p ≤ 0`.
+pub fn dropout_mask(n: usize, p: f64, seed: u64, stream: u64) -> Vec<f32> {
+    use rand::{RngCore, SeedableRng};
+    use rayon::prelude::*;
+    if p <= 0.0 {
+        return vec![1.0; n];
+    }
     const CHUNK: usize = 1 << 16;
-    let n = x.elem_count();
     let thresh = (p * u32::MAX as f64) as u32;
     let keep = (1.0 / (1.0 - p)) as f32;
     let mut mask = vec![0f32; n];
@@ -144,7 +153,7 @@ pub fn dropout_stream(x: &Tensor, p: f64, seed: u64, stream: u64) -> Result<Tens
             *o = if rng.next_u32() < thresh { 0.0 } else { keep };
         }
     });
-    apply_mask(x, mask)
+    mask
 }
 
 /// `x ⊙ mask` as one op whose backward is `g ⊙ mask` (no gradient for the constant mask).

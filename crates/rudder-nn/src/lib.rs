@@ -7,11 +7,14 @@
 //!   softmax, log-softmax, row L2-normalisation).
 //! - [`optim`]: Adam with PyTorch semantics and AdamW, with parameter groups.
 //! - [`checkpoint`]: safetensors checkpoints written atomically.
+//! - [`fused`]: causal attention, RMSNorm and dropout-then-project as single ops with their
+//!   own backward (training memory and time).
 //! - [`grad`]: the gradient-coverage check every trainable model is tested with.
 
 pub mod checkpoint;
 pub mod cpu;
 pub mod frozen;
+pub mod fused;
 pub mod grad;
 pub mod graph;
 pub mod init;

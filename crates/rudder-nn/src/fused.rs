@@ -1,0 +1,980 @@
+//! Fused training ops for decoder language models: causal attention, RMSNorm and the LoRA
+//! down-projection behind dropout, each one candle op with its own backward.
+//!
+//! Composed from candle's elementwise ops, the differentiable attention of one layer keeps the
+//! scaled scores, the masked scores, the max-shifted scores, their exponentials, the
+//! log-softmax and the probabilities alive until the backward pass (six `[b, h, t, T]`
+//! tensors), RMSNorm five activations, and LoRA dropout a mask and a masked copy of the input
+//! per adapted projection. These ops keep only what their backward cannot recompute cheaply:
+//! attention its output and one log-sum-exp per query (the probabilities are recomputed, as
+//! flash attention does), RMSNorm nothing beyond its input and one scale per row, dropout its
+//! seed (the mask is drawn again). The maths is the composition's; the tests compare values
+//! and gradients with it.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// `dst[m, n] (+)= A · B` on row-major slices, `A` given as `[m, k]` or (`at`) as `[k, m]`,
+/// `B` as `[k, n]` or (`bt`) as `[n, k]`; `accumulate` adds to `dst`. One thread: the callers
+/// parallelise over independent blocks.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    a: &[f32],
+    at: bool,
+    b: &[f32],
+    bt: bool,
+    accumulate: bool,
+    scale: f32,
+) {
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (a_cs, a_rs) = if at { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if bt { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: the asserts above bound every index the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Binds `$s` to the f32 data of tensor `$t` (made contiguous if needed) without copying it;
+/// the storage stays read-locked for the rest of the scope.
+macro_rules! view {
+    ($t:expr, $s:ident, $op:expr) => {
+        let owned = $t.contiguous()?;
+        let (guard, layout) = owned.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*guard else {
+            candle_core::bail!("{}: CPU tensors expected", $op);
+        };
+        let $s = crate::cpu::f32_slice(cpu, layout, $op)?;
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal attention
+
+/// Which keys a query sees: query `i` of row `r` sits at absolute position `start + i` and
+/// sees keys `pad[r] ≤ j ≤ start + i`, and always itself (a left-padding position sees only
+/// itself, so no row of the softmax is empty). This is the decoder's additive mask.
+#[derive(Clone, Debug)]
+pub struct CausalMask {
+    pub start: usize,
+    pub pad: Vec<usize>,
+}
+
+impl CausalMask {
+    #[inline]
+    fn range(&self, r: usize, i: usize) -> (usize, usize) {
+        let q = self.start + i;
+        let p = self.pad.get(r).copied().unwrap_or(0);
+        if p > q { (q, q + 1) } else { (p, q + 1) }
+    }
+}
+
+struct Attention {
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+    mask: CausalMask,
+    /// Log-sum-exp of every query's scaled scores, `[b, h, t]`, written by the forward.
+    lse: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+/// The shapes of one call: batch, query length, total keys, head size.
+struct Dims {
+    t: usize,
+    total: usize,
+    hd: usize,
+    rep: usize,
+}
+
+impl Attention {
+    fn dims(&self, q: &Shape, k: &Shape, v: &Shape) -> Result<Dims> {
+        let (b, h, t, hd) = q.dims4()?;
+        let (bk, kvh, total, hdk) = k.dims4()?;
+        if h != self.heads || kvh != self.kv_heads || bk != b || hdk != hd || k != v {
+            candle_core::bail!(
+                "fused attention: q {q:?}, k {k:?}, v {v:?} for {} heads over {} key/value heads",
+                self.heads,
+                self.kv_heads
+            );
+        }
+        if kvh == 0 || !h.is_multiple_of(kvh) || total != self.mask.start + t {
+            candle_core::bail!(
+                "fused attention: {h} heads over {kvh} key/value heads, {total} keys for {t} queries from position {}",
+                self.mask.start
+            );
+        }
+        if !self.mask.pad.is_empty() && self.mask.pad.len() != b {
+            candle_core::bail!(
+                "fused attention: {} padding entries for {b} rows",
+                self.mask.pad.len()
+            );
+        }
+        Ok(Dims {
+            t,
+            total,
+            hd,
+            rep: h / kvh,
+        })
+    }
+
+    /// The masked, scaled scores of one (row, key/value head) block: `s[rep·t, total]`, masked
+    /// entries −∞ (their probabilities are 0).
+    fn scores(&self, d: &Dims, r: usize, q: &[f32], k: &[f32], s: &mut [f32]) {
+        mm(
+            (d.rep * d.t, d.total, d.hd),
+            s,
+            q,
+            false,
+            k,
+            true,
+            false,
+            self.scale,
+        );
+        for (qi, row) in s.chunks_exact_mut(d.total).enumerate() {
+            let (lo, hi) = self.mask.range(r, qi % d.t);
+            row[..lo].fill(f32::NEG_INFINITY);
+            row[hi..].fill(f32::NEG_INFINITY);
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1.shape(), l2.shape(), l3.shape())?;
+        let q = crate::cpu::f32_slice(s1, l1, "fused attention")?;
+        let k = crate::cpu::f32_slice(s2, l2, "fused attention")?;
+        let v = crate::cpu::f32_slice(s3, l3, "fused attention")?;
+        let (qb, kb) = (d.rep * d.t * d.hd, d.total * d.hd);
+        let mut y = vec![0f32; q.len()];
+        let mut lse = vec![0f32; q.len() / d.hd];
+        y.par_chunks_mut(qb)
+            .zip(lse.par_chunks_mut(d.rep * d.t))
+            .enumerate()
+            .for_each(|(blk, (yb, lb))| {
+                let r = blk / self.kv_heads;
+                let mut s = vec![0f32; d.rep * d.t * d.total];
+                self.scores(&d, r, &q[blk * qb..][..qb], &k[blk * kb..][..kb], &mut s);
+                for (row, l) in s.chunks_exact_mut(d.total).zip(lb.iter_mut()) {
+                    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - m).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    *l = m + sum.ln();
+                }
+                mm(
+                    (d.rep * d.t, d.hd, d.total),
+                    yb,
+                    &s,
+                    false,
+                    &v[blk * kb..][..kb],
+                    false,
+                    false,
+                    1.0,
+                );
+            });
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(lse));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(q.shape(), k.shape(), v.shape())?;
+        let lse = self
+            .lse
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("fused attention: no forward ran".into()))?;
+        view!(q, qv, "fused attention");
+        view!(k, kv, "fused attention");
+        view!(v, vv, "fused attention");
+        view!(res, yv, "fused attention");
+        view!(grad, gv, "fused attention");
+        let (qb, kb) = (d.rep * d.t * d.hd, d.total * d.hd);
+        let mut dq = vec![0f32; qv.len()];
+        let mut dk = vec![0f32; kv.len()];
+        let mut dv = vec![0f32; vv.len()];
+        dq.par_chunks_mut(qb)
+            .zip(dk.par_chunks_mut(kb).zip(dv.par_chunks_mut(kb)))
+            .enumerate()
+            .for_each(|(blk, (dqb, (dkb, dvb)))| {
+                let r = blk / self.kv_heads;
+                let (qs, ks, vs) = (
+                    &qv[blk * qb..][..qb],
+                    &kv[blk * kb..][..kb],
+                    &vv[blk * kb..][..kb],
+                );
+                let (ys, gs) = (&yv[blk * qb..][..qb], &gv[blk * qb..][..qb]);
+                let ls = &lse[blk * d.rep * d.t..][..d.rep * d.t];
+                let n = d.rep * d.t;
+                // P, recomputed from the stored log-sum-exp
+                let mut p = vec![0f32; n * d.total];
+                self.scores(&d, r, qs, ks, &mut p);
+                for (row, &l) in p.chunks_exact_mut(d.total).zip(ls) {
+                    row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                }
+                // dV = Pᵀ · dY
+                mm((d.total, d.hd, n), dvb, &p, true, gs, false, false, 1.0);
+                // dP = dY · Vᵀ, then dS = P ⊙ (dP − rowsum(dY ⊙ Y)), scaled
+                let mut ds = vec![0f32; n * d.total];
+                mm((n, d.total, d.hd), &mut ds, gs, false, vs, true, false, 1.0);
+                for i in 0..n {
+                    let dot: f32 = gs[i * d.hd..][..d.hd]
+                        .iter()
+                        .zip(&ys[i * d.hd..][..d.hd])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    let (pr, dr) = (
+                        &p[i * d.total..][..d.total],
+                        &mut ds[i * d.total..][..d.total],
+                    );
+                    for (x, &pp) in dr.iter_mut().zip(pr) {
+                        *x = pp * (*x - dot) * self.scale;
+                    }
+                }
+                // dQ = dS · K, dK = dSᵀ · Q
+                mm((n, d.hd, d.total), dqb, &ds, false, ks, false, false, 1.0);
+                mm((d.total, d.hd, n), dkb, &ds, true, qs, false, false, 1.0);
+            });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// `softmax(q·kᵀ·scale + mask) · v` for `q [b, h, t, hd]` and `k`, `v` `[b, kv_heads,
+/// start + t, hd]` (grouped-query attention: query head `i` reads key/value head
+/// `i / (h / kv_heads)`), under the causal, left-padded mask of [`CausalMask`]. Differentiable
+/// in all three inputs; keeps only the output and one log-sum-exp per query for the backward.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kv_heads: usize,
+    scale: f64,
+    mask: CausalMask,
+) -> Result<Tensor> {
+    let op = Attention {
+        heads: q.dim(1)?,
+        kv_heads,
+        scale: scale as f32,
+        mask,
+        lse: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.iter().map(|x| x * x).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = crate::cpu::f32_slice(s1, l1, "fused rms norm")?;
+        let w = crate::cpu::f32_slice(s2, l2, "fused rms norm")?;
+        let dim = w.len();
+        if dim == 0 || !x.len().is_multiple_of(dim) {
+            candle_core::bail!("fused rms norm: input {:?}, weight {dim}", l1.shape());
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(dim * 64)
+            .zip(x.par_chunks(dim * 64))
+            .for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_exact_mut(dim).zip(xb.chunks_exact(dim)) {
+                    let r = inv_rms(xr, self.eps);
+                    for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
+                        *o = a * r * g;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        view!(x, xv, "fused rms norm");
+        view!(w, wv, "fused rms norm");
+        view!(grad, gv, "fused rms norm");
+        let dim = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        // per chunk of rows: dx, and the chunk's share of dw
+        let dw_parts: Vec<Vec<f32>> = dx
+            .par_chunks_mut(dim * 64)
+            .zip(xv.par_chunks(dim * 64).zip(gv.par_chunks(dim * 64)))
+            .map(|(db, (xb, gb))| {
+                let mut dw = vec![0f32; dim];
+                for ((dr, xr), gr) in db
+                    .chunks_exact_mut(dim)
+                    .zip(xb.chunks_exact(dim))
+                    .zip(gb.chunks_exact(dim))
+                {
+                    let r = inv_rms(xr, self.eps);
+                    // y = x·r·w: dx = r·(g⊙w) − x·r³·mean((g⊙w)⊙x), dw = Σ g⊙x·r
+                    let mut dot = 0f32;
+                    for ((&g, &a), &ww) in gr.iter().zip(xr).zip(wv) {
+                        dot += g * ww * a;
+                    }
+                    let c = r * r * r * dot / dim as f32;
+                    for (((o, &g), &a), (&ww, dwj)) in dr
+                        .iter_mut()
+                        .zip(gr)
+                        .zip(xr)
+                        .zip(wv.iter().zip(dw.iter_mut()))
+                    {
+                        *o = r * g * ww - a * c;
+                        *dwj += g * a * r;
+                    }
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; dim];
+        for part in dw_parts {
+            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        let dev = x.device();
+        Ok((
+            x.track_op()
+                .then(|| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
+            w.track_op()
+                .then(|| Tensor::from_vec(dw, w.shape(), dev))
+                .transpose()?,
+        ))
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) · w` over the last dimension, as one differentiable op.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_arc(
+        &w.contiguous()?,
+        Arc::new(Box::new(RmsNorm { eps: eps as f32 })),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout followed by a projection (the LoRA A matrix)
+
+struct DropoutProject {
+    p: f64,
+    seed: u64,
+    stream: u64,
+}
+
+impl DropoutProject {
+    /// `x ⊙ mask`, the mask drawn as [`crate::frozen::dropout_mask`] draws it.
+    fn masked(&self, x: &[f32]) -> Vec<f32> {
+        let mut m = crate::frozen::dropout_mask(x.len(), self.p, self.seed, self.stream);
+        m.iter_mut().zip(x).for_each(|(m, &a)| *m *= a);
+        m
+    }
+}
+
+impl CustomOp2 for DropoutProject {
+    fn name(&self) -> &'static str {
+        "dropout-project"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = crate::cpu::f32_slice(s1, l1, "dropout-project")?;
+        let a = crate::cpu::f32_slice(s2, l2, "dropout-project")?;
+        let (n, inp) = l1.shape().dims2()?;
+        let (r, ain) = l2.shape().dims2()?;
+        if ain != inp {
+            candle_core::bail!("dropout-project: input width {inp}, matrix [{r}, {ain}]");
+        }
+        let xm = self.masked(x);
+        let mut h = vec![0f32; n * r];
+        par_rows_mm(r, inp, &mut h, &xm, a);
+        Ok((CpuStorage::F32(h), Shape::from((n, r))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, inp) = x.dims2()?;
+        let r = a.dim(0)?;
+        view!(x, xv, "dropout-project");
+        view!(a, av, "dropout-project");
+        view!(grad, gv, "dropout-project");
+        let dev = x.device();
+        let mask = crate::frozen::dropout_mask(xv.len(), self.p, self.seed, self.stream);
+        // dA = gᵀ · (x ⊙ m)   [r, in]
+        let da = a
+            .track_op()
+            .then(|| {
+                let mut xm = mask.clone();
+                xm.iter_mut().zip(xv).for_each(|(m, &v)| *m *= v);
+                let mut da = vec![0f32; r * inp];
+                mm((r, inp, n), &mut da, &gv, true, &xm, false, false, 1.0);
+                Tensor::from_vec(da, (r, inp), dev)
+            })
+            .transpose()?;
+        // dx = (g · A) ⊙ m   [n, in]
+        let dx = x
+            .track_op()
+            .then(|| {
+                let mut dx = vec![0f32; n * inp];
+                dx.par_chunks_mut(inp * 64)
+                    .zip(gv.par_chunks(r * 64).zip(mask.par_chunks(inp * 64)))
+                    .for_each(|(db, (gb, mb))| {
+                        let rows = gb.len() / r.max(1);
+                        mm((rows, inp, r), db, gb, false, &av, false, false, 1.0);
+                        db.iter_mut().zip(mb).for_each(|(d, &m)| *d *= m);
+                    });
+                Tensor::from_vec(dx, (n, inp), dev)
+            })
+            .transpose()?;
+        Ok((dx, da))
+    }
+}
+
+/// `h[n, r] = x[n, in] · aᵀ`, rows split over the thread pool.
+fn par_rows_mm(r: usize, inp: usize, h: &mut [f32], x: &[f32], a: &[f32]) {
+    h.par_chunks_mut(r * 64)
+        .zip(x.par_chunks(inp * 64))
+        .for_each(|(hb, xb)| {
+            let rows = xb.len() / inp.max(1);
+            mm((rows, r, inp), hb, xb, false, a, true, false, 1.0);
+        });
+}
+
+/// `dropout(x) · aᵀ` for `x [n, in]`, `a [r, in]`, with the mask of
+/// [`crate::frozen::dropout_stream`] for the same `p`, `seed` and `stream` (the same numbers),
+/// as one op that stores no mask and no masked copy: the backward draws the mask again.
+pub fn dropout_project(x: &Tensor, a: &Tensor, p: f64, seed: u64, stream: u64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_arc(
+        &a.contiguous()?,
+        Arc::new(Box::new(DropoutProject { p, seed, stream })),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A frozen linear layer with a LoRA adapter
+
+/// Dropout keep-flags (one byte per value: 1 where the mask keeps the value).
+fn keep_flags(mask: &[f32]) -> Vec<u8> {
+    mask.iter().map(|&m| u8::from(m != 0.0)).collect()
+}
+
+/// `dst = x ⊙ flags · keep` (the inverted-dropout mask as flags and the kept scale).
+fn apply_flags(dst: &mut [f32], x: &[f32], flags: &[u8], keep: f32) {
+    for ((d, &v), &f) in dst.iter_mut().zip(x).zip(flags) {
+        *d = v * (f as f32 * keep);
+    }
+}
+
+/// What the backward needs beyond the inputs: the rank activations and the dropout mask.
+struct LoraSaved {
+    h: Vec<f32>,
+    flags: Option<Vec<u8>>,
+}
+
+struct LoraLinear {
+    /// The frozen `[out, in]` weight.
+    w: Tensor,
+    scale: f32,
+    p: f64,
+    seed: u64,
+    stream: u64,
+    saved: Mutex<Option<LoraSaved>>,
+}
+
+const ROWS: usize = 64;
+
+impl LoraLinear {
+    fn keep(&self) -> f32 {
+        (1.0 / (1.0 - self.p)) as f32
+    }
+
+    /// The dropped-out input, rows block by block (`None`: no dropout, the input itself).
+    fn masked_rows(&self, x: &[f32], flags: Option<&[u8]>, inp: usize) -> Option<Vec<f32>> {
+        let flags = flags?;
+        let mut xm = vec![0f32; x.len()];
+        let keep = self.keep();
+        xm.par_chunks_mut(inp * ROWS)
+            .zip(x.par_chunks(inp * ROWS))
+            .zip(flags.par_chunks(inp * ROWS))
+            .for_each(|((d, xs), fs)| apply_flags(d, xs, fs, keep));
+        Some(xm)
+    }
+}
+
+/// `dst[m, n] = A[m, k] · B` with `B` row-major `[k, n]` or (`bt`) `[n, k]`, the rows of `A`
+/// split evenly over the thread pool (for the large products).
+fn mm_par((m, n, k): (usize, usize, usize), dst: &mut [f32], a: &[f32], b: &[f32], bt: bool) {
+    let rows = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    dst[..m * n]
+        .par_chunks_mut(rows * n)
+        .zip(a[..m * k].par_chunks(rows * k))
+        .for_each(|(d, a)| mm((a.len() / k.max(1), n, k), d, a, false, b, bt, false, 1.0));
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = crate::cpu::f32_slice(s1, l1, "lora linear")?;
+        let a = crate::cpu::f32_slice(s2, l2, "lora linear")?;
+        let b = crate::cpu::f32_slice(s3, l3, "lora linear")?;
+        let (n, inp) = l1.shape().dims2()?;
+        let (r, ain) = l2.shape().dims2()?;
+        let (out, br) = l3.shape().dims2()?;
+        let (wout, win) = self.w.dims2()?;
+        if ain != inp || win != inp || wout != out || br != r {
+            candle_core::bail!(
+                "lora linear: input [{n}, {inp}], weight [{wout}, {win}], A [{r}, {ain}], B [{out}, {br}]"
+            );
+        }
+        let mut y = vec![0f32; n * out];
+        crate::cpu::with_f32(&self.w, "lora linear", |w| {
+            mm_par((n, out, inp), &mut y, x, w, true);
+            Ok(())
+        })?;
+        let flags = (self.p > 0.0).then(|| {
+            keep_flags(&crate::frozen::dropout_mask(
+                x.len(),
+                self.p,
+                self.seed,
+                self.stream,
+            ))
+        });
+        let xm = self.masked_rows(x, flags.as_deref(), inp);
+        let xm = xm.as_deref().unwrap_or(x);
+        // h = x̃ · Aᵀ, then y += scale · h · Bᵀ, block by block of rows
+        let mut h = vec![0f32; n * r];
+        h.par_chunks_mut(r * ROWS)
+            .zip(xm.par_chunks(inp * ROWS).zip(y.par_chunks_mut(out * ROWS)))
+            .for_each(|(hb, (xb, yb))| {
+                let rows = xb.len() / inp;
+                mm((rows, r, inp), hb, xb, false, a, true, false, 1.0);
+                mm((rows, out, r), yb, hb, false, b, true, true, self.scale);
+            });
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(LoraSaved { h, flags });
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("lora linear: no forward ran".into()))?;
+        let (n, inp) = x.dims2()?;
+        let r = a.dim(0)?;
+        let out = b.dim(0)?;
+        view!(a, av, "lora linear");
+        view!(b, bv, "lora linear");
+        view!(grad, gv, "lora linear");
+        let dev = x.device();
+        // gh = scale · g · B   [n, r];   dB = scale · gᵀ · h   [out, r]
+        let mut gh = vec![0f32; n * r];
+        gh.par_chunks_mut(r * ROWS)
+            .zip(gv.par_chunks(out * ROWS))
+            .for_each(|(hb, gb)| {
+                let rows = gb.len() / out;
+                mm((rows, r, out), hb, gb, false, &bv, false, false, self.scale);
+            });
+        let db = b
+            .track_op()
+            .then(|| {
+                let mut db = vec![0f32; out * r];
+                mm(
+                    (out, r, n),
+                    &mut db,
+                    &gv,
+                    true,
+                    &saved.h,
+                    false,
+                    false,
+                    self.scale,
+                );
+                Tensor::from_vec(db, (out, r), dev)
+            })
+            .transpose()?;
+        view!(x, xv, "lora linear");
+        // dA = ghᵀ · x̃   [r, in]
+        let da = a
+            .track_op()
+            .then(|| {
+                let xm = self.masked_rows(xv, saved.flags.as_deref(), inp);
+                let xm = xm.as_deref().unwrap_or(xv);
+                let mut da = vec![0f32; r * inp];
+                mm((r, inp, n), &mut da, &gh, true, xm, false, false, 1.0);
+                Tensor::from_vec(da, (r, inp), dev)
+            })
+            .transpose()?;
+        // dx = g · W + (gh · A) ⊙ mask
+        let dx = x
+            .track_op()
+            .then(|| -> Result<Tensor> {
+                let mut dx = vec![0f32; n * inp];
+                crate::cpu::with_f32(&self.w, "lora linear", |w| {
+                    mm_par((n, inp, out), &mut dx, &gv, w, false);
+                    Ok(())
+                })?;
+                let keep = self.keep();
+                let flags = saved.flags.as_deref();
+                dx.par_chunks_mut(inp * ROWS)
+                    .zip(gh.par_chunks(r * ROWS))
+                    .enumerate()
+                    .for_each(|(c, (db, hb))| {
+                        let rows = hb.len() / r;
+                        let mut t = vec![0f32; rows * inp];
+                        mm((rows, inp, r), &mut t, hb, false, av, false, false, 1.0);
+                        match flags {
+                            Some(f) => {
+                                let f = &f[c * inp * ROWS..][..rows * inp];
+                                for ((d, &v), &k) in db.iter_mut().zip(&t).zip(f) {
+                                    *d += v * (k as f32 * keep);
+                                }
+                            }
+                            None => db.iter_mut().zip(&t).for_each(|(d, v)| *d += v),
+                        }
+                    });
+                Tensor::from_vec(dx, (n, inp), dev)
+            })
+            .transpose()?;
+        Ok((dx, da, db))
+    }
+}
+
+/// `x · wᵀ + scale · dropout(x) · aᵀ · bᵀ` for `x [n, in]`, a frozen `w [out, in]` and the
+/// adapter `a [r, in]`, `b [out, r]`, as one op: the dropout mask is the one
+/// [`crate::frozen::dropout_stream`] draws for `p`, `seed`, `stream` (the same numbers as the
+/// composed layer), kept as one bit per value; no gradient is computed for `w`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    p: f64,
+    seed: u64,
+    stream: u64,
+) -> Result<Tensor> {
+    let op = LoraLinear {
+        w: w.contiguous()?,
+        scale: scale as f32,
+        p,
+        seed,
+        stream,
+        saved: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The decoder's composed attention, as the reference.
+    fn composed_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        kvh: usize,
+        mask: &CausalMask,
+    ) -> Tensor {
+        let (b, h, t, hd) = q.dims4().unwrap();
+        let total = k.dim(2).unwrap();
+        let rep = h / kvh;
+        let mut m = vec![0f32; b * t * total];
+        for r in 0..b {
+            for i in 0..t {
+                let (lo, hi) = mask.range(r, i);
+                for j in 0..total {
+                    if j < lo || j >= hi {
+                        m[(r * t + i) * total + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let m = Tensor::from_vec(m, (b, 1, 1, t, total), q.device()).unwrap();
+        let q = q.reshape((b, kvh, rep * t, hd)).unwrap();
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / (hd as f64).sqrt())).unwrap();
+        let s = s
+            .reshape((b, kvh, rep, t, total))
+            .unwrap()
+            .broadcast_add(&m)
+            .unwrap()
+            .reshape((b, kvh, rep * t, total))
+            .unwrap();
+        let p = crate::ops::softmax(&s).unwrap();
+        p.matmul(v).unwrap().reshape((b, h, t, hd)).unwrap()
+    }
+
+    #[test]
+    fn attention_values_and_gradients_equal_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        // 2 rows, 6 query heads over 2 key/value heads, 5 new positions after 3 cached ones,
+        // row 1 left-padded by 4 (two of its queries see only themselves)
+        let (b, h, kvh, t, start, hd) = (2, 6, 2, 5, 3, 8);
+        let mask = CausalMask {
+            start,
+            pad: vec![0, 4],
+        };
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kvh, start + t, hd), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kvh, start + t, hd), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev)?;
+        let fused = causal_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            kvh,
+            1.0 / (hd as f64).sqrt(),
+            mask.clone(),
+        )?;
+        let plain = composed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), kvh, &mask);
+        assert!(
+            max_diff(&fused, &plain) < 1e-5,
+            "{}",
+            max_diff(&fused, &plain)
+        );
+        let gf = (fused * &up)?.sum_all()?.backward()?;
+        let gp = (plain * &up)?.sum_all()?.backward()?;
+        for var in [&q, &k, &v] {
+            let (a, b) = (
+                gf.get(var.as_tensor()).unwrap(),
+                gp.get(var.as_tensor()).unwrap(),
+            );
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(scale > 1e-3, "the reference gradient is not trivially zero");
+            assert!(max_diff(a, b) < 1e-4 * scale.max(1.0), "{}", max_diff(a, b));
+        }
+        // a padded query sees only itself: its output is its own value row
+        let y = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), kvh, 0.3, mask)?;
+        let own = v.as_tensor().get(1)?.get(0)?.get(start)?; // row 1, kv head 0, position 3
+        assert!(max_diff(&y.get(1)?.get(0)?.get(0)?, &own) < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_values_and_gradients_equal_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 70, 24), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 24, &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (3, 70, 24), &dev)?;
+        let eps = 1e-5;
+        let fused = rms_norm(x.as_tensor(), w.as_tensor(), eps)?;
+        let ms = x.as_tensor().sqr()?.mean_keepdim(D::Minus1)?;
+        let plain = x
+            .as_tensor()
+            .broadcast_div(&(ms + eps)?.sqrt()?)?
+            .broadcast_mul(w.as_tensor())?;
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = (fused * &up)?.sum_all()?.backward()?;
+        let gp = (plain * &up)?.sum_all()?.backward()?;
+        for var in [&x, &w] {
+            let (a, b) = (
+                gf.get(var.as_tensor()).unwrap(),
+                gp.get(var.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
+        }
+        // a constant weight gets no gradient
+        let c = w.as_tensor().detach();
+        let g = rms_norm(x.as_tensor(), &c, eps)?.sum_all()?.backward()?;
+        assert!(g.get(&c).is_none() && g.get(x.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_project_equals_dropout_then_matmul_and_redraws_its_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (150, 40), &dev)?)?;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 40), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (150, 8), &dev)?;
+        let fused = dropout_project(x.as_tensor(), a.as_tensor(), 0.25, 7, 3)?;
+        let plain = crate::frozen::dropout_stream(x.as_tensor(), 0.25, 7, 3)?
+            .matmul(&a.as_tensor().t()?)?;
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let other = dropout_project(x.as_tensor(), a.as_tensor(), 0.25, 7, 4)?;
+        assert!(
+            max_diff(&fused, &other) > 1e-2,
+            "another stream, another mask"
+        );
+        let gf = (fused * &up)?.sum_all()?.backward()?;
+        let gp = (plain * &up)?.sum_all()?.backward()?;
+        for var in [&x, &a] {
+            let (f, p) = (
+                gf.get(var.as_tensor()).unwrap(),
+                gp.get(var.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(f, p) < 1e-4, "{}", max_diff(f, p));
+        }
+        // an input that records no graph gets no gradient computed
+        let c = x.as_tensor().detach();
+        let g = dropout_project(&c, a.as_tensor(), 0.25, 7, 3)?
+            .sum_all()?
+            .backward()?;
+        assert!(g.get(&c).is_none() && g.get(a.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn lora_linear_equals_the_composed_layer() -> Result<()> {
+        let dev = Device::Cpu;
+        // 150 rows: more than two row blocks, the last one partial
+        let (n, inp, out, r) = (150, 40, 24, 4);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, inp), &dev)?)?;
+        let w = Tensor::randn(0f32, 0.3, (out, inp), &dev)?;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 0.3, (r, inp), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, (out, r), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (n, out), &dev)?;
+        for p in [0.0, 0.3] {
+            let fused = lora_linear(
+                x.as_tensor(),
+                &w,
+                a.as_tensor(),
+                b.as_tensor(),
+                2.5,
+                p,
+                11,
+                5,
+            )?;
+            let xd = crate::frozen::dropout_stream(x.as_tensor(), p, 11, 5)?;
+            let plain = (crate::frozen::matmul_t(x.as_tensor(), &w)?
+                + (xd
+                    .matmul(&a.as_tensor().t()?)?
+                    .matmul(&b.as_tensor().t()?)?
+                    * 2.5)?)?;
+            assert!(
+                max_diff(&fused, &plain) < 1e-4,
+                "p {p}: {}",
+                max_diff(&fused, &plain)
+            );
+            let gf = (fused * &up)?.sum_all()?.backward()?;
+            let gp = (plain * &up)?.sum_all()?.backward()?;
+            for var in [&x, &a, &b] {
+                let (f, q) = (
+                    gf.get(var.as_tensor()).unwrap(),
+                    gp.get(var.as_tensor()).unwrap(),
+                );
+                assert!(max_diff(f, q) < 1e-3, "p {p}: {}", max_diff(f, q));
+            }
+            assert!(gf.get(&w).is_none(), "no gradient for the frozen weight");
+        }
+        Ok(())
+    }
+}
