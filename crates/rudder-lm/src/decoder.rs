@@ -8,7 +8,7 @@
 //! `differentiable = true` switches RMSNorm, softmax and RoPE to op compositions that record
 //! gradients (candle's fused versions do not).
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::DecoderConfig;
 use crate::hooks::{Hook, HookCtx, Phase, Site};
@@ -228,33 +228,19 @@ impl Decoder {
         ))
     }
 
+    /// Rotary embedding of `x [b, t, heads, hd]`, returned as `[b, heads, t, hd]`.
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let interleaved = self.cfg.rope_interleaved;
-        if !self.differentiable {
-            let x = x.contiguous()?;
-            return Ok(if interleaved {
-                candle_nn::rotary_emb::rope_i(&x, cos, sin)?
-            } else {
-                candle_nn::rotary_emb::rope(&x, cos, sin)?
-            });
+        if self.differentiable {
+            // one op with its backward (candle's fused rope records no gradient)
+            return Ok(rudder_nn::fused::rope_heads(x, cos, sin, interleaved)?);
         }
-        let (b, h, t, hd) = x.dims4()?;
-        let cos = cos.unsqueeze(1)?;
-        let sin = sin.unsqueeze(1)?;
-        if interleaved {
-            let xr = x.reshape((b, h, t, hd / 2, 2))?;
-            let x1 = xr.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
-            let x2 = xr.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
-            let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-            let r2 = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
-            Ok(Tensor::stack(&[r1, r2], D::Minus1)?.reshape((b, h, t, hd))?)
+        let x = x.transpose(1, 2)?.contiguous()?;
+        Ok(if interleaved {
+            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
         } else {
-            let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-            let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-            let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-            let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-            Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
-        }
+            candle_nn::rotary_emb::rope(&x, cos, sin)?
+        })
     }
 
     /// Additive attention mask `[b, 1, 1, t, T]`, or `None` when nothing is masked.
@@ -311,11 +297,9 @@ impl Decoder {
         let [q, k, v]: [Tensor; 3] = forward_many(&[&layer.q, &layer.k, &layer.v], x)?
             .try_into()
             .map_err(|_| LmError::Config("q/k/v projection count".into()))?;
-        let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?;
-        let k = k.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
         let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = self.rope(&q, &rope.0, &rope.1)?;
-        let k = self.rope(&k, &rope.0, &rope.1)?;
+        let q = self.rope(&q.reshape((b, t, h, hd))?, &rope.0, &rope.1)?;
+        let k = self.rope(&k.reshape((b, t, kvh, hd))?, &rope.0, &rope.1)?;
         let (k, v) = if self.differentiable {
             let kv = match cache.kv_grad[l].take() {
                 Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -368,7 +352,12 @@ impl Decoder {
         let layer = &self.layers[l];
         let gu = forward_many(&[&layer.gate, &layer.up], x)?;
         let (g, u) = (&gu[0], &gu[1]);
-        layer.down.forward(&(candle_nn::ops::silu(g)? * u)?)
+        let act = if self.differentiable {
+            rudder_nn::fused::silu_mul(g, u)?
+        } else {
+            (candle_nn::ops::silu(g)? * u)?
+        };
+        layer.down.forward(&act)
     }
 
     /// Run `ids` (`[b, t]`, u32) through the model, appending to `cache`. Returns the final-norm

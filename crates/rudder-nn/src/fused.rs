@@ -769,6 +769,200 @@ pub fn lora_linear(
         .apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding, with the head transpose
+
+struct RopeHeads {
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+}
+
+impl RopeHeads {
+    /// The pair indices of one head vector: `(first, second)` of pair `i`.
+    #[inline]
+    fn pair(&self, i: usize, half: usize) -> (usize, usize) {
+        if self.interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        }
+    }
+
+    /// Rotates `src` (`[b, t, h, hd]` when `forward`, else `[b, h, t, hd]`) into `dst` (the
+    /// other layout), by `+θ` (forward) or `−θ` (backward: the rotation's transpose).
+    fn rotate(
+        &self,
+        src: &[f32],
+        dst: &mut [f32],
+        (b, t, h, hd): (usize, usize, usize, usize),
+        forward: bool,
+    ) -> Result<()> {
+        let half = hd / 2;
+        crate::cpu::with_f32(&self.cos, "rope", |cos| {
+            crate::cpu::with_f32(&self.sin, "rope", |sin| {
+                // one task per (row, head): its output block [t, hd] is contiguous in
+                // [b, h, t, hd]; in [b, t, h, hd] it is strided
+                let sign = if forward { 1.0f32 } else { -1.0 };
+                let blocks: Vec<(usize, usize)> =
+                    (0..b).flat_map(|r| (0..h).map(move |hh| (r, hh))).collect();
+                if forward {
+                    dst.par_chunks_mut(t * hd)
+                        .zip(&blocks)
+                        .for_each(|(o, &(r, hh))| {
+                            for i in 0..t {
+                                let x = &src[((r * t + i) * h + hh) * hd..][..hd];
+                                let (c, s) = (
+                                    &cos[(r * t + i) * half..][..half],
+                                    &sin[(r * t + i) * half..][..half],
+                                );
+                                let y = &mut o[i * hd..][..hd];
+                                for j in 0..half {
+                                    let (p, q) = self.pair(j, half);
+                                    let sj = sign * s[j];
+                                    y[p] = x[p] * c[j] - x[q] * sj;
+                                    y[q] = x[q] * c[j] + x[p] * sj;
+                                }
+                            }
+                        });
+                } else {
+                    // [b, h, t, hd] → [b, t, h, hd]: one task per (row, position)
+                    dst.par_chunks_mut(h * hd).enumerate().for_each(|(ri, o)| {
+                        let (r, i) = (ri / t, ri % t);
+                        let (c, s) = (&cos[ri * half..][..half], &sin[ri * half..][..half]);
+                        for hh in 0..h {
+                            let x = &src[((r * h + hh) * t + i) * hd..][..hd];
+                            let y = &mut o[hh * hd..][..hd];
+                            for j in 0..half {
+                                let (p, q) = self.pair(j, half);
+                                let sj = sign * s[j];
+                                y[p] = x[p] * c[j] - x[q] * sj;
+                                y[q] = x[q] * c[j] + x[p] * sj;
+                            }
+                        }
+                    });
+                }
+                Ok(())
+            })
+        })
+    }
+}
+
+impl candle_core::CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = crate::cpu::f32_slice(st, l, "rope")?;
+        let (b, t, h, hd) = l.shape().dims4()?;
+        let (cb, ct, half) = self.cos.dims3()?;
+        if cb != b || ct != t || 2 * half != hd || self.sin.dims3()? != (b, t, half) {
+            candle_core::bail!(
+                "rope: input [{b}, {t}, {h}, {hd}], tables {:?}",
+                self.cos.shape()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        self.rotate(x, &mut y, (b, t, h, hd), true)?;
+        Ok((CpuStorage::F32(y), Shape::from((b, h, t, hd))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, h, hd) = arg.dims4()?;
+        view!(grad, g, "rope");
+        let mut dx = vec![0f32; g.len()];
+        self.rotate(g, &mut dx, (b, t, h, hd), false)?;
+        Ok(Some(Tensor::from_vec(dx, (b, t, h, hd), arg.device())?))
+    }
+}
+
+/// Rotary embedding of `x [b, t, h, hd]` (a projection's output split into heads) with the
+/// tables `cos`, `sin` `[b, t, hd/2]`, returned as `[b, h, t, hd]` (the attention layout), as
+/// one differentiable op; `interleaved` rotates pairs `(2i, 2i+1)` instead of `(i, i+hd/2)`.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(RopeHeads {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        interleaved,
+    })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// SiLU gate
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = crate::cpu::f32_slice(s1, l1, "silu-mul")?;
+        let u = crate::cpu::f32_slice(s2, l2, "silu-mul")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("silu-mul: {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
+            .for_each(|(y, (g, u))| {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        view!(g, gv, "silu-mul");
+        view!(u, uv, "silu-mul");
+        view!(grad, dy, "silu-mul");
+        let mut dg = vec![0f32; gv.len()];
+        let mut du = vec![0f32; gv.len()];
+        const C: usize = 1 << 14;
+        dg.par_chunks_mut(C)
+            .zip(du.par_chunks_mut(C))
+            .zip(gv.par_chunks(C).zip(uv.par_chunks(C)).zip(dy.par_chunks(C)))
+            .for_each(|((dg, du), ((gs, us), ys))| {
+                for i in 0..gs.len() {
+                    let sig = 1.0 / (1.0 + (-gs[i]).exp());
+                    // d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g)))
+                    dg[i] = ys[i] * us[i] * sig * (1.0 + gs[i] * (1.0 - sig));
+                    du[i] = ys[i] * gs[i] * sig;
+                }
+            });
+        let dev = g.device();
+        Ok((
+            g.track_op()
+                .then(|| Tensor::from_vec(dg, g.shape(), dev))
+                .transpose()?,
+            u.track_op()
+                .then(|| Tensor::from_vec(du, u.shape(), dev))
+                .transpose()?,
+        ))
+    }
+}
+
+/// `silu(g) ⊙ u` (the gated MLP's product) as one differentiable op.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    g.contiguous()?
+        .apply_op2_arc(&u.contiguous()?, Arc::new(Box::new(SiluMul)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -976,5 +1170,63 @@ mod tests {
             assert!(gf.get(&w).is_none(), "no gradient for the frozen weight");
         }
         Ok(())
+    }
+
+    #[test]
+    fn rope_heads_and_silu_mul_equal_their_compositions() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, hd) = (2, 5, 3, 8);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h, hd), &dev)?)?;
+        let ang = Tensor::randn(0f32, 2.0, (b, t, hd / 2), &dev)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let up = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev)?;
+        for interleaved in [false, true] {
+            let fused = rope_heads(x.as_tensor(), &cos, &sin, interleaved)?;
+            let xt = x.as_tensor().transpose(1, 2)?;
+            let (c, s) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+            let plain = if interleaved {
+                let xr = xt.reshape((b, h, t, hd / 2, 2))?;
+                let x1 = xr.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
+                let x2 = xr.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+                let r1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+                let r2 = (x1.broadcast_mul(&s)? + x2.broadcast_mul(&c)?)?;
+                Tensor::stack(&[r1, r2], D::Minus1)?.reshape((b, h, t, hd))?
+            } else {
+                let x1 = xt.narrow(D::Minus1, 0, hd / 2)?;
+                let x2 = xt.narrow(D::Minus1, hd / 2, hd / 2)?;
+                let r1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+                let r2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+                Tensor::cat(&[r1, r2], D::Minus1)?
+            };
+            assert!(max_diff(&fused, &plain) < 1e-5);
+            let gf = (fused * &up)?.sum_all()?.backward()?;
+            let gp = (plain * &up)?.sum_all()?.backward()?;
+            let (f, p) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gp.get(x.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(f, p) < 1e-5, "{}", max_diff(f, p));
+        }
+        let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (7, 300), &dev)?)?;
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 300), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (7, 300), &dev)?;
+        let fused = silu_mul(g.as_tensor(), u.as_tensor())?;
+        let plain = (candle_nn_free_silu(g.as_tensor())? * u.as_tensor())?;
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = (fused * &up)?.sum_all()?.backward()?;
+        let gp = (plain * &up)?.sum_all()?.backward()?;
+        for var in [&g, &u] {
+            let (f, p) = (
+                gf.get(var.as_tensor()).unwrap(),
+                gp.get(var.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(f, p) < 1e-4, "{}", max_diff(f, p));
+        }
+        Ok(())
+    }
+
+    /// `g · σ(g)` from candle's elementwise ops.
+    fn candle_nn_free_silu(g: &Tensor) -> Result<Tensor> {
+        g * (g.neg()?.exp()? + 1.0)?.recip()?
     }
 }
