@@ -5,8 +5,9 @@
 //! cache) → `AttnOut(l)` → residual add → `ResidMid(l)` → SwiGLU MLP → `MlpOut(l)` → residual
 //! add → `ResidPost(l)`; after the last block the final norm → `FinalNorm`, then the LM head.
 //! Batches are left-padded; a per-row pad count keeps positions and masks right.
-//! `differentiable = true` switches RMSNorm, softmax and RoPE to op compositions that record
-//! gradients (candle's fused versions do not).
+//! `differentiable = true` switches RMSNorm, attention, RoPE and the SiLU gate to the training
+//! ops of `rudder_nn::fused`, which carry their own backward (candle's fused inference versions
+//! record no gradient).
 
 use candle_core::{Device, Tensor};
 

@@ -95,10 +95,14 @@ impl Linear {
         let (out_dim, _) = self.weight.dims();
         let mut out_shape = dims.clone();
         *out_shape.last_mut().unwrap() = out_dim;
-        if let (Weight::Dense(w), Some(slot), None) = (&self.weight, &self.lora, &self.bias) {
+        if let (Weight::Dense(w), Some(slot)) = (&self.weight, &self.lora) {
             let x2 = x.reshape((n, inp))?;
             if let Some(y) = slot.fused_forward(&x2, w) {
-                return Ok(y?.reshape(out_shape)?);
+                let y = y?.reshape(out_shape)?;
+                return Ok(match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                });
             }
         }
         let y = match &self.weight {

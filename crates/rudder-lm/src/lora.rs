@@ -832,6 +832,39 @@ mod tests {
 
     #[test]
     fn every_adapter_parameter_receives_gradient_and_nothing_else_does() {
+        // Qwen2 has q/k/v biases: the fused training layer adds them after the adapter
+        let d = tempfile::tempdir().unwrap();
+        write_hf_dir(d.path(), &TinySpec::new(Arch::Qwen2)).unwrap();
+        let mut qwen = load(d.path(), &LoadOptions { dequantize: true }).unwrap();
+        let ad = qwen.decoder.attach_lora(&LoraConfig::default(), 3).unwrap();
+        randomize(&ad, 9);
+        let ids = [(IDS[..4].to_vec(), IDS[4..].to_vec())];
+        let plain = crate::score::continuation_logprobs(&qwen.decoder, &ids, 0, &mut NoHook)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        ad.set_training(true);
+        qwen.decoder.differentiable = true;
+        let lp = crate::score::continuation_logprobs(&qwen.decoder, &ids, 0, &mut NoHook).unwrap();
+        // dropout moves the values a little; without it training and inference agree
+        let grads = lp.sum_all().unwrap().backward().unwrap();
+        rudder_nn::grad::assert_all_receive_gradient(&grads, &ad.params);
+        let undropped = LoraConfig {
+            dropout: 0.0,
+            ..LoraConfig::default()
+        };
+        qwen.decoder.detach_lora();
+        let ad0 = qwen.decoder.attach_lora(&undropped, 3).unwrap();
+        for ((_, v0), (_, v)) in ad0.params.iter().zip(&ad.params) {
+            v0.set(v.as_tensor()).unwrap();
+        }
+        ad0.set_training(true);
+        let trained = crate::score::continuation_logprobs(&qwen.decoder, &ids, 0, &mut NoHook)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(rel(&trained, &plain) < 1e-4, "{trained:?} vs {plain:?}");
+
         let d = tempfile::tempdir().unwrap();
         let mut lm = tiny(d.path());
         let ad = lm.decoder.attach_lora(&LoraConfig::default(), 3).unwrap();
