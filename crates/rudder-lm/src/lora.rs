@@ -223,8 +223,21 @@ impl LoraSlot {
     /// composes the product and [`LoraSlot::delta`]). The same dropout stream and the same
     /// numbers as the composition.
     pub fn fused_forward(&self, x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
-        if self.rt.experts > 1 || !self.rt.training.load(Ordering::Relaxed) || w.track_op() {
+        if !self.rt.training.load(Ordering::Relaxed) || w.track_op() {
             return None;
+        }
+        if self.rt.experts > 1 {
+            // MoE-LoRA: the gated rank activations come from outside the op
+            return Some((|| {
+                let h = self.rank_activations(x)?;
+                Ok(rudder_nn::fused::frozen_plus_low_rank(
+                    x,
+                    w,
+                    &h,
+                    self.b.as_tensor(),
+                    self.scale,
+                )?)
+            })());
         }
         let stream = if self.dropout > 0.0 {
             self.rt.calls.fetch_add(1, Ordering::Relaxed)
@@ -248,47 +261,51 @@ impl LoraSlot {
 
     /// `scale · B (A · dropout(x))` for `x [n, in]` → `[n, out]`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let b = if self.rt.training.load(Ordering::Relaxed) {
+            self.b.as_tensor().clone()
+        } else {
+            self.b.as_tensor().detach()
+        };
+        Ok((self.rank_activations(x)?.matmul(&b.t()?)? * self.scale)?)
+    }
+
+    /// `A · dropout(x)` `[n, r]`, times the expert gate for MoE-LoRA.
+    fn rank_activations(&self, x: &Tensor) -> Result<Tensor> {
         // Outside training the adapter is a constant: no graph is recorded (a KV cache would
         // otherwise keep every step's graph alive).
         let training = self.rt.training.load(Ordering::Relaxed);
-        let (a, b) = if training {
-            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        let a = if training {
+            self.a.as_tensor().clone()
         } else {
-            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+            self.a.as_tensor().detach()
         };
         // Training with dropout: one op that draws the mask again in the backward instead of
         // keeping it and the masked input alive (`rudder_nn::fused::dropout_project`).
-        let mut h = if self.dropout > 0.0 && training {
+        let h = if self.dropout > 0.0 && training {
             let call = self.rt.calls.fetch_add(1, Ordering::Relaxed);
             rudder_nn::fused::dropout_project(x, &a, self.dropout, self.rt.seed, call)?
         } else {
             x.matmul(&a.t()?)?
         };
-        if self.rt.experts > 1 {
-            let g = self.rt.gate(self.layer).ok_or_else(|| {
-                LmError::Config(
-                    "MoE-LoRA adapter without a gate: set one for the batch (Adapter::set_gate)"
-                        .into(),
-                )
-            })?;
-            let (rows, r) = g.dims2()?;
-            let n = h.dim(0)?;
-            if !n.is_multiple_of(rows) {
-                return Err(LmError::Config(format!(
-                    "MoE-LoRA gate has {rows} rows for {n} token positions"
-                )));
-            }
-            let g = if self.rt.training.load(Ordering::Relaxed) {
-                g
-            } else {
-                g.detach()
-            };
-            h = h
-                .reshape((rows, n / rows, r))?
-                .broadcast_mul(&g.unsqueeze(1)?)?
-                .reshape((n, r))?;
+        if self.rt.experts <= 1 {
+            return Ok(h);
         }
-        Ok((h.matmul(&b.t()?)? * self.scale)?)
+        let g = self.rt.gate(self.layer).ok_or_else(|| {
+            LmError::Config(
+                "MoE-LoRA adapter without a gate: set one for the batch (Adapter::set_gate)".into(),
+            )
+        })?;
+        let (rows, r) = g.dims2()?;
+        let n = h.dim(0)?;
+        if !n.is_multiple_of(rows) {
+            return Err(LmError::Config(format!(
+                "MoE-LoRA gate has {rows} rows for {n} token positions"
+            )));
+        }
+        let g = if training { g } else { g.detach() };
+        Ok(h.reshape((rows, n / rows, r))?
+            .broadcast_mul(&g.unsqueeze(1)?)?
+            .reshape((n, r))?)
     }
 }
 

@@ -769,6 +769,121 @@ pub fn lora_linear(
         .apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))
 }
 
+/// `x · wᵀ + scale · h · bᵀ` with a frozen `w`: the LoRA layer when the rank activations `h`
+/// are computed outside (MoE-LoRA gates them per sequence).
+struct FrozenPlusLowRank {
+    w: Tensor,
+    scale: f32,
+}
+
+impl CustomOp3 for FrozenPlusLowRank {
+    fn name(&self) -> &'static str {
+        "frozen-plus-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = crate::cpu::f32_slice(s1, l1, "frozen + low rank")?;
+        let h = crate::cpu::f32_slice(s2, l2, "frozen + low rank")?;
+        let b = crate::cpu::f32_slice(s3, l3, "frozen + low rank")?;
+        let (n, inp) = l1.shape().dims2()?;
+        let (hn, r) = l2.shape().dims2()?;
+        let (out, br) = l3.shape().dims2()?;
+        if self.w.dims2()? != (out, inp) || hn != n || br != r {
+            candle_core::bail!(
+                "frozen + low rank: input [{n}, {inp}], weight {:?}, h [{hn}, {r}], B [{out}, {br}]",
+                self.w.shape()
+            );
+        }
+        let mut y = vec![0f32; n * out];
+        crate::cpu::with_f32(&self.w, "frozen + low rank", |w| {
+            mm_par((n, out, inp), &mut y, x, w, true);
+            Ok(())
+        })?;
+        y.par_chunks_mut(out * ROWS)
+            .zip(h.par_chunks(r * ROWS))
+            .for_each(|(yb, hb)| {
+                let rows = hb.len() / r;
+                mm((rows, out, r), yb, hb, false, b, true, true, self.scale);
+            });
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, inp) = x.dims2()?;
+        let r = h.dim(1)?;
+        let out = b.dim(0)?;
+        view!(h, hv, "frozen + low rank");
+        view!(b, bv, "frozen + low rank");
+        view!(grad, gv, "frozen + low rank");
+        let dev = x.device();
+        let dh = h
+            .track_op()
+            .then(|| {
+                let mut dh = vec![0f32; n * r];
+                dh.par_chunks_mut(r * ROWS)
+                    .zip(gv.par_chunks(out * ROWS))
+                    .for_each(|(hb, gb)| {
+                        let rows = gb.len() / out;
+                        mm((rows, r, out), hb, gb, false, bv, false, false, self.scale);
+                    });
+                Tensor::from_vec(dh, (n, r), dev)
+            })
+            .transpose()?;
+        let db = b
+            .track_op()
+            .then(|| {
+                let mut db = vec![0f32; out * r];
+                mm((out, r, n), &mut db, gv, true, hv, false, false, self.scale);
+                Tensor::from_vec(db, (out, r), dev)
+            })
+            .transpose()?;
+        let dx = x
+            .track_op()
+            .then(|| -> Result<Tensor> {
+                let mut dx = vec![0f32; n * inp];
+                crate::cpu::with_f32(&self.w, "frozen + low rank", |w| {
+                    mm_par((n, inp, out), &mut dx, gv, w, false);
+                    Ok(())
+                })?;
+                Tensor::from_vec(dx, (n, inp), dev)
+            })
+            .transpose()?;
+        Ok((dx, dh, db))
+    }
+}
+
+/// `x · wᵀ + scale · h · bᵀ` for `x [n, in]`, a frozen `w [out, in]`, rank activations
+/// `h [n, r]` and `b [out, r]`, as one op (no gradient for `w`; `h` and `b` get theirs).
+pub fn frozen_plus_low_rank(
+    x: &Tensor,
+    w: &Tensor,
+    h: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = FrozenPlusLowRank {
+        w: w.contiguous()?,
+        scale: scale as f32,
+    };
+    x.contiguous()?
+        .apply_op3_arc(&h.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotary position embedding, with the head transpose
 
@@ -1228,5 +1343,31 @@ mod tests {
     /// `g · σ(g)` from candle's elementwise ops.
     fn candle_nn_free_silu(g: &Tensor) -> Result<Tensor> {
         g * (g.neg()?.exp()? + 1.0)?.recip()?
+    }
+
+    #[test]
+    fn frozen_plus_low_rank_equals_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, inp, out, r) = (150, 40, 24, 4);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, inp), &dev)?)?;
+        let w = Tensor::randn(0f32, 0.3, (out, inp), &dev)?;
+        let h = Var::from_tensor(&Tensor::randn(0f32, 0.3, (n, r), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, (out, r), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (n, out), &dev)?;
+        let fused = frozen_plus_low_rank(x.as_tensor(), &w, h.as_tensor(), b.as_tensor(), 1.5)?;
+        let plain = (crate::frozen::matmul_t(x.as_tensor(), &w)?
+            + (h.as_tensor().matmul(&b.as_tensor().t()?)? * 1.5)?)?;
+        assert!(max_diff(&fused, &plain) < 1e-4);
+        let gf = (fused * &up)?.sum_all()?.backward()?;
+        let gp = (plain * &up)?.sum_all()?.backward()?;
+        for var in [&x, &h, &b] {
+            let (f, q) = (
+                gf.get(var.as_tensor()).unwrap(),
+                gp.get(var.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(f, q) < 1e-3, "{}", max_diff(f, q));
+        }
+        assert!(gf.get(&w).is_none());
+        Ok(())
     }
 }
