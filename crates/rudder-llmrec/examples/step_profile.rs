@@ -12,24 +12,7 @@ use std::time::Instant;
 
 // The allocator of the `rudder` binary, so that the step costs what it costs in the CLI.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-// mimalloc's purge returns freed pages to the kernel with MADV_DONTNEED ("decommit"), so a
-// training step that frees and reallocates gigabytes of activations pays a page fault and a
-// zeroed page for every 4 KiB again (a LoRA step took 4.6 s instead of 3.6 s). Purged pages are
-// reset instead (MADV_FREE): the kernel still takes them back under memory pressure.
-mod mimalloc_options {
-    unsafe extern "C" {
-        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-    }
-    /// `mi_option_purge_decommits` in mimalloc v2 and v3.
-    const PURGE_DECOMMITS: std::ffi::c_int = 5;
-    pub fn reset_instead_of_decommit() {
-        // SAFETY: sets one mimalloc option (an integer in a static table); mimalloc is linked in
-        // as the global allocator.
-        unsafe { mi_option_set(PURGE_DECOMMITS, 0) }
-    }
-}
+static GLOBAL: rudder_nn::alloc::MiMalloc = rudder_nn::alloc::MiMalloc;
 
 use rudder_lm::hooks::NoHook;
 use rudder_lm::loader::{LoadOptions, load};
@@ -47,7 +30,7 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() {
-    mimalloc_options::reset_instead_of_decommit();
+    rudder_nn::alloc::reset_instead_of_decommit();
     let args: Vec<String> = std::env::args().collect();
     let path = std::path::PathBuf::from(&args[1]);
     let b: usize = args.get(2).map_or(4, |s| s.parse().unwrap());

@@ -11,6 +11,7 @@
 //!   own backward (training memory and time).
 //! - [`grad`]: the gradient-coverage check every trainable model is tested with.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod cpu;
 pub mod frozen;

@@ -19,27 +19,9 @@ mod steer_cmd;
 
 use clap::{Parser, Subcommand};
 
-// Training allocates and frees many large tensors per step; glibc's malloc returns them to the
-// kernel each time (mmap/munmap + page faults), mimalloc reuses them.
+// mimalloc, purged pages reset instead of decommitted: see `rudder_nn::alloc`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-// mimalloc's purge returns freed pages to the kernel with MADV_DONTNEED ("decommit"), so a
-// training step that frees and reallocates gigabytes of activations pays a page fault and a
-// zeroed page for every 4 KiB again (a LoRA step took 4.6 s instead of 3.6 s). Purged pages are
-// reset instead (MADV_FREE): the kernel still takes them back under memory pressure.
-mod mimalloc_options {
-    unsafe extern "C" {
-        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-    }
-    /// `mi_option_purge_decommits` in mimalloc v2 and v3.
-    const PURGE_DECOMMITS: std::ffi::c_int = 5;
-    pub fn reset_instead_of_decommit() {
-        // SAFETY: sets one mimalloc option (an integer in a static table); mimalloc is linked in
-        // as the global allocator.
-        unsafe { mi_option_set(PURGE_DECOMMITS, 0) }
-    }
-}
+static GLOBAL: rudder_nn::alloc::MiMalloc = rudder_nn::alloc::MiMalloc;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -108,7 +90,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    mimalloc_options::reset_instead_of_decommit();
+    rudder_nn::alloc::reset_instead_of_decommit();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
