@@ -279,8 +279,8 @@ impl LoraSlot {
         } else {
             self.a.as_tensor().detach()
         };
-        // Training with dropout: one op that draws the mask again in the backward instead of
-        // keeping it and the masked input alive (`rudder_nn::fused::dropout_project`).
+        // Training with dropout: one op that keeps the mask as one byte per value and no
+        // masked copy of the input (`rudder_nn::fused::dropout_project`).
         let h = if self.dropout > 0.0 && training {
             let call = self.rt.calls.fetch_add(1, Ordering::Relaxed);
             rudder_nn::fused::dropout_project(x, &a, self.dropout, self.rt.seed, call)?

@@ -7,8 +7,8 @@
 //! tensors), RMSNorm five activations, and LoRA dropout a mask and a masked copy of the input
 //! per adapted projection. These ops keep only what their backward cannot recompute cheaply:
 //! attention its output and one log-sum-exp per query (the probabilities are recomputed, as
-//! flash attention does), RMSNorm nothing beyond its input and one scale per row, dropout its
-//! seed (the mask is drawn again). The maths is the composition's; the tests compare values
+//! flash attention does), RMSNorm nothing beyond its input (the row scale is recomputed), dropout
+//! its mask as one byte per value and no masked copy of the input. The maths is the composition's; the tests compare values
 //! and gradients with it.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -428,21 +428,107 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dropout followed by a projection (the LoRA A matrix)
+// The LoRA pieces: dropout kept as flags, the frozen product plus the low-rank term
 
+/// Activation rows per parallel task of the row-split products.
+const ROWS: usize = 64;
+
+/// An inverted-dropout mask as one flag byte per value (1: kept, scaled by `keep`), drawn from
+/// [`crate::frozen::dropout_mask`]'s stream once in the forward and read again in the backward.
+struct KeptMask {
+    flags: Vec<u8>,
+    keep: f32,
+}
+
+impl KeptMask {
+    /// `None` when `p ≤ 0` (no dropout).
+    fn draw(len: usize, p: f64, seed: u64, stream: u64) -> Option<Self> {
+        (p > 0.0).then(|| KeptMask {
+            flags: crate::frozen::dropout_mask(len, p, seed, stream)
+                .iter()
+                .map(|&m| u8::from(m != 0.0))
+                .collect(),
+            keep: (1.0 / (1.0 - p)) as f32,
+        })
+    }
+
+    /// `x ⊙ mask` for `x [.., width]`.
+    fn masked(&self, x: &[f32], width: usize) -> Vec<f32> {
+        let mut xm = vec![0f32; x.len()];
+        xm.par_chunks_mut(width * ROWS)
+            .zip(x.par_chunks(width * ROWS))
+            .zip(self.flags.par_chunks(width * ROWS))
+            .for_each(|((d, xs), fs)| {
+                for ((d, &v), &f) in d.iter_mut().zip(xs).zip(fs) {
+                    *d = v * (f as f32 * self.keep);
+                }
+            });
+        xm
+    }
+}
+
+/// `x ⊙ mask`, or `x` itself without dropout.
+fn masked<'a>(mask: Option<&KeptMask>, x: &'a [f32], width: usize) -> std::borrow::Cow<'a, [f32]> {
+    match mask {
+        Some(m) => std::borrow::Cow::Owned(m.masked(x, width)),
+        None => std::borrow::Cow::Borrowed(x),
+    }
+}
+
+/// `h[n, r] = x[n, in] · aᵀ`, rows split over the thread pool.
+fn par_rows_mm(r: usize, inp: usize, h: &mut [f32], x: &[f32], a: &[f32]) {
+    h.par_chunks_mut(r * ROWS)
+        .zip(x.par_chunks(inp * ROWS))
+        .for_each(|(hb, xb)| {
+            let rows = xb.len() / inp.max(1);
+            mm((rows, r, inp), hb, xb, false, a, true, false, 1.0);
+        });
+}
+
+/// `dx += (gh · a) ⊙ mask` for `gh [n, r]`, `a [r, in]`: the input gradient through
+/// `dropout(x) · aᵀ`.
+fn add_dropout_project_grad(
+    dx: &mut [f32],
+    gh: &[f32],
+    a: &[f32],
+    mask: Option<&KeptMask>,
+    (r, inp): (usize, usize),
+) {
+    dx.par_chunks_mut(inp * ROWS)
+        .zip(gh.par_chunks(r * ROWS))
+        .enumerate()
+        .for_each(|(c, (db, hb))| {
+            let rows = hb.len() / r;
+            let mut t = vec![0f32; rows * inp];
+            mm((rows, inp, r), &mut t, hb, false, a, false, false, 1.0);
+            match mask {
+                Some(m) => {
+                    let f = &m.flags[c * inp * ROWS..][..rows * inp];
+                    for ((d, &v), &k) in db.iter_mut().zip(&t).zip(f) {
+                        *d += v * (k as f32 * m.keep);
+                    }
+                }
+                None => db.iter_mut().zip(&t).for_each(|(d, v)| *d += v),
+            }
+        });
+}
+
+/// `dst[m, n] = A[m, k] · B` with `B` row-major `[k, n]` or (`bt`) `[n, k]`, the rows of `A`
+/// split evenly over the thread pool (for the large products).
+fn mm_par((m, n, k): (usize, usize, usize), dst: &mut [f32], a: &[f32], b: &[f32], bt: bool) {
+    let rows = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    dst[..m * n]
+        .par_chunks_mut(rows * n)
+        .zip(a[..m * k].par_chunks(rows * k))
+        .for_each(|(d, a)| mm((a.len() / k.max(1), n, k), d, a, false, b, bt, false, 1.0));
+}
+
+/// `dropout(x) · aᵀ` keeping the mask as flags for the backward.
 struct DropoutProject {
     p: f64,
     seed: u64,
     stream: u64,
-}
-
-impl DropoutProject {
-    /// `x ⊙ mask`, the mask drawn as [`crate::frozen::dropout_mask`] draws it.
-    fn masked(&self, x: &[f32]) -> Vec<f32> {
-        let mut m = crate::frozen::dropout_mask(x.len(), self.p, self.seed, self.stream);
-        m.iter_mut().zip(x).for_each(|(m, &a)| *m *= a);
-        m
-    }
+    mask: Mutex<Option<KeptMask>>,
 }
 
 impl CustomOp2 for DropoutProject {
@@ -464,9 +550,10 @@ impl CustomOp2 for DropoutProject {
         if ain != inp {
             candle_core::bail!("dropout-project: input width {inp}, matrix [{r}, {ain}]");
         }
-        let xm = self.masked(x);
+        let mask = KeptMask::draw(x.len(), self.p, self.seed, self.stream);
         let mut h = vec![0f32; n * r];
-        par_rows_mm(r, inp, &mut h, &xm, a);
+        par_rows_mm(r, inp, &mut h, &masked(mask.as_ref(), x, inp), a);
+        *self.mask.lock().unwrap_or_else(|e| e.into_inner()) = mask;
         Ok((CpuStorage::F32(h), Shape::from((n, r))))
     }
 
@@ -483,15 +570,22 @@ impl CustomOp2 for DropoutProject {
         view!(a, av, "dropout-project");
         view!(grad, gv, "dropout-project");
         let dev = x.device();
-        let mask = crate::frozen::dropout_mask(xv.len(), self.p, self.seed, self.stream);
+        let mask = self.mask.lock().unwrap_or_else(|e| e.into_inner()).take();
         // dA = gᵀ · (x ⊙ m)   [r, in]
         let da = a
             .track_op()
             .then(|| {
-                let mut xm = mask.clone();
-                xm.iter_mut().zip(xv).for_each(|(m, &v)| *m *= v);
                 let mut da = vec![0f32; r * inp];
-                mm((r, inp, n), &mut da, &gv, true, &xm, false, false, 1.0);
+                mm(
+                    (r, inp, n),
+                    &mut da,
+                    gv,
+                    true,
+                    &masked(mask.as_ref(), xv, inp),
+                    false,
+                    false,
+                    1.0,
+                );
                 Tensor::from_vec(da, (r, inp), dev)
             })
             .transpose()?;
@@ -500,13 +594,7 @@ impl CustomOp2 for DropoutProject {
             .track_op()
             .then(|| {
                 let mut dx = vec![0f32; n * inp];
-                dx.par_chunks_mut(inp * 64)
-                    .zip(gv.par_chunks(r * 64).zip(mask.par_chunks(inp * 64)))
-                    .for_each(|(db, (gb, mb))| {
-                        let rows = gb.len() / r.max(1);
-                        mm((rows, inp, r), db, gb, false, &av, false, false, 1.0);
-                        db.iter_mut().zip(mb).for_each(|(d, &m)| *d *= m);
-                    });
+                add_dropout_project_grad(&mut dx, gv, av, mask.as_ref(), (r, inp));
                 Tensor::from_vec(dx, (n, inp), dev)
             })
             .transpose()?;
@@ -514,45 +602,108 @@ impl CustomOp2 for DropoutProject {
     }
 }
 
-/// `h[n, r] = x[n, in] · aᵀ`, rows split over the thread pool.
-fn par_rows_mm(r: usize, inp: usize, h: &mut [f32], x: &[f32], a: &[f32]) {
-    h.par_chunks_mut(r * 64)
-        .zip(x.par_chunks(inp * 64))
-        .for_each(|(hb, xb)| {
-            let rows = xb.len() / inp.max(1);
-            mm((rows, r, inp), hb, xb, false, a, true, false, 1.0);
-        });
-}
-
 /// `dropout(x) · aᵀ` for `x [n, in]`, `a [r, in]`, with the mask of
-/// [`crate::frozen::dropout_stream`] for the same `p`, `seed` and `stream` (the same numbers),
-/// as one op that stores no mask and no masked copy: the backward draws the mask again.
+/// [`crate::frozen::dropout_mask`] for the same `p`, `seed` and `stream` (the same numbers as
+/// `frozen::dropout_stream` then a matmul), as one op that keeps the mask as one byte per value
+/// and no masked copy of the input.
 pub fn dropout_project(x: &Tensor, a: &Tensor, p: f64, seed: u64, stream: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op2_arc(
         &a.contiguous()?,
-        Arc::new(Box::new(DropoutProject { p, seed, stream })),
+        Arc::new(Box::new(DropoutProject {
+            p,
+            seed,
+            stream,
+            mask: Mutex::new(None),
+        })),
     )
 }
 
-// ---------------------------------------------------------------------------------------------
-// A frozen linear layer with a LoRA adapter
-
-/// Dropout keep-flags (one byte per value: 1 where the mask keeps the value).
-fn keep_flags(mask: &[f32]) -> Vec<u8> {
-    mask.iter().map(|&m| u8::from(m != 0.0)).collect()
+/// Shapes of `y[n, out] = x[n, in] · wᵀ + scale · h[n, r] · b[out, r]ᵀ`.
+#[derive(Clone, Copy)]
+struct LowRank {
+    n: usize,
+    inp: usize,
+    out: usize,
+    r: usize,
 }
 
-/// `dst = x ⊙ flags · keep` (the inverted-dropout mask as flags and the kept scale).
-fn apply_flags(dst: &mut [f32], x: &[f32], flags: &[u8], keep: f32) {
-    for ((d, &v), &f) in dst.iter_mut().zip(x).zip(flags) {
-        *d = v * (f as f32 * keep);
+/// The forward of the frozen product plus the low-rank term.
+fn frozen_low_rank_fwd(
+    w: &Tensor,
+    x: &[f32],
+    h: &[f32],
+    b: &[f32],
+    d: LowRank,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let mut y = vec![0f32; d.n * d.out];
+    crate::cpu::with_f32(w, "frozen + low rank", |w| {
+        mm_par((d.n, d.out, d.inp), &mut y, x, w, true);
+        Ok(())
+    })?;
+    y.par_chunks_mut(d.out * ROWS)
+        .zip(h.par_chunks(d.r * ROWS))
+        .for_each(|(yb, hb)| {
+            let rows = hb.len() / d.r;
+            mm((rows, d.out, d.r), yb, hb, false, b, true, true, scale);
+        });
+    Ok(y)
+}
+
+/// Its backward: `dx = g · w` (when `want_dx`), `dh = scale · g · b`, `db = scale · gᵀ · h`
+/// (when `want_db`); no gradient for the frozen `w`.
+#[allow(clippy::type_complexity)]
+fn frozen_low_rank_bwd(
+    w: &Tensor,
+    g: &[f32],
+    h: &[f32],
+    b: &[f32],
+    d: LowRank,
+    scale: f32,
+    (want_dx, want_db): (bool, bool),
+) -> Result<(Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>)> {
+    let mut dh = vec![0f32; d.n * d.r];
+    dh.par_chunks_mut(d.r * ROWS)
+        .zip(g.par_chunks(d.out * ROWS))
+        .for_each(|(hb, gb)| {
+            let rows = gb.len() / d.out;
+            mm((rows, d.r, d.out), hb, gb, false, b, false, false, scale);
+        });
+    let db = want_db.then(|| {
+        let mut db = vec![0f32; d.out * d.r];
+        mm((d.out, d.r, d.n), &mut db, g, true, h, false, false, scale);
+        db
+    });
+    let dx = if want_dx {
+        let mut dx = vec![0f32; d.n * d.inp];
+        crate::cpu::with_f32(w, "frozen + low rank", |w| {
+            mm_par((d.n, d.inp, d.out), &mut dx, g, w, false);
+            Ok(())
+        })?;
+        Some(dx)
+    } else {
+        None
+    };
+    Ok((dx, dh, db))
+}
+
+fn low_rank_dims(x: &Shape, w: &Tensor, h: (usize, usize), b: &Shape, op: &str) -> Result<LowRank> {
+    let (n, inp) = x.dims2()?;
+    let (out, br) = b.dims2()?;
+    let (hn, r) = h;
+    if w.dims2()? != (out, inp) || hn != n || br != r {
+        candle_core::bail!(
+            "{op}: input [{n}, {inp}], weight {:?}, rank activations [{hn}, {r}], B [{out}, {br}]",
+            w.shape()
+        );
     }
+    Ok(LowRank { n, inp, out, r })
 }
 
-/// What the backward needs beyond the inputs: the rank activations and the dropout mask.
+/// What the LoRA layer's backward needs beyond its inputs.
 struct LoraSaved {
     h: Vec<f32>,
-    flags: Option<Vec<u8>>,
+    mask: Option<KeptMask>,
 }
 
 struct LoraLinear {
@@ -563,36 +714,6 @@ struct LoraLinear {
     seed: u64,
     stream: u64,
     saved: Mutex<Option<LoraSaved>>,
-}
-
-const ROWS: usize = 64;
-
-impl LoraLinear {
-    fn keep(&self) -> f32 {
-        (1.0 / (1.0 - self.p)) as f32
-    }
-
-    /// The dropped-out input, rows block by block (`None`: no dropout, the input itself).
-    fn masked_rows(&self, x: &[f32], flags: Option<&[u8]>, inp: usize) -> Option<Vec<f32>> {
-        let flags = flags?;
-        let mut xm = vec![0f32; x.len()];
-        let keep = self.keep();
-        xm.par_chunks_mut(inp * ROWS)
-            .zip(x.par_chunks(inp * ROWS))
-            .zip(flags.par_chunks(inp * ROWS))
-            .for_each(|((d, xs), fs)| apply_flags(d, xs, fs, keep));
-        Some(xm)
-    }
-}
-
-/// `dst[m, n] = A[m, k] · B` with `B` row-major `[k, n]` or (`bt`) `[n, k]`, the rows of `A`
-/// split evenly over the thread pool (for the large products).
-fn mm_par((m, n, k): (usize, usize, usize), dst: &mut [f32], a: &[f32], b: &[f32], bt: bool) {
-    let rows = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    dst[..m * n]
-        .par_chunks_mut(rows * n)
-        .zip(a[..m * k].par_chunks(rows * k))
-        .for_each(|(d, a)| mm((a.len() / k.max(1), n, k), d, a, false, b, bt, false, 1.0));
 }
 
 impl CustomOp3 for LoraLinear {
@@ -614,39 +735,16 @@ impl CustomOp3 for LoraLinear {
         let b = crate::cpu::f32_slice(s3, l3, "lora linear")?;
         let (n, inp) = l1.shape().dims2()?;
         let (r, ain) = l2.shape().dims2()?;
-        let (out, br) = l3.shape().dims2()?;
-        let (wout, win) = self.w.dims2()?;
-        if ain != inp || win != inp || wout != out || br != r {
-            candle_core::bail!(
-                "lora linear: input [{n}, {inp}], weight [{wout}, {win}], A [{r}, {ain}], B [{out}, {br}]"
-            );
+        if ain != inp {
+            candle_core::bail!("lora linear: input [{n}, {inp}], A [{r}, {ain}]");
         }
-        let mut y = vec![0f32; n * out];
-        crate::cpu::with_f32(&self.w, "lora linear", |w| {
-            mm_par((n, out, inp), &mut y, x, w, true);
-            Ok(())
-        })?;
-        let flags = (self.p > 0.0).then(|| {
-            keep_flags(&crate::frozen::dropout_mask(
-                x.len(),
-                self.p,
-                self.seed,
-                self.stream,
-            ))
-        });
-        let xm = self.masked_rows(x, flags.as_deref(), inp);
-        let xm = xm.as_deref().unwrap_or(x);
-        // h = x̃ · Aᵀ, then y += scale · h · Bᵀ, block by block of rows
+        let d = low_rank_dims(l1.shape(), &self.w, (n, r), l3.shape(), "lora linear")?;
+        let mask = KeptMask::draw(x.len(), self.p, self.seed, self.stream);
         let mut h = vec![0f32; n * r];
-        h.par_chunks_mut(r * ROWS)
-            .zip(xm.par_chunks(inp * ROWS).zip(y.par_chunks_mut(out * ROWS)))
-            .for_each(|(hb, (xb, yb))| {
-                let rows = xb.len() / inp;
-                mm((rows, r, inp), hb, xb, false, a, true, false, 1.0);
-                mm((rows, out, r), yb, hb, false, b, true, true, self.scale);
-            });
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(LoraSaved { h, flags });
-        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+        par_rows_mm(r, inp, &mut h, &masked(mask.as_ref(), x, inp), a);
+        let y = frozen_low_rank_fwd(&self.w, x, &h, b, d, self.scale)?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(LoraSaved { h, mask });
+        Ok((CpuStorage::F32(y), Shape::from((n, d.out))))
     }
 
     fn bwd(
@@ -663,80 +761,41 @@ impl CustomOp3 for LoraLinear {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or_else(|| candle_core::Error::Msg("lora linear: no forward ran".into()))?;
-        let (n, inp) = x.dims2()?;
         let r = a.dim(0)?;
-        let out = b.dim(0)?;
+        let d = low_rank_dims(x.shape(), &self.w, (x.dim(0)?, r), b.shape(), "lora linear")?;
+        view!(x, xv, "lora linear");
         view!(a, av, "lora linear");
         view!(b, bv, "lora linear");
         view!(grad, gv, "lora linear");
         let dev = x.device();
-        // gh = scale · g · B   [n, r];   dB = scale · gᵀ · h   [out, r]
-        let mut gh = vec![0f32; n * r];
-        gh.par_chunks_mut(r * ROWS)
-            .zip(gv.par_chunks(out * ROWS))
-            .for_each(|(hb, gb)| {
-                let rows = gb.len() / out;
-                mm((rows, r, out), hb, gb, false, &bv, false, false, self.scale);
-            });
-        let db = b
-            .track_op()
-            .then(|| {
-                let mut db = vec![0f32; out * r];
-                mm(
-                    (out, r, n),
-                    &mut db,
-                    &gv,
-                    true,
-                    &saved.h,
-                    false,
-                    false,
-                    self.scale,
-                );
-                Tensor::from_vec(db, (out, r), dev)
-            })
-            .transpose()?;
-        view!(x, xv, "lora linear");
+        let (dx, gh, db) = frozen_low_rank_bwd(
+            &self.w,
+            gv,
+            &saved.h,
+            bv,
+            d,
+            self.scale,
+            (x.track_op(), b.track_op()),
+        )?;
         // dA = ghᵀ · x̃   [r, in]
         let da = a
             .track_op()
             .then(|| {
-                let xm = self.masked_rows(xv, saved.flags.as_deref(), inp);
-                let xm = xm.as_deref().unwrap_or(xv);
-                let mut da = vec![0f32; r * inp];
-                mm((r, inp, n), &mut da, &gh, true, xm, false, false, 1.0);
-                Tensor::from_vec(da, (r, inp), dev)
+                let mut da = vec![0f32; r * d.inp];
+                let xm = masked(saved.mask.as_ref(), xv, d.inp);
+                mm((r, d.inp, d.n), &mut da, &gh, true, &xm, false, false, 1.0);
+                Tensor::from_vec(da, (r, d.inp), dev)
             })
             .transpose()?;
         // dx = g · W + (gh · A) ⊙ mask
-        let dx = x
-            .track_op()
-            .then(|| -> Result<Tensor> {
-                let mut dx = vec![0f32; n * inp];
-                crate::cpu::with_f32(&self.w, "lora linear", |w| {
-                    mm_par((n, inp, out), &mut dx, &gv, w, false);
-                    Ok(())
-                })?;
-                let keep = self.keep();
-                let flags = saved.flags.as_deref();
-                dx.par_chunks_mut(inp * ROWS)
-                    .zip(gh.par_chunks(r * ROWS))
-                    .enumerate()
-                    .for_each(|(c, (db, hb))| {
-                        let rows = hb.len() / r;
-                        let mut t = vec![0f32; rows * inp];
-                        mm((rows, inp, r), &mut t, hb, false, av, false, false, 1.0);
-                        match flags {
-                            Some(f) => {
-                                let f = &f[c * inp * ROWS..][..rows * inp];
-                                for ((d, &v), &k) in db.iter_mut().zip(&t).zip(f) {
-                                    *d += v * (k as f32 * keep);
-                                }
-                            }
-                            None => db.iter_mut().zip(&t).for_each(|(d, v)| *d += v),
-                        }
-                    });
-                Tensor::from_vec(dx, (n, inp), dev)
+        let dx = dx
+            .map(|mut dx| {
+                add_dropout_project_grad(&mut dx, &gh, av, saved.mask.as_ref(), (r, d.inp));
+                Tensor::from_vec(dx, (d.n, d.inp), dev)
             })
+            .transpose()?;
+        let db = db
+            .map(|db| Tensor::from_vec(db, (d.out, r), dev))
             .transpose()?;
         Ok((dx, da, db))
     }
@@ -744,8 +803,8 @@ impl CustomOp3 for LoraLinear {
 
 /// `x · wᵀ + scale · dropout(x) · aᵀ · bᵀ` for `x [n, in]`, a frozen `w [out, in]` and the
 /// adapter `a [r, in]`, `b [out, r]`, as one op: the dropout mask is the one
-/// [`crate::frozen::dropout_stream`] draws for `p`, `seed`, `stream` (the same numbers as the
-/// composed layer), kept as one bit per value; no gradient is computed for `w`.
+/// [`crate::frozen::dropout_mask`] draws for `p`, `seed`, `stream` (the same numbers as the
+/// composed layer), kept as one byte per value; no gradient is computed for `w`.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_linear(
     x: &Tensor,
@@ -793,27 +852,15 @@ impl CustomOp3 for FrozenPlusLowRank {
         let x = crate::cpu::f32_slice(s1, l1, "frozen + low rank")?;
         let h = crate::cpu::f32_slice(s2, l2, "frozen + low rank")?;
         let b = crate::cpu::f32_slice(s3, l3, "frozen + low rank")?;
-        let (n, inp) = l1.shape().dims2()?;
-        let (hn, r) = l2.shape().dims2()?;
-        let (out, br) = l3.shape().dims2()?;
-        if self.w.dims2()? != (out, inp) || hn != n || br != r {
-            candle_core::bail!(
-                "frozen + low rank: input [{n}, {inp}], weight {:?}, h [{hn}, {r}], B [{out}, {br}]",
-                self.w.shape()
-            );
-        }
-        let mut y = vec![0f32; n * out];
-        crate::cpu::with_f32(&self.w, "frozen + low rank", |w| {
-            mm_par((n, out, inp), &mut y, x, w, true);
-            Ok(())
-        })?;
-        y.par_chunks_mut(out * ROWS)
-            .zip(h.par_chunks(r * ROWS))
-            .for_each(|(yb, hb)| {
-                let rows = hb.len() / r;
-                mm((rows, out, r), yb, hb, false, b, true, true, self.scale);
-            });
-        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+        let d = low_rank_dims(
+            l1.shape(),
+            &self.w,
+            l2.shape().dims2()?,
+            l3.shape(),
+            "frozen + low rank",
+        )?;
+        let y = frozen_low_rank_fwd(&self.w, x, h, b, d, self.scale)?;
+        Ok((CpuStorage::F32(y), Shape::from((d.n, d.out))))
     }
 
     fn bwd(
@@ -824,46 +871,35 @@ impl CustomOp3 for FrozenPlusLowRank {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, inp) = x.dims2()?;
-        let r = h.dim(1)?;
-        let out = b.dim(0)?;
+        let d = low_rank_dims(
+            x.shape(),
+            &self.w,
+            h.dims2()?,
+            b.shape(),
+            "frozen + low rank",
+        )?;
         view!(h, hv, "frozen + low rank");
         view!(b, bv, "frozen + low rank");
         view!(grad, gv, "frozen + low rank");
         let dev = x.device();
-        let dh = h
-            .track_op()
-            .then(|| {
-                let mut dh = vec![0f32; n * r];
-                dh.par_chunks_mut(r * ROWS)
-                    .zip(gv.par_chunks(out * ROWS))
-                    .for_each(|(hb, gb)| {
-                        let rows = gb.len() / out;
-                        mm((rows, r, out), hb, gb, false, bv, false, false, self.scale);
-                    });
-                Tensor::from_vec(dh, (n, r), dev)
-            })
-            .transpose()?;
-        let db = b
-            .track_op()
-            .then(|| {
-                let mut db = vec![0f32; out * r];
-                mm((out, r, n), &mut db, gv, true, hv, false, false, self.scale);
-                Tensor::from_vec(db, (out, r), dev)
-            })
-            .transpose()?;
-        let dx = x
-            .track_op()
-            .then(|| -> Result<Tensor> {
-                let mut dx = vec![0f32; n * inp];
-                crate::cpu::with_f32(&self.w, "frozen + low rank", |w| {
-                    mm_par((n, inp, out), &mut dx, gv, w, false);
-                    Ok(())
-                })?;
-                Tensor::from_vec(dx, (n, inp), dev)
-            })
-            .transpose()?;
-        Ok((dx, dh, db))
+        let (dx, dh, db) = frozen_low_rank_bwd(
+            &self.w,
+            gv,
+            hv,
+            bv,
+            d,
+            self.scale,
+            (x.track_op(), b.track_op()),
+        )?;
+        Ok((
+            dx.map(|v| Tensor::from_vec(v, (d.n, d.inp), dev))
+                .transpose()?,
+            h.track_op()
+                .then(|| Tensor::from_vec(dh, (d.n, d.r), dev))
+                .transpose()?,
+            db.map(|v| Tensor::from_vec(v, (d.out, d.r), dev))
+                .transpose()?,
+        ))
     }
 }
 
@@ -1209,7 +1245,7 @@ mod tests {
     }
 
     #[test]
-    fn dropout_project_equals_dropout_then_matmul_and_redraws_its_mask() -> Result<()> {
+    fn dropout_project_equals_dropout_then_matmul() -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (150, 40), &dev)?)?;
         let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 40), &dev)?)?;
