@@ -356,7 +356,7 @@ impl Decoder {
         let act = if self.differentiable {
             rudder_nn::fused::silu_mul(g, u)?
         } else {
-            (candle_nn::ops::silu(g)? * u)?
+            crate::rowwise::silu_mul(g, u)?
         };
         layer.down.forward(&act)
     }

@@ -789,11 +789,12 @@ fn same_prompt_state(a: &Row, b: &Row) -> bool {
 }
 
 /// Rows with the same prompt read it once (rollouts of one question, the `n` choices of one
-/// request). A row that has not started its prompt takes a copy of the keys and values of all
-/// but the last prompt token from a row that has read the whole prompt, then reads the last
-/// token itself (for its own first logits); while that row is still reading, it waits. Every
-/// position's keys and values are computed per token, so the copy equals what the row would
-/// have computed. Returns, per row, whether it waits this step.
+/// request). A row that has not started its prompt takes the keys and values of all but the
+/// last prompt token from a row that has read the whole prompt — shared, not copied: one copy
+/// in memory that every such row's attention reads ([`RowCache::prefix`]) — then reads the
+/// last token itself (for its own first logits); while that row is still reading, it waits.
+/// Every position's keys and values are computed per token, so the shared prefix equals what
+/// the row would have computed. Returns, per row, whether it waits this step.
 fn share_prompts(rows: &mut [Row], stats: &Stats) -> Vec<bool> {
     let mut wait = vec![false; rows.len()];
     for i in 0..rows.len() {

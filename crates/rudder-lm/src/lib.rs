@@ -29,6 +29,7 @@ pub mod lora;
 pub mod quant;
 pub mod qwen2;
 pub mod ragged;
+pub mod rowwise;
 pub mod score;
 pub mod team;
 pub mod tokenizer;

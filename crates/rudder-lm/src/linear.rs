@@ -192,12 +192,13 @@ pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
 }
 
 /// Root-mean-square norm with a learned scale. `differentiable` selects the op with a backward
-/// (`rudder_nn::fused::rms_norm`; candle's fused `rms_norm` has none).
+/// (`rudder_nn::fused::rms_norm`; candle's fused `rms_norm` has none); inference runs
+/// [`crate::rowwise::rms_norm`] on the decoding team.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
     if differentiable {
         Ok(rudder_nn::fused::rms_norm(x, w, eps)?)
     } else {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+        crate::rowwise::rms_norm(x, w, eps)
     }
 }
 

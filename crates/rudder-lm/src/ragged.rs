@@ -7,6 +7,8 @@
 //! Hooks are called per row with a `[1, t, d]` view and that row's own [`HookCtx`], so each
 //! request can carry its own interventions and captures. Inference only (no autograd).
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 
 use crate::config::DecoderConfig;
@@ -15,10 +17,24 @@ use crate::hooks::{Hook, HookCtx, Phase, Site};
 use crate::linear::forward_many;
 use crate::{LmError, Result};
 
-/// One sequence's keys and values, per layer, position-major `[len, kv_heads, head_dim]`.
-pub struct RowCache {
+/// Keys and values of the first `len` positions of a prompt, per layer, read by every row
+/// that shares them (the rollouts of one question): one copy in memory, so a batch of rollouts
+/// streams the prompt's keys and values once per layer instead of once per row.
+pub struct SharedKv {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+/// One sequence's keys and values, per layer, position-major `[len, kv_heads, head_dim]`:
+/// positions `[0, s)` in an optional [`SharedKv`] prefix, the rest `[s, len)` in the row's own
+/// buffers.
+pub struct RowCache {
+    shared: Option<Arc<SharedKv>>,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Floats per position and layer (`kv_heads * head_dim`).
+    width: usize,
     /// Positions processed so far.
     pub len: usize,
     /// Positions `[0, prompt_len)` are prompt (what `Positions::Prompt/LastPrompt` select).
@@ -27,44 +43,127 @@ pub struct RowCache {
 
 impl RowCache {
     pub fn new(cfg: &DecoderConfig, prompt_len: usize) -> Self {
-        let per = prompt_len * cfg.num_kv_heads * cfg.head_dim;
+        let width = cfg.num_kv_heads * cfg.head_dim;
+        Self::with_room(cfg.num_layers, width, prompt_len, prompt_len, None)
+    }
+
+    fn with_room(
+        layers: usize,
+        width: usize,
+        room: usize,
+        prompt_len: usize,
+        shared: Option<Arc<SharedKv>>,
+    ) -> Self {
+        let per = room * width;
         RowCache {
-            k: (0..cfg.num_layers)
-                .map(|_| Vec::with_capacity(per))
-                .collect(),
-            v: (0..cfg.num_layers)
-                .map(|_| Vec::with_capacity(per))
-                .collect(),
-            len: 0,
+            k: (0..layers).map(|_| Vec::with_capacity(per)).collect(),
+            v: (0..layers).map(|_| Vec::with_capacity(per)).collect(),
+            width,
+            len: shared.as_ref().map_or(0, |s| s.len),
+            shared,
             prompt_len,
         }
     }
 
-    /// A copy of the first `n` positions (at most `len`), with room for the whole prompt: the
-    /// start of a row with the same prompt.
-    pub fn prefix(&self, n: usize) -> Self {
-        let n = n.min(self.len);
-        let width = self.k.first().map_or(0, |k| k.len() / self.len.max(1));
-        let take = |b: &Vec<Vec<f32>>| {
-            b.iter()
-                .map(|x| {
-                    let mut v = Vec::with_capacity(self.prompt_len.max(n) * width);
-                    v.extend_from_slice(&x[..n * width]);
-                    v
-                })
-                .collect()
-        };
-        RowCache {
-            k: take(&self.k),
-            v: take(&self.v),
-            len: n,
-            prompt_len: self.prompt_len,
-        }
+    /// Positions held in the shared prefix.
+    fn shared_len(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s.len)
     }
 
-    /// Bytes held by the keys and values.
+    /// The start of a row with the same prompt: the first `n` positions (at most `len`). They
+    /// are shared, not copied: the first call moves this row's first `n` positions into a
+    /// [`SharedKv`] that this row and every later copy read (one copy of the prompt's keys and
+    /// values in memory however many rollouts read it). A row whose shared prefix has another
+    /// length gives a private copy instead.
+    pub fn prefix(&mut self, n: usize) -> Self {
+        let n = n.min(self.len);
+        let (layers, w) = (self.k.len(), self.width);
+        let room = self.prompt_len.saturating_sub(n) + 1;
+        let s = self.shared_len();
+        if n > 0 && s == n {
+            return Self::with_room(layers, w, room, self.prompt_len, self.shared.clone());
+        }
+        if n > 0 && s == 0 {
+            let cut = |b: &mut Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+                b.iter_mut().map(|x| x.drain(..n * w).collect()).collect()
+            };
+            let shared = Arc::new(SharedKv {
+                k: cut(&mut self.k),
+                v: cut(&mut self.v),
+                len: n,
+            });
+            self.shared = Some(shared.clone());
+            return Self::with_room(layers, w, room, self.prompt_len, Some(shared));
+        }
+        // a private copy of positions [0, n) read through both pieces
+        let mut c = Self::with_room(layers, w, self.prompt_len.max(n), self.prompt_len, None);
+        for l in 0..layers {
+            for (dst, own, sh) in [
+                (
+                    &mut c.k[l],
+                    &self.k[l],
+                    self.shared.as_ref().map(|x| &x.k[l]),
+                ),
+                (
+                    &mut c.v[l],
+                    &self.v[l],
+                    self.shared.as_ref().map(|x| &x.v[l]),
+                ),
+            ] {
+                let from_shared = n.min(s);
+                if let Some(sh) = sh {
+                    dst.extend_from_slice(&sh[..from_shared * w]);
+                }
+                dst.extend_from_slice(&own[..(n - from_shared) * w]);
+            }
+        }
+        c.len = n;
+        c
+    }
+
+    /// Bytes held by the keys and values: the row's own, plus its share of a shared prefix
+    /// (the prefix's bytes divided among the rows that read it).
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum()
+        let own: usize = self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum();
+        own + self.shared.as_ref().map_or(0, |s| {
+            let b: usize = s.k.iter().chain(&s.v).map(|b| b.capacity() * 4).sum();
+            b / Arc::strong_count(s)
+        })
+    }
+
+    /// Layer `l`'s keys and values as (shared prefix, own positions).
+    fn layer(&self, l: usize) -> Kv<'_> {
+        let (sk, sv): (&[f32], &[f32]) = match &self.shared {
+            Some(s) => (&s.k[l], &s.v[l]),
+            None => (&[], &[]),
+        };
+        Kv {
+            parts: [(sk, sv), (&self.k[l], &self.v[l])],
+        }
+    }
+}
+
+/// One row's keys and values at one layer, in two contiguous pieces (a shared prefix, then the
+/// row's own positions), each position-major `[positions, kv_heads, head_dim]`.
+#[derive(Clone, Copy)]
+struct Kv<'a> {
+    parts: [(&'a [f32], &'a [f32]); 2],
+}
+
+impl Kv<'_> {
+    /// The pieces covering positions `[0, upto)`: (keys, values, first position, positions).
+    fn pieces(
+        &self,
+        kvd: usize,
+        upto: usize,
+    ) -> impl Iterator<Item = (&[f32], &[f32], usize, usize)> {
+        let mut start = 0;
+        self.parts.into_iter().filter_map(move |(k, v)| {
+            let n = (k.len() / kvd).min(upto.saturating_sub(start));
+            let p0 = start;
+            start += k.len() / kvd;
+            (n > 0).then_some((k, v, p0, n))
+        })
     }
 }
 
@@ -100,6 +199,13 @@ impl Decoder {
                     "row {i}: cache built for {} layers, the model has {}",
                     r.cache.k.len(),
                     c.num_layers
+                )));
+            }
+            if r.cache.width != c.num_kv_heads * c.head_dim {
+                return Err(LmError::Config(format!(
+                    "row {i}: cache built for {} floats per position, the model has {}",
+                    r.cache.width,
+                    c.num_kv_heads * c.head_dim
                 )));
             }
             let total = r.cache.len + r.tokens.len();
@@ -145,7 +251,7 @@ impl Decoder {
             let gu = forward_many(&[&layer.gate, &layer.up], &xn)?;
             let mut m = layer
                 .down
-                .forward(&(candle_nn::ops::silu(&gu[0])? * &gu[1])?)?;
+                .forward(&crate::rowwise::silu_mul(&gu[0], &gu[1])?)?;
             hook_rows(Site::MlpOut(l), rows, &offs, &mut m)?;
             h = (h + m)?;
             hook_rows(Site::ResidPost(l), rows, &offs, &mut h)?;
@@ -217,10 +323,20 @@ impl Decoder {
         let row_of: Vec<usize> = (0..rows.len())
             .flat_map(|r| std::iter::repeat_n(r, offs[r + 1] - offs[r]))
             .collect();
-        let caches: Vec<(&[f32], &[f32])> = rows
-            .iter()
-            .map(|r| (r.cache.k[l].as_slice(), r.cache.v[l].as_slice()))
-            .collect();
+        let caches: Vec<Kv> = rows.iter().map(|r| r.cache.layer(l)).collect();
+        // rows reading one shared prompt prefix go one after the other, so its keys and values
+        // are read from memory once and from cache by the others
+        let mut order: Vec<usize> = (0..n).collect();
+        if rows.iter().any(|r| r.cache.shared.is_some()) {
+            let key = |r: usize| {
+                rows[r]
+                    .cache
+                    .shared
+                    .as_ref()
+                    .map_or(0, |s| Arc::as_ptr(s) as usize)
+            };
+            order.sort_by_key(|&t| (key(row_of[t]), t));
+        }
         let shape = AttnShape {
             heads: h,
             kv_heads: kvh,
@@ -231,13 +347,13 @@ impl Decoder {
         let yp = crate::team::SendPtr(y.as_mut_ptr());
         // Tokens are shared out by the decoding team (rayon's workers would fall asleep between
         // the layers' short attention calls, see `crate::team`).
-        crate::team::Team::global().run(n, &|t| {
-            let (kc, vc) = caches[row_of[t]];
+        crate::team::Team::global().run(n, &|i| {
+            let t = order[i];
             let qrow = &q[t * qd..(t + 1) * qd];
-            // SAFETY: task t alone writes row t of y.
+            // SAFETY: task i alone writes row t of y (`order` is a permutation).
             let yrow = unsafe { std::slice::from_raw_parts_mut(yp.at(t * qd), qd) };
             // causal: positions 0..=pos
-            attend(&shape, qrow, kc, vc, pos[t] + 1, yrow);
+            attend(&shape, qrow, caches[row_of[t]], pos[t] + 1, yrow);
         });
         layer
             .o
@@ -256,93 +372,98 @@ struct AttnShape {
 /// query heads sharing a key/value head are scored together (each key and value is read once
 /// per group), softmax with a polynomial exp, in loops the compiler vectorises — with AVX2/FMA
 /// when the CPU has them.
-fn attend(sh: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], upto: usize, out: &mut [f32]) {
+fn attend(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::quant::simd_available() {
             // SAFETY: AVX2 and FMA were detected at run time.
-            return unsafe { attend_avx2(sh, q, kc, vc, upto, out) };
+            return unsafe { attend_avx2(sh, q, kv, upto, out) };
         }
     }
-    attend_impl(sh, q, kc, vc, upto, out)
+    attend_impl(sh, q, kv, upto, out)
 }
 
 /// [`attend_impl`] with AVX2 intrinsics (head widths that are a multiple of 8): scores for
 /// eight positions at a time reduced with one horizontal-add tree, a vector exponential, and
-/// the weighted sum of values kept in registers across positions.
+/// the weighted sum of values kept in registers across positions (and across the cache's two
+/// pieces).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(
-    sh: &AttnShape,
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    upto: usize,
-    out: &mut [f32],
-) {
+unsafe fn attend_avx2(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (hd, kvd) = (sh.head_dim, sh.kv_heads * sh.head_dim);
     if hd % 8 != 0 {
-        return attend_impl(sh, q, kc, vc, upto, out);
+        return attend_impl(sh, q, kv, upto, out);
     }
     assert!(q.len() >= sh.heads * hd && out.len() >= sh.heads * hd);
-    assert!(kc.len() >= upto * kvd && vc.len() >= upto * kvd);
+    let pieces: Vec<_> = kv.pieces(kvd, upto).collect();
+    assert_eq!(pieces.iter().map(|p| p.3).sum::<usize>(), upto);
+    for &(kc, vc, _, n) in &pieces {
+        assert!(kc.len() >= n * kvd && vc.len() >= n * kvd);
+    }
     let (rep, nv) = (sh.heads / sh.kv_heads, hd / 8);
     let mut s = vec![0f32; rep * upto];
-    // SAFETY: every pointer below stays inside the slices checked above (positions < upto,
-    // heads < heads, lanes < head_dim).
+    // SAFETY: every pointer below stays inside the slices checked above (positions < the
+    // piece's length, heads < heads, lanes < head_dim).
     unsafe {
         let scale = _mm256_set1_ps(sh.scale);
         for g in 0..sh.kv_heads {
-            let kg = kc.as_ptr().add(g * hd);
-            let vg = vc.as_ptr().add(g * hd);
             for j in 0..rep {
                 let qh = q.as_ptr().add((g * rep + j) * hd);
-                let srow = s.as_mut_ptr().add(j * upto);
-                let mut p = 0;
-                while p + 8 <= upto {
-                    let mut acc = [_mm256_setzero_ps(); 8];
-                    for c in 0..nv {
-                        let qv = _mm256_loadu_ps(qh.add(c * 8));
-                        for (i, a) in acc.iter_mut().enumerate() {
-                            let kv = _mm256_loadu_ps(kg.add((p + i) * kvd + c * 8));
-                            *a = _mm256_fmadd_ps(qv, kv, *a);
+                for &(kc, _, p0, n) in &pieces {
+                    let kg = kc.as_ptr().add(g * hd);
+                    let srow = s.as_mut_ptr().add(j * upto + p0);
+                    let mut p = 0;
+                    while p + 8 <= n {
+                        let mut acc = [_mm256_setzero_ps(); 8];
+                        for c in 0..nv {
+                            let qv = _mm256_loadu_ps(qh.add(c * 8));
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                let kv = _mm256_loadu_ps(kg.add((p + i) * kvd + c * 8));
+                                *a = _mm256_fmadd_ps(qv, kv, *a);
+                            }
                         }
+                        _mm256_storeu_ps(srow.add(p), _mm256_mul_ps(hsum8(acc), scale));
+                        p += 8;
                     }
-                    _mm256_storeu_ps(srow.add(p), _mm256_mul_ps(hsum8(acc), scale));
-                    p += 8;
-                }
-                for p in p..upto {
-                    let mut a = _mm256_setzero_ps();
-                    for c in 0..nv {
-                        let kv = _mm256_loadu_ps(kg.add(p * kvd + c * 8));
-                        a = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c * 8)), kv, a);
+                    for p in p..n {
+                        let mut a = _mm256_setzero_ps();
+                        for c in 0..nv {
+                            let kv = _mm256_loadu_ps(kg.add(p * kvd + c * 8));
+                            a = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c * 8)), kv, a);
+                        }
+                        *srow.add(p) = hsum(a) * sh.scale;
                     }
-                    *srow.add(p) = hsum(a) * sh.scale;
                 }
-                softmax_avx2(std::slice::from_raw_parts_mut(srow, upto));
+                softmax_avx2(std::slice::from_raw_parts_mut(
+                    s.as_mut_ptr().add(j * upto),
+                    upto,
+                ));
             }
             for j in 0..rep {
-                let srow = s.as_ptr().add(j * upto);
                 let oh = out.as_mut_ptr().add((g * rep + j) * hd);
                 let mut c0 = 0;
                 while c0 < nv {
                     let cn = (nv - c0).min(8);
                     let mut acc = [_mm256_setzero_ps(); 8];
-                    if cn == 8 {
-                        for p in 0..upto {
-                            let w = _mm256_set1_ps(*srow.add(p));
-                            let vp = vg.add(p * kvd + c0 * 8);
-                            for (c, a) in acc.iter_mut().enumerate() {
-                                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+                    for &(_, vc, p0, n) in &pieces {
+                        let srow = s.as_ptr().add(j * upto + p0);
+                        let vg = vc.as_ptr().add(g * hd + c0 * 8);
+                        if cn == 8 {
+                            for p in 0..n {
+                                let w = _mm256_set1_ps(*srow.add(p));
+                                let vp = vg.add(p * kvd);
+                                for (c, a) in acc.iter_mut().enumerate() {
+                                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+                                }
                             }
-                        }
-                    } else {
-                        for p in 0..upto {
-                            let w = _mm256_set1_ps(*srow.add(p));
-                            let vp = vg.add(p * kvd + c0 * 8);
-                            for (c, a) in acc[..cn].iter_mut().enumerate() {
-                                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+                        } else {
+                            for p in 0..n {
+                                let w = _mm256_set1_ps(*srow.add(p));
+                                let vp = vg.add(p * kvd);
+                                for (c, a) in acc[..cn].iter_mut().enumerate() {
+                                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+                                }
                             }
                         }
                     }
@@ -444,16 +565,18 @@ fn exp_neg8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 }
 
 #[inline(always)]
-fn attend_impl(sh: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], upto: usize, out: &mut [f32]) {
+fn attend_impl(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) {
     let (hd, kvd) = (sh.head_dim, sh.kv_heads * sh.head_dim);
     let rep = sh.heads / sh.kv_heads;
     let mut s = vec![0f32; rep * upto];
     for g in 0..sh.kv_heads {
-        for p in 0..upto {
-            let k = &kc[p * kvd + g * hd..p * kvd + (g + 1) * hd];
-            for j in 0..rep {
-                let h = g * rep + j;
-                s[j * upto + p] = dot(&q[h * hd..(h + 1) * hd], k) * sh.scale;
+        for (kc, _, p0, n) in kv.pieces(kvd, upto) {
+            for p in 0..n {
+                let k = &kc[p * kvd + g * hd..p * kvd + (g + 1) * hd];
+                for j in 0..rep {
+                    let h = g * rep + j;
+                    s[j * upto + p0 + p] = dot(&q[h * hd..(h + 1) * hd], k) * sh.scale;
+                }
             }
         }
         for j in 0..rep {
@@ -467,13 +590,15 @@ fn attend_impl(sh: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], upto: usize, o
             let inv = 1.0 / z;
             row.iter_mut().for_each(|v| *v *= inv);
         }
-        for p in 0..upto {
-            let v = &vc[p * kvd + g * hd..p * kvd + (g + 1) * hd];
-            for j in 0..rep {
-                let h = g * rep + j;
-                let w = s[j * upto + p];
-                for (o, &x) in out[h * hd..(h + 1) * hd].iter_mut().zip(v) {
-                    *o += w * x;
+        for (_, vc, p0, n) in kv.pieces(kvd, upto) {
+            for p in 0..n {
+                let v = &vc[p * kvd + g * hd..p * kvd + (g + 1) * hd];
+                for j in 0..rep {
+                    let h = g * rep + j;
+                    let w = s[j * upto + p0 + p];
+                    for (o, &x) in out[h * hd..(h + 1) * hd].iter_mut().zip(v) {
+                        *o += w * x;
+                    }
                 }
             }
         }
@@ -573,6 +698,57 @@ mod tests {
             .collect()
     }
 
+    /// Positions `[0, upto)` of layer `l` as read through the cache's two pieces.
+    fn read(c: &RowCache, l: usize, upto: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for (kc, vc, _, n) in c.layer(l).pieces(c.width, upto) {
+            k.extend_from_slice(&kc[..n * c.width]);
+            v.extend_from_slice(&vc[..n * c.width]);
+        }
+        (k, v)
+    }
+
+    #[test]
+    fn prompt_prefixes_are_shared_once_and_copied_when_lengths_differ() {
+        let (w, len) = (6, 5);
+        let k: Vec<Vec<f32>> = (0..2).map(|l| values(len * w, 10 + l)).collect();
+        let v: Vec<Vec<f32>> = (0..2).map(|l| values(len * w, 20 + l)).collect();
+        let mut donor = RowCache {
+            shared: None,
+            k: k.clone(),
+            v: v.clone(),
+            width: w,
+            len,
+            prompt_len: 4,
+        };
+        let a = donor.prefix(3);
+        let b = donor.prefix(3);
+        // one shared copy of positions 0..3, read by the donor and both new rows
+        let s = donor.shared.as_ref().expect("the donor's prefix is shared");
+        assert!(Arc::ptr_eq(s, a.shared.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(s, b.shared.as_ref().unwrap()));
+        assert_eq!((a.len, b.len, donor.len), (3, 3, 5));
+        assert_eq!(
+            donor.k[1].len(),
+            2 * w,
+            "the donor keeps positions 3..5 as its own"
+        );
+        // another length: a private copy, through both of the donor's pieces
+        let c = donor.prefix(4);
+        assert!(c.shared.is_none());
+        assert_eq!(c.len, 4);
+        for l in 0..2 {
+            assert_eq!(read(&donor, l, 5), (k[l].clone(), v[l].clone()));
+            assert_eq!(read(&donor, l, 4), read(&c, l, 4));
+            let want = (k[l][..3 * w].to_vec(), v[l][..3 * w].to_vec());
+            assert_eq!(read(&a, l, 3), want);
+            assert_eq!(c.k[l], k[l][..4 * w]);
+        }
+        // the shared bytes are divided among the rows that read them
+        let own: usize = a.k.iter().chain(&a.v).map(|b| b.capacity() * 4).sum();
+        assert_eq!(a.bytes() - own, (3 * w * 2 * 2 * 4) / 3);
+    }
+
     #[test]
     fn vector_attention_equals_the_portable_loop() {
         // Head widths 64 and 128 (whole 8-lane chunks), 80 (a partial chunk of values), 12
@@ -588,15 +764,42 @@ mod tests {
                 let q = values(heads * hd, 1);
                 let kc = values(upto * kv_heads * hd, 2);
                 let vc = values(upto * kv_heads * hd, 3);
+                let kvd = kv_heads * hd;
+                let whole = Kv {
+                    parts: [(&[], &[]), (&kc, &vc)],
+                };
                 let mut want = vec![0f32; heads * hd];
-                attend_impl(&sh, &q, &kc, &vc, upto, &mut want);
-                let mut got = vec![0f32; heads * hd];
-                attend(&sh, &q, &kc, &vc, upto, &mut got);
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                        "hd {hd} upto {upto} [{i}]: {a} vs {b}"
-                    );
+                attend_impl(&sh, &q, whole, upto, &mut want);
+                // the same cache in two pieces (a shared prefix of `cut` positions, the rest
+                // the row's own), and a longer cache read only up to `upto`
+                let longer = [kc.clone(), values(5 * kvd, 4)].concat();
+                let vlonger = [vc.clone(), values(5 * kvd, 5)].concat();
+                for cut in [0, 1, upto / 2, upto.saturating_sub(1), upto] {
+                    let (k0, k1) = kc.split_at(cut * kvd);
+                    let (v0, v1) = vc.split_at(cut * kvd);
+                    let split = Kv {
+                        parts: [(k0, v0), (k1, v1)],
+                    };
+                    let (k1, v1) = (&longer[cut * kvd..], &vlonger[cut * kvd..]);
+                    let past = Kv {
+                        parts: [(k0, v0), (k1, v1)],
+                    };
+                    for kv in [whole, split, past] {
+                        let mut got = vec![0f32; heads * hd];
+                        attend(&sh, &q, kv, upto, &mut got);
+                        let mut port = vec![0f32; heads * hd];
+                        attend_impl(&sh, &q, kv, upto, &mut port);
+                        for (i, ((a, p), b)) in got.iter().zip(&port).zip(&want).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                                "hd {hd} upto {upto} cut {cut} [{i}]: {a} vs {b}"
+                            );
+                            assert!(
+                                (p - b).abs() <= 1e-5 * b.abs().max(1.0),
+                                "portable, hd {hd} upto {upto} cut {cut} [{i}]: {p} vs {b}"
+                            );
+                        }
+                    }
                 }
             }
         }
