@@ -32,7 +32,7 @@ use crate::generate::{
 };
 use crate::hooks::{Capture, Hook, HookCtx, Interventions, Phase, Phases, Positions, Site};
 use crate::loader::LanguageModel;
-use crate::ragged::{RaggedRow, RowCache};
+use crate::ragged::{KvPrecision, RaggedRow, RowCache};
 use crate::score::SeqScore;
 use crate::{LmError, Result};
 
@@ -44,6 +44,10 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Prompt tokens read per step, over all rows still reading their prompts.
     pub prefill_chunk: usize,
+    /// Number format of the rows' cached keys and values (f32: exactly the padded decoder's
+    /// numbers; f16: half the bytes for attention to read, faster long batched decoding).
+    #[serde(default)]
+    pub kv: KvPrecision,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +56,7 @@ impl Default for EngineConfig {
             max_rows: 32,
             max_queue: 256,
             prefill_chunk: 512,
+            kv: KvPrecision::F32,
         }
     }
 }
@@ -457,7 +462,7 @@ fn ms(a: Instant, b: Instant) -> f64 {
 }
 
 impl<'m> Row<'m> {
-    fn new(lm: &'m LanguageModel, p: Pending) -> Self {
+    fn new(lm: &'m LanguageModel, p: Pending, kv: KvPrecision) -> Self {
         let Pending {
             job,
             sink,
@@ -482,7 +487,7 @@ impl<'m> Row<'m> {
                 .wrapping_add(job.stream_index),
         );
         Row {
-            cache: RowCache::new(&lm.decoder.cfg, job.prompt.len()),
+            cache: RowCache::with_precision(&lm.decoder.cfg, job.prompt.len(), kv),
             history: job.prompt.clone(),
             prompt: job.prompt,
             config: job.config,
@@ -728,7 +733,7 @@ fn run(lm: &LanguageModel, cfg: &EngineConfig, rx: mpsc::Receiver<Msg>, stats: &
             stats
                 .prompt_tokens
                 .fetch_add(p.job.prompt.len() as u64, Ordering::Relaxed);
-            rows.push(Row::new(lm, p));
+            rows.push(Row::new(lm, p, cfg.kv));
         }
         // drop what is over (cancelled, finished before starting)
         let mut i = 0;

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use half::f16;
+use serde::{Deserialize, Serialize};
 
 use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
@@ -17,12 +19,84 @@ use crate::hooks::{Hook, HookCtx, Phase, Site};
 use crate::linear::forward_many;
 use crate::{LmError, Result};
 
+/// The number format of the cached keys and values. `F32` (the default) computes exactly what
+/// the padded decoder does; `F16` halves the bytes that attention reads at every decode step
+/// (what llama.cpp caches by default): attention of long batched rollouts is bound by reading
+/// the cache, so it runs faster, and the outputs differ from f32's by the rounding of the keys
+/// and values to half precision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvPrecision {
+    #[default]
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for KvPrecision {
+    type Err = LmError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvPrecision::F32),
+            "f16" => Ok(KvPrecision::F16),
+            _ => Err(LmError::Config(format!(
+                "KV cache precision `{s}`: expected f32 or f16"
+            ))),
+        }
+    }
+}
+
+/// One layer's keys (or values) in the cache's number format.
+enum Buf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Buf {
+    fn new(p: KvPrecision, cap: usize) -> Self {
+        match p {
+            KvPrecision::F32 => Buf::F32(Vec::with_capacity(cap)),
+            KvPrecision::F16 => Buf::F16(Vec::with_capacity(cap)),
+        }
+    }
+
+    fn push(&mut self, x: &[f32]) {
+        match self {
+            Buf::F32(b) => b.extend_from_slice(x),
+            Buf::F16(b) => b.extend(x.iter().map(|&v| f16::from_f32(v))),
+        }
+    }
+
+    /// Move the first `n` values out into a buffer of their own.
+    fn split_front(&mut self, n: usize) -> Buf {
+        match self {
+            Buf::F32(b) => Buf::F32(b.drain(..n).collect()),
+            Buf::F16(b) => Buf::F16(b.drain(..n).collect()),
+        }
+    }
+
+    /// Append the first `n` values of `other` (same format).
+    fn extend_from(&mut self, other: &Buf, n: usize) {
+        match (self, other) {
+            (Buf::F32(a), Buf::F32(b)) => a.extend_from_slice(&b[..n]),
+            (Buf::F16(a), Buf::F16(b)) => a.extend_from_slice(&b[..n]),
+            _ => unreachable!("one cache holds one number format"),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Buf::F32(b) => b.capacity() * 4,
+            Buf::F16(b) => b.capacity() * 2,
+        }
+    }
+}
+
 /// Keys and values of the first `len` positions of a prompt, per layer, read by every row
 /// that shares them (the rollouts of one question): one copy in memory, so a batch of rollouts
 /// streams the prompt's keys and values once per layer instead of once per row.
 pub struct SharedKv {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Buf>,
+    v: Vec<Buf>,
     len: usize,
 }
 
@@ -31,10 +105,11 @@ pub struct SharedKv {
 /// buffers.
 pub struct RowCache {
     shared: Option<Arc<SharedKv>>,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    /// Floats per position and layer (`kv_heads * head_dim`).
+    k: Vec<Buf>,
+    v: Vec<Buf>,
+    /// Values per position and layer (`kv_heads * head_dim`).
     width: usize,
+    precision: KvPrecision,
     /// Positions processed so far.
     pub len: usize,
     /// Positions `[0, prompt_len)` are prompt (what `Positions::Prompt/LastPrompt` select).
@@ -42,27 +117,40 @@ pub struct RowCache {
 }
 
 impl RowCache {
+    /// An empty f32 cache.
     pub fn new(cfg: &DecoderConfig, prompt_len: usize) -> Self {
+        Self::with_precision(cfg, prompt_len, KvPrecision::F32)
+    }
+
+    /// An empty cache in the given number format.
+    pub fn with_precision(cfg: &DecoderConfig, prompt_len: usize, p: KvPrecision) -> Self {
         let width = cfg.num_kv_heads * cfg.head_dim;
-        Self::with_room(cfg.num_layers, width, prompt_len, prompt_len, None)
+        Self::with_room(cfg.num_layers, width, p, prompt_len, prompt_len, None)
     }
 
     fn with_room(
         layers: usize,
         width: usize,
+        precision: KvPrecision,
         room: usize,
         prompt_len: usize,
         shared: Option<Arc<SharedKv>>,
     ) -> Self {
         let per = room * width;
         RowCache {
-            k: (0..layers).map(|_| Vec::with_capacity(per)).collect(),
-            v: (0..layers).map(|_| Vec::with_capacity(per)).collect(),
+            k: (0..layers).map(|_| Buf::new(precision, per)).collect(),
+            v: (0..layers).map(|_| Buf::new(precision, per)).collect(),
             width,
+            precision,
             len: shared.as_ref().map_or(0, |s| s.len),
             shared,
             prompt_len,
         }
+    }
+
+    /// The cache's number format.
+    pub fn precision(&self) -> KvPrecision {
+        self.precision
     }
 
     /// Positions held in the shared prefix.
@@ -77,15 +165,15 @@ impl RowCache {
     /// length gives a private copy instead.
     pub fn prefix(&mut self, n: usize) -> Self {
         let n = n.min(self.len);
-        let (layers, w) = (self.k.len(), self.width);
+        let (layers, w, p) = (self.k.len(), self.width, self.precision);
         let room = self.prompt_len.saturating_sub(n) + 1;
         let s = self.shared_len();
         if n > 0 && s == n {
-            return Self::with_room(layers, w, room, self.prompt_len, self.shared.clone());
+            return Self::with_room(layers, w, p, room, self.prompt_len, self.shared.clone());
         }
         if n > 0 && s == 0 {
-            let cut = |b: &mut Vec<Vec<f32>>| -> Vec<Vec<f32>> {
-                b.iter_mut().map(|x| x.drain(..n * w).collect()).collect()
+            let cut = |b: &mut Vec<Buf>| -> Vec<Buf> {
+                b.iter_mut().map(|x| x.split_front(n * w)).collect()
             };
             let shared = Arc::new(SharedKv {
                 k: cut(&mut self.k),
@@ -93,70 +181,123 @@ impl RowCache {
                 len: n,
             });
             self.shared = Some(shared.clone());
-            return Self::with_room(layers, w, room, self.prompt_len, Some(shared));
+            return Self::with_room(layers, w, p, room, self.prompt_len, Some(shared));
         }
         // a private copy of positions [0, n) read through both pieces
-        let mut c = Self::with_room(layers, w, self.prompt_len.max(n), self.prompt_len, None);
+        let mut c = Self::with_room(layers, w, p, self.prompt_len.max(n), self.prompt_len, None);
+        let from_shared = n.min(s);
         for l in 0..layers {
-            for (dst, own, sh) in [
-                (
-                    &mut c.k[l],
-                    &self.k[l],
-                    self.shared.as_ref().map(|x| &x.k[l]),
-                ),
-                (
-                    &mut c.v[l],
-                    &self.v[l],
-                    self.shared.as_ref().map(|x| &x.v[l]),
-                ),
-            ] {
-                let from_shared = n.min(s);
-                if let Some(sh) = sh {
-                    dst.extend_from_slice(&sh[..from_shared * w]);
-                }
-                dst.extend_from_slice(&own[..(n - from_shared) * w]);
+            if let Some(sh) = &self.shared {
+                c.k[l].extend_from(&sh.k[l], from_shared * w);
+                c.v[l].extend_from(&sh.v[l], from_shared * w);
             }
+            c.k[l].extend_from(&self.k[l], (n - from_shared) * w);
+            c.v[l].extend_from(&self.v[l], (n - from_shared) * w);
         }
         c.len = n;
         c
     }
 
     /// Bytes held by the keys and values: the row's own, plus its share of a shared prefix
-    /// (the prefix's bytes divided among the rows that read it).
+    /// (the prefix's bytes divided among the rows that read them).
     pub fn bytes(&self) -> usize {
-        let own: usize = self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum();
+        let own: usize = self.k.iter().chain(&self.v).map(Buf::bytes).sum();
         own + self.shared.as_ref().map_or(0, |s| {
-            let b: usize = s.k.iter().chain(&s.v).map(|b| b.capacity() * 4).sum();
+            let b: usize = s.k.iter().chain(&s.v).map(Buf::bytes).sum();
             b / Arc::strong_count(s)
         })
     }
 
-    /// Layer `l`'s keys and values as (shared prefix, own positions).
-    fn layer(&self, l: usize) -> Kv<'_> {
-        let (sk, sv): (&[f32], &[f32]) = match &self.shared {
-            Some(s) => (&s.k[l], &s.v[l]),
-            None => (&[], &[]),
-        };
-        Kv {
-            parts: [(sk, sv), (&self.k[l], &self.v[l])],
+    /// Layer `l`'s keys and values as (shared prefix, own positions), in the cache's format.
+    fn layer(&self, l: usize) -> KvAny<'_> {
+        fn parts<'a, T: Elem>(c: &'a RowCache, l: usize) -> Kv<'a, T> {
+            let get = |b: &'a Buf| T::of(b).expect("one cache holds one number format");
+            let (sk, sv) = match &c.shared {
+                Some(s) => (get(&s.k[l]), get(&s.v[l])),
+                None => (&[][..], &[][..]),
+            };
+            Kv {
+                parts: [(sk, sv), (get(&c.k[l]), get(&c.v[l]))],
+            }
         }
+        match self.precision {
+            KvPrecision::F32 => KvAny::F32(parts(self, l)),
+            KvPrecision::F16 => KvAny::F16(parts(self, l)),
+        }
+    }
+}
+
+/// A number format the attention kernels read keys and values in.
+trait Elem: Copy + Sync {
+    fn of(b: &Buf) -> Option<&[Self]>;
+    fn f32(self) -> f32;
+    /// Eight consecutive values as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` points at eight readable values; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Elem for f32 {
+    fn of(b: &Buf) -> Option<&[f32]> {
+        match b {
+            Buf::F32(v) => Some(v),
+            Buf::F16(_) => None,
+        }
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Elem for f16 {
+    fn of(b: &Buf) -> Option<&[f16]> {
+        match b {
+            Buf::F16(v) => Some(v),
+            Buf::F32(_) => None,
+        }
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
 }
 
 /// One row's keys and values at one layer, in two contiguous pieces (a shared prefix, then the
 /// row's own positions), each position-major `[positions, kv_heads, head_dim]`.
-#[derive(Clone, Copy)]
-struct Kv<'a> {
-    parts: [(&'a [f32], &'a [f32]); 2],
+struct Kv<'a, T> {
+    parts: [(&'a [T], &'a [T]); 2],
 }
 
-impl Kv<'_> {
+impl<T> Clone for Kv<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Kv<'_, T> {}
+
+#[derive(Clone, Copy)]
+enum KvAny<'a> {
+    F32(Kv<'a, f32>),
+    F16(Kv<'a, f16>),
+}
+
+impl<T> Kv<'_, T> {
     /// The pieces covering positions `[0, upto)`: (keys, values, first position, positions).
-    fn pieces(
-        &self,
-        kvd: usize,
-        upto: usize,
-    ) -> impl Iterator<Item = (&[f32], &[f32], usize, usize)> {
+    fn pieces(&self, kvd: usize, upto: usize) -> impl Iterator<Item = (&[T], &[T], usize, usize)> {
         let mut start = 0;
         self.parts.into_iter().filter_map(move |(k, v)| {
             let n = (k.len() / kvd).min(upto.saturating_sub(start));
@@ -317,13 +458,13 @@ impl Decoder {
         // append the new keys/values, then read each row's cache immutably
         for (r, row) in rows.iter_mut().enumerate() {
             let (a, b) = (offs[r] * kvd, offs[r + 1] * kvd);
-            row.cache.k[l].extend_from_slice(&k[a..b]);
-            row.cache.v[l].extend_from_slice(&v[a..b]);
+            row.cache.k[l].push(&k[a..b]);
+            row.cache.v[l].push(&v[a..b]);
         }
         let row_of: Vec<usize> = (0..rows.len())
             .flat_map(|r| std::iter::repeat_n(r, offs[r + 1] - offs[r]))
             .collect();
-        let caches: Vec<Kv> = rows.iter().map(|r| r.cache.layer(l)).collect();
+        let caches: Vec<KvAny> = rows.iter().map(|r| r.cache.layer(l)).collect();
         // rows reading one shared prompt prefix go one after the other, so its keys and values
         // are read from memory once and from cache by the others
         let mut order: Vec<usize> = (0..n).collect();
@@ -372,11 +513,18 @@ struct AttnShape {
 /// query heads sharing a key/value head are scored together (each key and value is read once
 /// per group), softmax with a polynomial exp, in loops the compiler vectorises — with AVX2/FMA
 /// when the CPU has them.
-fn attend(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) {
+fn attend(sh: &AttnShape, q: &[f32], kv: KvAny, upto: usize, out: &mut [f32]) {
+    match kv {
+        KvAny::F32(kv) => attend_in(sh, q, kv, upto, out),
+        KvAny::F16(kv) => attend_in(sh, q, kv, upto, out),
+    }
+}
+
+fn attend_in<T: Elem>(sh: &AttnShape, q: &[f32], kv: Kv<T>, upto: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::quant::simd_available() {
-            // SAFETY: AVX2 and FMA were detected at run time.
+            // SAFETY: AVX2, FMA and F16C were detected at run time.
             return unsafe { attend_avx2(sh, q, kv, upto, out) };
         }
     }
@@ -388,8 +536,8 @@ fn attend(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) {
 /// the weighted sum of values kept in registers across positions (and across the cache's two
 /// pieces).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<T: Elem>(sh: &AttnShape, q: &[f32], kv: Kv<T>, upto: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (hd, kvd) = (sh.head_dim, sh.kv_heads * sh.head_dim);
     if hd % 8 != 0 {
@@ -419,7 +567,7 @@ unsafe fn attend_avx2(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut 
                         for c in 0..nv {
                             let qv = _mm256_loadu_ps(qh.add(c * 8));
                             for (i, a) in acc.iter_mut().enumerate() {
-                                let kv = _mm256_loadu_ps(kg.add((p + i) * kvd + c * 8));
+                                let kv = T::load8(kg.add((p + i) * kvd + c * 8));
                                 *a = _mm256_fmadd_ps(qv, kv, *a);
                             }
                         }
@@ -429,7 +577,7 @@ unsafe fn attend_avx2(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut 
                     for p in p..n {
                         let mut a = _mm256_setzero_ps();
                         for c in 0..nv {
-                            let kv = _mm256_loadu_ps(kg.add(p * kvd + c * 8));
+                            let kv = T::load8(kg.add(p * kvd + c * 8));
                             a = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c * 8)), kv, a);
                         }
                         *srow.add(p) = hsum(a) * sh.scale;
@@ -454,7 +602,7 @@ unsafe fn attend_avx2(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut 
                                 let w = _mm256_set1_ps(*srow.add(p));
                                 let vp = vg.add(p * kvd);
                                 for (c, a) in acc.iter_mut().enumerate() {
-                                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+                                    *a = _mm256_fmadd_ps(w, T::load8(vp.add(c * 8)), *a);
                                 }
                             }
                         } else {
@@ -462,7 +610,7 @@ unsafe fn attend_avx2(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut 
                                 let w = _mm256_set1_ps(*srow.add(p));
                                 let vp = vg.add(p * kvd);
                                 for (c, a) in acc[..cn].iter_mut().enumerate() {
-                                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+                                    *a = _mm256_fmadd_ps(w, T::load8(vp.add(c * 8)), *a);
                                 }
                             }
                         }
@@ -496,15 +644,21 @@ fn hsum8(a: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
     )
 }
 
-/// The sum of the eight lanes.
+/// The sum of the eight lanes, added in the same order as one lane of [`hsum8`]
+/// (((x0+x1)+(x2+x3)) + ((x4+x5)+(x6+x7))), so a position's score does not depend on whether
+/// it falls in a block of eight or in the tail — nor, then, on where a row's cache is split
+/// into a shared prefix and its own positions.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    let t = _mm256_hadd_ps(v, v);
+    let u = _mm256_hadd_ps(t, t);
+    _mm_cvtss_f32(_mm_add_ss(
+        _mm256_castps256_ps128(u),
+        _mm256_extractf128_ps(u, 1),
+    ))
 }
 
 /// In-place softmax with the vector form of [`crate::bert::exp_neg`].
@@ -565,7 +719,7 @@ fn exp_neg8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 }
 
 #[inline(always)]
-fn attend_impl(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) {
+fn attend_impl<T: Elem>(sh: &AttnShape, q: &[f32], kv: Kv<T>, upto: usize, out: &mut [f32]) {
     let (hd, kvd) = (sh.head_dim, sh.kv_heads * sh.head_dim);
     let rep = sh.heads / sh.kv_heads;
     let mut s = vec![0f32; rep * upto];
@@ -597,7 +751,7 @@ fn attend_impl(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) 
                     let h = g * rep + j;
                     let w = s[j * upto + p0 + p];
                     for (o, &x) in out[h * hd..(h + 1) * hd].iter_mut().zip(v) {
-                        *o += w * x;
+                        *o += w * x.f32();
                     }
                 }
             }
@@ -606,19 +760,19 @@ fn attend_impl(sh: &AttnShape, q: &[f32], kv: Kv, upto: usize, out: &mut [f32]) 
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     // eight independent accumulators so the loop vectorises
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].f32();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.f32();
     }
     s
 }
@@ -701,7 +855,10 @@ mod tests {
     /// Positions `[0, upto)` of layer `l` as read through the cache's two pieces.
     fn read(c: &RowCache, l: usize, upto: usize) -> (Vec<f32>, Vec<f32>) {
         let (mut k, mut v) = (Vec::new(), Vec::new());
-        for (kc, vc, _, n) in c.layer(l).pieces(c.width, upto) {
+        let KvAny::F32(kv) = c.layer(l) else {
+            panic!("an f32 cache")
+        };
+        for (kc, vc, _, n) in kv.pieces(c.width, upto) {
             k.extend_from_slice(&kc[..n * c.width]);
             v.extend_from_slice(&vc[..n * c.width]);
         }
@@ -715,9 +872,10 @@ mod tests {
         let v: Vec<Vec<f32>> = (0..2).map(|l| values(len * w, 20 + l)).collect();
         let mut donor = RowCache {
             shared: None,
-            k: k.clone(),
-            v: v.clone(),
+            k: k.iter().map(|x| Buf::F32(x.clone())).collect(),
+            v: v.iter().map(|x| Buf::F32(x.clone())).collect(),
             width: w,
+            precision: KvPrecision::F32,
             len,
             prompt_len: 4,
         };
@@ -729,7 +887,7 @@ mod tests {
         assert!(Arc::ptr_eq(s, b.shared.as_ref().unwrap()));
         assert_eq!((a.len, b.len, donor.len), (3, 3, 5));
         assert_eq!(
-            donor.k[1].len(),
+            f32::of(&donor.k[1]).unwrap().len(),
             2 * w,
             "the donor keeps positions 3..5 as its own"
         );
@@ -742,10 +900,10 @@ mod tests {
             assert_eq!(read(&donor, l, 4), read(&c, l, 4));
             let want = (k[l][..3 * w].to_vec(), v[l][..3 * w].to_vec());
             assert_eq!(read(&a, l, 3), want);
-            assert_eq!(c.k[l], k[l][..4 * w]);
+            assert_eq!(f32::of(&c.k[l]).unwrap(), &k[l][..4 * w]);
         }
         // the shared bytes are divided among the rows that read them
-        let own: usize = a.k.iter().chain(&a.v).map(|b| b.capacity() * 4).sum();
+        let own: usize = a.k.iter().chain(&a.v).map(Buf::bytes).sum();
         assert_eq!(a.bytes() - own, (3 * w * 2 * 2 * 4) / 3);
     }
 
@@ -784,9 +942,16 @@ mod tests {
                     let past = Kv {
                         parts: [(k0, v0), (k1, v1)],
                     };
+                    let mut first = None;
                     for kv in [whole, split, past] {
                         let mut got = vec![0f32; heads * hd];
-                        attend(&sh, &q, kv, upto, &mut got);
+                        attend_in(&sh, &q, kv, upto, &mut got);
+                        // bit for bit the same wherever the cache is split: rows with a shared
+                        // prompt prefix generate exactly what they would with their own copy
+                        match &first {
+                            None => first = Some(got.clone()),
+                            Some(f) => assert_eq!(f, &got, "hd {hd} upto {upto} cut {cut}"),
+                        }
                         let mut port = vec![0f32; heads * hd];
                         attend_impl(&sh, &q, kv, upto, &mut port);
                         for (i, ((a, p), b)) in got.iter().zip(&port).zip(&want).enumerate() {
@@ -803,5 +968,74 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn half_precision_cache_reads_exactly_its_rounded_values() {
+        // attention over an f16 cache equals, bit for bit, attention over an f32 cache holding
+        // the same rounded values (the kernel widens each value exactly, then does the same
+        // arithmetic), vector and portable, whole and split
+        for (heads, kv_heads, hd) in [(9, 3, 64), (6, 2, 80), (4, 2, 12)] {
+            let sh = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let kvd = kv_heads * hd;
+            for upto in [1, 9, 300] {
+                let q = values(heads * hd, 1);
+                let k16: Vec<f16> = values(upto * kvd, 2)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                let v16: Vec<f16> = values(upto * kvd, 3)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                let k32: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+                let v32: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+                for cut in [0, upto / 2] {
+                    let half = Kv {
+                        parts: [
+                            (&k16[..cut * kvd], &v16[..cut * kvd]),
+                            (&k16[cut * kvd..], &v16[cut * kvd..]),
+                        ],
+                    };
+                    let full = Kv {
+                        parts: [
+                            (&k32[..cut * kvd], &v32[..cut * kvd]),
+                            (&k32[cut * kvd..], &v32[cut * kvd..]),
+                        ],
+                    };
+                    let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
+                    attend(&sh, &q, KvAny::F16(half), upto, &mut a);
+                    attend(&sh, &q, KvAny::F32(full), upto, &mut b);
+                    assert_eq!(a, b, "hd {hd} upto {upto} cut {cut}");
+                    let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
+                    attend_impl(&sh, &q, half, upto, &mut a);
+                    attend_impl(&sh, &q, full, upto, &mut b);
+                    assert_eq!(a, b, "portable, hd {hd} upto {upto} cut {cut}");
+                }
+            }
+        }
+        // a cache keeps its format through sharing and private copies
+        let mut c = RowCache::with_room(2, 6, KvPrecision::F16, 4, 4, None);
+        let w = c.width;
+        for l in 0..c.k.len() {
+            c.k[l].push(&values(3 * w, 7));
+            c.v[l].push(&values(3 * w, 8));
+        }
+        c.len = 3;
+        let shared = c.prefix(2);
+        let copy = c.prefix(1);
+        for x in [&c, &shared, &copy] {
+            assert_eq!(x.precision(), KvPrecision::F16);
+            assert!(matches!(x.layer(0), KvAny::F16(_)));
+        }
+        // two bytes a value: the shared row's part of the prefix is (2 positions × k and v ×
+        // 2 layers × w values × 2 bytes) / 2 rows (the donor and it; `copy` is private)
+        let own: usize = shared.k.iter().chain(&shared.v).map(Buf::bytes).sum();
+        assert_eq!(shared.bytes() - own, 2 * 2 * 2 * w * 2 / 2);
     }
 }

@@ -13,7 +13,7 @@ use rudder_lm::fixtures::{TinySpec, write_hf_dir};
 use rudder_lm::generate::{Finish, GenConfig, generate};
 use rudder_lm::hooks::{Edit, Intervention, Interventions, NoHook, Phase, Phases, Positions, Site};
 use rudder_lm::loader::{LanguageModel, LoadOptions, load};
-use rudder_lm::ragged::{RaggedRow, RowCache};
+use rudder_lm::ragged::{KvPrecision, RaggedRow, RowCache};
 
 fn model(dir: &Path, arch: Arch) -> LanguageModel {
     let mut spec = TinySpec::new(arch);
@@ -109,6 +109,7 @@ fn engine(lm: LanguageModel, rows: usize) -> Engine {
             max_rows: rows,
             max_queue: 64,
             prefill_chunk: 7,
+            kv: Default::default(),
         },
     )
 }
@@ -381,6 +382,7 @@ fn full_queue_refuses_and_cancel_frees_the_row() {
             max_rows: 1,
             max_queue: 2,
             prefill_chunk: 64,
+            kv: Default::default(),
         },
     );
     let long = GenConfig {
@@ -497,6 +499,7 @@ fn a_group_is_admitted_together_or_refused_whole() {
             max_rows: 4,
             max_queue: 3,
             prefill_chunk: 256, // room for the whole group's prompts in one step
+            kv: Default::default(),
         },
     );
     let cfg = GenConfig {
@@ -622,6 +625,7 @@ fn rows_with_one_prompt_read_it_once_and_generate_what_they_would_alone() {
             max_rows: 9,
             max_queue: 64,
             prefill_chunk: 7,
+            kv: Default::default(),
         },
     );
     let (tx, rx) = mpsc::channel();
@@ -656,6 +660,7 @@ fn rows_with_one_prompt_read_it_once_and_generate_what_they_would_alone() {
             max_rows: 1,
             max_queue: 64,
             prefill_chunk: 7,
+            kv: Default::default(),
         },
     );
     for (i, want) in got.iter().enumerate() {
@@ -671,4 +676,89 @@ fn rows_with_one_prompt_read_it_once_and_generate_what_they_would_alone() {
     );
     // distinct sampling streams: the plain rollouts do not all agree
     assert!(got[..5].iter().any(|t| t != &got[0]));
+}
+
+#[test]
+fn a_half_precision_cache_is_deterministic_close_to_f32_and_shares_prompts_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = Arc::new(model(tmp.path(), Arch::Llama));
+    let p = lm
+        .tok
+        .encode("there are seven hills and one river in the town", false)
+        .unwrap();
+    let sampled = GenConfig {
+        max_new_tokens: 8,
+        ignore_eos: true,
+        temperature: 0.9,
+        seed: 5,
+        ..GenConfig::default()
+    };
+    let job = |r: u64| {
+        let mut j = Job::new(p.clone(), sampled.clone());
+        j.stream_index = r;
+        j.logprobs = Some(0);
+        j
+    };
+    // (tokens, log-probabilities of the chosen tokens) of `n` rollouts of one prompt
+    let run = |kv: KvPrecision, rows: usize, n: usize| {
+        let eng = Engine::start(
+            lm.clone(),
+            EngineConfig {
+                kv,
+                ..EngineConfig::offline(rows)
+            },
+        );
+        let (tx, rx) = mpsc::channel();
+        let jobs = (0..n)
+            .map(|i| {
+                let tx = tx.clone();
+                let mut seen = (Vec::new(), Vec::new());
+                let sink: rudder_lm::engine::Sink = Box::new(move |e| {
+                    match e {
+                        Event::Token(t) => {
+                            seen.0.push(t.id);
+                            seen.1.push(t.logprob.unwrap());
+                        }
+                        Event::Done(_) => tx.send((i, std::mem::take(&mut seen))).unwrap(),
+                        _ => {}
+                    }
+                    true
+                });
+                (job(i as u64), sink)
+            })
+            .collect();
+        eng.submit_all(jobs).unwrap();
+        let mut got = vec![(Vec::new(), Vec::new()); n];
+        for _ in 0..n {
+            let (i, s) = rx.recv().unwrap();
+            got[i] = s;
+        }
+        let shared = eng
+            .stats
+            .shared_prompt_tokens
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (got, shared)
+    };
+    let (half, shared) = run(KvPrecision::F16, 4, 4);
+    assert!(shared > 0, "the rollouts shared their prompt");
+    // the same seed gives the same numbers, and a row alone (its own copy of the prompt)
+    // generates what it generated reading the shared prefix (log-probabilities up to what the
+    // weight products' row tiling moves in f32, which can flip a value's f16 rounding)
+    assert_eq!(run(KvPrecision::F16, 4, 4).0, half);
+    let (alone, none) = run(KvPrecision::F16, 1, 4);
+    assert_eq!(none, 0);
+    for (a, h) in alone.iter().zip(&half) {
+        assert_eq!(a.0, h.0);
+        assert!(a.1.iter().zip(&h.1).all(|(x, y)| (x - y).abs() < 2e-3));
+    }
+    // against f32: the first token's log-probability (same prompt, same sampling stream) moves
+    // by the rounding of the cached keys and values — a little, and not zero
+    let (full, _) = run(KvPrecision::F32, 4, 4);
+    let d: Vec<f32> = half
+        .iter()
+        .zip(&full)
+        .map(|(h, f)| (h.1[0] - f.1[0]).abs())
+        .collect();
+    assert!(d.iter().all(|&x| x < 0.05), "{d:?}");
+    assert!(d.iter().any(|&x| x > 0.0), "{d:?}");
 }

@@ -420,6 +420,7 @@ async fn concurrent_requests_batch_overflow_gets_429_and_disconnect_cancels() {
                 max_rows: 4,
                 max_queue: 4,
                 prefill_chunk: 256,
+                kv: Default::default(),
             },
             ..InProcessConfig::default()
         },

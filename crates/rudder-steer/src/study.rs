@@ -15,6 +15,7 @@ use rudder_lm::engine::{Engine, EngineConfig};
 use rudder_lm::generate::{GenConfig, left_pad, length_batches, log_normaliser};
 use rudder_lm::hooks::{Interventions, NoHook, Phase, Phases, Positions, Site};
 use rudder_lm::loader::LanguageModel;
+use rudder_lm::ragged::KvPrecision;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -58,6 +59,11 @@ pub struct PlanConfig {
     pub attack: Option<PathBuf>,
     /// Rows decoded together by the engine.
     pub batch: usize,
+    /// Number format of the engine's key/value cache for the rollouts (f16 by default: label
+    /// generation is the study's dominant cost and its long rows are bound by reading the
+    /// cache; f32 reproduces the padded decoder's numbers exactly).
+    #[serde(default)]
+    pub kv: KvPrecision,
 }
 
 impl PlanConfig {
@@ -83,6 +89,7 @@ impl PlanConfig {
             benign: None,
             attack: None,
             batch: 32,
+            kv: KvPrecision::F16,
         }
     }
 }
@@ -530,8 +537,10 @@ pub fn plan(
     let cfg_path = out.join("config.json");
     let cfg_v = serde_json::to_value(cfg).unwrap_or_default();
     if cfg_path.exists() {
-        let old = read_json(&cfg_path)?;
-        if old != cfg_v {
+        // read back through the type, so settings added since (with their defaults) compare
+        let old: PlanConfig = serde_json::from_value(read_json(&cfg_path)?)
+            .map_err(|e| SteerError::file(&cfg_path, e))?;
+        if serde_json::to_value(&old).unwrap_or_default() != cfg_v {
             return Err(SteerError::file(
                 out,
                 "this run folder was started with other settings (config.json differs); use a new folder",
@@ -555,7 +564,13 @@ pub fn plan(
         .map(|&i| cfg.rendering.ids(&lm, &set.items[i].text))
         .collect::<Result<_>>()?;
     let template_hash = cfg.rendering.template_hash(&lm);
-    let engine = Engine::start(lm.clone(), EngineConfig::offline(cfg.batch));
+    let engine = Engine::start(
+        lm.clone(),
+        EngineConfig {
+            kv: cfg.kv,
+            ..EngineConfig::offline(cfg.batch)
+        },
+    );
     let mut journal = Journal::open(&out.join("rollouts.jsonl"))?;
     let mut timings = Timings::open(out.join("timings.json"));
     let rc = RolloutConfig {

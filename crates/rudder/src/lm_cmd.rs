@@ -74,6 +74,9 @@ pub struct BenchArgs {
     /// with one prompt (K rollouts of one question), which the engine reads once per group.
     #[arg(long, default_value_t = 1)]
     pub rollouts: usize,
+    /// Number format of the engine's key/value cache in the batched runs (f32 or f16).
+    #[arg(long, default_value = "f32")]
+    pub kv: rudder_lm::ragged::KvPrecision,
     /// A steering file (as for `lm generate --steer`) applied in every measured run, to measure
     /// what steering costs: compare with a run without it.
     #[arg(long)]
@@ -853,6 +856,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
                 max_rows: b.max(1),
                 max_queue: b.max(1),
                 prefill_chunk: 512,
+                kv: a.kv,
             },
         );
         let (tx, rx) = std::sync::mpsc::channel();

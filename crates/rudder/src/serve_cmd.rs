@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Prompt tokens read per batched step (bounds how long a long prompt delays the others).
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Number format of the key/value cache: f32 (exact) or f16 (half the bytes per cached
+    /// token: more rows fit, long batched decoding runs faster; numbers differ by the rounding).
+    #[arg(long, default_value = "f32")]
+    pub kv: rudder_lm::ragged::KvPrecision,
     /// New tokens when a request sets no max_tokens.
     #[arg(long, default_value_t = 512)]
     pub default_max_tokens: u32,
@@ -104,6 +108,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 max_rows: a.max_batch.max(1),
                 max_queue: a.max_queue,
                 prefill_chunk: a.prefill_chunk.max(1),
+                kv: a.kv,
             },
             default_max_tokens: a.default_max_tokens.max(1),
             max_tokens_cap: a.max_tokens_cap.max(1),
