@@ -304,7 +304,11 @@ fn smollm2_chats_and_minilm_embeds_titles() {
             "--max-tokens",
             "32",
         ],
-        Some("What is the capital of France?\n"),
+        // "Answer in one word." gives a clear first token: for the bare question the f32
+        // model's top two first tokens ("The", "L") are 0.08 apart, and with 8-bit activations
+        // (Q4_1 × Q8 products, as in llama.cpp) a relative change of 1e-7 in one norm's output
+        // already swaps them, so the bare question tests rounding, not the engine.
+        Some("What is the capital of France? Answer in one word.\n"),
     ));
     assert!(o.contains("Paris"), "{o}");
     let d = tempfile::tempdir().unwrap();
