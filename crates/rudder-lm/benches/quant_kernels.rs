@@ -42,9 +42,17 @@ fn main() {
         .filter(|k| *k != "scalar")
         .collect();
     println!("threads: {}", rayon::current_num_threads());
-    println!("| matrix | rows | {} |", names.join(" | "));
-    println!("|---|---|{}", "---|".repeat(names.len()));
-    for (name, rows, cols, dt) in shapes {
+    // `cargo bench … --bench quant_kernels -- f32`: the f32 table only
+    let quant_shapes = if std::env::args().any(|a| a == "f32") {
+        &shapes[..0]
+    } else {
+        &shapes[..]
+    };
+    if !quant_shapes.is_empty() {
+        println!("| matrix | rows | {} |", names.join(" | "));
+        println!("|---|---|{}", "---|".repeat(names.len()));
+    }
+    for &(name, rows, cols, dt) in quant_shapes {
         let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dt).unwrap();
         let fmt = QFormat::from_ggml(dt).unwrap();

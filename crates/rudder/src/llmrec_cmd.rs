@@ -54,6 +54,37 @@ pub enum LlmrecCmd {
     /// LLaRA's rules (HR@1, ValidRatio), and likelihood ranking of the 20 candidates. A LLaRA or
     /// iLoRA adapter folder (with hybrid.json) is evaluated on hybrid prompts with its gate.
     Eval(EvalArgs),
+    /// Build LLaRA-format training sequences from ratings (LLaRA ships MovieLens-100K val/test
+    /// rows but no training rows): ratings ≥ --min-rating in time order, the held-out rows'
+    /// users found in the ratings and left out, one sliding-window row per interaction of every
+    /// other user. Writes OUT/train.jsonl, copies the held-out files and u.item / id2name.txt
+    /// beside it (so `--seqs OUT` works) and OUT/build.json with what was matched.
+    Sequences(SequencesArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct SequencesArgs {
+    /// Rated, timestamped interactions: a fetched asset (ml-100k), a RecBole atomic folder or a
+    /// raw ML-100K folder.
+    #[arg(long, default_value = "ml-100k")]
+    pub ratings: String,
+    /// The LLaRA folder whose held-out rows (val.jsonl, test.jsonl) and item names (u.item or
+    /// id2name.txt) the training rows must fit, e.g. ../shared/data/llara/movielens.
+    #[arg(long)]
+    pub llara: PathBuf,
+    /// Keep interactions rated at least this (3: no lower rating occurs in LLaRA's rows).
+    #[arg(long, default_value_t = 3.0)]
+    pub min_rating: f32,
+    /// History window of a row.
+    #[arg(long, default_value_t = 10)]
+    pub window: usize,
+    /// How many interactions beyond a held-out row's own length the matched user's tail may
+    /// hold (order within one timestamp is not recoverable, so rows are matched as sets).
+    #[arg(long, default_value_t = 10)]
+    pub max_slack: usize,
+    /// Output folder.
+    #[arg(long, short)]
+    pub out: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -1294,5 +1325,133 @@ pub fn run(cmd: LlmrecCmd) -> Result<()> {
         LlmrecCmd::Llara(h) => run_lm_train(Objective::Sft, h.train.clone(), Some(("llara", h))),
         LlmrecCmd::Ilora(h) => run_lm_train(Objective::Sft, h.train.clone(), Some(("ilora", h))),
         LlmrecCmd::Eval(a) => run_eval(a),
+        LlmrecCmd::Sequences(a) => run_sequences(a),
     }
+}
+
+/// `rudder llmrec sequences`: LLaRA training rows from ratings, beside the shipped held-out rows.
+fn run_sequences(a: SequencesArgs) -> Result<()> {
+    use rudder_data::formats::llara_build::{match_held_out, sliding_rows, History};
+    let store = rudder_data::assets::Store::from_env();
+    let rudder_data::formats::Loaded::Interactions(ds) =
+        rudder_data::resolve::load(&a.ratings, None, &store)
+            .with_context(|| format!("--ratings {}", a.ratings))?
+    else {
+        bail!("--ratings {}: not an interaction dataset", a.ratings);
+    };
+    let inter = &ds.interactions;
+    let (Some(ratings), Some(times)) = (inter.all_ratings(), inter.all_timestamps()) else {
+        bail!(
+            "--ratings {}: every interaction needs a rating and a timestamp",
+            a.ratings
+        );
+    };
+    let llara = rudder_data::formats::llara::read_dir(&a.llara)
+        .with_context(|| format!("--llara {}", a.llara.display()))?;
+    let Some(names) = llara.item_names.as_ref() else {
+        bail!(
+            "--llara {}: no u.item or id2name.txt (the item ids must be known)",
+            a.llara.display()
+        );
+    };
+    let pad = names.len() as u32;
+    if a.window == 0 {
+        bail!("--window must be at least 1");
+    }
+    // LLaRA's item id of a dataset item: the raw id − 1 (u.item row), checked against the names
+    let mut item_id = vec![0u32; ds.n_items()];
+    for (dense, ext) in ds.items.iter() {
+        let raw: u32 = ext.parse().ok().filter(|&r| r >= 1 && r <= pad).with_context(|| {
+            format!(
+                "--ratings {}: item {ext:?} is not an id 1..={pad} of the {} item names in {}",
+                a.ratings,
+                pad,
+                a.llara.display()
+            )
+        })?;
+        item_id[dense as usize] = raw - 1;
+    }
+    let indptr = inter.indptr();
+    let mut histories: Vec<History> = Vec::with_capacity(ds.n_users());
+    for u in 0..ds.n_users() {
+        let (s, e) = (indptr[u], indptr[u + 1]);
+        let mut ev: Vec<(i64, u32, i64)> = (s..e)
+            .filter(|&k| ratings[k] >= a.min_rating)
+            .map(|k| (times[k], item_id[inter.indices()[k] as usize], ratings[k].round() as i64))
+            .collect();
+        ev.sort_by_key(|x| x.0); // stable: ties keep the file order
+        histories.push(ev.into_iter().map(|(_, i, r)| (i, r)).collect());
+    }
+    let mut held = vec![false; histories.len()];
+    let mut report = Vec::new();
+    for (split, rows) in &llara.splits {
+        if split == "train" {
+            continue;
+        }
+        let m = match_held_out(rows, &histories, pad, a.max_slack);
+        let unmatched: Vec<usize> = (0..m.len()).filter(|&i| m[i].is_none()).collect();
+        let mut slack = std::collections::BTreeMap::<usize, usize>::new();
+        let mut ties = 0;
+        for x in m.iter().flatten() {
+            held[x.user] = true;
+            *slack.entry(x.slack).or_default() += 1;
+            ties += (x.ties > 0) as usize;
+        }
+        eprintln!(
+            "{split}.jsonl: {} of {} rows matched to a user ({} unmatched, {ties} ambiguous); slack {:?}",
+            m.len() - unmatched.len(),
+            m.len(),
+            unmatched.len(),
+            slack
+        );
+        report.push(json!({
+            "split": split, "rows": m.len(), "matched": m.len() - unmatched.len(),
+            "unmatched_lines": unmatched.iter().map(|i| i + 1).collect::<Vec<_>>(),
+            "ambiguous": ties, "slack_histogram": slack,
+        }));
+    }
+    let with_ratings = llara
+        .splits
+        .iter()
+        .any(|(_, r)| r.iter().any(|s| s.seq_ratings.is_some()));
+    let mut train = Vec::new();
+    let mut train_users = 0;
+    for (u, h) in histories.iter().enumerate() {
+        if held[u] || h.is_empty() {
+            continue;
+        }
+        train_users += 1;
+        train.extend(sliding_rows(h, a.window, pad, with_ratings));
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    rudder_data::formats::llara::write_jsonl(&a.out.join("train.jsonl"), &train)?;
+    for f in ["val.jsonl", "test.jsonl", "u.item", "id2name.txt"] {
+        let src = a.llara.join(f);
+        if src.exists() {
+            let bytes = std::fs::read(&src).with_context(|| format!("{}", src.display()))?;
+            rudder_data::io::write_bytes_atomic(&a.out.join(f), &bytes)?;
+        }
+    }
+    let kept: usize = histories.iter().map(|h| h.len()).sum();
+    let summary = json!({
+        "ratings": a.ratings, "llara": a.llara, "min_rating": a.min_rating, "window": a.window,
+        "max_slack": a.max_slack, "users": histories.len(), "kept_interactions": kept,
+        "interactions": inter.len(), "held_out_users": held.iter().filter(|&&h| h).count(),
+        "train_users": train_users, "train_rows": train.len(), "held_out": report,
+    });
+    rudder_data::io::write_bytes_atomic(
+        &a.out.join("build.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    eprintln!(
+        "{} of {} interactions rated ≥ {}; {} held-out users left out; {} train rows from {} users → {}",
+        kept,
+        inter.len(),
+        a.min_rating,
+        summary["held_out_users"],
+        train.len(),
+        train_users,
+        a.out.join("train.jsonl").display()
+    );
+    Ok(())
 }

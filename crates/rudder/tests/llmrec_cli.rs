@@ -452,3 +452,133 @@ fn llara_and_ilora_train_resume_and_evaluate_on_hybrid_prompts() {
         "{e}"
     );
 }
+
+/// `llmrec sequences`: LLaRA training rows from raw ratings (u.data), the held-out rows' users
+/// left out, and clear errors for items the names do not cover.
+#[test]
+fn sequences_are_built_from_ratings_without_the_held_out_users() {
+    let t = tempfile::tempdir().unwrap();
+    let ratings = t.path().join("ml");
+    std::fs::create_dir_all(&ratings).unwrap();
+    // 6 users × 14 items each, user u rates items (3u + k) % 20 + 1 at time 1000u + k with
+    // 3 + (k + u) % 3, except every fourth rating, a 2 (dropped by the ≥ 3 rule)
+    let mut data = String::new();
+    for u in 1..=6u32 {
+        for k in 0..14u32 {
+            let r = if k % 4 == 3 { 2 } else { 3 + (k + u) % 3 };
+            data.push_str(&format!("{u}\t{}\t{r}\t{}\n", (3 * u + k) % 20 + 1, 1000 * u + k));
+        }
+    }
+    std::fs::write(ratings.join("u.data"), &data).unwrap();
+    let llara = t.path().join("llara");
+    std::fs::create_dir_all(&llara).unwrap();
+    let uitem: String = (1..=20)
+        .map(|i| format!("{i}|Movie {i} (1995)|01-Jan-1995||http://x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n"))
+        .collect();
+    std::fs::write(llara.join("u.item"), uitem).unwrap();
+    // the kept (item id, rating) history of user u, in time order
+    let hist = |u: u32| -> Vec<(u32, u32)> {
+        (0..14u32)
+            .filter(|k| k % 4 != 3)
+            .map(|k| ((3 * u + k) % 20, 3 + (k + u) % 3))
+            .collect()
+    };
+    // a held-out row: the last 9 history entries (two swapped) and the last as target
+    let row = |u: u32| {
+        let h = hist(u);
+        let (w, next) = (&h[h.len() - 10..h.len() - 1], h[h.len() - 1]);
+        let mut seq: Vec<String> = w.iter().map(|(i, r)| format!("[{i},{r}]")).collect();
+        seq.swap(0, 1);
+        seq.push("[20,0]".into());
+        format!(
+            "{{\"seq\":[{}],\"len_seq\":9,\"next\":[{},{}]}}\n",
+            seq.join(","),
+            next.0,
+            next.1
+        )
+    };
+    std::fs::write(llara.join("val.jsonl"), row(2)).unwrap();
+    std::fs::write(llara.join("test.jsonl"), row(5)).unwrap();
+    let out = t.path().join("built");
+    let err = String::from_utf8_lossy(
+        &rudder(&[
+            "llmrec",
+            "sequences",
+            "--ratings",
+            ratings.to_str().unwrap(),
+            "--llara",
+            llara.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr,
+    )
+    .into_owned();
+    assert!(out.join("train.jsonl").exists(), "{err}");
+    let build: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("build.json")).unwrap()).unwrap();
+    assert_eq!(build["held_out_users"], 2, "{build}");
+    assert_eq!(build["train_users"], 4);
+    assert_eq!(build["kept_interactions"], 6 * 11);
+    let train = std::fs::read_to_string(out.join("train.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = train
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4 * 11);
+    assert_eq!(build["train_rows"], 44);
+    // every row of user 1 in order: empty first history, then a growing window
+    let h1 = hist(1);
+    assert_eq!(rows[0]["len_seq"], 1);
+    assert_eq!(rows[0]["seq"][0], serde_json::json!([20, 0]));
+    assert_eq!(rows[0]["next"], serde_json::json!([h1[0].0, h1[0].1]));
+    assert_eq!(rows[3]["len_seq"], 3);
+    assert_eq!(rows[3]["seq"][2], serde_json::json!([h1[2].0, h1[2].1]));
+    // no row's target comes from the held-out users' histories at their positions
+    let targets: Vec<serde_json::Value> = rows.iter().map(|r| r["next"].clone()).collect();
+    let h2_last = hist(2).last().copied().unwrap();
+    assert_eq!(
+        targets
+            .iter()
+            .filter(|t| **t == serde_json::json!([h2_last.0, h2_last.1]))
+            .count(),
+        hist(1)
+            .iter()
+            .chain(&hist(3))
+            .chain(&hist(4))
+            .chain(&hist(6))
+            .filter(|x| **x == h2_last)
+            .count()
+    );
+    // the output folder is a LLaRA folder the trainers read
+    for f in ["val.jsonl", "test.jsonl", "u.item"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    // an item beyond the names is named
+    data.push_str("1\t25\t5\t99999\n");
+    std::fs::write(ratings.join("u.data"), &data).unwrap();
+    let e = fails(&rudder(&[
+        "llmrec",
+        "sequences",
+        "--ratings",
+        ratings.to_str().unwrap(),
+        "--llara",
+        llara.to_str().unwrap(),
+        "--out",
+        t.path().join("b2").to_str().unwrap(),
+    ]));
+    assert!(e.contains("\"25\"") && e.contains("1..=20"), "{e}");
+    // a LLaRA folder without item names
+    std::fs::remove_file(llara.join("u.item")).unwrap();
+    let e = fails(&rudder(&[
+        "llmrec",
+        "sequences",
+        "--ratings",
+        ratings.to_str().unwrap(),
+        "--llara",
+        llara.to_str().unwrap(),
+        "--out",
+        t.path().join("b3").to_str().unwrap(),
+    ]));
+    assert!(e.contains("u.item") || e.contains("id2name"), "{e}");
+}

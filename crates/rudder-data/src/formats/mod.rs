@@ -4,6 +4,7 @@ pub mod agent4rec;
 pub mod atomic;
 pub mod lightgcn;
 pub mod llara;
+pub mod llara_build;
 pub mod movielens;
 
 use crate::dataset::Dataset;

@@ -1,0 +1,171 @@
+//! LLaRA-style sequence rows built from rated, timestamped interactions.
+//!
+//! LLaRA ships MovieLens-100K validation and test rows but no training rows, and no script that
+//! made them. The rules recovered from the shipped files (llmrec-seeds.md §2.2, checked against
+//! the ML-100K ratings):
+//! - only ratings ≥ 3 are kept (no rating below 3 occurs among the 2,060 rated entries of the
+//!   189 shipped rows);
+//! - a user's kept interactions in time order (ties keep the file order: LLaRA's own order within
+//!   one timestamp cannot be recovered, see [`match_held_out`]);
+//! - users are split 8:1:1 — a user is wholly train, validation or test; validation and test hold
+//!   one row per user (the last window);
+//! - a train user gives one row per interaction `k`: `seq` = the ≤ `window` interactions before
+//!   `k`, right-padded with the pad id (= the number of items), `len_seq` = their count (at least
+//!   1), `next` = interaction `k` — the first row has an empty history, as LLaRA's LastFM train
+//!   file does.
+
+use crate::sequences::SeqSample;
+use std::collections::HashSet;
+
+/// One user's kept interactions in time order: `(item id, rating)`.
+pub type History = Vec<(u32, i64)>;
+
+/// Every train row of one user (see the module docs). `with_ratings` writes MovieLens'
+/// `[item, rating]` pairs (pad `[pad, 0]`).
+pub fn sliding_rows(h: &[(u32, i64)], window: usize, pad: u32, with_ratings: bool) -> Vec<SeqSample> {
+    (0..h.len())
+        .map(|k| {
+            let prev = &h[k.saturating_sub(window)..k];
+            let mut seq: Vec<u32> = prev.iter().map(|p| p.0).collect();
+            seq.resize(window, pad);
+            let ratings = with_ratings.then(|| {
+                let mut r: Vec<i64> = prev.iter().map(|p| p.1).collect();
+                r.resize(window, 0);
+                r
+            });
+            SeqSample {
+                seq,
+                seq_ratings: ratings,
+                len_seq: prev.len().max(1),
+                next: h[k].0,
+                next_rating: with_ratings.then_some(h[k].1),
+            }
+        })
+        .collect()
+}
+
+/// The user a held-out row was cut from, and how far from the end of the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldOutMatch {
+    /// Index into the histories.
+    pub user: usize,
+    /// Extra interactions of the user's tail needed to hold every entry of the row: 0 = the row
+    /// is exactly the user's last `len + 1` interactions, up to order within the row.
+    pub slack: usize,
+    /// Other users that match with the same slack (0 = unambiguous).
+    pub ties: usize,
+}
+
+/// For every held-out row, the user whose history holds all of the row's entries (history and
+/// target; `[item, rating]` pairs when the row has ratings) within its last `len + 1 + slack`
+/// interactions, for the smallest slack up to `max_slack`. Entries are compared as a set, since
+/// the order inside one timestamp differs between LLaRA's files and any re-sort of the ratings.
+/// `None` where no user matches.
+pub fn match_held_out(
+    rows: &[SeqSample],
+    histories: &[History],
+    pad: u32,
+    max_slack: usize,
+) -> Vec<Option<HeldOutMatch>> {
+    rows.iter()
+        .map(|row| {
+            let entry = |k: usize| -> (u32, Option<i64>) {
+                (row.seq[k], row.seq_ratings.as_ref().map(|r| r[k]))
+            };
+            let mut want: Vec<(u32, Option<i64>)> = (0..row.seq.len())
+                .filter(|&k| row.seq[k] != pad)
+                .map(entry)
+                .collect();
+            want.push((row.next, row.next_rating));
+            let n = want.len();
+            let mut best: Option<HeldOutMatch> = None;
+            for (u, h) in histories.iter().enumerate() {
+                if h.len() < n {
+                    continue;
+                }
+                let limit = max_slack.min(h.len() - n);
+                let upto = best.map_or(limit, |b| b.slack.min(limit));
+                for s in 0..=upto {
+                    let tail = &h[h.len() - n - s..];
+                    let have: HashSet<(u32, Option<i64>)> = tail
+                        .iter()
+                        .map(|&(i, r)| (i, want[0].1.map(|_| r)))
+                        .collect();
+                    if want.iter().all(|w| have.contains(w)) {
+                        best = match best {
+                            Some(b) if b.slack == s => Some(HeldOutMatch { ties: b.ties + 1, ..b }),
+                            _ => Some(HeldOutMatch {
+                                user: u,
+                                slack: s,
+                                ties: 0,
+                            }),
+                        };
+                        break;
+                    }
+                }
+            }
+            best
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_slide_a_window_over_each_interaction() {
+        let h: History = (0..13).map(|i| (i as u32, 3 + i % 3)).collect();
+        let rows = sliding_rows(&h, 10, 99, true);
+        assert_eq!(rows.len(), 13);
+        // the first row has an empty history (len_seq clamped to 1), as LLaRA's LastFM train file
+        assert_eq!(rows[0].seq, vec![99; 10]);
+        assert_eq!((rows[0].len_seq, rows[0].next), (1, 0));
+        assert_eq!(rows[0].seq_ratings.as_deref(), Some(&[0i64; 10][..]));
+        assert_eq!(rows[2].seq[..3], [0, 1, 99]);
+        assert_eq!((rows[2].len_seq, rows[2].next, rows[2].next_rating), (2, 2, Some(5)));
+        // past the window only the last 10 remain
+        assert_eq!(rows[12].seq, (2..12).collect::<Vec<u32>>());
+        assert_eq!(rows[12].len_seq, 10);
+        assert_eq!(rows[12].seq_ratings.as_ref().unwrap()[0], 3 + 2 % 3);
+        let plain = sliding_rows(&h, 10, 99, false);
+        assert!(plain[5].seq_ratings.is_none() && plain[5].next_rating.is_none());
+        assert_eq!(plain[5].seq, rows[5].seq);
+    }
+
+    #[test]
+    fn held_out_rows_find_their_user_despite_order_within_the_row() {
+        let hs: Vec<History> = vec![
+            (0..20).map(|i| (i, 4)).collect(),
+            (100..130).map(|i| (i, 5)).collect(),
+            (50..60).map(|i| (i, 3)).collect(),
+        ];
+        let row = |items: &[u32], next: u32, r: i64| {
+            let mut seq = items.to_vec();
+            let len = seq.len();
+            seq.resize(10, 999);
+            SeqSample {
+                seq,
+                seq_ratings: Some(vec![r; 10]),
+                len_seq: len,
+                next,
+                next_rating: Some(r),
+            }
+        };
+        // user 1's last 10, two swapped, target = its last: slack 0
+        let a = row(&[120, 121, 123, 122, 124, 125, 126, 127, 128], 129, 5);
+        // user 0's window one step from its end: slack 1
+        let b = row(&[9, 10, 11, 12, 13, 14, 15, 16, 17], 18, 4);
+        // the right items with the wrong rating, and items nobody has
+        let c = row(&[9, 10, 11], 12, 5);
+        let d = row(&[500, 501], 502, 4);
+        let m = match_held_out(&[a, b, c, d], &hs, 999, 3);
+        assert_eq!(m[0], Some(HeldOutMatch { user: 1, slack: 0, ties: 0 }));
+        assert_eq!(m[1], Some(HeldOutMatch { user: 0, slack: 1, ties: 0 }));
+        assert_eq!(m[2], None);
+        assert_eq!(m[3], None);
+        // too far from the end for the slack allowed
+        let e = row(&[2, 3], 4, 4);
+        assert_eq!(match_held_out(&[e], &hs, 999, 3)[0], None);
+    }
+}
