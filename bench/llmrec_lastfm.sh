@@ -3,35 +3,39 @@
 # zero-shot model and of each adapter (likelihood ranking and greedy generation) on the same
 # fixed test subset, and the three sequential baselines. Scale through the environment:
 #   SFT_TRAIN=256 PREF_TRAIN=128 MAX_TEST=200 MAX_VAL=64 SEQ_EPOCHS=30 bench/llmrec_lastfm.sh OUT
+# Another LLaRA folder: SEQS=DIR PROMPTS= TEMPLATES=movie (e.g. MovieLens-100K built by
+# `rudder llmrec sequences --llara ../shared/data/llara/movielens --out DIR`).
 # Results: OUT/*/results.json and summary.md; bench/llmrec_report.py OUT prints the table.
 set -euo pipefail
 OUT=${1:-bench/out/llmrec}
 RUDDER=${RUDDER_BIN:-target/release/rudder}
 DATA=${RUDDER_SHARED_DATA:-../shared/data}
-SEQS=$DATA/llara/lastfm
-PROMPTS=$DATA/llara/sdpo-lastfm
+SEQS=${SEQS:-$DATA/llara/lastfm}
+PROMPTS=${PROMPTS-$DATA/llara/sdpo-lastfm}
+TEMPLATES=${TEMPLATES:-music}
 SFT_TRAIN=${SFT_TRAIN:-256}
 PREF_TRAIN=${PREF_TRAIN:-128}
 MAX_TEST=${MAX_TEST:-200}
 MAX_VAL=${MAX_VAL:-64}
 SEQ_EPOCHS=${SEQ_EPOCHS:-30}
 BATCH=${BATCH:-16}
-D="--seqs $SEQS --prompts $PROMPTS"
+D="--seqs $SEQS${PROMPTS:+ --prompts $PROMPTS}"
+L="--templates $TEMPLATES"
 mkdir -p "$OUT"
 step() { echo "== $(date +%H:%M:%S) $*" >&2; }
 
 [ -f "$OUT/sft/results.json" ] || { step sft; rm -rf "$OUT/sft"
-  $RUDDER llmrec sft $D --max-train "$SFT_TRAIN" --batch "$BATCH" --epochs 1 --lr 3e-4 \
+  $RUDDER llmrec sft $D $L --max-train "$SFT_TRAIN" --batch "$BATCH" --epochs 1 --lr 3e-4 \
     --eval-every 0.25 --max-val "$MAX_VAL" --out "$OUT/sft" > "$OUT/sft.log" 2>&1; }
 for m in dpo sdpo; do
   [ -f "$OUT/$m/results.json" ] || { step $m; rm -rf "$OUT/$m"
-    $RUDDER llmrec $m $D --adapter "$OUT/sft/adapter" --max-train "$PREF_TRAIN" --batch "$BATCH" \
+    $RUDDER llmrec $m $D $L --adapter "$OUT/sft/adapter" --max-train "$PREF_TRAIN" --batch "$BATCH" \
       --epochs 1 --lr 1e-4 --eval-every 0.5 --max-val "$MAX_VAL" --out "$OUT/$m" > "$OUT/$m.log" 2>&1; }
 done
 ev() { # name [adapter]
   [ -f "$OUT/eval-$1/results.json" ] && return 0
   step "eval $1"
-  $RUDDER llmrec eval $D --max-test "$MAX_TEST" ${2:+--adapter "$2"} --out "$OUT/eval-$1" > "$OUT/eval-$1.log" 2>&1
+  $RUDDER llmrec eval $D $L --max-test "$MAX_TEST" ${2:+--adapter "$2"} --out "$OUT/eval-$1" > "$OUT/eval-$1.log" 2>&1
 }
 ev zero-shot
 for m in sft dpo sdpo; do ev $m "$OUT/$m/adapter"; done

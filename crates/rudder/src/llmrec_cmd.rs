@@ -1331,7 +1331,7 @@ pub fn run(cmd: LlmrecCmd) -> Result<()> {
 
 /// `rudder llmrec sequences`: LLaRA training rows from ratings, beside the shipped held-out rows.
 fn run_sequences(a: SequencesArgs) -> Result<()> {
-    use rudder_data::formats::llara_build::{match_held_out, sliding_rows, History};
+    use rudder_data::formats::llara_build::{History, match_held_out, sliding_rows};
     let store = rudder_data::assets::Store::from_env();
     let rudder_data::formats::Loaded::Interactions(ds) =
         rudder_data::resolve::load(&a.ratings, None, &store)
@@ -1361,14 +1361,18 @@ fn run_sequences(a: SequencesArgs) -> Result<()> {
     // LLaRA's item id of a dataset item: the raw id − 1 (u.item row), checked against the names
     let mut item_id = vec![0u32; ds.n_items()];
     for (dense, ext) in ds.items.iter() {
-        let raw: u32 = ext.parse().ok().filter(|&r| r >= 1 && r <= pad).with_context(|| {
-            format!(
-                "--ratings {}: item {ext:?} is not an id 1..={pad} of the {} item names in {}",
-                a.ratings,
-                pad,
-                a.llara.display()
-            )
-        })?;
+        let raw: u32 = ext
+            .parse()
+            .ok()
+            .filter(|&r| r >= 1 && r <= pad)
+            .with_context(|| {
+                format!(
+                    "--ratings {}: item {ext:?} is not an id 1..={pad} of the {} item names in {}",
+                    a.ratings,
+                    pad,
+                    a.llara.display()
+                )
+            })?;
         item_id[dense as usize] = raw - 1;
     }
     let indptr = inter.indptr();
@@ -1377,7 +1381,13 @@ fn run_sequences(a: SequencesArgs) -> Result<()> {
         let (s, e) = (indptr[u], indptr[u + 1]);
         let mut ev: Vec<(i64, u32, i64)> = (s..e)
             .filter(|&k| ratings[k] >= a.min_rating)
-            .map(|k| (times[k], item_id[inter.indices()[k] as usize], ratings[k].round() as i64))
+            .map(|k| {
+                (
+                    times[k],
+                    item_id[inter.indices()[k] as usize],
+                    ratings[k].round() as i64,
+                )
+            })
             .collect();
         ev.sort_by_key(|x| x.0); // stable: ties keep the file order
         histories.push(ev.into_iter().map(|(_, i, r)| (i, r)).collect());

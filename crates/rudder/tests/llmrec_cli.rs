@@ -466,14 +466,22 @@ fn sequences_are_built_from_ratings_without_the_held_out_users() {
     for u in 1..=6u32 {
         for k in 0..14u32 {
             let r = if k % 4 == 3 { 2 } else { 3 + (k + u) % 3 };
-            data.push_str(&format!("{u}\t{}\t{r}\t{}\n", (3 * u + k) % 20 + 1, 1000 * u + k));
+            data.push_str(&format!(
+                "{u}\t{}\t{r}\t{}\n",
+                (3 * u + k) % 20 + 1,
+                1000 * u + k
+            ));
         }
     }
     std::fs::write(ratings.join("u.data"), &data).unwrap();
     let llara = t.path().join("llara");
     std::fs::create_dir_all(&llara).unwrap();
     let uitem: String = (1..=20)
-        .map(|i| format!("{i}|Movie {i} (1995)|01-Jan-1995||http://x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n"))
+        .map(|i| {
+            format!(
+                "{i}|Movie {i} (1995)|01-Jan-1995||http://x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n"
+            )
+        })
         .collect();
     std::fs::write(llara.join("u.item"), uitem).unwrap();
     // the kept (item id, rating) history of user u, in time order

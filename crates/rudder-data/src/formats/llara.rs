@@ -149,7 +149,24 @@ pub fn read_id2name(path: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// ML-100K `u.item` titles as LLaRA uses them: row id-1.
+/// An ML-100K title as LLaRA's MovieLens loader shows it: the trailing ` (YYYY)` dropped, then a
+/// trailing `, The` / `, A` / `, An` moved to the front ("Usual Suspects, The (1995)" → "The
+/// Usual Suspects"). Other parentheses stay.
+pub fn llara_movie_title(raw: &str) -> String {
+    let t = raw.trim();
+    let t = match t.strip_suffix(')').and_then(|x| x.rsplit_once(" (")) {
+        Some((head, year)) if year.len() == 4 && year.bytes().all(|b| b.is_ascii_digit()) => head,
+        _ => t,
+    };
+    for art in ["The", "A", "An"] {
+        if let Some(head) = t.strip_suffix(&format!(", {art}")) {
+            return format!("{art} {head}");
+        }
+    }
+    t.to_string()
+}
+
+/// ML-100K `u.item` titles as LLaRA uses them: row id-1, cleaned by [`llara_movie_title`].
 fn read_uitem_names(path: &Path) -> Result<Vec<String>> {
     let text = decode_latin1(&read_bytes(path)?);
     let mut names = Vec::new();
@@ -171,7 +188,7 @@ fn read_uitem_names(path: &Path) -> Result<Vec<String>> {
                 format!("ids must run 1..n in order; found {id}"),
             ));
         }
-        names.push(f[1].to_string());
+        names.push(llara_movie_title(f[1]));
     }
     Ok(names)
 }

@@ -22,7 +22,12 @@ pub type History = Vec<(u32, i64)>;
 
 /// Every train row of one user (see the module docs). `with_ratings` writes MovieLens'
 /// `[item, rating]` pairs (pad `[pad, 0]`).
-pub fn sliding_rows(h: &[(u32, i64)], window: usize, pad: u32, with_ratings: bool) -> Vec<SeqSample> {
+pub fn sliding_rows(
+    h: &[(u32, i64)],
+    window: usize,
+    pad: u32,
+    with_ratings: bool,
+) -> Vec<SeqSample> {
     (0..h.len())
         .map(|k| {
             let prev = &h[k.saturating_sub(window)..k];
@@ -93,7 +98,10 @@ pub fn match_held_out(
                         .collect();
                     if want.iter().all(|w| have.contains(w)) {
                         best = match best {
-                            Some(b) if b.slack == s => Some(HeldOutMatch { ties: b.ties + 1, ..b }),
+                            Some(b) if b.slack == s => Some(HeldOutMatch {
+                                ties: b.ties + 1,
+                                ..b
+                            }),
                             _ => Some(HeldOutMatch {
                                 user: u,
                                 slack: s,
@@ -123,7 +131,10 @@ mod tests {
         assert_eq!((rows[0].len_seq, rows[0].next), (1, 0));
         assert_eq!(rows[0].seq_ratings.as_deref(), Some(&[0i64; 10][..]));
         assert_eq!(rows[2].seq[..3], [0, 1, 99]);
-        assert_eq!((rows[2].len_seq, rows[2].next, rows[2].next_rating), (2, 2, Some(5)));
+        assert_eq!(
+            (rows[2].len_seq, rows[2].next, rows[2].next_rating),
+            (2, 2, Some(5))
+        );
         // past the window only the last 10 remain
         assert_eq!(rows[12].seq, (2..12).collect::<Vec<u32>>());
         assert_eq!(rows[12].len_seq, 10);
@@ -131,6 +142,26 @@ mod tests {
         let plain = sliding_rows(&h, 10, 99, false);
         assert!(plain[5].seq_ratings.is_none() && plain[5].next_rating.is_none());
         assert_eq!(plain[5].seq, rows[5].seq);
+    }
+
+    #[test]
+    fn movie_titles_are_cleaned_as_llara_does() {
+        use crate::formats::llara::llara_movie_title as t;
+        assert_eq!(t("Toy Story (1995)"), "Toy Story");
+        assert_eq!(t("Usual Suspects, The (1995)"), "The Usual Suspects");
+        assert_eq!(t("Time to Kill, A (1996)"), "A Time to Kill");
+        assert_eq!(t("American in Paris, An (1951)"), "An American in Paris");
+        assert_eq!(
+            t("Shanghai Triad (Yao a yao yao dao waipo qiao) (1995)"),
+            "Shanghai Triad (Yao a yao yao dao waipo qiao)"
+        );
+        // only a four-digit year is dropped; an article inside parentheses stays
+        assert_eq!(t("Brazil (film)"), "Brazil (film)");
+        assert_eq!(
+            t("City of Lost Children, The (Cité des enfants perdus, La) (1995)"),
+            "City of Lost Children, The (Cité des enfants perdus, La)"
+        );
+        assert_eq!(t("unknown"), "unknown");
     }
 
     #[test]
@@ -160,8 +191,22 @@ mod tests {
         let c = row(&[9, 10, 11], 12, 5);
         let d = row(&[500, 501], 502, 4);
         let m = match_held_out(&[a, b, c, d], &hs, 999, 3);
-        assert_eq!(m[0], Some(HeldOutMatch { user: 1, slack: 0, ties: 0 }));
-        assert_eq!(m[1], Some(HeldOutMatch { user: 0, slack: 1, ties: 0 }));
+        assert_eq!(
+            m[0],
+            Some(HeldOutMatch {
+                user: 1,
+                slack: 0,
+                ties: 0
+            })
+        );
+        assert_eq!(
+            m[1],
+            Some(HeldOutMatch {
+                user: 0,
+                slack: 1,
+                ties: 0
+            })
+        );
         assert_eq!(m[2], None);
         assert_eq!(m[3], None);
         // too far from the end for the slack allowed
