@@ -508,8 +508,8 @@ fn sequences_are_built_from_ratings_without_the_held_out_users() {
     std::fs::write(llara.join("val.jsonl"), row(2)).unwrap();
     std::fs::write(llara.join("test.jsonl"), row(5)).unwrap();
     let out = t.path().join("built");
-    let err = String::from_utf8_lossy(
-        &rudder(&[
+    let build = |out: &std::path::Path| {
+        rudder(&[
             "llmrec",
             "sequences",
             "--ratings",
@@ -519,22 +519,21 @@ fn sequences_are_built_from_ratings_without_the_held_out_users() {
             "--out",
             out.to_str().unwrap(),
         ])
-        .stderr,
-    )
-    .into_owned();
+    };
+    let err = String::from_utf8_lossy(&build(&out).stderr).into_owned();
     assert!(out.join("train.jsonl").exists(), "{err}");
-    let build: serde_json::Value =
+    let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("build.json")).unwrap()).unwrap();
-    assert_eq!(build["held_out_users"], 2, "{build}");
-    assert_eq!(build["train_users"], 4);
-    assert_eq!(build["kept_interactions"], 6 * 11);
+    assert_eq!(report["held_out_users"], 2, "{report}");
+    assert_eq!(report["train_users"], 4);
+    assert_eq!(report["kept_interactions"], 6 * 11);
     let train = std::fs::read_to_string(out.join("train.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = train
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 4 * 11);
-    assert_eq!(build["train_rows"], 44);
+    assert_eq!(report["train_rows"], 44);
     // every row of user 1 in order: empty first history, then a growing window
     let h1 = hist(1);
     assert_eq!(rows[0]["len_seq"], 1);
@@ -565,28 +564,10 @@ fn sequences_are_built_from_ratings_without_the_held_out_users() {
     // an item beyond the names is named
     data.push_str("1\t25\t5\t99999\n");
     std::fs::write(ratings.join("u.data"), &data).unwrap();
-    let e = fails(&rudder(&[
-        "llmrec",
-        "sequences",
-        "--ratings",
-        ratings.to_str().unwrap(),
-        "--llara",
-        llara.to_str().unwrap(),
-        "--out",
-        t.path().join("b2").to_str().unwrap(),
-    ]));
+    let e = fails(&build(&t.path().join("b2")));
     assert!(e.contains("\"25\"") && e.contains("1..=20"), "{e}");
     // a LLaRA folder without item names
     std::fs::remove_file(llara.join("u.item")).unwrap();
-    let e = fails(&rudder(&[
-        "llmrec",
-        "sequences",
-        "--ratings",
-        ratings.to_str().unwrap(),
-        "--llara",
-        llara.to_str().unwrap(),
-        "--out",
-        t.path().join("b3").to_str().unwrap(),
-    ]));
+    let e = fails(&build(&t.path().join("b3")));
     assert!(e.contains("u.item") || e.contains("id2name"), "{e}");
 }
