@@ -137,6 +137,12 @@ fn llara_and_sdpo_files() {
         panic!()
     };
     assert_eq!(ml.pad_id(), Some(1682));
+    // titles as LLaRA's loader shows them: "Toy Story (1995)", "Usual Suspects, The (1995)"
+    let names = ml.item_names.as_ref().unwrap();
+    assert_eq!(
+        (names[0].as_str(), names[11].as_str()),
+        ("Toy Story", "The Usual Suspects")
+    );
     assert!(ml.splits[0].1[0].seq_ratings.is_some());
     let Loaded::Prompts(p) = formats::load(&s.join("llara/sdpo-lastfm"), None).unwrap() else {
         panic!()

@@ -571,3 +571,54 @@ fn sequences_are_built_from_ratings_without_the_held_out_users() {
     let e = fails(&build(&t.path().join("b3")));
     assert!(e.contains("u.item") || e.contains("id2name"), "{e}");
 }
+
+/// On the real ML-100K ratings and LLaRA's shipped MovieLens rows: every held-out row finds
+/// its user, and the split is LLaRA's 8:1:1 (754 train users).
+#[test]
+fn ml100k_sequences_fit_llaras_held_out_rows() {
+    let Some(ml) = rudder_data::assets::for_tests("ml-100k") else {
+        return;
+    };
+    let shared = std::env::var_os("RUDDER_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
+    let llara = shared.join("llara/movielens");
+    if !llara.join("test.jsonl").exists() {
+        assert!(
+            std::env::var("RUDDER_REQUIRE_ASSETS").is_err(),
+            "shared data absent at {}",
+            llara.display()
+        );
+        eprintln!("skipped: no {}", llara.display());
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("ml");
+    ok(&rudder(&[
+        "llmrec",
+        "sequences",
+        "--ratings",
+        ml.to_str().unwrap(),
+        "--llara",
+        llara.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("build.json")).unwrap()).unwrap();
+    assert_eq!(r["held_out_users"], 189, "{r}");
+    assert_eq!(r["train_users"], 754);
+    assert_eq!(r["kept_interactions"], 82520);
+    assert_eq!(r["train_rows"], 68389);
+    for s in r["held_out"].as_array().unwrap() {
+        assert_eq!(s["matched"], s["rows"], "{s}");
+        assert_eq!(s["ambiguous"], 0, "{s}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("train.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        68389
+    );
+}
