@@ -68,8 +68,9 @@ pub struct SequencesArgs {
     /// raw ML-100K folder.
     #[arg(long, default_value = "ml-100k")]
     pub ratings: String,
-    /// The LLaRA folder whose held-out rows (val.jsonl, test.jsonl) and item names (u.item or
-    /// id2name.txt) the training rows must fit, e.g. ../shared/data/llara/movielens.
+    /// The LLaRA folder whose held-out rows (val.jsonl, test.jsonl) and item names the training
+    /// rows must fit, e.g. ../shared/data/llara/movielens. With u.item a rating's item id N is
+    /// row N − 1 (ML-100K ids start at 1); with id2name.txt it is id N.
     #[arg(long)]
     pub llara: PathBuf,
     /// Keep interactions rated at least this (3: no lower rating occurs in LLaRA's rows).
@@ -1358,22 +1359,28 @@ fn run_sequences(a: SequencesArgs) -> Result<()> {
     if a.window == 0 {
         bail!("--window must be at least 1");
     }
-    // LLaRA's item id of a dataset item: the raw id − 1 (u.item row), checked against the names
+    // LLaRA's item id of a dataset item: with u.item (ML-100K, ids from 1) its row, the raw id
+    // − 1; with id2name.txt (ids from 0) the raw id — checked against the names either way
+    let first = if a.llara.join("id2name.txt").exists() {
+        0
+    } else {
+        1
+    };
+    let last = pad - 1 + first;
     let mut item_id = vec![0u32; ds.n_items()];
     for (dense, ext) in ds.items.iter() {
         let raw: u32 = ext
             .parse()
             .ok()
-            .filter(|&r| r >= 1 && r <= pad)
+            .filter(|&r| r >= first && r <= last)
             .with_context(|| {
                 format!(
-                    "--ratings {}: item {ext:?} is not an id 1..={pad} of the {} item names in {}",
+                    "--ratings {}: item {ext:?} is not an id {first}..={last} of the {pad} item names in {}",
                     a.ratings,
-                    pad,
                     a.llara.display()
                 )
             })?;
-        item_id[dense as usize] = raw - 1;
+        item_id[dense as usize] = raw - first;
     }
     let indptr = inter.indptr();
     let mut histories: Vec<History> = Vec::with_capacity(ds.n_users());

@@ -570,6 +570,11 @@ fn sequences_are_built_from_ratings_without_the_held_out_users() {
     std::fs::remove_file(llara.join("u.item")).unwrap();
     let e = fails(&build(&t.path().join("b3")));
     assert!(e.contains("u.item") || e.contains("id2name"), "{e}");
+    // with id2name.txt the ids count from 0: 20 names cover ids 0..=19, so item 20 is refused
+    let names: String = (0..20).map(|i| format!("{i}::Movie {i}\n")).collect();
+    std::fs::write(llara.join("id2name.txt"), names).unwrap();
+    let e = fails(&build(&t.path().join("b4")));
+    assert!(e.contains("\"20\"") && e.contains("0..=19"), "{e}");
 }
 
 /// On the real ML-100K ratings and LLaRA's shipped MovieLens rows: every held-out row finds
