@@ -1372,7 +1372,7 @@ fn run_sequences(a: SequencesArgs) -> Result<()> {
         let raw: u32 = ext
             .parse()
             .ok()
-            .filter(|&r| r >= first && r <= last)
+            .filter(|r| (first..=last).contains(r))
             .with_context(|| {
                 format!(
                     "--ratings {}: item {ext:?} is not an id {first}..={last} of the {pad} item names in {}",
