@@ -59,7 +59,7 @@ pub fn ratio_counts(n: usize, r: &[f64; 3]) -> [usize; 3] {
 }
 
 /// Order of a user's interactions by time (stable: ties keep the given order).
-fn time_order(x: &Interactions, u: u32) -> Vec<usize> {
+pub(crate) fn time_order(x: &Interactions, u: u32) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..x.degree(u)).collect();
     if let Some(t) = x.timestamps(u) {
         idx.sort_by_key(|&k| t[k]);

@@ -1332,7 +1332,7 @@ pub fn run(cmd: LlmrecCmd) -> Result<()> {
 
 /// `rudder llmrec sequences`: LLaRA training rows from ratings, beside the shipped held-out rows.
 fn run_sequences(a: SequencesArgs) -> Result<()> {
-    use rudder_data::formats::llara_build::{History, match_held_out, sliding_rows};
+    use rudder_data::formats::llara_build::{histories, match_held_out, sliding_rows};
     let store = rudder_data::assets::Store::from_env();
     let rudder_data::formats::Loaded::Interactions(ds) =
         rudder_data::resolve::load(&a.ratings, None, &store)
@@ -1341,12 +1341,12 @@ fn run_sequences(a: SequencesArgs) -> Result<()> {
         bail!("--ratings {}: not an interaction dataset", a.ratings);
     };
     let inter = &ds.interactions;
-    let (Some(ratings), Some(times)) = (inter.all_ratings(), inter.all_timestamps()) else {
+    if !inter.has_timestamps() {
         bail!(
-            "--ratings {}: every interaction needs a rating and a timestamp",
+            "--ratings {}: every interaction needs a timestamp (rows are in time order)",
             a.ratings
         );
-    };
+    }
     let llara = rudder_data::formats::llara::read_dir(&a.llara)
         .with_context(|| format!("--llara {}", a.llara.display()))?;
     let Some(names) = llara.item_names.as_ref() else {
@@ -1382,23 +1382,12 @@ fn run_sequences(a: SequencesArgs) -> Result<()> {
             })?;
         item_id[dense as usize] = raw - first;
     }
-    let indptr = inter.indptr();
-    let mut histories: Vec<History> = Vec::with_capacity(ds.n_users());
-    for u in 0..ds.n_users() {
-        let (s, e) = (indptr[u], indptr[u + 1]);
-        let mut ev: Vec<(i64, u32, i64)> = (s..e)
-            .filter(|&k| ratings[k] >= a.min_rating)
-            .map(|k| {
-                (
-                    times[k],
-                    item_id[inter.indices()[k] as usize],
-                    ratings[k].round() as i64,
-                )
-            })
-            .collect();
-        ev.sort_by_key(|x| x.0); // stable: ties keep the file order
-        histories.push(ev.into_iter().map(|(_, i, r)| (i, r)).collect());
-    }
+    let Some(histories) = histories(inter, &item_id, a.min_rating) else {
+        bail!(
+            "--ratings {}: every interaction needs a rating (--min-rating filters them)",
+            a.ratings
+        );
+    };
     let mut held = vec![false; histories.len()];
     let mut report = Vec::new();
     for (split, rows) in &llara.splits {

@@ -14,11 +14,29 @@
 //!   1), `next` = interaction `k` — the first row has an empty history, as LLaRA's LastFM train
 //!   file does.
 
+use crate::interactions::Interactions;
 use crate::sequences::SeqSample;
-use std::collections::HashSet;
 
 /// One user's kept interactions in time order: `(item id, rating)`.
 pub type History = Vec<(u32, i64)>;
+
+/// Every user's interactions rated at least `min_rating`, in time order (ties keep the stored
+/// order), as `(item_id[item], rating)`. `None` when the interactions carry no ratings.
+pub fn histories(x: &Interactions, item_id: &[u32], min_rating: f32) -> Option<Vec<History>> {
+    x.all_ratings()?;
+    Some(
+        (0..x.n_users() as u32)
+            .map(|u| {
+                let (items, ratings) = (x.items(u), x.ratings(u).unwrap_or_default());
+                crate::split::time_order(x, u)
+                    .into_iter()
+                    .filter(|&k| ratings[k] >= min_rating)
+                    .map(|k| (item_id[items[k] as usize], ratings[k].round() as i64))
+                    .collect()
+            })
+            .collect(),
+    )
+}
 
 /// Every train row of one user (see the module docs). `with_ratings` writes MovieLens'
 /// `[item, rating]` pairs (pad `[pad, 0]`).
@@ -74,47 +92,52 @@ pub fn match_held_out(
 ) -> Vec<Option<HeldOutMatch>> {
     rows.iter()
         .map(|row| {
-            let entry = |k: usize| -> (u32, Option<i64>) {
-                (row.seq[k], row.seq_ratings.as_ref().map(|r| r[k]))
-            };
             let mut want: Vec<(u32, Option<i64>)> = (0..row.seq.len())
                 .filter(|&k| row.seq[k] != pad)
-                .map(entry)
+                .map(|k| (row.seq[k], row.seq_ratings.as_ref().map(|r| r[k])))
                 .collect();
             want.push((row.next, row.next_rating));
-            let n = want.len();
             let mut best: Option<HeldOutMatch> = None;
-            for (u, h) in histories.iter().enumerate() {
-                if h.len() < n {
+            for (user, h) in histories.iter().enumerate() {
+                let Some(slack) = slack_of(&want, h, max_slack) else {
                     continue;
-                }
-                let limit = max_slack.min(h.len() - n);
-                let upto = best.map_or(limit, |b| b.slack.min(limit));
-                for s in 0..=upto {
-                    let tail = &h[h.len() - n - s..];
-                    let have: HashSet<(u32, Option<i64>)> = tail
-                        .iter()
-                        .map(|&(i, r)| (i, want[0].1.map(|_| r)))
-                        .collect();
-                    if want.iter().all(|w| have.contains(w)) {
-                        best = match best {
-                            Some(b) if b.slack == s => Some(HeldOutMatch {
-                                ties: b.ties + 1,
-                                ..b
-                            }),
-                            _ => Some(HeldOutMatch {
-                                user: u,
-                                slack: s,
-                                ties: 0,
-                            }),
-                        };
-                        break;
-                    }
-                }
+                };
+                best = match best {
+                    Some(b) if b.slack < slack => Some(b),
+                    Some(b) if b.slack == slack => Some(HeldOutMatch {
+                        ties: b.ties + 1,
+                        ..b
+                    }),
+                    _ => Some(HeldOutMatch {
+                        user,
+                        slack,
+                        ties: 0,
+                    }),
+                };
             }
             best
         })
         .collect()
+}
+
+/// The smallest slack at which the tail of `h` holds every wanted entry (a rating of `None`
+/// matches any): each entry's latest occurrence, counted from the end, must lie within the last
+/// `want.len() + slack` interactions. `None` beyond `max_slack` or for a shorter history.
+fn slack_of(want: &[(u32, Option<i64>)], h: &[(u32, i64)], max_slack: usize) -> Option<usize> {
+    let n = want.len();
+    if h.len() < n {
+        return None;
+    }
+    let tail = &h[h.len().saturating_sub(n + max_slack)..];
+    let mut deepest = 0;
+    for &(item, rating) in want {
+        let back = tail
+            .iter()
+            .rev()
+            .position(|&(i, r)| i == item && rating.is_none_or(|x| x == r))?;
+        deepest = deepest.max(back + 1);
+    }
+    Some(deepest.saturating_sub(n))
 }
 
 #[cfg(test)]
