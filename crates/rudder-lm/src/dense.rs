@@ -191,18 +191,45 @@ fn matmul_many_with(ms: &[&PackedMatrix], x: &[f32], n: usize, kern: Kernel) -> 
     let cols = first.cols;
     assert!(ms.iter().all(|m| m.cols == cols));
     assert_eq!(x.len(), n * cols);
-    let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; n * m.rows]).collect();
     if n == 0 {
-        return ys;
+        return ms.iter().map(|_| Vec::new()).collect();
     }
+    // Outputs are not zeroed first: the tasks write every element (see the SAFETY note below),
+    // and a serial memset of a prefill chunk's outputs costs a core's worth of idle time.
+    // (Unit tests fill them with NaN instead, so that a value no task wrote shows.)
+    let mut ys: Vec<Vec<f32>> = ms
+        .iter()
+        .map(|m| {
+            let mut y = Vec::with_capacity(n * m.rows);
+            if cfg!(test) {
+                y.resize(n * m.rows, f32::NAN);
+            }
+            y
+        })
+        .collect();
     let ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
     let groups: Vec<usize> = ms.iter().map(|m| m.groups).collect();
     // tasks of an even number of groups, so that the AVX-512 kernel's group pairs stay whole
-    crate::team::for_group_tasks(&groups, n, 2, &|i, g0, g1| {
-        // SAFETY: each task owns the rows of groups g0..g1 of output i; the kernel was
-        // detected at run time; x holds n · cols values (asserted above).
-        unsafe { ms[i].groups_into(g0, g1, x, n, ptrs[i].0, kern) };
+    crate::team::for_group_tasks(&groups, n, 2, true, &|i, g0, g1, n0, n1| {
+        // SAFETY: each task owns the rows of groups g0..g1 of activation rows n0..n1 of output
+        // i; the kernel was detected at run time; x holds n · cols values (asserted above).
+        unsafe {
+            ms[i].groups_into(
+                g0,
+                g1,
+                &x[n0 * cols..n1 * cols],
+                n1 - n0,
+                ptrs[i].0.add(n0 * ms[i].rows),
+                kern,
+            )
+        };
     });
+    for (y, m) in ys.iter_mut().zip(ms) {
+        // SAFETY: the tasks cover every (group, activation row) pair of every matrix, and a
+        // kernel writes all the valid rows of each group it owns for each activation row it
+        // owns (masked stores past the last real row), so all n · rows values are written.
+        unsafe { y.set_len(n * m.rows) };
+    }
     ys
 }
 
@@ -236,6 +263,13 @@ fn tile_walk(
     })
 }
 
+/// Software prefetch of the next weight panel in the AVX-512 kernel (`RUDDER_NO_PREFETCH`
+/// turns it off, for measurements).
+fn prefetch_on() -> bool {
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *P.get_or_init(|| std::env::var_os("RUDDER_NO_PREFETCH").is_none())
+}
+
 /// Calls `$f::<R>` for the run-time tile height `$t` (1..=`$max`).
 macro_rules! by_height {
     ($t:expr, $f:ident, [$($r:literal),*], $args:tt) => {
@@ -252,7 +286,11 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Output rows `16·g .. 16·(g+G)` of activation rows `n0 .. n0+R`.
+    /// Output rows `16·g .. 16·(g+G)` of activation rows `n0 .. n0+R`. With `pf` set, one
+    /// or two cache lines from `pf + c·stride` (bytes) go to L2 at every column `c`: the next
+    /// unit's weight panel, a slice per tile, so that the first tile over a panel does not
+    /// wait on memory (decode steps of a batch read each panel from DRAM once, then reuse it
+    /// from cache for the other tiles).
     #[inline(always)]
     unsafe fn tile<const G: usize, const R: usize>(
         m: &PackedMatrix,
@@ -260,21 +298,42 @@ mod avx512 {
         x: *const f32,
         n0: usize,
         y: *mut f32,
+        pf: Option<(*const i8, usize)>,
     ) {
         unsafe {
             let k = m.cols;
             let w = m.data.as_ptr().add(g * k * PG);
             let xp = x.add(n0 * k);
             let mut acc = [[_mm512_setzero_ps(); R]; G];
-            for c in 0..k {
-                let mut wv = [_mm512_setzero_ps(); G];
-                for gi in 0..G {
-                    wv[gi] = _mm512_loadu_ps(w.add((gi * k + c) * PG));
-                }
-                for r in 0..R {
-                    let b = _mm512_set1_ps(*xp.add(r * k + c));
+            macro_rules! column {
+                ($c:expr) => {{
+                    let c = $c;
+                    let mut wv = [_mm512_setzero_ps(); G];
                     for gi in 0..G {
-                        acc[gi][r] = _mm512_fmadd_ps(wv[gi], b, acc[gi][r]);
+                        wv[gi] = _mm512_loadu_ps(w.add((gi * k + c) * PG));
+                    }
+                    for r in 0..R {
+                        let b = _mm512_set1_ps(*xp.add(r * k + c));
+                        for gi in 0..G {
+                            acc[gi][r] = _mm512_fmadd_ps(wv[gi], b, acc[gi][r]);
+                        }
+                    }
+                }};
+            }
+            match pf {
+                Some((p, stride)) => {
+                    for c in 0..k {
+                        let a = p.add(c * stride);
+                        _mm_prefetch::<_MM_HINT_T1>(a);
+                        if stride > 64 {
+                            _mm_prefetch::<_MM_HINT_T1>(a.add(64));
+                        }
+                        column!(c);
+                    }
+                }
+                None => {
+                    for c in 0..k {
+                        column!(c);
                     }
                 }
             }
@@ -296,8 +355,9 @@ mod avx512 {
         x: *const f32,
         n0: usize,
         y: *mut f32,
+        pf: Option<(*const i8, usize)>,
     ) {
-        unsafe { tile::<2, R>(m, g, x, n0, y) }
+        unsafe { tile::<2, R>(m, g, x, n0, y, pf) }
     }
 
     #[inline(always)]
@@ -307,8 +367,9 @@ mod avx512 {
         x: *const f32,
         n0: usize,
         y: *mut f32,
+        pf: Option<(*const i8, usize)>,
     ) {
-        unsafe { tile::<1, R>(m, g, x, n0, y) }
+        unsafe { tile::<1, R>(m, g, x, n0, y, pf) }
     }
 
     /// # Safety
@@ -323,13 +384,32 @@ mod avx512 {
         y: *mut f32,
     ) {
         let xp = x.as_ptr();
-        for (g, gs, n0, t) in tile_walk(m.cols, (g0, g1), n, 2, 8) {
+        let k = m.cols;
+        let blk = act_block(k);
+        let prefetch = prefetch_on();
+        for (g, gs, n0, t) in tile_walk(k, (g0, g1), n, 2, 8) {
+            // the next pair of this task (in this block), a slice of its panel per tile; not
+            // for a single tile (one decoding row), which streams from memory at full speed
+            // without help and loses some of it to the extra instructions
+            let b0 = n0 / blk * blk;
+            let tiles = ((b0 + blk).min(n) - b0).div_ceil(8);
+            let pf = (prefetch && tiles > 1 && g + gs < g1).then(|| {
+                let next = (g1 - g - gs).min(2);
+                let bytes = next * k * PG * 4;
+                let share = bytes.div_ceil(tiles);
+                let stride = share.div_ceil(k).clamp(8, 128);
+                // SAFETY: the slice of tile (n0 - b0)/8 starts inside the next panel; every
+                // prefetched address stays within it or at most 128 bytes past its end, and a
+                // prefetch never faults.
+                let start = unsafe { m.data.as_ptr().add((g + gs) * k * PG) as *const i8 };
+                (start.wrapping_add((n0 - b0) / 8 * share), stride)
+            });
             // SAFETY: forwarded from the caller.
             unsafe {
                 if gs == 2 {
-                    by_height!(t, pair, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y))
+                    by_height!(t, pair, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y, pf))
                 } else {
-                    by_height!(t, single, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y))
+                    by_height!(t, single, [1, 2, 3, 4, 5, 6, 7, 8], (m, g, xp, n0, y, pf))
                 }
             }
         }
@@ -492,6 +572,40 @@ mod tests {
             let got = matmul_many_with(&[&p], &x, n, k).pop().unwrap();
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-3, "{k:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn long_products_split_into_row_blocks_cover_every_output() {
+        // Past 64 rows the tasks also split activation rows (prefill); outputs are not zeroed
+        // first, so a missed (group, row) pair would show as a wrong value here.
+        let cols = 19;
+        let shapes = [(37usize, cols), (70, cols), (16, cols)];
+        let ws: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|&(r, c)| data(r * c, r as u64 + 1))
+            .collect();
+        let ps: Vec<PackedMatrix> = shapes
+            .iter()
+            .zip(&ws)
+            .map(|(&(r, c), w)| PackedMatrix::new(r, c, w).unwrap())
+            .collect();
+        let refs: Vec<&PackedMatrix> = ps.iter().collect();
+        for n in [65, 97, 200, 517] {
+            let x = data(n * cols, 100 + n as u64);
+            for k in kernels() {
+                let ys = matmul_many_with(&refs, &x, n, k);
+                for ((&(rows, _), w), y) in shapes.iter().zip(&ws).zip(&ys) {
+                    let want = reference(w, rows, cols, &x, n);
+                    assert_eq!(y.len(), want.len());
+                    for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{k:?} {rows}×{cols} n={n} at {i}: {a} vs {b}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -386,7 +386,7 @@ fn matmul_many_with(ms: &[&QMatrix], x: &[f32], n: usize, kern: Kernel) -> Vec<V
     let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; n * m.rows]).collect();
     let ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
     let groups: Vec<usize> = ms.iter().map(|m| m.groups).collect();
-    crate::team::for_group_tasks(&groups, n, 1, &|i, g0, g1| {
+    crate::team::for_group_tasks(&groups, n, 1, false, &|i, g0, g1, _, _| {
         // SAFETY: each task owns the rows of groups g0..g1 of output i; the kernel was
         // detected at run time.
         unsafe { ms[i].groups_into(g0, g1, &qx, ptrs[i].0, kern) };

@@ -24,39 +24,56 @@ impl SendPtr {
     }
 }
 
-/// Runs `f(matrix, g0, g1)` over row groups `g0..g1` of several matrices (`groups[i]` groups
-/// each) for a product of `n` activation rows: tasks of up to 32 groups, enough to balance the
-/// pool, each a multiple of `align` groups; on the team for up to 64 rows (decode steps, batched
-/// or not: many short products with serial work between them), on rayon for longer ones.
+/// Runs `f(matrix, g0, g1, n0, n1)` over row groups `g0..g1` of several matrices (`groups[i]`
+/// groups each) and activation rows `n0..n1` of a product of `n` rows. Tasks hold a multiple
+/// of `align` groups, enough of them to balance the workers; with `split_rows`, products of
+/// more than 64 rows (prefill) are also cut into blocks of activation rows (multiples of 24,
+/// so that tiles of 8 and 6 rows divide them), since a few long tasks of unequal size leave a
+/// core idle at the end of every product. Everything runs on the team, whose two kinds of
+/// work (products, and the attention and row-wise steps between them) then share one set of
+/// threads instead of rayon's workers and the team's spinning for the same cores; on rayon
+/// only when the team is busy (a call from inside another parallel section).
 pub(crate) fn for_group_tasks(
     groups: &[usize],
     n: usize,
     align: usize,
-    f: &(dyn Fn(usize, usize, usize) + Sync),
+    split_rows: bool,
+    f: &(dyn Fn(usize, usize, usize, usize, usize) + Sync),
 ) {
     use rayon::prelude::*;
     let total: usize = groups.iter().sum();
     let align = align.max(1);
-    let chunk = (total / (rayon::current_num_threads() * 4))
-        .clamp(1, 32)
-        .div_ceil(align)
-        * align;
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = if split_rows && n > 64 {
+        (n.div_ceil(24) / 4).clamp(1, 8)
+    } else {
+        1
+    };
+    let rb = n.div_ceil(24).div_ceil(blocks) * 24;
+    let per = if blocks > 1 { 2 } else { 4 };
+    let chunk = (total / (threads * per)).clamp(1, 32).div_ceil(align) * align;
     let mut tasks = Vec::new();
     for (i, &gs) in groups.iter().enumerate() {
         let mut g = 0;
         while g < gs {
-            tasks.push((i, g, (g + chunk).min(gs)));
+            let mut n0 = 0;
+            while n0 < n {
+                tasks.push((i, g, (g + chunk).min(gs), n0, (n0 + rb).min(n)));
+                n0 += rb;
+            }
             g += chunk;
         }
     }
     let task = |ti: usize| {
-        let (i, g0, g1) = tasks[ti];
-        f(i, g0, g1)
+        let (i, g0, g1, n0, n1) = tasks[ti];
+        f(i, g0, g1, n0, n1)
     };
-    if n <= 64 {
-        Team::global().run(tasks.len(), &task);
-    } else {
-        (0..tasks.len()).into_par_iter().for_each(task);
+    if !Team::global().try_run(tasks.len(), &task) {
+        if n <= 64 {
+            (0..tasks.len()).for_each(task);
+        } else {
+            (0..tasks.len()).into_par_iter().for_each(task);
+        }
     }
 }
 
@@ -161,12 +178,17 @@ impl Team {
     /// Run `f(0..tasks)` across the caller and the workers. When the team is already busy
     /// (a call from inside another parallel section) the tasks run on the caller alone.
     pub fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        if !self.try_run(tasks, f) {
+            (0..tasks).for_each(f);
+        }
+    }
+
+    /// [`Team::run`], or `false` without running anything when the team is busy (or has no
+    /// workers, or there is a single task), so that the caller picks another way.
+    pub fn try_run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
         let guard = match self.busy.try_lock() {
             Ok(g) if self.workers > 0 && tasks > 1 => g,
-            _ => {
-                (0..tasks).for_each(f);
-                return;
-            }
+            _ => return false,
         };
         // SAFETY (lifetime erasure): the job is only reachable by workers until `pending`
         // drops to zero, which this function waits for before returning.
@@ -191,6 +213,7 @@ impl Team {
             std::hint::spin_loop();
         }
         drop(guard);
+        true
     }
 }
 
