@@ -263,11 +263,43 @@ fn tile_walk(
     })
 }
 
-/// Software prefetch of the next weight panel in the AVX-512 kernel (`RUDDER_NO_PREFETCH`
-/// turns it off, for measurements).
+/// Software prefetch of the next weight panel (`RUDDER_NO_PREFETCH` turns it off, for
+/// measurements).
 fn prefetch_on() -> bool {
     static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *P.get_or_init(|| std::env::var_os("RUDDER_NO_PREFETCH").is_none())
+}
+
+/// What the tile at activation row `n0` of unit `(g, gs)` (groups `g..g+gs`, the task's
+/// groups ending at `g1`) prefetches, as (first byte, bytes per column): its share of the
+/// next unit's weight panel, so that the panel is in L2 when its first tile starts (a decode
+/// step of a batch reads each panel from DRAM once, then reuses it from cache for the other
+/// tiles). Nothing for the last unit of a task, and nothing when a block holds a single tile
+/// (one decoding row streams from memory at full speed without help and loses some of it to
+/// the extra instructions).
+fn next_panel(
+    m: &PackedMatrix,
+    (g, gs): (usize, usize),
+    g1: usize,
+    n0: usize,
+    n: usize,
+    tile: usize,
+) -> Option<(*const i8, usize)> {
+    let k = m.cols;
+    let blk = act_block(k);
+    let b0 = n0 / blk * blk;
+    let tiles = ((b0 + blk).min(n) - b0).div_ceil(tile);
+    if !prefetch_on() || tiles < 2 || g + gs >= g1 {
+        return None;
+    }
+    let bytes = (g1 - g - gs).min(gs) * k * PG * 4;
+    let share = bytes.div_ceil(tiles);
+    let stride = share.div_ceil(k).clamp(8, 128);
+    // The slice of tile (n0 - b0)/tile starts inside the next panel; the addresses prefetched
+    // from it stay within that panel or at most 128 bytes past its end, and a prefetch of any
+    // address never faults (hence wrapping arithmetic, no dereference).
+    let start = m.data.as_ptr().wrapping_add((g + gs) * k * PG) as *const i8;
+    Some((start.wrapping_add((n0 - b0) / tile * share), stride))
 }
 
 /// Calls `$f::<R>` for the run-time tile height `$t` (1..=`$max`).
@@ -323,10 +355,10 @@ mod avx512 {
             match pf {
                 Some((p, stride)) => {
                     for c in 0..k {
-                        let a = p.add(c * stride);
+                        let a = p.wrapping_add(c * stride);
                         _mm_prefetch::<_MM_HINT_T1>(a);
                         if stride > 64 {
-                            _mm_prefetch::<_MM_HINT_T1>(a.add(64));
+                            _mm_prefetch::<_MM_HINT_T1>(a.wrapping_add(64));
                         }
                         column!(c);
                     }
@@ -384,26 +416,8 @@ mod avx512 {
         y: *mut f32,
     ) {
         let xp = x.as_ptr();
-        let k = m.cols;
-        let blk = act_block(k);
-        let prefetch = prefetch_on();
-        for (g, gs, n0, t) in tile_walk(k, (g0, g1), n, 2, 8) {
-            // the next pair of this task (in this block), a slice of its panel per tile; not
-            // for a single tile (one decoding row), which streams from memory at full speed
-            // without help and loses some of it to the extra instructions
-            let b0 = n0 / blk * blk;
-            let tiles = ((b0 + blk).min(n) - b0).div_ceil(8);
-            let pf = (prefetch && tiles > 1 && g + gs < g1).then(|| {
-                let next = (g1 - g - gs).min(2);
-                let bytes = next * k * PG * 4;
-                let share = bytes.div_ceil(tiles);
-                let stride = share.div_ceil(k).clamp(8, 128);
-                // SAFETY: the slice of tile (n0 - b0)/8 starts inside the next panel; every
-                // prefetched address stays within it or at most 128 bytes past its end, and a
-                // prefetch never faults.
-                let start = unsafe { m.data.as_ptr().add((g + gs) * k * PG) as *const i8 };
-                (start.wrapping_add((n0 - b0) / 8 * share), stride)
-            });
+        for (g, gs, n0, t) in tile_walk(m.cols, (g0, g1), n, 2, 8) {
+            let pf = next_panel(m, (g, gs), g1, n0, n, 8);
             // SAFETY: forwarded from the caller.
             unsafe {
                 if gs == 2 {
@@ -422,7 +436,8 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Output rows `16·g .. 16·g+16` (two 8-lane halves) of activation rows `n0 .. n0+R`.
+    /// Output rows `16·g .. 16·g+16` (two 8-lane halves) of activation rows `n0 .. n0+R`,
+    /// prefetching as the AVX-512 tile does.
     #[inline(always)]
     unsafe fn tile<const R: usize>(
         m: &PackedMatrix,
@@ -430,19 +445,40 @@ mod avx2 {
         x: *const f32,
         n0: usize,
         y: *mut f32,
+        pf: Option<(*const i8, usize)>,
     ) {
         unsafe {
             let k = m.cols;
             let w = m.data.as_ptr().add(g * k * PG);
             let xp = x.add(n0 * k);
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for c in 0..k {
-                let lo = _mm256_loadu_ps(w.add(c * PG));
-                let hi = _mm256_loadu_ps(w.add(c * PG + 8));
-                for r in 0..R {
-                    let b = _mm256_broadcast_ss(&*xp.add(r * k + c));
-                    acc[r][0] = _mm256_fmadd_ps(lo, b, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(hi, b, acc[r][1]);
+            macro_rules! column {
+                ($c:expr) => {{
+                    let c = $c;
+                    let lo = _mm256_loadu_ps(w.add(c * PG));
+                    let hi = _mm256_loadu_ps(w.add(c * PG + 8));
+                    for r in 0..R {
+                        let b = _mm256_broadcast_ss(&*xp.add(r * k + c));
+                        acc[r][0] = _mm256_fmadd_ps(lo, b, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(hi, b, acc[r][1]);
+                    }
+                }};
+            }
+            match pf {
+                Some((p, stride)) => {
+                    for c in 0..k {
+                        let a = p.wrapping_add(c * stride);
+                        _mm_prefetch::<_MM_HINT_T1>(a);
+                        if stride > 64 {
+                            _mm_prefetch::<_MM_HINT_T1>(a.wrapping_add(64));
+                        }
+                        column!(c);
+                    }
+                }
+                None => {
+                    for c in 0..k {
+                        column!(c);
+                    }
                 }
             }
             let row0 = g * PG;
@@ -474,9 +510,10 @@ mod avx2 {
         y: *mut f32,
     ) {
         let xp = x.as_ptr();
-        for (g, _, n0, t) in tile_walk(m.cols, (g0, g1), n, 1, 6) {
+        for (g, gs, n0, t) in tile_walk(m.cols, (g0, g1), n, 1, 6) {
+            let pf = next_panel(m, (g, gs), g1, n0, n, 6);
             // SAFETY: forwarded from the caller.
-            unsafe { by_height!(t, tile, [1, 2, 3, 4, 5, 6], (m, g, xp, n0, y)) }
+            unsafe { by_height!(t, tile, [1, 2, 3, 4, 5, 6], (m, g, xp, n0, y, pf)) }
         }
     }
 }
