@@ -38,7 +38,16 @@ ev() { # name [adapter]
   $RUDDER llmrec eval $D $L --max-test "$MAX_TEST" ${2:+--adapter "$2"} --out "$OUT/eval-$1" > "$OUT/eval-$1.log" 2>&1
 }
 ev zero-shot
-for m in sft dpo sdpo; do ev $m "$OUT/$m/adapter"; done
+ev sft "$OUT/sft/adapter"
+for m in dpo sdpo; do
+  # a preference stage whose validation never beat its start keeps the SFT adapter byte for
+  # byte: its evaluation would repeat SFT's, so SFT's is copied (and says so)
+  if [ ! -f "$OUT/eval-$m/results.json" ] && cmp -s "$OUT/$m/adapter/adapter_model.safetensors" "$OUT/sft/adapter/adapter_model.safetensors"; then
+    step "eval $m = eval sft (same adapter)"; rm -rf "$OUT/eval-$m"; cp -r "$OUT/eval-sft" "$OUT/eval-$m"
+    echo "adapter identical to the SFT adapter; results copied from eval-sft" > "$OUT/eval-$m/SAME_AS_SFT"
+  fi
+  ev $m "$OUT/$m/adapter"
+done
 for m in sasrec gru4rec caser; do
   [ -f "$OUT/$m/results.json" ] || { step $m; rm -rf "$OUT/$m"
     $RUDDER llmrec $m $D --max-test "$MAX_TEST" --epochs "$SEQ_EPOCHS" --patience 5 --out "$OUT/$m" > "$OUT/$m.log" 2>&1; }
