@@ -302,6 +302,34 @@ fn next_panel(
     Some((start.wrapping_add((n0 - b0) / tile * share), stride))
 }
 
+/// Runs `$column!(c)` for every column `c < $k`, first prefetching (into L2) the line(s) at
+/// `p + c·stride` when `$pf` is `Some((p, stride))` (two lines when the stride is over one).
+/// Inside the x86 kernels only.
+#[cfg(target_arch = "x86_64")]
+macro_rules! over_columns {
+    ($k:expr, $pf:expr, $column:ident) => {
+        match $pf {
+            Some((p, stride)) => {
+                for c in 0..$k {
+                    let a: *const i8 = p.wrapping_add(c * stride);
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(a);
+                    if stride > 64 {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                            a.wrapping_add(64),
+                        );
+                    }
+                    $column!(c);
+                }
+            }
+            None => {
+                for c in 0..$k {
+                    $column!(c);
+                }
+            }
+        }
+    };
+}
+
 /// Calls `$f::<R>` for the run-time tile height `$t` (1..=`$max`).
 macro_rules! by_height {
     ($t:expr, $f:ident, [$($r:literal),*], $args:tt) => {
@@ -352,23 +380,7 @@ mod avx512 {
                     }
                 }};
             }
-            match pf {
-                Some((p, stride)) => {
-                    for c in 0..k {
-                        let a = p.wrapping_add(c * stride);
-                        _mm_prefetch::<_MM_HINT_T1>(a);
-                        if stride > 64 {
-                            _mm_prefetch::<_MM_HINT_T1>(a.wrapping_add(64));
-                        }
-                        column!(c);
-                    }
-                }
-                None => {
-                    for c in 0..k {
-                        column!(c);
-                    }
-                }
-            }
+            over_columns!(k, pf, column);
             for gi in 0..G {
                 let row0 = (g + gi) * PG;
                 let valid = (m.rows - row0).min(PG);
@@ -464,23 +476,7 @@ mod avx2 {
                     }
                 }};
             }
-            match pf {
-                Some((p, stride)) => {
-                    for c in 0..k {
-                        let a = p.wrapping_add(c * stride);
-                        _mm_prefetch::<_MM_HINT_T1>(a);
-                        if stride > 64 {
-                            _mm_prefetch::<_MM_HINT_T1>(a.wrapping_add(64));
-                        }
-                        column!(c);
-                    }
-                }
-                None => {
-                    for c in 0..k {
-                        column!(c);
-                    }
-                }
-            }
+            over_columns!(k, pf, column);
             let row0 = g * PG;
             let valid = (m.rows - row0).min(PG);
             for r in 0..R {
