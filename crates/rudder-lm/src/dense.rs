@@ -346,11 +346,8 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Output rows `16·g .. 16·(g+G)` of activation rows `n0 .. n0+R`. With `pf` set, one
-    /// or two cache lines from `pf + c·stride` (bytes) go to L2 at every column `c`: the next
-    /// unit's weight panel, a slice per tile, so that the first tile over a panel does not
-    /// wait on memory (decode steps of a batch read each panel from DRAM once, then reuse it
-    /// from cache for the other tiles).
+    /// Output rows `16·g .. 16·(g+G)` of activation rows `n0 .. n0+R`, prefetching `pf` (see
+    /// [`next_panel`]).
     #[inline(always)]
     unsafe fn tile<const G: usize, const R: usize>(
         m: &PackedMatrix,
@@ -449,7 +446,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// Output rows `16·g .. 16·g+16` (two 8-lane halves) of activation rows `n0 .. n0+R`,
-    /// prefetching as the AVX-512 tile does.
+    /// prefetching `pf` (see [`next_panel`]).
     #[inline(always)]
     unsafe fn tile<const R: usize>(
         m: &PackedMatrix,

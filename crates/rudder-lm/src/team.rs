@@ -26,7 +26,8 @@ impl SendPtr {
 
 /// Runs `f(matrix, g0, g1, n0, n1)` over row groups `g0..g1` of several matrices (`groups[i]`
 /// groups each) and activation rows `n0..n1` of a product of `n` rows. Tasks hold a multiple
-/// of `align` groups, enough of them to balance the workers; with `split_rows`, products of
+/// of `align` groups, enough of them to balance the workers; with `split_rows` (kernels that
+/// take any range of activation rows; the quantized ones read one pre-quantized block), products of
 /// more than 64 rows (prefill) are also cut into blocks of activation rows (multiples of 24,
 /// so that tiles of 8 and 6 rows divide them), since a few long tasks of unequal size leave a
 /// core idle at the end of every product. Everything runs on the team, whose two kinds of
