@@ -68,7 +68,7 @@ fn lastfm_examples_and_a_sasrec_epoch_beat_chance_on_the_candidate_protocol() {
         &cfg,
         4606,
         &train[..10_000],
-        val,
+        seqtrain::Validation::Full(val),
         &mut seqtrain::Quiet,
     )
     .unwrap();
