@@ -485,18 +485,7 @@ mod tests {
                 .fold(0.0, f64::max);
             assert_eq!(rep.epochs[rep.best_epoch].valid_ndcg10, best);
             // candidate protocol: the target among 5 candidates
-            let ex: Vec<RecExample> = va
-                .iter()
-                .map(|s| {
-                    let h = s.history(Some(n));
-                    let c = crate::data::candidates_for(&h, s.next, n as usize, 5, 3).unwrap();
-                    RecExample {
-                        history: h,
-                        candidates: c,
-                        target: s.next,
-                    }
-                })
-                .collect();
+            let ex = questions(&va, n, 5);
             let hr1 = eval_candidates(m.as_ref(), &ex, n as usize, 10, &[1])
                 .unwrap()
                 .get("hit", 1);
@@ -506,18 +495,23 @@ mod tests {
         let mut bad = rows(n, 3, 5);
         bad[1].next = 99;
         let m = build(n as usize, &SeqConfig::new(SeqKind::Sasrec)).unwrap();
-        let e = train(
-            m.as_ref(),
-            &SeqConfig::new(SeqKind::Sasrec),
-            n as usize,
-            &bad,
-            Validation::Full(&va),
-            &mut Quiet,
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let cfg = SeqConfig::new(SeqKind::Sasrec);
+        let e = train_error(m.as_ref(), &cfg, n, &bad, Validation::Full(&va));
         assert!(e.contains("line 2") && e.contains("99"), "{e}");
+    }
+
+    /// The error message of a training run that must fail.
+    fn train_error(
+        m: &dyn SeqModel,
+        cfg: &SeqConfig,
+        n: u32,
+        tr: &[SeqSample],
+        valid: Validation,
+    ) -> String {
+        match train(m, cfg, n as usize, tr, valid, &mut Quiet) {
+            Ok(_) => panic!("training should have been refused"),
+            Err(e) => e.to_string(),
+        }
     }
 
     /// Questions over `rows` with `c` candidates each (the target among them).
@@ -577,17 +571,7 @@ mod tests {
         // a candidate beyond the catalogue is refused with the question
         let mut bad = ex.clone();
         bad[3].candidates[0] = 77;
-        let e = train(
-            m.as_ref(),
-            &cfg,
-            n as usize,
-            &tr,
-            Validation::Candidates(&bad),
-            &mut Quiet,
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let e = train_error(m.as_ref(), &cfg, n, &tr, Validation::Candidates(&bad));
         assert!(e.contains("question 4") && e.contains("77"), "{e}");
     }
 }
