@@ -2,7 +2,7 @@
 # LastFM pipeline of docs/llmrec.md: SFT → DPO / S-DPO from the SFT adapter, evaluation of the
 # zero-shot model and of each adapter (likelihood ranking and greedy generation) on the same
 # fixed test subset, and the three sequential baselines. Scale through the environment:
-#   SFT_TRAIN=256 PREF_TRAIN=128 MAX_TEST=200 MAX_VAL=64 SEQ_EPOCHS=30 bench/llmrec_lastfm.sh OUT
+#   SFT_TRAIN=256 PREF_TRAIN=128 MAX_TEST=200 MAX_VAL=64 SEQ_EPOCHS=30 SEQ_SELECT=full bench/llmrec_lastfm.sh OUT
 # Another LLaRA folder: SEQS=DIR PROMPTS= TEMPLATES=movie (e.g. MovieLens-100K built by
 # `rudder llmrec sequences --llara ../shared/data/llara/movielens --out DIR`).
 # Results: OUT/*/results.json and summary.md; bench/llmrec_report.py OUT prints the table.
@@ -18,6 +18,7 @@ PREF_TRAIN=${PREF_TRAIN:-128}
 MAX_TEST=${MAX_TEST:-200}
 MAX_VAL=${MAX_VAL:-64}
 SEQ_EPOCHS=${SEQ_EPOCHS:-30}
+SEQ_SELECT=${SEQ_SELECT:-full}   # or candidates: the kept epoch by the validation questions' candidates
 BATCH=${BATCH:-16}
 D="--seqs $SEQS${PROMPTS:+ --prompts $PROMPTS}"
 L="--templates $TEMPLATES"
@@ -50,6 +51,6 @@ for m in dpo sdpo; do
 done
 for m in sasrec gru4rec caser; do
   [ -f "$OUT/$m/results.json" ] || { step $m; rm -rf "$OUT/$m"
-    $RUDDER llmrec $m $D --max-test "$MAX_TEST" --epochs "$SEQ_EPOCHS" --patience 5 --out "$OUT/$m" > "$OUT/$m.log" 2>&1; }
+    $RUDDER llmrec $m $D --max-test "$MAX_TEST" --epochs "$SEQ_EPOCHS" --patience 5 --select-by "$SEQ_SELECT" --out "$OUT/$m" > "$OUT/$m.log" 2>&1; }
 done
 step done
