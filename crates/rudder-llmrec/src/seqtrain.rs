@@ -109,10 +109,18 @@ pub enum Validation<'a> {
 }
 
 impl Validation<'_> {
-    fn is_empty(&self) -> bool {
+    /// Refuse an empty set and ids outside the catalogue, naming the set.
+    fn check(&self, n_items: usize) -> Result<()> {
+        let (empty, what) = match self {
+            Validation::Full(r) => (r.is_empty(), "validation rows"),
+            Validation::Candidates(e) => (e.is_empty(), "validation questions"),
+        };
+        if empty {
+            return Err(LlmrecError::Input(format!("no {what}")));
+        }
         match self {
-            Validation::Full(r) => r.is_empty(),
-            Validation::Candidates(e) => e.is_empty(),
+            Validation::Full(rows) => check_rows(rows, n_items, what),
+            Validation::Candidates(ex) => check_examples(ex, n_items, what),
         }
     }
 
@@ -282,16 +290,11 @@ pub fn train(
     valid: Validation,
     obs: &mut dyn SeqObserver,
 ) -> Result<SeqTrainReport> {
-    if train.is_empty() || valid.is_empty() {
-        return Err(LlmrecError::Input(
-            "training and validation rows must be non-empty".into(),
-        ));
+    if train.is_empty() {
+        return Err(LlmrecError::Input("no training rows".into()));
     }
     check_rows(train, n_items, "training rows")?;
-    match valid {
-        Validation::Full(rows) => check_rows(rows, n_items, "validation rows")?,
-        Validation::Candidates(ex) => check_examples(ex, n_items, "validation questions")?,
-    }
+    valid.check(n_items)?;
     let pad = n_items as u32;
     let hist = histories(train, pad);
     let params = model.params();

@@ -441,13 +441,7 @@ fn run_seq(kind: SeqKind, a: SeqArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let valid = match a.select_by {
         SelectBy::Full => seqtrain::Validation::Full(&d.val_rows),
-        SelectBy::Candidates => {
-            anyhow::ensure!(
-                !d.val_ex.is_empty(),
-                "--select-by candidates: no validation questions"
-            );
-            seqtrain::Validation::Candidates(&d.val_ex)
-        }
+        SelectBy::Candidates => seqtrain::Validation::Candidates(&d.val_ex),
     };
     let rep = seqtrain::train(model.as_ref(), &cfg, n, &d.train, valid, &mut obs)?;
     let train_s = t0.elapsed().as_secs_f64();
