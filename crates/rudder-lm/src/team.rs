@@ -6,8 +6,22 @@
 //! while after each job (then park), and every job is split into tasks grabbed from an atomic
 //! counter by the caller and the workers alike. Jobs are scoped: `run` returns only after every
 //! worker has left the job, so it may borrow from the caller's stack.
+//!
+//! Spinning assumes the team has the cores to itself. When another process shares them, a
+//! worker can be descheduled in the middle of a task while the caller, done with its own share,
+//! spins on the core the worker waits for (measured: decode 2–4× slower with one busy process
+//! beside a 2-thread team). So the caller, like an idle worker, spins only for [`SPIN`] and then
+//! sleeps until the last worker leaves the job (which wakes it). And the team measures whether
+//! it is worth having: now and then (every [`PROBE_FIRST`], doubling up to [`PROBE_MAX`]) it
+//! runs [`WINDOW`] worth of jobs on the caller alone and compares the time per task with the
+//! team's over the window just before. Solo has to win twice in a row by [`MARGIN`] (a change of
+//! phase, say prefill to decode, rarely falls on both) before the team stands down; then it
+//! probes the team the same way and comes back when the team wins twice. Alone on idle cores
+//! the probes cost a few 20 ms windows at 1-thread speed early on and one every few seconds
+//! after; beside a busy process the callers run at 1-thread speed instead of a lock-step team
+//! slowed to its descheduled member.
 
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -91,17 +105,145 @@ struct Shared {
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
+    /// The caller sleeps on `done` (under `lock`) once it has spun for [`SPIN`]; the worker
+    /// that brings `pending` to zero then wakes it.
+    caller_asleep: AtomicBool,
+    done: Condvar,
+    /// How many times a caller went to sleep (for tests and curiosity).
+    caller_sleeps: AtomicUsize,
 }
 
 pub struct Team {
     shared: Arc<Shared>,
     workers: usize,
-    busy: Mutex<()>,
+    busy: Mutex<Pace>,
 }
 
-/// How long an idle worker spins before parking.
+/// Time and tasks of a run of jobs in one mode.
+#[derive(Default, Clone, Copy)]
+struct Window {
+    secs: f64,
+    tasks: usize,
+}
+
+impl Window {
+    fn add(&mut self, secs: f64, tasks: usize) {
+        self.secs += secs;
+        self.tasks += tasks;
+    }
+    fn full(&self) -> bool {
+        self.secs >= WINDOW.as_secs_f64()
+    }
+    fn per_task(&self) -> f64 {
+        self.secs / self.tasks.max(1) as f64
+    }
+}
+
+/// The caller's measurements of team against solo (held under `busy`).
+struct Pace {
+    /// Jobs currently run on the caller alone.
+    solo: bool,
+    /// The jobs since the last full window of the current mode, and that window.
+    current: Window,
+    last: Option<Window>,
+    /// A probe of the other mode in progress.
+    probe: Option<Window>,
+    /// Probes won in a row (two switch modes).
+    wins: u8,
+    /// When the next probe is due, and the wait after it if it loses.
+    next_probe: Instant,
+    interval: Duration,
+    /// How many times the mode changed (for tests and curiosity).
+    switches: usize,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            solo: false,
+            current: Window::default(),
+            last: None,
+            probe: None,
+            wins: 0,
+            next_probe: Instant::now() + PROBE_FIRST,
+            interval: PROBE_FIRST,
+            switches: 0,
+        }
+    }
+
+    /// Whether the next job runs solo.
+    fn solo_now(&mut self, now: Instant) -> bool {
+        if self.probe.is_none() && self.last.is_some() && now >= self.next_probe {
+            self.probe = Some(Window::default());
+        }
+        self.solo ^ self.probe.is_some()
+    }
+
+    /// Records a job and decides on probes and switches.
+    fn record(&mut self, secs: f64, tasks: usize, now: Instant) {
+        if let Some(p) = self.probe.as_mut() {
+            p.add(secs, tasks);
+            if !p.full() {
+                return;
+            }
+            let p = self.probe.take().unwrap_or_default();
+            let before = self.last.take().unwrap_or_default();
+            self.current = Window::default();
+            let won = p.per_task() < MARGIN * before.per_task();
+            tracing::debug!(
+                probe = if self.solo { "team" } else { "solo" },
+                probe_us_per_task = p.per_task() * 1e6,
+                current_us_per_task = before.per_task() * 1e6,
+                won,
+                "worker team probe"
+            );
+            if won {
+                self.wins += 1;
+                if self.wins >= 2 {
+                    self.solo = !self.solo;
+                    self.switches += 1;
+                    tracing::debug!(solo = self.solo, "worker team switches mode");
+                    self.wins = 0;
+                    self.interval = PROBE_FIRST;
+                    self.next_probe = now + self.interval;
+                } else {
+                    // Confirm after one more window of the current mode.
+                    self.next_probe = now;
+                }
+            } else {
+                self.wins = 0;
+                self.interval = (self.interval * 2).min(PROBE_MAX);
+                self.next_probe = now + self.interval;
+            }
+            return;
+        }
+        self.current.add(secs, tasks);
+        if self.current.full() {
+            self.last = Some(std::mem::take(&mut self.current));
+        }
+    }
+}
+
+/// Length (summed job time) of a measuring window; the first probe's delay and the longest
+/// one; how much faster the other mode must be per task to count as a win.
+const WINDOW: Duration = Duration::from_millis(20);
+const PROBE_FIRST: Duration = Duration::from_millis(250);
+const PROBE_MAX: Duration = Duration::from_secs(4);
+const MARGIN: f64 = 0.85;
+
+/// How long an idle worker spins before parking, and a caller waiting for the workers to
+/// finish before it sleeps.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// A sleeping caller re-checks after this long even without a wake-up (a safety net; the
+/// tests make it long so that a missed wake-up shows as a hang).
+const WAIT_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_secs(20)
+} else {
+    Duration::from_millis(10)
+};
+
+/// Runs tasks of `job` until none is left.
 fn work(job: &Job) {
     // SAFETY: the job (and the closure it points to) outlives every worker's participation:
     // `run` waits for `pending` to reach zero before returning.
@@ -126,7 +268,7 @@ fn worker(s: Arc<Shared>) {
                 break g;
             }
             spins += 1;
-            if spins % 64 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(64) && start.elapsed() > SPIN {
                 let guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
                 let guard = s
@@ -144,7 +286,13 @@ fn worker(s: Arc<Shared>) {
         // SAFETY: see `work`; the pointer was published before the generation bump.
         let job = unsafe { &*job };
         work(job);
-        job.pending.fetch_sub(1, Ordering::Release);
+        // After this decrement the job may be gone (the caller returns once `pending` is zero):
+        // only `s` is touched below.
+        if job.pending.fetch_sub(1, Ordering::SeqCst) == 1 && s.caller_asleep.load(Ordering::SeqCst)
+        {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.done.notify_all();
+        }
     }
 }
 
@@ -156,6 +304,9 @@ impl Team {
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
+            caller_asleep: AtomicBool::new(false),
+            done: Condvar::new(),
+            caller_sleeps: AtomicUsize::new(0),
         });
         for i in 0..workers {
             let s = shared.clone();
@@ -166,7 +317,7 @@ impl Team {
         Team {
             shared,
             workers,
-            busy: Mutex::new(()),
+            busy: Mutex::new(Pace::new()),
         }
     }
 
@@ -185,12 +336,19 @@ impl Team {
     }
 
     /// [`Team::run`], or `false` without running anything when the team is busy (or has no
-    /// workers, or there is a single task), so that the caller picks another way.
+    /// workers, or there is a single task), so that the caller picks another way. While the
+    /// team stands down (see the module notes) the tasks run on the caller and it returns true.
     pub fn try_run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
-        let guard = match self.busy.try_lock() {
+        let mut pace = match self.busy.try_lock() {
             Ok(g) if self.workers > 0 && tasks > 1 => g,
             _ => return false,
         };
+        let t0 = Instant::now();
+        if pace.solo_now(t0) {
+            (0..tasks).for_each(f);
+            pace.record(t0.elapsed().as_secs_f64(), tasks, Instant::now());
+            return true;
+        }
         // SAFETY (lifetime erasure): the job is only reachable by workers until `pending`
         // drops to zero, which this function waits for before returning.
         let f_static: *const (dyn Fn(usize) + Sync) =
@@ -210,10 +368,33 @@ impl Team {
             s.wake.notify_all();
         }
         work(&job);
+        let start = Instant::now();
+        let mut spins = 0u32;
         while job.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(64) && start.elapsed() > SPIN {
+                // A worker still holds a task: sleep until the last one leaves. The flag is
+                // set before `pending` is read under the lock, and a worker decrements before it
+                // reads the flag (both SeqCst), so the wake-up cannot be missed; the timeout is
+                // a second line of defence only.
+                let g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.caller_asleep.store(true, Ordering::SeqCst);
+                s.caller_sleeps.fetch_add(1, Ordering::Relaxed);
+                let (g, _) = s
+                    .done
+                    .wait_timeout_while(g, WAIT_TIMEOUT, |_| {
+                        job.pending.load(Ordering::SeqCst) != 0
+                    })
+                    .unwrap_or_else(|e| e.into_inner());
+                s.caller_asleep.store(false, Ordering::SeqCst);
+                drop(g);
+            } else {
+                std::hint::spin_loop();
+            }
         }
-        drop(guard);
+        let end = Instant::now();
+        pace.record((end - t0).as_secs_f64(), tasks, end);
+        drop(pace);
         true
     }
 }
@@ -246,5 +427,68 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(2)); // workers park and wake again
             }
         }
+    }
+
+    #[test]
+    fn a_caller_waiting_on_a_slow_worker_sleeps_and_is_woken() {
+        // Tasks on the worker take 3 ms, the caller's 0.1 ms: the caller ends up waiting on the
+        // worker's last task for longer than the spin budget and goes to sleep, and the worker
+        // must wake it (in tests the safety-net timeout is 20 s, so a missed wake-up fails the
+        // time bound below). Every task still runs exactly once.
+        let team = Team::new(1);
+        for round in 0..20 {
+            let hits: Vec<AtomicUsize> = (0..40).map(|_| AtomicUsize::new(0)).collect();
+            let t0 = Instant::now();
+            team.run(40, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+                let on_worker = std::thread::current()
+                    .name()
+                    .is_some_and(|n| n.starts_with("rudder-team"));
+                std::thread::sleep(Duration::from_micros(if on_worker { 3000 } else { 100 }));
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "round {round}"
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "round {round}: no wake-up"
+            );
+            assert!(!team.shared.caller_asleep.load(Ordering::SeqCst));
+        }
+        assert!(team.shared.caller_sleeps.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn a_team_whose_worker_lags_goes_solo_and_comes_back() {
+        // While the worker's tasks take 20 ms and the caller's 1 ms, an 8-task job takes ≥ 20 ms
+        // on the team and ~8 ms on the caller alone: the probes find solo faster per task and
+        // the team stands down (tasks then run on the caller). Once the worker is as fast as the
+        // caller, the team takes ~4 ms a job, the probes find it faster again and it comes back.
+        // Tasks sleep rather than compute, and the gaps are wide, so that other tests running
+        // beside this one do not change the outcome.
+        let team = Team::new(1);
+        let slow = AtomicBool::new(true);
+        let hits: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
+        let task = |i: usize| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+            let on_worker = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("rudder-team"));
+            let lag = on_worker && slow.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(if lag { 20 } else { 1 }));
+        };
+        let mut jobs = 0;
+        for (solo, phase) in [(true, "standing down"), (false, "coming back")] {
+            let t0 = Instant::now();
+            while team.busy.lock().unwrap().solo != solo {
+                team.run(8, &task);
+                jobs += 1;
+                assert!(t0.elapsed() < Duration::from_secs(20), "never {phase}");
+            }
+            slow.store(false, Ordering::Relaxed);
+        }
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == jobs));
+        assert_eq!(team.busy.lock().unwrap().switches, 2);
     }
 }
