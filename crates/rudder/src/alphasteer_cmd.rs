@@ -848,12 +848,16 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let mut s = String::new();
     s.push_str("# Refusal steering evaluation\n\n");
     s.push_str(&format!(
-        "Model {}, steering file {}, {} sets ({} prompts each at most), greedy, generation capped at {} tokens. Refusals judged by keywords in the first {} characters{}. Wall time {:.0} s.\n\n",
+        "Model {}, steering file {}, {} sets ({} prompts each at most), greedy, generation capped at {}. Refusals judged by keywords in the first {} characters{}. Wall time {:.0} s.\n\n",
         a.model,
         a.steer.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
         sets.len(),
         if a.limit == 0 { "all".to_string() } else { a.limit.to_string() },
-        if a.max_tokens == 0 { "the reference's limits".to_string() } else { a.max_tokens.to_string() },
+        if a.max_tokens == 0 {
+            "the reference's per-set token limits".to_string()
+        } else {
+            format!("{} tokens", a.max_tokens)
+        },
         a.keyword_window,
         if a.judge.judge_llm.is_some() { " and by the LLM judge (judge.json)" } else { "" },
         seconds
