@@ -181,12 +181,12 @@ impl Pace {
 
     /// Records a job and decides on probes and switches.
     fn record(&mut self, secs: f64, tasks: usize, now: Instant) {
-        if let Some(p) = self.probe.as_mut() {
+        if let Some(mut p) = self.probe.take() {
             p.add(secs, tasks);
             if !p.full() {
+                self.probe = Some(p);
                 return;
             }
-            let p = self.probe.take().unwrap_or_default();
             let before = self.last.take().unwrap_or_default();
             self.current = Window::default();
             let won = p.per_task() < MARGIN * before.per_task();
@@ -257,18 +257,28 @@ fn work(job: &Job) {
     }
 }
 
+/// Spins until `ready()`; once that has taken longer than [`SPIN`], calls `sleep` (which blocks
+/// on a condition variable until ready or a timeout) instead of spinning. Idle workers and a
+/// caller waiting for late workers both wait this way.
+fn spin_then_sleep(ready: impl Fn() -> bool, mut sleep: impl FnMut()) {
+    let start = Instant::now();
+    let mut spins = 0u32;
+    while !ready() {
+        spins += 1;
+        if spins.is_multiple_of(64) && start.elapsed() > SPIN {
+            sleep();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 fn worker(s: Arc<Shared>) {
     let mut seen = 0u64;
     loop {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        let g = loop {
-            let g = s.generation.load(Ordering::Acquire);
-            if g != seen {
-                break g;
-            }
-            spins += 1;
-            if spins.is_multiple_of(64) && start.elapsed() > SPIN {
+        spin_then_sleep(
+            || s.generation.load(Ordering::Acquire) != seen,
+            || {
                 let guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
                 let guard = s
@@ -277,10 +287,11 @@ fn worker(s: Arc<Shared>) {
                     .unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_sub(1, Ordering::SeqCst);
                 drop(guard);
-            } else {
-                std::hint::spin_loop();
-            }
-        };
+            },
+        );
+        // The next job cannot be published before this worker has left the current one, so
+        // this is the generation the wait saw.
+        let g = s.generation.load(Ordering::Acquire);
         seen = g;
         let job = s.job.load(Ordering::Acquire);
         // SAFETY: see `work`; the pointer was published before the generation bump.
@@ -346,7 +357,8 @@ impl Team {
         let t0 = Instant::now();
         if pace.solo_now(t0) {
             (0..tasks).for_each(f);
-            pace.record(t0.elapsed().as_secs_f64(), tasks, Instant::now());
+            let end = Instant::now();
+            pace.record((end - t0).as_secs_f64(), tasks, end);
             return true;
         }
         // SAFETY (lifetime erasure): the job is only reachable by workers until `pending`
@@ -368,15 +380,13 @@ impl Team {
             s.wake.notify_all();
         }
         work(&job);
-        let start = Instant::now();
-        let mut spins = 0u32;
-        while job.pending.load(Ordering::Acquire) != 0 {
-            spins += 1;
-            if spins.is_multiple_of(64) && start.elapsed() > SPIN {
-                // A worker still holds a task: sleep until the last one leaves. The flag is
-                // set before `pending` is read under the lock, and a worker decrements before it
-                // reads the flag (both SeqCst), so the wake-up cannot be missed; the timeout is
-                // a second line of defence only.
+        spin_then_sleep(
+            || job.pending.load(Ordering::Acquire) == 0,
+            || {
+                // A worker still holds a task: sleep until the last one leaves. The flag is set
+                // before `pending` is read under the lock, and a worker decrements before it reads
+                // the flag (both SeqCst), so the wake-up cannot be missed; the timeout is a
+                // second line of defence only.
                 let g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.caller_asleep.store(true, Ordering::SeqCst);
                 s.caller_sleeps.fetch_add(1, Ordering::Relaxed);
@@ -388,10 +398,8 @@ impl Team {
                     .unwrap_or_else(|e| e.into_inner());
                 s.caller_asleep.store(false, Ordering::SeqCst);
                 drop(g);
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+            },
+        );
         let end = Instant::now();
         pace.record((end - t0).as_secs_f64(), tasks, end);
         drop(pace);
