@@ -310,8 +310,9 @@ fn next_panel(m: &PackedMatrix, tl: Tile, g1: usize) -> Option<(*const i8, usize
     let share = bytes.div_ceil(tl.tiles);
     let stride = share.div_ceil(k).clamp(8, 128);
     // The slice of tile `idx` starts inside the next panel; the addresses prefetched from it
-    // stay within that panel or at most 128 bytes past its end, and a prefetch of any address
-    // never faults (hence wrapping arithmetic, no dereference).
+    // stay within that panel or at most a few lines past its end (the kernels round up to whole
+    // lines and to four columns), and a prefetch of any address never faults (hence wrapping
+    // arithmetic, no dereference).
     let start = m.data.as_ptr().wrapping_add((tl.g + tl.gs) * k * PG) as *const i8;
     Some((start.wrapping_add(tl.idx * share), stride))
 }
