@@ -875,28 +875,23 @@ pub async fn simulate(
     let mut out = Vec::new();
     let depth = env.cfg.pages * env.cfg.per_page;
     for round in 0..rounds.max(1) {
-        if round > 0 {
-            if let Recommender::Cf {
+        if round > 0
+            && let Recommender::Cf {
                 cfg,
                 inputs,
                 scorer,
                 ..
             } = &mut rec
-            {
-                let s = rudder_data::Split {
-                    train: train.clone(),
-                    valid: split.valid.clone(),
-                    test: split.test.clone(),
-                    extra_tests: Vec::new(),
-                };
-                let report = rudder_cf::trainer::train_with(
-                    cfg,
-                    &s,
-                    inputs,
-                    &mut rudder_cf::trainer::Silent,
-                )?;
-                *scorer = report.scorer()?;
-            }
+        {
+            let s = rudder_data::Split {
+                train: train.clone(),
+                valid: split.valid.clone(),
+                test: split.test.clone(),
+                extra_tests: Vec::new(),
+            };
+            let report =
+                rudder_cf::trainer::train_with(cfg, &s, inputs, &mut rudder_cf::trainer::Silent)?;
+            *scorer = report.scorer()?;
         }
         let source = match &rec {
             Recommender::Baseline(b) => Source::Baseline(*b),

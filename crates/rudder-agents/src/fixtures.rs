@@ -85,7 +85,7 @@ pub fn write_release(dir: &Path, broken_line: bool) -> std::io::Result<()> {
     for u in 0..RELEASE_USERS {
         for j in 0..12 {
             let i = (u * 7 + j * 5) % RELEASE_ITEMS;
-            let stars = if i % 2 == 0 { 5 } else { 2 };
+            let stars = if i.is_multiple_of(2) { 5 } else { 2 };
             reviews.push_str(&format!(
                 "{{\"review_id\":\"r{u}_{j}\",\"user_id\":\"u{u}\",\"business_id\":\"b{i}\",\"stars\":{stars},\"text\":\"visit {j}\",\"useful\":{j},\"date\":\"{}\"}}\n",
                 release_date(u + j * 3)

@@ -342,15 +342,15 @@ pub mod strict {
                     let title = &rest[..p];
                     let v = &rest[p + 10..];
                     let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
-                    if let (Some(q), Ok(x)) = (v.find("; FEELING: "), digits.parse::<u8>()) {
-                        if q == digits.len() {
-                            let feeling = v[q + 11..].to_string();
-                            match catalogue(title)
-                                .and_then(|id| page_items.iter().position(|&i| i == id))
-                            {
-                                Some(pos) => r.ratings.push((pos, x, feeling)),
-                                None => r.unmatched.push(title.to_string()),
-                            }
+                    if let (Some(q), Ok(x)) = (v.find("; FEELING: "), digits.parse::<u8>())
+                        && q == digits.len()
+                    {
+                        let feeling = v[q + 11..].to_string();
+                        match catalogue(title)
+                            .and_then(|id| page_items.iter().position(|&i| i == id))
+                        {
+                            Some(pos) => r.ratings.push((pos, x, feeling)),
+                            None => r.unmatched.push(title.to_string()),
                         }
                     }
                 }

@@ -314,10 +314,10 @@ fn ranked_reply(prompt: &str) -> String {
     // the baseline's prompt gives the candidates as JSON records
     for part in prompt.split("\"item_id\":\"b").skip(1) {
         let n: String = part.chars().take_while(char::is_ascii_digit).collect();
-        if let Ok(n) = n.parse::<u32>() {
-            if !ids.iter().any(|x| x.0 == n) {
-                ids.push((n, format!("b{n}")));
-            }
+        if let Ok(n) = n.parse::<u32>()
+            && !ids.iter().any(|x| x.0 == n)
+        {
+            ids.push((n, format!("b{n}")));
         }
     }
     if prompt.contains("You are a planner") {
@@ -381,7 +381,7 @@ impl LlmClient for Scripted {
                         .trim_end_matches('\'')
                         .parse()
                         .unwrap_or(1);
-                    if n % 2 == 0 { -1.0 } else { -4.0 }
+                    if n.is_multiple_of(2) { -1.0 } else { -4.0 }
                 })
                 .collect();
             Ok(Scores {

@@ -67,7 +67,7 @@ fn reply_for(req: &ChatRequest) -> String {
                 let m: u32 = l.split(' ').next().unwrap().parse().unwrap();
                 format!(
                     "MOVIE: Movie {m}; WATCH: {}; REASON: r",
-                    if m % 2 == 0 { "yes" } else { "no" }
+                    if m.is_multiple_of(2) { "yes" } else { "no" }
                 )
             })
             .collect::<Vec<_>>()

@@ -164,7 +164,7 @@ impl AdvDrop {
         let n = x.dim(0)?;
         let sums = Tensor::zeros(n, a.dtype(), a.device())?.index_add(&self.rows, &a, 0)?;
         let means = (sums * &self.inv_deg)?.index_select(&self.rows, 0)?;
-        Ok(candle_nn_sigmoid(&(a - means)?)?)
+        candle_nn_sigmoid(&(a - means)?)
     }
 
     /// `M(X)` without a gradient, fused: one pass over each row's edges computes the
@@ -384,11 +384,11 @@ impl AdvDrop {
         let views = |keep: &(dyn Fn(usize, f32) -> bool + Sync)| -> Result<Tensor> {
             let ed = self.propagate(&self.dual, &self.dropped(|e| keep(e, pd[e])))?;
             let em = self.propagate(&self.main, &self.dropped(|e| keep(e, pm[e])))?;
-            Ok(self.inv(
+            self.inv(
                 &(ed.0.detach(), ed.1.detach()),
                 &(em.0.detach(), em.1.detach()),
                 &s,
-            )?)
+            )
         };
         let a = views(&|e, p| u[e] > 1.0 - p)?.to_scalar::<f32>()? as f64;
         let b = views(&|e, p| u[e] < p)?.to_scalar::<f32>()? as f64;
@@ -580,7 +580,7 @@ impl Backbone for AdvDrop {
         epoch: usize,
         n_batches: usize,
     ) -> Option<Result<Vec<(&'static str, f64)>>> {
-        if (epoch + 1) % self.cfg.interval.max(1) != 0 {
+        if !(epoch + 1).is_multiple_of(self.cfg.interval.max(1)) {
             return None;
         }
         let run = || -> Result<Vec<(&'static str, f64)>> {

@@ -182,7 +182,7 @@ pub fn adversarial_epoch(
     eta_epochs: usize,
     warm_up: usize,
 ) -> bool {
-    (epoch + 3) % interval == 0 && done < eta_epochs && epoch > warm_up
+    (epoch + 3).is_multiple_of(interval) && done < eta_epochs && epoch > warm_up
 }
 
 pub fn train(cfg: &CfConfig, split: &Split, obs: &mut dyn TrainObserver) -> Result<TrainReport> {
@@ -265,64 +265,64 @@ pub fn train_checkpointed(
     let ck_path = ck.dir.as_ref().map(|d| d.join(CHECKPOINT));
     let ck_err = |p: &Path, why: String| CfError::Config(format!("{}: {why}", p.display()));
 
-    if let (true, Some(p)) = (ck.resume, &ck_path) {
-        if p.exists() {
-            let (t, meta) = rudder_nn::checkpoint::load_state(p, &dev)?;
-            let st: LoopState = serde_json::from_str(&meta)
-                .map_err(|e| ck_err(p, format!("unreadable checkpoint metadata: {e}")))?;
-            if st.config != *cfg {
-                return Err(ck_err(
-                    p,
-                    "the checkpoint was written with a different configuration; resume with the \
+    if let (true, Some(p)) = (ck.resume, &ck_path)
+        && p.exists()
+    {
+        let (t, meta) = rudder_nn::checkpoint::load_state(p, &dev)?;
+        let st: LoopState = serde_json::from_str(&meta)
+            .map_err(|e| ck_err(p, format!("unreadable checkpoint metadata: {e}")))?;
+        if st.config != *cfg {
+            return Err(ck_err(
+                p,
+                "the checkpoint was written with a different configuration; resume with the \
                      run's own config.toml"
-                        .into(),
-                ));
-            }
-            if st.data != data_key {
-                return Err(ck_err(
-                    p,
-                    format!(
-                        "the checkpoint belongs to other data ({} users, {} items, {} train, {} \
-                         valid interactions; now {:?})",
-                        st.data[0], st.data[1], st.data[2], st.data[3], data_key
-                    ),
-                ));
-            }
-            let get = |name: &str| {
-                t.get(name)
-                    .ok_or_else(|| ck_err(p, format!("checkpoint lacks tensor `{name}`")))
-            };
-            for (n, v) in &state {
-                v.set(get(&format!("state.{n}"))?)?;
-            }
-            opt.load_state("opt", st.opt_steps, &t)?;
-            if let (Some(h), Some(ao), Some(steps)) = (&adv, adv_opt.as_mut(), st.adv_opt_steps) {
-                for (n, v) in h.params() {
-                    v.set(get(&format!("adv.{n}"))?)?;
-                }
-                ao.load_state("advopt", steps, &t)?;
-            }
-            if let (Some(o), Some(steps)) = (model.inner_optimizer(), st.inner_opt_steps) {
-                o.borrow_mut().load_state("inner", steps, &t)?;
-            }
-            best = match st.best {
-                Some((score, e, r)) => {
-                    let snap = state
-                        .iter()
-                        .map(|(n, _)| get(&format!("best.{n}")).cloned())
-                        .collect::<Result<Vec<_>>>()?;
-                    Some((score, e, snap, r))
-                }
-                None => None,
-            };
-            adv_done = st.adv_done;
-            since_best = st.since_best;
-            history = st.history;
-            // metrics.jsonl holds exactly the checkpointed epochs (a kill may have come
-            // between the checkpoint and this file)
-            write_progress(p, &history)?;
-            obs.resumed(history.len());
+                    .into(),
+            ));
         }
+        if st.data != data_key {
+            return Err(ck_err(
+                p,
+                format!(
+                    "the checkpoint belongs to other data ({} users, {} items, {} train, {} \
+                         valid interactions; now {:?})",
+                    st.data[0], st.data[1], st.data[2], st.data[3], data_key
+                ),
+            ));
+        }
+        let get = |name: &str| {
+            t.get(name)
+                .ok_or_else(|| ck_err(p, format!("checkpoint lacks tensor `{name}`")))
+        };
+        for (n, v) in &state {
+            v.set(get(&format!("state.{n}"))?)?;
+        }
+        opt.load_state("opt", st.opt_steps, &t)?;
+        if let (Some(h), Some(ao), Some(steps)) = (&adv, adv_opt.as_mut(), st.adv_opt_steps) {
+            for (n, v) in h.params() {
+                v.set(get(&format!("adv.{n}"))?)?;
+            }
+            ao.load_state("advopt", steps, &t)?;
+        }
+        if let (Some(o), Some(steps)) = (model.inner_optimizer(), st.inner_opt_steps) {
+            o.borrow_mut().load_state("inner", steps, &t)?;
+        }
+        best = match st.best {
+            Some((score, e, r)) => {
+                let snap = state
+                    .iter()
+                    .map(|(n, _)| get(&format!("best.{n}")).cloned())
+                    .collect::<Result<Vec<_>>>()?;
+                Some((score, e, snap, r))
+            }
+            None => None,
+        };
+        adv_done = st.adv_done;
+        since_best = st.since_best;
+        history = st.history;
+        // metrics.jsonl holds exactly the checkpointed epochs (a kill may have come
+        // between the checkpoint and this file)
+        write_progress(p, &history)?;
+        obs.resumed(history.len());
     }
     let start = history.len();
     let save_checkpoint = |history: &[EpochRecord],
@@ -438,38 +438,37 @@ pub fn train_checkpointed(
         let mut adv_stats = BTreeMap::new();
         // adversarial phase: gradient ascent on the loss w.r.t. the hardness embeddings only
         if let (LossConfig::Advinfonce(a), Some(h), Some(ao)) = (&cfg.loss, &adv, adv_opt.as_mut())
-        {
-            if adversarial_epoch(
+            && adversarial_epoch(
                 epoch,
                 a.adv_interval,
                 adv_done,
                 a.eta_epochs,
                 a.warm_up_epochs,
-            ) {
-                for rep in 0..a.adv_epochs {
-                    // fresh negatives: a distinct stream from the main pass
-                    let mut first = None;
-                    let stream = (1u64 << 40) + (epoch * a.adv_epochs.max(1) + rep) as u64;
-                    for b in sampler.iter_epoch(stream) {
-                        let idx = BatchIdx::new(&b, &dev)?;
-                        let l = batch_loss(model.as_ref(), &idx, Some(h), 0)?;
-                        // ascend the loss; the fixed behaviour also keeps the adversary's rows small
-                        let objective = if a.faithful_adv_reg || a.adv_reg == 0.0 {
-                            l.neg()?
-                        } else {
-                            (l.neg()? + h.l2(&idx, a.adv_reg)?)?
-                        };
-                        let grads = objective.backward()?;
-                        ao.step(&grads)?;
-                        first.get_or_insert(idx);
-                    }
-                    adv_done += 1;
-                    if let Some(idx) = &first {
-                        adv_stats.insert("adv_kl".to_string(), h.kl_to_uniform(idx)?);
-                    }
+            )
+        {
+            for rep in 0..a.adv_epochs {
+                // fresh negatives: a distinct stream from the main pass
+                let mut first = None;
+                let stream = (1u64 << 40) + (epoch * a.adv_epochs.max(1) + rep) as u64;
+                for b in sampler.iter_epoch(stream) {
+                    let idx = BatchIdx::new(&b, &dev)?;
+                    let l = batch_loss(model.as_ref(), &idx, Some(h), 0)?;
+                    // ascend the loss; the fixed behaviour also keeps the adversary's rows small
+                    let objective = if a.faithful_adv_reg || a.adv_reg == 0.0 {
+                        l.neg()?
+                    } else {
+                        (l.neg()? + h.l2(&idx, a.adv_reg)?)?
+                    };
+                    let grads = objective.backward()?;
+                    ao.step(&grads)?;
+                    first.get_or_insert(idx);
                 }
-                adv_seconds = Some(t0.elapsed().as_secs_f64());
+                adv_done += 1;
+                if let Some(idx) = &first {
+                    adv_stats.insert("adv_kl".to_string(), h.kl_to_uniform(idx)?);
+                }
             }
+            adv_seconds = Some(t0.elapsed().as_secs_f64());
         }
         let n_batches = sampler.n_batches();
         // model-specific adversary (AdvDrop's mask network)

@@ -306,11 +306,11 @@ impl LlmClient for HttpClient {
                             usage = Some(u);
                         }
                         for ch in c.choices.iter().filter(|c| c.index == 0) {
-                            if let Some(t) = &ch.delta.content {
-                                if !t.is_empty() {
-                                    on_delta(t);
-                                    text.push_str(t);
-                                }
+                            if let Some(t) = &ch.delta.content
+                                && !t.is_empty()
+                            {
+                                on_delta(t);
+                                text.push_str(t);
                             }
                             if ch.finish_reason.is_some() {
                                 finish = ch.finish_reason.clone();

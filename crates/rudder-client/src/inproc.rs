@@ -178,18 +178,18 @@ fn sampling_checks(
     temperature: Option<f32>,
     top_p: Option<f32>,
 ) -> std::result::Result<(), ApiError> {
-    if let Some(t) = temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::bad(
-                "temperature",
-                format!("{t} is not in [0, 2]"),
-            ));
-        }
+    if let Some(t) = temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ApiError::bad(
+            "temperature",
+            format!("{t} is not in [0, 2]"),
+        ));
     }
-    if let Some(p) = top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::bad("top_p", format!("{p} is not in (0, 1]")));
-        }
+    if let Some(p) = top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(ApiError::bad("top_p", format!("{p} is not in (0, 1]")));
     }
     Ok(())
 }
@@ -331,10 +331,10 @@ impl InProcess {
         if stop.len() > 16 || stop.iter().any(|s| s.is_empty()) {
             return Err(ApiError::bad("stop", "at most 16 non-empty stop strings"));
         }
-        if let Some(r) = repetition_penalty {
-            if !(r > 0.0 && r.is_finite()) {
-                return Err(ApiError::bad("repetition_penalty", "must be positive"));
-            }
+        if let Some(r) = repetition_penalty
+            && !(r > 0.0 && r.is_finite())
+        {
+            return Err(ApiError::bad("repetition_penalty", "must be positive"));
         }
         Ok(GenConfig {
             max_new_tokens: max_new,
@@ -614,10 +614,10 @@ impl InProcess {
             Prompt::Many(_) => return Err(ApiError::bad("prompt", "give 1 to 64 prompts")),
         };
         let n = self.check_n(req.n)?;
-        if let Some(k) = req.logprobs {
-            if k > 5 {
-                return Err(ApiError::bad("logprobs", format!("{k} is not in 0..=5")));
-            }
+        if let Some(k) = req.logprobs
+            && k > 5
+        {
+            return Err(ApiError::bad("logprobs", format!("{k} is not in 0..=5")));
         }
         let (ivs, capture, applied) = self.resolve_extension(req.rudder.as_ref())?;
         let mut out = Vec::new();
@@ -729,10 +729,8 @@ impl InProcess {
     pub fn accumulate(&self, acc: &mut ChoiceAcc, ev: Event, logprobs: bool) {
         match ev {
             Event::Token(t) => {
-                if logprobs {
-                    if let Some(lp) = t.logprob {
-                        acc.logprobs.push(self.token_logprob(t.id, lp, &t.top));
-                    }
+                if logprobs && let Some(lp) = t.logprob {
+                    acc.logprobs.push(self.token_logprob(t.id, lp, &t.top));
                 }
             }
             Event::Done(o) => acc.outcome = Some(o),
@@ -881,10 +879,10 @@ pub fn rudder_response(
 pub fn capture_json(c: &rudder_lm::hooks::Capture) -> Value {
     let mut sites = serde_json::Map::new();
     for &s in c.sites() {
-        if let Ok(t) = c.get(s) {
-            if let Ok(v) = t.to_vec2::<f32>() {
-                sites.insert(s.to_string(), json!(v));
-            }
+        if let Ok(t) = c.get(s)
+            && let Ok(v) = t.to_vec2::<f32>()
+        {
+            sites.insert(s.to_string(), json!(v));
         }
     }
     json!({"rows": c.rows(), "sites": sites})

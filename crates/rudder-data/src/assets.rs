@@ -315,13 +315,13 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 fn verify(spec: &FileSpec, size: u64, sha: &str, log: &mut dyn FnMut(&str)) -> Result<FileSpec> {
-    if let Some(s) = spec.size {
-        if s != size {
-            return Err(DataError::Config(format!(
-                "{}: size {size} bytes, expected {s}",
-                spec.path
-            )));
-        }
+    if let Some(s) = spec.size
+        && s != size
+    {
+        return Err(DataError::Config(format!(
+            "{}: size {size} bytes, expected {s}",
+            spec.path
+        )));
     }
     match &spec.sha256 {
         Some(want) if want != sha => {
@@ -350,20 +350,20 @@ fn obtain(
     log: &mut dyn FnMut(&str),
 ) -> Result<Vec<FileSpec>> {
     // A local folder may hold the files themselves.
-    if let Some(dir) = from {
-        if src.files().iter().all(|f| dir.join(&f.path).is_file()) {
-            log(&format!("  copying from {}", dir.display()));
-            return src
-                .files()
-                .iter()
-                .map(|f| {
-                    let p = dir.join(&f.path);
-                    let r = std::fs::File::open(&p).map_err(|e| DataError::io(&p, e))?;
-                    let (n, sha) = copy_hashed(r, &staging.join(&f.path))?;
-                    verify(f, n, &sha, log)
-                })
-                .collect();
-        }
+    if let Some(dir) = from
+        && src.files().iter().all(|f| dir.join(&f.path).is_file())
+    {
+        log(&format!("  copying from {}", dir.display()));
+        return src
+            .files()
+            .iter()
+            .map(|f| {
+                let p = dir.join(&f.path);
+                let r = std::fs::File::open(&p).map_err(|e| DataError::io(&p, e))?;
+                let (n, sha) = copy_hashed(r, &staging.join(&f.path))?;
+                verify(f, n, &sha, log)
+            })
+            .collect();
     }
     match src {
         Source::Pypi {
@@ -544,6 +544,38 @@ fn extract_zip(
     Ok(out)
 }
 
+/// A model argument: an existing file or folder, or the name of a fetched asset.
+pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+    let p = Path::new(arg);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    let manifest = Manifest::builtin();
+    if manifest.get(arg).is_some() {
+        return Store::from_env().require(arg);
+    }
+    Err(DataError::Config(format!(
+        "`{arg}` is neither an existing model file or folder nor a known asset ({})",
+        manifest.names().join(", ")
+    )))
+}
+
+/// For integration tests: the folder of a fetched asset, or `None` with a "skipped" message —
+/// unless `RUDDER_REQUIRE_ASSETS=1` (CI), where an absent asset is a failure.
+#[doc(hidden)]
+pub fn for_tests(name: &str) -> Option<PathBuf> {
+    match Store::from_env().require(name) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            if std::env::var("RUDDER_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+                panic!("required asset {name} is absent: {e}");
+            }
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,37 +677,5 @@ mod tests {
         };
         assert!(store.fetch(&bad, &opts_force, &mut |_| {}).is_err());
         assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello");
-    }
-}
-
-/// A model argument: an existing file or folder, or the name of a fetched asset.
-pub fn resolve_model(arg: &str) -> Result<PathBuf> {
-    let p = Path::new(arg);
-    if p.exists() {
-        return Ok(p.to_path_buf());
-    }
-    let manifest = Manifest::builtin();
-    if manifest.get(arg).is_some() {
-        return Store::from_env().require(arg);
-    }
-    Err(DataError::Config(format!(
-        "`{arg}` is neither an existing model file or folder nor a known asset ({})",
-        manifest.names().join(", ")
-    )))
-}
-
-/// For integration tests: the folder of a fetched asset, or `None` with a "skipped" message —
-/// unless `RUDDER_REQUIRE_ASSETS=1` (CI), where an absent asset is a failure.
-#[doc(hidden)]
-pub fn for_tests(name: &str) -> Option<PathBuf> {
-    match Store::from_env().require(name) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            if std::env::var("RUDDER_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-                panic!("required asset {name} is absent: {e}");
-            }
-            eprintln!("skipped: {e}");
-            None
-        }
     }
 }

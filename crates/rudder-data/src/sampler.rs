@@ -107,15 +107,14 @@ impl Sampler {
             ));
         }
         let sets = train.sorted_sets();
-        if cfg.n_neg > 0 {
-            if let Some(&u) = users
+        if cfg.n_neg > 0
+            && let Some(&u) = users
                 .iter()
                 .find(|&&u| sets[u as usize].len() >= train.n_items())
-            {
-                return Err(DataError::Config(format!(
-                    "user {u} has interacted with every item: no negative can be sampled"
-                )));
-            }
+        {
+            return Err(DataError::Config(format!(
+                "user {u} has interacted with every item: no negative can be sampled"
+            )));
         }
         let mut row_of = Vec::with_capacity(train.len());
         for u in 0..train.n_users() as u32 {

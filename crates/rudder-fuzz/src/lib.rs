@@ -380,10 +380,10 @@ pub fn seeds(shared: Option<&Path>, assets: Option<&Path>) -> Vec<(&'static str,
         meta: serde_json::json!({"groups": ["a", "b"]}),
     };
     let sp = tmp.join("v.safetensors");
-    if sv.save(&sp).is_ok() {
-        if let (Some(a), Some(b)) = (read(&sp), read(&rudder_steer::activations::index_path(&sp))) {
-            out.push(("steer_files", join(&a, &b)));
-        }
+    if sv.save(&sp).is_ok()
+        && let (Some(a), Some(b)) = (read(&sp), read(&rudder_steer::activations::index_path(&sp)))
+    {
+        out.push(("steer_files", join(&a, &b)));
     }
     let sf = rudder_steer::alphasteer::SteerFile {
         layers: vec![rudder_steer::alphasteer::LayerSteer {
@@ -396,10 +396,10 @@ pub fn seeds(shared: Option<&Path>, assets: Option<&Path>) -> Vec<(&'static str,
         meta: serde_json::json!({}),
     };
     let ap = tmp.join("a.safetensors");
-    if sf.save(&ap).is_ok() {
-        if let (Some(a), Some(b)) = (read(&ap), read(&rudder_steer::activations::index_path(&ap))) {
-            out.push(("steer_files", join(&a, &b)));
-        }
+    if sf.save(&ap).is_ok()
+        && let (Some(a), Some(b)) = (read(&ap), read(&rudder_steer::activations::index_path(&ap)))
+    {
+        out.push(("steer_files", join(&a, &b)));
     }
     let (cv, _) = rudder_steer::cvec::ControlVector::from_sites(
         "llama",
@@ -424,10 +424,10 @@ pub fn seeds(shared: Option<&Path>, assets: Option<&Path>) -> Vec<(&'static str,
         rudder_lm::fixtures::CHATML.as_bytes().to_vec(),
     ));
     for (name, _) in rudder_cf::presets::PRESETS {
-        if let Some(c) = rudder_cf::presets::preset(name) {
-            if let Ok(t) = toml::to_string(&c) {
-                out.push(("run_config", t.into_bytes()));
-            }
+        if let Some(c) = rudder_cf::presets::preset(name)
+            && let Ok(t) = toml::to_string(&c)
+        {
+            out.push(("run_config", t.into_bytes()));
         }
     }
     if let Ok(t) = toml::to_string(&rudder_data::synth::SynthConfig::default()) {
@@ -469,18 +469,14 @@ pub fn seeds(shared: Option<&Path>, assets: Option<&Path>) -> Vec<(&'static str,
                 rd.filter_map(|e| e.ok().map(|e| e.path()))
                     .find(|p| p.extension().is_some_and(|x| x == "gguf"))
             })
+            && let Ok(mut f) = std::fs::File::open(&g)
+            && let Ok(c) = candle_core::quantized::gguf_file::Content::read(&mut f)
+            && let Some(Ok(t)) = c
+                .metadata
+                .get("tokenizer.chat_template")
+                .map(|v| v.to_string())
         {
-            if let Ok(mut f) = std::fs::File::open(&g) {
-                if let Ok(c) = candle_core::quantized::gguf_file::Content::read(&mut f) {
-                    if let Some(Ok(t)) = c
-                        .metadata
-                        .get("tokenizer.chat_template")
-                        .map(|v| v.to_string())
-                    {
-                        out.push(("chat_template", t.clone().into_bytes()));
-                    }
-                }
-            }
+            out.push(("chat_template", t.clone().into_bytes()));
         }
     }
     if let Some(s) = shared {
@@ -501,12 +497,11 @@ pub fn seeds(shared: Option<&Path>, assets: Option<&Path>) -> Vec<(&'static str,
         // two records of the S-DPO prompt JSON
         if let Some(v) = read(&s.join("llara/sdpo-lastfm/val.json"))
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            && let Some(arr) = v.as_array()
         {
-            if let Some(arr) = v.as_array() {
-                let two = serde_json::Value::Array(arr.iter().take(2).cloned().collect());
-                let t = two.to_string().into_bytes();
-                out.push(("datasets", [&[5u8][..], &join(&t, &t)].concat()));
-            }
+            let two = serde_json::Value::Array(arr.iter().take(2).cloned().collect());
+            let t = two.to_string().into_bytes();
+            out.push(("datasets", [&[5u8][..], &join(&t, &t)].concat()));
         }
         let a4 = s.join("agent4rec-ml1m");
         if let (Some(m), Some(u)) = (

@@ -784,10 +784,10 @@ impl JsonGrammar {
                 true
             }
             (O_OPEN | O_AFTER, b'}') => {
-                if let Some((_, required)) = schema {
-                    if Self::required_left(required, f.count) {
-                        return false;
-                    }
+                if let Some((_, required)) = schema
+                    && Self::required_left(required, f.count)
+                {
+                    return false;
                 }
                 self.value_done(st);
                 true
@@ -806,10 +806,10 @@ impl JsonGrammar {
                 true
             }
             (O_AFTER, b',') => {
-                if let Some((_, required)) = schema {
-                    if Self::key_candidates(required, f.count) == 0 {
-                        return false;
-                    }
+                if let Some((_, required)) = schema
+                    && Self::key_candidates(required, f.count) == 0
+                {
+                    return false;
                 }
                 f.st = O_COMMA;
                 f.ws = 0;

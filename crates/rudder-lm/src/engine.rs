@@ -547,11 +547,11 @@ impl<'m> Row<'m> {
             self.finish = Some(Finish::Eos);
             return;
         }
-        if let Some(c) = &mut self.constraint {
-            if let Err(e) = c.advance(tok) {
-                self.failed = Some(e.to_string());
-                return;
-            }
+        if let Some(c) = &mut self.constraint
+            && let Err(e) = c.advance(tok)
+        {
+            self.failed = Some(e.to_string());
+            return;
         }
         self.out.push(tok);
         self.history.push(tok);

@@ -301,10 +301,11 @@ impl OutputText {
     /// trailing incomplete character) replaces the text when it extends what was streamed;
     /// returns what is left to stream.
     pub fn finish(&mut self, full: Option<String>, stopped: bool) -> String {
-        if let Some(full) = full {
-            if !stopped && full.starts_with(&self.text[..self.sent]) {
-                self.text = full;
-            }
+        if let Some(full) = full
+            && !stopped
+            && full.starts_with(&self.text[..self.sent])
+        {
+            self.text = full;
         }
         let n = self.text.len();
         self.take(n)

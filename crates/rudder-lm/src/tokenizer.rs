@@ -307,12 +307,12 @@ impl Tok {
             .encode_fast(text, add_special && !self.from_gguf)
             .map_err(tk_err)?;
         let mut ids = enc.get_ids().to_vec();
-        if add_special && self.add_bos {
-            if let Some(b) = self.bos {
-                if ids.first() != Some(&b) {
-                    ids.insert(0, b);
-                }
-            }
+        if add_special
+            && self.add_bos
+            && let Some(b) = self.bos
+            && ids.first() != Some(&b)
+        {
+            ids.insert(0, b);
         }
         Ok(ids)
     }

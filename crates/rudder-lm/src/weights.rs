@@ -187,30 +187,29 @@ impl Weights {
             file,
             path,
         } = self
+            && !dequantize
         {
-            if !dequantize {
-                let key = self_key_gguf(content, hf).ok_or_else(|| {
-                    LmError::file(
-                        &*path,
-                        format!("tensor {} is missing", gguf_name(hf).unwrap_or_default()),
-                    )
-                })?;
-                let q = content
-                    .tensor(file, &key, &Device::Cpu)
-                    .map_err(|e| LmError::file(&*path, format!("tensor {key}: {e}")))?;
-                let dims = q.shape().dims().to_vec();
-                if dims != [out, inp] {
-                    return Err(LmError::file(
-                        &*path,
-                        format!("tensor {key} has shape {dims:?}, expected {:?}", [out, inp]),
-                    ));
-                }
-                // float weights: from the tensor just read, not read a second time
-                if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                    return Weight::packed(&q.dequantize(&Device::Cpu)?);
-                }
-                return Weight::from_qtensor(q);
+            let key = self_key_gguf(content, hf).ok_or_else(|| {
+                LmError::file(
+                    &*path,
+                    format!("tensor {} is missing", gguf_name(hf).unwrap_or_default()),
+                )
+            })?;
+            let q = content
+                .tensor(file, &key, &Device::Cpu)
+                .map_err(|e| LmError::file(&*path, format!("tensor {key}: {e}")))?;
+            let dims = q.shape().dims().to_vec();
+            if dims != [out, inp] {
+                return Err(LmError::file(
+                    &*path,
+                    format!("tensor {key} has shape {dims:?}, expected {:?}", [out, inp]),
+                ));
             }
+            // float weights: from the tensor just read, not read a second time
+            if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                return Weight::packed(&q.dequantize(&Device::Cpu)?);
+            }
+            return Weight::from_qtensor(q);
         }
         let t = self.dense(hf, &[out, inp])?;
         if dequantize {

@@ -56,7 +56,7 @@ fn safetensors_and_gguf_give_the_same_model() {
     let tmp = tempfile::tempdir().unwrap();
     for arch in [Arch::Llama, Arch::Qwen2] {
         let (hf, gg) = models(tmp.path(), arch);
-        assert_eq!(hf.decoder.cfg.rope_interleaved, false);
+        assert!(!hf.decoder.cfg.rope_interleaved);
         assert_eq!(gg.decoder.cfg.rope_interleaved, arch == Arch::Llama);
         let ids = hf.tok.encode("the sun is in the sky", false).unwrap();
         assert_eq!(ids, gg.tok.encode("the sun is in the sky", false).unwrap());

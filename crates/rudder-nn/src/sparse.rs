@@ -176,7 +176,7 @@ impl Csr {
 fn rows_kernel(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if d % 16 == 0
+        if d.is_multiple_of(16)
             && std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
         {
@@ -218,9 +218,9 @@ fn rows_blocked<const B: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2(a: &Csr, x: &[f32], d: usize, r0: usize, r1: usize, out: &mut [f32]) {
-    if d % 64 == 0 {
+    if d.is_multiple_of(64) {
         rows_blocked::<64>(a, x, d, r0, r1, out)
-    } else if d % 32 == 0 {
+    } else if d.is_multiple_of(32) {
         rows_blocked::<32>(a, x, d, r0, r1, out)
     } else {
         rows_blocked::<16>(a, x, d, r0, r1, out)
@@ -379,7 +379,7 @@ mod tests {
         for r in 0..m {
             for c in 0..n {
                 s = rudder_data::rng::mix64(s);
-                if s % 3 == 0 {
+                if s.is_multiple_of(3) {
                     t.push((r as u32, c as u32, ((s >> 20) % 1000) as f32 / 500.0 - 1.0));
                 }
             }

@@ -292,13 +292,13 @@ impl ActivationSet {
             hidden = d;
             data.insert(*s, m.flatten_all()?.to_vec1::<f32>()?);
         }
-        if let Some(l) = &labels {
-            if l.len() != rows.len() {
-                return Err(SteerError::file(
-                    &ip,
-                    format!("{} labels for {} rows", l.len(), rows.len()),
-                ));
-            }
+        if let Some(l) = &labels
+            && l.len() != rows.len()
+        {
+            return Err(SteerError::file(
+                &ip,
+                format!("{} labels for {} rows", l.len(), rows.len()),
+            ));
         }
         Ok(ActivationSet {
             path: path.to_path_buf(),

@@ -483,8 +483,8 @@ impl SteerFile {
                 let x = t
                     .get(&name)
                     .ok_or_else(|| SteerError::file(path, format!("tensor {name} is missing")))?;
-                Ok(x.to_vec1::<f32>()
-                    .map_err(|e| SteerError::file(path, format!("{name}: {e}")))?)
+                x.to_vec1::<f32>()
+                    .map_err(|e| SteerError::file(path, format!("{name}: {e}")))
             };
             let (gate, vector) = (
                 get(format!("layer.{l}.gate"))?,

@@ -125,10 +125,10 @@ pub fn extract(text: &str) -> (Option<String>, Method) {
         .filter(|w| w.len() == 1 && ('A'..='E').contains(&w.chars().next().unwrap_or(' ')))
         .filter_map(|w| w.chars().next())
         .collect();
-    if let Some(&l) = letters.last() {
-        if text.contains('(') || text.contains("option") || text.contains("choice") {
-            return (Some(l.to_string()), Method::ChoiceLetter);
-        }
+    if let Some(&l) = letters.last()
+        && (text.contains('(') || text.contains("option") || text.contains("choice"))
+    {
+        return (Some(l.to_string()), Method::ChoiceLetter);
     }
     if let Some(a) = after_phrase(text, "the answer is") {
         return (Some(a), Method::AnswerIs);

@@ -273,19 +273,19 @@ impl TrainArgs {
             }
             c.model = kind;
         }
-        if let Some(l) = &self.loss {
-            if l != c.loss.name() {
-                c.loss = match l.as_str() {
-                    "bpr" => LossConfig::Bpr { reg: 1e-5 },
-                    "infonce" => LossConfig::Infonce {
-                        tau: 0.2,
-                        n_neg: 64,
-                        reg: 1e-5,
-                    },
-                    "advinfonce" => LossConfig::Advinfonce(AdvConfig::default()),
-                    _ => bail!("unknown loss `{l}` (bpr, infonce, advinfonce)"),
-                };
-            }
+        if let Some(l) = &self.loss
+            && l != c.loss.name()
+        {
+            c.loss = match l.as_str() {
+                "bpr" => LossConfig::Bpr { reg: 1e-5 },
+                "infonce" => LossConfig::Infonce {
+                    tau: 0.2,
+                    n_neg: 64,
+                    reg: 1e-5,
+                },
+                "advinfonce" => LossConfig::Advinfonce(AdvConfig::default()),
+                _ => bail!("unknown loss `{l}` (bpr, infonce, advinfonce)"),
+            };
         }
         if let Some(v) = self.layers {
             if c.model == ModelKind::Mf && v > 0 {
@@ -562,7 +562,7 @@ impl TrainObserver for Bar {
     fn batch_done(&mut self, loss: f64) {
         self.loss_sum += loss;
         self.n += 1;
-        if self.n % 8 == 0 {
+        if self.n.is_multiple_of(8) {
             self.pb
                 .set_message(format!("loss {:.4}", self.loss_sum / self.n as f64));
         }

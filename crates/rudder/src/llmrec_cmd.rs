@@ -379,7 +379,7 @@ impl SeqObserver for SeqBars {
     }
     fn step_done(&mut self) {
         self.done += 1;
-        if self.done % 20 == 0 || self.done == self.steps {
+        if self.done.is_multiple_of(20) || self.done == self.steps {
             self.bars
                 .update(&format!("epoch {}", self.epoch + 1), self.done, self.steps);
         }

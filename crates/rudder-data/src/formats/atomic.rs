@@ -1,6 +1,6 @@
 //! RecBole atomic files: tab-separated `.inter`, `.item`, `.user` with a typed header
-//! (`user_id:token	item_id:token	rating:float	timestamp:float`). Types: `token`,
-//! `token_seq`, `float`, `float_seq`. UTF-8, LF or CRLF.
+//! (`user_id:token␉item_id:token␉rating:float␉timestamp:float`, ␉ standing for a tab).
+//! Types: `token`, `token_seq`, `float`, `float_seq`. UTF-8, LF or CRLF.
 
 use crate::builder::{DatasetBuilder, MetaRows};
 use crate::dataset::{Dataset, Table};

@@ -131,23 +131,23 @@ fn check_bound(
     n_items: Option<(usize, &str)>,
 ) -> Result<()> {
     for (u, items, ln) in lines {
-        if let Some((n, src)) = n_users {
-            if *u as usize >= n {
-                return Err(DataError::parse(
-                    path,
-                    *ln,
-                    format!("user id {u} out of range: {src} lists {n} users"),
-                ));
-            }
+        if let Some((n, src)) = n_users
+            && *u as usize >= n
+        {
+            return Err(DataError::parse(
+                path,
+                *ln,
+                format!("user id {u} out of range: {src} lists {n} users"),
+            ));
         }
-        if let Some((n, src)) = n_items {
-            if let Some(i) = items.iter().find(|&&i| i as usize >= n) {
-                return Err(DataError::parse(
-                    path,
-                    *ln,
-                    format!("item id {i} out of range: {src} lists {n} items"),
-                ));
-            }
+        if let Some((n, src)) = n_items
+            && let Some(i) = items.iter().find(|&&i| i as usize >= n)
+        {
+            return Err(DataError::parse(
+                path,
+                *ln,
+                format!("item id {i} out of range: {src} lists {n} items"),
+            ));
         }
     }
     Ok(())

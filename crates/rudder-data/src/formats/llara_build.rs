@@ -161,7 +161,7 @@ mod tests {
         // past the window only the last 10 remain
         assert_eq!(rows[12].seq, (2..12).collect::<Vec<u32>>());
         assert_eq!(rows[12].len_seq, 10);
-        assert_eq!(rows[12].seq_ratings.as_ref().unwrap()[0], 3 + 2 % 3);
+        assert_eq!(rows[12].seq_ratings.as_ref().unwrap()[0], 3 + 2);
         let plain = sliding_rows(&h, 10, 99, false);
         assert!(plain[5].seq_ratings.is_none() && plain[5].next_rating.is_none());
         assert_eq!(plain[5].seq, rows[5].seq);
