@@ -5,7 +5,9 @@
 //!
 //! `cargo bench --profile fast -p rudder-lm --bench quant_kernels` (threads: RAYON_NUM_THREADS).
 //! Arguments after `--`: `f32` prints the f32 table only; kernel names (`avx2`, `avx512`, …)
-//! keep only those kernels; `no-candle` leaves out candle's matmul column.
+//! keep only those kernels; `no-candle` leaves out candle's matmul column; `rows=8,32` sets
+//! the activation-row counts; `cold` cycles the f32 products through 256 MB of copies of each
+//! matrix, so that weights come from memory as in a decode step, not from cache.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -52,6 +54,13 @@ fn main() {
             .collect()
     };
     let candle = !args.iter().any(|a| a == "no-candle");
+    let cold = args.iter().any(|a| a == "cold");
+    // `rows=8,32`: these activation-row counts instead of the default list
+    let row_counts: Vec<usize> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("rows="))
+        .map(|l| l.split(',').filter_map(|r| r.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 16, 32, 256, 736]);
     let names = keep(kernel_names());
     println!("threads: {}", rayon::current_num_threads());
     // `cargo bench … --bench quant_kernels -- f32`: the f32 table only
@@ -69,7 +78,7 @@ fn main() {
         let q = QTensor::quantize(&w, dt).unwrap();
         let fmt = QFormat::from_ggml(dt).unwrap();
         let m = QMatrix::new(fmt, rows, cols, q.data().unwrap().to_vec()).unwrap();
-        for n in [1usize, 8, 16, 32, 256, 736] {
+        for &n in &row_counts {
             let x = acts(n, cols);
             let cells: Vec<String> = names
                 .iter()
@@ -96,10 +105,19 @@ fn main() {
     println!("|---|---|{}", "---|".repeat(head.len()));
     for (name, rows, cols, _) in shapes {
         let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
-        let p =
-            PackedMatrix::new(rows, cols, &w.flatten_all().unwrap().to_vec1().unwrap()).unwrap();
+        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        // `cold`: enough copies to fill 256 MB, used in turn, so that every product reads its
+        // weights from memory as a decode step does (the 30 layers are 425 MB in f32)
+        let copies = if cold {
+            (256usize << 20).div_ceil(rows * cols * 4)
+        } else {
+            1
+        };
+        let ps: Vec<PackedMatrix> = (0..copies)
+            .map(|_| PackedMatrix::new(rows, cols, &wv).unwrap())
+            .collect();
         let wt = w.t().unwrap();
-        for n in [1usize, 8, 16, 32, 256, 736] {
+        for &n in &row_counts {
             let x = acts(n, cols);
             let xt = Tensor::from_slice(&x, (n, cols), &Device::Cpu).unwrap();
             let mut cells = Vec::new();
@@ -109,8 +127,10 @@ fn main() {
                 }));
             }
             for &k in &names {
+                let mut i = 0;
                 cells.push(gmacs(rows, cols, n, || {
-                    std::hint::black_box(rudder_lm::dense::matmul_with_kernel(&p, &x, n, k));
+                    i = (i + 1) % ps.len();
+                    std::hint::black_box(rudder_lm::dense::matmul_with_kernel(&ps[i], &x, n, k));
                 }));
             }
             println!("| {name} {rows}×{cols} | {n} | {} |", cells.join(" | "));
