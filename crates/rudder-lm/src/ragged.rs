@@ -557,12 +557,16 @@ const BLOCK: usize = 128;
 /// its running sums carried from block to block (and across the cache's two pieces) in `acc`.
 ///
 /// With `cold` (a decode step: the row's cache was last touched a whole step ago and has been
-/// pushed out by the weights since) each block is first read in a plain sweep, one load per
-/// cache line. A sweep keeps many lines in flight where the arithmetic, mixed with its loads,
-/// keeps few. Measured on Zen 4 (2 threads, in one process, alternating with the kernel this
-/// one replaced: 8 positions × 1 head per score step, no sweep), 32 rows × 30 layers × 320
-/// positions: f32 cache 28–33 → 20–26 ms per decode step (the sweep alone takes 14), f16
-/// 16–21 → 15 ms; from cache (a prompt chunk) about 30 % less time.
+/// pushed out by the weights since) the first block of keys is read in a plain sweep, one load
+/// per cache line, and every block then prefetches the next one into L2 while it is worked on
+/// (the last block of keys the first of values), a few lines per step of the loops: the
+/// arithmetic alone, its loads mixed with multiply-adds, keeps too few lines in flight to
+/// stream the cache at the memory's speed. Measured on Zen 4 (2 threads, in one process,
+/// alternating with the kernel this one replaced: 8 positions × 1 head per score step, neither
+/// sweep nor prefetch), 32 rows × 30 layers × 320 positions: f32 cache 28–30 → 18–19 ms per
+/// decode step (sweeping every block instead of prefetching: 22–25; a sweep of the whole cache
+/// alone takes 14), f16 19 → 14 ms; 16 rows × 640 positions, f32, 33–35 → 20 ms; from cache (a
+/// prompt chunk) about 10–30 % less time.
 ///
 /// The arithmetic of a position does not depend on blocks or pieces: each score is one chain
 /// of fused multiply-adds over the head's lanes reduced in [`hsum`]'s order, each output lane
@@ -616,33 +620,41 @@ unsafe fn attend_avx2<T: Elem>(
     let mut acc = vec![0f32; sh.heads * hd];
     // SAFETY: every pointer below stays inside the slices checked above (positions < the
     // block's length, heads < heads, lanes < head_dim).
+    let blocks: Vec<_> = blocks().collect();
+    let nv = hd / 8;
     unsafe {
-        for (kc, _, p0, n) in blocks() {
-            if cold {
+        for (bi, &(kc, _, p0, n)) in blocks.iter().enumerate() {
+            if cold && bi == 0 {
                 sweep(kc);
             }
+            // while this block is scored: the next block's keys, after the last the first
+            // block's values, into L2
+            let next = match blocks.get(bi + 1) {
+                Some(b) => b.0,
+                None => blocks[0].1,
+            };
+            let mut pf = Prefetch::new(cold, next, runs.len() * n.div_ceil(4));
             for &(g, h0, r) in &runs {
                 let (qh, sr) = (q.as_ptr().add(h0 * hd), s.as_mut_ptr().add(h0 * upto + p0));
                 match r {
-                    3 => scores::<T, 3>(&at, qh, kc, n, g, sr),
-                    2 => scores::<T, 2>(&at, qh, kc, n, g, sr),
-                    _ => scores::<T, 1>(&at, qh, kc, n, g, sr),
+                    3 => scores::<T, 3>(&at, qh, kc, n, g, sr, &mut pf),
+                    2 => scores::<T, 2>(&at, qh, kc, n, g, sr, &mut pf),
+                    _ => scores::<T, 1>(&at, qh, kc, n, g, sr, &mut pf),
                 }
             }
         }
         for row in s.chunks_exact_mut(upto) {
             softmax_avx2(row);
         }
-        for (_, vc, p0, n) in blocks() {
-            if cold {
-                sweep(vc);
-            }
+        for (bi, &(_, vc, p0, n)) in blocks.iter().enumerate() {
+            let next = blocks.get(bi + 1).map_or(&[][..], |b| b.1);
+            let mut pf = Prefetch::new(cold, next, runs.len() * nv.div_ceil(4) * n);
             for &(g, h0, r) in &runs {
                 let (sr, ar) = (s.as_ptr().add(h0 * upto + p0), acc.as_mut_ptr().add(h0 * hd));
                 match r {
-                    3 => mix::<T, 3>(&at, sr, vc, n, g, ar),
-                    2 => mix::<T, 2>(&at, sr, vc, n, g, ar),
-                    _ => mix::<T, 1>(&at, sr, vc, n, g, ar),
+                    3 => mix::<T, 3>(&at, sr, vc, n, g, ar, &mut pf),
+                    2 => mix::<T, 2>(&at, sr, vc, n, g, ar, &mut pf),
+                    _ => mix::<T, 1>(&at, sr, vc, n, g, ar, &mut pf),
                 }
             }
         }
@@ -659,6 +671,40 @@ struct Shape {
     /// Positions per head in the score rows.
     upto: usize,
     scale: f32,
+}
+
+/// Prefetches (into L2) of one region spread over the calls of a loop: `step` bytes, whole
+/// lines, per call.
+struct Prefetch {
+    at: usize,
+    end: usize,
+    step: usize,
+}
+
+impl Prefetch {
+    fn new<T>(on: bool, region: &[T], calls: usize) -> Self {
+        let (at, len) = (region.as_ptr() as usize, std::mem::size_of_val(region));
+        if !on || calls == 0 || len == 0 {
+            return Prefetch { at, end: at, step: 0 };
+        }
+        Prefetch {
+            at,
+            end: at + len,
+            step: len.div_ceil(calls).div_ceil(64) * 64,
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn step(&mut self) {
+        use std::arch::x86_64::*;
+        let stop = (self.at + self.step).min(self.end);
+        while self.at < stop {
+            // SAFETY: a prefetch never faults; the address lies in the region anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.at as *const i8) };
+            self.at += 64;
+        }
+    }
 }
 
 /// Read `x` from memory into cache: one load per 64-byte line, nothing computed.
@@ -698,6 +744,7 @@ unsafe fn scores<T: Elem, const R: usize>(
     n: usize,
     g: usize,
     s: *mut f32,
+    pf: &mut Prefetch,
 ) {
     use std::arch::x86_64::*;
     let (hd, kvd, nv) = (at.hd, at.kvd, at.hd / 8);
@@ -707,6 +754,7 @@ unsafe fn scores<T: Elem, const R: usize>(
     let scale = _mm256_set1_ps(at.scale);
     let mut p = 0;
     while p + 4 <= n {
+        pf.step();
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         for c in 0..nv {
             let qv: [__m256; R] =
@@ -737,6 +785,7 @@ unsafe fn scores<T: Elem, const R: usize>(
         p += 4;
     }
     for p in p..n {
+        pf.step();
         for j in 0..R {
             let mut a = _mm256_setzero_ps();
             for c in 0..nv {
@@ -763,6 +812,7 @@ unsafe fn mix<T: Elem, const R: usize>(
     n: usize,
     g: usize,
     acc: *mut f32,
+    pf: &mut Prefetch,
 ) {
     use std::arch::x86_64::*;
     let (hd, kvd, nv) = (at.hd, at.kvd, at.hd / 8);
@@ -778,6 +828,7 @@ unsafe fn mix<T: Elem, const R: usize>(
         }
         let vg = unsafe { vc.as_ptr().add(g * hd + c0 * 8) };
         for p in 0..n {
+            pf.step();
             let w: [__m256; R] =
                 std::array::from_fn(|j| unsafe { _mm256_broadcast_ss(&*s.add(j * at.upto + p)) });
             let vp = unsafe { vg.add(p * kvd) };
@@ -1228,3 +1279,4 @@ mod tests {
         assert_eq!(shared.bytes() - own, 2 * 2 * 2 * w * 2 / 2);
     }
 }
+
