@@ -734,6 +734,8 @@ fn sweep<T>(x: &[T]) {
 
 /// Scores of `R` consecutive query heads (from `q`, `hd` apart) of key/value head `g` against
 /// the `n` positions of one block (`kc`), scaled, written to `s` (head rows `upto` apart).
+// indices name registers of a tile (acc[head][position], a[head][vector])
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -802,6 +804,8 @@ unsafe fn scores<T: Elem, const R: usize>(
 /// Add the `n` positions of one block of values (`vc`, key/value head `g`) weighted by the
 /// probabilities of `R` consecutive query heads (`s`, rows `upto` apart) to their running sums
 /// `acc` (`hd` apart), four vectors of a head at a time.
+// indices name registers of a tile (acc[head][position], a[head][vector])
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
