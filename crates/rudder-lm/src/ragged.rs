@@ -498,7 +498,14 @@ impl Decoder {
             // SAFETY: task i alone writes row t of y (`order` is a permutation).
             let yrow = unsafe { std::slice::from_raw_parts_mut(yp.at(t * qd), qd) };
             // causal: positions 0..=pos
-            attend(&shape, qrow, caches[row_of[t]], pos[t] + 1, yrow, cold[row_of[t]]);
+            attend(
+                &shape,
+                qrow,
+                caches[row_of[t]],
+                pos[t] + 1,
+                yrow,
+                cold[row_of[t]],
+            );
         });
         layer
             .o
@@ -650,7 +657,10 @@ unsafe fn attend_avx2<T: Elem>(
             let next = blocks.get(bi + 1).map_or(&[][..], |b| b.1);
             let mut pf = Prefetch::new(cold, next, runs.len() * nv.div_ceil(4) * n);
             for &(g, h0, r) in &runs {
-                let (sr, ar) = (s.as_ptr().add(h0 * upto + p0), acc.as_mut_ptr().add(h0 * hd));
+                let (sr, ar) = (
+                    s.as_ptr().add(h0 * upto + p0),
+                    acc.as_mut_ptr().add(h0 * hd),
+                );
                 match r {
                     3 => mix::<T, 3>(&at, sr, vc, n, g, ar, &mut pf),
                     2 => mix::<T, 2>(&at, sr, vc, n, g, ar, &mut pf),
@@ -685,7 +695,11 @@ impl Prefetch {
     fn new<T>(on: bool, region: &[T], calls: usize) -> Self {
         let (at, len) = (region.as_ptr() as usize, std::mem::size_of_val(region));
         if !on || calls == 0 || len == 0 {
-            return Prefetch { at, end: at, step: 0 };
+            return Prefetch {
+                at,
+                end: at,
+                step: 0,
+            };
         }
         Prefetch {
             at,
@@ -1283,4 +1297,3 @@ mod tests {
         assert_eq!(shared.bytes() - own, 2 * 2 * 2 * w * 2 / 2);
     }
 }
-
