@@ -554,6 +554,7 @@ fn attend_in<T: Elem>(
 /// Positions per block of the AVX2 kernel: one block's keys (or values) are 96 KiB at 64 f32
 /// values × 3 key/value heads, so they stay in L2 (512 KiB on the smallest, Zen 3) while every
 /// query head of the token reads them.
+#[cfg(target_arch = "x86_64")]
 const BLOCK: usize = 128;
 
 /// [`attend_impl`] with AVX2 intrinsics (head widths that are a multiple of 8), the cache
@@ -599,15 +600,16 @@ unsafe fn attend_avx2<T: Elem>(
         assert!(kc.len() >= n * kvd && vc.len() >= n * kvd);
     }
     // (keys, values, first position, positions) of each block
-    let blocks = || {
-        pieces.iter().flat_map(move |&(kc, vc, p0, n)| {
+    let blocks: Vec<_> = pieces
+        .iter()
+        .flat_map(|&(kc, vc, p0, n)| {
             (0..n).step_by(BLOCK).map(move |b0| {
                 let b = (n - b0).min(BLOCK);
                 let r = b0 * kvd..(b0 + b) * kvd;
                 (&kc[r.clone()], &vc[r], p0 + b0, b)
             })
         })
-    };
+        .collect();
     let rep = sh.heads / sh.kv_heads;
     // runs of up to three query heads of one key/value head: (key/value head, first head, heads)
     let runs: Vec<(usize, usize, usize)> = (0..sh.kv_heads)
@@ -625,10 +627,9 @@ unsafe fn attend_avx2<T: Elem>(
     };
     let mut s = vec![0f32; sh.heads * upto];
     let mut acc = vec![0f32; sh.heads * hd];
+    let nv = hd / 8;
     // SAFETY: every pointer below stays inside the slices checked above (positions < the
     // block's length, heads < heads, lanes < head_dim).
-    let blocks: Vec<_> = blocks().collect();
-    let nv = hd / 8;
     unsafe {
         for (bi, &(kc, _, p0, n)) in blocks.iter().enumerate() {
             if cold && bi == 0 {
@@ -675,6 +676,7 @@ unsafe fn attend_avx2<T: Elem>(
 }
 
 /// Sizes the AVX2 attention helpers share.
+#[cfg(target_arch = "x86_64")]
 struct Shape {
     hd: usize,
     kvd: usize,
@@ -685,12 +687,14 @@ struct Shape {
 
 /// Prefetches (into L2) of one region spread over the calls of a loop: `step` bytes, whole
 /// lines, per call.
+#[cfg(target_arch = "x86_64")]
 struct Prefetch {
     at: usize,
     end: usize,
     step: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Prefetch {
     fn new<T>(on: bool, region: &[T], calls: usize) -> Self {
         let (at, len) = (region.as_ptr() as usize, std::mem::size_of_val(region));
@@ -708,7 +712,6 @@ impl Prefetch {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn step(&mut self) {
         use std::arch::x86_64::*;
@@ -850,6 +853,7 @@ unsafe fn mix<T: Elem, const R: usize>(
             let w: [__m256; R] =
                 std::array::from_fn(|j| unsafe { _mm256_broadcast_ss(&*s.add(j * at.upto + p)) });
             let vp = unsafe { vg.add(p * kvd) };
+            // the whole-width case with a constant trip count, so that its loop unrolls
             if cn == 4 {
                 for c in 0..4 {
                     let v = unsafe { T::load8(vp.add(c * 8)) };
