@@ -59,7 +59,17 @@ fn main() {
     let row_counts: Vec<usize> = args
         .iter()
         .find_map(|a| a.strip_prefix("rows="))
-        .map(|l| l.split(',').filter_map(|r| r.parse().ok()).collect())
+        .map(|l| {
+            l.split(',')
+                .map(|r| match r.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        eprintln!("rows={l}: {r:?} is not a positive row count");
+                        std::process::exit(2)
+                    }
+                })
+                .collect()
+        })
         .unwrap_or_else(|| vec![1, 8, 16, 32, 256, 736]);
     let names = keep(kernel_names());
     println!("threads: {}", rayon::current_num_threads());

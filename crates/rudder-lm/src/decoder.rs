@@ -349,7 +349,7 @@ impl Decoder {
         layer.o.forward(&y)
     }
 
-    fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
         let layer = &self.layers[l];
         let gu = forward_many(&[&layer.gate, &layer.up], x)?;
         let (g, u) = (&gu[0], &gu[1]);

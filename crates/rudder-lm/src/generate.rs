@@ -76,15 +76,32 @@ pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f3
     }
 }
 
-/// Index of the largest logit (the first one on ties).
+/// Index of the largest logit (the first one on ties; NaNs are passed over, and a NaN first
+/// logit wins, as in a scan that keeps the first index no later logit exceeds).
+///
+/// Two passes that vectorise — the largest value in eight independent lanes, then the first
+/// index holding it — instead of one scan whose every step waits on the last comparison (a
+/// 49k-token vocabulary took ~50 µs that way, 2 % of a 32-row decode step spent on one core).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+    let Some(&first) = logits.first() else {
+        return 0;
+    };
+    let mut lanes = [first; 8];
+    let chunks = logits.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
         }
     }
-    best as u32
+    let mut top = first;
+    for &v in lanes.iter().chain(rest) {
+        if v > top {
+            top = v;
+        }
+    }
+    // `top` is the first logit (NaN or nothing larger) or a value some logit equals
+    logits.iter().position(|&v| v == top).unwrap_or(0) as u32
 }
 
 /// Pick the next token from one row of logits.
@@ -461,5 +478,68 @@ mod batching {
         // the two long prompts do not pad the short ones
         assert!(b.iter().any(|g| g == &vec![1]) && b.iter().any(|g| g == &vec![7]));
         assert_eq!(length_batches(&lens, 4, 64), b);
+    }
+}
+
+#[cfg(test)]
+mod picking {
+    use super::argmax;
+
+    /// The plain scan `argmax` replaced: the first index no later logit exceeds.
+    fn scan(logits: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_picks_what_a_plain_scan_picks() {
+        let mut s = 7u64;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0
+        };
+        let mut cases: Vec<Vec<f32>> = Vec::new();
+        for len in [1, 3, 8, 9, 17, 100, 49_152] {
+            cases.push((0..len).map(|_| next()).collect());
+        }
+        // ties (the first wins, in any lane), signed zeros, NaNs, infinities
+        cases.push(vec![1.0, 5.0, 2.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 5.0]);
+        cases.push(vec![-1.0, -0.0, 0.0, -2.0, 0.0, -0.0, -3.0, -0.0, 0.0]);
+        cases.push(vec![f32::NAN, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+        cases.push(vec![
+            0.0,
+            f32::NAN,
+            1.0,
+            f32::NAN,
+            3.0,
+            2.0,
+            1.0,
+            0.0,
+            3.0,
+            f32::NAN,
+        ]);
+        cases.push(vec![f32::NEG_INFINITY; 20]);
+        cases.push(vec![
+            f32::NEG_INFINITY,
+            -1.0,
+            f32::INFINITY,
+            2.0,
+            f32::INFINITY,
+        ]);
+        let mut long: Vec<f32> = (0..1000).map(|i| (i % 7) as f32).collect();
+        long[613] = 9.0;
+        long[900] = 9.0;
+        cases.push(long);
+        for c in &cases {
+            assert_eq!(argmax(c), scan(c), "{:?}", &c[..c.len().min(12)]);
+        }
+        assert_eq!(argmax(&[]), 0);
     }
 }

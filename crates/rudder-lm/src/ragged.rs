@@ -17,6 +17,7 @@ use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
 use crate::hooks::{Hook, HookCtx, Phase, Site};
 use crate::linear::forward_many;
+use crate::team::SendPtr;
 use crate::{LmError, Result};
 
 /// The number format of the cached keys and values. `F32` (the default) computes exactly what
@@ -388,11 +389,7 @@ impl Decoder {
             h = (h + a)?;
             hook_rows(Site::ResidMid(l), rows, &offs, &mut h)?;
             let xn = self.norm(&h, &self.layers[l].ln_mlp)?;
-            let layer = &self.layers[l];
-            let gu = forward_many(&[&layer.gate, &layer.up], &xn)?;
-            let mut m = layer
-                .down
-                .forward(&crate::rowwise::silu_mul(&gu[0], &gu[1])?)?;
+            let mut m = self.mlp(l, &xn)?;
             hook_rows(Site::MlpOut(l), rows, &offs, &mut m)?;
             h = (h + m)?;
             hook_rows(Site::ResidPost(l), rows, &offs, &mut h)?;
@@ -433,28 +430,31 @@ impl Decoder {
         let v = v.flatten_all()?.to_vec1::<f32>()?;
         let half = hd / 2;
         let inter = c.rope_interleaved;
-        for t in 0..n {
-            let (cs, sn) = (
-                &cos[t * half..(t + 1) * half],
-                &sin[t * half..(t + 1) * half],
-            );
-            for hh in 0..h {
-                rope_in_place(
-                    &mut q[t * qd + hh * hd..t * qd + (hh + 1) * hd],
-                    cs,
-                    sn,
-                    inter,
+        // RoPE on the team, in blocks of tokens (on one core it was ~2 % of a decode step)
+        let (qp, kp) = (SendPtr(q.as_mut_ptr()), SendPtr(k.as_mut_ptr()));
+        crate::rowwise::for_row_blocks(n, qd + kvd, &|t0, m| {
+            // SAFETY: blocks of tokens are disjoint, and inside `q` (n · qd) and `k` (n · kvd).
+            let (qs, ks) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(qp.at(t0 * qd), m * qd),
+                    std::slice::from_raw_parts_mut(kp.at(t0 * kvd), m * kvd),
+                )
+            };
+            for (i, (qt, kt)) in qs
+                .chunks_exact_mut(qd)
+                .zip(ks.chunks_exact_mut(kvd))
+                .enumerate()
+            {
+                let t = t0 + i;
+                let (cs, sn) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
                 );
+                for head in qt.chunks_exact_mut(hd).chain(kt.chunks_exact_mut(hd)) {
+                    rope_in_place(head, cs, sn, inter);
+                }
             }
-            for g in 0..kvh {
-                rope_in_place(
-                    &mut k[t * kvd + g * hd..t * kvd + (g + 1) * hd],
-                    cs,
-                    sn,
-                    inter,
-                );
-            }
-        }
+        });
         // append the new keys/values, then read each row's cache immutably
         for (r, row) in rows.iter_mut().enumerate() {
             let (a, b) = (offs[r] * kvd, offs[r + 1] * kvd);
@@ -489,7 +489,7 @@ impl Decoder {
             scale: 1.0 / (hd as f32).sqrt(),
         };
         let mut y = vec![0f32; n * qd];
-        let yp = crate::team::SendPtr(y.as_mut_ptr());
+        let yp = SendPtr(y.as_mut_ptr());
         // Tokens are shared out by the decoding team (rayon's workers would fall asleep between
         // the layers' short attention calls, see `crate::team`).
         crate::team::Team::global().run(n, &|i| {

@@ -18,7 +18,7 @@ fn rows_per_task(width: usize) -> usize {
 }
 
 /// Run `f(first_row, rows)` over `[0, n)` in blocks, on the team when there is more than one.
-fn for_row_blocks(n: usize, width: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+pub(crate) fn for_row_blocks(n: usize, width: usize, f: &(dyn Fn(usize, usize) + Sync)) {
     let per = rows_per_task(width);
     let tasks = n.div_ceil(per);
     if tasks <= 1 {
