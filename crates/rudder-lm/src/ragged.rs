@@ -469,9 +469,10 @@ impl Decoder {
         // step went through the CPU's caches since it was read; a prompt chunk's tokens share
         // theirs, which the first of them brings in
         let cold: Vec<bool> = rows.iter().map(|r| r.tokens.len() == 1).collect();
-        // rows reading one shared prompt prefix go one after the other, so its keys and values
-        // are read from memory once and from cache by the others
-        let mut order: Vec<usize> = (0..n).collect();
+        // Runs of up to RUN consecutive tokens of one row (a decode step's row is a run of one),
+        // each one task; rows reading one shared prompt prefix go one after the other, so its
+        // keys and values are read from memory once and from cache by the others.
+        let mut order: Vec<usize> = (0..rows.len()).collect();
         if rows.iter().any(|r| r.cache.shared.is_some()) {
             let key = |r: usize| {
                 rows[r]
@@ -480,8 +481,16 @@ impl Decoder {
                     .as_ref()
                     .map_or(0, |s| Arc::as_ptr(s) as usize)
             };
-            order.sort_by_key(|&t| (key(row_of[t]), t));
+            order.sort_by_key(|&r| (key(r), r));
         }
+        let runs: Vec<(usize, usize)> = order
+            .iter()
+            .flat_map(|&r| {
+                (offs[r]..offs[r + 1])
+                    .step_by(RUN)
+                    .map(move |t| (t, RUN.min(offs[r + 1] - t)))
+            })
+            .collect();
         let shape = AttnShape {
             heads: h,
             kv_heads: kvh,
@@ -492,18 +501,18 @@ impl Decoder {
         let yp = SendPtr(y.as_mut_ptr());
         // Tokens are shared out by the decoding team (rayon's workers would fall asleep between
         // the layers' short attention calls, see `crate::team`).
-        crate::team::Team::global().run(n, &|i| {
-            let t = order[i];
-            let qrow = &q[t * qd..(t + 1) * qd];
-            // SAFETY: task i alone writes row t of y (`order` is a permutation).
-            let yrow = unsafe { std::slice::from_raw_parts_mut(yp.at(t * qd), qd) };
-            // causal: positions 0..=pos
+        crate::team::Team::global().run(runs.len(), &|i| {
+            let (t, m) = runs[i];
+            let qs = &q[t * qd..(t + m) * qd];
+            // SAFETY: task i alone writes rows t..t+m of y (the runs partition the tokens).
+            let ys = unsafe { std::slice::from_raw_parts_mut(yp.at(t * qd), m * qd) };
+            // causal: token t reads positions 0..=pos[t], the next one more
             attend(
                 &shape,
-                qrow,
+                qs,
                 caches[row_of[t]],
                 pos[t] + 1,
-                yrow,
+                ys,
                 cold[row_of[t]],
             );
         });
@@ -512,6 +521,12 @@ impl Decoder {
             .forward(&Tensor::from_vec(y, (n, qd), &Device::Cpu)?)
     }
 }
+
+/// Tokens of a prompt chunk per attention task: each block of keys and values, once in cache,
+/// serves all of them. Measured in one process (2 threads, Zen 4, AVX2, 9/3 heads × 64, 30
+/// layers of whole-prompt chunks), against one token per task: 256-token prompts 84 vs 90–98
+/// ms, 1,024 tokens 694 vs 782, 2,048 tokens 2,975 vs 3,515 (runs of 4 and 16 within a few %).
+const RUN: usize = 8;
 
 struct AttnShape {
     heads: usize,
@@ -524,6 +539,9 @@ struct AttnShape {
 /// query heads sharing a key/value head are scored together (each key and value is read once
 /// per group), softmax with a polynomial exp, in loops the compiler vectorises — with AVX2/FMA
 /// when the CPU has them.
+/// Attention of `q.len() / (heads · head_dim)` consecutive tokens of one row, the first
+/// reading positions `0..upto`, each next one position more (causal), into `out` (the same
+/// layout as `q`).
 fn attend(sh: &AttnShape, q: &[f32], kv: KvAny, upto: usize, out: &mut [f32], cold: bool) {
     match kv {
         KvAny::F32(kv) => attend_in(sh, q, kv, upto, out, cold),
@@ -548,7 +566,10 @@ fn attend_in<T: Elem>(
             return unsafe { attend_avx2(sh, q, kv, upto, out, cold) };
         }
     }
-    attend_impl(sh, q, kv, upto, out)
+    let qd = sh.heads * sh.head_dim;
+    for (i, (qt, ot)) in q.chunks_exact(qd).zip(out.chunks_exact_mut(qd)).enumerate() {
+        attend_impl(sh, qt, kv, upto + i, ot)
+    }
 }
 
 /// Positions per block of the AVX2 kernel: one block's keys (or values) are 96 KiB at 64 f32
@@ -576,7 +597,11 @@ const BLOCK: usize = 128;
 /// alone takes 14), f16 19 → 14 ms; 16 rows × 640 positions, f32, 33–35 → 20 ms; from cache (a
 /// prompt chunk) about 10–30 % less time.
 ///
-/// The arithmetic of a position does not depend on blocks or pieces: each score is one chain
+/// `q` may hold a run of consecutive tokens of one row (a prompt chunk's task, [`RUN`]): each
+/// block of keys, then of values, is read by every token of the run in turn while it is in
+/// cache, each token stopping at its own causal limit.
+///
+/// The arithmetic of a position does not depend on blocks, pieces or runs: each score is one chain
 /// of fused multiply-adds over the head's lanes reduced in [`hsum`]'s order, each output lane
 /// one chain over the positions in order.
 #[cfg(target_arch = "x86_64")]
@@ -590,12 +615,19 @@ unsafe fn attend_avx2<T: Elem>(
     cold: bool,
 ) {
     let (hd, kvd) = (sh.head_dim, sh.kv_heads * sh.head_dim);
+    let qd = sh.heads * hd;
+    let toks = q.len() / qd.max(1);
     if hd % 8 != 0 {
-        return attend_impl(sh, q, kv, upto, out);
+        for (i, (qt, ot)) in q.chunks_exact(qd).zip(out.chunks_exact_mut(qd)).enumerate() {
+            attend_impl(sh, qt, kv, upto + i, ot)
+        }
+        return;
     }
-    assert!(q.len() >= sh.heads * hd && out.len() >= sh.heads * hd);
-    let pieces: Vec<_> = kv.pieces(kvd, upto).collect();
-    assert_eq!(pieces.iter().map(|p| p.3).sum::<usize>(), upto);
+    assert!(toks >= 1 && q.len() == toks * qd && out.len() == toks * qd);
+    // the last token reads the most positions; token i stops at upto + i
+    let last = upto + toks - 1;
+    let pieces: Vec<_> = kv.pieces(kvd, last).collect();
+    assert_eq!(pieces.iter().map(|p| p.3).sum::<usize>(), last);
     for &(kc, vc, _, n) in &pieces {
         assert!(kc.len() >= n * kvd && vc.len() >= n * kvd);
     }
@@ -619,17 +651,20 @@ unsafe fn attend_avx2<T: Elem>(
                 .map(move |j| (g, g * rep + j, (rep - j).min(3)))
         })
         .collect();
+    // score rows `last` apart, a token's rows `heads · last` apart
     let at = Shape {
         hd,
         kvd,
-        upto,
+        upto: last,
         scale: sh.scale,
     };
-    let mut s = vec![0f32; sh.heads * upto];
-    let mut acc = vec![0f32; sh.heads * hd];
+    let mut s = vec![0f32; toks * sh.heads * last];
+    let mut acc = vec![0f32; toks * qd];
     let nv = hd / 8;
-    // SAFETY: every pointer below stays inside the slices checked above (positions < the
-    // block's length, heads < heads, lanes < head_dim).
+    // positions of a block that token i reads (0 when the block starts past its last)
+    let seen = |i: usize, p0: usize, n: usize| (upto + i).saturating_sub(p0).min(n);
+    // SAFETY: every pointer below stays inside the slices checked above (tokens < toks,
+    // positions < the block's length and < the token's upto, heads < heads, lanes < head_dim).
     unsafe {
         for (bi, &(kc, _, p0, n)) in blocks.iter().enumerate() {
             if cold && bi == 0 {
@@ -641,31 +676,45 @@ unsafe fn attend_avx2<T: Elem>(
                 Some(b) => b.0,
                 None => blocks[0].1,
             };
-            let mut pf = Prefetch::new(cold, next, runs.len() * n.div_ceil(4));
-            for &(g, h0, r) in &runs {
-                let (qh, sr) = (q.as_ptr().add(h0 * hd), s.as_mut_ptr().add(h0 * upto + p0));
-                match r {
-                    3 => scores::<T, 3>(&at, qh, kc, n, g, sr, &mut pf),
-                    2 => scores::<T, 2>(&at, qh, kc, n, g, sr, &mut pf),
-                    _ => scores::<T, 1>(&at, qh, kc, n, g, sr, &mut pf),
+            let mut pf = Prefetch::new(cold, next, toks * runs.len() * n.div_ceil(4));
+            // every token of the run against this block while its keys are in cache
+            for i in 0..toks {
+                let m = seen(i, p0, n);
+                let (qi, si) = (
+                    q.as_ptr().add(i * qd),
+                    s.as_mut_ptr().add(i * sh.heads * last),
+                );
+                for &(g, h0, r) in &runs {
+                    let (qh, sr) = (qi.add(h0 * hd), si.add(h0 * last + p0));
+                    match r {
+                        3 => scores::<T, 3>(&at, qh, kc, m, g, sr, &mut pf),
+                        2 => scores::<T, 2>(&at, qh, kc, m, g, sr, &mut pf),
+                        _ => scores::<T, 1>(&at, qh, kc, m, g, sr, &mut pf),
+                    }
                 }
             }
         }
-        for row in s.chunks_exact_mut(upto) {
-            softmax_avx2(row);
+        for (i, rows) in s.chunks_exact_mut(sh.heads * last).enumerate() {
+            for row in rows.chunks_exact_mut(last) {
+                softmax_avx2(&mut row[..upto + i]);
+            }
         }
         for (bi, &(_, vc, p0, n)) in blocks.iter().enumerate() {
             let next = blocks.get(bi + 1).map_or(&[][..], |b| b.1);
-            let mut pf = Prefetch::new(cold, next, runs.len() * nv.div_ceil(4) * n);
-            for &(g, h0, r) in &runs {
-                let (sr, ar) = (
-                    s.as_ptr().add(h0 * upto + p0),
-                    acc.as_mut_ptr().add(h0 * hd),
+            let mut pf = Prefetch::new(cold, next, toks * runs.len() * nv.div_ceil(4) * n);
+            for i in 0..toks {
+                let m = seen(i, p0, n);
+                let (si, ai) = (
+                    s.as_ptr().add(i * sh.heads * last),
+                    acc.as_mut_ptr().add(i * qd),
                 );
-                match r {
-                    3 => mix::<T, 3>(&at, sr, vc, n, g, ar, &mut pf),
-                    2 => mix::<T, 2>(&at, sr, vc, n, g, ar, &mut pf),
-                    _ => mix::<T, 1>(&at, sr, vc, n, g, ar, &mut pf),
+                for &(g, h0, r) in &runs {
+                    let (sr, ar) = (si.add(h0 * last + p0), ai.add(h0 * hd));
+                    match r {
+                        3 => mix::<T, 3>(&at, sr, vc, m, g, ar, &mut pf),
+                        2 => mix::<T, 2>(&at, sr, vc, m, g, ar, &mut pf),
+                        _ => mix::<T, 1>(&at, sr, vc, m, g, ar, &mut pf),
+                    }
                 }
             }
         }
@@ -1158,6 +1207,58 @@ mod tests {
         // the shared bytes are divided among the rows that read them
         let own: usize = a.k.iter().chain(&a.v).map(Buf::bytes).sum();
         assert_eq!(a.bytes() - own, (3 * w * 2 * 2 * 4) / 3);
+    }
+
+    #[test]
+    fn a_run_of_tokens_attends_exactly_as_each_token_alone() {
+        // consecutive tokens of one row in one call (a prompt chunk's task) give bit for bit
+        // what one call per token gives, across block edges (128) and cache pieces, both
+        // number formats, cold and warm
+        for (heads, kv_heads, hd) in [(9, 3, 64), (4, 2, 12), (8, 2, 64)] {
+            let sh = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let (qd, kvd) = (heads * hd, kv_heads * hd);
+            for (upto, toks) in [(1, 1), (1, 8), (5, 3), (121, 8), (127, 2), (250, 7)] {
+                let total = upto + toks - 1;
+                let q = values(toks * qd, 7);
+                let kc = values(total * kvd, 8);
+                let vc = values(total * kvd, 9);
+                let kh: Vec<f16> = kc.iter().map(|&x| f16::from_f32(x)).collect();
+                let vh: Vec<f16> = vc.iter().map(|&x| f16::from_f32(x)).collect();
+                for cut in [0, upto / 2, total] {
+                    for cold in [false, true] {
+                        let (k0, k1) = kc.split_at(cut * kvd);
+                        let (v0, v1) = vc.split_at(cut * kvd);
+                        let (h0, h1) = kh.split_at(cut * kvd);
+                        let (w0, w1) = vh.split_at(cut * kvd);
+                        let caches = [
+                            KvAny::F32(Kv {
+                                parts: [(k0, v0), (k1, v1)],
+                            }),
+                            KvAny::F16(Kv {
+                                parts: [(h0, w0), (h1, w1)],
+                            }),
+                        ];
+                        for kv in caches {
+                            let mut run = vec![0f32; toks * qd];
+                            attend(&sh, &q, kv, upto, &mut run, cold);
+                            for i in 0..toks {
+                                let mut one = vec![0f32; qd];
+                                attend(&sh, &q[i * qd..(i + 1) * qd], kv, upto + i, &mut one, cold);
+                                assert!(
+                                    one == run[i * qd..(i + 1) * qd],
+                                    "{heads}/{kv_heads}×{hd} upto {upto} toks {toks} cut {cut} token {i}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
