@@ -491,15 +491,10 @@ impl Decoder {
                     .map(move |t| (t, RUN.min(offs[r + 1] - t)))
             })
             .collect();
-        let shape = AttnShape {
-            heads: h,
-            kv_heads: kvh,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let shape = AttnShape::new(h, kvh, hd);
         let mut y = vec![0f32; n * qd];
         let yp = SendPtr(y.as_mut_ptr());
-        // Tokens are shared out by the decoding team (rayon's workers would fall asleep between
+        // Runs are shared out by the decoding team (rayon's workers would fall asleep between
         // the layers' short attention calls, see `crate::team`).
         crate::team::Team::global().run(runs.len(), &|i| {
             let (t, m) = runs[i];
@@ -535,13 +530,22 @@ struct AttnShape {
     scale: f32,
 }
 
-/// One token's attention over the first `upto` positions of its row's cache, all heads: the
-/// query heads sharing a key/value head are scored together (each key and value is read once
-/// per group), softmax with a polynomial exp, in loops the compiler vectorises — with AVX2/FMA
-/// when the CPU has them.
-/// Attention of `q.len() / (heads · head_dim)` consecutive tokens of one row, the first
-/// reading positions `0..upto`, each next one position more (causal), into `out` (the same
-/// layout as `q`).
+impl AttnShape {
+    /// Scores scaled by 1/√head_dim.
+    fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        AttnShape {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+}
+
+/// Attention of `q.len() / (heads · head_dim)` consecutive tokens of one row, all heads, added
+/// into `out` (laid out as `q`): the first token reads positions `0..upto` of the row's cache,
+/// each next one position more (causal). [`attend_avx2`] when the CPU has AVX2 and the head
+/// width is a multiple of 8, else [`attend_impl`] token by token.
 fn attend(sh: &AttnShape, q: &[f32], kv: KvAny, upto: usize, out: &mut [f32], cold: bool) {
     match kv {
         KvAny::F32(kv) => attend_in(sh, q, kv, upto, out, cold),
@@ -561,7 +565,7 @@ fn attend_in<T: Elem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::quant::simd_available() {
+        if crate::quant::simd_available() && sh.head_dim.is_multiple_of(8) {
             // SAFETY: AVX2, FMA and F16C were detected at run time.
             return unsafe { attend_avx2(sh, q, kv, upto, out, cold) };
         }
@@ -578,7 +582,8 @@ fn attend_in<T: Elem>(
 #[cfg(target_arch = "x86_64")]
 const BLOCK: usize = 128;
 
-/// [`attend_impl`] with AVX2 intrinsics (head widths that are a multiple of 8), the cache
+/// [`attend_impl`] with AVX2 intrinsics (head widths a multiple of 8: [`attend_in`] sends
+/// others to the portable loop), the cache
 /// walked in blocks of [`BLOCK`] positions. Scores: the query heads sharing a key/value head
 /// (up to three at once) against four positions at a time, so each key vector loaded serves
 /// all of them, reduced with one horizontal-add tree per two heads; then a vector exponential;
@@ -617,13 +622,7 @@ unsafe fn attend_avx2<T: Elem>(
     let (hd, kvd) = (sh.head_dim, sh.kv_heads * sh.head_dim);
     let qd = sh.heads * hd;
     let toks = q.len() / qd.max(1);
-    if hd % 8 != 0 {
-        for (i, (qt, ot)) in q.chunks_exact(qd).zip(out.chunks_exact_mut(qd)).enumerate() {
-            attend_impl(sh, qt, kv, upto + i, ot)
-        }
-        return;
-    }
-    assert!(toks >= 1 && q.len() == toks * qd && out.len() == toks * qd);
+    assert!(hd.is_multiple_of(8) && toks >= 1 && q.len() == toks * qd && out.len() == toks * qd);
     // the last token reads the most positions; token i stops at upto + i
     let last = upto + toks - 1;
     let pieces: Vec<_> = kv.pieces(kvd, last).collect();
@@ -655,7 +654,7 @@ unsafe fn attend_avx2<T: Elem>(
     let at = Shape {
         hd,
         kvd,
-        upto: last,
+        stride: last,
         scale: sh.scale,
     };
     let mut s = vec![0f32; toks * sh.heads * last];
@@ -729,8 +728,8 @@ unsafe fn attend_avx2<T: Elem>(
 struct Shape {
     hd: usize,
     kvd: usize,
-    /// Positions per head in the score rows.
-    upto: usize,
+    /// Floats from one head's score row to the next (the run's longest row).
+    stride: usize,
     scale: f32,
 }
 
@@ -799,7 +798,7 @@ fn sweep<T>(x: &[T]) {
 }
 
 /// Scores of `R` consecutive query heads (from `q`, `hd` apart) of key/value head `g` against
-/// the `n` positions of one block (`kc`), scaled, written to `s` (head rows `upto` apart).
+/// the `n` positions of one block (`kc`), scaled, written to `s` (head rows `stride` apart).
 // indices name registers of a tile (acc[head][position], a[head][vector])
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
@@ -816,7 +815,7 @@ unsafe fn scores<T: Elem, const R: usize>(
 ) {
     use std::arch::x86_64::*;
     let (hd, kvd, nv) = (at.hd, at.kvd, at.hd / 8);
-    // SAFETY (all below): the caller's q holds R heads of hd lanes, s R rows of upto floats
+    // SAFETY (all below): the caller's q holds R heads of hd lanes, s R rows of stride floats
     // from here, kc n positions of kvd values, g < kvd / hd.
     let kg = unsafe { kc.as_ptr().add(g * hd) };
     let scale = _mm256_set1_ps(at.scale);
@@ -844,9 +843,9 @@ unsafe fn scores<T: Elem, const R: usize>(
             let [a0, a1, a2, a3] = acc[j];
             let v = _mm256_mul_ps(hsum8([a0, a1, a2, a3, hi[0], hi[1], hi[2], hi[3]]), scale);
             unsafe {
-                _mm_storeu_ps(s.add(j * at.upto + p), _mm256_castps256_ps128(v));
+                _mm_storeu_ps(s.add(j * at.stride + p), _mm256_castps256_ps128(v));
                 if j + 1 < R {
-                    _mm_storeu_ps(s.add((j + 1) * at.upto + p), _mm256_extractf128_ps(v, 1));
+                    _mm_storeu_ps(s.add((j + 1) * at.stride + p), _mm256_extractf128_ps(v, 1));
                 }
             }
         }
@@ -862,13 +861,13 @@ unsafe fn scores<T: Elem, const R: usize>(
                     a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j * hd + c * 8)), k, a);
                 }
             }
-            unsafe { *s.add(j * at.upto + p) = hsum(a) * at.scale };
+            unsafe { *s.add(j * at.stride + p) = hsum(a) * at.scale };
         }
     }
 }
 
 /// Add the `n` positions of one block of values (`vc`, key/value head `g`) weighted by the
-/// probabilities of `R` consecutive query heads (`s`, rows `upto` apart) to their running sums
+/// probabilities of `R` consecutive query heads (`s`, rows `stride` apart) to their running sums
 /// `acc` (`hd` apart), four vectors of a head at a time.
 // indices name registers of a tile (acc[head][position], a[head][vector])
 #[allow(clippy::needless_range_loop)]
@@ -900,7 +899,7 @@ unsafe fn mix<T: Elem, const R: usize>(
         for p in 0..n {
             pf.step();
             let w: [__m256; R] =
-                std::array::from_fn(|j| unsafe { _mm256_broadcast_ss(&*s.add(j * at.upto + p)) });
+                std::array::from_fn(|j| unsafe { _mm256_broadcast_ss(&*s.add(j * at.stride + p)) });
             let vp = unsafe { vg.add(p * kvd) };
             // the whole-width case with a constant trip count, so that its loop unrolls
             if cn == 4 {
@@ -1215,12 +1214,7 @@ mod tests {
         // what one call per token gives, across block edges (128) and cache pieces, both
         // number formats, cold and warm
         for (heads, kv_heads, hd) in [(9, 3, 64), (4, 2, 12), (8, 2, 64)] {
-            let sh = AttnShape {
-                heads,
-                kv_heads,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
+            let sh = AttnShape::new(heads, kv_heads, hd);
             let (qd, kvd) = (heads * hd, kv_heads * hd);
             for (upto, toks) in [(1, 1), (1, 8), (5, 3), (121, 8), (127, 2), (250, 7)] {
                 let total = upto + toks - 1;
@@ -1275,12 +1269,7 @@ mod tests {
             (8, 2, 64),
             (4, 2, 12),
         ] {
-            let sh = AttnShape {
-                heads,
-                kv_heads,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
+            let sh = AttnShape::new(heads, kv_heads, hd);
             for upto in [1, 7, 8, 9, 17, 300] {
                 let q = values(heads * hd, 1);
                 let kc = values(upto * kv_heads * hd, 2);
@@ -1339,12 +1328,7 @@ mod tests {
         // the same rounded values (the kernel widens each value exactly, then does the same
         // arithmetic), vector and portable, whole and split
         for (heads, kv_heads, hd) in [(9, 3, 64), (6, 2, 80), (4, 2, 12)] {
-            let sh = AttnShape {
-                heads,
-                kv_heads,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
+            let sh = AttnShape::new(heads, kv_heads, hd);
             let kvd = kv_heads * hd;
             for upto in [1, 9, 300] {
                 let q = values(heads * hd, 1);
