@@ -429,6 +429,14 @@ impl Decoder {
         self.lm_head.forward(h)
     }
 
+    /// [`Decoder::logits`] of `[rows, d]` hidden states as one row-major `[rows, vocab]` vector
+    /// (no copy out of a tensor: a 32-row decode step's logits are 6 MB).
+    pub fn logits_vec(&self, h: &Tensor) -> Result<Vec<f32>> {
+        crate::linear::forward_many_vecs(&[&self.lm_head], h)?
+            .pop()
+            .ok_or_else(|| LmError::Config("no LM head output".into()))
+    }
+
     /// Approximate weight memory in bytes.
     pub fn weight_bytes(&self) -> usize {
         let w = |l: &Linear| match &l.weight {

@@ -487,7 +487,14 @@ impl<'m> Row<'m> {
                 .wrapping_add(job.stream_index),
         );
         Row {
-            cache: RowCache::with_precision(&lm.decoder.cfg, job.prompt.len(), kv),
+            // room for the prompt and what it may generate (at most 4,096 tokens ahead; past
+            // that the cache grows by doubling)
+            cache: RowCache::with_room_for(
+                &lm.decoder.cfg,
+                job.prompt.len(),
+                job.prompt.len() + max_new.min(4096),
+                kv,
+            ),
             history: job.prompt.clone(),
             prompt: job.prompt,
             config: job.config,
@@ -813,7 +820,9 @@ fn share_prompts(rows: &mut [Row], stats: &Stats) -> Vec<bool> {
             wait[i] = (0..rows.len()).any(|j| (rows[j].fed > 0 || (j < i && !wait[j])) && alike(j));
             continue;
         };
-        let cache = rows[j].cache.prefix(len - 1);
+        let mut cache = rows[j].cache.prefix(len - 1);
+        // the last prompt token and the generation (as at admission)
+        cache.reserve(1 + rows[i].max_new.min(4096));
         rows[i].cache = cache;
         rows[i].fed = len - 1;
         stats
@@ -901,10 +910,11 @@ fn step(lm: &LanguageModel, cfg: &EngineConfig, rows: &mut [Row], stats: &Stats)
     } else {
         h.index_select(&Tensor::from_vec(need.clone(), n, &Device::Cpu)?, 0)?
     };
-    let mut logits = lm.decoder.logits(&h)?.to_vec2::<f32>()?;
+    let mut logits = lm.decoder.logits_vec(&h)?;
+    let vocab = logits.len() / n;
     for (k, &w) in need.iter().enumerate() {
         let row = who[w as usize].0;
-        rows[row].on_logits(lm, &mut logits[k]);
+        rows[row].on_logits(lm, &mut logits[k * vocab..(k + 1) * vocab]);
     }
     stats
         .completion_tokens

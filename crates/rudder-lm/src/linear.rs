@@ -153,30 +153,10 @@ impl Linear {
 /// Apply several linears to the same input. Quantized or packed weights share one pass over
 /// the activations and one fork-join (Q/K/V, gate/up); anything else runs one by one.
 pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-    let (mut quant, mut packed): (Vec<&QMatrix>, Vec<&PackedMatrix>) = (Vec::new(), Vec::new());
-    for l in ls {
-        match &l.weight {
-            Weight::Quant(q) => quant.push(q),
-            Weight::Packed(p) => packed.push(p),
-            _ => {}
-        }
-    }
-    let one_pass =
-        ls.len() >= 2 && (quant.len() == ls.len() || (packed.len() == ls.len() && !x.track_op()));
-    if !one_pass {
+    let Some(ys) = one_pass(ls, x, 2)? else {
         return ls.iter().map(|l| l.forward(x)).collect();
-    }
+    };
     let dims = x.dims().to_vec();
-    let inp = *dims.last().unwrap_or(&0);
-    let n = x.elem_count() / inp.max(1);
-    let x2 = x.reshape((n, inp))?.contiguous()?;
-    let ys = rudder_nn::cpu::with_f32(&x2, "matmul", |xs| {
-        Ok(if quant.is_empty() {
-            crate::dense::matmul_many(&packed, xs, n)
-        } else {
-            crate::quant::matmul_many(&quant, xs, n)
-        })
-    })?;
     let mut out = Vec::with_capacity(ls.len());
     for (y, l) in ys.into_iter().zip(ls) {
         let mut shape = dims.clone();
@@ -189,6 +169,59 @@ pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         out.push(l.add_lora(x, t)?);
     }
     Ok(out)
+}
+
+/// [`forward_many`] as plain row-major vectors (`[tokens, outputs]` each), for inference code
+/// that works on them directly: the one-pass products are returned as computed, without the
+/// copy out of a tensor (biases added in place); LoRA adapters and other weights go through
+/// [`forward_many`].
+pub fn forward_many_vecs(ls: &[&Linear], x: &Tensor) -> Result<Vec<Vec<f32>>> {
+    if ls.iter().all(|l| l.lora.is_none())
+        && let Some(mut ys) = one_pass(ls, x, 1)?
+    {
+        for (y, l) in ys.iter_mut().zip(ls) {
+            if let Some(b) = &l.bias {
+                let b = b.flatten_all()?.to_vec1::<f32>()?;
+                for row in y.chunks_exact_mut(b.len().max(1)) {
+                    row.iter_mut().zip(&b).for_each(|(v, bi)| *v += bi);
+                }
+            }
+        }
+        return Ok(ys);
+    }
+    forward_many(ls, x)?
+        .iter()
+        .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+        .collect()
+}
+
+/// The shared pass of [`forward_many`] when every weight is quantized, or every one packed and
+/// no gradient is recorded (`min` or more linears); `None` otherwise.
+fn one_pass(ls: &[&Linear], x: &Tensor, min: usize) -> Result<Option<Vec<Vec<f32>>>> {
+    let (mut quant, mut packed): (Vec<&QMatrix>, Vec<&PackedMatrix>) = (Vec::new(), Vec::new());
+    for l in ls {
+        match &l.weight {
+            Weight::Quant(q) => quant.push(q),
+            Weight::Packed(p) => packed.push(p),
+            _ => {}
+        }
+    }
+    let one_pass = ls.len() >= min.max(1)
+        && (quant.len() == ls.len() || (packed.len() == ls.len() && !x.track_op()));
+    if !one_pass {
+        return Ok(None);
+    }
+    let inp = *x.dims().last().unwrap_or(&0);
+    let n = x.elem_count() / inp.max(1);
+    let x2 = x.reshape((n, inp))?.contiguous()?;
+    let ys = rudder_nn::cpu::with_f32(&x2, "matmul", |xs| {
+        Ok(if quant.is_empty() {
+            crate::dense::matmul_many(&packed, xs, n)
+        } else {
+            crate::quant::matmul_many(&quant, xs, n)
+        })
+    })?;
+    Ok(Some(ys))
 }
 
 /// Root-mean-square norm with a learned scale. `differentiable` selects the op with a backward

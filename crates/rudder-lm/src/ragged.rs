@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
 use crate::hooks::{Hook, HookCtx, Phase, Site};
-use crate::linear::forward_many;
+use crate::linear::forward_many_vecs;
 use crate::team::SendPtr;
 use crate::{LmError, Result};
 
@@ -60,10 +60,38 @@ impl Buf {
         }
     }
 
+    #[cfg(test)]
     fn push(&mut self, x: &[f32]) {
         match self {
             Buf::F32(b) => b.extend_from_slice(x),
             Buf::F16(b) => b.extend(x.iter().map(|&v| f16::from_f32(v))),
+        }
+    }
+
+    /// Room for `n` more values: where the first of them goes. Write them through
+    /// [`Dst::put`], then [`Buf::commit`] them.
+    fn spare(&mut self, n: usize) -> Dst {
+        match self {
+            Buf::F32(b) => {
+                b.reserve(n);
+                Dst::F32(b.spare_capacity_mut().as_mut_ptr().cast())
+            }
+            Buf::F16(b) => {
+                b.reserve(n);
+                Dst::F16(b.spare_capacity_mut().as_mut_ptr().cast())
+            }
+        }
+    }
+
+    /// Count the `n` values after the current end as pushed.
+    ///
+    /// # Safety
+    /// All `n` were written through this buffer's [`Buf::spare`] pointer since (and no
+    /// reallocation happened in between).
+    unsafe fn commit(&mut self, n: usize) {
+        match self {
+            Buf::F32(b) => unsafe { b.set_len(b.len() + n) },
+            Buf::F16(b) => unsafe { b.set_len(b.len() + n) },
         }
     }
 
@@ -84,10 +112,41 @@ impl Buf {
         }
     }
 
+    /// Bytes of the values held (not of the room reserved for later ones, which is memory
+    /// reserved but not touched).
     fn bytes(&self) -> usize {
         match self {
-            Buf::F32(b) => b.capacity() * 4,
-            Buf::F16(b) => b.capacity() * 2,
+            Buf::F32(b) => b.len() * 4,
+            Buf::F16(b) => b.len() * 2,
+        }
+    }
+}
+
+/// The free end of a [`Buf`] (see [`Buf::spare`]), for the tasks that write new positions in
+/// parallel: each writes its own tokens' ranges.
+#[derive(Clone, Copy)]
+enum Dst {
+    F32(*mut f32),
+    F16(*mut f16),
+}
+
+// SAFETY: a Dst is only written through by tasks that own disjoint ranges of it (see `put`).
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// Write `x` at values `at..at + x.len()` past the buffer's end (converted to its format).
+    ///
+    /// # Safety
+    /// The range lies inside the room [`Buf::spare`] made, and no other task writes it.
+    unsafe fn put(self, at: usize, x: &[f32]) {
+        match self {
+            Dst::F32(p) => unsafe { std::ptr::copy_nonoverlapping(x.as_ptr(), p.add(at), x.len()) },
+            Dst::F16(p) => {
+                for (i, &v) in x.iter().enumerate() {
+                    unsafe { p.add(at + i).write(f16::from_f32(v)) };
+                }
+            }
         }
     }
 }
@@ -129,6 +188,26 @@ impl RowCache {
         Self::with_room(cfg.num_layers, width, p, prompt_len, prompt_len, None)
     }
 
+    /// An empty cache with room for `room` positions from the start (the prompt and the tokens
+    /// it may generate), so that appending never copies the cache to grow it. Memory the row
+    /// never reaches is reserved, not touched.
+    pub fn with_room_for(
+        cfg: &DecoderConfig,
+        prompt_len: usize,
+        room: usize,
+        p: KvPrecision,
+    ) -> Self {
+        let width = cfg.num_kv_heads * cfg.head_dim;
+        Self::with_room(
+            cfg.num_layers,
+            width,
+            p,
+            room.max(prompt_len),
+            prompt_len,
+            None,
+        )
+    }
+
     fn with_room(
         layers: usize,
         width: usize,
@@ -146,6 +225,18 @@ impl RowCache {
             len: shared.as_ref().map_or(0, |s| s.len),
             shared,
             prompt_len,
+        }
+    }
+
+    /// Make room for `positions` more positions in the row's own buffers (see
+    /// [`RowCache::with_room_for`]).
+    pub fn reserve(&mut self, positions: usize) {
+        let n = positions * self.width;
+        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+            match b {
+                Buf::F32(v) => v.reserve(n),
+                Buf::F16(v) => v.reserve(n),
+            }
         }
     }
 
@@ -386,12 +477,12 @@ impl Decoder {
             let xn = self.norm(&h, &self.layers[l].ln_attn)?;
             let mut a = self.attention_ragged(l, &xn, rows, &offs, &pos, &cos, &sin)?;
             hook_rows(Site::AttnOut(l), rows, &offs, &mut a)?;
-            h = (h + a)?;
+            h = crate::rowwise::add(&h, &a)?;
             hook_rows(Site::ResidMid(l), rows, &offs, &mut h)?;
             let xn = self.norm(&h, &self.layers[l].ln_mlp)?;
             let mut m = self.mlp(l, &xn)?;
             hook_rows(Site::MlpOut(l), rows, &offs, &mut m)?;
-            h = (h + m)?;
+            h = crate::rowwise::add(&h, &m)?;
             hook_rows(Site::ResidPost(l), rows, &offs, &mut h)?;
         }
         let mut out = self.norm(&h, &self.norm)?;
@@ -422,15 +513,27 @@ impl Decoder {
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let (qd, kvd) = (h * hd, kvh * hd);
         let n = x.dim(0)?;
-        let [q, k, v]: [Tensor; 3] = forward_many(&[&layer.q, &layer.k, &layer.v], x)?
-            .try_into()
-            .map_err(|_| LmError::Config("q/k/v projection count".into()))?;
-        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
-        let v = v.flatten_all()?.to_vec1::<f32>()?;
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            forward_many_vecs(&[&layer.q, &layer.k, &layer.v], x)?
+                .try_into()
+                .map_err(|_| LmError::Config("q/k/v projection count".into()))?;
         let half = hd / 2;
         let inter = c.rope_interleaved;
-        // RoPE on the team, in blocks of tokens (on one core it was ~2 % of a decode step)
+        let row_of: Vec<usize> = (0..rows.len())
+            .flat_map(|r| std::iter::repeat_n(r, offs[r + 1] - offs[r]))
+            .collect();
+        // where each row's new keys and values go in its cache
+        let dst: Vec<(Dst, Dst)> = rows
+            .iter_mut()
+            .enumerate()
+            .map(|(r, row)| {
+                let m = (offs[r + 1] - offs[r]) * kvd;
+                (row.cache.k[l].spare(m), row.cache.v[l].spare(m))
+            })
+            .collect();
+        // RoPE on the team, in blocks of tokens (on one core it was ~2 % of a decode step), each
+        // token's key and value then copied into its row's cache (serially, the copies and the
+        // caches' growth were ~2 % of a step)
         let (qp, kp) = (SendPtr(q.as_mut_ptr()), SendPtr(k.as_mut_ptr()));
         crate::rowwise::for_row_blocks(n, qd + kvd, &|t0, m| {
             // SAFETY: blocks of tokens are disjoint, and inside `q` (n · qd) and `k` (n · kvd).
@@ -453,17 +556,23 @@ impl Decoder {
                 for head in qt.chunks_exact_mut(hd).chain(kt.chunks_exact_mut(hd)) {
                     rope_in_place(head, cs, sn, inter);
                 }
+                let r = row_of[t];
+                let at = (t - offs[r]) * kvd;
+                // SAFETY: token t alone writes values at..at+kvd of its row's new room.
+                unsafe {
+                    dst[r].0.put(at, kt);
+                    dst[r].1.put(at, &v[t * kvd..(t + 1) * kvd]);
+                }
             }
         });
-        // append the new keys/values, then read each row's cache immutably
         for (r, row) in rows.iter_mut().enumerate() {
-            let (a, b) = (offs[r] * kvd, offs[r + 1] * kvd);
-            row.cache.k[l].push(&k[a..b]);
-            row.cache.v[l].push(&v[a..b]);
+            let m = (offs[r + 1] - offs[r]) * kvd;
+            // SAFETY: the tasks above wrote every token of the row, through `spare`'s pointers.
+            unsafe {
+                row.cache.k[l].commit(m);
+                row.cache.v[l].commit(m);
+            }
         }
-        let row_of: Vec<usize> = (0..rows.len())
-            .flat_map(|r| std::iter::repeat_n(r, offs[r + 1] - offs[r]))
-            .collect();
         let caches: Vec<KvAny> = rows.iter().map(|r| r.cache.layer(l)).collect();
         // a row adding one token (a decode step) finds its cache cold: the weights of a whole
         // step went through the CPU's caches since it was read; a prompt chunk's tokens share
@@ -492,7 +601,12 @@ impl Decoder {
             })
             .collect();
         let shape = AttnShape::new(h, kvh, hd);
-        let mut y = vec![0f32; n * qd];
+        // every value is written by the task of its run (`attend` writes its output), so no
+        // serial zeroing first (tests fill it with NaN instead, so that a value not written shows)
+        let mut y: Vec<f32> = Vec::with_capacity(n * qd);
+        if cfg!(test) {
+            y.resize(n * qd, f32::NAN);
+        }
         let yp = SendPtr(y.as_mut_ptr());
         // Runs are shared out by the decoding team (rayon's workers would fall asleep between
         // the layers' short attention calls, see `crate::team`).
@@ -511,6 +625,8 @@ impl Decoder {
                 cold[row_of[t]],
             );
         });
+        // SAFETY: the runs partition the tokens and each task wrote all of its tokens' values.
+        unsafe { y.set_len(n * qd) };
         layer
             .o
             .forward(&Tensor::from_vec(y, (n, qd), &Device::Cpu)?)
@@ -542,8 +658,8 @@ impl AttnShape {
     }
 }
 
-/// Attention of `q.len() / (heads · head_dim)` consecutive tokens of one row, all heads, added
-/// into `out` (laid out as `q`): the first token reads positions `0..upto` of the row's cache,
+/// Attention of `q.len() / (heads · head_dim)` consecutive tokens of one row, all heads, written
+/// to `out` (laid out as `q`): the first token reads positions `0..upto` of the row's cache,
 /// each next one position more (causal). [`attend_avx2`] when the CPU has AVX2 and the head
 /// width is a multiple of 8, else [`attend_impl`] token by token.
 fn attend(sh: &AttnShape, q: &[f32], kv: KvAny, upto: usize, out: &mut [f32], cold: bool) {
@@ -718,9 +834,7 @@ unsafe fn attend_avx2<T: Elem>(
             }
         }
     }
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o += a;
-    }
+    out.copy_from_slice(&acc);
 }
 
 /// Sizes the AVX2 attention helpers share.
@@ -1024,6 +1138,7 @@ fn attend_impl<T: Elem>(sh: &AttnShape, q: &[f32], kv: Kv<T>, upto: usize, out: 
     let (hd, kvd) = (sh.head_dim, sh.kv_heads * sh.head_dim);
     let rep = sh.heads / sh.kv_heads;
     let mut s = vec![0f32; rep * upto];
+    out.fill(0.0);
     for g in 0..sh.kv_heads {
         for (kc, _, p0, n) in kv.pieces(kvd, upto) {
             for p in 0..n {
@@ -1238,10 +1353,11 @@ mod tests {
                             }),
                         ];
                         for kv in caches {
-                            let mut run = vec![0f32; toks * qd];
+                            // NaN first: attention writes its output, it does not add to it
+                            let mut run = vec![f32::NAN; toks * qd];
                             attend(&sh, &q, kv, upto, &mut run, cold);
                             for i in 0..toks {
-                                let mut one = vec![0f32; qd];
+                                let mut one = vec![f32::NAN; qd];
                                 attend(&sh, &q[i * qd..(i + 1) * qd], kv, upto + i, &mut one, cold);
                                 assert!(
                                     one == run[i * qd..(i + 1) * qd],

@@ -31,6 +31,31 @@ pub(crate) fn for_row_blocks(n: usize, width: usize, f: &(dyn Fn(usize, usize) +
     });
 }
 
+/// A fresh `rows × width` output made block by block on the team: `f(first_row, rows, out)`
+/// writes every value of its block. Not zeroed first (a serial memset of a prefill chunk's
+/// output was ~1 % of its step while the team waited); unit tests fill it with NaN instead, so
+/// that a value no block wrote shows.
+fn team_output(
+    rows: usize,
+    width: usize,
+    f: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) -> Vec<f32> {
+    let len = rows * width;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    if cfg!(test) {
+        y.resize(len, f32::NAN);
+    }
+    let yp = SendPtr(y.as_mut_ptr());
+    for_row_blocks(rows, width, &|r0, n| {
+        // SAFETY: blocks of rows are disjoint, and inside `y`'s capacity.
+        let ys = unsafe { std::slice::from_raw_parts_mut(yp.at(r0 * width), n * width) };
+        f(r0, n, ys);
+    });
+    // SAFETY: the blocks cover every row, and `f` writes all of its block.
+    unsafe { y.set_len(len) };
+    y
+}
+
 /// `x / rms(x) * w` over the last dimension.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.contiguous()?
@@ -41,6 +66,11 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     Ok(g.contiguous()?
         .apply_op2_no_bwd(&u.contiguous()?, &SiluMul)?)
+}
+
+/// `a + b` (same shapes), the residual stream's additions.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)?)
 }
 
 struct RmsNorm {
@@ -65,14 +95,9 @@ impl CustomOp2 for RmsNorm {
         if dim == 0 || !x.len().is_multiple_of(dim) {
             candle_core::bail!("rms norm: input {:?}, weight of {dim}", l1.shape());
         }
-        let mut y = vec![0f32; x.len()];
-        let yp = SendPtr(y.as_mut_ptr());
         let eps = self.eps;
-        for_row_blocks(x.len() / dim, dim, &|r0, n| {
-            let xs = &x[r0 * dim..(r0 + n) * dim];
-            // SAFETY: blocks of rows are disjoint, and inside `y`.
-            let ys = unsafe { std::slice::from_raw_parts_mut(yp.at(r0 * dim), n * dim) };
-            norm_rows(xs, w, eps, ys);
+        let y = team_output(x.len() / dim, dim, &|r0, n, ys| {
+            norm_rows(&x[r0 * dim..(r0 + n) * dim], w, eps, ys)
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -98,13 +123,39 @@ impl CustomOp2 for SiluMul {
             candle_core::bail!("silu-mul: {:?} and {:?}", l1.shape(), l2.shape());
         }
         let dim = l1.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; g.len()];
-        let yp = SendPtr(y.as_mut_ptr());
-        for_row_blocks(g.len() / dim, dim, &|r0, n| {
+        let y = team_output(g.len() / dim, dim, &|r0, n, ys| {
             let (a, b) = (r0 * dim, (r0 + n) * dim);
-            // SAFETY: blocks of rows are disjoint, and inside `y`.
-            let ys = unsafe { std::slice::from_raw_parts_mut(yp.at(a), b - a) };
             silu_mul_into(&g[a..b], &u[a..b], ys);
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "team-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = rudder_nn::cpu::f32_slice(s1, l1, "add")?;
+        let b = rudder_nn::cpu::f32_slice(s2, l2, "add")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("add: {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let dim = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let y = team_output(a.len() / dim, dim, &|r0, n, ys| {
+            let (x, z) = (&a[r0 * dim..(r0 + n) * dim], &b[r0 * dim..(r0 + n) * dim]);
+            for ((o, &p), &q) in ys.iter_mut().zip(x).zip(z) {
+                *o = p + q;
+            }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -211,6 +262,12 @@ mod tests {
                 .max_all()?
                 .to_scalar::<f32>()?;
             assert!(rel < 1e-5, "silu-mul {rows}x{dim}: {rel}");
+
+            // bit for bit what candle's addition gives (and no value left unwritten: the
+            // outputs start as NaN under test)
+            let want = (&g + &u)?.flatten_all()?.to_vec1::<f32>()?;
+            let got = add(&g, &u)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(want, got, "add {rows}x{dim}");
         }
         Ok(())
     }
