@@ -65,12 +65,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// `silu(g) ⊙ u`, the gated MLP's product.
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     Ok(g.contiguous()?
-        .apply_op2_no_bwd(&u.contiguous()?, &SiluMul)?)
+        .apply_op2_no_bwd(&u.contiguous()?, &SILU_MUL)?)
 }
 
 /// `a + b` (same shapes), the residual stream's additions.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)?)
+    Ok(a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &ADD)?)
 }
 
 struct RmsNorm {
@@ -103,11 +103,25 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-struct SiluMul;
+/// An element-wise op of two same-shaped inputs, row blocks on the team.
+struct Elementwise {
+    name: &'static str,
+    f: fn(&[f32], &[f32], &mut [f32]),
+}
 
-impl CustomOp2 for SiluMul {
+const SILU_MUL: Elementwise = Elementwise {
+    name: "team-silu-mul",
+    f: silu_mul_into,
+};
+
+const ADD: Elementwise = Elementwise {
+    name: "team-add",
+    f: add_into,
+};
+
+impl CustomOp2 for Elementwise {
     fn name(&self) -> &'static str {
-        "team-silu-mul"
+        self.name
     }
 
     fn cpu_fwd(
@@ -117,47 +131,23 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = rudder_nn::cpu::f32_slice(s1, l1, "silu-mul")?;
-        let u = rudder_nn::cpu::f32_slice(s2, l2, "silu-mul")?;
+        let a = rudder_nn::cpu::f32_slice(s1, l1, self.name)?;
+        let b = rudder_nn::cpu::f32_slice(s2, l2, self.name)?;
         if l1.shape() != l2.shape() {
-            candle_core::bail!("silu-mul: {:?} and {:?}", l1.shape(), l2.shape());
+            candle_core::bail!("{}: {:?} and {:?}", self.name, l1.shape(), l2.shape());
         }
         let dim = l1.shape().dims().last().copied().unwrap_or(1).max(1);
-        let y = team_output(g.len() / dim, dim, &|r0, n, ys| {
-            let (a, b) = (r0 * dim, (r0 + n) * dim);
-            silu_mul_into(&g[a..b], &u[a..b], ys);
+        let y = team_output(a.len() / dim, dim, &|r0, n, ys| {
+            let (i, j) = (r0 * dim, (r0 + n) * dim);
+            (self.f)(&a[i..j], &b[i..j], ys);
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
-struct Add;
-
-impl CustomOp2 for Add {
-    fn name(&self) -> &'static str {
-        "team-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a = rudder_nn::cpu::f32_slice(s1, l1, "add")?;
-        let b = rudder_nn::cpu::f32_slice(s2, l2, "add")?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("add: {:?} and {:?}", l1.shape(), l2.shape());
-        }
-        let dim = l1.shape().dims().last().copied().unwrap_or(1).max(1);
-        let y = team_output(a.len() / dim, dim, &|r0, n, ys| {
-            let (x, z) = (&a[r0 * dim..(r0 + n) * dim], &b[r0 * dim..(r0 + n) * dim]);
-            for ((o, &p), &q) in ys.iter_mut().zip(x).zip(z) {
-                *o = p + q;
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+fn add_into(a: &[f32], b: &[f32], y: &mut [f32]) {
+    for ((o, &p), &q) in y.iter_mut().zip(a).zip(b) {
+        *o = p + q;
     }
 }
 
