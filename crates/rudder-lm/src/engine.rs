@@ -487,12 +487,10 @@ impl<'m> Row<'m> {
                 .wrapping_add(job.stream_index),
         );
         Row {
-            // room for the prompt and what it may generate (at most 4,096 tokens ahead; past
-            // that the cache grows by doubling)
             cache: RowCache::with_room_for(
                 &lm.decoder.cfg,
                 job.prompt.len(),
-                job.prompt.len() + max_new.min(4096),
+                job.prompt.len() + max_new.min(CACHE_AHEAD),
                 kv,
             ),
             history: job.prompt.clone(),
@@ -800,6 +798,11 @@ fn same_prompt_state(a: &Row, b: &Row) -> bool {
         }
 }
 
+/// Positions of generation a row's cache has room for from admission (reserved memory, touched
+/// only as the row reaches it), so that appending never copies the cache; past them it grows
+/// by doubling.
+const CACHE_AHEAD: usize = 4096;
+
 /// Rows with the same prompt read it once (rollouts of one question, the `n` choices of one
 /// request). A row that has not started its prompt takes the keys and values of all but the
 /// last prompt token from a row that has read the whole prompt — shared, not copied: one copy
@@ -822,7 +825,7 @@ fn share_prompts(rows: &mut [Row], stats: &Stats) -> Vec<bool> {
         };
         let mut cache = rows[j].cache.prefix(len - 1);
         // the last prompt token and the generation (as at admission)
-        cache.reserve(1 + rows[i].max_new.min(4096));
+        cache.reserve(1 + rows[i].max_new.min(CACHE_AHEAD));
         rows[i].cache = cache;
         rows[i].fed = len - 1;
         stats

@@ -153,7 +153,7 @@ impl Linear {
 /// Apply several linears to the same input. Quantized or packed weights share one pass over
 /// the activations and one fork-join (Q/K/V, gate/up); anything else runs one by one.
 pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-    let Some(ys) = one_pass(ls, x, 2)? else {
+    let Some(ys) = one_pass(ls, x)? else {
         return ls.iter().map(|l| l.forward(x)).collect();
     };
     let dims = x.dims().to_vec();
@@ -177,14 +177,16 @@ pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
 /// [`forward_many`].
 pub fn forward_many_vecs(ls: &[&Linear], x: &Tensor) -> Result<Vec<Vec<f32>>> {
     if ls.iter().all(|l| l.lora.is_none())
-        && let Some(mut ys) = one_pass(ls, x, 1)?
+        && let Some(mut ys) = one_pass(ls, x)?
     {
         for (y, l) in ys.iter_mut().zip(ls) {
             if let Some(b) = &l.bias {
-                let b = b.flatten_all()?.to_vec1::<f32>()?;
-                for row in y.chunks_exact_mut(b.len().max(1)) {
-                    row.iter_mut().zip(&b).for_each(|(v, bi)| *v += bi);
-                }
+                rudder_nn::cpu::with_f32(b, "bias", |b| {
+                    for row in y.chunks_exact_mut(b.len().max(1)) {
+                        row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+                    }
+                    Ok(())
+                })?;
             }
         }
         return Ok(ys);
@@ -195,9 +197,10 @@ pub fn forward_many_vecs(ls: &[&Linear], x: &Tensor) -> Result<Vec<Vec<f32>>> {
         .collect()
 }
 
-/// The shared pass of [`forward_many`] when every weight is quantized, or every one packed and
-/// no gradient is recorded (`min` or more linears); `None` otherwise.
-fn one_pass(ls: &[&Linear], x: &Tensor, min: usize) -> Result<Option<Vec<Vec<f32>>>> {
+/// The products of quantized or packed weights in one pass over the activations (one kernel
+/// call for all of them, as plain vectors), when every weight is quantized, or every one
+/// packed and no gradient is recorded; `None` otherwise.
+fn one_pass(ls: &[&Linear], x: &Tensor) -> Result<Option<Vec<Vec<f32>>>> {
     let (mut quant, mut packed): (Vec<&QMatrix>, Vec<&PackedMatrix>) = (Vec::new(), Vec::new());
     for l in ls {
         match &l.weight {
@@ -206,8 +209,8 @@ fn one_pass(ls: &[&Linear], x: &Tensor, min: usize) -> Result<Option<Vec<Vec<f32
             _ => {}
         }
     }
-    let one_pass = ls.len() >= min.max(1)
-        && (quant.len() == ls.len() || (packed.len() == ls.len() && !x.track_op()));
+    let one_pass =
+        !ls.is_empty() && (quant.len() == ls.len() || (packed.len() == ls.len() && !x.track_op()));
     if !one_pass {
         return Ok(None);
     }

@@ -68,18 +68,20 @@ impl Buf {
         }
     }
 
+    fn reserve(&mut self, n: usize) {
+        match self {
+            Buf::F32(b) => b.reserve(n),
+            Buf::F16(b) => b.reserve(n),
+        }
+    }
+
     /// Room for `n` more values: where the first of them goes. Write them through
     /// [`Dst::put`], then [`Buf::commit`] them.
     fn spare(&mut self, n: usize) -> Dst {
+        self.reserve(n);
         match self {
-            Buf::F32(b) => {
-                b.reserve(n);
-                Dst::F32(b.spare_capacity_mut().as_mut_ptr().cast())
-            }
-            Buf::F16(b) => {
-                b.reserve(n);
-                Dst::F16(b.spare_capacity_mut().as_mut_ptr().cast())
-            }
+            Buf::F32(b) => Dst::F32(b.spare_capacity_mut().as_mut_ptr().cast()),
+            Buf::F16(b) => Dst::F16(b.spare_capacity_mut().as_mut_ptr().cast()),
         }
     }
 
@@ -184,8 +186,7 @@ impl RowCache {
 
     /// An empty cache in the given number format.
     pub fn with_precision(cfg: &DecoderConfig, prompt_len: usize, p: KvPrecision) -> Self {
-        let width = cfg.num_kv_heads * cfg.head_dim;
-        Self::with_room(cfg.num_layers, width, p, prompt_len, prompt_len, None)
+        Self::with_room_for(cfg, prompt_len, prompt_len, p)
     }
 
     /// An empty cache with room for `room` positions from the start (the prompt and the tokens
@@ -233,10 +234,7 @@ impl RowCache {
     pub fn reserve(&mut self, positions: usize) {
         let n = positions * self.width;
         for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-            match b {
-                Buf::F32(v) => v.reserve(n),
-                Buf::F16(v) => v.reserve(n),
-            }
+            b.reserve(n);
         }
     }
 
@@ -472,21 +470,23 @@ impl Decoder {
                 sin.push(a.sin());
             }
         }
+        let plan = Plan::new(rows, offs, pos, cos, sin);
+        let offs = &plan.offs;
         for l in 0..c.num_layers {
-            hook_rows(Site::ResidPre(l), rows, &offs, &mut h)?;
+            hook_rows(Site::ResidPre(l), rows, offs, &mut h)?;
             let xn = self.norm(&h, &self.layers[l].ln_attn)?;
-            let mut a = self.attention_ragged(l, &xn, rows, &offs, &pos, &cos, &sin)?;
-            hook_rows(Site::AttnOut(l), rows, &offs, &mut a)?;
+            let mut a = self.attention_ragged(l, &xn, rows, &plan)?;
+            hook_rows(Site::AttnOut(l), rows, offs, &mut a)?;
             h = crate::rowwise::add(&h, &a)?;
-            hook_rows(Site::ResidMid(l), rows, &offs, &mut h)?;
+            hook_rows(Site::ResidMid(l), rows, offs, &mut h)?;
             let xn = self.norm(&h, &self.layers[l].ln_mlp)?;
             let mut m = self.mlp(l, &xn)?;
-            hook_rows(Site::MlpOut(l), rows, &offs, &mut m)?;
+            hook_rows(Site::MlpOut(l), rows, offs, &mut m)?;
             h = crate::rowwise::add(&h, &m)?;
-            hook_rows(Site::ResidPost(l), rows, &offs, &mut h)?;
+            hook_rows(Site::ResidPost(l), rows, offs, &mut h)?;
         }
         let mut out = self.norm(&h, &self.norm)?;
-        hook_rows(Site::FinalNorm, rows, &offs, &mut out)?;
+        hook_rows(Site::FinalNorm, rows, offs, &mut out)?;
         for r in rows.iter_mut() {
             r.cache.len += r.tokens.len();
         }
@@ -497,17 +497,22 @@ impl Decoder {
         Ok(sel)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention_ragged(
         &self,
         l: usize,
         x: &Tensor,
         rows: &mut [RaggedRow],
-        offs: &[usize],
-        pos: &[usize],
-        cos: &[f32],
-        sin: &[f32],
+        plan: &Plan,
     ) -> Result<Tensor> {
+        let Plan {
+            offs,
+            pos,
+            cos,
+            sin,
+            row_of,
+            runs,
+            cold,
+        } = plan;
         let c = &self.cfg;
         let layer = &self.layers[l];
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -519,9 +524,6 @@ impl Decoder {
                 .map_err(|_| LmError::Config("q/k/v projection count".into()))?;
         let half = hd / 2;
         let inter = c.rope_interleaved;
-        let row_of: Vec<usize> = (0..rows.len())
-            .flat_map(|r| std::iter::repeat_n(r, offs[r + 1] - offs[r]))
-            .collect();
         // where each row's new keys and values go in its cache
         let dst: Vec<(Dst, Dst)> = rows
             .iter_mut()
@@ -574,32 +576,6 @@ impl Decoder {
             }
         }
         let caches: Vec<KvAny> = rows.iter().map(|r| r.cache.layer(l)).collect();
-        // a row adding one token (a decode step) finds its cache cold: the weights of a whole
-        // step went through the CPU's caches since it was read; a prompt chunk's tokens share
-        // theirs, which the first of them brings in
-        let cold: Vec<bool> = rows.iter().map(|r| r.tokens.len() == 1).collect();
-        // Runs of up to RUN consecutive tokens of one row (a decode step's row is a run of one),
-        // each one task; rows reading one shared prompt prefix go one after the other, so its
-        // keys and values are read from memory once and from cache by the others.
-        let mut order: Vec<usize> = (0..rows.len()).collect();
-        if rows.iter().any(|r| r.cache.shared.is_some()) {
-            let key = |r: usize| {
-                rows[r]
-                    .cache
-                    .shared
-                    .as_ref()
-                    .map_or(0, |s| Arc::as_ptr(s) as usize)
-            };
-            order.sort_by_key(|&r| (key(r), r));
-        }
-        let runs: Vec<(usize, usize)> = order
-            .iter()
-            .flat_map(|&r| {
-                (offs[r]..offs[r + 1])
-                    .step_by(RUN)
-                    .map(move |t| (t, RUN.min(offs[r + 1] - t)))
-            })
-            .collect();
         let shape = AttnShape::new(h, kvh, hd);
         // every value is written by the task of its run (`attend` writes its output), so no
         // serial zeroing first (tests fill it with NaN instead, so that a value not written shows)
@@ -630,6 +606,69 @@ impl Decoder {
         layer
             .o
             .forward(&Tensor::from_vec(y, (n, qd), &Device::Cpu)?)
+    }
+}
+
+/// What every layer of a ragged step shares: where each row's tokens are (`offs`, `row_of`),
+/// their positions and RoPE tables, and how attention is shared out (`runs`, `cold`).
+struct Plan {
+    offs: Vec<usize>,
+    pos: Vec<usize>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// The row of every new token.
+    row_of: Vec<usize>,
+    /// (first token, tokens) of each attention task.
+    runs: Vec<(usize, usize)>,
+    /// Per row: whether its cache is expected out of the CPU's caches (see [`attend_avx2`]).
+    cold: Vec<bool>,
+}
+
+impl Plan {
+    fn new(
+        rows: &[RaggedRow],
+        offs: Vec<usize>,
+        pos: Vec<usize>,
+        cos: Vec<f32>,
+        sin: Vec<f32>,
+    ) -> Plan {
+        let row_of: Vec<usize> = (0..rows.len())
+            .flat_map(|r| std::iter::repeat_n(r, offs[r + 1] - offs[r]))
+            .collect();
+        // a row adding one token (a decode step) finds its cache cold: the weights of a whole
+        // step went through the CPU's caches since it was read; a prompt chunk's tokens share
+        // theirs, which the first of them brings in
+        let cold: Vec<bool> = rows.iter().map(|r| r.tokens.len() == 1).collect();
+        // Runs of up to RUN consecutive tokens of one row (a decode step's row is a run of one),
+        // each one task; rows reading one shared prompt prefix go one after the other, so its
+        // keys and values are read from memory once and from cache by the others.
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        if rows.iter().any(|r| r.cache.shared.is_some()) {
+            let key = |r: usize| {
+                rows[r]
+                    .cache
+                    .shared
+                    .as_ref()
+                    .map_or(0, |s| Arc::as_ptr(s) as usize)
+            };
+            order.sort_by_key(|&r| (key(r), r));
+        }
+        let runs: Vec<(usize, usize)> = order
+            .iter()
+            .flat_map(|&r| {
+                let (a, b) = (offs[r], offs[r + 1]);
+                (a..b).step_by(RUN).map(move |t| (t, RUN.min(b - t)))
+            })
+            .collect();
+        Plan {
+            offs,
+            pos,
+            cos,
+            sin,
+            row_of,
+            runs,
+            cold,
+        }
     }
 }
 
@@ -774,7 +813,8 @@ unsafe fn attend_avx2<T: Elem>(
         scale: sh.scale,
     };
     let mut s = vec![0f32; toks * sh.heads * last];
-    let mut acc = vec![0f32; toks * qd];
+    // the weighted sums of values build up in `out` itself
+    out.fill(0.0);
     let nv = hd / 8;
     // positions of a block that token i reads (0 when the block starts past its last)
     let seen = |i: usize, p0: usize, n: usize| (upto + i).saturating_sub(p0).min(n);
@@ -821,7 +861,7 @@ unsafe fn attend_avx2<T: Elem>(
                 let m = seen(i, p0, n);
                 let (si, ai) = (
                     s.as_ptr().add(i * sh.heads * last),
-                    acc.as_mut_ptr().add(i * qd),
+                    out.as_mut_ptr().add(i * qd),
                 );
                 for &(g, h0, r) in &runs {
                     let (sr, ar) = (si.add(h0 * last + p0), ai.add(h0 * hd));
@@ -834,7 +874,6 @@ unsafe fn attend_avx2<T: Elem>(
             }
         }
     }
-    out.copy_from_slice(&acc);
 }
 
 /// Sizes the AVX2 attention helpers share.
