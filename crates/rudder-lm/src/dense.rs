@@ -194,18 +194,10 @@ fn matmul_many_with(ms: &[&PackedMatrix], x: &[f32], n: usize, kern: Kernel) -> 
     if n == 0 {
         return ms.iter().map(|_| Vec::new()).collect();
     }
-    // Outputs are not zeroed first: the tasks write every element (see the SAFETY note below),
-    // and a serial memset of a prefill chunk's outputs costs a core's worth of idle time.
-    // (Unit tests fill them with NaN instead, so that a value no task wrote shows.)
+    // not zeroed first: the tasks write every element (see the SAFETY note below)
     let mut ys: Vec<Vec<f32>> = ms
         .iter()
-        .map(|m| {
-            let mut y = Vec::with_capacity(n * m.rows);
-            if cfg!(test) {
-                y.resize(n * m.rows, f32::NAN);
-            }
-            y
-        })
+        .map(|m| crate::team::unwritten(n * m.rows))
         .collect();
     let ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
     let groups: Vec<usize> = ms.iter().map(|m| m.groups).collect();

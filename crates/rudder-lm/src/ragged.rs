@@ -504,15 +504,7 @@ impl Decoder {
         rows: &mut [RaggedRow],
         plan: &Plan,
     ) -> Result<Tensor> {
-        let Plan {
-            offs,
-            pos,
-            cos,
-            sin,
-            row_of,
-            runs,
-            cold,
-        } = plan;
+        let (offs, row_of) = (&plan.offs, &plan.row_of);
         let c = &self.cfg;
         let layer = &self.layers[l];
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -533,9 +525,9 @@ impl Decoder {
                 (row.cache.k[l].spare(m), row.cache.v[l].spare(m))
             })
             .collect();
-        // RoPE on the team, in blocks of tokens (on one core it was ~2 % of a decode step), each
-        // token's key and value then copied into its row's cache (serially, the copies and the
-        // caches' growth were ~2 % of a step)
+        // RoPE on the team, in blocks of tokens (on one core it was ~2 % of a decode step); each
+        // task also writes its tokens' keys and values into their rows' caches (done serially,
+        // the copies and the caches' growth were ~2 % of a step)
         let (qp, kp) = (SendPtr(q.as_mut_ptr()), SendPtr(k.as_mut_ptr()));
         crate::rowwise::for_row_blocks(n, qd + kvd, &|t0, m| {
             // SAFETY: blocks of tokens are disjoint, and inside `q` (n · qd) and `k` (n · kvd).
@@ -552,8 +544,8 @@ impl Decoder {
             {
                 let t = t0 + i;
                 let (cs, sn) = (
-                    &cos[t * half..(t + 1) * half],
-                    &sin[t * half..(t + 1) * half],
+                    &plan.cos[t * half..(t + 1) * half],
+                    &plan.sin[t * half..(t + 1) * half],
                 );
                 for head in qt.chunks_exact_mut(hd).chain(kt.chunks_exact_mut(hd)) {
                     rope_in_place(head, cs, sn, inter);
@@ -577,17 +569,13 @@ impl Decoder {
         }
         let caches: Vec<KvAny> = rows.iter().map(|r| r.cache.layer(l)).collect();
         let shape = AttnShape::new(h, kvh, hd);
-        // every value is written by the task of its run (`attend` writes its output), so no
-        // serial zeroing first (tests fill it with NaN instead, so that a value not written shows)
-        let mut y: Vec<f32> = Vec::with_capacity(n * qd);
-        if cfg!(test) {
-            y.resize(n * qd, f32::NAN);
-        }
+        // every value is written by the task of its run (`attend` writes its output)
+        let mut y = crate::team::unwritten(n * qd);
         let yp = SendPtr(y.as_mut_ptr());
         // Runs are shared out by the decoding team (rayon's workers would fall asleep between
         // the layers' short attention calls, see `crate::team`).
-        crate::team::Team::global().run(runs.len(), &|i| {
-            let (t, m) = runs[i];
+        crate::team::Team::global().run(plan.runs.len(), &|i| {
+            let (t, m) = plan.runs[i];
             let qs = &q[t * qd..(t + m) * qd];
             // SAFETY: task i alone writes rows t..t+m of y (the runs partition the tokens).
             let ys = unsafe { std::slice::from_raw_parts_mut(yp.at(t * qd), m * qd) };
@@ -596,9 +584,9 @@ impl Decoder {
                 &shape,
                 qs,
                 caches[row_of[t]],
-                pos[t] + 1,
+                plan.pos[t] + 1,
                 ys,
-                cold[row_of[t]],
+                plan.cold[row_of[t]],
             );
         });
         // SAFETY: the runs partition the tokens and each task wrote all of its tokens' values.

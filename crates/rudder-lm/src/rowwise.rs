@@ -32,19 +32,15 @@ pub(crate) fn for_row_blocks(n: usize, width: usize, f: &(dyn Fn(usize, usize) +
 }
 
 /// A fresh `rows × width` output made block by block on the team: `f(first_row, rows, out)`
-/// writes every value of its block. Not zeroed first (a serial memset of a prefill chunk's
-/// output was ~1 % of its step while the team waited); unit tests fill it with NaN instead, so
-/// that a value no block wrote shows.
+/// writes every value of its block (see [`crate::team::unwritten`]: a serial memset of a
+/// prefill chunk's output was ~1 % of its step while the team waited).
 fn team_output(
     rows: usize,
     width: usize,
     f: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
 ) -> Vec<f32> {
     let len = rows * width;
-    let mut y: Vec<f32> = Vec::with_capacity(len);
-    if cfg!(test) {
-        y.resize(len, f32::NAN);
-    }
+    let mut y = crate::team::unwritten(len);
     let yp = SendPtr(y.as_mut_ptr());
     for_row_blocks(rows, width, &|r0, n| {
         // SAFETY: blocks of rows are disjoint, and inside `y`'s capacity.

@@ -38,6 +38,18 @@ impl SendPtr {
     }
 }
 
+/// A fresh output of `len` floats that parallel tasks will write in full, handed out as room
+/// (`with_capacity`, through a [`SendPtr`]) and counted written with `set_len` once they are
+/// done. Not zeroed: a serial memset of a prefill chunk's outputs costs a core's worth of idle
+/// time. Under test it starts as NaN instead, so that a value no task wrote fails the tests.
+pub(crate) fn unwritten(len: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(len);
+    if cfg!(test) {
+        y.resize(len, f32::NAN);
+    }
+    y
+}
+
 /// Runs `f(matrix, g0, g1, n0, n1)` over row groups `g0..g1` of several matrices (`groups[i]`
 /// groups each) and activation rows `n0..n1` of a product of `n` rows. Tasks hold a multiple
 /// of `align` groups, enough of them to balance the workers; with `split_rows` (kernels that
